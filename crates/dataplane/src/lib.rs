@@ -1,0 +1,1 @@
+//! Dataplane backends: each translates svcplane's desired state into the kernel.

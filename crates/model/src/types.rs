@@ -1,0 +1,358 @@
+//! Compact, validated internal types. Every value here has passed validation
+//! (see `validate`), so later stages may trust it: IPs parse and agree with the
+//! object's families, ports are in range, names are DNS labels/subdomains.
+//! Validated names are what guarantees nothing from a manifest can inject text
+//! into a rule set.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// L4 protocol of a Service or endpoint port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Lower-case name as nftables/iptables/IPVS spell it (`tcp`, `udp`, `sctp`).
+    pub fn as_lower(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+    /// The Kubernetes spelling (`TCP`, `UDP`, `SCTP`).
+    pub fn as_k8s(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+    /// Parse the Kubernetes spelling; `None` for anything else.
+    pub fn from_k8s(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_k8s())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: &IpAddr) -> IpFamily {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+    pub fn of_net(net: &IpNet) -> IpFamily {
+        match net {
+            IpNet::V4(_) => IpFamily::V4,
+            IpNet::V6(_) => IpFamily::V6,
+        }
+    }
+    /// The Kubernetes spelling (`IPv4`, `IPv6`).
+    pub fn as_k8s(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+    pub fn from_k8s(s: &str) -> Option<IpFamily> {
+        match s {
+            "IPv4" => Some(IpFamily::V4),
+            "IPv6" => Some(IpFamily::V6),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_k8s())
+    }
+}
+
+/// `namespace/name`. For cluster-scoped objects (Node) the namespace is empty.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NamespacedName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl NamespacedName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        NamespacedName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for NamespacedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            f.write_str(&self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// kube-proxy's key for one Service port: `namespace/name:portName` plus protocol.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub service: NamespacedName,
+    /// The port's `name` (empty for a single unnamed port).
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    /// `ns/name:port/TCP` (`ns/name/TCP` for an unnamed port).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.service)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
+}
+
+/// internalTrafficPolicy / externalTrafficPolicy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TargetPort {
+    Number(u16),
+    /// A named container port, resolved per Pod by the EndpointSlice controller.
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Empty only when the Service has a single port.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub target_port: TargetPort,
+    pub node_port: Option<u16>,
+}
+
+/// A validated v1 Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: NamespacedName,
+    pub service_type: ServiceType,
+    /// spec.clusterIPs (primary first). Empty for headless and ExternalName.
+    pub cluster_ips: Vec<IpAddr>,
+    /// spec.clusterIP was "None".
+    pub headless: bool,
+    /// spec.ipFamilies (in order), or derived from clusterIPs when absent.
+    pub ip_families: Vec<IpFamily>,
+    /// spec.externalName for type ExternalName (a validated DNS subdomain).
+    pub external_name: Option<String>,
+    pub ports: Vec<ServicePort>,
+    pub external_ips: Vec<IpAddr>,
+    /// status.loadBalancer.ingress[].ip whose ipMode is not `Proxy`.
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    /// Some(timeoutSeconds) when sessionAffinity is ClientIP (default 10800).
+    pub session_affinity_timeout: Option<u32>,
+    pub external_traffic_policy: TrafficPolicy,
+    pub internal_traffic_policy: TrafficPolicy,
+    pub health_check_node_port: Option<u16>,
+    /// spec.selector; `None` when the Service has no selector (EndpointSlices are managed by hand).
+    pub selector: Option<BTreeMap<String, String>>,
+    pub publish_not_ready_addresses: bool,
+    /// Label `service.kubernetes.io/service-proxy-name`: when set, kube-proxy (and svcplane) ignore the Service.
+    pub service_proxy_name: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Topology hints of one endpoint (`hints.forZones`, `hints.forNodes`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EndpointHints {
+    pub for_zones: Vec<String>,
+    pub for_nodes: Vec<String>,
+}
+
+/// One entry of an EndpointSlice's `endpoints`. Conditions are already defaulted
+/// as the API documents: ready unset → true, serving unset → ready, terminating unset → false.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addresses: Vec<IpAddr>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub hostname: Option<String>,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub hints: Option<EndpointHints>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointPort {
+    /// Matches the ServicePort's name (empty for an unnamed port).
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A validated discovery.k8s.io/v1 EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSlice {
+    /// The slice's own namespace/name.
+    pub name: NamespacedName,
+    /// Label `kubernetes.io/service-name`; slices without it belong to no Service.
+    pub service_name: Option<String>,
+    /// `None` for addressType FQDN (kube-proxy ignores those).
+    pub address_family: Option<IpFamily>,
+    pub ports: Vec<EndpointPort>,
+    pub endpoints: Vec<Endpoint>,
+    /// Annotation `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339), for latency metrics.
+    pub last_change_trigger_time: Option<String>,
+}
+
+/// A validated v1 Node: what the proxy needs of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    /// Label `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
+    /// status.addresses of type InternalIP, then ExternalIP, in order.
+    pub addresses: Vec<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A validated v1 Pod: what the standalone EndpointSlice controller needs of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub name: NamespacedName,
+    pub labels: BTreeMap<String, String>,
+    /// status.podIPs (status.podIP when podIPs is absent).
+    pub ips: Vec<IpAddr>,
+    pub node_name: Option<String>,
+    /// Condition Ready is True.
+    pub ready: bool,
+    /// metadata.deletionTimestamp is set.
+    pub terminating: bool,
+    /// status.phase is Succeeded or Failed (never an endpoint).
+    pub finished: bool,
+    pub hostname: Option<String>,
+    pub subdomain: Option<String>,
+    /// Every container's ports, in order.
+    pub container_ports: Vec<ContainerPort>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+    Pod,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+            Kind::Pod => "Pod",
+        })
+    }
+}
+
+/// Identity of an object: kind + namespace/name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub name: NamespacedName,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Node(Node),
+    Pod(Pod),
+}
+
+impl Object {
+    pub fn key(&self) -> ObjectKey {
+        match self {
+            Object::Service(s) => ObjectKey {
+                kind: Kind::Service,
+                name: s.name.clone(),
+            },
+            Object::EndpointSlice(s) => ObjectKey {
+                kind: Kind::EndpointSlice,
+                name: s.name.clone(),
+            },
+            Object::Node(n) => ObjectKey {
+                kind: Kind::Node,
+                name: NamespacedName::new("", n.name.clone()),
+            },
+            Object::Pod(p) => ObjectKey {
+                kind: Kind::Pod,
+                name: p.name.clone(),
+            },
+        }
+    }
+}
+
+/// One change to the object cache, as every source (manifests directory,
+/// Kubernetes API) delivers it to the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Add or replace the object with this key.
+    Apply(Object),
+    Delete(ObjectKey),
+}

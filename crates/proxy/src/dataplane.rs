@@ -1,0 +1,45 @@
+//! The port every backend implements. Defined here, beside the engine, so the
+//! engine's sync loop can drive any backend without depending on one.
+
+use std::sync::Arc;
+
+use crate::desired::{DesiredState, Diff};
+
+/// Errors a backend reports. The sync loop logs them, counts them and retries.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The mode exists in the CLI but is not built yet.
+    #[error("proxy mode {mode} is not implemented yet")]
+    NotImplemented { mode: &'static str },
+    /// A kernel tool (nft, iptables-restore, ...) could not be run or rejected the input.
+    #[error("{tool}: {message}")]
+    Tool { tool: String, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What one sync did, for logs and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// A full rewrite (as opposed to a partial one carrying only changes).
+    pub full: bool,
+    /// Size of what was sent to the kernel (script bytes, map operations, ...).
+    pub size: usize,
+}
+
+/// A dataplane backend: translates the desired state into kernel state.
+pub trait Dataplane: Send {
+    /// The mode name (`nftables`, `iptables`, `ipvs`, `ebpf`).
+    fn mode(&self) -> &'static str;
+    /// Bring the kernel to `desired`. `diff` is against the last state this backend applied
+    /// successfully (`diff.previous`); with `diff.full` rewrite everything.
+    fn sync(
+        &mut self,
+        desired: &Arc<DesiredState>,
+        diff: &Diff,
+    ) -> Result<SyncReport, DataplaneError>;
+    /// Exactly what a full sync would program, as text, without touching the kernel.
+    fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError>;
+    /// Remove everything this mode ever programmed.
+    fn cleanup(&mut self) -> Result<(), DataplaneError>;
+}

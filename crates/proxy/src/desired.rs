@@ -1,0 +1,289 @@
+//! The desired state: everything a dataplane (nftables, iptables, IPVS, eBPF),
+//! the DNS and `trace` need, with every kube-proxy semantic decision already made.
+//! A backend translates it; it never re-derives policy, topology, fallback or
+//! masquerade rules.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use svcplane_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
+
+/// The whole desired dataplane for this node. Cheap to clone (services are `Arc`s,
+/// shared between successive states when unchanged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredState {
+    /// This node's name (`--hostname-override` or the host name).
+    pub node_name: String,
+    /// This node's zone (label `topology.kubernetes.io/zone` of its Node object).
+    pub node_zone: Option<String>,
+    pub v4: FamilyState,
+    pub v6: FamilyState,
+    /// healthCheckNodePort servers to run (eTP Local services), keyed by port.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+impl DesiredState {
+    pub fn family(&self, family: IpFamily) -> &FamilyState {
+        match family {
+            IpFamily::V4 => &self.v4,
+            IpFamily::V6 => &self.v6,
+        }
+    }
+    pub fn families(&self) -> [&FamilyState; 2] {
+        [&self.v4, &self.v6]
+    }
+}
+
+/// Where NodePorts are accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Any local address of the node (`fib daddr type local`), loopback excluded.
+    AllLocal,
+    /// Local addresses within these CIDRs only (`--nodeport-addresses`), this family's.
+    Cidrs(Vec<IpNet>),
+}
+
+/// Which ClusterIP traffic is marked for masquerade (kube-proxy's rules on the
+/// service's ClusterIP, before endpoint selection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterIpMasquerade {
+    /// `--masquerade-all`: every packet to a ClusterIP.
+    All,
+    /// Packets whose source is outside these cluster CIDRs (`--cluster-cidr`, this family's).
+    FromOutside(Vec<IpNet>),
+    /// No cluster CIDR is known and masquerade-all is off: nothing (as kube-proxy).
+    None,
+}
+
+/// One IP family's part of the desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyState {
+    pub family: IpFamily,
+    /// This family's `--cluster-cidr` ranges (pod network); used to recognise pod sources.
+    pub cluster_cidrs: Vec<IpNet>,
+    pub cluster_ip_masquerade: ClusterIpMasquerade,
+    pub nodeport_addresses: NodePortAddresses,
+    /// This node's addresses of this family, from its Node object.
+    pub node_ips: Vec<IpAddr>,
+    /// One entry per service port programmed in this family.
+    pub services: BTreeMap<ServicePortName, Arc<ServicePortState>>,
+}
+
+impl FamilyState {
+    pub fn empty(family: IpFamily) -> Self {
+        FamilyState {
+            family,
+            cluster_cidrs: Vec::new(),
+            cluster_ip_masquerade: ClusterIpMasquerade::None,
+            nodeport_addresses: NodePortAddresses::AllLocal,
+            node_ips: Vec::new(),
+            services: BTreeMap::new(),
+        }
+    }
+    /// Every ClusterIP of this family (for "reject unknown ports on a ClusterIP").
+    pub fn cluster_ips(&self) -> BTreeSet<IpAddr> {
+        self.services
+            .values()
+            .filter_map(|s| s.cluster_ip)
+            .collect()
+    }
+}
+
+/// What to do with a packet for a service whose target has no endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EmptyVerdict {
+    /// The service has no usable endpoints anywhere: ICMP/TCP reject.
+    Reject,
+    /// Endpoints exist but none on this node and the policy is Local: drop silently.
+    Drop,
+}
+
+/// The endpoints one kind of traffic is balanced over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrafficTarget {
+    /// Indices into `ServicePortState::endpoints`, in order. Empty → `if_empty`.
+    pub endpoints: Vec<usize>,
+    /// Meaningful only when `endpoints` is empty.
+    pub if_empty: EmptyVerdict,
+}
+
+impl TrafficTarget {
+    /// `None` when there are endpoints to balance over, else the verdict.
+    pub fn verdict_when_empty(&self) -> Option<EmptyVerdict> {
+        self.endpoints.is_empty().then_some(self.if_empty)
+    }
+}
+
+/// How traffic arriving on an external address (NodePort, LoadBalancer IP,
+/// externalIP) is handled. `Cluster` and `Local` are the Service's eTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExternalPolicy {
+    /// eTP Cluster: mark for masquerade, then balance over `ServicePortState::external`.
+    Cluster,
+    /// eTP Local: keep the client IP and balance over `external` (local endpoints only), except
+    /// (as kube-proxy) traffic whose source is in the family's cluster CIDRs (pods), which uses
+    /// `internal` without masquerade, and traffic originated on this node (`fib saddr type
+    /// local`), which is marked for masquerade and uses `internal`.
+    Local,
+}
+
+/// One endpoint of a service port: an address and the (resolved) target port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointState {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// On this node (`nodeName` equals the node name).
+    pub is_local: bool,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub hostname: Option<String>,
+}
+
+/// Everything about one service port in one family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortState {
+    pub name: ServicePortName,
+    pub protocol: Protocol,
+    /// The Service port (on ClusterIP, externalIPs and LoadBalancer IPs).
+    pub port: u16,
+    /// This family's ClusterIP.
+    pub cluster_ip: Option<IpAddr>,
+    pub node_port: Option<u16>,
+    /// This family's externalIPs.
+    pub external_ips: Vec<IpAddr>,
+    /// This family's LoadBalancer ingress IPs (ipMode Proxy excluded).
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// Only these sources may use the LoadBalancer IPs (empty: all may). NodePorts and
+    /// externalIPs are not subject to them, as in kube-proxy.
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    /// ClientIP session affinity timeout, seconds.
+    pub affinity_timeout_seconds: Option<u32>,
+    /// Every endpoint either target uses, sorted and deduplicated (by ip, port).
+    pub endpoints: Vec<EndpointState>,
+    /// Traffic to the ClusterIP (iTP applied, topology, terminating fallback).
+    pub internal: TrafficTarget,
+    /// Traffic to NodePort / LoadBalancer IPs / externalIPs (eTP applied).
+    pub external: TrafficTarget,
+    pub external_policy: ExternalPolicy,
+    pub health_check_node_port: Option<u16>,
+}
+
+impl ServicePortState {
+    /// The endpoints of a target, resolved.
+    pub fn target_endpoints<'a>(
+        &'a self,
+        target: &'a TrafficTarget,
+    ) -> impl Iterator<Item = &'a EndpointState> + 'a {
+        target
+            .endpoints
+            .iter()
+            .filter_map(|&i| self.endpoints.get(i))
+    }
+    /// True when the service has any external address (NodePort, LB IP or externalIP).
+    pub fn has_external(&self) -> bool {
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+    }
+}
+
+/// A healthCheckNodePort server's answer for one eTP Local service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: NamespacedName,
+    /// Ready endpoints of the service on this node (200 when > 0, 503 otherwise).
+    pub local_endpoints: usize,
+}
+
+/// What changed in one family between two desired states.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FamilyDiff {
+    pub added: BTreeSet<ServicePortName>,
+    pub changed: BTreeSet<ServicePortName>,
+    pub removed: BTreeSet<ServicePortName>,
+    /// Family-wide settings (cluster CIDRs, masquerade, nodeport addresses, node IPs) changed.
+    pub globals_changed: bool,
+}
+
+impl FamilyDiff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.changed.is_empty()
+            && self.removed.is_empty()
+            && !self.globals_changed
+    }
+}
+
+/// The difference a backend applies: from `previous` (what it last applied
+/// successfully, `None` at startup) to the new state.
+#[derive(Debug, Clone)]
+pub struct Diff {
+    pub previous: Option<Arc<DesiredState>>,
+    /// Rewrite everything (startup, periodic resync, repair after tampering).
+    pub full: bool,
+    pub v4: FamilyDiff,
+    pub v6: FamilyDiff,
+}
+
+impl Diff {
+    pub fn family(&self, family: IpFamily) -> &FamilyDiff {
+        match family {
+            IpFamily::V4 => &self.v4,
+            IpFamily::V6 => &self.v6,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        !self.full && self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    /// Compute the diff from `previous` to `next`. Unchanged services are usually the same
+    /// `Arc` (the engine reuses them), so this is cheap.
+    pub fn between(previous: Option<Arc<DesiredState>>, next: &DesiredState, full: bool) -> Diff {
+        let fam = |f: IpFamily| -> FamilyDiff {
+            let new = next.family(f);
+            let Some(prev) = previous.as_deref() else {
+                return FamilyDiff {
+                    added: new.services.keys().cloned().collect(),
+                    globals_changed: true,
+                    ..FamilyDiff::default()
+                };
+            };
+            let old = prev.family(f);
+            let mut d = FamilyDiff {
+                globals_changed: old.cluster_cidrs != new.cluster_cidrs
+                    || old.cluster_ip_masquerade != new.cluster_ip_masquerade
+                    || old.nodeport_addresses != new.nodeport_addresses
+                    || old.node_ips != new.node_ips,
+                ..FamilyDiff::default()
+            };
+            for (k, v) in &new.services {
+                match old.services.get(k) {
+                    None => {
+                        d.added.insert(k.clone());
+                    }
+                    Some(o) if !Arc::ptr_eq(o, v) && **o != **v => {
+                        d.changed.insert(k.clone());
+                    }
+                    Some(_) => {}
+                }
+            }
+            for k in old.services.keys() {
+                if !new.services.contains_key(k) {
+                    d.removed.insert(k.clone());
+                }
+            }
+            d
+        };
+        Diff {
+            v4: fam(IpFamily::V4),
+            v6: fam(IpFamily::V6),
+            full: full || previous.is_none(),
+            previous,
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Object sources: where svcplane learns about Services and endpoints.
