@@ -356,3 +356,12 @@ pub enum Change {
     Apply(Object),
     Delete(ObjectKey),
 }
+
+/// What a source sends to the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// A batch of changes, applied together (one debounced file edit, one watch batch).
+    Changes(Vec<Change>),
+    /// The source has delivered its complete initial state; the engine may sync.
+    Synced,
+}
