@@ -122,11 +122,16 @@ impl TrafficTarget {
 pub enum ExternalPolicy {
     /// eTP Cluster: mark for masquerade, then balance over `ServicePortState::external`.
     Cluster,
-    /// eTP Local: keep the client IP and balance over `external` (local endpoints only), except
-    /// (as kube-proxy) traffic whose source is in the family's cluster CIDRs (pods), which uses
-    /// `internal` without masquerade, and traffic originated on this node (`fib saddr type
-    /// local`), which is marked for masquerade and uses `internal`.
-    Local,
+    /// eTP Local: keep the client IP and balance over `external` (local endpoints only), except,
+    /// as kube-proxy, traffic that never left this node: a source in the family's cluster CIDRs
+    /// (a pod) uses `local_origin` without masquerade ("short-circuit pod traffic"), and traffic
+    /// originated by the node itself (`fib saddr type local`) is marked for masquerade and uses
+    /// `local_origin`.
+    Local {
+        /// kube-proxy's cluster-policy endpoints (ready, topology-aware, terminating fallback),
+        /// regardless of the Service's iTP.
+        local_origin: TrafficTarget,
+    },
 }
 
 /// One endpoint of a service port: an address and the (resolved) target port.
