@@ -1,0 +1,27 @@
+# svcplane: `make lab` runs the main job on the bundled example; `make test` runs every check.
+.PHONY: lab test deps fmt clippy unit build release
+
+CARGO ?= cargo
+
+deps:
+	@scripts/install-deps.sh
+
+lab: deps
+	@scripts/lab.sh
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+release:
+	$(CARGO) build --release -p svcplane
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+test: deps fmt clippy unit
