@@ -3,11 +3,24 @@
 //!
 //! Flow: `parse` (text → k8s-openapi objects) → `convert` (validate + compact).
 
+mod convert;
 mod error;
+mod parse;
 mod types;
+pub mod validate;
 
+pub use convert::{
+    DEFAULT_NAMESPACE, DEFAULT_SESSION_AFFINITY_TIMEOUT, LAST_CHANGE_TRIGGER_TIME_ANNOTATION,
+    MAX_SESSION_AFFINITY_TIMEOUT, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL,
+    endpoint_slice_from_k8s, node_from_k8s, pod_from_k8s, service_from_k8s,
+    service_from_k8s_with_node_port_range,
+};
 pub use error::{InvalidObject, ParseError};
 pub use types::*;
+pub use validate::{
+    DEFAULT_NODE_PORT_RANGE, is_dns1035_label, is_dns1123_label, is_dns1123_subdomain,
+    is_iana_svc_name,
+};
 
 /// Input syntax of a manifest file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +54,10 @@ pub struct Parsed {
 /// Parse a whole manifest file: multi-document YAML (`---`), a JSON value, or a
 /// `kind: List` of items. `Err` when the text itself is not valid YAML/JSON
 /// (the caller keeps the file's previous objects).
+///
+/// Documents that are not Kubernetes objects, or of other kinds, land in
+/// [`Parsed::ignored`]; an object that does not fit its k8s-openapi type or fails
+/// validation lands in [`Parsed::invalid`] and the file's other objects still load.
 pub fn parse_manifest(text: &str, format: Format) -> Result<Parsed, ParseError> {
-    let _ = (text, format);
-    Ok(Parsed::default())
+    parse::parse_manifest(text, format)
 }

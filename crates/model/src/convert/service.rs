@@ -1,0 +1,1149 @@
+//! v1 Service → [`Service`].
+
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1 as k8s;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{Ctx, DNS1123_LABEL_REASON, DNS1123_SUBDOMAIN_REASON, NameRule, namespaced};
+use crate::error::InvalidObject;
+use crate::types::{IpFamily, Kind, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy};
+use crate::validate::{
+    DEFAULT_NODE_PORT_RANGE, is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name,
+};
+
+/// Label that hands a Service to another proxy implementation.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The API server's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_SESSION_AFFINITY_TIMEOUT: u32 = 10800;
+/// Largest `sessionAffinityConfig.clientIP.timeoutSeconds` (1 day).
+pub const MAX_SESSION_AFFINITY_TIMEOUT: u32 = 86400;
+
+const CLUSTER_IP_NONE: &str = "None";
+
+/// Validate and convert a v1 Service, with nodePorts checked against the
+/// API server's default range ([`DEFAULT_NODE_PORT_RANGE`]).
+pub fn service_from_k8s(svc: &k8s::Service) -> Result<Service, InvalidObject> {
+    service_from_k8s_with_node_port_range(svc, &DEFAULT_NODE_PORT_RANGE)
+}
+
+/// [`service_from_k8s`] for a cluster whose `--service-node-port-range` differs
+/// from the default.
+pub fn service_from_k8s_with_node_port_range(
+    svc: &k8s::Service,
+    node_port_range: &RangeInclusive<u16>,
+) -> Result<Service, InvalidObject> {
+    let (name, ctx) = namespaced(Kind::Service, &svc.metadata, NameRule::Dns1035Label)?;
+    let labels = ctx.labels("metadata.labels", svc.metadata.labels.as_ref())?;
+    let default_spec = k8s::ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+
+    let service_type = service_type(&ctx, spec.type_.as_deref())?;
+    let external_name = match service_type {
+        ServiceType::ExternalName => Some(external_name(&ctx, spec)?),
+        _ => None,
+    };
+    let (cluster_ips, headless) = cluster_ips(&ctx, spec, service_type)?;
+    let ip_families = ip_families(&ctx, spec, service_type, &cluster_ips, headless)?;
+    if !headless
+        && service_type != ServiceType::ExternalName
+        && spec.ports.as_deref().unwrap_or_default().is_empty()
+    {
+        return Err(ctx.err("spec.ports", "", "required"));
+    }
+    let ports = ports(&ctx, spec, service_type, node_port_range)?;
+
+    let external_ips = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, ip)| ctx.ip(format!("spec.externalIPs[{i}]"), ip))
+        .collect::<Result<Vec<_>, _>>()?;
+    let load_balancer_source_ranges = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, cidr)| source_range(&ctx, i, cidr))
+        .collect::<Result<Vec<_>, _>>()?;
+    let load_balancer_ips = load_balancer_ips(&ctx, svc.status.as_ref())?;
+
+    let session_affinity_timeout = session_affinity(&ctx, spec)?;
+    let external_traffic_policy = traffic_policy(
+        &ctx,
+        "spec.externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+        true,
+    )?;
+    let internal_traffic_policy = traffic_policy(
+        &ctx,
+        "spec.internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+        false,
+    )?;
+    let health_check_node_port = match spec.health_check_node_port {
+        None | Some(0) => None,
+        Some(port) => {
+            let port = ctx.port("spec.healthCheckNodePort", port)?;
+            // kube-proxy only serves health checks for external traffic kept on the node.
+            let external = matches!(
+                service_type,
+                ServiceType::LoadBalancer | ServiceType::NodePort
+            );
+            (external && external_traffic_policy == TrafficPolicy::Local).then_some(port)
+        }
+    };
+
+    let selector = match spec.selector.as_ref() {
+        Some(selector) if !selector.is_empty() => {
+            Some(ctx.labels("spec.selector", Some(selector))?)
+        }
+        _ => None,
+    };
+    let service_proxy_name = labels.get(SERVICE_PROXY_NAME_LABEL).cloned();
+
+    Ok(Service {
+        name,
+        service_type,
+        cluster_ips,
+        headless,
+        ip_families,
+        external_name,
+        ports,
+        external_ips,
+        load_balancer_ips,
+        load_balancer_source_ranges,
+        session_affinity_timeout,
+        external_traffic_policy,
+        internal_traffic_policy,
+        health_check_node_port,
+        selector,
+        publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
+        service_proxy_name,
+        labels,
+    })
+}
+
+fn service_type(ctx: &Ctx, type_: Option<&str>) -> Result<ServiceType, InvalidObject> {
+    match type_ {
+        None | Some("ClusterIP") => Ok(ServiceType::ClusterIp),
+        Some("NodePort") => Ok(ServiceType::NodePort),
+        Some("LoadBalancer") => Ok(ServiceType::LoadBalancer),
+        Some("ExternalName") => Ok(ServiceType::ExternalName),
+        Some(other) => Err(ctx.err(
+            "spec.type",
+            other,
+            "supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\"",
+        )),
+    }
+}
+
+fn external_name(ctx: &Ctx, spec: &k8s::ServiceSpec) -> Result<String, InvalidObject> {
+    let name = spec.external_name.as_deref().unwrap_or_default();
+    if name.is_empty() {
+        return Err(ctx.err("spec.externalName", "", "required for type ExternalName"));
+    }
+    // A fully qualified name may end with the root dot.
+    let bare = name.strip_suffix('.').unwrap_or(name);
+    if !is_dns1123_subdomain(bare) {
+        return Err(ctx.err("spec.externalName", name, DNS1123_SUBDOMAIN_REASON));
+    }
+    Ok(name.to_string())
+}
+
+/// spec.clusterIP / spec.clusterIPs → (IPs, headless).
+fn cluster_ips(
+    ctx: &Ctx,
+    spec: &k8s::ServiceSpec,
+    service_type: ServiceType,
+) -> Result<(Vec<IpAddr>, bool), InvalidObject> {
+    let cluster_ip = spec.cluster_ip.as_deref().unwrap_or_default();
+    let listed: &[String] = spec.cluster_ips.as_deref().unwrap_or_default();
+    if let Some(first) = listed.first()
+        && !cluster_ip.is_empty()
+        && first != cluster_ip
+    {
+        return Err(ctx.err(
+            "spec.clusterIPs[0]",
+            first.as_str(),
+            format!("must match spec.clusterIP {cluster_ip:?}"),
+        ));
+    }
+
+    if service_type == ServiceType::ExternalName {
+        if let Some(ip) = Some(cluster_ip)
+            .filter(|ip| !ip.is_empty())
+            .or(listed.first().map(String::as_str))
+        {
+            let field = if cluster_ip.is_empty() {
+                "spec.clusterIPs"
+            } else {
+                "spec.clusterIP"
+            };
+            return Err(ctx.err(field, ip, "may not be set for ExternalName services"));
+        }
+        return Ok((Vec::new(), false));
+    }
+
+    // Where the primary came from, for error messages.
+    let (texts, field): (Vec<&str>, &str) = if listed.is_empty() {
+        if cluster_ip.is_empty() {
+            (Vec::new(), "spec.clusterIP")
+        } else {
+            (vec![cluster_ip], "spec.clusterIP")
+        }
+    } else {
+        (
+            listed.iter().map(String::as_str).collect(),
+            "spec.clusterIPs",
+        )
+    };
+
+    match texts.first() {
+        None => Err(ctx.err(
+            "spec.clusterIP",
+            "",
+            "must be set: the standalone mode cannot allocate cluster IPs (use \"None\" for a headless Service)",
+        )),
+        Some(&CLUSTER_IP_NONE) => {
+            if texts.len() > 1 {
+                return Err(ctx.err(
+                    "spec.clusterIPs",
+                    texts.join(","),
+                    "must hold a single \"None\" for a headless Service",
+                ));
+            }
+            if service_type != ServiceType::ClusterIp {
+                return Err(ctx.err(
+                    "spec.clusterIP",
+                    CLUSTER_IP_NONE,
+                    "may only be \"None\" for type ClusterIP",
+                ));
+            }
+            Ok((Vec::new(), true))
+        }
+        Some(_) => {
+            if texts.len() > 2 {
+                return Err(ctx.err(
+                    "spec.clusterIPs",
+                    texts.join(","),
+                    "may hold at most two IPs, one per IP family",
+                ));
+            }
+            let mut ips = Vec::with_capacity(texts.len());
+            for (i, text) in texts.iter().enumerate() {
+                let field = if field == "spec.clusterIPs" {
+                    format!("spec.clusterIPs[{i}]")
+                } else {
+                    field.to_string()
+                };
+                ips.push(ctx.ip(field, text)?);
+            }
+            if let [a, b] = ips.as_slice()
+                && IpFamily::of(a) == IpFamily::of(b)
+            {
+                return Err(ctx.err(
+                    "spec.clusterIPs[1]",
+                    texts[1],
+                    "must be of a different IP family than spec.clusterIPs[0]",
+                ));
+            }
+            Ok((ips, false))
+        }
+    }
+}
+
+/// spec.ipFamilies, checked against the cluster IPs. For a non-headless Service
+/// the result is exactly the families of its cluster IPs: families listed beyond
+/// them would need an IP the standalone mode cannot allocate (PreferDualStack
+/// with one IP is single-stack).
+fn ip_families(
+    ctx: &Ctx,
+    spec: &k8s::ServiceSpec,
+    service_type: ServiceType,
+    cluster_ips: &[IpAddr],
+    headless: bool,
+) -> Result<Vec<IpFamily>, InvalidObject> {
+    if service_type == ServiceType::ExternalName {
+        return Ok(Vec::new());
+    }
+    let mut families = Vec::new();
+    for (i, text) in spec.ip_families.iter().flatten().enumerate() {
+        let field = format!("spec.ipFamilies[{i}]");
+        let family = IpFamily::from_k8s(text).ok_or_else(|| {
+            ctx.err(
+                &field,
+                text.as_str(),
+                "supported values: \"IPv4\", \"IPv6\"",
+            )
+        })?;
+        if families.contains(&family) {
+            return Err(ctx.err(field, text.as_str(), "duplicate IP family"));
+        }
+        if let Some(ip) = cluster_ips.get(i)
+            && IpFamily::of(ip) != family
+        {
+            return Err(ctx.err(
+                field,
+                text.as_str(),
+                format!("must match the family of spec.clusterIPs[{i}] ({ip})"),
+            ));
+        }
+        families.push(family);
+    }
+
+    match spec.ip_family_policy.as_deref() {
+        None | Some("PreferDualStack") => {}
+        Some("SingleStack") => {
+            if cluster_ips.len() > 1 || families.len() > 1 {
+                return Err(ctx.err(
+                    "spec.ipFamilyPolicy",
+                    "SingleStack",
+                    "must be PreferDualStack or RequireDualStack for a dual-stack Service",
+                ));
+            }
+        }
+        Some("RequireDualStack") => {
+            if !headless && cluster_ips.len() < 2 {
+                return Err(ctx.err(
+                    "spec.clusterIPs",
+                    cluster_ips.first().map(IpAddr::to_string).unwrap_or_default(),
+                    "RequireDualStack needs one cluster IP of each family: the standalone mode cannot allocate them",
+                ));
+            }
+        }
+        Some(other) => {
+            return Err(ctx.err(
+                "spec.ipFamilyPolicy",
+                other,
+                "supported values: \"PreferDualStack\", \"RequireDualStack\", \"SingleStack\"",
+            ));
+        }
+    }
+
+    if headless {
+        return Ok(families);
+    }
+    // The cluster IPs decide; ipFamilies has been checked to agree with them.
+    Ok(cluster_ips.iter().map(IpFamily::of).collect())
+}
+
+fn ports(
+    ctx: &Ctx,
+    spec: &k8s::ServiceSpec,
+    service_type: ServiceType,
+    node_port_range: &RangeInclusive<u16>,
+) -> Result<Vec<ServicePort>, InvalidObject> {
+    let k8s_ports: &[k8s::ServicePort] = spec.ports.as_deref().unwrap_or_default();
+    let mut ports: Vec<ServicePort> = Vec::with_capacity(k8s_ports.len());
+    let node_ports_allowed = matches!(
+        service_type,
+        ServiceType::NodePort | ServiceType::LoadBalancer
+    );
+    for (i, p) in k8s_ports.iter().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let name = p.name.clone().unwrap_or_default();
+        if name.is_empty() {
+            if k8s_ports.len() > 1 {
+                return Err(ctx.err(
+                    format!("{field}.name"),
+                    "",
+                    "required when the Service has more than one port",
+                ));
+            }
+        } else if !is_dns1123_label(&name) {
+            return Err(ctx.err(format!("{field}.name"), name, DNS1123_LABEL_REASON));
+        }
+        if let Some(j) = ports
+            .iter()
+            .position(|q| !name.is_empty() && q.name == name)
+        {
+            return Err(ctx.err(
+                format!("{field}.name"),
+                name,
+                format!("duplicate port name (also spec.ports[{j}])"),
+            ));
+        }
+
+        let port = ctx.port(format!("{field}.port"), p.port)?;
+        let protocol = ctx.protocol(format!("{field}.protocol"), p.protocol.as_deref())?;
+        if let Some(j) = ports
+            .iter()
+            .position(|q| q.port == port && q.protocol == protocol)
+        {
+            return Err(ctx.err(
+                field,
+                format!("{port}/{protocol}"),
+                format!("duplicate port and protocol (also spec.ports[{j}])"),
+            ));
+        }
+
+        let target_port = match &p.target_port {
+            // The API server defaults an unset, 0 or "" targetPort to the port.
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(0)) => TargetPort::Number(port),
+            Some(IntOrString::String(s)) if s.is_empty() => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => {
+                TargetPort::Number(ctx.port(format!("{field}.targetPort"), *n)?)
+            }
+            Some(IntOrString::String(s)) => {
+                if !is_iana_svc_name(s) {
+                    return Err(ctx.err(
+                        format!("{field}.targetPort"),
+                        s.as_str(),
+                        "must be a port number or an IANA service name: at most 15 lower-case alphanumerics or '-', with at least one letter",
+                    ));
+                }
+                TargetPort::Name(s.clone())
+            }
+        };
+
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => {
+                let node_field = format!("{field}.nodePort");
+                if !node_ports_allowed {
+                    return Err(ctx.err(
+                        node_field,
+                        n.to_string(),
+                        "may only be set for type NodePort or LoadBalancer",
+                    ));
+                }
+                let n = ctx.port(&node_field, n)?;
+                if !node_port_range.contains(&n) {
+                    return Err(ctx.err(
+                        node_field,
+                        n.to_string(),
+                        format!(
+                            "must be in the node port range {}-{}",
+                            node_port_range.start(),
+                            node_port_range.end()
+                        ),
+                    ));
+                }
+                if let Some(j) = ports
+                    .iter()
+                    .position(|q| q.node_port == Some(n) && q.protocol == protocol)
+                {
+                    return Err(ctx.err(
+                        node_field,
+                        n.to_string(),
+                        format!("duplicate nodePort and protocol (also spec.ports[{j}])"),
+                    ));
+                }
+                Some(n)
+            }
+        };
+
+        ports.push(ServicePort {
+            name,
+            protocol,
+            port,
+            target_port,
+            node_port,
+        });
+    }
+    Ok(ports)
+}
+
+/// A CIDR; host bits are cleared, as the API server's consumers normalise them.
+fn source_range(ctx: &Ctx, i: usize, cidr: &str) -> Result<IpNet, InvalidObject> {
+    cidr.trim()
+        .parse::<IpNet>()
+        .map(|net| net.trunc())
+        .map_err(|_| {
+            ctx.err(
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                cidr,
+                "must be a CIDR such as 192.168.0.0/16 or fd00::/8",
+            )
+        })
+}
+
+fn load_balancer_ips(
+    ctx: &Ctx,
+    status: Option<&k8s::ServiceStatus>,
+) -> Result<Vec<IpAddr>, InvalidObject> {
+    let ingress = status
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_deref())
+        .unwrap_or_default();
+    let mut ips = Vec::new();
+    for (i, entry) in ingress.iter().enumerate() {
+        let field = format!("status.loadBalancer.ingress[{i}]");
+        // Proxy: the load balancer delivers to the node with its own address as the
+        // destination, so the node must not capture the VIP.
+        let proxied = match entry.ip_mode.as_deref() {
+            None | Some("VIP") => false,
+            Some("Proxy") => true,
+            Some(other) => {
+                return Err(ctx.err(
+                    format!("{field}.ipMode"),
+                    other,
+                    "supported values: \"Proxy\", \"VIP\"",
+                ));
+            }
+        };
+        // Hostname-only entries name no address the node could match.
+        let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+            continue;
+        };
+        let ip = ctx.ip(format!("{field}.ip"), ip)?;
+        if !proxied {
+            ips.push(ip);
+        }
+    }
+    Ok(ips)
+}
+
+fn session_affinity(ctx: &Ctx, spec: &k8s::ServiceSpec) -> Result<Option<u32>, InvalidObject> {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(None),
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Ok(Some(DEFAULT_SESSION_AFFINITY_TIMEOUT)),
+                Some(t) => match u32::try_from(t) {
+                    Ok(t) if (1..=MAX_SESSION_AFFINITY_TIMEOUT).contains(&t) => Ok(Some(t)),
+                    _ => Err(ctx.err(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        t.to_string(),
+                        format!("must be between 1 and {MAX_SESSION_AFFINITY_TIMEOUT}"),
+                    )),
+                },
+            }
+        }
+        Some(other) => Err(ctx.err(
+            "spec.sessionAffinity",
+            other,
+            "supported values: \"ClientIP\", \"None\"",
+        )),
+    }
+}
+
+fn traffic_policy(
+    ctx: &Ctx,
+    field: &str,
+    policy: Option<&str>,
+    accept_global: bool,
+) -> Result<TrafficPolicy, InvalidObject> {
+    match policy {
+        None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+        // Pre-1.22 spelling of Cluster for externalTrafficPolicy.
+        Some("Global") if accept_global => Ok(TrafficPolicy::Cluster),
+        Some("Local") => Ok(TrafficPolicy::Local),
+        Some(other) => Err(ctx.err(field, other, "supported values: \"Cluster\", \"Local\"")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::convert::test_util::meta;
+    use crate::types::Protocol;
+    use k8s_openapi::api::core::v1::{
+        ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, ServiceStatus,
+        SessionAffinityConfig,
+    };
+
+    fn port(name: &str, port: i32) -> k8s::ServicePort {
+        k8s::ServicePort {
+            name: (!name.is_empty()).then(|| name.to_string()),
+            port,
+            ..Default::default()
+        }
+    }
+
+    fn svc(spec: k8s::ServiceSpec) -> k8s::Service {
+        k8s::Service {
+            metadata: meta(Some("ns"), "web"),
+            spec: Some(spec),
+            status: None,
+        }
+    }
+
+    fn base() -> k8s::ServiceSpec {
+        k8s::ServiceSpec {
+            cluster_ip: Some("10.96.0.10".into()),
+            ports: Some(vec![port("", 80)]),
+            ..Default::default()
+        }
+    }
+
+    fn ok(spec: k8s::ServiceSpec) -> Service {
+        match service_from_k8s(&svc(spec)) {
+            Ok(s) => s,
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+
+    fn err(spec: k8s::ServiceSpec) -> InvalidObject {
+        match service_from_k8s(&svc(spec)) {
+            Ok(s) => panic!("unexpectedly valid: {s:?}"),
+            Err(e) => e,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let s = ok(base());
+        assert_eq!(s.name.to_string(), "ns/web");
+        assert_eq!(s.service_type, ServiceType::ClusterIp);
+        assert!(!s.headless);
+        assert_eq!(s.cluster_ips, vec![ip("10.96.0.10")]);
+        assert_eq!(s.ip_families, vec![IpFamily::V4]);
+        assert_eq!(
+            s.ports,
+            vec![ServicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: TargetPort::Number(80),
+                node_port: None,
+            }]
+        );
+        assert_eq!(s.session_affinity_timeout, None);
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
+        assert_eq!(s.internal_traffic_policy, TrafficPolicy::Cluster);
+        assert_eq!(s.selector, None);
+        assert_eq!(s.service_proxy_name, None);
+        assert!(!s.publish_not_ready_addresses);
+    }
+
+    #[test]
+    fn service_name_is_dns1035() {
+        let mut k = svc(base());
+        k.metadata.name = Some("1web".into());
+        let e = service_from_k8s(&k).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.value.as_str()),
+            ("metadata.name", "1web")
+        );
+        k.metadata.name = Some("web.x".into());
+        assert!(service_from_k8s(&k).is_err());
+    }
+
+    #[test]
+    fn service_type_values() {
+        for (t, want) in [
+            ("ClusterIP", ServiceType::ClusterIp),
+            ("NodePort", ServiceType::NodePort),
+            ("LoadBalancer", ServiceType::LoadBalancer),
+        ] {
+            let s = ok(k8s::ServiceSpec {
+                type_: Some(t.into()),
+                ..base()
+            });
+            assert_eq!(s.service_type, want);
+        }
+        let e = err(k8s::ServiceSpec {
+            type_: Some("Cluster".into()),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.type");
+    }
+
+    #[test]
+    fn cluster_ip_required_for_standalone() {
+        let e = err(k8s::ServiceSpec {
+            cluster_ip: None,
+            ..base()
+        });
+        assert_eq!(e.field, "spec.clusterIP");
+        assert!(e.reason.contains("standalone"), "{}", e.reason);
+        let e = err(k8s::ServiceSpec {
+            cluster_ip: Some(String::new()),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.clusterIP");
+    }
+
+    #[test]
+    fn headless() {
+        let s = ok(k8s::ServiceSpec {
+            cluster_ip: Some("None".into()),
+            ..base()
+        });
+        assert!(s.headless);
+        assert!(s.cluster_ips.is_empty());
+        // Headless needs no ports.
+        let s = ok(k8s::ServiceSpec {
+            cluster_ip: Some("None".into()),
+            ports: None,
+            ip_families: Some(vec!["IPv6".into()]),
+            ..base()
+        });
+        assert!(s.ports.is_empty());
+        assert_eq!(s.ip_families, vec![IpFamily::V6]);
+        let e = err(k8s::ServiceSpec {
+            cluster_ip: Some("None".into()),
+            type_: Some("NodePort".into()),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.clusterIP");
+    }
+
+    #[test]
+    fn ports_required_unless_headless_or_external_name() {
+        let e = err(k8s::ServiceSpec {
+            ports: None,
+            ..base()
+        });
+        assert_eq!(e.field, "spec.ports");
+    }
+
+    #[test]
+    fn cluster_ip_parses() {
+        let e = err(k8s::ServiceSpec {
+            cluster_ip: Some("10.96.0.300".into()),
+            ..base()
+        });
+        assert_eq!(
+            (e.field.as_str(), e.value.as_str()),
+            ("spec.clusterIP", "10.96.0.300")
+        );
+    }
+
+    #[test]
+    fn dual_stack() {
+        let s = ok(k8s::ServiceSpec {
+            cluster_ips: Some(vec!["fd00::10".into(), "10.96.0.10".into()]),
+            cluster_ip: Some("fd00::10".into()),
+            ip_families: Some(vec!["IPv6".into(), "IPv4".into()]),
+            ip_family_policy: Some("RequireDualStack".into()),
+            ..base()
+        });
+        assert_eq!(s.cluster_ips, vec![ip("fd00::10"), ip("10.96.0.10")]);
+        assert_eq!(s.ip_families, vec![IpFamily::V6, IpFamily::V4]);
+
+        // Families derived from the IPs when ipFamilies is absent.
+        let s = ok(k8s::ServiceSpec {
+            cluster_ip: None,
+            cluster_ips: Some(vec!["10.96.0.10".into(), "fd00::10".into()]),
+            ..base()
+        });
+        assert_eq!(s.ip_families, vec![IpFamily::V4, IpFamily::V6]);
+    }
+
+    #[test]
+    fn dual_stack_errors() {
+        let e = err(k8s::ServiceSpec {
+            cluster_ips: Some(vec!["10.96.0.11".into()]),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.clusterIPs[0]");
+        assert!(e.reason.contains("must match spec.clusterIP"));
+
+        let e = err(k8s::ServiceSpec {
+            cluster_ip: None,
+            cluster_ips: Some(vec!["10.96.0.10".into(), "10.96.0.11".into()]),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.clusterIPs[1]");
+
+        let e = err(k8s::ServiceSpec {
+            cluster_ip: None,
+            cluster_ips: Some(vec![
+                "10.96.0.10".into(),
+                "fd00::1".into(),
+                "fd00::2".into(),
+            ]),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.clusterIPs");
+
+        let e = err(k8s::ServiceSpec {
+            ip_families: Some(vec!["IPv6".into()]),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.ipFamilies[0]");
+
+        let e = err(k8s::ServiceSpec {
+            ip_families: Some(vec!["ipv4".into()]),
+            ..base()
+        });
+        assert_eq!(
+            (e.field.as_str(), e.value.as_str()),
+            ("spec.ipFamilies[0]", "ipv4")
+        );
+
+        let e = err(k8s::ServiceSpec {
+            ip_family_policy: Some("RequireDualStack".into()),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.clusterIPs");
+
+        let e = err(k8s::ServiceSpec {
+            cluster_ip: None,
+            cluster_ips: Some(vec!["10.96.0.10".into(), "fd00::1".into()]),
+            ip_family_policy: Some("SingleStack".into()),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.ipFamilyPolicy");
+    }
+
+    #[test]
+    fn prefer_dual_stack_with_one_ip_is_single_stack() {
+        let s = ok(k8s::ServiceSpec {
+            ip_families: Some(vec!["IPv4".into(), "IPv6".into()]),
+            ip_family_policy: Some("PreferDualStack".into()),
+            ..base()
+        });
+        assert_eq!(s.ip_families, vec![IpFamily::V4]);
+    }
+
+    #[test]
+    fn port_rules() {
+        let e = err(k8s::ServiceSpec {
+            ports: Some(vec![port("", 0)]),
+            ..base()
+        });
+        assert_eq!(
+            (e.field.as_str(), e.value.as_str()),
+            ("spec.ports[0].port", "0")
+        );
+
+        // Names required and unique with more than one port.
+        let e = err(k8s::ServiceSpec {
+            ports: Some(vec![port("a", 80), port("", 81)]),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.ports[1].name");
+        let e = err(k8s::ServiceSpec {
+            ports: Some(vec![port("a", 80), port("a", 81)]),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.ports[1].name");
+        assert!(e.reason.contains("duplicate"));
+        let e = err(k8s::ServiceSpec {
+            ports: Some(vec![port("HTTP", 80)]),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.ports[0].name");
+
+        // (port, protocol) unique; same port on another protocol is fine.
+        let e = err(k8s::ServiceSpec {
+            ports: Some(vec![port("a", 53), port("b", 53)]),
+            ..base()
+        });
+        assert_eq!(
+            (e.field.as_str(), e.value.as_str()),
+            ("spec.ports[1]", "53/TCP")
+        );
+        let mut udp = port("b", 53);
+        udp.protocol = Some("UDP".into());
+        let s = ok(k8s::ServiceSpec {
+            ports: Some(vec![port("a", 53), udp]),
+            ..base()
+        });
+        assert_eq!(s.ports[1].protocol, Protocol::Udp);
+        assert_eq!(s.ports[1].name, "b");
+
+        let mut bad = port("", 80);
+        bad.protocol = Some("ICMP".into());
+        let e = err(k8s::ServiceSpec {
+            ports: Some(vec![bad]),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.ports[0].protocol");
+    }
+
+    #[test]
+    fn target_port() {
+        let with = |t: IntOrString| {
+            let mut p = port("", 80);
+            p.target_port = Some(t);
+            k8s::ServiceSpec {
+                ports: Some(vec![p]),
+                ..base()
+            }
+        };
+        assert_eq!(
+            ok(with(IntOrString::Int(8080))).ports[0].target_port,
+            TargetPort::Number(8080)
+        );
+        assert_eq!(
+            ok(with(IntOrString::Int(0))).ports[0].target_port,
+            TargetPort::Number(80)
+        );
+        assert_eq!(
+            ok(with(IntOrString::String("http".into()))).ports[0].target_port,
+            TargetPort::Name("http".into())
+        );
+        let e = err(with(IntOrString::Int(65536)));
+        assert_eq!(e.field, "spec.ports[0].targetPort");
+        let e = err(with(IntOrString::String("8080".into())));
+        assert_eq!(
+            (e.field.as_str(), e.value.as_str()),
+            ("spec.ports[0].targetPort", "8080")
+        );
+        assert!(
+            err(with(IntOrString::String("a-very-long-port-name".into())))
+                .field
+                .ends_with("targetPort")
+        );
+    }
+
+    #[test]
+    fn node_ports() {
+        let with = |t: &str, n: i32| {
+            let mut p = port("", 80);
+            p.node_port = Some(n);
+            k8s::ServiceSpec {
+                type_: Some(t.into()),
+                ports: Some(vec![p]),
+                ..base()
+            }
+        };
+        assert_eq!(ok(with("NodePort", 30080)).ports[0].node_port, Some(30080));
+        assert_eq!(
+            ok(with("LoadBalancer", 32767)).ports[0].node_port,
+            Some(32767)
+        );
+        let e = err(with("ClusterIP", 30080));
+        assert_eq!(e.field, "spec.ports[0].nodePort");
+        let e = err(with("NodePort", 8080));
+        assert!(e.reason.contains("30000-32767"), "{}", e.reason);
+        // The range is a parameter.
+        let s = service_from_k8s_with_node_port_range(&svc(with("NodePort", 8080)), &(8000..=9000))
+            .unwrap();
+        assert_eq!(s.ports[0].node_port, Some(8080));
+
+        let mut a = port("a", 80);
+        a.node_port = Some(30080);
+        let mut b = port("b", 81);
+        b.node_port = Some(30080);
+        let e = err(k8s::ServiceSpec {
+            type_: Some("NodePort".into()),
+            ports: Some(vec![a, b]),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.ports[1].nodePort");
+    }
+
+    #[test]
+    fn external_ips_and_source_ranges() {
+        let s = ok(k8s::ServiceSpec {
+            external_ips: Some(vec!["192.0.2.1".into(), "2001:db8::1".into()]),
+            load_balancer_source_ranges: Some(vec!["10.0.0.1/8".into(), " 2001:db8::/32".into()]),
+            ..base()
+        });
+        assert_eq!(s.external_ips, vec![ip("192.0.2.1"), ip("2001:db8::1")]);
+        assert_eq!(
+            s.load_balancer_source_ranges,
+            vec![
+                "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                "2001:db8::/32".parse().unwrap()
+            ]
+        );
+        let e = err(k8s::ServiceSpec {
+            external_ips: Some(vec!["example.com".into()]),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.externalIPs[0]");
+        let e = err(k8s::ServiceSpec {
+            load_balancer_source_ranges: Some(vec!["10.0.0.0".into()]),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.loadBalancerSourceRanges[0]");
+    }
+
+    #[test]
+    fn load_balancer_ingress() {
+        let entry =
+            |ip: Option<&str>, mode: Option<&str>, host: Option<&str>| LoadBalancerIngress {
+                ip: ip.map(str::to_string),
+                ip_mode: mode.map(str::to_string),
+                hostname: host.map(str::to_string),
+                ..Default::default()
+            };
+        let mut k = svc(k8s::ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            ..base()
+        });
+        k.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![
+                    entry(Some("192.0.2.10"), None, None),
+                    entry(Some("192.0.2.11"), Some("Proxy"), None),
+                    entry(None, None, Some("lb.example.com")),
+                    entry(Some("2001:db8::10"), Some("VIP"), None),
+                ]),
+            }),
+            ..Default::default()
+        });
+        let s = service_from_k8s(&k).unwrap();
+        assert_eq!(
+            s.load_balancer_ips,
+            vec![ip("192.0.2.10"), ip("2001:db8::10")]
+        );
+
+        k.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![entry(Some("bad"), None, None)]),
+            }),
+            ..Default::default()
+        });
+        let e = service_from_k8s(&k).unwrap_err();
+        assert_eq!(e.field, "status.loadBalancer.ingress[0].ip");
+    }
+
+    #[test]
+    fn session_affinity_rules() {
+        let with = |affinity: &str, timeout: Option<i32>| k8s::ServiceSpec {
+            session_affinity: Some(affinity.into()),
+            session_affinity_config: timeout.map(|t| SessionAffinityConfig {
+                client_ip: Some(ClientIPConfig {
+                    timeout_seconds: Some(t),
+                }),
+            }),
+            ..base()
+        };
+        assert_eq!(
+            ok(with("ClientIP", None)).session_affinity_timeout,
+            Some(10800)
+        );
+        assert_eq!(
+            ok(with("ClientIP", Some(60))).session_affinity_timeout,
+            Some(60)
+        );
+        assert_eq!(
+            ok(with("ClientIP", Some(86400))).session_affinity_timeout,
+            Some(86400)
+        );
+        assert_eq!(ok(with("None", Some(60))).session_affinity_timeout, None);
+        let e = err(with("ClientIP", Some(0)));
+        assert_eq!(
+            e.field,
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+        );
+        assert!(
+            err(with("ClientIP", Some(86401)))
+                .field
+                .ends_with("timeoutSeconds")
+        );
+        assert_eq!(err(with("Cookie", None)).field, "spec.sessionAffinity");
+    }
+
+    #[test]
+    fn traffic_policies() {
+        let s = ok(k8s::ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            external_traffic_policy: Some("Local".into()),
+            internal_traffic_policy: Some("Local".into()),
+            health_check_node_port: Some(31000),
+            ..base()
+        });
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(s.internal_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(s.health_check_node_port, Some(31000));
+
+        let s = ok(k8s::ServiceSpec {
+            type_: Some("NodePort".into()),
+            external_traffic_policy: Some("Global".into()),
+            health_check_node_port: Some(31000),
+            ..base()
+        });
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
+        assert_eq!(
+            s.health_check_node_port, None,
+            "meaningless with eTP Cluster"
+        );
+
+        let e = err(k8s::ServiceSpec {
+            external_traffic_policy: Some("local".into()),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.externalTrafficPolicy");
+        let e = err(k8s::ServiceSpec {
+            internal_traffic_policy: Some("Global".into()),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.internalTrafficPolicy");
+        let e = err(k8s::ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            external_traffic_policy: Some("Local".into()),
+            health_check_node_port: Some(70000),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.healthCheckNodePort");
+    }
+
+    #[test]
+    fn external_name() {
+        let spec = |name: Option<&str>| k8s::ServiceSpec {
+            type_: Some("ExternalName".into()),
+            external_name: name.map(str::to_string),
+            cluster_ip: None,
+            ports: None,
+            ..Default::default()
+        };
+        let s = ok(spec(Some("db.example.com.")));
+        assert_eq!(s.service_type, ServiceType::ExternalName);
+        assert_eq!(s.external_name.as_deref(), Some("db.example.com."));
+        assert!(s.cluster_ips.is_empty() && s.ip_families.is_empty());
+        assert_eq!(err(spec(None)).field, "spec.externalName");
+        assert_eq!(err(spec(Some("db_example.com"))).field, "spec.externalName");
+        let e = err(k8s::ServiceSpec {
+            cluster_ip: Some("10.0.0.1".into()),
+            ..spec(Some("db"))
+        });
+        assert_eq!(e.field, "spec.clusterIP");
+    }
+
+    #[test]
+    fn selector_and_labels() {
+        let s = ok(k8s::ServiceSpec {
+            selector: Some(BTreeMap::from([("app".into(), "web".into())])),
+            ..base()
+        });
+        assert_eq!(
+            s.selector,
+            Some(BTreeMap::from([("app".into(), "web".into())]))
+        );
+        assert_eq!(
+            ok(k8s::ServiceSpec {
+                selector: Some(BTreeMap::new()),
+                ..base()
+            })
+            .selector,
+            None
+        );
+        let e = err(k8s::ServiceSpec {
+            selector: Some(BTreeMap::from([("app".into(), "we b".into())])),
+            ..base()
+        });
+        assert_eq!(e.field, "spec.selector[app]");
+
+        let mut k = svc(base());
+        k.metadata.labels = Some(BTreeMap::from([(
+            SERVICE_PROXY_NAME_LABEL.to_string(),
+            "other-proxy".to_string(),
+        )]));
+        let s = service_from_k8s(&k).unwrap();
+        assert_eq!(s.service_proxy_name.as_deref(), Some("other-proxy"));
+        assert_eq!(s.labels.len(), 1);
+    }
+
+    #[test]
+    fn publish_not_ready() {
+        let s = ok(k8s::ServiceSpec {
+            publish_not_ready_addresses: Some(true),
+            ..base()
+        });
+        assert!(s.publish_not_ready_addresses);
+    }
+}

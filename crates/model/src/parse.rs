@@ -1,0 +1,519 @@
+//! Text → documents (`serde_json::Value`) → k8s-openapi objects → validated types.
+//!
+//! Each document is parsed once into a `Value`, dispatched on `apiVersion`/`kind`
+//! and deserialized from that `Value` by reference; only a document that fails
+//! is deserialized a second time, with path tracking, to name the bad field.
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::convert::{
+    endpoint_slice_from_k8s, node_from_k8s, object_ref, pod_from_k8s, service_from_k8s,
+};
+use crate::error::{InvalidObject, ParseError};
+use crate::types::{Kind, Object};
+use crate::{Format, Parsed};
+
+/// `kind: List` inside `kind: List` is legal but never deep in practice; the cap
+/// only stops pathological input from recursing without bound.
+const MAX_LIST_DEPTH: usize = 16;
+
+pub(crate) fn parse_manifest(text: &str, format: Format) -> Result<Parsed, ParseError> {
+    let documents = match format {
+        Format::Yaml => yaml_documents(text)?,
+        Format::Json => json_documents(text)?,
+    };
+    let mut parsed = Parsed::default();
+    for document in documents {
+        dispatch(document, &mut parsed, 0);
+    }
+    Ok(parsed)
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    // Manifest directories hold tens of thousands of objects, often in one file.
+    // These limits scale with the input size; the alias/anchor limits that guard
+    // against amplification ("billion laughs") stay at their defaults.
+    budget.max_documents = usize::MAX;
+    budget.max_nodes = usize::MAX;
+    budget.max_events = usize::MAX;
+    budget.max_total_scalar_bytes = usize::MAX;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.with_snippet = false;
+    options.emit_comments = false;
+    options
+}
+
+fn yaml_documents(text: &str) -> Result<Vec<Value>, ParseError> {
+    serde_saphyr::from_multiple_with_options::<Value>(text, yaml_options()).map_err(|e| {
+        let line = e
+            .location()
+            .map(|l| usize::try_from(l.line()).unwrap_or(usize::MAX))
+            .filter(|&l| l > 0)
+            .unwrap_or(1);
+        ParseError {
+            line,
+            reason: yaml_reason(&e),
+        }
+    })
+}
+
+/// The error's message without the trailing location, which `ParseError` carries itself.
+fn yaml_reason(e: &serde_saphyr::Error) -> String {
+    let text = e.to_string();
+    let first_line = text.lines().next().unwrap_or_default();
+    match first_line.rfind(" at line ") {
+        Some(pos) => first_line[..pos].to_string(),
+        None => first_line.to_string(),
+    }
+}
+
+fn json_documents(text: &str) -> Result<Vec<Value>, ParseError> {
+    // A stream, so concatenated JSON values work and an empty file yields nothing.
+    serde_json::Deserializer::from_str(text)
+        .into_iter::<Value>()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ParseError {
+            line: e.line().max(1),
+            reason: json_reason(&e),
+        })
+}
+
+fn json_reason(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(pos) => text[..pos].to_string(),
+        None => text,
+    }
+}
+
+fn str_field<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
+    value.get(key).and_then(Value::as_str)
+}
+
+fn dispatch(document: Value, parsed: &mut Parsed, depth: usize) {
+    if document.is_null() {
+        return;
+    }
+    if !document.is_object() {
+        parsed.ignored.push(format!(
+            "<not a Kubernetes object: a {}>",
+            value_kind(&document)
+        ));
+        return;
+    }
+    let api_version = str_field(&document, "apiVersion").unwrap_or_default();
+    let kind = str_field(&document, "kind").unwrap_or_default();
+    match (api_version, kind) {
+        ("v1", "Service") => decode_into(
+            &document,
+            Kind::Service,
+            parsed,
+            |s: k8s_openapi::api::core::v1::Service| service_from_k8s(&s).map(Object::Service),
+        ),
+        ("discovery.k8s.io/v1", "EndpointSlice") => decode_into(
+            &document,
+            Kind::EndpointSlice,
+            parsed,
+            |s: k8s_openapi::api::discovery::v1::EndpointSlice| {
+                endpoint_slice_from_k8s(&s).map(Object::EndpointSlice)
+            },
+        ),
+        ("v1", "Node") => decode_into(
+            &document,
+            Kind::Node,
+            parsed,
+            |n: k8s_openapi::api::core::v1::Node| node_from_k8s(&n).map(Object::Node),
+        ),
+        ("v1", "Pod") => decode_into(
+            &document,
+            Kind::Pod,
+            parsed,
+            |p: k8s_openapi::api::core::v1::Pod| pod_from_k8s(&p).map(Object::Pod),
+        ),
+        (_, list) if list.ends_with("List") && document.get("items").is_some() => {
+            dispatch_list(document, parsed, depth)
+        }
+        ("", "") => parsed
+            .ignored
+            .push("<not a Kubernetes object: no apiVersion/kind>".to_string()),
+        (api_version, kind) => parsed.ignored.push(format!("{api_version}/{kind}")),
+    }
+}
+
+/// `kind: List` (items carry their own apiVersion/kind) and typed lists such as
+/// `ServiceList`, whose items usually omit them (as the API server returns them).
+fn dispatch_list(mut document: Value, parsed: &mut Parsed, depth: usize) {
+    let api_version = str_field(&document, "apiVersion")
+        .unwrap_or_default()
+        .to_string();
+    let kind = str_field(&document, "kind").unwrap_or_default().to_string();
+    if depth >= MAX_LIST_DEPTH {
+        parsed
+            .ignored
+            .push(format!("{api_version}/{kind} (lists nested too deep)"));
+        return;
+    }
+    let item_kind = kind.strip_suffix("List").unwrap_or_default().to_string();
+    let items = match document.get_mut("items").map(Value::take) {
+        Some(Value::Array(items)) => items,
+        Some(Value::Null) | None => Vec::new(),
+        Some(other) => {
+            parsed.ignored.push(format!(
+                "{api_version}/{kind} (items is a {}, not a list)",
+                value_kind(&other)
+            ));
+            return;
+        }
+    };
+    for mut item in items {
+        if !item_kind.is_empty()
+            && let Some(map) = item.as_object_mut()
+        {
+            map.entry("apiVersion")
+                .or_insert_with(|| Value::String(api_version.clone()));
+            map.entry("kind")
+                .or_insert_with(|| Value::String(item_kind.clone()));
+        }
+        dispatch(item, parsed, depth + 1);
+    }
+}
+
+fn value_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "list",
+        Value::Object(_) => "mapping",
+    }
+}
+
+fn decode_into<T, F>(document: &Value, kind: Kind, parsed: &mut Parsed, convert: F)
+where
+    T: DeserializeOwned,
+    F: FnOnce(T) -> Result<Object, InvalidObject>,
+{
+    match decode::<T>(document, kind).and_then(convert) {
+        Ok(object) => parsed.objects.push(object),
+        Err(invalid) => parsed.invalid.push(invalid),
+    }
+}
+
+/// Deserialize a k8s-openapi object from its document; a failure becomes an
+/// `InvalidObject` naming the field that did not fit its type.
+fn decode<T: DeserializeOwned>(document: &Value, kind: Kind) -> Result<T, InvalidObject> {
+    if let Ok(object) = T::deserialize(document) {
+        return Ok(object);
+    }
+    // Slow path, failures only: repeat with path tracking to name the field.
+    let error = match serde_path_to_error::deserialize::<_, T>(document) {
+        Ok(object) => return Ok(object),
+        Err(error) => error,
+    };
+    let path = error.path();
+    let field = if path.iter().next().is_none() {
+        String::new()
+    } else {
+        path.to_string()
+    };
+    let value = lookup(document, path).map(render_value).unwrap_or_default();
+    Err(InvalidObject {
+        kind,
+        object: document_ref(document, kind),
+        field,
+        value,
+        reason: error.inner().to_string(),
+    })
+}
+
+/// `namespace/name` as far as the raw document tells it.
+fn document_ref(document: &Value, kind: Kind) -> String {
+    let metadata = document.get("metadata");
+    let name = metadata
+        .and_then(|m| str_field(m, "name"))
+        .unwrap_or_default();
+    let namespace = match kind {
+        Kind::Node => "",
+        _ => metadata
+            .and_then(|m| str_field(m, "namespace"))
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or("default"),
+    };
+    object_ref(namespace, name)
+}
+
+fn lookup<'a>(document: &'a Value, path: &serde_path_to_error::Path) -> Option<&'a Value> {
+    use serde_path_to_error::Segment;
+    let mut current = document;
+    for segment in path.iter() {
+        current = match segment {
+            Segment::Seq { index } => current.get(*index)?,
+            Segment::Map { key } => current.get(key.as_str())?,
+            Segment::Enum { .. } | Segment::Unknown => return Some(current),
+        };
+    }
+    Some(current)
+}
+
+fn render_value(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{IpFamily, Protocol, ServiceType, TargetPort};
+
+    fn yaml(text: &str) -> Parsed {
+        match parse_manifest(text, Format::Yaml) {
+            Ok(parsed) => parsed,
+            Err(e) => panic!("unexpected parse error: {e}"),
+        }
+    }
+
+    fn only_service(parsed: &Parsed) -> &crate::Service {
+        assert_eq!(parsed.objects.len(), 1, "{parsed:?}");
+        match &parsed.objects[0] {
+            Object::Service(s) => s,
+            other => panic!("not a Service: {other:?}"),
+        }
+    }
+
+    const WEB: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - port: 80
+    targetPort: 8080
+";
+
+    #[test]
+    fn single_service() {
+        let parsed = yaml(WEB);
+        let svc = only_service(&parsed);
+        assert_eq!(svc.name.to_string(), "default/web");
+        assert_eq!(svc.service_type, ServiceType::ClusterIp);
+        assert_eq!(
+            svc.cluster_ips,
+            vec!["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(svc.ip_families, vec![IpFamily::V4]);
+        assert_eq!(svc.ports[0].port, 80);
+        assert_eq!(svc.ports[0].protocol, Protocol::Tcp);
+        assert_eq!(svc.ports[0].target_port, TargetPort::Number(8080));
+        assert!(parsed.invalid.is_empty() && parsed.ignored.is_empty());
+    }
+
+    #[test]
+    fn multi_document_valid_and_invalid() {
+        let text = format!(
+            "{WEB}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: bad\n  namespace: prod\nspec:\n  clusterIP: 10.96.0.11\n  ports:\n  - port: 80\n  - name: b\n    port: 70000\n"
+        );
+        let parsed = yaml(&text);
+        assert_eq!(only_service(&parsed).name.name, "web");
+        assert_eq!(parsed.invalid.len(), 1);
+        let bad = &parsed.invalid[0];
+        assert_eq!(bad.kind, Kind::Service);
+        assert_eq!(bad.object, "prod/bad");
+        // The first port has no name although there are two: that is reported first.
+        assert_eq!(bad.field, "spec.ports[0].name");
+    }
+
+    #[test]
+    fn invalid_port_message() {
+        let text = WEB.replace("port: 80", "port: 70000");
+        let parsed = yaml(&text);
+        assert!(parsed.objects.is_empty());
+        assert_eq!(
+            parsed.invalid[0].to_string(),
+            "Service default/web: spec.ports[0].port: invalid value \"70000\": must be between 1 and 65535"
+        );
+    }
+
+    #[test]
+    fn type_mismatch_names_field() {
+        let text = format!("{}---\n{}", WEB.replace("port: 80", "port: \"abc\""), WEB);
+        let parsed = yaml(&text);
+        assert_eq!(parsed.objects.len(), 1, "the other document still loads");
+        let bad = &parsed.invalid[0];
+        assert_eq!(bad.object, "default/web");
+        assert_eq!(bad.field, "spec.ports[0].port");
+        assert_eq!(bad.value, "abc");
+        assert!(bad.reason.contains("invalid type"), "{}", bad.reason);
+    }
+
+    #[test]
+    fn json_input() {
+        let text = r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web","namespace":"ns"},
+            "spec":{"clusterIP":"10.0.0.1","ports":[{"port":53,"protocol":"UDP"}]}}"#;
+        let parsed = parse_manifest(text, Format::Json).unwrap();
+        let svc = only_service(&parsed);
+        assert_eq!(svc.name.to_string(), "ns/web");
+        assert_eq!(svc.ports[0].protocol, Protocol::Udp);
+        assert_eq!(svc.ports[0].target_port, TargetPort::Number(53));
+    }
+
+    #[test]
+    fn json_syntax_error_line() {
+        let text = "{\n  \"apiVersion\": \"v1\",\n  \"kind\": \"Service\"\n  \"metadata\": {}\n}";
+        let err = parse_manifest(text, Format::Json).unwrap_err();
+        assert_eq!(err.line, 4, "{err}");
+    }
+
+    #[test]
+    fn empty_inputs() {
+        for text in [
+            "",
+            "\n",
+            "# just a comment\n",
+            "---\n---\n",
+            "---\n# c\n---\n",
+        ] {
+            let parsed = yaml(text);
+            assert_eq!(parsed, Parsed::default(), "{text:?}");
+        }
+        assert_eq!(
+            parse_manifest("  \n", Format::Json).unwrap(),
+            Parsed::default()
+        );
+    }
+
+    #[test]
+    fn yaml_syntax_error_line() {
+        let text =
+            format!("{WEB}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: [unclosed\n");
+        let err = parse_manifest(&text, Format::Yaml).unwrap_err();
+        let doc_start = WEB.lines().count() + 1; // the `---` line
+        assert!(
+            err.line > doc_start && err.line <= doc_start + 5,
+            "line {} not in the second document: {err}",
+            err.line
+        );
+        let err = parse_manifest("a: b\n c: d: e\n", Format::Yaml).unwrap_err();
+        assert_eq!(err.line, 2, "{err}");
+    }
+
+    #[test]
+    fn kind_list_recursive() {
+        let text = "\
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: a}
+  spec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}
+- apiVersion: v1
+  kind: List
+  items:
+  - apiVersion: v1
+    kind: Node
+    metadata: {name: n1}
+  - apiVersion: apps/v1
+    kind: Deployment
+    metadata: {name: d}
+";
+        let parsed = yaml(text);
+        assert_eq!(parsed.objects.len(), 2, "{parsed:?}");
+        assert!(matches!(parsed.objects[1], Object::Node(_)));
+        assert_eq!(parsed.ignored, vec!["apps/v1/Deployment".to_string()]);
+    }
+
+    #[test]
+    fn typed_list_items_inherit_kind() {
+        let text = r#"{"apiVersion":"v1","kind":"ServiceList","items":[
+            {"metadata":{"name":"a"},"spec":{"clusterIP":"10.0.0.1","ports":[{"port":80}]}}]}"#;
+        let parsed = parse_manifest(text, Format::Json).unwrap();
+        assert_eq!(only_service(&parsed).name.name, "a");
+    }
+
+    #[test]
+    fn other_kinds_and_non_objects_are_ignored() {
+        let parsed = yaml(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\n- a\n- b\n---\nfoo: bar\n",
+        );
+        assert!(parsed.objects.is_empty() && parsed.invalid.is_empty());
+        assert_eq!(parsed.ignored.len(), 3, "{:?}", parsed.ignored);
+        assert_eq!(parsed.ignored[0], "v1/ConfigMap");
+        // EndpointSlice of an older API version is not what kube-proxy reads.
+        let parsed = yaml("apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\n");
+        assert_eq!(
+            parsed.ignored,
+            vec!["discovery.k8s.io/v1beta1/EndpointSlice".to_string()]
+        );
+    }
+
+    #[test]
+    fn all_kinds_from_one_file() {
+        let text = "\
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+endpoints:
+- addresses: [10.1.0.5]
+ports:
+- port: 8080
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p, labels: {app: web}}
+spec:
+  containers:
+  - name: c
+    image: nginx
+    ports: [{containerPort: 8080, name: http}]
+status:
+  podIP: 10.1.0.5
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+status:
+  addresses: [{type: InternalIP, address: 192.168.1.10}]
+";
+        let parsed = yaml(text);
+        assert!(parsed.invalid.is_empty(), "{:?}", parsed.invalid);
+        let kinds: Vec<Kind> = parsed.objects.iter().map(|o| o.key().kind).collect();
+        assert_eq!(kinds, vec![Kind::EndpointSlice, Kind::Pod, Kind::Node]);
+    }
+
+    #[test]
+    fn many_documents_beyond_default_budget() {
+        // serde-saphyr's default budget stops at 1024 documents.
+        let mut text = String::new();
+        for i in 0..1500 {
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{clusterIP: 10.0.{}.{}, ports: [{{port: 80}}]}}\n",
+                i / 256,
+                i % 256
+            ));
+        }
+        let parsed = yaml(&text);
+        assert_eq!(parsed.objects.len(), 1500);
+        assert!(parsed.invalid.is_empty());
+    }
+
+    #[test]
+    fn invalid_object_without_name() {
+        let parsed = yaml(
+            "apiVersion: v1\nkind: Service\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n",
+        );
+        let bad = &parsed.invalid[0];
+        assert_eq!(bad.field, "metadata.name");
+        assert!(bad.reason.contains("required"), "{}", bad.reason);
+    }
+}
