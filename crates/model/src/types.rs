@@ -350,6 +350,8 @@ impl Object {
 
 /// One change to the object cache, as every source (manifests directory,
 /// Kubernetes API) delivers it to the engine.
+// Changes are moved into the engine's cache once; boxing would only add an allocation per object.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// Add or replace the object with this key.
