@@ -1,1 +1,157 @@
 //! Dataplane backends: each translates svcplane's desired state into the kernel.
+//!
+//! [`backend`] builds the backend of a [`ProxyMode`]. Only nftables exists so far;
+//! the other modes render and sync as [`DataplaneError::NotImplemented`].
+
+pub mod nftables;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+pub use nftables::NftablesBackend;
+use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
+
+/// A dataplane mode, named as kube-proxy's `--proxy-mode` names them (plus `ebpf`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum ProxyMode {
+    #[default]
+    Nftables,
+    Iptables,
+    Ipvs,
+    Ebpf,
+}
+
+impl ProxyMode {
+    pub const ALL: [ProxyMode; 4] = [
+        ProxyMode::Nftables,
+        ProxyMode::Iptables,
+        ProxyMode::Ipvs,
+        ProxyMode::Ebpf,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Nftables => "nftables",
+            ProxyMode::Iptables => "iptables",
+            ProxyMode::Ipvs => "ipvs",
+            ProxyMode::Ebpf => "ebpf",
+        }
+    }
+}
+
+impl fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown proxy mode {0:?} (expected nftables, iptables, ipvs or ebpf)")]
+pub struct UnknownProxyMode(pub String);
+
+impl FromStr for ProxyMode {
+    type Err = UnknownProxyMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ProxyMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| UnknownProxyMode(s.to_owned()))
+    }
+}
+
+/// The backend for `mode`.
+pub fn backend(mode: ProxyMode) -> Box<dyn Dataplane> {
+    match mode {
+        ProxyMode::Nftables => Box::new(NftablesBackend::new()),
+        other => Box::new(NotImplementedBackend { mode: other }),
+    }
+}
+
+/// A mode that exists in the CLI but is not built yet: it programs nothing, so its
+/// cleanup has nothing to remove.
+#[derive(Debug, Clone, Copy)]
+struct NotImplementedBackend {
+    mode: ProxyMode,
+}
+
+impl NotImplementedBackend {
+    fn error(&self) -> DataplaneError {
+        DataplaneError::NotImplemented {
+            mode: self.mode.as_str(),
+        }
+    }
+}
+
+impl Dataplane for NotImplementedBackend {
+    fn mode(&self) -> &'static str {
+        self.mode.as_str()
+    }
+
+    fn sync(
+        &mut self,
+        _desired: &Arc<DesiredState>,
+        _diff: &Diff,
+    ) -> Result<SyncReport, DataplaneError> {
+        Err(self.error())
+    }
+
+    fn render(&self, _desired: &DesiredState) -> Result<String, DataplaneError> {
+        Err(self.error())
+    }
+
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use svcplane_model::IpFamily;
+    use svcplane_proxy::FamilyState;
+
+    fn empty_state() -> DesiredState {
+        DesiredState {
+            node_name: "node-a".into(),
+            node_zone: None,
+            v4: FamilyState::empty(IpFamily::V4),
+            v6: FamilyState::empty(IpFamily::V6),
+            health_checks: Default::default(),
+        }
+    }
+
+    #[test]
+    fn modes_round_trip_through_their_names() {
+        for mode in ProxyMode::ALL {
+            assert_eq!(mode.to_string().parse::<ProxyMode>(), Ok(mode));
+        }
+        assert_eq!("ipvs".parse::<ProxyMode>(), Ok(ProxyMode::Ipvs));
+        assert!("userspace".parse::<ProxyMode>().is_err());
+        assert!("NFTABLES".parse::<ProxyMode>().is_err());
+        assert!("".parse::<ProxyMode>().is_err());
+    }
+
+    #[test]
+    fn factory_builds_each_mode() {
+        let state = empty_state();
+        let nft = backend(ProxyMode::Nftables);
+        assert_eq!(nft.mode(), "nftables");
+        assert!(nft.render(&state).unwrap().contains("table ip svcplane"));
+        for mode in [ProxyMode::Iptables, ProxyMode::Ipvs, ProxyMode::Ebpf] {
+            let mut b = backend(mode);
+            assert_eq!(b.mode(), mode.as_str());
+            match b.render(&state) {
+                Err(DataplaneError::NotImplemented { mode: m }) => assert_eq!(m, mode.as_str()),
+                other => panic!("{mode}: expected NotImplemented, got {other:?}"),
+            }
+            let diff = Diff::between(None, &state, true);
+            assert!(matches!(
+                b.sync(&Arc::new(state.clone()), &diff),
+                Err(DataplaneError::NotImplemented { .. })
+            ));
+            assert!(b.cleanup().is_ok());
+        }
+    }
+}

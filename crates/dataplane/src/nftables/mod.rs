@@ -1,0 +1,239 @@
+//! The nftables backend: tables `ip svcplane` and `ip6 svcplane`, laid out as
+//! kube-proxy's nftables mode lays out `kube-proxy`. See [`render`](render::render) for the
+//! transaction's shape.
+
+mod names;
+mod render;
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
+
+pub use names::nft_identifier_safe;
+pub use render::{MASQUERADE_MARK, TABLE, render};
+
+/// How many lines of nft's complaint an error carries.
+const ERROR_LINES: usize = 6;
+
+/// The nftables dataplane. Every sync is a full, atomic `nft -f -` transaction for now.
+#[derive(Debug, Clone)]
+pub struct NftablesBackend {
+    /// The program and leading arguments that run `nft` (`["nft"]`, or e.g.
+    /// `["ip", "netns", "exec", "NS", "nft"]` for a test namespace).
+    nft: Vec<String>,
+}
+
+impl Default for NftablesBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NftablesBackend {
+    pub fn new() -> Self {
+        NftablesBackend {
+            nft: vec!["nft".to_owned()],
+        }
+    }
+
+    /// Run nft through another command line (its first element is the program).
+    /// An empty command falls back to plain `nft`.
+    pub fn with_nft_command<I, S>(command: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let nft: Vec<String> = command.into_iter().map(Into::into).collect();
+        if nft.is_empty() {
+            Self::new()
+        } else {
+            NftablesBackend { nft }
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.nft[0]);
+        cmd.args(&self.nft[1..]).args(args);
+        cmd
+    }
+
+    /// Run nft with `args`, feeding `input` on stdin; its stdout on success.
+    fn run(&self, args: &[&str], input: Option<&str>) -> Result<String, DataplaneError> {
+        let mut cmd = self.command(args);
+        cmd.stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| tool_error(format!("cannot run {:?}: {e}", self.nft[0])))?;
+        let output = std::thread::scope(|scope| {
+            // Feed stdin from another thread so a large script cannot deadlock against
+            // nft's output pipes.
+            let writer = child
+                .stdin
+                .take()
+                .zip(input)
+                .map(|(mut stdin, text)| scope.spawn(move || stdin.write_all(text.as_bytes())));
+            let output = child.wait_with_output();
+            let written = writer.map(|w| w.join());
+            (output, written)
+        });
+        let (output, written) = output;
+        let output = output.map_err(|e| tool_error(format!("waiting for nft: {e}")))?;
+        if output.status.success() {
+            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let mut message: String = stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .take(ERROR_LINES)
+            .collect::<Vec<_>>()
+            .join("\n");
+        if message.is_empty() {
+            message = format!("exited with {}", output.status);
+            if let Some(Ok(Err(e))) = written {
+                message.push_str(&format!(" (writing its input failed: {e})"));
+            }
+        }
+        Err(tool_error(message))
+    }
+
+    /// Names of the chains, sets and maps currently in `<family> svcplane`, or `None`
+    /// when the table does not exist.
+    fn existing_objects(&self, family: &str) -> Result<Vec<(ObjectKind, String)>, DataplaneError> {
+        match self.run(&["-t", "list", "table", family, TABLE], None) {
+            Ok(listing) => Ok(parse_listing(&listing)),
+            Err(e) if is_not_found(&e) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Delete what the last transaction left empty and unreferenced (objects of an
+    /// earlier state). Best effort: a failure only delays the cleanup to the next sync.
+    fn delete_stale(&self, declared: &[HashSet<String>; 2]) {
+        let mut script = String::new();
+        for (family, names) in ["ip", "ip6"].into_iter().zip(declared) {
+            let objects = match self.existing_objects(family) {
+                Ok(objects) => objects,
+                Err(e) => {
+                    tracing::warn!(error = %e, family, "cannot list nftables objects; stale ones stay until the next sync");
+                    continue;
+                }
+            };
+            // Chains first: a stale chain may still hold rules naming a stale set.
+            for kind in [ObjectKind::Chain, ObjectKind::Set, ObjectKind::Map] {
+                for (k, name) in &objects {
+                    if *k == kind && !names.contains(name) && nft_identifier_safe(name) {
+                        let word = kind.word();
+                        if kind == ObjectKind::Chain {
+                            script.push_str(&format!("flush chain {family} {TABLE} {name}\n"));
+                        }
+                        script.push_str(&format!("delete {word} {family} {TABLE} {name}\n"));
+                    }
+                }
+            }
+        }
+        if script.is_empty() {
+            return;
+        }
+        if let Err(e) = self.run(&["-f", "-"], Some(&script)) {
+            tracing::warn!(error = %e, "cannot delete stale nftables objects yet; retrying at the next sync");
+        }
+    }
+}
+
+fn tool_error(message: String) -> DataplaneError {
+    DataplaneError::Tool {
+        tool: "nft".to_owned(),
+        message,
+    }
+}
+
+fn is_not_found(e: &DataplaneError) -> bool {
+    matches!(e, DataplaneError::Tool { message, .. } if message.contains("No such file or directory"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ObjectKind {
+    Chain,
+    Set,
+    Map,
+}
+
+impl ObjectKind {
+    fn word(self) -> &'static str {
+        match self {
+            ObjectKind::Chain => "chain",
+            ObjectKind::Set => "set",
+            ObjectKind::Map => "map",
+        }
+    }
+}
+
+/// The chains, sets and maps of an `nft -t list table` listing.
+fn parse_listing(listing: &str) -> Vec<(ObjectKind, String)> {
+    listing
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let kind = match words.next()? {
+                "chain" => ObjectKind::Chain,
+                "set" => ObjectKind::Set,
+                "map" => ObjectKind::Map,
+                _ => return None,
+            };
+            let name = words.next()?;
+            (words.next() == Some("{")).then(|| (kind, name.to_owned()))
+        })
+        .collect()
+}
+
+impl Dataplane for NftablesBackend {
+    fn mode(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn sync(
+        &mut self,
+        desired: &Arc<DesiredState>,
+        _diff: &Diff,
+    ) -> Result<SyncReport, DataplaneError> {
+        // Incremental syncs come later: every sync rewrites everything, atomically.
+        let (script, declared) = render::render_declared(desired)?;
+        self.run(&["-f", "-"], Some(&script))?;
+        self.delete_stale(&declared);
+        Ok(SyncReport {
+            full: true,
+            size: script.len(),
+        })
+    }
+
+    fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {
+        render::render(desired)
+    }
+
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        let mut first_error = None;
+        for family in ["ip", "ip6"] {
+            match self.run(&["delete", "table", family, TABLE], None) {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests;

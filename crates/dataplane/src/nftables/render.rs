@@ -1,0 +1,989 @@
+//! DesiredState → one `nft -f -` transaction, modelled on kube-proxy's nftables mode
+//! (`pkg/proxy/nftables/proxier.go`: setupNFTables + syncProxyRules).
+//!
+//! Transaction shape, per family (`ip svcplane`, then `ip6 svcplane`):
+//! 1. `add table` + `flush table`: every chain loses its rules, but the table, its
+//!    chains and its sets stay. Set elements survive a table flush, so ClientIP
+//!    affinity state is kept across syncs (a `delete table` would reset every sticky
+//!    client on every sync). Established connections do not depend on rules at all:
+//!    their NAT is in conntrack, and the whole transaction is atomic, so no packet
+//!    ever sees a half-written ruleset. This is what kube-proxy does.
+//! 2. The base chains are deleted and re-created (kube-proxy does this on its first
+//!    sync), so a changed hook priority can never make the transaction fail.
+//! 3. The shared maps/sets are `add` + `flush`ed (flush table does not empty them);
+//!    affinity sets are only `add`ed, which keeps their elements.
+//! 4. One `table … { … }` block declares every chain with its rules (nft resolves
+//!    forward references inside a block), then `add element` fills the maps.
+//!
+//! Objects of an earlier state that are no longer wanted are left empty and
+//! unreferenced by this script; `sync` deletes them in a second step (as kube-proxy,
+//! because kernels before 6.2 release a chain's last map reference asynchronously).
+//!
+//! Every semantic decision (which endpoints, which verdict when empty, masquerade
+//! policy) comes from the DesiredState; this module only spells it.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt::{self, Write as _};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use svcplane_model::{IpFamily, Protocol, ServicePortName};
+use svcplane_proxy::{
+    ClusterIpMasquerade, DataplaneError, DesiredState, EmptyVerdict, ExternalPolicy, FamilyState,
+    NodePortAddresses, ServicePortState, TrafficTarget,
+};
+
+use super::names;
+
+/// The table, in both the `ip` and the `ip6` family. Nothing outside it is touched.
+pub const TABLE: &str = "svcplane";
+
+/// kube-proxy's default masquerade mark (`--iptables-masquerade-bit` 14).
+pub const MASQUERADE_MARK: u32 = 0x4000;
+
+// Fixed chains, sets and maps (kube-proxy's names).
+const SERVICES: &str = "services";
+const SERVICE_IPS: &str = "service-ips";
+const SERVICE_NODEPORTS: &str = "service-nodeports";
+const NODEPORT_IPS: &str = "nodeport-ips";
+const CLUSTER_IPS: &str = "cluster-ips";
+const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
+const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
+const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
+const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
+const REJECT_CHAIN: &str = "reject-chain";
+const CLUSTER_IPS_CHECK: &str = "cluster-ips-check";
+const FIREWALL_IPS: &str = "firewall-ips";
+const FIREWALL_CHECK: &str = "firewall-check";
+const MARK_MASQ: &str = "mark-for-masquerade";
+const MASQUERADING: &str = "masquerading";
+
+/// A base chain: name, type, hook, priority. Priorities are numeric because nft
+/// before 1.0.7 rejects `dstnat - 10` on the input/forward hooks; dstnat is -100 and
+/// srcnat 100, so these are kube-proxy's `dstnat-10`, `dstnat+10`, `dstnat`, `srcnat`.
+struct BaseChain {
+    name: &'static str,
+    kind: &'static str,
+    hook: &'static str,
+    priority: i32,
+    /// Rules: (match, target chain) → `<match> jump <target>`.
+    jumps: &'static [(&'static str, &'static str)],
+}
+
+const CT_NEW: &str = "ct state new ";
+
+const BASE_CHAINS: &[BaseChain] = &[
+    BaseChain {
+        name: "filter-prerouting",
+        kind: "filter",
+        hook: "prerouting",
+        priority: -110,
+        jumps: &[(CT_NEW, FIREWALL_CHECK)],
+    },
+    BaseChain {
+        name: "filter-input",
+        kind: "filter",
+        hook: "input",
+        priority: -110,
+        jumps: &[
+            (CT_NEW, NODEPORT_ENDPOINTS_CHECK),
+            (CT_NEW, SERVICE_ENDPOINTS_CHECK),
+        ],
+    },
+    BaseChain {
+        name: "filter-forward",
+        kind: "filter",
+        hook: "forward",
+        priority: -110,
+        jumps: &[
+            (CT_NEW, SERVICE_ENDPOINTS_CHECK),
+            (CT_NEW, CLUSTER_IPS_CHECK),
+        ],
+    },
+    BaseChain {
+        name: "filter-output",
+        kind: "filter",
+        hook: "output",
+        priority: -110,
+        jumps: &[(CT_NEW, SERVICE_ENDPOINTS_CHECK), (CT_NEW, FIREWALL_CHECK)],
+    },
+    BaseChain {
+        name: "filter-output-post-dnat",
+        kind: "filter",
+        hook: "output",
+        priority: -90,
+        jumps: &[(CT_NEW, CLUSTER_IPS_CHECK)],
+    },
+    BaseChain {
+        name: "nat-prerouting",
+        kind: "nat",
+        hook: "prerouting",
+        priority: -100,
+        jumps: &[("", SERVICES)],
+    },
+    BaseChain {
+        name: "nat-output",
+        kind: "nat",
+        hook: "output",
+        priority: -100,
+        jumps: &[("", SERVICES)],
+    },
+    BaseChain {
+        name: "nat-postrouting",
+        kind: "nat",
+        hook: "postrouting",
+        priority: 100,
+        jumps: &[("", MASQUERADING)],
+    },
+];
+
+/// Writing into a `String` cannot fail; these keep the renderer free of `let _ =`.
+macro_rules! w {
+    ($dst:expr, $($arg:tt)*) => {{ let _ = write!($dst, $($arg)*); }};
+}
+macro_rules! wl {
+    ($dst:expr, $($arg:tt)*) => {{ let _ = writeln!($dst, $($arg)*); }};
+}
+
+/// How a family spells things.
+#[derive(Clone, Copy)]
+struct Spell {
+    family: IpFamily,
+    /// Table family and address match keyword (`ip` / `ip6`).
+    ipx: &'static str,
+    addr_type: &'static str,
+    no_localhost: &'static str,
+}
+
+impl Spell {
+    fn of(family: IpFamily) -> Spell {
+        match family {
+            IpFamily::V4 => Spell {
+                family,
+                ipx: "ip",
+                addr_type: "ipv4_addr",
+                no_localhost: "ip daddr != 127.0.0.0/8",
+            },
+            IpFamily::V6 => Spell {
+                family,
+                ipx: "ip6",
+                addr_type: "ipv6_addr",
+                no_localhost: "ip6 daddr != ::1",
+            },
+        }
+    }
+}
+
+/// `ip:port`, with brackets for IPv6 (`[fd00::1]:80`), as `dnat to` wants it.
+struct SockAddr(IpAddr, u16);
+
+impl fmt::Display for SockAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}", self.1),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.1),
+        }
+    }
+}
+
+/// One network, or an anonymous set `{ a, b }` of several. Never empty (callers check).
+struct NetSet<'a>(&'a [IpNet]);
+
+impl fmt::Display for NetSet<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let [one] = self.0 {
+            return write!(f, "{one}");
+        }
+        f.write_str("{ ")?;
+        for (i, net) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{net}")?;
+        }
+        f.write_str(" }")
+    }
+}
+
+/// This family's networks, merged: nft rejects overlapping intervals in a set.
+fn family_nets(family: IpFamily, nets: &[IpNet]) -> Vec<IpNet> {
+    let own: Vec<IpNet> = nets
+        .iter()
+        .filter(|n| IpFamily::of_net(n) == family)
+        .map(|n| n.trunc())
+        .collect();
+    IpNet::aggregate(&own)
+}
+
+/// The value of a verdict-map element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    Goto(String),
+    Drop,
+    Reject,
+}
+
+impl Verdict {
+    fn empty(v: EmptyVerdict) -> Verdict {
+        match v {
+            EmptyVerdict::Reject => Verdict::Reject,
+            EmptyVerdict::Drop => Verdict::Drop,
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Goto(chain) => write!(f, "goto {chain}"),
+            Verdict::Drop => f.write_str("drop"),
+            Verdict::Reject => write!(f, "goto {REJECT_CHAIN}"),
+        }
+    }
+}
+
+type IpKey = (IpAddr, Protocol, u16);
+type PortKey = (Protocol, u16);
+
+/// Map and set elements of one family, sorted by key. The first service (in sorted
+/// order) to claim a key keeps it, so a conflict between two services is rendered the
+/// same way every time instead of failing the whole transaction.
+#[derive(Default)]
+struct Elements {
+    cluster_ips: BTreeSet<IpAddr>,
+    service_ips: BTreeMap<IpKey, Verdict>,
+    no_endpoint_services: BTreeMap<IpKey, Verdict>,
+    firewall_ips: BTreeMap<IpKey, Verdict>,
+    service_nodeports: BTreeMap<PortKey, Verdict>,
+    no_endpoint_nodeports: BTreeMap<PortKey, Verdict>,
+}
+
+fn claim<K: Ord + fmt::Debug>(
+    map: &mut BTreeMap<K, Verdict>,
+    map_name: &str,
+    key: K,
+    value: Verdict,
+    owner: &ServicePortName,
+) {
+    match map.entry(key) {
+        std::collections::btree_map::Entry::Vacant(e) => {
+            e.insert(value);
+        }
+        std::collections::btree_map::Entry::Occupied(e) => {
+            if *e.get() != value {
+                tracing::warn!(
+                    map = map_name,
+                    key = ?e.key(),
+                    service = %owner,
+                    "key already used by another service port; keeping the first"
+                );
+            }
+        }
+    }
+}
+
+/// Records the names the script declares (for the sync's stale-object cleanup).
+pub(crate) struct Declared<'a>(Option<&'a mut HashSet<String>>);
+
+impl Declared<'_> {
+    fn add(&mut self, name: &str) {
+        if let Some(set) = self.0.as_deref_mut() {
+            set.insert(name.to_owned());
+        }
+    }
+}
+
+/// The full transaction for `desired`: both families, deterministic.
+pub fn render(desired: &DesiredState) -> Result<String, DataplaneError> {
+    let mut out = String::with_capacity(estimate(desired));
+    for fam in desired.families() {
+        render_family(&mut out, fam, Declared(None))?;
+    }
+    Ok(out)
+}
+
+/// Like [`render`], also returning the chain/set/map names declared per family (v4, v6).
+pub(crate) fn render_declared(
+    desired: &DesiredState,
+) -> Result<(String, [HashSet<String>; 2]), DataplaneError> {
+    let mut out = String::with_capacity(estimate(desired));
+    let mut declared = [HashSet::new(), HashSet::new()];
+    for (fam, names) in desired.families().into_iter().zip(declared.iter_mut()) {
+        render_family(&mut out, fam, Declared(Some(names)))?;
+    }
+    Ok((out, declared))
+}
+
+fn estimate(desired: &DesiredState) -> usize {
+    desired
+        .families()
+        .iter()
+        .map(|f| {
+            f.services
+                .values()
+                .map(|s| 1024 + 512 * s.endpoints.len())
+                .sum::<usize>()
+        })
+        .sum::<usize>()
+        + 8192
+}
+
+fn render_family(
+    out: &mut String,
+    fam: &FamilyState,
+    mut declared: Declared<'_>,
+) -> Result<(), DataplaneError> {
+    let sp = Spell::of(fam.family);
+    let t = sp.ipx;
+    let at = sp.addr_type;
+
+    // 1-3: table, flush, base chains re-created, shared maps/sets emptied.
+    wl!(
+        out,
+        "add table {t} {TABLE} {{ comment \"rules for svcplane\" ; }}"
+    );
+    wl!(out, "flush table {t} {TABLE}");
+    for bc in BASE_CHAINS {
+        wl!(out, "add chain {t} {TABLE} {}", bc.name);
+        wl!(out, "delete chain {t} {TABLE} {}", bc.name);
+    }
+    let sets: [(&str, &str, &str); 2] = [
+        (CLUSTER_IPS, "", "Active ClusterIPs"),
+        (
+            NODEPORT_IPS,
+            " flags interval ;",
+            "IPs that accept NodePort traffic",
+        ),
+    ];
+    for (name, flags, comment) in sets {
+        wl!(
+            out,
+            "add set {t} {TABLE} {name} {{ type {at} ;{flags} comment \"{comment}\" ; }}"
+        );
+        // kube-proxy: with AllLocal the nodeport-ips set must not exist (add+delete
+        // rather than delete, which would fail when it is absent).
+        if name == NODEPORT_IPS && fam.nodeport_addresses == NodePortAddresses::AllLocal {
+            wl!(out, "delete set {t} {TABLE} {name}");
+        } else {
+            wl!(out, "flush set {t} {TABLE} {name}");
+            declared.add(name);
+        }
+    }
+    let ip_map = format!("{at} . inet_proto . inet_service : verdict");
+    let port_map = "inet_proto . inet_service : verdict";
+    let maps: [(&str, &str, &str); 5] = [
+        (
+            NO_ENDPOINT_SERVICES,
+            &ip_map,
+            "vmap to drop or reject packets to services with no endpoints",
+        ),
+        (
+            NO_ENDPOINT_NODEPORTS,
+            port_map,
+            "vmap to drop or reject packets to service nodeports with no endpoints",
+        ),
+        (
+            FIREWALL_IPS,
+            &ip_map,
+            "destinations that are subject to LoadBalancerSourceRanges",
+        ),
+        (
+            SERVICE_IPS,
+            &ip_map,
+            "ClusterIP, ExternalIP and LoadBalancer IP traffic",
+        ),
+        (SERVICE_NODEPORTS, port_map, "NodePort traffic"),
+    ];
+    for (name, ty, comment) in maps {
+        wl!(
+            out,
+            "add map {t} {TABLE} {name} {{ type {ty} ; comment \"{comment}\" ; }}"
+        );
+        wl!(out, "flush map {t} {TABLE} {name}");
+        declared.add(name);
+    }
+
+    // 4: the chains.
+    wl!(out, "table {t} {TABLE} {{");
+    for bc in BASE_CHAINS {
+        declared.add(bc.name);
+        wl!(out, "\tchain {} {{", bc.name);
+        wl!(
+            out,
+            "\t\ttype {} hook {} priority {} ; policy accept ;",
+            bc.kind,
+            bc.hook,
+            bc.priority
+        );
+        for (matcher, target) in bc.jumps {
+            wl!(out, "\t\t{matcher}jump {target}");
+        }
+        wl!(out, "\t}}");
+    }
+    render_fixed_chains(out, sp, fam, &mut declared);
+
+    let cluster_cidrs = family_nets(sp.family, &fam.cluster_cidrs);
+    let masquerade = match &fam.cluster_ip_masquerade {
+        ClusterIpMasquerade::All => Masquerade::All,
+        ClusterIpMasquerade::FromOutside(cidrs) => {
+            let nets = family_nets(sp.family, cidrs);
+            if nets.is_empty() {
+                Masquerade::None
+            } else {
+                Masquerade::FromOutside(nets)
+            }
+        }
+        ClusterIpMasquerade::None => Masquerade::None,
+    };
+    let ctx = FamilyCtx {
+        sp,
+        fam,
+        cluster_cidrs,
+        masquerade,
+    };
+    let mut elements = Elements::default();
+    for svc in fam.services.values() {
+        render_service(out, &ctx, svc, &mut elements, &mut declared)?;
+    }
+    wl!(out, "}}");
+
+    // 5: map and set elements, after every chain they name exists.
+    if let NodePortAddresses::Cidrs(cidrs) = &fam.nodeport_addresses {
+        let nets = family_nets(sp.family, cidrs);
+        write_elements(out, t, NODEPORT_IPS, nets.iter(), |out, net| {
+            w!(out, "{net}")
+        });
+    }
+    write_elements(
+        out,
+        t,
+        CLUSTER_IPS,
+        elements.cluster_ips.iter(),
+        |out, ip| w!(out, "{ip}"),
+    );
+    let ip_elem = |out: &mut String, ((ip, proto, port), v): (&IpKey, &Verdict)| {
+        w!(out, "{ip} . {} . {port} : {v}", proto.as_lower())
+    };
+    let port_elem = |out: &mut String, ((proto, port), v): (&PortKey, &Verdict)| {
+        w!(out, "{} . {port} : {v}", proto.as_lower())
+    };
+    write_elements(
+        out,
+        t,
+        NO_ENDPOINT_SERVICES,
+        elements.no_endpoint_services.iter(),
+        ip_elem,
+    );
+    write_elements(
+        out,
+        t,
+        NO_ENDPOINT_NODEPORTS,
+        elements.no_endpoint_nodeports.iter(),
+        port_elem,
+    );
+    write_elements(out, t, FIREWALL_IPS, elements.firewall_ips.iter(), ip_elem);
+    write_elements(out, t, SERVICE_IPS, elements.service_ips.iter(), ip_elem);
+    write_elements(
+        out,
+        t,
+        SERVICE_NODEPORTS,
+        elements.service_nodeports.iter(),
+        port_elem,
+    );
+    Ok(())
+}
+
+/// `add element <t> svcplane <name> { e1, e2, … }`, one element a line; nothing when empty
+/// (nft rejects `{ }`).
+fn write_elements<I, T>(
+    out: &mut String,
+    t: &str,
+    name: &str,
+    items: I,
+    mut each: impl FnMut(&mut String, T),
+) where
+    I: Iterator<Item = T>,
+{
+    let mut first = true;
+    for item in items {
+        if first {
+            wl!(out, "add element {t} {TABLE} {name} {{");
+            first = false;
+        } else {
+            out.push_str(",\n");
+        }
+        out.push('\t');
+        each(out, item);
+    }
+    if !first {
+        out.push_str("\n}\n");
+    }
+}
+
+fn render_fixed_chains(out: &mut String, sp: Spell, fam: &FamilyState, declared: &mut Declared) {
+    let ipx = sp.ipx;
+    let all_local = fam.nodeport_addresses == NodePortAddresses::AllLocal;
+    let chain = |out: &mut String, declared: &mut Declared, name: &str, rules: &[&str]| {
+        declared.add(name);
+        wl!(out, "\tchain {name} {{");
+        for rule in rules {
+            wl!(out, "\t\t{rule}");
+        }
+        wl!(out, "\t}}");
+    };
+
+    chain(
+        out,
+        declared,
+        MARK_MASQ,
+        &[&format!(
+            "meta mark set meta mark or {MASQUERADE_MARK:#010x}"
+        )],
+    );
+    chain(
+        out,
+        declared,
+        MASQUERADING,
+        &[
+            &format!("meta mark & {MASQUERADE_MARK:#010x} == 0 return"),
+            &format!("meta mark set meta mark xor {MASQUERADE_MARK:#010x}"),
+            "masquerade fully-random",
+        ],
+    );
+    chain(out, declared, REJECT_CHAIN, &["reject"]);
+    chain(
+        out,
+        declared,
+        SERVICE_ENDPOINTS_CHECK,
+        &[&format!(
+            "{ipx} daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}"
+        )],
+    );
+    let nodeport_match = if all_local {
+        sp.no_localhost.to_owned()
+    } else {
+        format!("{ipx} daddr @{NODEPORT_IPS}")
+    };
+    chain(
+        out,
+        declared,
+        NODEPORT_ENDPOINTS_CHECK,
+        &[&format!(
+            "{nodeport_match} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}"
+        )],
+    );
+    chain(
+        out,
+        declared,
+        CLUSTER_IPS_CHECK,
+        &[&format!(
+            "{ipx} daddr @{CLUSTER_IPS} reject comment \"Reject traffic to invalid ports of ClusterIPs\""
+        )],
+    );
+    chain(
+        out,
+        declared,
+        FIREWALL_CHECK,
+        &[&format!(
+            "{ipx} daddr . meta l4proto . th dport vmap @{FIREWALL_IPS}"
+        )],
+    );
+    // NodePorts: any local address but loopback (kube-proxy does not support localhost
+    // NodePorts), or only the local addresses within --nodeport-addresses.
+    let nodeports = if all_local {
+        format!(
+            "fib daddr type local {} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",
+            sp.no_localhost
+        )
+    } else {
+        format!(
+            "{ipx} daddr @{NODEPORT_IPS} fib daddr type local {} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",
+            sp.no_localhost
+        )
+    };
+    chain(
+        out,
+        declared,
+        SERVICES,
+        &[
+            &format!("{ipx} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}"),
+            &nodeports,
+        ],
+    );
+}
+
+enum Masquerade {
+    All,
+    FromOutside(Vec<IpNet>),
+    None,
+}
+
+struct FamilyCtx<'a> {
+    sp: Spell,
+    fam: &'a FamilyState,
+    cluster_cidrs: Vec<IpNet>,
+    masquerade: Masquerade,
+}
+
+/// A balancing chain: `numgen` over endpoints (indices into `ServicePortState::endpoints`).
+struct Balancer {
+    name: String,
+    endpoints: Vec<usize>,
+}
+
+/// The chain balancing `endpoints`: an existing one with the same list, or a new one
+/// named by the service and the first target kind that needs it.
+fn balancer_for(
+    balancers: &mut Vec<Balancer>,
+    prefix: &str,
+    base: &str,
+    endpoints: Vec<usize>,
+) -> Result<usize, DataplaneError> {
+    if let Some(i) = balancers.iter().position(|b| b.endpoints == endpoints) {
+        return Ok(i);
+    }
+    balancers.push(Balancer {
+        name: names::join(prefix, base)?,
+        endpoints,
+    });
+    Ok(balancers.len() - 1)
+}
+
+/// A target's endpoint indices that resolve (an out-of-range index is ignored, as
+/// `ServicePortState::target_endpoints` does).
+fn resolved(svc: &ServicePortState, target: &TrafficTarget) -> Vec<usize> {
+    target
+        .endpoints
+        .iter()
+        .copied()
+        .filter(|&i| i < svc.endpoints.len())
+        .collect()
+}
+
+fn wrong_family(
+    svc: &ServicePortState,
+    what: &str,
+    ip: &IpAddr,
+    family: IpFamily,
+) -> DataplaneError {
+    DataplaneError::Other(format!(
+        "service port {}: {what} {ip} is not {family} but is in the {family} state",
+        svc.name
+    ))
+}
+
+fn render_service(
+    out: &mut String,
+    ctx: &FamilyCtx<'_>,
+    svc: &ServicePortState,
+    elements: &mut Elements,
+    declared: &mut Declared,
+) -> Result<(), DataplaneError> {
+    let sp = ctx.sp;
+    let ipx = sp.ipx;
+    let family = sp.family;
+    let proto = svc.protocol.as_lower();
+    let port = svc.port;
+    let base = names::service_base(&svc.name)?;
+
+    // Addresses of another family would make nft reject the whole transaction.
+    for ip in svc.cluster_ip.iter() {
+        if IpFamily::of(ip) != family {
+            return Err(wrong_family(svc, "ClusterIP", ip, family));
+        }
+    }
+    for ip in svc.external_ips.iter().chain(&svc.load_balancer_ips) {
+        if IpFamily::of(ip) != family {
+            return Err(wrong_family(svc, "external address", ip, family));
+        }
+    }
+
+    let internal = resolved(svc, &svc.internal);
+    let external = resolved(svc, &svc.external);
+    let local_origin = match &svc.external_policy {
+        ExternalPolicy::Local { local_origin } => Some(resolved(svc, local_origin)),
+        ExternalPolicy::Cluster => None,
+    };
+    let has_external = svc.has_external();
+
+    // Balancing chains, only for targets something will reference.
+    let mut balancers: Vec<Balancer> = Vec::with_capacity(3);
+    let internal_chain = match svc.cluster_ip {
+        Some(_) if !internal.is_empty() => Some(balancer_for(
+            &mut balancers,
+            names::SERVICE_PREFIX,
+            &base,
+            internal,
+        )?),
+        _ => None,
+    };
+    let origin_chain = match &local_origin {
+        Some(eps) if has_external && !eps.is_empty() => Some(balancer_for(
+            &mut balancers,
+            names::CLUSTER_PREFIX,
+            &base,
+            eps.clone(),
+        )?),
+        _ => None,
+    };
+    let external_policy_chain = if has_external && !external.is_empty() {
+        Some(balancer_for(
+            &mut balancers,
+            names::EXTERNAL_POLICY_PREFIX,
+            &base,
+            external,
+        )?)
+    } else {
+        None
+    };
+    // kube-proxy's EXT chain: needed when external traffic can reach any endpoint,
+    // including only through the eTP Local short-circuits.
+    let external_chain = if external_policy_chain.is_some() || origin_chain.is_some() {
+        Some(names::join(names::EXTERNAL_PREFIX, &base)?)
+    } else {
+        None
+    };
+
+    // Endpoint chains: exactly the endpoints some balancing chain uses.
+    let used: BTreeSet<usize> = balancers
+        .iter()
+        .flat_map(|b| b.endpoints.iter().copied())
+        .collect();
+    let mut ep_chain: Vec<Option<(String, String)>> = vec![None; svc.endpoints.len()];
+    for &i in &used {
+        let ep = &svc.endpoints[i];
+        if IpFamily::of(&ep.ip) != family {
+            return Err(wrong_family(svc, "endpoint", &ep.ip, family));
+        }
+        let ep_base = names::endpoint_base(&svc.name, ep.ip, ep.port);
+        let chain = names::join(names::ENDPOINT_PREFIX, &ep_base)?;
+        let affinity = if svc.affinity_timeout_seconds.is_some() {
+            names::join(names::AFFINITY_PREFIX, &ep_base)?
+        } else {
+            String::new()
+        };
+        ep_chain[i] = Some((chain, affinity));
+    }
+    let ep_names = |i: usize| -> (&str, &str) {
+        match &ep_chain[i] {
+            Some((c, a)) => (c.as_str(), a.as_str()),
+            None => ("", ""),
+        }
+    };
+
+    // Affinity sets: one per endpoint, recording the client IPs stuck to it.
+    if let Some(timeout) = svc.affinity_timeout_seconds {
+        for &i in &used {
+            let (_, set) = ep_names(i);
+            declared.add(set);
+            wl!(
+                out,
+                "\tset {set} {{ type {} ; flags dynamic,timeout ; timeout {timeout}s ; }}",
+                sp.addr_type
+            );
+        }
+    }
+
+    for (bi, b) in balancers.iter().enumerate() {
+        declared.add(&b.name);
+        wl!(out, "\tchain {} {{", b.name);
+        if Some(bi) == internal_chain
+            && let Some(cip) = svc.cluster_ip
+        {
+            // Qualified by the ClusterIP: the chain may also balance external traffic.
+            match &ctx.masquerade {
+                Masquerade::All => wl!(
+                    out,
+                    "\t\t{ipx} daddr {cip} {proto} dport {port} jump {MARK_MASQ}"
+                ),
+                Masquerade::FromOutside(nets) => wl!(
+                    out,
+                    "\t\t{ipx} daddr {cip} {proto} dport {port} {ipx} saddr != {} jump {MARK_MASQ}",
+                    NetSet(nets)
+                ),
+                Masquerade::None => {}
+            }
+        }
+        if svc.affinity_timeout_seconds.is_some() {
+            for &i in &b.endpoints {
+                let (chain, set) = ep_names(i);
+                wl!(out, "\t\t{ipx} saddr @{set} goto {chain}");
+            }
+        }
+        w!(out, "\t\tnumgen random mod {} vmap {{ ", b.endpoints.len());
+        for (n, &i) in b.endpoints.iter().enumerate() {
+            if n > 0 {
+                out.push_str(", ");
+            }
+            w!(out, "{n} : goto {}", ep_names(i).0);
+        }
+        out.push_str(" }\n\t}\n");
+    }
+
+    if let Some(ext) = &external_chain {
+        declared.add(ext);
+        wl!(out, "\tchain {ext} {{");
+        match &local_origin {
+            None => {
+                // eTP Cluster: the endpoint may be on another node, so masquerade.
+                wl!(out, "\t\tjump {MARK_MASQ}");
+            }
+            Some(_) => {
+                // Traffic that never left this node is not subject to eTP Local. In a nat
+                // chain `reject` is not allowed, so an empty local_origin drops.
+                let origin = match origin_chain {
+                    Some(i) => format!("goto {}", balancers[i].name),
+                    None => "drop".to_owned(),
+                };
+                if !ctx.cluster_cidrs.is_empty() {
+                    wl!(
+                        out,
+                        "\t\t{ipx} saddr {} {origin} comment \"short-circuit pod traffic\"",
+                        NetSet(&ctx.cluster_cidrs)
+                    );
+                }
+                wl!(
+                    out,
+                    "\t\tfib saddr type local jump {MARK_MASQ} comment \"masquerade local traffic\""
+                );
+                wl!(
+                    out,
+                    "\t\tfib saddr type local {origin} comment \"short-circuit local traffic\""
+                );
+            }
+        }
+        if let Some(i) = external_policy_chain {
+            wl!(out, "\t\tgoto {}", balancers[i].name);
+        }
+        wl!(out, "\t}}");
+    }
+
+    // LoadBalancerSourceRanges (this family's, as kube-proxy filters them).
+    let source_ranges = family_nets(family, &svc.load_balancer_source_ranges);
+    let firewall_chain = if !svc.load_balancer_ips.is_empty() && !source_ranges.is_empty() {
+        let name = names::join(names::FIREWALL_PREFIX, &base)?;
+        let mut allowed = source_ranges.clone();
+        // A VIP-style LB delivers the node's own requests with the VIP as source; allow
+        // them when the node itself is within the ranges (kube-proxy's allowFromNode).
+        let node_allowed = ctx
+            .fam
+            .node_ips
+            .iter()
+            .any(|ip| source_ranges.iter().any(|r| r.contains(ip)));
+        if node_allowed {
+            allowed.extend(svc.load_balancer_ips.iter().map(|ip| IpNet::from(*ip)));
+            allowed = IpNet::aggregate(&allowed);
+        }
+        declared.add(&name);
+        wl!(out, "\tchain {name} {{");
+        // Always a set here: `!= { … }` reads the same for one range or many.
+        w!(out, "\t\t{ipx} saddr != {{ ");
+        for (n, net) in allowed.iter().enumerate() {
+            if n > 0 {
+                out.push_str(", ");
+            }
+            w!(out, "{net}");
+        }
+        wl!(out, " }} drop");
+        wl!(out, "\t}}");
+        Some(name)
+    } else {
+        None
+    };
+
+    for &i in &used {
+        let ep = &svc.endpoints[i];
+        let (chain, set) = ep_names(i);
+        declared.add(chain);
+        wl!(out, "\tchain {chain} {{");
+        // Hairpin: an endpoint reaching itself through the service must be masqueraded.
+        wl!(out, "\t\t{ipx} saddr {} jump {MARK_MASQ}", ep.ip);
+        if svc.affinity_timeout_seconds.is_some() {
+            wl!(out, "\t\tupdate @{set} {{ {ipx} saddr }}");
+        }
+        wl!(
+            out,
+            "\t\tmeta l4proto {proto} dnat to {}",
+            SockAddr(ep.ip, ep.port)
+        );
+        wl!(out, "\t}}");
+    }
+
+    // Map elements.
+    let name = &svc.name;
+    let protocol = svc.protocol;
+    if let Some(cip) = svc.cluster_ip {
+        elements.cluster_ips.insert(cip);
+        match internal_chain {
+            Some(i) => claim(
+                &mut elements.service_ips,
+                SERVICE_IPS,
+                (cip, protocol, port),
+                Verdict::Goto(balancers[i].name.clone()),
+                name,
+            ),
+            None => claim(
+                &mut elements.no_endpoint_services,
+                NO_ENDPOINT_SERVICES,
+                (cip, protocol, port),
+                Verdict::empty(svc.internal.if_empty),
+                name,
+            ),
+        }
+    }
+    let external_empty = external_policy_chain.is_none();
+    for &ip in svc.external_ips.iter().chain(&svc.load_balancer_ips) {
+        if let Some(ext) = &external_chain {
+            claim(
+                &mut elements.service_ips,
+                SERVICE_IPS,
+                (ip, protocol, port),
+                Verdict::Goto(ext.clone()),
+                name,
+            );
+        }
+        if external_empty {
+            // No endpoint for external traffic: what the short-circuits did not take is
+            // dropped or rejected by the filter chains.
+            claim(
+                &mut elements.no_endpoint_services,
+                NO_ENDPOINT_SERVICES,
+                (ip, protocol, port),
+                Verdict::empty(svc.external.if_empty),
+                name,
+            );
+        }
+    }
+    if let Some(fw) = &firewall_chain {
+        for &ip in &svc.load_balancer_ips {
+            claim(
+                &mut elements.firewall_ips,
+                FIREWALL_IPS,
+                (ip, protocol, port),
+                Verdict::Goto(fw.clone()),
+                name,
+            );
+        }
+    }
+    if let Some(node_port) = svc.node_port {
+        if let Some(ext) = &external_chain {
+            claim(
+                &mut elements.service_nodeports,
+                SERVICE_NODEPORTS,
+                (protocol, node_port),
+                Verdict::Goto(ext.clone()),
+                name,
+            );
+        }
+        if external_empty {
+            claim(
+                &mut elements.no_endpoint_nodeports,
+                NO_ENDPOINT_NODEPORTS,
+                (protocol, node_port),
+                Verdict::empty(svc.external.if_empty),
+                name,
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,739 @@
+//! Structural checks of the rendered transaction. States are built by hand: the
+//! backend must translate whatever the engine decided, nothing more.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ipnet::IpNet;
+use svcplane_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
+use svcplane_proxy::{
+    ClusterIpMasquerade, DataplaneError, DesiredState, EmptyVerdict, EndpointState, ExternalPolicy,
+    FamilyState, NodePortAddresses, ServicePortState, TrafficTarget,
+};
+
+use super::names::{endpoint_base, service_base};
+use super::{ObjectKind, parse_listing, render};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn spn(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortName {
+    ServicePortName {
+        service: NamespacedName::new(ns, name),
+        port: port.into(),
+        protocol,
+    }
+}
+
+fn endpoint(addr: &str, port: u16) -> EndpointState {
+    EndpointState {
+        ip: ip(addr),
+        port,
+        is_local: false,
+        ready: true,
+        serving: true,
+        terminating: false,
+        node_name: None,
+        zone: None,
+        hostname: None,
+    }
+}
+
+fn target(endpoints: &[usize], if_empty: EmptyVerdict) -> TrafficTarget {
+    TrafficTarget {
+        endpoints: endpoints.to_vec(),
+        if_empty,
+    }
+}
+
+/// A ClusterIP service port `ns/name:http` on `cip:80` balanced over `eps` (port 8080).
+fn cluster_ip_service(name: &str, cip: &str, eps: &[&str]) -> ServicePortState {
+    let all: Vec<usize> = (0..eps.len()).collect();
+    ServicePortState {
+        name: spn("default", name, "http", Protocol::Tcp),
+        protocol: Protocol::Tcp,
+        port: 80,
+        cluster_ip: Some(ip(cip)),
+        node_port: None,
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        affinity_timeout_seconds: None,
+        endpoints: eps.iter().map(|e| endpoint(e, 8080)).collect(),
+        internal: target(&all, EmptyVerdict::Reject),
+        external: target(&all, EmptyVerdict::Reject),
+        external_policy: ExternalPolicy::Cluster,
+        health_check_node_port: None,
+    }
+}
+
+fn family(family: IpFamily, services: Vec<ServicePortState>) -> FamilyState {
+    let mut f = FamilyState::empty(family);
+    f.services = services
+        .into_iter()
+        .map(|s| (s.name.clone(), Arc::new(s)))
+        .collect::<BTreeMap<_, _>>();
+    f
+}
+
+fn state(v4: Vec<ServicePortState>, v6: Vec<ServicePortState>) -> DesiredState {
+    DesiredState {
+        node_name: "node-a".into(),
+        node_zone: None,
+        v4: family(IpFamily::V4, v4),
+        v6: family(IpFamily::V6, v6),
+        health_checks: BTreeMap::new(),
+    }
+}
+
+fn chain_name(prefix: &str, s: &ServicePortState) -> String {
+    format!("{prefix}{}", service_base(&s.name).unwrap())
+}
+
+fn endpoint_chain(s: &ServicePortState, addr: &str, port: u16) -> String {
+    format!("endpoint-{}", endpoint_base(&s.name, ip(addr), port))
+}
+
+fn affinity_set(s: &ServicePortState, addr: &str, port: u16) -> String {
+    format!("affinity-{}", endpoint_base(&s.name, ip(addr), port))
+}
+
+/// The body of `chain NAME { … }` in the table block, or `None` if not declared.
+fn chain_body<'a>(script: &'a str, name: &str) -> Option<&'a str> {
+    let header = format!("\tchain {name} {{\n");
+    let start = script.find(&header)? + header.len();
+    let end = script[start..].find("\t}\n")? + start;
+    Some(&script[start..end])
+}
+
+/// The elements of `add element <t> svcplane <map> { … }`, one a line.
+fn elements<'a>(script: &'a str, t: &str, map: &str) -> Vec<&'a str> {
+    let header = format!("add element {t} svcplane {map} {{\n");
+    let Some(start) = script.find(&header).map(|s| s + header.len()) else {
+        return Vec::new();
+    };
+    let end = script[start..].find("\n}\n").unwrap() + start;
+    script[start..end]
+        .lines()
+        .map(|l| l.trim().trim_end_matches(','))
+        .collect()
+}
+
+fn declared_chains(script: &str) -> Vec<&str> {
+    script
+        .lines()
+        .filter_map(|l| l.strip_prefix("\tchain "))
+        .filter_map(|l| l.strip_suffix(" {"))
+        .collect()
+}
+
+/// Every chain declared is referenced by some rule or element (base chains aside).
+fn assert_no_orphan_chains(script: &str) {
+    for chain in declared_chains(script) {
+        // Fixed helper chains (reject-chain, …) exist always, as in kube-proxy; only
+        // per-service chains (their names have a `/`) must be referenced.
+        if !chain.contains('/') {
+            continue;
+        }
+        let jump = format!("jump {chain}\n");
+        let goto = format!("goto {chain}");
+        let referenced = script.contains(&jump)
+            || script.match_indices(&goto).any(|(i, _)| {
+                // exact name: followed by a separator, not a longer name
+                matches!(
+                    script.as_bytes().get(i + goto.len()),
+                    Some(b',' | b'\n' | b' ')
+                )
+            });
+        assert!(
+            referenced,
+            "chain {chain} is declared but nothing references it"
+        );
+    }
+}
+
+#[test]
+fn cluster_ip_with_two_endpoints() {
+    let svc = cluster_ip_service("web", "10.96.0.10", &["10.244.1.5", "10.244.2.7"]);
+    let script = render(&state(vec![svc.clone()], vec![])).unwrap();
+    let svc_chain = chain_name("service-", &svc);
+    let ep1 = endpoint_chain(&svc, "10.244.1.5", 8080);
+    let ep2 = endpoint_chain(&svc, "10.244.2.7", 8080);
+
+    assert_eq!(
+        elements(&script, "ip", "service-ips"),
+        vec![format!("10.96.0.10 . tcp . 80 : goto {svc_chain}")]
+    );
+    assert_eq!(elements(&script, "ip", "cluster-ips"), vec!["10.96.0.10"]);
+    let body = chain_body(&script, &svc_chain).expect("service chain");
+    assert!(
+        body.contains(&format!(
+            "numgen random mod 2 vmap {{ 0 : goto {ep1}, 1 : goto {ep2} }}"
+        )),
+        "{body}"
+    );
+    let ep1_body = chain_body(&script, &ep1).expect("endpoint chain 1");
+    assert!(ep1_body.contains("ip saddr 10.244.1.5 jump mark-for-masquerade"));
+    assert!(ep1_body.contains("meta l4proto tcp dnat to 10.244.1.5:8080"));
+    let ep2_body = chain_body(&script, &ep2).expect("endpoint chain 2");
+    assert!(ep2_body.contains("meta l4proto tcp dnat to 10.244.2.7:8080"));
+    // No external address: no external chain, no nodeport, no no-endpoint element.
+    assert!(chain_body(&script, &chain_name("external-", &svc)).is_none());
+    assert!(elements(&script, "ip", "service-nodeports").is_empty());
+    assert!(elements(&script, "ip", "no-endpoint-services").is_empty());
+    assert_no_orphan_chains(&script);
+}
+
+#[test]
+fn fixed_chains_follow_kube_proxy() {
+    let script = render(&state(vec![], vec![])).unwrap();
+    for (chain, spec) in [
+        (
+            "filter-prerouting",
+            "type filter hook prerouting priority -110",
+        ),
+        ("filter-input", "type filter hook input priority -110"),
+        ("filter-forward", "type filter hook forward priority -110"),
+        ("filter-output", "type filter hook output priority -110"),
+        (
+            "filter-output-post-dnat",
+            "type filter hook output priority -90",
+        ),
+        ("nat-prerouting", "type nat hook prerouting priority -100"),
+        ("nat-output", "type nat hook output priority -100"),
+        ("nat-postrouting", "type nat hook postrouting priority 100"),
+    ] {
+        let body = chain_body(&script, chain).unwrap_or_else(|| panic!("{chain} missing"));
+        assert!(body.contains(spec), "{chain}: {body}");
+    }
+    let input = chain_body(&script, "filter-input").unwrap();
+    assert!(input.contains("ct state new jump nodeport-endpoints-check"));
+    assert!(input.contains("ct state new jump service-endpoints-check"));
+    assert!(
+        chain_body(&script, "filter-output-post-dnat")
+            .unwrap()
+            .contains("ct state new jump cluster-ips-check")
+    );
+    assert!(
+        chain_body(&script, "nat-postrouting")
+            .unwrap()
+            .contains("jump masquerading")
+    );
+    assert!(
+        chain_body(&script, "mark-for-masquerade")
+            .unwrap()
+            .contains("meta mark set meta mark or 0x00004000")
+    );
+    let masq = chain_body(&script, "masquerading").unwrap();
+    let lines: Vec<&str> = masq.lines().map(str::trim).collect();
+    assert_eq!(
+        lines,
+        vec![
+            "meta mark & 0x00004000 == 0 return",
+            "meta mark set meta mark xor 0x00004000",
+            "masquerade fully-random",
+        ]
+    );
+    assert!(
+        chain_body(&script, "cluster-ips-check")
+            .unwrap()
+            .contains("ip daddr @cluster-ips reject")
+    );
+    assert!(script.starts_with("add table ip svcplane"));
+    assert!(script.contains("flush table ip svcplane\n"));
+    assert!(script.contains("flush map ip svcplane service-ips\n"));
+    // Only our own tables are named.
+    for line in script.lines() {
+        for word in ["table ", "chain ", "map ", "set ", "element "] {
+            if let Some(pos) = line.find(&format!("add {word}")) {
+                let rest = &line[pos + 4 + word.len()..];
+                assert!(
+                    rest.starts_with("ip svcplane") || rest.starts_with("ip6 svcplane"),
+                    "{line}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn no_endpoints_reject_and_drop() {
+    let mut reject = cluster_ip_service("empty", "10.96.0.20", &[]);
+    reject.node_port = Some(30020);
+    let mut drop = cluster_ip_service("local-only", "10.96.0.21", &[]);
+    drop.internal.if_empty = EmptyVerdict::Drop;
+    let script = render(&state(vec![reject.clone(), drop.clone()], vec![])).unwrap();
+    assert_eq!(
+        elements(&script, "ip", "no-endpoint-services"),
+        vec![
+            "10.96.0.20 . tcp . 80 : goto reject-chain",
+            "10.96.0.21 . tcp . 80 : drop",
+        ]
+    );
+    assert_eq!(
+        elements(&script, "ip", "no-endpoint-nodeports"),
+        vec!["tcp . 30020 : goto reject-chain"]
+    );
+    // An empty target gets no balancing chain and nothing in service-ips.
+    assert!(chain_body(&script, &chain_name("service-", &reject)).is_none());
+    assert!(chain_body(&script, &chain_name("external-", &reject)).is_none());
+    assert!(elements(&script, "ip", "service-ips").is_empty());
+    // Both are still ClusterIPs, so other ports on them are rejected.
+    assert_eq!(
+        elements(&script, "ip", "cluster-ips"),
+        vec!["10.96.0.20", "10.96.0.21"]
+    );
+    assert_eq!(
+        chain_body(&script, "reject-chain").unwrap().trim(),
+        "reject"
+    );
+    assert_no_orphan_chains(&script);
+}
+
+#[test]
+fn node_port_with_cluster_policy() {
+    let mut svc = cluster_ip_service("np", "10.96.0.30", &["10.244.1.9"]);
+    svc.node_port = Some(30080);
+    let script = render(&state(vec![svc.clone()], vec![])).unwrap();
+    let ext = chain_name("external-", &svc);
+    assert_eq!(
+        elements(&script, "ip", "service-nodeports"),
+        vec![format!("tcp . 30080 : goto {ext}")]
+    );
+    let body = chain_body(&script, &ext).unwrap();
+    let lines: Vec<&str> = body.lines().map(str::trim).collect();
+    // Internal and external lists are equal: one shared balancing chain.
+    assert_eq!(
+        lines,
+        vec![
+            "jump mark-for-masquerade".to_owned(),
+            format!("goto {}", chain_name("service-", &svc)),
+        ]
+    );
+    assert!(chain_body(&script, &chain_name("extpolicy-", &svc)).is_none());
+    let services = chain_body(&script, "services").unwrap();
+    assert!(services.contains(
+        "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"
+    ));
+    assert!(script.contains("delete set ip svcplane nodeport-ips\n"));
+    assert_no_orphan_chains(&script);
+}
+
+#[test]
+fn node_port_addresses_cidrs_use_an_interval_set() {
+    let mut svc = cluster_ip_service("np", "10.96.0.30", &["10.244.1.9"]);
+    svc.node_port = Some(30080);
+    let mut st = state(vec![svc], vec![]);
+    st.v4.nodeport_addresses = NodePortAddresses::Cidrs(vec![
+        net("192.168.0.0/16"),
+        net("192.168.1.0/24"),
+        net("172.16.0.0/12"),
+    ]);
+    let script = render(&st).unwrap();
+    assert!(
+        script.contains(
+            "add set ip svcplane nodeport-ips { type ipv4_addr ; flags interval ; comment"
+        )
+    );
+    assert!(script.contains("flush set ip svcplane nodeport-ips\n"));
+    // Overlapping ranges are merged (nft rejects overlapping intervals).
+    assert_eq!(
+        elements(&script, "ip", "nodeport-ips"),
+        vec!["172.16.0.0/12", "192.168.0.0/16"]
+    );
+    let services = chain_body(&script, "services").unwrap();
+    assert!(
+        services.contains("ip daddr @nodeport-ips fib daddr type local"),
+        "{services}"
+    );
+    assert!(
+        chain_body(&script, "nodeport-endpoints-check")
+            .unwrap()
+            .contains("ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports")
+    );
+}
+
+#[test]
+fn load_balancer_with_source_ranges() {
+    let mut svc = cluster_ip_service("lb", "10.96.0.40", &["10.244.1.10"]);
+    svc.node_port = Some(30040);
+    svc.load_balancer_ips = vec![ip("203.0.113.7")];
+    svc.external_ips = vec![ip("198.51.100.3")];
+    svc.load_balancer_source_ranges = vec![net("192.0.2.0/24"), net("2001:db8::/32")];
+    let mut st = state(vec![svc.clone()], vec![]);
+    st.v4.node_ips = vec![ip("192.0.2.10")];
+    let script = render(&st).unwrap();
+    let fw = chain_name("firewall-", &svc);
+    let ext = chain_name("external-", &svc);
+    assert_eq!(
+        elements(&script, "ip", "firewall-ips"),
+        vec![format!("203.0.113.7 . tcp . 80 : goto {fw}")]
+    );
+    // The node is inside the ranges, so the LB IP itself is allowed (kube-proxy's
+    // allowFromNode); the IPv6 range is not this family's.
+    assert_eq!(
+        chain_body(&script, &fw).unwrap().trim(),
+        "ip saddr != { 192.0.2.0/24, 203.0.113.7/32 } drop"
+    );
+    // externalIPs and LB IPs go to the external chain; source ranges apply to the LB IP only.
+    let service_ips = elements(&script, "ip", "service-ips");
+    assert!(service_ips.contains(&format!("198.51.100.3 . tcp . 80 : goto {ext}").as_str()));
+    assert!(service_ips.contains(&format!("203.0.113.7 . tcp . 80 : goto {ext}").as_str()));
+    assert!(!script.contains("198.51.100.3 . tcp . 80 : goto firewall-"));
+    assert!(
+        chain_body(&script, "firewall-check")
+            .unwrap()
+            .contains("ip daddr . meta l4proto . th dport vmap @firewall-ips")
+    );
+    // Without the node in the ranges, only the ranges are allowed.
+    st.v4.node_ips = vec![ip("10.0.0.1")];
+    let script = render(&st).unwrap();
+    assert_eq!(
+        chain_body(&script, &fw).unwrap().trim(),
+        "ip saddr != { 192.0.2.0/24 } drop"
+    );
+    // No source ranges: no firewall.
+    let mut open = svc.clone();
+    open.load_balancer_source_ranges.clear();
+    let script = render(&state(vec![open], vec![])).unwrap();
+    assert!(elements(&script, "ip", "firewall-ips").is_empty());
+    assert!(chain_body(&script, &fw).is_none());
+    assert_no_orphan_chains(&script);
+}
+
+#[test]
+fn session_affinity_sets_and_updates() {
+    let mut svc = cluster_ip_service("sticky", "10.96.0.50", &["10.244.1.1", "10.244.1.2"]);
+    svc.affinity_timeout_seconds = Some(10800);
+    let script = render(&state(vec![svc.clone()], vec![])).unwrap();
+    for addr in ["10.244.1.1", "10.244.1.2"] {
+        let set = affinity_set(&svc, addr, 8080);
+        let ep = endpoint_chain(&svc, addr, 8080);
+        assert!(
+            script.contains(&format!(
+                "\tset {set} {{ type ipv4_addr ; flags dynamic,timeout ; timeout 10800s ; }}\n"
+            )),
+            "set for {addr}"
+        );
+        let svc_body = chain_body(&script, &chain_name("service-", &svc)).unwrap();
+        assert!(svc_body.contains(&format!("ip saddr @{set} goto {ep}")));
+        let ep_body = chain_body(&script, &ep).unwrap();
+        let lines: Vec<&str> = ep_body.lines().map(str::trim).collect();
+        assert_eq!(
+            lines,
+            vec![
+                format!("ip saddr {addr} jump mark-for-masquerade"),
+                format!("update @{set} {{ ip saddr }}"),
+                format!("meta l4proto tcp dnat to {addr}:8080"),
+            ]
+        );
+    }
+    // Affinity checks come before the random choice.
+    let svc_body = chain_body(&script, &chain_name("service-", &svc)).unwrap();
+    assert!(svc_body.find("@affinity-").unwrap() < svc_body.find("numgen").unwrap());
+    // Affinity sets are never flushed (stickiness survives a resync).
+    assert!(!script.contains("flush set ip svcplane affinity-"));
+    // Without affinity: no sets, no update.
+    let plain = cluster_ip_service("sticky", "10.96.0.50", &["10.244.1.1"]);
+    let script = render(&state(vec![plain], vec![])).unwrap();
+    assert!(!script.contains("affinity-"));
+    assert!(!script.contains("update @"));
+}
+
+#[test]
+fn external_traffic_policy_local() {
+    // Endpoints: 0 local, 1 remote. internal (iTP Cluster) = both, external = local
+    // only, local_origin = both.
+    let mut svc = cluster_ip_service("etp", "10.96.0.60", &["10.244.1.1", "10.244.2.2"]);
+    svc.node_port = Some(30060);
+    svc.load_balancer_ips = vec![ip("203.0.113.60")];
+    svc.external = target(&[0], EmptyVerdict::Drop);
+    svc.external_policy = ExternalPolicy::Local {
+        local_origin: target(&[0, 1], EmptyVerdict::Reject),
+    };
+    let mut st = state(vec![svc.clone()], vec![]);
+    st.v4.cluster_cidrs = vec![net("10.244.0.0/16")];
+    let script = render(&st).unwrap();
+    let ext = chain_name("external-", &svc);
+    let shared = chain_name("service-", &svc);
+    let local = chain_name("extpolicy-", &svc);
+    let lines: Vec<String> = chain_body(&script, &ext)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            format!("ip saddr 10.244.0.0/16 goto {shared} comment \"short-circuit pod traffic\""),
+            "fib saddr type local jump mark-for-masquerade comment \"masquerade local traffic\""
+                .to_owned(),
+            format!("fib saddr type local goto {shared} comment \"short-circuit local traffic\""),
+            format!("goto {local}"),
+        ]
+    );
+    // local_origin equals internal, so it shares the service chain; the local-only list
+    // has its own chain over one endpoint.
+    assert!(chain_body(&script, &chain_name("cluster-", &svc)).is_none());
+    assert!(chain_body(&script, &local).unwrap().contains(&format!(
+        "numgen random mod 1 vmap {{ 0 : goto {} }}",
+        endpoint_chain(&svc, "10.244.1.1", 8080)
+    )));
+    // External traffic is not masqueraded on the Local path.
+    assert!(
+        !chain_body(&script, &local)
+            .unwrap()
+            .contains("mark-for-masquerade")
+    );
+    assert_no_orphan_chains(&script);
+
+    // No local endpoint: the short-circuits remain, and the rest is dropped by the
+    // filter chains via the no-endpoint maps.
+    let mut none_local = svc.clone();
+    none_local.external = target(&[], EmptyVerdict::Drop);
+    let mut st = state(vec![none_local.clone()], vec![]);
+    st.v4.cluster_cidrs = vec![net("10.244.0.0/16")];
+    let script = render(&st).unwrap();
+    let body = chain_body(&script, &ext).unwrap();
+    assert!(!body.contains("goto extpolicy-"));
+    assert!(body.contains("fib saddr type local goto"));
+    assert_eq!(
+        elements(&script, "ip", "no-endpoint-nodeports"),
+        vec!["tcp . 30060 : drop"]
+    );
+    assert_eq!(
+        elements(&script, "ip", "no-endpoint-services"),
+        vec!["203.0.113.60 . tcp . 80 : drop"]
+    );
+    assert_eq!(
+        elements(&script, "ip", "service-nodeports"),
+        vec![format!("tcp . 30060 : goto {ext}")]
+    );
+    assert_no_orphan_chains(&script);
+
+    // iTP Local as well: internal = external = local only, local_origin = both → the
+    // local list is the service chain, local_origin gets a `cluster-` chain.
+    let mut both_local = svc.clone();
+    both_local.internal = target(&[0], EmptyVerdict::Drop);
+    let script = render(&state(vec![both_local.clone()], vec![])).unwrap();
+    assert!(chain_body(&script, &chain_name("cluster-", &both_local)).is_some());
+    assert!(chain_body(&script, &chain_name("extpolicy-", &both_local)).is_none());
+    assert!(
+        chain_body(&script, &chain_name("external-", &both_local))
+            .unwrap()
+            .contains(&format!("goto {}", chain_name("service-", &both_local)))
+    );
+    // No cluster CIDR known: no pod short-circuit rule.
+    assert!(!script.contains("short-circuit pod traffic"));
+    assert_no_orphan_chains(&script);
+}
+
+#[test]
+fn ipv6_syntax() {
+    let mut svc = cluster_ip_service("v6", "fd00:96::10", &["fd00:244::5"]);
+    svc.name.port = "dns".into();
+    svc.protocol = Protocol::Udp;
+    svc.name.protocol = Protocol::Udp;
+    svc.port = 53;
+    svc.endpoints[0].port = 5353;
+    svc.node_port = Some(30053);
+    let mut st = state(vec![], vec![svc.clone()]);
+    st.v6.cluster_ip_masquerade = ClusterIpMasquerade::FromOutside(vec![net("fd00:244::/48")]);
+    let script = render(&st).unwrap();
+    assert!(script.contains("add table ip6 svcplane"));
+    assert!(script.contains("table ip6 svcplane {\n"));
+    assert!(script.contains(
+        "add map ip6 svcplane service-ips { type ipv6_addr . inet_proto . inet_service : verdict"
+    ));
+    let ep = endpoint_chain(&svc, "fd00:244::5", 5353);
+    assert!(ep.contains("__fd00.244..5/5353"), "{ep}");
+    let body = chain_body(&script, &ep).unwrap();
+    assert!(body.contains("ip6 saddr fd00:244::5 jump mark-for-masquerade"));
+    assert!(body.contains("meta l4proto udp dnat to [fd00:244::5]:5353"));
+    let svc_body = chain_body(&script, &chain_name("service-", &svc)).unwrap();
+    assert!(svc_body.contains(
+        "ip6 daddr fd00:96::10 udp dport 53 ip6 saddr != fd00:244::/48 jump mark-for-masquerade"
+    ));
+    assert_eq!(
+        elements(&script, "ip6", "service-ips"),
+        vec![format!(
+            "fd00:96::10 . udp . 53 : goto {}",
+            chain_name("service-", &svc)
+        )]
+    );
+    let v6_part = &script[script.find("add table ip6 svcplane").unwrap()..];
+    assert!(
+        chain_body(v6_part, "services")
+            .unwrap()
+            .contains("ip6 daddr != ::1")
+    );
+    // The v4 table is still written, empty.
+    assert!(script.contains("add table ip svcplane"));
+    assert!(elements(&script, "ip", "service-ips").is_empty());
+}
+
+#[test]
+fn cluster_ip_masquerade_modes() {
+    let svc = cluster_ip_service("m", "10.96.0.70", &["10.244.1.1"]);
+    let svc_chain = chain_name("service-", &svc);
+    let mut st = state(vec![svc], vec![]);
+
+    st.v4.cluster_ip_masquerade = ClusterIpMasquerade::All;
+    let script = render(&st).unwrap();
+    assert!(
+        chain_body(&script, &svc_chain)
+            .unwrap()
+            .contains("ip daddr 10.96.0.70 tcp dport 80 jump mark-for-masquerade")
+    );
+
+    st.v4.cluster_ip_masquerade =
+        ClusterIpMasquerade::FromOutside(vec![net("10.244.0.0/16"), net("10.245.0.0/16")]);
+    let script = render(&st).unwrap();
+    // Adjacent ranges merge into one.
+    assert!(chain_body(&script, &svc_chain).unwrap().contains(
+        "ip daddr 10.96.0.70 tcp dport 80 ip saddr != 10.244.0.0/15 jump mark-for-masquerade"
+    ));
+    st.v4.cluster_ip_masquerade =
+        ClusterIpMasquerade::FromOutside(vec![net("10.244.0.0/16"), net("10.100.0.0/16")]);
+    let script = render(&st).unwrap();
+    assert!(
+        chain_body(&script, &svc_chain)
+            .unwrap()
+            .contains("ip saddr != { 10.100.0.0/16, 10.244.0.0/16 } jump mark-for-masquerade")
+    );
+
+    st.v4.cluster_ip_masquerade = ClusterIpMasquerade::None;
+    let script = render(&st).unwrap();
+    let body = chain_body(&script, &svc_chain).unwrap();
+    assert!(!body.contains("mark-for-masquerade"), "{body}");
+    assert!(body.contains("numgen"));
+}
+
+#[test]
+fn hostile_identifiers_never_reach_the_script() {
+    for (ns, name, port) in [
+        ("default", "web\"; flush ruleset; \"", "http"),
+        ("default", "web", "http }\nadd table ip evil {"),
+        ("def;ault", "web", "http"),
+        ("default", "we b", "http"),
+    ] {
+        let mut svc = cluster_ip_service("x", "10.96.0.80", &["10.244.1.1"]);
+        svc.name = spn(ns, name, port, Protocol::Tcp);
+        match render(&state(vec![svc], vec![])) {
+            Err(DataplaneError::Other(msg)) => assert!(msg.contains("nftables"), "{msg}"),
+            other => panic!("{ns}/{name}:{port}: expected an error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn wrong_family_addresses_are_errors() {
+    let svc = cluster_ip_service("x", "fd00::1", &["10.244.1.1"]);
+    assert!(render(&state(vec![svc], vec![])).is_err());
+    let svc = cluster_ip_service("x", "10.96.0.1", &["fd00::1"]);
+    assert!(render(&state(vec![svc], vec![])).is_err());
+}
+
+#[test]
+fn output_is_deterministic_and_sorted() {
+    let a = cluster_ip_service("aaa", "10.96.0.2", &["10.244.1.1"]);
+    let b = cluster_ip_service("bbb", "10.96.0.1", &["10.244.1.2", "10.244.1.3"]);
+    let one = render(&state(vec![a.clone(), b.clone()], vec![])).unwrap();
+    let two = render(&state(vec![b, a], vec![])).unwrap();
+    assert_eq!(one, two);
+    // Elements sorted by key, regardless of service order.
+    let ips = elements(&one, "ip", "cluster-ips");
+    assert_eq!(ips, vec!["10.96.0.1", "10.96.0.2"]);
+    // Services' chains in service order.
+    let aaa = one.find("-default/aaa/tcp/http {").unwrap();
+    let bbb = one.find("-default/bbb/tcp/http {").unwrap();
+    assert!(aaa < bbb);
+}
+
+#[test]
+fn conflicting_keys_keep_the_first_service() {
+    let mut a = cluster_ip_service("aaa", "10.96.0.2", &["10.244.1.1"]);
+    let mut b = cluster_ip_service("bbb", "10.96.0.3", &["10.244.1.2"]);
+    a.external_ips = vec![ip("198.51.100.1")];
+    b.external_ips = vec![ip("198.51.100.1")];
+    let script = render(&state(vec![a.clone(), b], vec![])).unwrap();
+    let matching: Vec<&str> = elements(&script, "ip", "service-ips")
+        .into_iter()
+        .filter(|e| e.starts_with("198.51.100.1 "))
+        .collect();
+    assert_eq!(
+        matching,
+        vec![format!(
+            "198.51.100.1 . tcp . 80 : goto {}",
+            chain_name("external-", &a)
+        )]
+    );
+}
+
+#[test]
+fn out_of_range_endpoint_indices_are_ignored() {
+    let mut svc = cluster_ip_service("x", "10.96.0.90", &["10.244.1.1"]);
+    svc.internal.endpoints = vec![0, 7];
+    let script = render(&state(vec![svc.clone()], vec![])).unwrap();
+    assert!(
+        chain_body(&script, &chain_name("service-", &svc))
+            .unwrap()
+            .contains("numgen random mod 1 vmap")
+    );
+}
+
+#[test]
+fn listing_is_parsed() {
+    let listing = "table ip svcplane {\n\tcomment \"x\"\n\tset affinity-A-ns/a {\n\t\ttype ipv4_addr\n\t}\n\tmap service-ips {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t}\n\tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\t}\n}\n";
+    assert_eq!(
+        parse_listing(listing),
+        vec![
+            (ObjectKind::Set, "affinity-A-ns/a".to_owned()),
+            (ObjectKind::Map, "service-ips".to_owned()),
+            (ObjectKind::Chain, "services".to_owned()),
+        ]
+    );
+}
+
+/// 10k service ports × 10 endpoints. Debug builds are slow, so the bound is generous
+/// there; release builds render this in a fraction of a second.
+#[test]
+fn renders_a_large_state_quickly() {
+    let services: Vec<ServicePortState> = (0..10_000u32)
+        .map(|i| {
+            let eps: Vec<String> = (0..10u32)
+                .map(|e| {
+                    format!(
+                        "10.{}.{}.{}",
+                        100 + (i >> 16),
+                        (i >> 8) & 0xff,
+                        (i & 0xff) ^ (e << 4)
+                    )
+                })
+                .collect();
+            let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+            let mut s = cluster_ip_service(
+                &format!("svc-{i}"),
+                &format!("10.96.{}.{}", i >> 8, i & 0xff),
+                &eps,
+            );
+            s.node_port = Some(30000 + (i % 2000) as u16);
+            s
+        })
+        .collect();
+    let st = state(services, vec![]);
+    let start = Instant::now();
+    let script = render(&st).unwrap();
+    let elapsed = start.elapsed();
+    assert_eq!(script.matches("dnat to").count(), 100_000);
+    let limit = if cfg!(debug_assertions) { 15.0 } else { 1.0 };
+    assert!(elapsed.as_secs_f64() < limit, "render took {elapsed:?}");
+    eprintln!("rendered {} bytes in {elapsed:?}", script.len());
+}
