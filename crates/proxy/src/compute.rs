@@ -421,3 +421,678 @@ fn compute_port(
         health_check_node_port: needs_health_check(svc),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+    use svcplane_model::{Endpoint, EndpointPort, Protocol, ServiceType, TrafficPolicy};
+
+    fn compute(svc: &Service, slices: &[EndpointSlice], zone: Option<&str>) -> ServiceOutput {
+        let refs: Vec<&EndpointSlice> = slices.iter().collect();
+        compute_service(
+            svc,
+            &refs,
+            &NodeContext {
+                node_name: NODE,
+                zone,
+            },
+        )
+    }
+
+    fn only_v4(out: &ServiceOutput) -> &ServicePortState {
+        assert_eq!(out.v4.len(), 1, "expected one v4 port: {out:?}");
+        &out.v4[0]
+    }
+
+    fn ips(sp: &ServicePortState, t: &TrafficTarget) -> Vec<String> {
+        sp.target_endpoints(t).map(|e| e.ip.to_string()).collect()
+    }
+
+    fn local_origin(sp: &ServicePortState) -> &TrafficTarget {
+        match &sp.external_policy {
+            ExternalPolicy::Local { local_origin } => local_origin,
+            ExternalPolicy::Cluster => panic!("expected eTP Local: {sp:?}"),
+        }
+    }
+
+    fn one_slice(eps: Vec<Endpoint>) -> Vec<EndpointSlice> {
+        vec![slice("ns", "web-1", "web", 8080, eps)]
+    }
+
+    #[test]
+    fn cluster_policy_uses_ready_endpoints_everywhere() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let out = compute(
+            &svc,
+            &one_slice(vec![
+                ep("10.0.0.2", "node-b"),
+                ep("10.0.0.1", NODE),
+                not_ready(ep("10.0.0.3", NODE)),
+            ]),
+            None,
+        );
+        let sp = only_v4(&out);
+        assert_eq!(sp.cluster_ip, Some(ip("10.96.0.10")));
+        assert_eq!(sp.port, 80);
+        // Sorted by (ip, port); the not-ready one is in no target, so not listed.
+        assert_eq!(ips(sp, &sp.internal), ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(sp.endpoints.len(), 2);
+        assert!(sp.endpoints[0].is_local && !sp.endpoints[1].is_local);
+        assert!(sp.endpoints.iter().all(|e| e.port == 8080));
+        assert_eq!(sp.external_policy, ExternalPolicy::Cluster);
+        assert!(!sp.has_external());
+    }
+
+    #[test]
+    fn no_endpoints_rejects() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let out = compute(
+            &svc,
+            &one_slice(vec![not_ready(ep("10.0.0.1", NODE))]),
+            None,
+        );
+        let sp = only_v4(&out);
+        assert_eq!(sp.internal.verdict_when_empty(), Some(EmptyVerdict::Reject));
+        let out = compute(&svc, &[], None);
+        assert_eq!(
+            only_v4(&out).internal.verdict_when_empty(),
+            Some(EmptyVerdict::Reject)
+        );
+    }
+
+    #[test]
+    fn cluster_falls_back_to_serving_terminating_cluster_wide() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let out = compute(
+            &svc,
+            &one_slice(vec![
+                terminating(ep("10.0.0.1", "node-b"), true),
+                terminating(ep("10.0.0.2", NODE), false),
+                not_ready(ep("10.0.0.3", NODE)),
+            ]),
+            None,
+        );
+        let sp = only_v4(&out);
+        assert_eq!(ips(sp, &sp.internal), ["10.0.0.1"]);
+        assert!(sp.endpoints[0].terminating && sp.endpoints[0].serving);
+    }
+
+    #[test]
+    fn terminating_ignored_while_any_ready() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let out = compute(
+            &svc,
+            &one_slice(vec![
+                terminating(ep("10.0.0.1", NODE), true),
+                ep("10.0.0.2", "node-b"),
+            ]),
+            None,
+        );
+        let sp = only_v4(&out);
+        assert_eq!(ips(sp, &sp.internal), ["10.0.0.2"]);
+    }
+
+    #[test]
+    fn internal_local_uses_local_ready_then_drops() {
+        let mut svc = service("ns", "web", &["10.96.0.10"]);
+        svc.internal_traffic_policy = TrafficPolicy::Local;
+        let out = compute(
+            &svc,
+            &one_slice(vec![ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]),
+            None,
+        );
+        let sp = only_v4(&out);
+        assert_eq!(ips(sp, &sp.internal), ["10.0.0.1"]);
+        // Not externally accessible: cluster endpoints are not even computed.
+        assert_eq!(sp.endpoints.len(), 1);
+
+        // Endpoints elsewhere only: drop (not reject).
+        let out = compute(&svc, &one_slice(vec![ep("10.0.0.2", "node-b")]), None);
+        let sp = only_v4(&out);
+        assert_eq!(sp.internal.verdict_when_empty(), Some(EmptyVerdict::Drop));
+        assert!(sp.endpoints.is_empty());
+
+        // Only a serving-terminating remote endpoint still counts as "has endpoints".
+        let out = compute(
+            &svc,
+            &one_slice(vec![terminating(ep("10.0.0.2", "node-b"), true)]),
+            None,
+        );
+        assert_eq!(
+            only_v4(&out).internal.verdict_when_empty(),
+            Some(EmptyVerdict::Drop)
+        );
+
+        // Nothing usable anywhere: reject.
+        let out = compute(
+            &svc,
+            &one_slice(vec![terminating(ep("10.0.0.2", "node-b"), false)]),
+            None,
+        );
+        assert_eq!(
+            only_v4(&out).internal.verdict_when_empty(),
+            Some(EmptyVerdict::Reject)
+        );
+    }
+
+    #[test]
+    fn local_falls_back_to_local_serving_terminating() {
+        let mut svc = service("ns", "web", &["10.96.0.10"]);
+        svc.internal_traffic_policy = TrafficPolicy::Local;
+        let out = compute(
+            &svc,
+            &one_slice(vec![
+                terminating(ep("10.0.0.1", NODE), true),
+                terminating(ep("10.0.0.3", NODE), false),
+                ep("10.0.0.2", "node-b"),
+            ]),
+            None,
+        );
+        let sp = only_v4(&out);
+        // Remote ready endpoints do not prevent the local terminating fallback.
+        assert_eq!(ips(sp, &sp.internal), ["10.0.0.1"]);
+
+        // A local ready endpoint wins over local terminating ones.
+        let out = compute(
+            &svc,
+            &one_slice(vec![
+                terminating(ep("10.0.0.1", NODE), true),
+                ep("10.0.0.4", NODE),
+            ]),
+            None,
+        );
+        let sp = only_v4(&out);
+        assert_eq!(ips(sp, &sp.internal), ["10.0.0.4"]);
+    }
+
+    #[test]
+    fn external_local_uses_local_and_keeps_cluster_for_local_origin() {
+        let mut svc = lb_service("ns", "web", &["10.96.0.10"]);
+        svc.external_traffic_policy = TrafficPolicy::Local;
+        svc.health_check_node_port = Some(32000);
+        svc.load_balancer_ips = vec![ip("192.0.2.10")];
+        let out = compute(
+            &svc,
+            &one_slice(vec![ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]),
+            None,
+        );
+        let sp = only_v4(&out);
+        assert_eq!(ips(sp, &sp.internal), ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(ips(sp, &sp.external), ["10.0.0.1"]);
+        assert_eq!(ips(sp, local_origin(sp)), ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(sp.health_check_node_port, Some(32000));
+        assert_eq!(out.health_check, Some((32000, 1)));
+
+        // No local endpoint: external drops, internal and local_origin still balance.
+        let out = compute(&svc, &one_slice(vec![ep("10.0.0.2", "node-b")]), None);
+        let sp = only_v4(&out);
+        assert_eq!(sp.external.verdict_when_empty(), Some(EmptyVerdict::Drop));
+        assert_eq!(ips(sp, local_origin(sp)), ["10.0.0.2"]);
+        assert_eq!(out.health_check, Some((32000, 0)));
+
+        // No endpoint at all: reject everywhere.
+        let out = compute(&svc, &[], None);
+        let sp = only_v4(&out);
+        assert_eq!(sp.external.verdict_when_empty(), Some(EmptyVerdict::Reject));
+        assert_eq!(
+            local_origin(sp).verdict_when_empty(),
+            Some(EmptyVerdict::Reject)
+        );
+    }
+
+    #[test]
+    fn both_policies_local_still_compute_cluster_for_local_origin() {
+        let mut svc = lb_service("ns", "web", &["10.96.0.10"]);
+        svc.service_type = ServiceType::NodePort;
+        svc.external_traffic_policy = TrafficPolicy::Local;
+        svc.internal_traffic_policy = TrafficPolicy::Local;
+        let out = compute(
+            &svc,
+            &one_slice(vec![
+                ep("10.0.0.2", "node-b"),
+                terminating(ep("10.0.0.1", NODE), true),
+            ]),
+            None,
+        );
+        let sp = only_v4(&out);
+        assert_eq!(sp.node_port, Some(30080));
+        assert_eq!(ips(sp, &sp.internal), ["10.0.0.1"]);
+        assert_eq!(ips(sp, &sp.external), ["10.0.0.1"]);
+        assert_eq!(ips(sp, local_origin(sp)), ["10.0.0.2"]);
+        // Union of both: the local terminating one and the remote ready one.
+        assert_eq!(sp.endpoints.len(), 2);
+        // NodePort type: no health check (kube-proxy: LoadBalancer only).
+        assert_eq!(out.health_check, None);
+        assert_eq!(sp.health_check_node_port, None);
+    }
+
+    #[test]
+    fn external_local_without_external_addresses_is_cluster() {
+        // LoadBalancer without nodePort (allocateLoadBalancerNodePorts=false) and no ingress yet:
+        // not externally accessible, so kube-proxy does not apply eTP Local at all.
+        let mut svc = lb_service("ns", "web", &["10.96.0.10"]);
+        svc.ports[0].node_port = None;
+        svc.external_traffic_policy = TrafficPolicy::Local;
+        let out = compute(&svc, &one_slice(vec![ep("10.0.0.2", "node-b")]), None);
+        let sp = only_v4(&out);
+        assert!(!sp.has_external());
+        assert_eq!(sp.external_policy, ExternalPolicy::Cluster);
+        assert_eq!(ips(sp, &sp.external), ["10.0.0.2"]);
+    }
+
+    #[test]
+    fn external_ips_make_cluster_ip_service_externally_accessible() {
+        let mut svc = service("ns", "web", &["10.96.0.10"]);
+        svc.external_ips = vec![ip("198.51.100.1"), ip("2001:db8::1")];
+        svc.external_traffic_policy = TrafficPolicy::Local;
+        let out = compute(
+            &svc,
+            &one_slice(vec![ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]),
+            None,
+        );
+        let sp = only_v4(&out);
+        assert_eq!(sp.external_ips, vec![ip("198.51.100.1")]);
+        assert_eq!(sp.node_port, None);
+        assert_eq!(ips(sp, &sp.external), ["10.0.0.1"]);
+        assert_eq!(ips(sp, local_origin(sp)), ["10.0.0.1", "10.0.0.2"]);
+    }
+
+    fn hinted(addr: &str, node: &str, zones: &[&str]) -> Endpoint {
+        zone_hints(ep(addr, node), zones)
+    }
+
+    #[test]
+    fn zone_hints_used_when_all_ready_have_hints_and_one_is_for_us() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let slices = one_slice(vec![
+            hinted("10.0.0.1", "node-b", &["zone-a"]),
+            hinted("10.0.0.2", "node-c", &["zone-b"]),
+            // Not ready and unhinted: does not disable hints.
+            not_ready(ep("10.0.0.9", "node-c")),
+        ]);
+        let sp = compute(&svc, &slices, Some("zone-a")).v4.remove(0);
+        assert_eq!(ips(&sp, &sp.internal), ["10.0.0.1"]);
+        // Another zone sees the other endpoint.
+        let sp = compute(&svc, &slices, Some("zone-b")).v4.remove(0);
+        assert_eq!(ips(&sp, &sp.internal), ["10.0.0.2"]);
+    }
+
+    #[test]
+    fn zone_hints_ignored_when_one_ready_endpoint_lacks_them() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let slices = one_slice(vec![
+            hinted("10.0.0.1", "node-b", &["zone-a"]),
+            hinted("10.0.0.2", "node-c", &["zone-b"]),
+            ep("10.0.0.3", "node-c"),
+        ]);
+        let sp = compute(&svc, &slices, Some("zone-a")).v4.remove(0);
+        assert_eq!(ips(&sp, &sp.internal), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+    }
+
+    #[test]
+    fn zone_hints_ignored_when_none_for_our_zone_or_no_zone() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let slices = one_slice(vec![
+            hinted("10.0.0.1", "node-b", &["zone-b"]),
+            hinted("10.0.0.2", "node-c", &["zone-c"]),
+        ]);
+        for zone in [Some("zone-a"), None] {
+            let sp = compute(&svc, &slices, zone).v4.remove(0);
+            assert_eq!(
+                ips(&sp, &sp.internal),
+                ["10.0.0.1", "10.0.0.2"],
+                "zone {zone:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn node_hints_prefer_same_node_over_zone() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let slices = one_slice(vec![
+            node_hints(hinted("10.0.0.1", "node-b", &["zone-a"]), &["node-b"]),
+            node_hints(hinted("10.0.0.2", NODE, &["zone-a"]), &[NODE]),
+            node_hints(hinted("10.0.0.3", "node-c", &["zone-b"]), &["node-c"]),
+        ]);
+        let sp = compute(&svc, &slices, Some("zone-a")).v4.remove(0);
+        assert_eq!(ips(&sp, &sp.internal), ["10.0.0.2"]);
+
+        // No node hint for this node: fall back to zone hints.
+        let slices = one_slice(vec![
+            node_hints(hinted("10.0.0.1", "node-b", &["zone-a"]), &["node-b"]),
+            node_hints(hinted("10.0.0.3", "node-c", &["zone-b"]), &["node-c"]),
+        ]);
+        let sp = compute(&svc, &slices, Some("zone-a")).v4.remove(0);
+        assert_eq!(ips(&sp, &sp.internal), ["10.0.0.1"]);
+    }
+
+    #[test]
+    fn terminating_fallback_ignores_topology() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let slices = one_slice(vec![
+            zone_hints(terminating(ep("10.0.0.1", "node-b"), true), &["zone-b"]),
+            zone_hints(terminating(ep("10.0.0.2", "node-c"), true), &["zone-c"]),
+        ]);
+        let sp = compute(&svc, &slices, Some("zone-a")).v4.remove(0);
+        assert_eq!(ips(&sp, &sp.internal), ["10.0.0.1", "10.0.0.2"]);
+    }
+
+    #[test]
+    fn topology_with_local_policy_merges_reachable_endpoints() {
+        // eTP Local + topology: local endpoints outside our zone's hints are still reachable.
+        let mut svc = lb_service("ns", "web", &["10.96.0.10"]);
+        svc.external_traffic_policy = TrafficPolicy::Local;
+        let slices = one_slice(vec![
+            hinted("10.0.0.1", NODE, &["zone-b"]),
+            hinted("10.0.0.2", "node-b", &["zone-a"]),
+        ]);
+        let sp = compute(&svc, &slices, Some("zone-a")).v4.remove(0);
+        assert_eq!(ips(&sp, &sp.internal), ["10.0.0.2"]);
+        assert_eq!(ips(&sp, &sp.external), ["10.0.0.1"]);
+        assert_eq!(sp.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn slices_merge_and_duplicates_prefer_ready_non_terminating() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let slices = vec![
+            slice(
+                "ns",
+                "web-a",
+                "web",
+                8080,
+                vec![
+                    terminating(ep("10.0.0.1", "node-b"), true),
+                    not_ready(ep("10.0.0.2", "node-b")),
+                    ep("10.0.0.3", "node-b"),
+                ],
+            ),
+            slice(
+                "ns",
+                "web-b",
+                "web",
+                8080,
+                vec![
+                    ep("10.0.0.1", "node-c"),
+                    ep("10.0.0.2", "node-c"),
+                    not_ready(ep("10.0.0.3", "node-c")),
+                    ep("10.0.0.4", "node-c"),
+                ],
+            ),
+        ];
+        for order in [slices.clone(), slices.iter().rev().cloned().collect()] {
+            let refs: Vec<&EndpointSlice> = {
+                // compute_service expects slice-name order; the engine guarantees it.
+                let mut r: Vec<&EndpointSlice> = order.iter().collect();
+                r.sort_by(|a, b| a.name.cmp(&b.name));
+                r
+            };
+            let out = compute_service(
+                &svc,
+                &refs,
+                &NodeContext {
+                    node_name: NODE,
+                    zone: None,
+                },
+            );
+            let sp = &out.v4[0];
+            assert_eq!(
+                ips(sp, &sp.internal),
+                ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
+            );
+            let nodes: Vec<_> = sp
+                .endpoints
+                .iter()
+                .map(|e| e.node_name.clone().unwrap())
+                .collect();
+            assert_eq!(nodes, ["node-c", "node-c", "node-b", "node-c"]);
+        }
+    }
+
+    #[test]
+    fn same_ip_different_ports_are_distinct() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let slices = vec![
+            slice("ns", "web-a", "web", 8080, vec![ep("10.0.0.1", "node-b")]),
+            slice("ns", "web-b", "web", 9090, vec![ep("10.0.0.1", "node-b")]),
+        ];
+        let sp = compute(&svc, &slices, None).v4.remove(0);
+        let eps: Vec<_> = sp.endpoints.iter().map(|e| (e.ip, e.port)).collect();
+        assert_eq!(eps, [(ip("10.0.0.1"), 8080), (ip("10.0.0.1"), 9090)]);
+    }
+
+    #[test]
+    fn only_first_address_and_empty_addresses_skipped() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let mut multi = ep("10.0.0.1", "node-b");
+        multi.addresses.push(ip("10.0.0.99"));
+        let mut empty = ep("10.0.0.5", "node-b");
+        empty.addresses.clear();
+        let sp = compute(&svc, &one_slice(vec![multi, empty]), None)
+            .v4
+            .remove(0);
+        assert_eq!(ips(&sp, &sp.internal), ["10.0.0.1"]);
+    }
+
+    #[test]
+    fn named_ports_match_by_name_and_protocol() {
+        let mut svc = service("ns", "dns", &["10.96.0.10"]);
+        svc.ports = vec![
+            port("dns", Protocol::Udp, 53),
+            port("dns-tcp", Protocol::Tcp, 53),
+            port("metrics", Protocol::Tcp, 9153),
+        ];
+        let mut s = slice("ns", "dns-1", "dns", 0, vec![ep("10.0.0.1", "node-b")]);
+        s.ports = vec![
+            EndpointPort {
+                name: "dns".into(),
+                protocol: Protocol::Udp,
+                port: 5353,
+            },
+            EndpointPort {
+                name: "dns-tcp".into(),
+                protocol: Protocol::Tcp,
+                port: 5354,
+            },
+            // Same name, wrong protocol: not the metrics port.
+            EndpointPort {
+                name: "metrics".into(),
+                protocol: Protocol::Udp,
+                port: 9999,
+            },
+        ];
+        let out = compute(&svc, &[s], None);
+        assert_eq!(out.v4.len(), 3);
+        let by_name: BTreeMap<_, _> = out.v4.iter().map(|s| (s.name.port.clone(), s)).collect();
+        assert_eq!(by_name["dns"].protocol, Protocol::Udp);
+        assert_eq!(by_name["dns"].endpoints[0].port, 5353);
+        assert_eq!(by_name["dns-tcp"].endpoints[0].port, 5354);
+        assert!(by_name["metrics"].endpoints.is_empty());
+        assert_eq!(
+            by_name["metrics"].internal.verdict_when_empty(),
+            Some(EmptyVerdict::Reject)
+        );
+        assert_eq!(by_name["dns"].name.to_string(), "ns/dns:dns/UDP");
+    }
+
+    #[test]
+    fn dual_stack_each_family_own_cluster_ip_and_endpoints() {
+        let mut svc = lb_service("ns", "web", &["10.96.0.10", "fd00::10"]);
+        svc.load_balancer_ips = vec![ip("192.0.2.1"), ip("2001:db8::1")];
+        svc.load_balancer_source_ranges = vec![
+            "203.0.113.0/24".parse().unwrap(),
+            "2001:db8:1::/48".parse().unwrap(),
+        ];
+        svc.external_ips = vec![ip("198.51.100.7")];
+        let slices = vec![
+            slice("ns", "web-v4", "web", 8080, vec![ep("10.0.0.1", "node-b")]),
+            slice("ns", "web-v6", "web", 8080, vec![ep("fd00::1", "node-b")]),
+        ];
+        let out = compute(&svc, &slices, None);
+        let (v4, v6) = (&out.v4[0], &out.v6[0]);
+        assert_eq!(v4.cluster_ip, Some(ip("10.96.0.10")));
+        assert_eq!(v6.cluster_ip, Some(ip("fd00::10")));
+        assert_eq!(ips(v4, &v4.internal), ["10.0.0.1"]);
+        assert_eq!(ips(v6, &v6.internal), ["fd00::1"]);
+        assert_eq!(v4.load_balancer_ips, vec![ip("192.0.2.1")]);
+        assert_eq!(v6.load_balancer_ips, vec![ip("2001:db8::1")]);
+        assert_eq!(
+            v4.load_balancer_source_ranges,
+            vec!["203.0.113.0/24".parse().unwrap()]
+        );
+        assert_eq!(
+            v6.load_balancer_source_ranges,
+            vec!["2001:db8:1::/48".parse().unwrap()]
+        );
+        assert_eq!(v4.external_ips, vec![ip("198.51.100.7")]);
+        assert!(v6.external_ips.is_empty());
+        assert_eq!(v4.node_port, Some(30080));
+        assert_eq!(v6.node_port, Some(30080));
+    }
+
+    #[test]
+    fn source_ranges_of_other_family_only_leave_this_family_open() {
+        let mut svc = lb_service("ns", "web", &["10.96.0.10", "fd00::10"]);
+        svc.load_balancer_ips = vec![ip("192.0.2.1"), ip("2001:db8::1")];
+        svc.load_balancer_source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
+        let out = compute(&svc, &[], None);
+        assert_eq!(out.v4[0].load_balancer_source_ranges.len(), 1);
+        assert!(out.v6[0].load_balancer_source_ranges.is_empty());
+    }
+
+    #[test]
+    fn single_stack_service_only_in_its_family() {
+        let svc = service("ns", "web", &["fd00::10"]);
+        let slices = vec![slice(
+            "ns",
+            "web-v4",
+            "web",
+            8080,
+            vec![ep("10.0.0.1", "node-b")],
+        )];
+        let out = compute(&svc, &slices, None);
+        assert!(out.v4.is_empty());
+        assert_eq!(out.v6.len(), 1);
+        assert!(out.v6[0].endpoints.is_empty());
+    }
+
+    #[test]
+    fn endpoints_of_wrong_family_in_a_slice_are_ignored() {
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let mut s = slice("ns", "web-1", "web", 8080, vec![ep("10.0.0.1", "node-b")]);
+        s.endpoints.push(ep("fd00::1", "node-b"));
+        let sp = compute(&svc, &[s.clone()], None).v4.remove(0);
+        assert_eq!(ips(&sp, &sp.internal), ["10.0.0.1"]);
+        // FQDN slices (no family) are ignored.
+        s.address_family = None;
+        let sp = compute(&svc, &[s], None).v4.remove(0);
+        assert!(sp.endpoints.is_empty());
+    }
+
+    #[test]
+    fn skipped_services() {
+        let slices = one_slice(vec![ep("10.0.0.1", "node-b")]);
+        let mut headless = service("ns", "web", &[]);
+        headless.headless = true;
+        let mut external_name = service("ns", "web", &[]);
+        external_name.service_type = ServiceType::ExternalName;
+        external_name.external_name = Some("example.com".into());
+        let mut proxy_name = service("ns", "web", &["10.96.0.10"]);
+        proxy_name.service_proxy_name = Some("other-proxy".into());
+        let mut headless_label = service("ns", "web", &["10.96.0.10"]);
+        headless_label
+            .labels
+            .insert(LABEL_HEADLESS.into(), String::new());
+        for svc in [headless, external_name, proxy_name, headless_label] {
+            assert_eq!(
+                compute(&svc, &slices, None),
+                ServiceOutput::default(),
+                "{svc:?}"
+            );
+        }
+        // Control: the same service without the skip reason is programmed.
+        assert_eq!(
+            compute(&service("ns", "web", &["10.96.0.10"]), &slices, None)
+                .v4
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn node_port_and_lb_ips_only_for_their_types() {
+        let mut svc = service("ns", "web", &["10.96.0.10"]);
+        svc.ports[0].node_port = Some(30080);
+        svc.load_balancer_ips = vec![ip("192.0.2.1")];
+        let sp = compute(&svc, &[], None).v4.remove(0);
+        assert_eq!(sp.node_port, None);
+        assert!(sp.load_balancer_ips.is_empty());
+
+        svc.service_type = ServiceType::NodePort;
+        let sp = compute(&svc, &[], None).v4.remove(0);
+        assert_eq!(sp.node_port, Some(30080));
+        assert!(sp.load_balancer_ips.is_empty());
+
+        svc.service_type = ServiceType::LoadBalancer;
+        let sp = compute(&svc, &[], None).v4.remove(0);
+        assert_eq!(sp.node_port, Some(30080));
+        assert_eq!(sp.load_balancer_ips, vec![ip("192.0.2.1")]);
+    }
+
+    #[test]
+    fn affinity_copied() {
+        let mut svc = service("ns", "web", &["10.96.0.10"]);
+        assert_eq!(
+            compute(&svc, &[], None).v4[0].affinity_timeout_seconds,
+            None
+        );
+        svc.session_affinity_timeout = Some(600);
+        assert_eq!(
+            compute(&svc, &[], None).v4[0].affinity_timeout_seconds,
+            Some(600)
+        );
+    }
+
+    #[test]
+    fn health_check_counts_distinct_local_ready_ips_across_ports() {
+        let mut svc = lb_service("ns", "web", &["10.96.0.10", "fd00::10"]);
+        svc.external_traffic_policy = TrafficPolicy::Local;
+        svc.health_check_node_port = Some(32000);
+        svc.ports.push(port("b", Protocol::Tcp, 81));
+        svc.ports[0].name = "a".into();
+        let mut s4 = slice(
+            "ns",
+            "web-v4",
+            "web",
+            0,
+            vec![
+                ep("10.0.0.1", NODE),
+                ep("10.0.0.2", NODE),
+                not_ready(ep("10.0.0.3", NODE)),
+                terminating(ep("10.0.0.4", NODE), true),
+                ep("10.0.0.5", "node-b"),
+            ],
+        );
+        s4.ports = vec![
+            EndpointPort {
+                name: "a".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            },
+            EndpointPort {
+                name: "b".into(),
+                protocol: Protocol::Tcp,
+                port: 8081,
+            },
+        ];
+        let s6 = slice("ns", "web-v6", "web", 8080, vec![ep("fd00::1", NODE)]);
+        let out = compute(&svc, &[s4, s6], None);
+        // v4: 2 distinct local ready IPs (not 4 endpoint-ports); v6: 1. The larger wins.
+        assert_eq!(out.health_check, Some((32000, 2)));
+
+        // Not eTP Local: no health check even with the port set.
+        svc.external_traffic_policy = TrafficPolicy::Cluster;
+        assert_eq!(compute(&svc, &[], None).health_check, None);
+    }
+}
