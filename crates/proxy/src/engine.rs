@@ -385,3 +385,412 @@ pub(crate) fn family_globals(
         services: BTreeMap::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::Diff;
+    use crate::testutil::*;
+    use svcplane_model::{Pod, TrafficPolicy};
+
+    fn config() -> EngineConfig {
+        EngineConfig {
+            node_name: NODE.to_string(),
+            ..EngineConfig::default()
+        }
+    }
+
+    fn svc_key(ns: &str, name: &str) -> ServicePortName {
+        ServicePortName {
+            service: NamespacedName::new(ns, name),
+            port: String::new(),
+            protocol: svcplane_model::Protocol::Tcp,
+        }
+    }
+
+    fn apply(engine: &mut Engine, obj: Object) {
+        engine.apply(Change::Apply(obj));
+    }
+
+    fn delete(engine: &mut Engine, kind: Kind, ns: &str, name: &str) {
+        engine.apply(Change::Delete(ObjectKey {
+            kind,
+            name: NamespacedName::new(ns, name),
+        }));
+    }
+
+    fn endpoint_ips(state: &DesiredState, key: &ServicePortName) -> Vec<String> {
+        let sp = &state.v4.services[key];
+        sp.target_endpoints(&sp.internal)
+            .map(|e| e.ip.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn empty_engine_yields_empty_state() {
+        let mut engine = Engine::new(config());
+        let state = engine.desired();
+        assert_eq!(state.node_name, NODE);
+        assert!(state.v4.services.is_empty() && state.v6.services.is_empty());
+        assert_eq!(state.v4.nodeport_addresses, NodePortAddresses::AllLocal);
+        assert_eq!(state.v4.cluster_ip_masquerade, ClusterIpMasquerade::None);
+    }
+
+    #[test]
+    fn services_and_slices_tracked_by_service_label() {
+        let mut engine = Engine::new(config());
+        apply(
+            &mut engine,
+            Object::Service(service("ns", "web", &["10.96.0.10"])),
+        );
+        apply(
+            &mut engine,
+            Object::EndpointSlice(slice(
+                "ns",
+                "web-1",
+                "web",
+                8080,
+                vec![ep("10.0.0.1", "node-b")],
+            )),
+        );
+        // Same service name in another namespace: not ours.
+        apply(
+            &mut engine,
+            Object::EndpointSlice(slice(
+                "other",
+                "web-1",
+                "web",
+                8080,
+                vec![ep("10.0.0.9", "node-b")],
+            )),
+        );
+        // A slice without the service-name label belongs to nothing.
+        let mut orphan = slice("ns", "orphan", "web", 8080, vec![ep("10.0.0.8", "node-b")]);
+        orphan.service_name = None;
+        apply(&mut engine, Object::EndpointSlice(orphan));
+        let state = engine.desired();
+        assert_eq!(endpoint_ips(&state, &svc_key("ns", "web")), ["10.0.0.1"]);
+
+        // Relabel the slice to another service: the old service loses it, the new one gains it.
+        apply(
+            &mut engine,
+            Object::Service(service("ns", "api", &["10.96.0.11"])),
+        );
+        apply(
+            &mut engine,
+            Object::EndpointSlice(slice(
+                "ns",
+                "web-1",
+                "api",
+                8080,
+                vec![ep("10.0.0.1", "node-b")],
+            )),
+        );
+        let state = engine.desired();
+        assert!(endpoint_ips(&state, &svc_key("ns", "web")).is_empty());
+        assert_eq!(endpoint_ips(&state, &svc_key("ns", "api")), ["10.0.0.1"]);
+
+        delete(&mut engine, Kind::EndpointSlice, "ns", "web-1");
+        let state = engine.desired();
+        assert!(endpoint_ips(&state, &svc_key("ns", "api")).is_empty());
+
+        delete(&mut engine, Kind::Service, "ns", "web");
+        let state = engine.desired();
+        assert!(!state.v4.services.contains_key(&svc_key("ns", "web")));
+        assert!(state.v4.services.contains_key(&svc_key("ns", "api")));
+    }
+
+    #[test]
+    fn pending_changes_counts_distinct_objects_and_ignores_no_ops() {
+        let mut engine = Engine::new(config());
+        assert_eq!(engine.pending_changes(), (0, 0));
+        assert!(!engine.has_pending());
+        let svc = service("ns", "web", &["10.96.0.10"]);
+        let s1 = slice("ns", "web-1", "web", 8080, vec![ep("10.0.0.1", "node-b")]);
+        apply(&mut engine, Object::Service(svc.clone()));
+        apply(&mut engine, Object::Service(svc.clone()));
+        apply(&mut engine, Object::EndpointSlice(s1.clone()));
+        apply(
+            &mut engine,
+            Object::EndpointSlice(slice("ns", "web-2", "web", 8080, vec![])),
+        );
+        assert_eq!(engine.pending_changes(), (1, 2));
+        assert!(engine.has_pending());
+        engine.desired();
+        assert_eq!(engine.pending_changes(), (0, 0));
+        assert!(!engine.has_pending());
+
+        // Re-applying identical objects, deleting unknown ones and Pods change nothing.
+        apply(&mut engine, Object::Service(svc));
+        apply(&mut engine, Object::EndpointSlice(s1));
+        delete(&mut engine, Kind::Service, "ns", "nope");
+        delete(&mut engine, Kind::EndpointSlice, "ns", "nope");
+        apply(
+            &mut engine,
+            Object::Pod(Pod {
+                name: NamespacedName::new("ns", "p"),
+                labels: Default::default(),
+                ips: vec![ip("10.0.0.1")],
+                node_name: None,
+                ready: true,
+                terminating: false,
+                finished: false,
+                hostname: None,
+                subdomain: None,
+                container_ports: vec![],
+            }),
+        );
+        assert_eq!(engine.pending_changes(), (0, 0));
+        assert!(!engine.has_pending());
+    }
+
+    #[test]
+    fn unchanged_services_keep_their_arcs() {
+        let mut engine = Engine::new(config());
+        for i in 0..50u8 {
+            let name = format!("svc-{i}");
+            apply(
+                &mut engine,
+                Object::Service(service("ns", &name, &[&format!("10.96.0.{i}")])),
+            );
+            apply(
+                &mut engine,
+                Object::EndpointSlice(slice(
+                    "ns",
+                    &format!("{name}-1"),
+                    &name,
+                    8080,
+                    vec![ep(&format!("10.0.1.{i}"), "node-b")],
+                )),
+            );
+        }
+        let first = engine.desired();
+        assert_eq!(first.v4.services.len(), 50);
+        // Nothing changed: the very same state.
+        assert!(Arc::ptr_eq(&first, &engine.desired()));
+
+        apply(
+            &mut engine,
+            Object::EndpointSlice(slice(
+                "ns",
+                "svc-7-1",
+                "svc-7",
+                8080,
+                vec![ep("10.0.1.7", "node-b"), ep("10.0.2.7", "node-c")],
+            )),
+        );
+        assert_eq!(engine.pending_changes(), (0, 1));
+        let second = engine.desired();
+        let changed = svc_key("ns", "svc-7");
+        for (key, arc) in &second.v4.services {
+            let same = Arc::ptr_eq(arc, &first.v4.services[key]);
+            assert_eq!(same, *key != changed, "{key}");
+        }
+        let diff = Diff::between(Some(first.clone()), &second, false);
+        assert_eq!(diff.v4.changed, BTreeSet::from([changed.clone()]));
+        assert!(diff.v4.added.is_empty() && diff.v4.removed.is_empty());
+        assert!(!diff.v4.globals_changed && !diff.full);
+
+        // A change that recomputes to the same value keeps the Arc too.
+        let mut svc = service("ns", "svc-3", &["10.96.0.3"]);
+        svc.labels.insert("team".into(), "x".into());
+        apply(&mut engine, Object::Service(svc));
+        let third = engine.desired();
+        assert!(Arc::ptr_eq(&third, &second));
+    }
+
+    #[test]
+    fn diff_between_added_changed_removed() {
+        let mut engine = Engine::new(config());
+        apply(
+            &mut engine,
+            Object::Service(service("ns", "a", &["10.96.0.1"])),
+        );
+        apply(
+            &mut engine,
+            Object::Service(service("ns", "b", &["10.96.0.2"])),
+        );
+        let s1 = engine.desired();
+        let d = Diff::between(None, &s1, false);
+        assert!(d.full);
+        assert_eq!(d.v4.added.len(), 2);
+
+        delete(&mut engine, Kind::Service, "ns", "a");
+        let mut b = service("ns", "b", &["10.96.0.2"]);
+        b.session_affinity_timeout = Some(60);
+        apply(&mut engine, Object::Service(b));
+        apply(
+            &mut engine,
+            Object::Service(service("ns", "c", &["10.96.0.3", "fd00::3"])),
+        );
+        let s2 = engine.desired();
+        let d = Diff::between(Some(s1), &s2, false);
+        assert_eq!(d.v4.removed, BTreeSet::from([svc_key("ns", "a")]));
+        assert_eq!(d.v4.changed, BTreeSet::from([svc_key("ns", "b")]));
+        assert_eq!(d.v4.added, BTreeSet::from([svc_key("ns", "c")]));
+        assert_eq!(d.v6.added, BTreeSet::from([svc_key("ns", "c")]));
+        assert!(d.v6.removed.is_empty() && d.v6.changed.is_empty());
+        assert!(!d.is_empty());
+    }
+
+    #[test]
+    fn node_zone_change_recomputes_everything() {
+        let mut engine = Engine::new(config());
+        let hinted = |addr: &str, zone: &str| zone_hints(ep(addr, "node-b"), &[zone]);
+        for name in ["a", "b"] {
+            apply(
+                &mut engine,
+                Object::Service(service("ns", name, &["10.96.0.1"])),
+            );
+            apply(
+                &mut engine,
+                Object::EndpointSlice(slice(
+                    "ns",
+                    &format!("{name}-1"),
+                    name,
+                    8080,
+                    vec![hinted("10.0.0.1", "zone-a"), hinted("10.0.0.2", "zone-b")],
+                )),
+            );
+        }
+        apply(
+            &mut engine,
+            Object::Node(node(NODE, Some("zone-a"), &["192.168.0.1"])),
+        );
+        // Other nodes never matter.
+        apply(
+            &mut engine,
+            Object::Node(node("node-b", Some("zone-b"), &["192.168.0.2"])),
+        );
+        let s1 = engine.desired();
+        assert_eq!(s1.node_zone.as_deref(), Some("zone-a"));
+        assert_eq!(endpoint_ips(&s1, &svc_key("ns", "a")), ["10.0.0.1"]);
+        assert_eq!(endpoint_ips(&s1, &svc_key("ns", "b")), ["10.0.0.1"]);
+
+        apply(
+            &mut engine,
+            Object::Node(node("node-b", Some("zone-c"), &["192.168.0.2"])),
+        );
+        assert!(!engine.has_pending());
+
+        apply(
+            &mut engine,
+            Object::Node(node(NODE, Some("zone-b"), &["192.168.0.1"])),
+        );
+        assert!(engine.has_pending());
+        let s2 = engine.desired();
+        assert_eq!(s2.node_zone.as_deref(), Some("zone-b"));
+        assert_eq!(endpoint_ips(&s2, &svc_key("ns", "a")), ["10.0.0.2"]);
+        assert_eq!(endpoint_ips(&s2, &svc_key("ns", "b")), ["10.0.0.2"]);
+
+        // Node deleted: no zone, hints ignored.
+        delete(&mut engine, Kind::Node, "", NODE);
+        let s3 = engine.desired();
+        assert_eq!(s3.node_zone, None);
+        assert_eq!(
+            endpoint_ips(&s3, &svc_key("ns", "a")),
+            ["10.0.0.1", "10.0.0.2"]
+        );
+        assert!(s3.v4.node_ips.is_empty());
+    }
+
+    #[test]
+    fn node_address_change_updates_globals_and_keeps_services() {
+        let mut engine = Engine::new(config());
+        apply(
+            &mut engine,
+            Object::Service(service("ns", "a", &["10.96.0.1"])),
+        );
+        apply(
+            &mut engine,
+            Object::Node(node(NODE, None, &["192.168.0.1", "fd00:1::1"])),
+        );
+        let s1 = engine.desired();
+        assert_eq!(s1.v4.node_ips, vec![ip("192.168.0.1")]);
+        assert_eq!(s1.v6.node_ips, vec![ip("fd00:1::1")]);
+        apply(
+            &mut engine,
+            Object::Node(node(NODE, None, &["192.168.0.9", "fd00:1::1"])),
+        );
+        assert!(engine.has_pending());
+        let s2 = engine.desired();
+        assert_eq!(s2.v4.node_ips, vec![ip("192.168.0.9")]);
+        let key = svc_key("ns", "a");
+        assert!(Arc::ptr_eq(&s1.v4.services[&key], &s2.v4.services[&key]));
+        let d = Diff::between(Some(s1), &s2, false);
+        assert!(d.v4.globals_changed && !d.v6.globals_changed);
+        assert!(d.v4.changed.is_empty());
+    }
+
+    #[test]
+    fn family_globals_from_config() {
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let mut cfg = EngineConfig {
+            node_name: NODE.into(),
+            cluster_cidrs: vec![net("10.244.0.0/16"), net("fd00:244::/56")],
+            nodeport_addresses: vec![net("192.168.0.0/24")],
+            masquerade_all: false,
+        };
+        let v4 = family_globals(&cfg, IpFamily::V4, None);
+        let v6 = family_globals(&cfg, IpFamily::V6, None);
+        assert_eq!(v4.cluster_cidrs, vec![net("10.244.0.0/16")]);
+        assert_eq!(
+            v4.cluster_ip_masquerade,
+            ClusterIpMasquerade::FromOutside(vec![net("10.244.0.0/16")])
+        );
+        assert_eq!(
+            v6.cluster_ip_masquerade,
+            ClusterIpMasquerade::FromOutside(vec![net("fd00:244::/56")])
+        );
+        assert_eq!(
+            v4.nodeport_addresses,
+            NodePortAddresses::Cidrs(vec![net("192.168.0.0/24")])
+        );
+        // kube-proxy: no CIDR of this family → every local address of this family.
+        assert_eq!(v6.nodeport_addresses, NodePortAddresses::AllLocal);
+
+        cfg.masquerade_all = true;
+        cfg.cluster_cidrs = vec![net("10.244.0.0/16")];
+        cfg.nodeport_addresses = vec![net("0.0.0.0/0"), net("192.168.0.0/24")];
+        let v4 = family_globals(&cfg, IpFamily::V4, None);
+        let v6 = family_globals(&cfg, IpFamily::V6, None);
+        assert_eq!(v4.cluster_ip_masquerade, ClusterIpMasquerade::All);
+        assert_eq!(v6.cluster_ip_masquerade, ClusterIpMasquerade::All);
+        assert!(v6.cluster_cidrs.is_empty());
+        assert_eq!(v4.nodeport_addresses, NodePortAddresses::AllLocal);
+
+        cfg.masquerade_all = false;
+        let v6 = family_globals(&cfg, IpFamily::V6, None);
+        assert_eq!(v6.cluster_ip_masquerade, ClusterIpMasquerade::None);
+    }
+
+    #[test]
+    fn health_checks_keyed_by_port_first_service_wins() {
+        let mut engine = Engine::new(config());
+        let lb = |name: &str, hc: u16| {
+            let mut s = lb_service("ns", name, &["10.96.0.1"]);
+            s.external_traffic_policy = TrafficPolicy::Local;
+            s.health_check_node_port = Some(hc);
+            s
+        };
+        apply(&mut engine, Object::Service(lb("a", 32000)));
+        apply(&mut engine, Object::Service(lb("b", 32001)));
+        apply(&mut engine, Object::Service(lb("c", 32000)));
+        apply(
+            &mut engine,
+            Object::EndpointSlice(slice("ns", "b-1", "b", 8080, vec![ep("10.0.0.1", NODE)])),
+        );
+        let state = engine.desired();
+        assert_eq!(state.health_checks.len(), 2);
+        assert_eq!(
+            state.health_checks[&32000].service,
+            NamespacedName::new("ns", "a")
+        );
+        assert_eq!(state.health_checks[&32000].local_endpoints, 0);
+        assert_eq!(state.health_checks[&32001].local_endpoints, 1);
+
+        delete(&mut engine, Kind::Service, "ns", "b");
+        let state = engine.desired();
+        assert!(!state.health_checks.contains_key(&32001));
+    }
+}
