@@ -176,6 +176,30 @@ fn rich_family(v6: bool) -> FamilyState {
     };
     services.push(remote);
 
+    // Longest possible names (63-character namespace, name and port name): the chain
+    // names get truncated to fit nft's limit and must still parse.
+    let long = "l".repeat(63);
+    let mut longest = service(
+        "x",
+        "",
+        Protocol::Sctp,
+        65535,
+        a("10.96.0.16", "fd00:96::16"),
+        &[(
+            a("10.244.255.255", "fd00:244:ffff:ffff:ffff:ffff:ffff:fff1"),
+            65535,
+            true,
+        )],
+    );
+    longest.name.service = NamespacedName::new(long.clone(), long.clone());
+    longest.name.port = long;
+    longest.node_port = Some(32767);
+    longest.affinity_timeout_seconds = Some(86400);
+    longest.external_policy = ExternalPolicy::Local {
+        local_origin: target(&[0], EmptyVerdict::Reject),
+    };
+    services.push(longest);
+
     let mut f = FamilyState::empty(family);
     if v6 {
         f.cluster_cidrs = vec![net("fd00:244::/48")];
@@ -252,6 +276,20 @@ fn rendered_rules_are_accepted_applied_and_cleaned_up() {
     assert!(v4.contains("goto reject-chain"));
     assert!(v6.contains("set nodeport-ips"));
     assert!(!v4.contains("set nodeport-ips"));
+    let longest_name = v6
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("chain ")
+                .and_then(|r| r.strip_suffix(" {"))
+        })
+        .map(str::len)
+        .max()
+        .unwrap();
+    assert!(
+        (240..=255).contains(&longest_name),
+        "longest chain name: {longest_name}"
+    );
 
     // Affinity state survives a resync: add a sticky client, sync, it is still there.
     let affinity_set = v4
