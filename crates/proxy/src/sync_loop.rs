@@ -318,3 +318,392 @@ pub fn retry_backoff(min_sync_period: Duration, failures: u32) -> Duration {
     let factor = 1u32 << failures.saturating_sub(1).min(16);
     base.saturating_mul(factor).min(MAX_RETRY_BACKOFF)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use svcplane_model::{Change, Object};
+
+    use crate::dataplane::DataplaneError;
+    use crate::engine::EngineConfig;
+    use crate::testutil::*;
+
+    /// What the fake backend was asked to do.
+    #[derive(Debug, Clone)]
+    struct Call {
+        full: bool,
+        had_previous: bool,
+        previous_services: usize,
+        services: usize,
+        added: usize,
+        changed: usize,
+        ok: bool,
+    }
+
+    #[derive(Default)]
+    struct Shared {
+        calls: Mutex<Vec<Call>>,
+        /// Fail this many upcoming syncs.
+        fail_next: AtomicUsize,
+    }
+
+    struct FakeBackend(Arc<Shared>);
+
+    impl Dataplane for FakeBackend {
+        fn mode(&self) -> &'static str {
+            "fake"
+        }
+        fn sync(
+            &mut self,
+            desired: &Arc<DesiredState>,
+            diff: &Diff,
+        ) -> Result<SyncReport, DataplaneError> {
+            let fail = self
+                .0
+                .fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            self.0.calls.lock().unwrap().push(Call {
+                full: diff.full,
+                had_previous: diff.previous.is_some(),
+                previous_services: diff.previous.as_ref().map_or(0, |p| p.v4.services.len()),
+                services: desired.v4.services.len(),
+                added: diff.v4.added.len(),
+                changed: diff.v4.changed.len(),
+                ok: !fail,
+            });
+            if fail {
+                return Err(DataplaneError::Other("boom".into()));
+            }
+            Ok(SyncReport {
+                full: diff.full,
+                size: desired.v4.services.len(),
+            })
+        }
+        fn render(&self, _: &DesiredState) -> Result<String, DataplaneError> {
+            Ok(String::new())
+        }
+        fn cleanup(&mut self) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+    }
+
+    /// Records when each sync finished (paused clock) and its outcome.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(Instant, SyncOutcome)>>);
+
+    impl SyncObserver for Recorder {
+        fn on_sync(&self, outcome: &SyncOutcome) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((Instant::now(), outcome.clone()));
+        }
+    }
+
+    struct Harness {
+        tx: Option<mpsc::Sender<SourceEvent>>,
+        shared: Arc<Shared>,
+        recorder: Arc<Recorder>,
+        status: watch::Receiver<SyncStatus>,
+        task: tokio::task::JoinHandle<Result<(), SyncLoopError>>,
+        t0: Instant,
+    }
+
+    impl Harness {
+        fn start(min: u64, period: u64) -> Harness {
+            let (tx, rx) = mpsc::channel(16);
+            let shared = Arc::new(Shared::default());
+            let recorder = Arc::new(Recorder::default());
+            let (status_tx, status) = watch::channel(SyncStatus::default());
+            let engine = Engine::new(EngineConfig {
+                node_name: NODE.into(),
+                ..EngineConfig::default()
+            });
+            let observer: Arc<dyn SyncObserver> = recorder.clone();
+            let task = tokio::spawn(run_sync_loop_with_observer(
+                engine,
+                rx,
+                Box::new(FakeBackend(shared.clone())),
+                SyncLoopConfig {
+                    min_sync_period: Duration::from_secs(min),
+                    sync_period: Duration::from_secs(period),
+                },
+                status_tx,
+                Some(observer),
+            ));
+            Harness {
+                tx: Some(tx),
+                shared,
+                recorder,
+                status,
+                task,
+                t0: Instant::now(),
+            }
+        }
+        async fn send(&self, ev: SourceEvent) {
+            self.tx.as_ref().unwrap().send(ev).await.unwrap();
+        }
+        async fn add_service(&self, i: u8) {
+            let svc = service("ns", &format!("svc-{i}"), &[&format!("10.96.0.{i}")]);
+            self.send(SourceEvent::Changes(vec![Change::Apply(Object::Service(
+                svc,
+            ))]))
+            .await;
+        }
+        fn calls(&self) -> Vec<Call> {
+            self.shared.calls.lock().unwrap().clone()
+        }
+        /// Seconds since start at which each sync finished.
+        fn sync_times(&self) -> Vec<f64> {
+            self.recorder
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(t, _)| (*t - self.t0).as_secs_f64())
+                .collect()
+        }
+        async fn close(mut self) -> Result<(), SyncLoopError> {
+            self.tx.take();
+            self.task.await.unwrap()
+        }
+    }
+
+    async fn sleep_ms(ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_sync_before_synced() {
+        let h = Harness::start(1, 30);
+        h.add_service(1).await;
+        sleep_ms(120_000).await;
+        assert!(h.calls().is_empty());
+        assert!(!h.status.borrow().synced_once);
+        assert!(h.status.borrow().last_queued.is_some());
+
+        h.send(SourceEvent::Synced).await;
+        sleep_ms(10).await;
+        let calls = h.calls();
+        assert_eq!(calls.len(), 1);
+        assert!(calls[0].full && !calls[0].had_previous);
+        assert_eq!(calls[0].services, 1);
+        let st = h.status.borrow().clone();
+        assert!(st.synced_once && st.last_success.is_some() && st.last_error.is_none());
+        assert_eq!(st.successful_syncs, 1);
+        h.close().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_cluster_still_synced_once() {
+        let h = Harness::start(1, 30);
+        h.send(SourceEvent::Synced).await;
+        sleep_ms(10).await;
+        let calls = h.calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].services, 0);
+        h.close().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_frequency() {
+        let h = Harness::start(1, 30);
+        h.add_service(1).await;
+        h.send(SourceEvent::Synced).await;
+        sleep_ms(100).await;
+        assert_eq!(h.calls().len(), 1);
+
+        // Changes right after a sync wait for min_sync_period, and are batched.
+        h.add_service(2).await;
+        sleep_ms(100).await;
+        h.add_service(3).await;
+        sleep_ms(500).await;
+        assert_eq!(h.calls().len(), 1, "synced before min_sync_period");
+        sleep_ms(500).await;
+        let calls = h.calls();
+        assert_eq!(calls.len(), 2);
+        assert!(!calls[1].full);
+        assert_eq!((calls[1].added, calls[1].services), (2, 3));
+        let times = h.sync_times();
+        assert!((times[1] - 1.0).abs() < 1e-6, "{times:?}");
+
+        // A change long after the last sync is applied immediately.
+        sleep_ms(5_000).await;
+        h.add_service(4).await;
+        sleep_ms(1).await;
+        assert_eq!(h.calls().len(), 3);
+        assert!(
+            (h.sync_times()[2] - 6.2).abs() < 1e-6,
+            "{:?}",
+            h.sync_times()
+        );
+        h.close().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_min_sync_period_syncs_immediately() {
+        let h = Harness::start(0, 30);
+        h.send(SourceEvent::Synced).await;
+        sleep_ms(1).await;
+        h.add_service(1).await;
+        sleep_ms(1).await;
+        h.add_service(2).await;
+        sleep_ms(1).await;
+        assert_eq!(h.calls().len(), 3);
+        h.close().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn periodic_full_resync() {
+        let h = Harness::start(1, 30);
+        h.add_service(1).await;
+        h.send(SourceEvent::Synced).await;
+        sleep_ms(29_000).await;
+        assert_eq!(h.calls().len(), 1);
+        sleep_ms(2_000).await;
+        let calls = h.calls();
+        assert_eq!(calls.len(), 2);
+        assert!(calls[1].full && calls[1].had_previous);
+        assert_eq!(calls[1].changed + calls[1].added, 0);
+        sleep_ms(30_000).await;
+        assert_eq!(h.calls().len(), 3);
+        let times = h.sync_times();
+        assert!(
+            (times[1] - 30.0).abs() < 1e-6 && (times[2] - 60.0).abs() < 1e-6,
+            "{times:?}"
+        );
+
+        // Partial syncs in between do not postpone the next full one.
+        sleep_ms(10_000).await;
+        h.add_service(2).await;
+        sleep_ms(1).await;
+        let calls = h.calls();
+        assert_eq!(calls.len(), 4);
+        assert!(!calls[3].full);
+        sleep_ms(20_000).await;
+        let calls = h.calls();
+        assert_eq!(calls.len(), 5);
+        assert!(calls[4].full);
+        assert!(
+            (h.sync_times()[4] - 90.0).abs() < 1e-6,
+            "{:?}",
+            h.sync_times()
+        );
+        h.close().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_retries_full_with_backoff_against_last_success() {
+        let h = Harness::start(1, 300);
+        h.add_service(1).await;
+        h.send(SourceEvent::Synced).await;
+        sleep_ms(10).await;
+        assert_eq!(h.calls().len(), 1);
+
+        // The next two attempts fail.
+        h.shared.fail_next.store(2, Ordering::SeqCst);
+        sleep_ms(2_000).await;
+        h.add_service(2).await;
+        sleep_ms(10).await;
+        let calls = h.calls();
+        assert_eq!(calls.len(), 2);
+        assert!(!calls[1].ok && !calls[1].full);
+        {
+            let st = h.status.borrow();
+            assert_eq!(st.failed_syncs, 1);
+            assert_eq!(st.last_error.as_deref(), Some("boom"));
+        }
+
+        // Retry 1 s after the failed attempt (backoff 1 s), still failing; then 2 s later.
+        sleep_ms(1_000).await;
+        let calls = h.calls();
+        assert_eq!(calls.len(), 3);
+        assert!(calls[2].full && !calls[2].ok);
+        sleep_ms(1_500).await;
+        assert_eq!(h.calls().len(), 3, "backoff did not double");
+        sleep_ms(600).await;
+        let calls = h.calls();
+        assert_eq!(calls.len(), 4);
+        let last = &calls[3];
+        assert!(last.ok && last.full);
+        // Diffed against the last *successful* state (1 service), not the failed one.
+        assert_eq!(last.previous_services, 1);
+        assert_eq!((last.added, last.services), (1, 2));
+        let st = h.status.borrow().clone();
+        assert_eq!((st.successful_syncs, st.failed_syncs), (2, 2));
+        assert!(st.last_error.is_none());
+        let outcomes: Vec<bool> = h
+            .recorder
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, o)| o.ok())
+            .collect();
+        assert_eq!(outcomes, [true, false, false, true]);
+
+        // After recovery, partial syncs again.
+        sleep_ms(2_000).await;
+        h.add_service(3).await;
+        sleep_ms(10).await;
+        let calls = h.calls();
+        assert!(calls[4].ok && !calls[4].full);
+        h.close().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_applies_pending_then_returns() {
+        let h = Harness::start(1, 30);
+        h.add_service(1).await;
+        h.send(SourceEvent::Synced).await;
+        sleep_ms(10).await;
+        // Pending, but min_sync_period has not passed; closing flushes it right away.
+        h.add_service(2).await;
+        let shared = h.shared.clone();
+        let recorder = h.recorder.clone();
+        let t0 = h.t0;
+        h.close().await.unwrap();
+        let calls = shared.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].services, 2);
+        let at = recorder.0.lock().unwrap()[1].0 - t0;
+        assert!(at < Duration::from_millis(100), "{at:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_before_synced_syncs_nothing() {
+        let h = Harness::start(1, 30);
+        h.add_service(1).await;
+        let shared = h.shared.clone();
+        h.close().await.unwrap();
+        assert!(shared.calls.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_op_changes_do_not_sync() {
+        let h = Harness::start(1, 30);
+        h.add_service(1).await;
+        h.send(SourceEvent::Synced).await;
+        sleep_ms(10).await;
+        h.add_service(1).await;
+        sleep_ms(5_000).await;
+        assert_eq!(h.calls().len(), 1);
+        h.close().await.unwrap();
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let s = Duration::from_secs;
+        assert_eq!(retry_backoff(s(1), 1), s(1));
+        assert_eq!(retry_backoff(s(1), 2), s(2));
+        assert_eq!(retry_backoff(s(1), 3), s(4));
+        assert_eq!(retry_backoff(s(1), 10), s(30));
+        assert_eq!(retry_backoff(s(1), u32::MAX), s(30));
+        assert_eq!(retry_backoff(Duration::ZERO, 1), s(1));
+        assert_eq!(retry_backoff(s(5), 2), s(10));
+    }
+}
