@@ -600,6 +600,47 @@ mod tests {
     }
 
     #[test]
+    fn ten_thousand_services_one_endpoint_change_recomputes_one() {
+        let mut engine = Engine::new(config());
+        let n = 10_000u32;
+        let name = |i: u32| format!("svc-{i}");
+        for i in 0..n {
+            let cip = format!("10.96.{}.{}", i / 256, i % 256);
+            engine.apply(Change::Apply(Object::Service(service(
+                "ns",
+                &name(i),
+                &[&cip],
+            ))));
+            let epip = format!("10.1.{}.{}", i / 256, i % 256);
+            engine.apply(Change::Apply(Object::EndpointSlice(slice(
+                "ns",
+                &format!("{}-1", name(i)),
+                &name(i),
+                8080,
+                vec![ep(&epip, "node-b")],
+            ))));
+        }
+        let first = engine.desired();
+        assert_eq!(first.v4.services.len(), n as usize);
+        engine.apply(Change::Apply(Object::EndpointSlice(slice(
+            "ns",
+            "svc-4242-1",
+            "svc-4242",
+            8080,
+            vec![ep("10.1.16.146", "node-b"), ep("10.2.0.1", NODE)],
+        ))));
+        let second = engine.desired();
+        let rebuilt: Vec<_> = second
+            .v4
+            .services
+            .iter()
+            .filter(|(k, v)| !Arc::ptr_eq(v, &first.v4.services[*k]))
+            .map(|(k, _)| k.to_string())
+            .collect();
+        assert_eq!(rebuilt, ["ns/svc-4242/TCP"]);
+    }
+
+    #[test]
     fn diff_between_added_changed_removed() {
         let mut engine = Engine::new(config());
         apply(
