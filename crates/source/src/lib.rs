@@ -1,1 +1,60 @@
 //! Object sources: where svcplane learns about Services and endpoints.
+//!
+//! A [`Source`] delivers [`svcplane_model::Change`]s to the engine through a channel:
+//! the whole initial state, then [`SourceEvent::Synced`], then changes as they happen.
+//! The engine cannot tell which source it is fed by.
+
+pub mod endpointslice_controller;
+mod manifests;
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub use manifests::ManifestSource;
+use svcplane_model::SourceEvent;
+
+/// Something worth telling the user: a file that does not parse, an invalid object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: Option<PathBuf>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.file {
+            Some(file) => write!(f, "{}: {}", file.display(), self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Where problems go: the CLI logs and counts them; tests collect them.
+pub type ProblemSink = Arc<dyn Fn(&Problem) + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read manifests directory {path}: {source}")]
+    ReadDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot watch manifests directory {path}: {message}")]
+    Watch { path: PathBuf, message: String },
+}
+
+pub type SourceFuture = Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
+
+/// A source of objects for the engine.
+pub trait Source: Send + 'static {
+    /// Deliver the initial state as changes, then `SourceEvent::Synced`, then further
+    /// changes until the receiver is dropped (then return `Ok`).
+    fn run(
+        self: Box<Self>,
+        tx: tokio::sync::mpsc::Sender<SourceEvent>,
+        problems: ProblemSink,
+    ) -> SourceFuture;
+}

@@ -1,0 +1,518 @@
+//! The manifests directory: every `*.yaml`, `*.yml` and `*.json` file directly in it
+//! (symlinks followed, so a ConfigMap volume's `..data` swap works; hidden and editor
+//! temp files skipped). Watched with notify; changes are debounced and only the files
+//! that changed are read again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use svcplane_model::{
+    Change, EndpointSlice, Format, Kind, Node, Object, ObjectKey, Pod, Service, SourceEvent,
+    parse_manifest,
+};
+
+use crate::endpointslice_controller::derive_endpoint_slices;
+use crate::{Problem, ProblemSink, Source, SourceError, SourceFuture};
+
+const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// What identifies one version of a file on disk (a rename-over changes the inode,
+/// an in-place write the mtime or size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileVersion {
+    dev: u64,
+    ino: u64,
+    mtime_ns: i128,
+    len: u64,
+}
+
+#[derive(Debug, Default)]
+struct FileState {
+    version: Option<FileVersion>,
+    objects: BTreeMap<ObjectKey, Object>,
+}
+
+pub struct ManifestSource {
+    dir: PathBuf,
+    debounce: Duration,
+    files: BTreeMap<PathBuf, FileState>,
+    /// What the engine has been sent, to send only differences.
+    emitted: BTreeMap<ObjectKey, Object>,
+}
+
+impl ManifestSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ManifestSource {
+            dir: dir.into(),
+            debounce: DEFAULT_DEBOUNCE,
+            files: BTreeMap::new(),
+            emitted: BTreeMap::new(),
+        }
+    }
+
+    /// How long to collect file events before reloading.
+    pub fn debounce(mut self, d: Duration) -> Self {
+        self.debounce = d;
+        self
+    }
+
+    /// Load the directory once: the full object set after the EndpointSlice controller
+    /// (as `Change::Apply`s in key order) and the problems found. Used by `svcplane render`.
+    pub fn load_once(&mut self) -> Result<(Vec<Change>, Vec<Problem>), SourceError> {
+        let mut problems = Vec::new();
+        let changes = self.reload(&BTreeSet::new(), &mut problems)?;
+        Ok((changes, problems))
+    }
+
+    /// Re-read what changed on disk (and every file in `touched`, which events named: a
+    /// quick same-size rewrite can keep the coarse mtime) and return the changes against
+    /// what was emitted.
+    fn reload(
+        &mut self,
+        touched: &BTreeSet<PathBuf>,
+        problems: &mut Vec<Problem>,
+    ) -> Result<Vec<Change>, SourceError> {
+        let present = list_manifest_files(&self.dir)?;
+        self.files.retain(|path, _| present.contains_key(path));
+        for (path, version) in present {
+            let state = self.files.entry(path.clone()).or_default();
+            if state.version == Some(version) && !touched.contains(&path) {
+                continue;
+            }
+            load_file(&path, version, state, problems);
+        }
+        let desired = self.merged_objects(problems);
+        Ok(self.diff_against_emitted(desired))
+    }
+
+    /// All files' objects (a key defined twice: the later file in path order wins), with
+    /// derived EndpointSlices added and Pods left out (the engine does not use them).
+    fn merged_objects(&self, problems: &mut Vec<Problem>) -> BTreeMap<ObjectKey, Object> {
+        let mut merged: BTreeMap<ObjectKey, (&Path, &Object)> = BTreeMap::new();
+        for (path, state) in &self.files {
+            for (key, obj) in &state.objects {
+                if let Some((first, _)) = merged.insert(key.clone(), (path, obj)) {
+                    problems.push(Problem {
+                        file: Some(path.clone()),
+                        message: format!(
+                            "{key} is also defined in {}; using this file's",
+                            first.display()
+                        ),
+                    });
+                }
+            }
+        }
+        let mut services: Vec<&Service> = Vec::new();
+        let mut slices: Vec<&EndpointSlice> = Vec::new();
+        let mut pods: Vec<&Pod> = Vec::new();
+        let mut nodes: BTreeMap<String, &Node> = BTreeMap::new();
+        for (_, obj) in merged.values() {
+            match obj {
+                Object::Service(s) => services.push(s),
+                Object::EndpointSlice(s) => slices.push(s),
+                Object::Pod(p) => pods.push(p),
+                Object::Node(n) => {
+                    nodes.insert(n.name.clone(), n);
+                }
+            }
+        }
+        let derived = derive_endpoint_slices(services, slices, &pods, &nodes);
+        let mut out: BTreeMap<ObjectKey, Object> = merged
+            .into_iter()
+            .filter(|(key, _)| key.kind != Kind::Pod)
+            .map(|(key, (_, obj))| (key, obj.clone()))
+            .collect();
+        for slice in derived {
+            let obj = Object::EndpointSlice(slice);
+            out.insert(obj.key(), obj);
+        }
+        out
+    }
+
+    fn diff_against_emitted(&mut self, desired: BTreeMap<ObjectKey, Object>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for key in self.emitted.keys() {
+            if !desired.contains_key(key) {
+                changes.push(Change::Delete(key.clone()));
+            }
+        }
+        for (key, obj) in &desired {
+            if self.emitted.get(key) != Some(obj) {
+                changes.push(Change::Apply(obj.clone()));
+            }
+        }
+        self.emitted = desired;
+        changes
+    }
+
+    async fn watch(
+        mut self,
+        tx: tokio::sync::mpsc::Sender<SourceEvent>,
+        problems: ProblemSink,
+    ) -> Result<(), SourceError> {
+        let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Any event (or error: e.g. an overflow) means "look again"; reload compares
+                // file versions, so spurious wake-ups cost only a directory listing.
+                let _ = wake_tx.send(event.map(|e| e.paths).unwrap_or_default());
+            })
+            .map_err(|e| self.watch_error(e))?;
+        watcher
+            .watch(&self.dir, RecursiveMode::NonRecursive)
+            .map_err(|e| self.watch_error(e))?;
+
+        let report = |found: Vec<Problem>| {
+            for p in &found {
+                tracing::warn!("{p}");
+                problems(p);
+            }
+        };
+        let mut found = Vec::new();
+        let initial = self.reload(&BTreeSet::new(), &mut found)?;
+        report(found);
+        if tx.send(SourceEvent::Changes(initial)).await.is_err()
+            || tx.send(SourceEvent::Synced).await.is_err()
+        {
+            return Ok(());
+        }
+        while let Some(paths) = wake_rx.recv().await {
+            // Debounce: an editor's save or a ConfigMap swap is several events.
+            let mut touched: BTreeSet<PathBuf> = paths.into_iter().collect();
+            tokio::time::sleep(self.debounce).await;
+            while let Ok(more) = wake_rx.try_recv() {
+                touched.extend(more);
+            }
+            let mut found = Vec::new();
+            let changes = match self.reload(&touched, &mut found) {
+                Ok(c) => c,
+                Err(err) => {
+                    // The directory itself vanished or became unreadable: keep what was loaded.
+                    found.push(Problem {
+                        file: None,
+                        message: format!("{err}; keeping the objects loaded before"),
+                    });
+                    Vec::new()
+                }
+            };
+            report(found);
+            if !changes.is_empty() {
+                tracing::debug!(changes = changes.len(), "manifests changed");
+                if tx.send(SourceEvent::Changes(changes)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn watch_error(&self, e: notify::Error) -> SourceError {
+        SourceError::Watch {
+            path: self.dir.clone(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Source for ManifestSource {
+    fn run(
+        self: Box<Self>,
+        tx: tokio::sync::mpsc::Sender<SourceEvent>,
+        problems: ProblemSink,
+    ) -> SourceFuture {
+        Box::pin((*self).watch(tx, problems))
+    }
+}
+
+/// Manifest files directly in `dir`, with their on-disk versions.
+fn list_manifest_files(dir: &Path) -> Result<BTreeMap<PathBuf, FileVersion>, SourceError> {
+    let read_err = |source| SourceError::ReadDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        let Ok(entry) = entry else { continue };
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.starts_with('.') || name.ends_with('~') || Format::from_path(&path).is_none() {
+            continue;
+        }
+        // metadata() follows symlinks: a ConfigMap mount's `x.yaml -> ..data/x.yaml`.
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        files.insert(
+            path,
+            FileVersion {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+                len: meta.len(),
+            },
+        );
+    }
+    Ok(files)
+}
+
+/// Read one file into `state`. A file that does not parse keeps its previous objects; an
+/// object that became invalid keeps its previous valid version (nothing that worked is lost).
+fn load_file(
+    path: &Path,
+    version: FileVersion,
+    state: &mut FileState,
+    problems: &mut Vec<Problem>,
+) {
+    let problem = |message: String| Problem {
+        file: Some(path.to_path_buf()),
+        message,
+    };
+    let Some(format) = Format::from_path(path) else {
+        return;
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(problem(format!(
+                "cannot read: {e}; keeping its previous objects"
+            )));
+            return;
+        }
+    };
+    let parsed = match parse_manifest(&text, format) {
+        Ok(p) => p,
+        Err(e) => {
+            problems.push(problem(format!("{e}; keeping its previous objects")));
+            // Remember the version so an unchanged broken file is not re-reported each wake-up.
+            state.version = Some(version);
+            return;
+        }
+    };
+    let mut objects: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+    for obj in parsed.objects {
+        objects.insert(obj.key(), obj);
+    }
+    for invalid in parsed.invalid {
+        let previous = state
+            .objects
+            .iter()
+            .find(|(key, _)| key.kind == invalid.kind && key.name.to_string() == invalid.object);
+        match previous {
+            Some((key, obj)) if !objects.contains_key(key) => {
+                problems.push(problem(format!(
+                    "{invalid}; keeping its previous valid version"
+                )));
+                objects.insert(key.clone(), obj.clone());
+            }
+            _ => problems.push(problem(format!("{invalid}; skipped"))),
+        }
+    }
+    state.objects = objects;
+    state.version = Some(version);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use svcplane_model::NamespacedName;
+
+    fn svc_yaml(name: &str, ip: &str, port: u32) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  clusterIP: {ip}\n  ports: [{{port: {port}}}]\n"
+        )
+    }
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey {
+            kind: Kind::Service,
+            name: NamespacedName::new("demo", name),
+        }
+    }
+
+    fn applied_port(changes: &[Change], name: &str) -> Option<u16> {
+        changes.iter().find_map(|c| match c {
+            Change::Apply(Object::Service(s)) if s.name.name == name => Some(s.ports[0].port),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn load_once_reports_problems_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), svc_yaml("a", "10.96.0.1", 80)).unwrap();
+        std::fs::write(
+            dir.path().join("bad.yaml"),
+            svc_yaml("bad", "10.96.0.2", 70000),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("broken.json"), "{ not json").unwrap();
+        std::fs::write(
+            dir.path().join(".hidden.yaml"),
+            svc_yaml("hidden", "10.96.0.3", 80),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "hello").unwrap();
+        let (changes, problems) = ManifestSource::new(dir.path()).load_once().unwrap();
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(applied_port(&changes, "a"), Some(80));
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert!(
+            text.iter().any(|p| p.contains("bad.yaml")
+                && p.contains("demo/bad")
+                && p.contains("spec.ports[0].port")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|p| p.contains("broken.json") && p.contains("line 1")),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn missing_directory_names_the_path() {
+        let err = ManifestSource::new("/nonexistent/svcplane-x")
+            .load_once()
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/svcplane-x"));
+    }
+
+    #[test]
+    fn reload_sends_only_differences_and_keeps_what_worked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("svc.yaml");
+        std::fs::write(
+            &file,
+            svc_yaml("a", "10.96.0.1", 80) + "---\n" + &svc_yaml("b", "10.96.0.2", 81),
+        )
+        .unwrap();
+        let mut src = ManifestSource::new(dir.path());
+        let (changes, _) = src.load_once().unwrap();
+        assert_eq!(changes.len(), 2);
+        // Nothing changed on disk: nothing to send.
+        assert!(src.load_once().unwrap().0.is_empty());
+
+        // b becomes invalid: its previous valid version is kept, a changes.
+        std::fs::write(
+            &file,
+            svc_yaml("a", "10.96.0.1", 90) + "---\n" + &svc_yaml("b", "10.96.0.2", 0),
+        )
+        .unwrap();
+        let (changes, problems) = src.load_once().unwrap();
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(applied_port(&changes, "a"), Some(90));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.message.contains("keeping its previous valid version"))
+        );
+
+        // Broken syntax: everything from the file stays.
+        std::fs::write(&file, "kind: [").unwrap();
+        let (changes, problems) = src.load_once().unwrap();
+        assert!(changes.is_empty());
+        assert!(problems[0].to_string().contains("svc.yaml"));
+
+        // File removed: its objects are deleted.
+        std::fs::remove_file(&file).unwrap();
+        let (changes, _) = src.load_once().unwrap();
+        let mut deleted: Vec<ObjectKey> = changes
+            .into_iter()
+            .filter_map(|c| match c {
+                Change::Delete(k) => Some(k),
+                _ => None,
+            })
+            .collect();
+        deleted.sort();
+        assert_eq!(deleted, vec![key("a"), key("b")]);
+    }
+
+    #[test]
+    fn derived_slices_replace_pods() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("app.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  clusterIP: 10.96.0.1\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: demo, labels: {app: web}}\nspec: {nodeName: n1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.0.5, conditions: [{type: Ready, status: \"True\"}]}\n",
+        )
+        .unwrap();
+        let (changes, problems) = ManifestSource::new(dir.path()).load_once().unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(
+            !changes
+                .iter()
+                .any(|c| matches!(c, Change::Apply(Object::Pod(_))))
+        );
+        let slice = changes
+            .iter()
+            .find_map(|c| match c {
+                Change::Apply(Object::EndpointSlice(s)) => Some(s),
+                _ => None,
+            })
+            .expect("derived slice");
+        assert_eq!(slice.service_name.as_deref(), Some("web"));
+        assert_eq!(slice.endpoints[0].addresses[0].to_string(), "10.244.0.5");
+        assert_eq!(slice.ports[0].port, 8080);
+    }
+
+    async fn next_changes(rx: &mut tokio::sync::mpsc::Receiver<SourceEvent>) -> Vec<Change> {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(SourceEvent::Changes(c))) => c,
+            other => panic!("expected changes, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watcher_follows_edits_new_files_renames_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.yaml");
+        std::fs::write(&a, svc_yaml("a", "10.96.0.1", 80)).unwrap();
+        let collected: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink_store = collected.clone();
+        let sink: ProblemSink = Arc::new(move |p| sink_store.lock().unwrap().push(p.to_string()));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let source: Box<dyn Source> =
+            Box::new(ManifestSource::new(dir.path()).debounce(Duration::from_millis(50)));
+        let task = tokio::spawn(source.run(tx, sink));
+
+        assert_eq!(applied_port(&next_changes(&mut rx).await, "a"), Some(80));
+        assert_eq!(rx.recv().await, Some(SourceEvent::Synced));
+
+        // In-place edit.
+        std::fs::write(&a, svc_yaml("a", "10.96.0.1", 81)).unwrap();
+        assert_eq!(applied_port(&next_changes(&mut rx).await, "a"), Some(81));
+
+        // New file.
+        std::fs::write(dir.path().join("b.json"), r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"b","namespace":"demo"},"spec":{"clusterIP":"10.96.0.2","ports":[{"port":82}]}}"#).unwrap();
+        assert_eq!(applied_port(&next_changes(&mut rx).await, "b"), Some(82));
+
+        // Atomic rename-over (write a temp file, rename onto the watched name).
+        let tmp = dir.path().join(".a.yaml.tmp");
+        std::fs::write(&tmp, svc_yaml("a", "10.96.0.1", 83)).unwrap();
+        std::fs::rename(&tmp, &a).unwrap();
+        assert_eq!(applied_port(&next_changes(&mut rx).await, "a"), Some(83));
+
+        // A broken write is reported and changes nothing; the next good write goes through.
+        std::fs::write(&a, "spec: [").unwrap();
+        std::fs::write(&a, svc_yaml("a", "10.96.0.1", 84)).unwrap();
+        assert_eq!(applied_port(&next_changes(&mut rx).await, "a"), Some(84));
+
+        // Delete.
+        std::fs::remove_file(dir.path().join("b.json")).unwrap();
+        assert_eq!(next_changes(&mut rx).await, vec![Change::Delete(key("b"))]);
+
+        drop(rx);
+        // The source ends once it notices the receiver is gone (on its next event).
+        std::fs::write(&a, svc_yaml("a", "10.96.0.1", 85)).unwrap();
+        let done = tokio::time::timeout(Duration::from_secs(10), task).await;
+        assert!(matches!(done, Ok(Ok(Ok(())))), "{done:?}");
+    }
+}
