@@ -1,1 +1,37 @@
-fn main() {}
+//! `svcplane`: a Kubernetes Service dataplane, drop-in for kube-proxy.
+
+mod cli;
+mod commands;
+mod config;
+mod duration;
+mod settings;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    init_logging(cli.verbosity());
+    match commands::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// kube-proxy's `-v N`: 0–1 info, 2–3 debug, 4+ trace. `RUST_LOG` overrides.
+fn init_logging(verbosity: u8) {
+    let level = match verbosity {
+        0 | 1 => "info",
+        2 | 3 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

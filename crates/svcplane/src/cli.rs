@@ -1,0 +1,118 @@
+//! Command-line interface. Flag names are kube-proxy's wherever kube-proxy has one.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "svcplane",
+    version,
+    about = "A Kubernetes Service dataplane: a drop-in replacement for kube-proxy",
+    long_about = "svcplane turns Kubernetes Services into kernel rules on each node, as kube-proxy does.\n\
+                  It reads Services, EndpointSlices, Nodes (and Pods) from a directory of manifests\n\
+                  (standalone mode) and programs one atomic nftables transaction per sync.\n\n\
+                  Start with `svcplane render` to see exactly what a mode would program.",
+    after_help = "Examples:\n  \
+                  svcplane render --manifests examples/cluster --hostname-override node-a --cluster-cidr 10.244.0.0/16\n  \
+                  svcplane proxy  --manifests examples/cluster --hostname-override node-a --cluster-cidr 10.244.0.0/16\n  \
+                  svcplane cleanup"
+)]
+pub struct Cli {
+    /// Log verbosity, as kube-proxy's -v (0-1 info, 2-3 debug, 4+ trace; RUST_LOG overrides).
+    #[arg(
+        short = 'v',
+        long = "v",
+        global = true,
+        value_name = "N",
+        default_value_t = 0
+    )]
+    pub verbosity: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    pub fn verbosity(&self) -> u8 {
+        self.verbosity
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy: watch the source and keep the kernel's Service rules in sync.
+    Proxy(ProxyArgs),
+    /// Print exactly what a mode would program for the manifests, without root and without touching the kernel.
+    Render(RenderArgs),
+    /// Remove everything svcplane programmed (in one mode, or in every mode).
+    Cleanup(CleanupArgs),
+}
+
+/// Flags shared by `proxy` and `render`: where objects come from and how the node is configured.
+#[derive(Debug, Args, Clone)]
+pub struct EngineArgs {
+    /// Dataplane mode: nftables, iptables, ipvs or ebpf (default nftables).
+    #[arg(long, value_name = "MODE")]
+    pub proxy_mode: Option<String>,
+
+    /// Directory of Kubernetes manifests (*.yaml, *.yml, *.json; watched for changes by `proxy`).
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+
+    /// This node's name: endpoints with this nodeName are local; its Node object gives IPs and zone.
+    /// Defaults to the host name.
+    #[arg(long, value_name = "NODE")]
+    pub hostname_override: Option<String>,
+
+    /// The pod network, comma-separated (one per family): traffic from outside it to a ClusterIP is masqueraded.
+    #[arg(long, value_name = "CIDR[,CIDR]")]
+    pub cluster_cidr: Option<String>,
+
+    /// Accept NodePorts only on local addresses within these CIDRs (default: every local address).
+    #[arg(long, value_name = "CIDR[,CIDR...]")]
+    pub nodeport_addresses: Option<String>,
+
+    /// Masquerade all traffic sent to a ClusterIP.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub masquerade_all: Option<bool>,
+
+    /// A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file; flags given explicitly override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// Address for /metrics (default 127.0.0.1:10249).
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_bind_address: Option<String>,
+
+    /// Address for /healthz and /livez (default 0.0.0.0:10256).
+    #[arg(long, value_name = "IP:PORT")]
+    pub healthz_bind_address: Option<String>,
+
+    /// Minimum time between syncs when changes arrive (Go duration, default 1s).
+    #[arg(long, value_name = "DURATION")]
+    pub min_sync_period: Option<String>,
+
+    /// Time between full resyncs (Go duration, default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub sync_period: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Only this mode's rules (default: every mode).
+    #[arg(long, value_name = "MODE")]
+    pub proxy_mode: Option<String>,
+}

@@ -1,0 +1,160 @@
+//! The subcommands. Each resolves settings, wires source → engine → backend, and runs.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use svcplane_dataplane::ProxyMode;
+use svcplane_model::{Change, Object};
+use svcplane_proxy::Engine;
+use svcplane_proxy::sync_loop::{SyncLoopConfig, SyncStatus, run_sync_loop};
+use svcplane_source::{ManifestSource, ProblemSink, Source};
+
+use crate::cli::{CleanupArgs, Cli, Command, ProxyArgs, RenderArgs};
+use crate::settings::{EngineSettings, ProxySettings};
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Proxy(args) => proxy(args),
+        Command::Render(args) => render(args),
+        Command::Cleanup(args) => cleanup(args),
+    }
+}
+
+fn manifests_dir(s: &EngineSettings) -> Result<std::path::PathBuf> {
+    s.manifests.clone().context(
+        "no object source: pass --manifests DIR (a directory of Service, EndpointSlice, Node and Pod manifests)",
+    )
+}
+
+/// Warn when the node's own Node object is missing: without it svcplane knows neither
+/// the node's IPs nor its zone (topology hints are then ignored, as kube-proxy does).
+fn warn_if_node_missing(changes: &[Change], node_name: &str) {
+    let found = changes
+        .iter()
+        .any(|c| matches!(c, Change::Apply(Object::Node(n)) if n.name == node_name));
+    if !found {
+        tracing::warn!(
+            "no Node object named {node_name:?} in the manifests: node IPs and zone are unknown \
+             (topology hints ignored); add one or pass the right --hostname-override"
+        );
+    }
+}
+
+fn render(args: RenderArgs) -> Result<()> {
+    let settings = EngineSettings::resolve(&args.engine)?;
+    let dir = manifests_dir(&settings)?;
+    let mut source = ManifestSource::new(&dir);
+    let (changes, problems) = source.load_once()?;
+    for problem in &problems {
+        eprintln!("warning: {problem}");
+    }
+    warn_if_node_missing(&changes, &settings.node_name);
+    let mut engine = Engine::new(settings.engine_config());
+    for change in changes {
+        engine.apply(change);
+    }
+    let desired = engine.desired();
+    let backend = svcplane_dataplane::backend(settings.mode);
+    let text = backend.render(&desired)?;
+    print!("{text}");
+    let skipped = problems
+        .iter()
+        .filter(|p| p.message.contains(": invalid value"))
+        .count();
+    if skipped > 0 {
+        eprintln!("warning: {skipped} invalid object(s) skipped; everything else was rendered");
+    }
+    Ok(())
+}
+
+fn proxy(args: ProxyArgs) -> Result<()> {
+    let settings = ProxySettings::resolve(&args)?;
+    if settings.engine.mode != ProxyMode::Nftables {
+        bail!(
+            "proxy mode {} is not implemented yet; available: nftables",
+            settings.engine.mode
+        );
+    }
+    let dir = manifests_dir(&settings.engine)?;
+    tracing::info!(
+        mode = %settings.engine.mode,
+        node = %settings.engine.node_name,
+        manifests = %dir.display(),
+        "starting svcplane proxy"
+    );
+    tracing::warn!(
+        metrics = %settings.metrics_bind_address,
+        healthz = %settings.healthz_bind_address,
+        "the /metrics and /healthz servers are not implemented yet; these addresses are not served"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let problems: ProblemSink = Arc::new(|p| tracing::warn!("{p}"));
+        let source: Box<dyn Source> = Box::new(ManifestSource::new(&dir));
+        let source_task = tokio::spawn(source.run(tx, problems));
+        let engine = Engine::new(settings.engine.engine_config());
+        let backend = svcplane_dataplane::backend(settings.engine.mode);
+        let (status_tx, _status_rx) = tokio::sync::watch::channel(SyncStatus::default());
+        let loop_config = SyncLoopConfig {
+            min_sync_period: settings.min_sync_period,
+            sync_period: settings.sync_period,
+        };
+        let sync_loop = run_sync_loop(engine, rx, backend, loop_config, status_tx);
+        tokio::select! {
+            result = sync_loop => result.context("sync loop failed"),
+            result = source_task => match result {
+                Ok(Ok(())) => bail!("the manifests source stopped"),
+                Ok(Err(err)) => Err(err).context("manifests source failed"),
+                Err(err) => Err(err).context("manifests source panicked"),
+            },
+            _ = shutdown_signal() => {
+                // As kube-proxy: leave the rules in place, so traffic keeps flowing across a restart.
+                tracing::info!("shutting down; rules stay in place (use `svcplane cleanup` to remove them)");
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn cleanup(args: CleanupArgs) -> Result<()> {
+    let modes: Vec<ProxyMode> = match &args.proxy_mode {
+        Some(m) => vec![
+            m.parse()
+                .map_err(|e| anyhow::anyhow!("--proxy-mode: {e}"))?,
+        ],
+        None => ProxyMode::ALL.to_vec(),
+    };
+    let mut failed = Vec::new();
+    for mode in modes {
+        match svcplane_dataplane::backend(mode).cleanup() {
+            Ok(()) => tracing::info!("cleaned up {mode} rules"),
+            Err(err) => {
+                eprintln!("error: cleanup of {mode} failed: {err}");
+                failed.push(mode.to_string());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("cleanup failed for: {}", failed.join(", "));
+    }
+    Ok(())
+}

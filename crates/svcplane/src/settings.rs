@@ -1,0 +1,171 @@
+//! Resolved settings: flags over the --config file over kube-proxy's defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use svcplane_dataplane::ProxyMode;
+use svcplane_proxy::EngineConfig;
+
+use crate::cli::{EngineArgs, ProxyArgs};
+use crate::config::{FileConfig, load_file_config, parse_bind_address, parse_cidr_list};
+use crate::duration::parse_go_duration;
+
+pub const DEFAULT_METRICS_BIND: &str = "127.0.0.1:10249";
+pub const DEFAULT_HEALTHZ_BIND: &str = "0.0.0.0:10256";
+pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
+pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub mode: ProxyMode,
+    pub manifests: Option<PathBuf>,
+    pub node_name: String,
+    pub cluster_cidrs: Vec<IpNet>,
+    pub nodeport_addresses: Vec<IpNet>,
+    pub masquerade_all: bool,
+    /// What the --config file said (for the proxy-only settings).
+    pub file: FileConfig,
+}
+
+impl EngineSettings {
+    pub fn resolve(args: &EngineArgs) -> Result<Self> {
+        let file = match &args.config {
+            Some(path) => load_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        for warning in &file.warnings {
+            tracing::warn!("--config: {warning}");
+        }
+        let mode_name = args
+            .proxy_mode
+            .clone()
+            .or_else(|| file.mode.clone())
+            .unwrap_or_else(|| "nftables".into());
+        let mode: ProxyMode = mode_name
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--proxy-mode: {e}"))?;
+        let node_name = match args
+            .hostname_override
+            .clone()
+            .or_else(|| file.hostname_override.clone())
+        {
+            Some(n) => n,
+            None => host_name()?,
+        };
+        let node_name = node_name.trim().to_lowercase();
+        if !svcplane_model::is_dns1123_subdomain(&node_name) {
+            anyhow::bail!(
+                "--hostname-override: invalid node name {node_name:?} (must be a DNS-1123 subdomain)"
+            );
+        }
+        let cluster_cidrs = match &args.cluster_cidr {
+            Some(s) => parse_cidr_list(s).context("--cluster-cidr")?,
+            None => file.cluster_cidrs.clone().unwrap_or_default(),
+        };
+        let nodeport_addresses = match &args.nodeport_addresses {
+            Some(s) => parse_cidr_list(s).context("--nodeport-addresses")?,
+            None => file.nodeport_addresses.clone().unwrap_or_default(),
+        };
+        let masquerade_all = args.masquerade_all.or(file.masquerade_all).unwrap_or(false);
+        Ok(EngineSettings {
+            mode,
+            manifests: args.manifests.clone(),
+            node_name,
+            cluster_cidrs,
+            nodeport_addresses,
+            masquerade_all,
+            file,
+        })
+    }
+
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            node_name: self.node_name.clone(),
+            cluster_cidrs: self.cluster_cidrs.clone(),
+            nodeport_addresses: self.nodeport_addresses.clone(),
+            masquerade_all: self.masquerade_all,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub engine: EngineSettings,
+    pub metrics_bind_address: SocketAddr,
+    pub healthz_bind_address: SocketAddr,
+    pub min_sync_period: Duration,
+    pub sync_period: Duration,
+}
+
+impl ProxySettings {
+    pub fn resolve(args: &ProxyArgs) -> Result<Self> {
+        let engine = EngineSettings::resolve(&args.engine)?;
+        let file = &engine.file;
+        let metrics_bind_address = match &args.metrics_bind_address {
+            Some(a) => parse_bind_address(a).context("--metrics-bind-address")?,
+            None => file
+                .metrics_bind_address
+                .unwrap_or_else(|| parse_default(DEFAULT_METRICS_BIND)),
+        };
+        let healthz_bind_address = match &args.healthz_bind_address {
+            Some(a) => parse_bind_address(a).context("--healthz-bind-address")?,
+            None => file
+                .healthz_bind_address
+                .unwrap_or_else(|| parse_default(DEFAULT_HEALTHZ_BIND)),
+        };
+        let min_sync_period = match &args.min_sync_period {
+            Some(d) => parse_go_duration(d)
+                .map_err(anyhow::Error::msg)
+                .context("--min-sync-period")?,
+            None => file.min_sync_period.unwrap_or(DEFAULT_MIN_SYNC_PERIOD),
+        };
+        let sync_period = match &args.sync_period {
+            Some(d) => parse_go_duration(d)
+                .map_err(anyhow::Error::msg)
+                .context("--sync-period")?,
+            None => file.sync_period.unwrap_or(DEFAULT_SYNC_PERIOD),
+        };
+        if sync_period.is_zero() {
+            anyhow::bail!("--sync-period must be greater than 0");
+        }
+        Ok(ProxySettings {
+            engine,
+            metrics_bind_address,
+            healthz_bind_address,
+            min_sync_period,
+            sync_period,
+        })
+    }
+}
+
+fn parse_default(s: &str) -> SocketAddr {
+    // The defaults are constants above; a parse failure is a programming error caught by tests.
+    s.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// The host name, as kube-proxy uses it when no override is given.
+fn host_name() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("cannot read the host name; pass --hostname-override NODE")?;
+    Ok(name.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        assert_eq!(
+            parse_default(DEFAULT_METRICS_BIND).to_string(),
+            DEFAULT_METRICS_BIND
+        );
+        assert_eq!(
+            parse_default(DEFAULT_HEALTHZ_BIND).to_string(),
+            DEFAULT_HEALTHZ_BIND
+        );
+    }
+}

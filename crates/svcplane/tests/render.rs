@@ -1,0 +1,158 @@
+//! `svcplane render` end to end: the bundled example, invalid and hostile input, and
+//! (as root) the kernel's own check of the generated nftables script.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use svcplane_testkit::{Netns, skip_unless_root};
+
+fn example_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cluster")
+}
+
+fn render(dir: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_svcplane"))
+        .args([
+            "render",
+            "--proxy-mode",
+            "nftables",
+            "--hostname-override",
+            "node-a",
+        ])
+        .arg("--manifests")
+        .arg(dir)
+        .args(extra)
+        .output()
+        .expect("run svcplane")
+}
+
+fn render_example() -> (String, String) {
+    let out = render(
+        &example_dir(),
+        &["--cluster-cidr", "10.244.0.0/16,fd00:244::/48"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "render failed: {stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn example_renders_both_families_and_reports_the_invalid_object() {
+    let (script, stderr) = render_example();
+    assert!(script.contains("table ip svcplane"), "{script}");
+    assert!(script.contains("table ip6 svcplane"), "{script}");
+    // The invalid Service is named with its field, and skipped.
+    assert!(stderr.contains("demo/broken"), "{stderr}");
+    assert!(stderr.contains("spec.ports[0].port"), "{stderr}");
+    assert!(stderr.contains("70000"), "{stderr}");
+    assert!(
+        !script.contains("10.96.0.99"),
+        "invalid service must not be programmed"
+    );
+    // Every other service is there: ClusterIPs of both families, the NodePort, the LB IP.
+    for needle in [
+        "10.96.0.10",
+        "fd00:96::10",
+        "10.96.0.20",
+        "30080",
+        "192.0.2.100",
+        "203.0.113.0/24",
+        "198.51.100.53",
+        "10.96.0.80",
+    ] {
+        assert!(script.contains(needle), "missing {needle} in script");
+    }
+    // Endpoints derived from Pods by the standalone controller (web-1 on node-a, web-2 on
+    // node-b); not-ready web-3 left out while ready endpoints exist.
+    assert!(script.contains("10.244.1.10"));
+    assert!(script.contains("10.244.2.10"));
+    assert!(!script.contains("10.244.2.11"));
+    // Topology hints: node-a is in zone-a, so only the zone-a endpoint of `zonal` is used.
+    assert!(script.contains("10.244.1.70"));
+    assert!(!script.contains("10.244.2.70"));
+    // Terminating fallback: only the serving terminating endpoint of `draining`.
+    assert!(script.contains("10.244.1.60"));
+    assert!(!script.contains("10.244.2.60"));
+}
+
+#[test]
+fn render_is_deterministic() {
+    let (a, _) = render_example();
+    let (b, _) = render_example();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn hostile_names_never_reach_the_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("evil.yaml"),
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: "evil\"; flush ruleset; #", namespace: demo}
+spec:
+  clusterIP: 10.96.1.1
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: fine, namespace: demo}
+spec:
+  clusterIP: 10.96.1.2
+  ports: [{name: "x}\ndelete table ip svcplane", port: 81}, {name: ok, port: 82}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: good, namespace: demo}
+spec:
+  clusterIP: 10.96.1.3
+  ports: [{port: 83}]
+"#,
+    )
+    .unwrap();
+    let out = render(dir.path(), &[]);
+    let script = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The API server rejects such objects whole; so does svcplane.
+    assert!(!script.contains("flush ruleset"), "{script}");
+    assert!(!script.contains("evil"), "{script}");
+    assert!(!script.contains("10.96.1.1"), "{script}");
+    assert!(!script.contains("10.96.1.2"), "{script}");
+    assert!(stderr.contains("metadata.name"), "{stderr}");
+    assert!(stderr.contains("spec.ports[0].name"), "{stderr}");
+    assert!(
+        script.contains("10.96.1.3"),
+        "the valid service is still programmed"
+    );
+}
+
+#[test]
+fn missing_manifests_dir_is_a_clear_error() {
+    let out = render(Path::new("/nonexistent/svcplane-manifests"), &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/nonexistent/svcplane-manifests"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn kernel_accepts_the_example_script() {
+    if skip_unless_root(&["nft", "ip"]) {
+        return;
+    }
+    let (script, _) = render_example();
+    let ns = Netns::new("svcplane-render").expect("create netns");
+    let check = ns
+        .run_with_input("nft", &["-c", "-f", "-"], &script)
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "nft -c rejected the script: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
