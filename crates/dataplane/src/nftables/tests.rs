@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use ipnet::IpNet;
 use svcplane_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
@@ -705,7 +704,7 @@ fn listing_is_parsed() {
 /// 10k service ports × 10 endpoints. Debug builds are slow, so the bound is generous
 /// there; release builds render this in a fraction of a second.
 #[test]
-fn renders_a_large_state_quickly() {
+fn renders_a_large_state_completely() {
     let services: Vec<ServicePortState> = (0..10_000u32)
         .map(|i| {
             let eps: Vec<String> = (0..10u32)
@@ -729,11 +728,7 @@ fn renders_a_large_state_quickly() {
         })
         .collect();
     let st = state(services, vec![]);
-    let start = Instant::now();
+    // Correctness at scale only; speed is measured by benchmarks, not asserted in tests.
     let script = render(&st).unwrap();
-    let elapsed = start.elapsed();
     assert_eq!(script.matches("dnat to").count(), 100_000);
-    let limit = if cfg!(debug_assertions) { 15.0 } else { 1.0 };
-    assert!(elapsed.as_secs_f64() < limit, "render took {elapsed:?}");
-    eprintln!("rendered {} bytes in {elapsed:?}", script.len());
 }
