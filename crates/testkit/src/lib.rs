@@ -131,3 +131,59 @@ mod tests {
         assert!(!String::from_utf8_lossy(&list.stdout).contains(&name));
     }
 }
+
+/// A background process (e.g. `svcplane proxy` in a namespace), killed on drop.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<std::process::Child>,
+}
+
+impl Daemon {
+    pub fn spawn(mut cmd: Command) -> io::Result<Daemon> {
+        let child = cmd.stdin(Stdio::null()).spawn()?;
+        Ok(Daemon { child: Some(child) })
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Still running?
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub fn terminate(mut self) -> io::Result<std::process::ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| io::Error::other("already stopped"))?;
+        run_checked(Command::new("kill").args(["-TERM", &child.id().to_string()]))?;
+        child.wait()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Poll `check` every 50 ms until it returns true or `timeout` passes. Waiting is not
+/// asserting on speed: the timeout only bounds how long a broken test hangs.
+pub fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
