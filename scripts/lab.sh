@@ -17,10 +17,11 @@ echo "== svcplane render --proxy-mode nftables (node-a) on examples/cluster"
   >"$out/rules.nft" 2>"$out/stderr"
 echo "-- reported on stderr:"
 sed 's/^/   /' "$out/stderr"
-echo "-- script: $(wc -l <"$out/rules.nft") lines; the ClusterIP dispatch map and the web service:"
-grep -A12 -m1 'map service-ips' "$out/rules.nft" | sed 's/^/   /' || true
-echo "   ..."
-echo "   (full script: $bin render ... as above)"
+echo "-- script: $(wc -l <"$out/rules.nft") lines. How a packet to a ClusterIP is dispatched (IPv4):"
+awk '/^add element ip svcplane service-ips/,/^}/' "$out/rules.nft" | sed 's/^/   /'
+echo "-- and the demo/web service: pick an endpoint at random, DNAT to it:"
+awk '/chain .*demo\/web\/tcp\/http/{p=1} p{print} p&&/^\t}/{p=0}' "$out/rules.nft" | head -16 | sed 's/^/   /'
+echo "   (the whole script: $bin render --manifests examples/cluster --hostname-override node-a ...)"
 
 if [ "$(id -u)" -eq 0 ] && command -v nft >/dev/null; then
   ns="svcplane-lab-$$"
