@@ -1,6 +1,21 @@
 //! The netns test kit: what root tests and the lab use to get real kernel state
 //! without touching the host's. Every namespace is uniquely named per process and
 //! per call, and is deleted when its guard drops, even when a test panics.
+//!
+//! - [`Netns`], [`Daemon`], [`wait_until`], [`skip_unless_root`]: the building blocks.
+//! - [`Cluster`]: a virtual cluster (bridge, nodes, pods with echo servers, an external
+//!   client) for real-traffic tests, with [`Cluster::run_proxy`] to run `svcplane proxy`
+//!   on a node and [`Cluster::manifests`] to write matching manifests.
+//! - [`tcp_request`] / [`udp_request`] / [`EchoServer`]: sockets inside any namespace.
+
+mod cluster;
+mod net;
+
+pub use cluster::{
+    CLIENT_V4, CLIENT_V6, CLUSTER_CIDR, Client, Cluster, ClusterBuilder, Manifests, Node, Pod,
+    PodSpec, ProxyHandle, SERVICE_CIDRS, parse_echo,
+};
+pub use net::{EchoReply, EchoServer, Proto, RequestError, in_netns, tcp_request, udp_request};
 
 use std::io;
 use std::process::{Command, Output, Stdio};
@@ -61,6 +76,7 @@ impl Netns {
         Ok(ns)
     }
 
+    /// The namespace's name (under /run/netns).
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -139,11 +155,13 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Spawn `cmd` (stdin closed; stdout and stderr inherited, so test output shows them).
     pub fn spawn(mut cmd: Command) -> io::Result<Daemon> {
         let child = cmd.stdin(Stdio::null()).spawn()?;
         Ok(Daemon { child: Some(child) })
     }
 
+    /// Its process id, while not yet stopped.
     pub fn id(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
