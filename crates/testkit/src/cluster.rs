@@ -7,7 +7,7 @@
 //!          ┌──────────────────┼──────────────────┬─────────────────┐
 //!   node-a eth0 10.0.0.11/24  node-b eth0 10.0.0.12/24 ...   client eth0 10.0.0.100/24
 //!          fd00:10::11/64            fd00:10::12/64                  fd00:10::100/64
-//!     ├─ p0 ── pod eth0 10.244.1.10/32, fd00:244:1::10/128            + extra addresses
+//!     ├─ p0 ── pod eth0 10.244.1.10/32, fd00:244:0:1::10/128            + extra addresses
 //!     └─ p1 ── pod eth0 10.244.1.11/32, ...                             (e.g. 203.0.113.10)
 //! ```
 //!
@@ -15,13 +15,14 @@
 //!   every node is symmetrical and a proxy's rules on one node never see bridge traffic
 //!   of the others.
 //! - Node `i` (0-based, in the order added) has 10.0.0.(11+i) and fd00:10::(11+i) on
-//!   the bridge, pod CIDRs 10.244.(i+1).0/24 and fd00:244:(i+1)::/64, forwarding
+//!   the bridge, pod CIDRs 10.244.(i+1).0/24 and fd00:244:0:(i+1)::/64 (both inside
+//!   [`CLUSTER_CIDR`]; note fd00:244:1::/64 would not be inside fd00:244::/48), forwarding
 //!   enabled, and routes to every other node's pod CIDRs via that node.
 //! - A pod is a namespace joined to its node by a veth pair: /32 and /128 routes on the
 //!   node, default routes in the pod via the node (IPv4 via the node's bridge address
 //!   `onlink`, IPv6 via fe80::1 on the node's side of the veth).
-//! - The external client sits on the bridge; its extra addresses are routed to it from
-//!   every node, and it reaches the service CIDRs ([`SERVICE_CIDRS`]) through the
+//! - The external client sits on the bridge and is every node's default gateway (it
+//!   does not forward); its extra addresses are routed to it from every node, and it reaches the service CIDRs ([`SERVICE_CIDRS`]) through the
 //!   gateway node (the first node unless [`ClusterBuilder::client_gateway`] says
 //!   otherwise).
 //!
@@ -212,6 +213,14 @@ impl ClusterBuilder {
                     "-qw",
                     "net.ipv4.ip_forward=1",
                     "net.ipv6.conf.all.forwarding=1",
+                    // A node forwarding a packet back out eth0 (e.g. the client's
+                    // packet to a ClusterIP without endpoints, routed to the default
+                    // gateway) would send an ICMP redirect first, which uses up the
+                    // per-host ICMP rate limit and suppresses the REJECT's
+                    // unreachable. Routers in real clusters commonly disable them too.
+                    "net.ipv4.conf.all.send_redirects=0",
+                    "net.ipv4.conf.default.send_redirects=0",
+                    "net.ipv4.conf.eth0.send_redirects=0",
                 ],
             ))?;
             cluster.nodes.push(node);
@@ -231,6 +240,24 @@ impl ClusterBuilder {
                     &["-6", "route", "add", &v6, "via", &other.v6.to_string()],
                 )?;
             }
+            // Real nodes have a default route; without one a packet to an unprogrammed
+            // ClusterIP fails routing before any filter rule sees it. The client is
+            // the "outside world" gateway; it does not forward, so nothing loops.
+            ip(
+                &node.netns,
+                &["route", "add", "default", "via", &CLIENT_V4.to_string()],
+            )?;
+            ip(
+                &node.netns,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &CLIENT_V6.to_string(),
+                ],
+            )?;
             for extra in &self.client_extra {
                 let (via, len) = match extra {
                     IpAddr::V4(_) => (IpAddr::V4(CLIENT_V4), 32),
@@ -366,7 +393,7 @@ impl Node {
     /// Its pod CIDRs (IPv4, IPv6).
     pub fn pod_cidrs(&self) -> (String, String) {
         let n = self.index + 1;
-        (format!("10.244.{n}.0/24"), format!("fd00:244:{n}::/64"))
+        (format!("10.244.{n}.0/24"), format!("fd00:244:0:{n}::/64"))
     }
 
     /// Its namespace (run commands in it with [`Netns::command`]).
@@ -506,7 +533,7 @@ impl Cluster {
     }
 
     /// Add a pod to a running cluster (the builder uses this too) and start its echo
-    /// server. Pod `j` on node `i` gets 10.244.(i+1).(10+j) and fd00:244:(i+1)::(10+j).
+    /// server. Pod `j` on node `i` gets 10.244.(i+1).(10+j) and fd00:244:0:(i+1)::(10+j).
     pub fn add_pod(&mut self, spec: PodSpec) -> io::Result<&Pod> {
         if self.pods.iter().any(|p| p.spec.name == spec.name) {
             return Err(io::Error::other(format!("pod {} added twice", spec.name)));
@@ -523,7 +550,7 @@ impl Cluster {
         node.pods += 1;
         let (subnet, host) = (node.index as u8 + 1, j as u8 + 10);
         let v4 = Ipv4Addr::new(10, 244, subnet, host);
-        let v6: Ipv6Addr = format!("fd00:244:{subnet}::{host}")
+        let v6: Ipv6Addr = format!("fd00:244:0:{subnet}::{host}")
             .parse()
             .map_err(io::Error::other)?;
         let netns = Netns::new(&format!("svk-{}", spec.name))?;
