@@ -1,0 +1,285 @@
+//! Real traffic through `svcplane proxy --proxy-mode nftables` (root): a two-node
+//! virtual cluster from the test kit, echo servers in every pod, the proxy on node-a,
+//! requests from a pod on node-a and from the external client.
+//!
+//! Adding a scenario: add its Service (and pods, if it needs new ones) to [`SERVICES`]
+//! / [`Env::start`], then a `#[test]` that calls `Env::start()` and sends requests.
+//! Each test builds its own cluster, so they run in parallel without sharing state.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use svcplane_testkit::{
+    Cluster, EchoReply, Manifests, PodSpec, Proto, ProxyHandle, RequestError, parse_echo,
+    skip_unless_root,
+};
+
+/// Per-request timeout: only bounds how long a broken test hangs.
+const T: Duration = Duration::from_secs(3);
+/// Requests sent to see every endpoint of a multi-endpoint service. With random
+/// choice between 2 endpoints, missing one in 64 tries has probability 2^-63.
+const SPREAD_TRIES: usize = 64;
+
+const SERVICES: &str = r#"
+# One endpoint (one-a on node-a), dual-stack, port 80 -> targetPort 8080.
+apiVersion: v1
+kind: Service
+metadata: {name: one, namespace: default}
+spec:
+  selector: {app: one}
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 10.96.1.1
+  clusterIPs: [10.96.1.1, "fd00:96::1:1"]
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+# Two endpoints, one per node.
+apiVersion: v1
+kind: Service
+metadata: {name: many, namespace: default}
+spec:
+  selector: {app: many}
+  clusterIP: 10.96.1.2
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+# TCP and UDP on the same port number, mapped to different target ports so the echo
+# reply proves which rule each protocol went through.
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: default}
+spec:
+  selector: {app: dns}
+  clusterIP: 10.96.1.3
+  ports:
+    - {name: dns-tcp, port: 53, protocol: TCP, targetPort: 5353}
+    - {name: dns-udp, port: 53, protocol: UDP, targetPort: 5354}
+---
+# NodePort over the two "many" pods.
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: default}
+spec:
+  type: NodePort
+  selector: {app: many}
+  clusterIP: 10.96.1.4
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+# Selects nothing: no endpoints.
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  selector: {app: nobody}
+  clusterIP: 10.96.1.5
+  ports: [{name: http, port: 80}]
+"#;
+
+/// The standard cluster, its manifests and the proxy on node-a. Field order is drop
+/// order: the proxy stops before the cluster's namespaces go away.
+struct Env {
+    _proxy: ProxyHandle,
+    _manifests: Manifests,
+    cluster: Cluster,
+}
+
+impl Env {
+    /// `None` when the test must skip (not root, tools missing).
+    fn start() -> Option<Env> {
+        if skip_unless_root(&["ip", "nft", "sysctl"]) {
+            return None;
+        }
+        let cluster = Cluster::builder()
+            .node("node-a", "zone-a")
+            .node("node-b", "zone-b")
+            // A pod without labels: the in-cluster client on node-a.
+            .pod(PodSpec::new("client-a", "node-a"))
+            .pod(
+                PodSpec::new("one-a", "node-a")
+                    .label("app", "one")
+                    .tcp(&[8080]),
+            )
+            .pod(
+                PodSpec::new("many-a", "node-a")
+                    .label("app", "many")
+                    .tcp(&[8080]),
+            )
+            .pod(
+                PodSpec::new("many-b", "node-b")
+                    .label("app", "many")
+                    .tcp(&[8080]),
+            )
+            .pod(
+                PodSpec::new("dns-b", "node-b")
+                    .label("app", "dns")
+                    .tcp(&[5353])
+                    .udp(&[5354]),
+            )
+            .build()
+            .expect("virtual cluster");
+        let manifests = cluster.manifests().expect("manifests");
+        manifests
+            .write("services.yaml", SERVICES)
+            .expect("services.yaml");
+        let proxy = cluster
+            .run_proxy(
+                env!("CARGO_BIN_EXE_svcplane"),
+                "node-a",
+                manifests.path(),
+                &[],
+            )
+            .expect("svcplane proxy on node-a");
+        Some(Env {
+            _proxy: proxy,
+            _manifests: manifests,
+            cluster,
+        })
+    }
+
+    fn pod_ip(&self, pod: &str) -> IpAddr {
+        IpAddr::V4(self.cluster.pod(pod).expect("pod").ipv4())
+    }
+
+    fn node_ip(&self, node: &str) -> IpAddr {
+        IpAddr::V4(self.cluster.node(node).expect("node").ipv4())
+    }
+
+    /// TCP from the named pod, or from the external client for `"client"`.
+    fn tcp(&self, from: &str, dst: &str) -> EchoReply {
+        let reply = self
+            .try_tcp(from, dst)
+            .unwrap_or_else(|e| panic!("TCP {from} -> {dst}: {e}"));
+        parse_echo(&reply).expect("echo reply")
+    }
+
+    fn udp(&self, from: &str, dst: &str) -> EchoReply {
+        let reply = self
+            .try_udp(from, dst)
+            .unwrap_or_else(|e| panic!("UDP {from} -> {dst}: {e}"));
+        parse_echo(&reply).expect("echo reply")
+    }
+
+    fn try_tcp(&self, from: &str, dst: &str) -> Result<String, RequestError> {
+        let dst: SocketAddr = dst.parse().expect("address");
+        if from == "client" {
+            self.cluster.tcp_request(self.cluster.client(), dst, T)
+        } else {
+            let pod = self.cluster.pod(from).expect("pod");
+            self.cluster.tcp_request(pod, dst, T)
+        }
+    }
+
+    fn try_udp(&self, from: &str, dst: &str) -> Result<String, RequestError> {
+        let dst: SocketAddr = dst.parse().expect("address");
+        if from == "client" {
+            self.cluster.udp_request(self.cluster.client(), dst, T)
+        } else {
+            let pod = self.cluster.pod(from).expect("pod");
+            self.cluster.udp_request(pod, dst, T)
+        }
+    }
+
+    /// Send TCP requests until every pod in `want` answered (bounded), and return the
+    /// replies; asserts nothing outside `want` answered.
+    fn spread(&self, from: &str, dst: &str, want: &[&str]) -> Vec<EchoReply> {
+        let want: BTreeSet<IpAddr> = want.iter().map(|p| self.pod_ip(p)).collect();
+        let mut seen = BTreeSet::new();
+        let mut replies = Vec::new();
+        for _ in 0..SPREAD_TRIES {
+            let reply = self.tcp(from, dst);
+            assert!(want.contains(&reply.pod), "unexpected endpoint: {reply:?}");
+            seen.insert(reply.pod);
+            replies.push(reply);
+            if seen == want {
+                break;
+            }
+        }
+        assert_eq!(
+            seen, want,
+            "not every endpoint answered in {SPREAD_TRIES} tries"
+        );
+        replies
+    }
+}
+
+#[test]
+fn cluster_ip_one_endpoint_with_target_port_from_a_pod() {
+    let Some(env) = Env::start() else { return };
+    let reply = env.tcp("client-a", "10.96.1.1:80");
+    assert_eq!(reply.pod, env.pod_ip("one-a"));
+    assert_eq!((reply.proto, reply.port), (Proto::Tcp, 8080));
+    // A pod in the cluster CIDR is not masqueraded.
+    assert_eq!(reply.peer.ip(), env.pod_ip("client-a"));
+}
+
+#[test]
+fn cluster_ip_ipv6_from_a_pod() {
+    let Some(env) = Env::start() else { return };
+    let reply = env.tcp("client-a", "[fd00:96::1:1]:80");
+    let one = env.cluster.pod("one-a").expect("pod");
+    let client = env.cluster.pod("client-a").expect("pod");
+    assert_eq!(reply.pod, IpAddr::V6(one.ipv6()));
+    assert_eq!(reply.port, 8080);
+    assert_eq!(reply.peer.ip(), IpAddr::V6(client.ipv6()));
+}
+
+#[test]
+fn cluster_ip_many_endpoints_spread_from_a_pod() {
+    let Some(env) = Env::start() else { return };
+    let client = env.pod_ip("client-a");
+    for reply in env.spread("client-a", "10.96.1.2:80", &["many-a", "many-b"]) {
+        assert_eq!(reply.port, 8080);
+        assert_eq!(reply.peer.ip(), client, "pod traffic must keep its source");
+    }
+}
+
+#[test]
+fn cluster_ip_from_the_external_client_is_masqueraded() {
+    let Some(env) = Env::start() else { return };
+    let node_a = env.node_ip("node-a");
+    for reply in env.spread("client", "10.96.1.2:80", &["many-a", "many-b"]) {
+        // Not from the cluster CIDR: masqueraded to node-a, so replies come back to it.
+        assert_eq!(reply.peer.ip(), node_a, "{reply:?}");
+    }
+}
+
+#[test]
+fn tcp_and_udp_on_the_same_port_number() {
+    let Some(env) = Env::start() else { return };
+    let dns = env.pod_ip("dns-b");
+    for from in ["client-a", "client"] {
+        let tcp = env.tcp(from, "10.96.1.3:53");
+        assert_eq!((tcp.pod, tcp.proto, tcp.port), (dns, Proto::Tcp, 5353));
+        let udp = env.udp(from, "10.96.1.3:53");
+        assert_eq!((udp.pod, udp.proto, udp.port), (dns, Proto::Udp, 5354));
+    }
+}
+
+#[test]
+fn node_port_from_the_external_client() {
+    let Some(env) = Env::start() else { return };
+    let node_a = env.node_ip("node-a");
+    for reply in env.spread("client", "10.0.0.11:30080", &["many-a", "many-b"]) {
+        assert_eq!(reply.port, 8080);
+        // externalTrafficPolicy Cluster: masqueraded to the node.
+        assert_eq!(reply.peer.ip(), node_a, "{reply:?}");
+    }
+}
+
+#[test]
+fn udp_to_a_tcp_only_port_is_rejected() {
+    let Some(env) = Env::start() else { return };
+    for from in ["client-a", "client"] {
+        let got = env.try_udp(from, "10.96.1.2:80");
+        assert!(matches!(got, Err(RequestError::Refused)), "{from}: {got:?}");
+    }
+}
+
+#[test]
+fn service_without_endpoints_is_rejected() {
+    let Some(env) = Env::start() else { return };
+    for from in ["client-a", "client"] {
+        let got = env.try_tcp(from, "10.96.1.5:80");
+        assert!(matches!(got, Err(RequestError::Refused)), "{from}: {got:?}");
+    }
+}
