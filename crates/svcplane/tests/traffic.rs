@@ -73,13 +73,51 @@ spec:
   selector: {app: nobody}
   clusterIP: 10.96.1.5
   ports: [{name: http, port: 80}]
+---
+# LoadBalancer with source ranges: only 203.0.113.0/24 may use the LB IP.
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: default}
+spec:
+  type: LoadBalancer
+  selector: {app: many}
+  clusterIP: 10.96.1.6
+  loadBalancerSourceRanges: [203.0.113.0/24]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.10}]
+---
+# An external IP.
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: default}
+spec:
+  selector: {app: one}
+  clusterIP: 10.96.1.7
+  externalIPs: [192.0.2.20]
+  ports: [{name: http, port: 8000, targetPort: 8080}]
+---
+# externalTrafficPolicy Local; its only endpoint (one-a) is on node-a.
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: default}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {app: one}
+  clusterIP: 10.96.1.8
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30083}]
 "#;
+
+/// The client's extra source address, inside the `lb` service's source ranges.
+const ALLOWED_SRC: &str = "203.0.113.10";
 
 /// The standard cluster, its manifests and the proxy on node-a. Field order is drop
 /// order: the proxy stops before the cluster's namespaces go away.
 struct Env {
     _proxy: ProxyHandle,
-    _manifests: Manifests,
+    manifests: Manifests,
     cluster: Cluster,
 }
 
@@ -115,8 +153,13 @@ impl Env {
                     .tcp(&[5353])
                     .udp(&[5354]),
             )
+            .client_address(ALLOWED_SRC.parse().expect("address"))
             .build()
             .expect("virtual cluster");
+        // LoadBalancer and external IPs reach node-a, as an upstream router would send them.
+        cluster
+            .route_client_via("192.0.2.0/24", "node-a")
+            .expect("client route");
         let manifests = cluster.manifests().expect("manifests");
         manifests
             .write("services.yaml", SERVICES)
@@ -131,7 +174,7 @@ impl Env {
             .expect("svcplane proxy on node-a");
         Some(Env {
             _proxy: proxy,
-            _manifests: manifests,
+            manifests,
             cluster,
         })
     }
@@ -144,7 +187,8 @@ impl Env {
         IpAddr::V4(self.cluster.node(node).expect("node").ipv4())
     }
 
-    /// TCP from the named pod, or from the external client for `"client"`.
+    /// TCP from the named pod, or from the external client for `"client"` (its own
+    /// address) and `"client-allowed"` (from [`ALLOWED_SRC`]).
     fn tcp(&self, from: &str, dst: &str) -> EchoReply {
         let reply = self
             .try_tcp(from, dst)
@@ -161,7 +205,11 @@ impl Env {
 
     fn try_tcp(&self, from: &str, dst: &str) -> Result<String, RequestError> {
         let dst: SocketAddr = dst.parse().expect("address");
-        if from == "client" {
+        if from == "client-allowed" {
+            let src = ALLOWED_SRC.parse().expect("address");
+            self.cluster
+                .tcp_request_from(self.cluster.client(), src, dst, T)
+        } else if from == "client" {
             self.cluster.tcp_request(self.cluster.client(), dst, T)
         } else {
             let pod = self.cluster.pod(from).expect("pod");
@@ -282,4 +330,50 @@ fn service_without_endpoints_is_rejected() {
         let got = env.try_tcp(from, "10.96.1.5:80");
         assert!(matches!(got, Err(RequestError::Refused)), "{from}: {got:?}");
     }
+}
+
+#[test]
+fn load_balancer_source_ranges_allow_and_block_but_not_the_node_port() {
+    let Some(env) = Env::start() else { return };
+    let node_a = env.node_ip("node-a");
+    for reply in env.spread("client-allowed", "192.0.2.10:80", &["many-a", "many-b"]) {
+        assert_eq!(reply.port, 8080);
+        assert_eq!(
+            reply.peer.ip(),
+            node_a,
+            "eTP Cluster masquerades: {reply:?}"
+        );
+    }
+    // Outside the source ranges: dropped (no answer at all).
+    let got = env.try_tcp("client", "192.0.2.10:80");
+    assert!(matches!(got, Err(RequestError::Timeout)), "{got:?}");
+    // The same service's NodePort is not subject to the source ranges.
+    env.spread("client", "10.0.0.11:30081", &["many-a", "many-b"]);
+}
+
+#[test]
+fn external_ip_from_the_external_client() {
+    let Some(env) = Env::start() else { return };
+    let reply = env.tcp("client", "192.0.2.20:8000");
+    assert_eq!((reply.pod, reply.port), (env.pod_ip("one-a"), 8080));
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints() {
+    let Some(env) = Env::start() else { return };
+    let reply = env.tcp("client", "10.0.0.11:30083");
+    assert_eq!(reply.pod, env.pod_ip("one-a"));
+    assert_eq!(reply.peer.ip(), IpAddr::V4(svcplane_testkit::CLIENT_V4));
+    // node-b has no local endpoint for it: dropped there, not forwarded to node-a.
+    let _proxy_b = env
+        .cluster
+        .run_proxy(
+            env!("CARGO_BIN_EXE_svcplane"),
+            "node-b",
+            env.manifests.path(),
+            &[],
+        )
+        .expect("svcplane proxy on node-b");
+    let got = env.try_tcp("client", "10.0.0.12:30083");
+    assert!(matches!(got, Err(RequestError::Timeout)), "{got:?}");
 }

@@ -599,6 +599,18 @@ impl Cluster {
         Ok(self.pods.last().expect("just pushed"))
     }
 
+    /// Route `cidr` (e.g. a LoadBalancer or external IP) from the client via `node`, as
+    /// an upstream router would. The service CIDRs are routed at build time.
+    pub fn route_client_via(&self, cidr: &str, node: &str) -> io::Result<()> {
+        let node = self.node(node)?;
+        let via = if cidr.contains(':') {
+            node.v6.to_string()
+        } else {
+            node.v4.to_string()
+        };
+        ip(&self.client.netns, &["route", "replace", cidr, "via", &via])
+    }
+
     /// TCP request from inside `from` (a node, pod, the client, or any [`Netns`]);
     /// returns the echo reply text or a classified error.
     pub fn tcp_request(
