@@ -108,7 +108,31 @@ spec:
   selector: {app: one}
   clusterIP: 10.96.1.8
   ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30083}]
+---
+# ClientIP session affinity over the two "many" pods.
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  selector: {app: many}
+  clusterIP: 10.96.1.9
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+# internalTrafficPolicy Local over the two "many" pods (one per node).
+apiVersion: v1
+kind: Service
+metadata: {name: itp, namespace: default}
+spec:
+  selector: {app: many}
+  clusterIP: 10.96.1.10
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: 8080}]
 "#;
+
+/// Requests that must all reach the same endpoint; with 2 endpoints chosen at random,
+/// all landing on one by chance has probability 2^-31.
+const STICKY_TRIES: usize = 32;
 
 /// The client's extra source address, inside the `lb` service's source ranges.
 const ALLOWED_SRC: &str = "203.0.113.10";
@@ -376,4 +400,36 @@ fn external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_end
         .expect("svcplane proxy on node-b");
     let got = env.try_tcp("client", "10.0.0.12:30083");
     assert!(matches!(got, Err(RequestError::Timeout)), "{got:?}");
+}
+
+#[test]
+fn hairpin_is_masqueraded() {
+    let Some(env) = Env::start() else { return };
+    let me = env.pod_ip("many-a");
+    for reply in env.spread("many-a", "10.96.1.2:80", &["many-a", "many-b"]) {
+        if reply.pod == me {
+            // To itself: masqueraded, or the reply would bypass the node's conntrack.
+            assert_ne!(reply.peer.ip(), me, "hairpin not masqueraded: {reply:?}");
+        } else {
+            assert_eq!(reply.peer.ip(), me, "{reply:?}");
+        }
+    }
+}
+
+#[test]
+fn session_affinity_client_ip_is_sticky() {
+    let Some(env) = Env::start() else { return };
+    let first = env.tcp("client-a", "10.96.1.9:80").pod;
+    for _ in 0..STICKY_TRIES {
+        assert_eq!(env.tcp("client-a", "10.96.1.9:80").pod, first);
+    }
+}
+
+#[test]
+fn internal_traffic_policy_local_stays_on_the_node() {
+    let Some(env) = Env::start() else { return };
+    let local = env.pod_ip("many-a");
+    for _ in 0..STICKY_TRIES {
+        assert_eq!(env.tcp("client-a", "10.96.1.10:80").pod, local);
+    }
 }
