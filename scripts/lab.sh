@@ -13,7 +13,7 @@ trap 'rm -rf "$out"; [ -n "${ns:-}" ] && ip netns del "$ns" 2>/dev/null || true'
 
 echo "== svcplane render --proxy-mode nftables (node-a) on examples/cluster"
 "$bin" render --proxy-mode nftables --manifests examples/cluster \
-  --hostname-override node-a --cluster-cidr 10.244.0.0/16,fd00:244::/48 \
+  --hostname-override node-a --cluster-cidr 10.244.0.0/16,fd00:244::/32 \
   >"$out/rules.nft" 2>"$out/stderr"
 echo "-- reported on stderr:"
 sed 's/^/   /' "$out/stderr"

@@ -42,7 +42,7 @@ fn proxy_programs_follows_edits_and_cleans_up() {
     let ns = Netns::new("svcplane-proxy").unwrap();
     let mut cmd = ns.command(env!("CARGO_BIN_EXE_svcplane"), &["proxy"]);
     cmd.args(["--proxy-mode", "nftables", "--hostname-override", "node-a"])
-        .args(["--cluster-cidr", "10.244.0.0/16,fd00:244::/48"])
+        .args(["--cluster-cidr", "10.244.0.0/16,fd00:244::/32"])
         .args([
             "--min-sync-period",
             "0s",

@@ -29,7 +29,7 @@ fn render(dir: &Path, extra: &[&str]) -> Output {
 fn render_example() -> (String, String) {
     let out = render(
         &example_dir(),
-        &["--cluster-cidr", "10.244.0.0/16,fd00:244::/48"],
+        &["--cluster-cidr", "10.244.0.0/16,fd00:244::/32"],
     );
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
