@@ -1,31 +1,48 @@
 //! The standalone EndpointSlice controller: for a selector Service that has no
 //! EndpointSlice in the manifests, derive slices from Pods the way the Kubernetes
-//! EndpointSlice controller does (`pkg/controller/endpointslice`, `podToEndpoint`).
+//! EndpointSlice controller does (`k8s.io/endpointslice` reconciler, `podToEndpoint`).
+//!
+//! Deliberate differences from upstream: a Pod whose Node is not in the manifests is
+//! kept (upstream skips it unless `publishNotReadyAddresses`), because standalone
+//! manifests often carry no Node objects; slices get stable names instead of
+//! `generateName`, and endpoints are sorted by IP so unchanged input yields identical
+//! slices; no topology hints; sidecar (restartable init) container ports are not looked
+//! up for named target ports, as the model keeps only `spec.containers` ports.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use svcplane_model::{
-    Endpoint, EndpointPort, EndpointSlice, IpFamily, NamespacedName, Node, Pod, Service,
-    ServiceType, TargetPort,
+    Endpoint, EndpointPort, EndpointSlice, IpFamily, NamespacedName, Node, Pod, Protocol, Service,
+    ServicePort, ServiceType, TargetPort,
 };
 
-/// Suffix of derived slice names, so they are recognisable in `render` output and logs.
+/// Marker in derived slice names (`<service>-svcplane-<ipv4|ipv6>-<n>`), so they are
+/// recognisable in `render` output and logs.
 pub const DERIVED_SLICE_MARKER: &str = "svcplane";
 
+/// Upstream's default `--max-endpoints-per-slice`.
+pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
+
+/// One resolved endpoint port: (service port name, protocol, port). Upstream groups
+/// pods by their list of these (`NewPortMapKey`).
+type PortKey = (String, Protocol, u16);
+
 /// Slices for every selector Service without a slice of its own. `slices` are the
-/// slices given in the manifests; the result holds only derived ones.
+/// slices given in the manifests; the result holds only derived ones, in a
+/// deterministic order.
 pub fn derive_endpoint_slices<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     pods: &[&'a Pod],
     nodes: &BTreeMap<String, &'a Node>,
 ) -> Vec<EndpointSlice> {
-    let covered: BTreeSet<(String, String)> = slices
+    let covered: BTreeSet<(&str, &str)> = slices
         .into_iter()
         .filter_map(|s| {
             s.service_name
-                .as_ref()
-                .map(|svc| (s.name.namespace.clone(), svc.clone()))
+                .as_deref()
+                .map(|svc| (s.name.namespace.as_str(), svc))
         })
         .collect();
     let mut out = Vec::new();
@@ -33,11 +50,13 @@ pub fn derive_endpoint_slices<'a>(
         let Some(selector) = &svc.selector else {
             continue;
         };
+        // Upstream: "services with Type ExternalName receive no endpoints from this controller".
         if svc.service_type == ServiceType::ExternalName
-            || covered.contains(&(svc.name.namespace.clone(), svc.name.name.clone()))
+            || covered.contains(&(svc.name.namespace.as_str(), svc.name.name.as_str()))
         {
             continue;
         }
+        // `ShouldPodBeInEndpoints(pod, includeTerminating=true)`: not finished, has an IP.
         let members: Vec<&Pod> = pods
             .iter()
             .copied()
@@ -53,75 +72,104 @@ pub fn derive_endpoint_slices<'a>(
     out
 }
 
+/// Upstream `getAddressTypesForService`: spec.ipFamilies; without them the family of
+/// the cluster IP, or both families for a headless Service.
+fn address_families(svc: &Service) -> Vec<IpFamily> {
+    if !svc.ip_families.is_empty() {
+        return svc.ip_families.clone();
+    }
+    match svc.cluster_ips.first() {
+        Some(ip) => vec![IpFamily::of(ip)],
+        None if svc.headless => vec![IpFamily::V4, IpFamily::V6],
+        None => vec![IpFamily::V4],
+    }
+}
+
 fn slices_for_service(
     svc: &Service,
     pods: &[&Pod],
     nodes: &BTreeMap<String, &Node>,
 ) -> Vec<EndpointSlice> {
-    let families: Vec<IpFamily> = if svc.ip_families.is_empty() {
-        vec![IpFamily::V4]
-    } else {
-        svc.ip_families.clone()
-    };
     let mut slices = Vec::new();
-    for family in families {
-        // Upstream groups endpoints by their resolved port list: one slice per port set.
-        let mut groups: BTreeMap<Vec<(String, u16)>, Vec<Endpoint>> = BTreeMap::new();
+    for family in address_families(svc) {
+        let mut groups: BTreeMap<Vec<PortKey>, Vec<Endpoint>> = BTreeMap::new();
         for pod in pods {
+            // At most one IP per family (validated); a pod without one is not in this family's slices.
             let Some(ip) = pod.ips.iter().find(|ip| IpFamily::of(ip) == family) else {
                 continue;
             };
-            let ports: Vec<(String, u16)> = svc
+            let ports: Vec<PortKey> = svc
                 .ports
                 .iter()
-                .filter_map(|sp| resolve_target_port(pod, sp).map(|n| (sp.name.clone(), n)))
+                .filter_map(|sp| {
+                    find_port(pod, sp).map(|port| (sp.name.clone(), sp.protocol, port))
+                })
                 .collect();
             groups
                 .entry(ports)
                 .or_default()
                 .push(pod_to_endpoint(pod, *ip, svc, nodes));
         }
-        for (index, (ports, mut endpoints)) in groups.into_iter().enumerate() {
+        let mut index = 0;
+        let mut push = |ports: &[PortKey], endpoints: Vec<Endpoint>| {
+            slices.push(new_slice(svc, family, index, ports, endpoints));
+            index += 1;
+        };
+        if groups.is_empty() {
+            // Upstream keeps a placeholder slice (no ports, no endpoints) per family.
+            push(&[], Vec::new());
+        }
+        for (ports, mut endpoints) in groups {
             endpoints.sort_by(|a, b| a.addresses.cmp(&b.addresses));
-            let ports = ports
-                .into_iter()
-                .map(|(name, port)| EndpointPort {
-                    protocol: svc
-                        .ports
-                        .iter()
-                        .find(|sp| sp.name == name)
-                        .map(|sp| sp.protocol)
-                        .unwrap_or(svcplane_model::Protocol::Tcp),
-                    name,
-                    port,
-                })
-                .collect();
-            let family_name = match family {
-                IpFamily::V4 => "ipv4",
-                IpFamily::V6 => "ipv6",
-            };
-            slices.push(EndpointSlice {
-                name: NamespacedName::new(
-                    svc.name.namespace.clone(),
-                    format!(
-                        "{}-{DERIVED_SLICE_MARKER}-{family_name}-{index}",
-                        svc.name.name
-                    ),
-                ),
-                service_name: Some(svc.name.name.clone()),
-                address_family: Some(family),
-                ports,
-                endpoints,
-                last_change_trigger_time: None,
-            });
+            let mut rest = endpoints.into_iter().peekable();
+            while rest.peek().is_some() {
+                push(
+                    &ports,
+                    rest.by_ref().take(MAX_ENDPOINTS_PER_SLICE).collect(),
+                );
+            }
         }
     }
     slices
 }
 
-/// `podutil.FindPort`: a number is used as is; a name is looked up among the pod's
+fn new_slice(
+    svc: &Service,
+    family: IpFamily,
+    index: usize,
+    ports: &[PortKey],
+    endpoints: Vec<Endpoint>,
+) -> EndpointSlice {
+    let family_name = match family {
+        IpFamily::V4 => "ipv4",
+        IpFamily::V6 => "ipv6",
+    };
+    EndpointSlice {
+        name: NamespacedName::new(
+            svc.name.namespace.clone(),
+            format!(
+                "{}-{DERIVED_SLICE_MARKER}-{family_name}-{index}",
+                svc.name.name
+            ),
+        ),
+        service_name: Some(svc.name.name.clone()),
+        address_family: Some(family),
+        ports: ports
+            .iter()
+            .map(|(name, protocol, port)| EndpointPort {
+                name: name.clone(),
+                protocol: *protocol,
+                port: *port,
+            })
+            .collect(),
+        endpoints,
+        last_change_trigger_time: None,
+    }
+}
+
+/// Upstream `findPort`: a number is used as is; a name is looked up among the pod's
 /// container ports with the same protocol. `None` leaves the pod out of that port.
-fn resolve_target_port(pod: &Pod, sp: &svcplane_model::ServicePort) -> Option<u16> {
+fn find_port(pod: &Pod, sp: &ServicePort) -> Option<u16> {
     match &sp.target_port {
         TargetPort::Number(n) => Some(*n),
         TargetPort::Name(name) => pod
@@ -135,19 +183,22 @@ fn resolve_target_port(pod: &Pod, sp: &svcplane_model::ServicePort) -> Option<u1
 /// Upstream `podToEndpoint`.
 fn pod_to_endpoint(
     pod: &Pod,
-    ip: std::net::IpAddr,
+    ip: IpAddr,
     svc: &Service,
     nodes: &BTreeMap<String, &Node>,
 ) -> Endpoint {
     let serving = pod.ready;
     let terminating = pod.terminating;
-    // "ready" is never true for a terminating pod, unless publishNotReadyAddresses is set.
+    // "ready" is never true for a terminating pod, unless publishNotReadyAddresses is set;
+    // serving stays the pod's readiness either way.
     let ready = svc.publish_not_ready_addresses || (serving && !terminating);
     let zone = pod
         .node_name
         .as_ref()
         .and_then(|n| nodes.get(n))
         .and_then(|n| n.zone.clone());
+    // `ShouldSetHostname`: the pod's subdomain names this Service (same namespace: the
+    // caller only passes pods of the Service's namespace).
     let hostname = match (&pod.hostname, &pod.subdomain) {
         (Some(h), Some(sub)) if !h.is_empty() && *sub == svc.name.name => Some(h.clone()),
         _ => None,
@@ -413,5 +464,144 @@ mod tests {
             derive(std::slice::from_ref(&svc), &[], &pods, &[]),
             derive(&[svc], &[], &reversed, &[])
         );
+    }
+
+    #[test]
+    fn no_matching_pods_gives_one_placeholder_per_family() {
+        let svc = service(
+            "web",
+            &[IpFamily::V4, IpFamily::V6],
+            TargetPort::Number(8080),
+        );
+        // Only IPv4 pods: the IPv6 side gets a placeholder, as upstream.
+        let pods = vec![pod("a", &["10.244.0.1"], true, false)];
+        let slices = derive(std::slice::from_ref(&svc), &[], &pods, &[]);
+        let v6: Vec<&EndpointSlice> = slices
+            .iter()
+            .filter(|s| s.address_family == Some(IpFamily::V6))
+            .collect();
+        assert_eq!(v6.len(), 1);
+        assert!(v6[0].endpoints.is_empty() && v6[0].ports.is_empty());
+        assert_eq!(v6[0].name.name, "web-svcplane-ipv6-0");
+
+        let slices = derive(&[svc], &[], &[], &[]);
+        assert_eq!(slices.len(), 2);
+        assert!(
+            slices
+                .iter()
+                .all(|s| s.endpoints.is_empty() && s.service_name.as_deref() == Some("web"))
+        );
+    }
+
+    #[test]
+    fn large_groups_are_split_at_max_endpoints_per_slice() {
+        let svc = service("web", &[IpFamily::V4], TargetPort::Number(8080));
+        let pods: Vec<Pod> = (0..250u32)
+            .map(|i| {
+                let ip = format!("10.244.{}.{}", i / 200, i % 200 + 1);
+                pod(&format!("p{i}"), &[ip.as_str()], true, false)
+            })
+            .collect();
+        let slices = derive(&[svc], &[], &pods, &[]);
+        let sizes: Vec<usize> = slices.iter().map(|s| s.endpoints.len()).collect();
+        assert_eq!(sizes, vec![100, 100, 50]);
+        let names: BTreeSet<&str> = slices.iter().map(|s| s.name.name.as_str()).collect();
+        assert_eq!(names.len(), 3);
+        let all: BTreeSet<IpAddr> = slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter().map(|e| e.addresses[0]))
+            .collect();
+        assert_eq!(all.len(), 250, "every pod exactly once");
+    }
+
+    #[test]
+    fn families_without_ip_families_follow_upstream() {
+        // No spec.ipFamilies: the cluster IP's family.
+        let mut v6 = service("v6", &[], TargetPort::Number(8080));
+        v6.cluster_ips = vec![ip("fd00:96::1")];
+        // Headless without families: both.
+        let mut headless = service("headless", &[], TargetPort::Number(8080));
+        headless.cluster_ips = vec![];
+        headless.headless = true;
+        let pods = vec![pod("a", &["10.244.0.1", "fd00:244::1"], true, false)];
+        let slices = derive(&[v6, headless], &[], &pods, &[]);
+        let families = |svc: &str| -> Vec<Option<IpFamily>> {
+            slices
+                .iter()
+                .filter(|s| s.service_name.as_deref() == Some(svc))
+                .map(|s| s.address_family)
+                .collect()
+        };
+        assert_eq!(families("v6"), vec![Some(IpFamily::V6)]);
+        assert_eq!(
+            families("headless"),
+            vec![Some(IpFamily::V4), Some(IpFamily::V6)]
+        );
+    }
+
+    #[test]
+    fn other_namespaces_and_external_name_are_not_used() {
+        let svc = service("web", &[IpFamily::V4], TargetPort::Number(8080));
+        let mut elsewhere = pod("a", &["10.244.0.1"], true, false);
+        elsewhere.name.namespace = "other".into();
+        let slices = derive(std::slice::from_ref(&svc), &[], &[elsewhere], &[]);
+        assert!(slices.iter().all(|s| s.endpoints.is_empty()), "{slices:?}");
+
+        let mut external = svc;
+        external.service_type = ServiceType::ExternalName;
+        let pods = vec![pod("b", &["10.244.0.2"], true, false)];
+        assert!(derive(&[external], &[], &pods, &[]).is_empty());
+    }
+
+    #[test]
+    fn multiple_ports_keep_names_and_protocols() {
+        let mut svc = service("dns", &[IpFamily::V4], TargetPort::Number(53));
+        svc.ports[0].name = "dns".into();
+        svc.ports.push(ServicePort {
+            name: "dns-tcp".into(),
+            protocol: Protocol::Tcp,
+            port: 53,
+            target_port: TargetPort::Name("dns-tcp".into()),
+            node_port: None,
+        });
+        svc.ports[0].protocol = Protocol::Udp;
+        let mut p = pod("a", &["10.244.0.1"], true, false);
+        p.container_ports = vec![ContainerPort {
+            name: Some("dns-tcp".into()),
+            port: 5353,
+            protocol: Protocol::Tcp,
+        }];
+        let slices = derive(&[svc], &[], &[p], &[]);
+        assert_eq!(slices.len(), 1);
+        assert_eq!(
+            slices[0].ports,
+            vec![
+                EndpointPort {
+                    name: "dns".into(),
+                    protocol: Protocol::Udp,
+                    port: 53
+                },
+                EndpointPort {
+                    name: "dns-tcp".into(),
+                    protocol: Protocol::Tcp,
+                    port: 5353
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn zone_comes_from_the_pods_node_and_unknown_nodes_keep_the_pod() {
+        let svc = service("web", &[IpFamily::V4], TargetPort::Number(8080));
+        let mut on_b = pod("b", &["10.244.0.2"], true, false);
+        on_b.node_name = Some("node-b".into());
+        let mut unknown = pod("c", &["10.244.0.3"], true, false);
+        unknown.node_name = Some("node-x".into());
+        let pods = vec![pod("a", &["10.244.0.1"], true, false), on_b, unknown];
+        let nodes = [node("node-a", "zone-a"), node("node-b", "zone-b")];
+        let s = &derive(&[svc], &[], &pods, &nodes)[0];
+        let zones: Vec<Option<&str>> = s.endpoints.iter().map(|e| e.zone.as_deref()).collect();
+        assert_eq!(zones, vec![Some("zone-a"), Some("zone-b"), None]);
+        assert_eq!(s.endpoints[2].node_name.as_deref(), Some("node-x"));
     }
 }
