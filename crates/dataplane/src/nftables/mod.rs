@@ -18,12 +18,22 @@ pub use render::{MASQUERADE_MARK, TABLE, render};
 /// How many lines of nft's complaint an error carries.
 const ERROR_LINES: usize = 6;
 
-/// The nftables dataplane. Every sync is a full, atomic `nft -f -` transaction for now.
+/// The nftables dataplane. The first sync, every `diff.full` one and every one after a
+/// failure is a full, atomic `nft -f -` transaction (which replaces a table left by an
+/// earlier process in place, without deleting it: flows and affinity survive a restart).
+/// Others are partial: only what `diff` changed (see `render::render_partial`).
+///
+/// Tampering: before a partial sync one `nft list tables` checks that both tables
+/// exist; if either is missing (`nft flush ruleset`, table deleted) the sync is full. A partial transaction that nft rejects (a chain or element it names was
+/// deleted or altered) is retried as a full one. Rules rewritten in place by hand are
+/// not detected; the sync loop's periodic full resync repairs them.
 #[derive(Debug, Clone)]
 pub struct NftablesBackend {
     /// The program and leading arguments that run `nft` (`["nft"]`, or e.g.
     /// `["ip", "netns", "exec", "NS", "nft"]` for a test namespace).
     nft: Vec<String>,
+    /// The kernel may differ from the last applied state: the next sync must be full.
+    needs_full: bool,
 }
 
 impl Default for NftablesBackend {
@@ -36,6 +46,7 @@ impl NftablesBackend {
     pub fn new() -> Self {
         NftablesBackend {
             nft: vec!["nft".to_owned()],
+            needs_full: true,
         }
     }
 
@@ -50,7 +61,10 @@ impl NftablesBackend {
         if nft.is_empty() {
             Self::new()
         } else {
-            NftablesBackend { nft }
+            NftablesBackend {
+                nft,
+                needs_full: true,
+            }
         }
     }
 
@@ -150,6 +164,60 @@ impl NftablesBackend {
     }
 }
 
+impl NftablesBackend {
+    /// One partial sync; `None` when it has to be full instead (globals changed, the
+    /// tables were tampered with, or nft rejected the partial transaction).
+    fn try_partial(
+        &mut self,
+        previous: &DesiredState,
+        desired: &DesiredState,
+        diff: &Diff,
+    ) -> Result<Option<(SyncReport, bool)>, DataplaneError> {
+        let Some(partial) = render::render_partial(previous, desired, diff)? else {
+            return Ok(None);
+        };
+        // `list tables` is small whatever the rule set's size. (One batch listing both
+        // tables' chains would be more precise, but nft 1.0.6 builds its cache for only
+        // one family in such a batch.)
+        let present = match self.run(&["list", "tables"], None) {
+            Ok(listing) => ["ip", "ip6"].iter().all(|f| {
+                let want = format!("table {f} {TABLE}");
+                listing.lines().any(|l| l.trim() == want)
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list nftables tables; syncing in full");
+                false
+            }
+        };
+        if !present {
+            tracing::warn!("svcplane's nftables tables are missing; syncing in full");
+            return Ok(None);
+        }
+        if !partial.script.is_empty()
+            && let Err(e) = self.run(&["-f", "-"], Some(&partial.script))
+        {
+            tracing::warn!(error = %e, "partial nftables sync failed; retrying in full");
+            return Ok(None);
+        }
+        let mut full_next = false;
+        if !partial.stale.is_empty()
+            && let Err(e) = self.run(&["-f", "-"], Some(&partial.stale))
+        {
+            // Harmless leftovers, but a later partial sync could re-declare one of them:
+            // the next sync is full, and lists and deletes them.
+            tracing::warn!(error = %e, "cannot delete stale nftables objects yet");
+            full_next = true;
+        }
+        Ok(Some((
+            SyncReport {
+                full: false,
+                size: partial.script.len() + partial.stale.len(),
+            },
+            full_next,
+        )))
+    }
+}
+
 fn tool_error(message: String) -> DataplaneError {
     DataplaneError::Tool {
         tool: "nft".to_owned(),
@@ -204,12 +272,24 @@ impl Dataplane for NftablesBackend {
     fn sync(
         &mut self,
         desired: &Arc<DesiredState>,
-        _diff: &Diff,
+        diff: &Diff,
     ) -> Result<SyncReport, DataplaneError> {
-        // Incremental syncs come later: every sync rewrites everything, atomically.
+        if !diff.full
+            && !self.needs_full
+            && let Some(previous) = &diff.previous
+        {
+            // Until this sync succeeds the kernel's state is unknown.
+            self.needs_full = true;
+            if let Some((report, full_next)) = self.try_partial(previous, desired, diff)? {
+                self.needs_full = full_next;
+                return Ok(report);
+            }
+        }
+        self.needs_full = true;
         let (script, declared) = render::render_declared(desired)?;
         self.run(&["-f", "-"], Some(&script))?;
         self.delete_stale(&declared);
+        self.needs_full = false;
         Ok(SyncReport {
             full: true,
             size: script.len(),

@@ -29,8 +29,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use svcplane_model::{IpFamily, Protocol, ServicePortName};
 use svcplane_proxy::{
-    ClusterIpMasquerade, DataplaneError, DesiredState, EmptyVerdict, ExternalPolicy, FamilyState,
-    NodePortAddresses, ServicePortState, TrafficTarget,
+    ClusterIpMasquerade, DataplaneError, DesiredState, Diff, EmptyVerdict, ExternalPolicy,
+    FamilyState, NodePortAddresses, ServicePortState, TrafficTarget,
 };
 
 use super::names;
@@ -422,6 +422,19 @@ fn render_family(
     }
     render_fixed_chains(out, sp, fam, &mut declared);
 
+    let ctx = family_ctx(fam);
+    let mut elements = Elements::default();
+    for svc in fam.services.values() {
+        render_service(out, &ctx, svc, &mut elements, &mut declared)?;
+    }
+    wl!(out, "}}");
+    write_family_elements(out, fam, &elements);
+    Ok(())
+}
+
+/// What every service of `fam` renders against (from the family's globals).
+fn family_ctx(fam: &FamilyState) -> FamilyCtx<'_> {
+    let sp = Spell::of(fam.family);
     let cluster_cidrs = family_nets(sp.family, &fam.cluster_cidrs);
     let masquerade = match &fam.cluster_ip_masquerade {
         ClusterIpMasquerade::All => Masquerade::All,
@@ -435,19 +448,18 @@ fn render_family(
         }
         ClusterIpMasquerade::None => Masquerade::None,
     };
-    let ctx = FamilyCtx {
+    FamilyCtx {
         sp,
         fam,
         cluster_cidrs,
         masquerade,
-    };
-    let mut elements = Elements::default();
-    for svc in fam.services.values() {
-        render_service(out, &ctx, svc, &mut elements, &mut declared)?;
     }
-    wl!(out, "}}");
+}
 
-    // 5: map and set elements, after every chain they name exists.
+/// Step 5: map and set elements, after every chain they name exists.
+fn write_family_elements(out: &mut String, fam: &FamilyState, elements: &Elements) {
+    let t = Spell::of(fam.family).ipx;
+    let sp = Spell::of(fam.family);
     if let NodePortAddresses::Cidrs(cidrs) = &fam.nodeport_addresses {
         let nets = family_nets(sp.family, cidrs);
         write_elements(out, t, NODEPORT_IPS, nets.iter(), |out, net| {
@@ -490,13 +502,26 @@ fn render_family(
         elements.service_nodeports.iter(),
         port_elem,
     );
-    Ok(())
 }
 
 /// `add element <t> svcplane <name> { e1, e2, … }`, one element a line; nothing when empty
 /// (nft rejects `{ }`).
 fn write_elements<I, T>(
     out: &mut String,
+    t: &str,
+    name: &str,
+    items: I,
+    each: impl FnMut(&mut String, T),
+) where
+    I: Iterator<Item = T>,
+{
+    element_op(out, "add", t, name, items, each);
+}
+
+/// `<verb> element <t> svcplane <name> { … }` (`add` or `delete`); nothing when empty.
+fn element_op<I, T>(
+    out: &mut String,
+    verb: &str,
     t: &str,
     name: &str,
     items: I,
@@ -507,7 +532,7 @@ fn write_elements<I, T>(
     let mut first = true;
     for item in items {
         if first {
-            wl!(out, "add element {t} {TABLE} {name} {{");
+            wl!(out, "{verb} element {t} {TABLE} {name} {{");
             first = false;
         } else {
             out.push_str(",\n");
@@ -986,4 +1011,236 @@ fn render_service(
         }
     }
     Ok(())
+}
+
+/// A map's name, its old elements and its new ones.
+type MapPair<'a, K> = (&'a str, &'a BTreeMap<K, Verdict>, &'a BTreeMap<K, Verdict>);
+
+/// A partial transaction (see [`render_partial`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Partial {
+    /// The atomic transaction carrying only the changes.
+    pub script: String,
+    /// Deletes of the chains and sets the transaction left empty and unreferenced. A
+    /// second transaction, as kube-proxy does: a chain can only be deleted once nothing
+    /// references it, and kernels before 6.2 release a map's reference asynchronously.
+    pub stale: String,
+}
+
+/// What one service port renders to, alone.
+struct ServiceParts {
+    text: String,
+    elements: Elements,
+    names: HashSet<String>,
+}
+
+fn service_parts(
+    ctx: &FamilyCtx<'_>,
+    svc: &ServicePortState,
+) -> Result<ServiceParts, DataplaneError> {
+    let mut parts = ServiceParts {
+        text: String::new(),
+        elements: Elements::default(),
+        names: HashSet::new(),
+    };
+    render_service(
+        &mut parts.text,
+        ctx,
+        svc,
+        &mut parts.elements,
+        &mut Declared(Some(&mut parts.names)),
+    )?;
+    Ok(parts)
+}
+
+/// Borrowed map elements.
+type ElementRefs<'a, K> = Vec<(&'a K, &'a Verdict)>;
+
+/// Elements of `old` not in `new` (with the same value), and of `new` not in `old`.
+fn map_changes<'a, K: Ord>(
+    old: &'a BTreeMap<K, Verdict>,
+    new: &'a BTreeMap<K, Verdict>,
+) -> (ElementRefs<'a, K>, ElementRefs<'a, K>) {
+    let gone = old
+        .iter()
+        .filter(|(k, v)| new.get(*k) != Some(*v))
+        .collect();
+    let came = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .collect();
+    (gone, came)
+}
+
+/// The partial transaction from `prev` (what was last applied) to `next`, or `None` when
+/// a family's globals changed (those touch the fixed chains: a full sync rewrites them).
+///
+/// Per family, only the services of `diff` are rendered, old and new: their map
+/// elements are diffed (`delete element` first, so a key whose value changed is
+/// replaced), chains both versions declare are flushed and rewritten, new ones are
+/// added, and chains only the old version declared are flushed here and deleted, with
+/// its affinity sets, by [`Partial::stale`]. Affinity sets both versions use are kept,
+/// with their elements (sticky clients stay sticky).
+///
+/// Limit: a map key claimed by two service ports (an invalid cluster) is resolved as
+/// the full render resolves it only at the next full sync.
+pub(crate) fn render_partial(
+    prev: &DesiredState,
+    next: &DesiredState,
+    diff: &Diff,
+) -> Result<Option<Partial>, DataplaneError> {
+    let mut partial = Partial::default();
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let fd = diff.family(family);
+        if fd.globals_changed {
+            return Ok(None);
+        }
+        if fd.is_empty() {
+            continue;
+        }
+        let (old_fam, new_fam) = (prev.family(family), next.family(family));
+        let (old_ctx, new_ctx) = (family_ctx(old_fam), family_ctx(new_fam));
+        let t = new_ctx.sp.ipx;
+        let mut old = Elements::default();
+        let mut new = Elements::default();
+        let mut old_names = HashSet::new();
+        let mut new_names = HashSet::new();
+        let mut block = String::new();
+        for name in fd.changed.iter().chain(&fd.removed) {
+            if let Some(svc) = old_fam.services.get(name) {
+                let parts = service_parts(&old_ctx, svc)?;
+                merge(&mut old, parts.elements);
+                old_names.extend(parts.names);
+            }
+        }
+        for name in fd.changed.iter().chain(&fd.added) {
+            if let Some(svc) = new_fam.services.get(name) {
+                let parts = service_parts(&new_ctx, svc)?;
+                merge(&mut new, parts.elements);
+                new_names.extend(parts.names);
+                block.push_str(&parts.text);
+            }
+        }
+        let out = &mut partial.script;
+        let ip_elem = |out: &mut String, ((ip, proto, port), v): (&IpKey, &Verdict)| {
+            w!(out, "{ip} . {} . {port} : {v}", proto.as_lower())
+        };
+        let port_elem = |out: &mut String, ((proto, port), v): (&PortKey, &Verdict)| {
+            w!(out, "{} . {port} : {v}", proto.as_lower())
+        };
+        let ip_key = |out: &mut String, ((ip, proto, port), _): (&IpKey, &Verdict)| {
+            w!(out, "{ip} . {} . {port}", proto.as_lower())
+        };
+        let port_key = |out: &mut String, ((proto, port), _): (&PortKey, &Verdict)| {
+            w!(out, "{} . {port}", proto.as_lower())
+        };
+        let ip_maps: [MapPair<'_, IpKey>; 3] = [
+            (SERVICE_IPS, &old.service_ips, &new.service_ips),
+            (
+                NO_ENDPOINT_SERVICES,
+                &old.no_endpoint_services,
+                &new.no_endpoint_services,
+            ),
+            (FIREWALL_IPS, &old.firewall_ips, &new.firewall_ips),
+        ];
+        let port_maps: [MapPair<'_, PortKey>; 2] = [
+            (
+                SERVICE_NODEPORTS,
+                &old.service_nodeports,
+                &new.service_nodeports,
+            ),
+            (
+                NO_ENDPOINT_NODEPORTS,
+                &old.no_endpoint_nodeports,
+                &new.no_endpoint_nodeports,
+            ),
+        ];
+        let mut adds = String::new();
+        for (map, o, n) in ip_maps {
+            let (gone, came) = map_changes(o, n);
+            element_op(out, "delete", t, map, gone.into_iter(), ip_key);
+            element_op(&mut adds, "add", t, map, came.into_iter(), ip_elem);
+        }
+        for (map, o, n) in port_maps {
+            let (gone, came) = map_changes(o, n);
+            element_op(out, "delete", t, map, gone.into_iter(), port_key);
+            element_op(&mut adds, "add", t, map, came.into_iter(), port_elem);
+        }
+        // A ClusterIP is shared by the ports of one Service: it leaves the set only
+        // when no port of the new state still has it.
+        let gone_ips: Vec<&IpAddr> = old
+            .cluster_ips
+            .difference(&new.cluster_ips)
+            .filter(|ip| {
+                !new_fam
+                    .services
+                    .values()
+                    .any(|s| s.cluster_ip == Some(**ip))
+            })
+            .collect();
+        element_op(
+            out,
+            "delete",
+            t,
+            CLUSTER_IPS,
+            gone_ips.into_iter(),
+            |out, ip| w!(out, "{ip}"),
+        );
+        element_op(
+            &mut adds,
+            "add",
+            t,
+            CLUSTER_IPS,
+            new.cluster_ips.difference(&old.cluster_ips),
+            |out, ip| w!(out, "{ip}"),
+        );
+
+        let is_set = |name: &str| name.starts_with(names::AFFINITY_PREFIX);
+        let mut kept: Vec<&String> = new_names
+            .intersection(&old_names)
+            .filter(|n| !is_set(n))
+            .collect();
+        kept.sort();
+        for name in kept {
+            wl!(out, "flush chain {t} {TABLE} {name}");
+        }
+        let mut stale: Vec<&String> = old_names.difference(&new_names).collect();
+        stale.sort();
+        for name in stale.iter().filter(|n| !is_set(n)) {
+            wl!(out, "flush chain {t} {TABLE} {name}");
+        }
+        if !block.is_empty() {
+            wl!(out, "table {t} {TABLE} {{");
+            out.push_str(&block);
+            wl!(out, "}}");
+        }
+        out.push_str(&adds);
+        // Chains first: a stale endpoint chain is what referenced a stale affinity set.
+        for name in stale.iter().filter(|n| !is_set(n)) {
+            wl!(partial.stale, "delete chain {t} {TABLE} {name}");
+        }
+        for name in stale.iter().filter(|n| is_set(n)) {
+            wl!(partial.stale, "delete set {t} {TABLE} {name}");
+        }
+    }
+    Ok(Some(partial))
+}
+
+fn merge(into: &mut Elements, from: Elements) {
+    into.cluster_ips.extend(from.cluster_ips);
+    for (k, v) in from.service_ips {
+        into.service_ips.entry(k).or_insert(v);
+    }
+    for (k, v) in from.no_endpoint_services {
+        into.no_endpoint_services.entry(k).or_insert(v);
+    }
+    for (k, v) in from.firewall_ips {
+        into.firewall_ips.entry(k).or_insert(v);
+    }
+    for (k, v) in from.service_nodeports {
+        into.service_nodeports.entry(k).or_insert(v);
+    }
+    for (k, v) in from.no_endpoint_nodeports {
+        into.no_endpoint_nodeports.entry(k).or_insert(v);
+    }
 }

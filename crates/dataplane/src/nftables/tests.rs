@@ -732,3 +732,210 @@ fn renders_a_large_state_completely() {
     let script = render(&st).unwrap();
     assert_eq!(script.matches("dnat to").count(), 100_000);
 }
+
+mod partial {
+    use super::*;
+    use crate::nftables::render::{Partial, render_partial};
+    use svcplane_proxy::Diff;
+
+    fn partial(prev: &DesiredState, next: &DesiredState) -> Option<Partial> {
+        let diff = Diff::between(Some(Arc::new(prev.clone())), next, false);
+        render_partial(prev, next, &diff).expect("render_partial")
+    }
+
+    fn base() -> DesiredState {
+        state(
+            vec![
+                cluster_ip_service("a", "10.96.0.1", &["10.244.1.1"]),
+                cluster_ip_service("b", "10.96.0.2", &["10.244.1.2", "10.244.1.3"]),
+            ],
+            vec![],
+        )
+    }
+
+    #[test]
+    fn unchanged_state_is_an_empty_partial() {
+        let p = partial(&base(), &base()).unwrap();
+        assert_eq!(p, Partial::default());
+    }
+
+    #[test]
+    fn added_service_adds_chains_and_elements_only() {
+        let prev = base();
+        let mut next = base();
+        let c = cluster_ip_service("c", "10.96.0.3", &["10.244.1.4"]);
+        next.v4.services.insert(c.name.clone(), Arc::new(c.clone()));
+        let p = partial(&prev, &next).unwrap();
+        let svc_chain = chain_name("service-", &c);
+        assert!(chain_body(&p.script, &svc_chain).is_some(), "{}", p.script);
+        assert!(chain_body(&p.script, &endpoint_chain(&c, "10.244.1.4", 8080)).is_some());
+        assert_eq!(
+            elements(&p.script, "ip", "service-ips"),
+            [format!("10.96.0.3 . tcp . 80 : goto {svc_chain}")]
+        );
+        assert_eq!(elements(&p.script, "ip", "cluster-ips"), ["10.96.0.3"]);
+        assert!(!p.script.contains("delete"), "{}", p.script);
+        assert!(!p.script.contains("flush"), "{}", p.script);
+        // Nothing of the unchanged services.
+        let a = &prev.v4.services.values().next().unwrap();
+        assert!(!p.script.contains(&service_base(&a.name).unwrap()));
+        assert!(p.stale.is_empty());
+    }
+
+    #[test]
+    fn changed_endpoints_rewrite_the_service_chain() {
+        let prev = base();
+        let mut next = base();
+        let b = cluster_ip_service("b", "10.96.0.2", &["10.244.1.2", "10.244.1.9"]);
+        next.v4.services.insert(b.name.clone(), Arc::new(b.clone()));
+        let p = partial(&prev, &next).unwrap();
+        let svc_chain = chain_name("service-", &b);
+        let kept = endpoint_chain(&b, "10.244.1.2", 8080);
+        let gone = endpoint_chain(&b, "10.244.1.3", 8080);
+        let new = endpoint_chain(&b, "10.244.1.9", 8080);
+        assert!(
+            p.script
+                .contains(&format!("flush chain ip svcplane {svc_chain}\n"))
+        );
+        assert!(
+            p.script
+                .contains(&format!("flush chain ip svcplane {kept}\n"))
+        );
+        assert!(
+            !p.script
+                .contains(&format!("flush chain ip svcplane {new}\n"))
+        );
+        assert!(chain_body(&p.script, &svc_chain).unwrap().contains(&new));
+        assert!(chain_body(&p.script, &new).is_some());
+        // The gone endpoint's chain is emptied now and deleted by the second step.
+        assert!(
+            p.script
+                .contains(&format!("flush chain ip svcplane {gone}\n"))
+        );
+        assert!(chain_body(&p.script, &gone).is_none());
+        assert_eq!(p.stale, format!("delete chain ip svcplane {gone}\n"));
+        // The map element still points at the same chain: untouched.
+        assert!(!p.script.contains("element"), "{}", p.script);
+    }
+
+    #[test]
+    fn removed_service_loses_elements_and_chains() {
+        let prev = base();
+        let mut next = base();
+        let b = prev.v4.services.values().nth(1).unwrap().clone();
+        next.v4.services.remove(&b.name);
+        let p = partial(&prev, &next).unwrap();
+        assert!(
+            p.script
+                .contains("delete element ip svcplane service-ips {\n\t10.96.0.2 . tcp . 80\n}\n"),
+            "{}",
+            p.script
+        );
+        assert!(
+            p.script
+                .contains("delete element ip svcplane cluster-ips {\n\t10.96.0.2\n}\n")
+        );
+        assert!(!p.script.contains("table ip svcplane {"));
+        for chain in [
+            chain_name("service-", &b),
+            endpoint_chain(&b, "10.244.1.2", 8080),
+            endpoint_chain(&b, "10.244.1.3", 8080),
+        ] {
+            assert!(
+                p.script
+                    .contains(&format!("flush chain ip svcplane {chain}\n"))
+            );
+            assert!(
+                p.stale
+                    .contains(&format!("delete chain ip svcplane {chain}\n"))
+            );
+        }
+        // Element deletes come before anything else: they reference the chains.
+        assert!(p.script.starts_with("delete element"));
+    }
+
+    #[test]
+    fn shared_cluster_ip_stays_while_another_port_uses_it() {
+        let prev = base();
+        let mut next = base();
+        let mut other_port = cluster_ip_service("b", "10.96.0.2", &["10.244.1.2"]);
+        other_port.name = spn("default", "b", "https", Protocol::Tcp);
+        other_port.port = 443;
+        let b_http = prev.v4.services.values().nth(1).unwrap().name.clone();
+        next.v4.services.remove(&b_http);
+        next.v4
+            .services
+            .insert(other_port.name.clone(), Arc::new(other_port));
+        let p = partial(&prev, &next).unwrap();
+        assert!(
+            !p.script.contains("delete element ip svcplane cluster-ips"),
+            "{}",
+            p.script
+        );
+        assert!(
+            !p.script.contains("add element ip svcplane cluster-ips"),
+            "{}",
+            p.script
+        );
+    }
+
+    #[test]
+    fn no_endpoints_moves_the_key_between_maps() {
+        let prev = base();
+        let mut next = base();
+        let a = cluster_ip_service("a", "10.96.0.1", &[]);
+        next.v4.services.insert(a.name.clone(), Arc::new(a));
+        let p = partial(&prev, &next).unwrap();
+        assert_eq!(
+            elements(&p.script, "ip", "no-endpoint-services"),
+            ["10.96.0.1 . tcp . 80 : goto reject-chain"]
+        );
+        assert!(
+            p.script
+                .contains("delete element ip svcplane service-ips {\n\t10.96.0.1 . tcp . 80\n}\n")
+        );
+    }
+
+    #[test]
+    fn affinity_sets_of_gone_endpoints_are_deleted_after_their_chains() {
+        let mut sticky = cluster_ip_service("s", "10.96.0.5", &["10.244.2.1", "10.244.2.2"]);
+        sticky.affinity_timeout_seconds = Some(300);
+        let prev = state(vec![sticky.clone()], vec![]);
+        let mut fewer = cluster_ip_service("s", "10.96.0.5", &["10.244.2.1"]);
+        fewer.affinity_timeout_seconds = Some(300);
+        let next = state(vec![fewer.clone()], vec![]);
+        let p = partial(&prev, &next).unwrap();
+        let kept_set = affinity_set(&fewer, "10.244.2.1", 8080);
+        let gone_set = affinity_set(&sticky, "10.244.2.2", 8080);
+        let gone_chain = endpoint_chain(&sticky, "10.244.2.2", 8080);
+        // The kept set is re-declared (a no-op that keeps its elements), never flushed.
+        assert!(
+            !p.script
+                .contains(&format!("flush set ip svcplane {kept_set}"))
+        );
+        assert!(
+            !p.script
+                .contains(&format!("delete set ip svcplane {kept_set}"))
+        );
+        assert!(
+            !p.script.contains(&format!("{gone_set} {{")),
+            "{}",
+            p.script
+        );
+        assert_eq!(
+            p.stale,
+            format!("delete chain ip svcplane {gone_chain}\ndelete set ip svcplane {gone_set}\n")
+        );
+    }
+
+    #[test]
+    fn global_changes_need_a_full_sync() {
+        let prev = base();
+        let mut next = base();
+        next.v4.cluster_cidrs = vec![net("10.244.0.0/16")];
+        assert_eq!(partial(&prev, &next), None);
+        let mut next = base();
+        next.v6.node_ips = vec![ip("fd00::1")];
+        assert_eq!(partial(&prev, &next), None);
+    }
+}

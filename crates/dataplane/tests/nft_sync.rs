@@ -1,0 +1,345 @@
+//! Partial syncs against the kernel (root, netns): after every random change the
+//! incrementally synced table must equal a fresh full render applied elsewhere.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use svcplane_dataplane::NftablesBackend;
+use svcplane_dataplane::nftables::render;
+use svcplane_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
+use svcplane_proxy::{
+    ClusterIpMasquerade, Dataplane, DesiredState, Diff, EmptyVerdict, EndpointState,
+    ExternalPolicy, FamilyState, NodePortAddresses, ServicePortState, SyncReport, TrafficTarget,
+};
+use svcplane_testkit::{Netns, run_checked, skip_unless_root};
+
+/// A small deterministic generator (xorshift64*): reproducible runs without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+/// Service port `id` of family `v6`, with `eps` endpoints (ids into a small pool, so
+/// endpoint chains come and go), optionally sticky and with a NodePort.
+fn service(v6: bool, id: u32, eps: &[u32], sticky: bool, node_port: bool) -> ServicePortState {
+    let cip = if v6 {
+        ip(&format!("fd00:96::{:x}", id + 1))
+    } else {
+        ip(&format!("10.96.{}.{}", id / 200, id % 200 + 1))
+    };
+    let ep = |e: u32| {
+        if v6 {
+            ip(&format!("fd00:244::{:x}", e + 1))
+        } else {
+            ip(&format!("10.244.0.{}", e + 1))
+        }
+    };
+    let endpoints: Vec<EndpointState> = eps
+        .iter()
+        .map(|&e| EndpointState {
+            ip: ep(e),
+            port: 8080,
+            is_local: e % 2 == 0,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone: None,
+            hostname: None,
+        })
+        .collect();
+    let all: Vec<usize> = (0..endpoints.len()).collect();
+    let target = |if_empty| TrafficTarget {
+        endpoints: all.clone(),
+        if_empty,
+    };
+    ServicePortState {
+        name: ServicePortName {
+            service: NamespacedName::new("default", format!("svc{id}")),
+            port: "http".into(),
+            protocol: Protocol::Tcp,
+        },
+        protocol: Protocol::Tcp,
+        port: 80,
+        cluster_ip: Some(cip),
+        node_port: node_port.then_some(30000 + id as u16),
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        affinity_timeout_seconds: sticky.then_some(600),
+        endpoints,
+        internal: target(EmptyVerdict::Reject),
+        external: target(EmptyVerdict::Drop),
+        external_policy: ExternalPolicy::Cluster,
+        health_check_node_port: None,
+    }
+}
+
+fn random_service(rng: &mut Rng, v6: bool, id: u32) -> ServicePortState {
+    let n = rng.below(4) as usize;
+    let mut eps: Vec<u32> = (0..n).map(|_| rng.below(8) as u32).collect();
+    eps.sort();
+    eps.dedup();
+    service(v6, id, &eps, rng.below(3) == 0, rng.below(3) == 0)
+}
+
+fn empty_family(family: IpFamily) -> FamilyState {
+    let mut f = FamilyState::empty(family);
+    f.cluster_cidrs = vec![
+        match family {
+            IpFamily::V4 => "10.244.0.0/16",
+            IpFamily::V6 => "fd00:244::/48",
+        }
+        .parse()
+        .expect("cidr"),
+    ];
+    f.cluster_ip_masquerade = ClusterIpMasquerade::FromOutside(f.cluster_cidrs.clone());
+    f.nodeport_addresses = NodePortAddresses::AllLocal;
+    f
+}
+
+fn initial(rng: &mut Rng) -> DesiredState {
+    let mut state = DesiredState {
+        node_name: "node-a".into(),
+        node_zone: None,
+        v4: empty_family(IpFamily::V4),
+        v6: empty_family(IpFamily::V6),
+        health_checks: BTreeMap::new(),
+    };
+    for id in 0..12 {
+        let s = random_service(rng, false, id);
+        state.v4.services.insert(s.name.clone(), Arc::new(s));
+        let s = random_service(rng, true, id);
+        state.v6.services.insert(s.name.clone(), Arc::new(s));
+    }
+    state
+}
+
+/// One to three random edits: add, remove or rewrite a service port.
+fn mutate(rng: &mut Rng, state: &DesiredState) -> DesiredState {
+    let mut next = state.clone();
+    for _ in 0..=rng.below(3) {
+        let v6 = rng.below(2) == 1;
+        let fam = if v6 { &mut next.v6 } else { &mut next.v4 };
+        let id = rng.below(16) as u32;
+        let s = random_service(rng, v6, id);
+        if rng.below(4) == 0 {
+            fam.services.remove(&s.name);
+        } else {
+            fam.services.insert(s.name.clone(), Arc::new(s));
+        }
+    }
+    next
+}
+
+fn nft(ns: &Netns, args: &[&str]) -> String {
+    let out = run_checked(&mut ns.command("nft", args)).expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A listing as a sorted list of items: chains and set elements are listed in kernel
+/// order, which differs between an incremental and a fresh table.
+fn normalized(listing: &str) -> Vec<String> {
+    let mut items: Vec<String> = listing
+        .lines()
+        .flat_map(|l| l.split(", "))
+        .map(|s| s.trim().trim_end_matches(',').to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    items.sort();
+    items
+}
+
+fn tables(ns: &Netns) -> [Vec<String>; 2] {
+    ["ip", "ip6"].map(|f| normalized(&nft(ns, &["list", "table", f, "svcplane"])))
+}
+
+/// The tables a fresh full render of `state` yields, in the reference namespace.
+fn reference(ns: &Netns, state: &DesiredState) -> [Vec<String>; 2] {
+    for f in ["ip", "ip6"] {
+        let _ = ns
+            .command("nft", &["delete", "table", f, "svcplane"])
+            .output();
+    }
+    let script = render(state).expect("render");
+    let out = ns
+        .run_with_input("nft", &["-f", "-"], &script)
+        .expect("nft");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tables(ns)
+}
+
+fn sync(backend: &mut NftablesBackend, prev: &DesiredState, next: &DesiredState) -> SyncReport {
+    let next = Arc::new(next.clone());
+    let diff = Diff::between(Some(Arc::new(prev.clone())), &next, false);
+    backend.sync(&next, &diff).expect("sync")
+}
+
+fn assert_same(synced: &Netns, fresh: &Netns, state: &DesiredState, step: &str) {
+    let got = tables(synced);
+    let want = reference(fresh, state);
+    for (g, w) in got.iter().zip(&want) {
+        let extra: Vec<&String> = g.iter().filter(|x| !w.contains(x)).collect();
+        let missing: Vec<&String> = w.iter().filter(|x| !g.contains(x)).collect();
+        assert!(
+            g == w,
+            "{step}: table differs from a fresh full render\nextra: {extra:?}\nmissing: {missing:?}"
+        );
+    }
+}
+
+#[test]
+fn partial_syncs_equal_a_fresh_full_render() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let synced = Netns::new("svcplane-ps").expect("netns");
+    let fresh = Netns::new("svcplane-pf").expect("netns");
+    let mut backend =
+        NftablesBackend::with_nft_command(["ip", "netns", "exec", synced.name(), "nft"]);
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut state = initial(&mut rng);
+    let first = Arc::new(state.clone());
+    let report = backend
+        .sync(&first, &Diff::between(None, &first, true))
+        .expect("full sync");
+    assert!(report.full);
+    assert_same(&synced, &fresh, &state, "first full sync");
+
+    let mut partials = 0;
+    for step in 0..40 {
+        let next = mutate(&mut rng, &state);
+        let report = sync(&mut backend, &state, &next);
+        assert!(!report.full, "step {step}: expected a partial sync");
+        partials += usize::from(report.size > 0);
+        state = next;
+        assert_same(&synced, &fresh, &state, &format!("step {step}"));
+    }
+    assert!(partials > 30, "only {partials} syncs changed anything");
+
+    // Tampering: the whole ruleset flushed → the next sync is full and repairs it.
+    nft(&synced, &["flush", "ruleset"]);
+    let next = mutate(&mut rng, &state);
+    let report = sync(&mut backend, &state, &next);
+    assert!(
+        report.full,
+        "a flushed ruleset must be repaired by a full sync"
+    );
+    state = next;
+    assert_same(&synced, &fresh, &state, "after flush ruleset");
+
+    // A partial transaction nft rejects (an element it deletes is already gone) is
+    // retried as a full sync.
+    let victim = state
+        .v4
+        .services
+        .values()
+        .find(|s| s.endpoints.is_empty())
+        .cloned()
+        .unwrap_or_else(|| {
+            let s = Arc::new(service(false, 40, &[], false, false));
+            let mut with = state.clone();
+            with.v4.services.insert(s.name.clone(), s.clone());
+            assert!(!sync(&mut backend, &state, &with).full);
+            state = with;
+            s
+        });
+    let cip = victim.cluster_ip.expect("cluster ip");
+    nft(
+        &synced,
+        &[
+            "delete",
+            "element",
+            "ip",
+            "svcplane",
+            "no-endpoint-services",
+            &format!("{{ {cip} . tcp . 80 }}"),
+        ],
+    );
+    let mut next = state.clone();
+    next.v4.services.remove(&victim.name);
+    let report = sync(&mut backend, &state, &next);
+    assert!(
+        report.full,
+        "a rejected partial transaction must be retried in full"
+    );
+    state = next;
+    assert_same(&synced, &fresh, &state, "after a failed partial");
+
+    // And partial syncs resume.
+    let next = mutate(&mut rng, &state);
+    assert!(!sync(&mut backend, &state, &next).full);
+    assert_same(&synced, &fresh, &next, "partial after repair");
+}
+
+#[test]
+fn restart_adopts_the_existing_table_in_place() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let ns = Netns::new("svcplane-ra").expect("netns");
+    let mut rng = Rng(0xadd0_0001);
+    let mut state = initial(&mut rng);
+    let sticky = Arc::new(service(false, 50, &[1, 2], true, false));
+    state
+        .v4
+        .services
+        .insert(sticky.name.clone(), sticky.clone());
+    let arc = Arc::new(state.clone());
+    let diff = Diff::between(None, &arc, true);
+    let cmd = ["ip", "netns", "exec", ns.name(), "nft"];
+    NftablesBackend::with_nft_command(cmd)
+        .sync(&arc, &diff)
+        .expect("first process");
+    let set = nft(&ns, &["-a", "list", "table", "ip", "svcplane"])
+        .lines()
+        .map(str::trim)
+        .find_map(|l| {
+            l.strip_prefix("set affinity-")
+                .filter(|l| l.contains("svc50"))
+        })
+        .and_then(|l| l.split_whitespace().next())
+        .map(|l| format!("affinity-{l}"))
+        .expect("affinity set");
+    nft(
+        &ns,
+        &["add", "element", "ip", "svcplane", &set, "{ 192.0.2.7 }"],
+    );
+    let handle = |ns: &Netns| {
+        nft(ns, &["-a", "list", "tables"])
+            .lines()
+            .find(|l| l.starts_with("table ip svcplane"))
+            .map(str::to_owned)
+    };
+    let before = handle(&ns);
+    // A new process: its first sync is full, and must neither delete the table nor
+    // lose the affinity element.
+    let report = NftablesBackend::with_nft_command(cmd)
+        .sync(&arc, &diff)
+        .expect("second process");
+    assert!(report.full);
+    assert_eq!(handle(&ns), before, "the table was re-created");
+    let listed = nft(&ns, &["list", "set", "ip", "svcplane", &set]);
+    assert!(
+        listed.contains("192.0.2.7"),
+        "affinity lost on restart: {listed}"
+    );
+}
