@@ -1,9 +1,16 @@
-//! The manifests directory: every `*.yaml`, `*.yml` and `*.json` file directly in it
-//! (symlinks followed, so a ConfigMap volume's `..data` swap works; hidden and editor
-//! temp files skipped). Watched with notify; changes are debounced and only the files
-//! that changed are read again.
+//! The manifests directory: every `*.yaml`, `*.yml` and `*.json` file directly in it,
+//! not in subdirectories (as `kubectl apply -f DIR` without `-R`; a ConfigMap volume is
+//! flat too). Symlinks are followed, so a ConfigMap volume's `..data` swap works; hidden
+//! files (`.*`, which covers vim's `.x.swp` and the ConfigMap `..data` machinery) and
+//! editor backups (`*~`, `*.swp`) are skipped.
+//!
+//! The directory (not each file) is watched with notify, so rename-over and symlink
+//! swaps are seen. Events are debounced; then only files that an event named or whose
+//! on-disk version (device, inode, mtime, size) changed are read again, or every file
+//! after an overflow/rescan event.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,6 +36,67 @@ struct FileVersion {
     len: u64,
 }
 
+/// Which files a reload reads again, besides those whose on-disk version changed.
+#[derive(Debug, Default)]
+enum Reread {
+    /// Only changed versions (the first load reads everything anyway).
+    #[default]
+    Changed,
+    /// Also these file names, which events named: a quick same-size rewrite can keep
+    /// the coarse mtime.
+    Named(BTreeSet<OsString>),
+    /// Every file: the watcher lost events (inotify queue overflow) or asked for a rescan.
+    All,
+}
+
+impl Reread {
+    fn includes(&self, path: &Path) -> bool {
+        match self {
+            Reread::Changed => false,
+            Reread::Named(names) => path.file_name().is_some_and(|n| names.contains(n)),
+            Reread::All => true,
+        }
+    }
+
+    fn add(&mut self, wake: Wake) {
+        match (std::mem::take(self), wake) {
+            (Reread::All, _) | (_, Wake::Rescan) => *self = Reread::All,
+            (Reread::Changed, Wake::Paths(paths)) => {
+                *self = Reread::Named(file_names(paths).collect())
+            }
+            (Reread::Named(mut names), Wake::Paths(paths)) => {
+                names.extend(file_names(paths));
+                *self = Reread::Named(names);
+            }
+        }
+    }
+}
+
+/// What the notify callback tells the async side.
+#[derive(Debug)]
+enum Wake {
+    Paths(Vec<PathBuf>),
+    Rescan,
+}
+
+impl Wake {
+    fn from_event(event: notify::Result<notify::Event>) -> Wake {
+        match event {
+            Ok(e) if !e.need_rescan() => Wake::Paths(e.paths),
+            // An error (e.g. a queue overflow) or a rescan flag: events may be lost.
+            _ => Wake::Rescan,
+        }
+    }
+}
+
+/// Events name paths as the watcher saw them (possibly canonicalised); the directory
+/// is flat, so the file name identifies the file.
+fn file_names(paths: Vec<PathBuf>) -> impl Iterator<Item = OsString> {
+    paths
+        .into_iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
+}
+
 #[derive(Debug, Default)]
 struct FileState {
     version: Option<FileVersion>,
@@ -41,6 +109,8 @@ pub struct ManifestSource {
     files: BTreeMap<PathBuf, FileState>,
     /// What the engine has been sent, to send only differences.
     emitted: BTreeMap<ObjectKey, Object>,
+    /// Conflicts already reported, so an unchanged conflict is not reported on every reload.
+    reported_conflicts: BTreeSet<String>,
 }
 
 impl ManifestSource {
@@ -50,6 +120,7 @@ impl ManifestSource {
             debounce: DEFAULT_DEBOUNCE,
             files: BTreeMap::new(),
             emitted: BTreeMap::new(),
+            reported_conflicts: BTreeSet::new(),
         }
     }
 
@@ -63,42 +134,51 @@ impl ManifestSource {
     /// (as `Change::Apply`s in key order) and the problems found. Used by `svcplane render`.
     pub fn load_once(&mut self) -> Result<(Vec<Change>, Vec<Problem>), SourceError> {
         let mut problems = Vec::new();
-        let changes = self.reload(&BTreeSet::new(), &mut problems)?;
+        let changes = self.reload(&Reread::Changed, &mut problems)?;
         Ok((changes, problems))
     }
 
-    /// Re-read what changed on disk (and every file in `touched`, which events named: a
-    /// quick same-size rewrite can keep the coarse mtime) and return the changes against
-    /// what was emitted.
+    /// Re-read what changed on disk (and what `reread` names) and return the changes
+    /// against what was emitted.
     fn reload(
         &mut self,
-        touched: &BTreeSet<PathBuf>,
+        reread: &Reread,
         problems: &mut Vec<Problem>,
     ) -> Result<Vec<Change>, SourceError> {
         let present = list_manifest_files(&self.dir)?;
         self.files.retain(|path, _| present.contains_key(path));
         for (path, version) in present {
             let state = self.files.entry(path.clone()).or_default();
-            if state.version == Some(version) && !touched.contains(&path) {
+            if state.version == Some(version) && !reread.includes(&path) {
                 continue;
             }
             load_file(&path, version, state, problems);
         }
-        let desired = self.merged_objects(problems);
+        let mut conflicts = Vec::new();
+        let desired = self.merged_objects(&mut conflicts);
+        // Report a conflict when it appears, not again on every later reload.
+        let current: BTreeSet<String> = conflicts.iter().map(|p| p.to_string()).collect();
+        problems.extend(
+            conflicts
+                .into_iter()
+                .filter(|p| !self.reported_conflicts.contains(&p.to_string())),
+        );
+        self.reported_conflicts = current;
         Ok(self.diff_against_emitted(desired))
     }
 
     /// All files' objects (a key defined twice: the later file in path order wins), with
     /// derived EndpointSlices added and Pods left out (the engine does not use them).
-    fn merged_objects(&self, problems: &mut Vec<Problem>) -> BTreeMap<ObjectKey, Object> {
+    /// Conflicts go to `conflicts`.
+    fn merged_objects(&self, conflicts: &mut Vec<Problem>) -> BTreeMap<ObjectKey, Object> {
         let mut merged: BTreeMap<ObjectKey, (&Path, &Object)> = BTreeMap::new();
         for (path, state) in &self.files {
             for (key, obj) in &state.objects {
                 if let Some((first, _)) = merged.insert(key.clone(), (path, obj)) {
-                    problems.push(Problem {
+                    conflicts.push(Problem {
                         file: Some(path.clone()),
                         message: format!(
-                            "{key} is also defined in {}; using this file's",
+                            "{key} is also defined in {}; using this file's (the later path wins)",
                             first.display()
                         ),
                     });
@@ -121,13 +201,27 @@ impl ManifestSource {
         }
         let derived = derive_endpoint_slices(services, slices, &pods, &nodes);
         let mut out: BTreeMap<ObjectKey, Object> = merged
-            .into_iter()
+            .iter()
             .filter(|(key, _)| key.kind != Kind::Pod)
-            .map(|(key, (_, obj))| (key, obj.clone()))
+            .map(|(key, (_, obj))| (key.clone(), (*obj).clone()))
             .collect();
         for slice in derived {
+            let service = slice.service_name.clone().unwrap_or_default();
             let obj = Object::EndpointSlice(slice);
-            out.insert(obj.key(), obj);
+            let key = obj.key();
+            if let Some((path, _)) = merged.get(&key) {
+                // A manifest slice already has the derived name: what the user wrote wins.
+                conflicts.push(Problem {
+                    file: Some(path.to_path_buf()),
+                    message: format!(
+                        "{key} has the name of a slice derived for Service {}/{service}; \
+                         keeping the manifest's slice instead",
+                        key.name.namespace
+                    ),
+                });
+                continue;
+            }
+            out.insert(key, obj);
         }
         out
     }
@@ -153,14 +247,16 @@ impl ManifestSource {
         tx: tokio::sync::mpsc::Sender<SourceEvent>,
         problems: ProblemSink,
     ) -> Result<(), SourceError> {
-        let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
+        // A missing or unreadable directory is a clear error naming it, before notify's.
+        list_manifest_files(&self.dir)?;
+        let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel::<Wake>();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                // Any event (or error: e.g. an overflow) means "look again"; reload compares
-                // file versions, so spurious wake-ups cost only a directory listing.
-                let _ = wake_tx.send(event.map(|e| e.paths).unwrap_or_default());
+                // Reload compares file versions, so a spurious wake-up costs only a listing.
+                let _ = wake_tx.send(Wake::from_event(event));
             })
             .map_err(|e| self.watch_error(e))?;
+        // Watched before the first load, so no change between the two is missed.
         watcher
             .watch(&self.dir, RecursiveMode::NonRecursive)
             .map_err(|e| self.watch_error(e))?;
@@ -172,22 +268,31 @@ impl ManifestSource {
             }
         };
         let mut found = Vec::new();
-        let initial = self.reload(&BTreeSet::new(), &mut found)?;
+        let initial = self.reload(&Reread::Changed, &mut found)?;
         report(found);
         if tx.send(SourceEvent::Changes(initial)).await.is_err()
             || tx.send(SourceEvent::Synced).await.is_err()
         {
             return Ok(());
         }
-        while let Some(paths) = wake_rx.recv().await {
+        loop {
+            let first = tokio::select! {
+                wake = wake_rx.recv() => match wake {
+                    Some(wake) => wake,
+                    // The watcher is gone (it lives in this function, so this does not happen).
+                    None => return Ok(()),
+                },
+                () = tx.closed() => return Ok(()),
+            };
             // Debounce: an editor's save or a ConfigMap swap is several events.
-            let mut touched: BTreeSet<PathBuf> = paths.into_iter().collect();
+            let mut reread = Reread::Changed;
+            reread.add(first);
             tokio::time::sleep(self.debounce).await;
             while let Ok(more) = wake_rx.try_recv() {
-                touched.extend(more);
+                reread.add(more);
             }
             let mut found = Vec::new();
-            let changes = match self.reload(&touched, &mut found) {
+            let changes = match self.reload(&reread, &mut found) {
                 Ok(c) => c,
                 Err(err) => {
                     // The directory itself vanished or became unreadable: keep what was loaded.
@@ -206,7 +311,6 @@ impl ManifestSource {
                 }
             }
         }
-        Ok(())
     }
 
     fn watch_error(&self, e: notify::Error) -> SourceError {
@@ -240,7 +344,11 @@ fn list_manifest_files(dir: &Path) -> Result<BTreeMap<PathBuf, FileVersion>, Sou
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        if name.starts_with('.') || name.ends_with('~') || Format::from_path(&path).is_none() {
+        if name.starts_with('.')
+            || name.ends_with('~')
+            || name.ends_with(".swp")
+            || Format::from_path(&path).is_none()
+        {
             continue;
         }
         // metadata() follows symlinks: a ConfigMap mount's `x.yaml -> ..data/x.yaml`.
@@ -298,7 +406,12 @@ fn load_file(
     };
     let mut objects: BTreeMap<ObjectKey, Object> = BTreeMap::new();
     for obj in parsed.objects {
-        objects.insert(obj.key(), obj);
+        let key = obj.key();
+        if objects.insert(key.clone(), obj).is_some() {
+            problems.push(problem(format!(
+                "{key} is defined twice in this file; the later document wins"
+            )));
+        }
     }
     for invalid in parsed.invalid {
         let previous = state
