@@ -623,9 +623,253 @@ mod tests {
         assert_eq!(next_changes(&mut rx).await, vec![Change::Delete(key("b"))]);
 
         drop(rx);
-        // The source ends once it notices the receiver is gone (on its next event).
-        std::fs::write(&a, svc_yaml("a", "10.96.0.1", 85)).unwrap();
+        // The source ends once the receiver is gone, without waiting for a file event.
         let done = tokio::time::timeout(Duration::from_secs(10), task).await;
         assert!(matches!(done, Ok(Ok(Ok(())))), "{done:?}");
+    }
+
+    type Collected = Arc<Mutex<Vec<String>>>;
+
+    fn collecting_sink() -> (ProblemSink, Collected) {
+        let collected: Collected = Arc::default();
+        let store = collected.clone();
+        let sink: ProblemSink = Arc::new(move |p| store.lock().unwrap().push(p.to_string()));
+        (sink, collected)
+    }
+
+    /// Start a watching source; returns its receiver after the initial batch and Synced.
+    async fn start(
+        dir: &Path,
+        sink: ProblemSink,
+    ) -> (
+        tokio::sync::mpsc::Receiver<SourceEvent>,
+        Vec<Change>,
+        tokio::task::JoinHandle<Result<(), SourceError>>,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let source: Box<dyn Source> =
+            Box::new(ManifestSource::new(dir).debounce(Duration::from_millis(50)));
+        let task = tokio::spawn(source.run(tx, sink));
+        let initial = next_changes(&mut rx).await;
+        assert_eq!(rx.recv().await, Some(SourceEvent::Synced));
+        (rx, initial, task)
+    }
+
+    /// Wait (generously) until a collected problem satisfies `pred`.
+    async fn wait_for_problem(collected: &Collected, pred: impl Fn(&str) -> bool) -> String {
+        for _ in 0..200 {
+            if let Some(p) = collected.lock().unwrap().iter().find(|p| pred(p)) {
+                return p.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no such problem; got {:?}", collected.lock().unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watcher_keeps_objects_of_a_broken_file_and_reports_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.yaml");
+        std::fs::write(&a, svc_yaml("a", "10.96.0.1", 80)).unwrap();
+        let (sink, collected) = collecting_sink();
+        let (mut rx, initial, _task) = start(dir.path(), sink).await;
+        assert_eq!(applied_port(&initial, "a"), Some(80));
+
+        std::fs::write(&a, "kind: Service\nspec: [\n").unwrap();
+        let problem = wait_for_problem(&collected, |p| p.contains("a.yaml")).await;
+        assert!(problem.contains("line "), "{problem}");
+        assert!(
+            problem.contains("keeping its previous objects"),
+            "{problem}"
+        );
+
+        // A good file written afterwards comes through; the broken one sent nothing
+        // (no Delete of `a` in between).
+        std::fs::write(dir.path().join("b.yaml"), svc_yaml("b", "10.96.0.2", 81)).unwrap();
+        let changes = next_changes(&mut rx).await;
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(applied_port(&changes, "b"), Some(81));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watcher_reports_invalid_objects_and_applies_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, collected) = collecting_sink();
+        let (mut rx, initial, _task) = start(dir.path(), sink).await;
+        assert!(initial.is_empty());
+
+        std::fs::write(
+            dir.path().join("mixed.yaml"),
+            svc_yaml("good", "10.96.0.1", 80) + "---\n" + &svc_yaml("bad", "10.96.0.2", 0),
+        )
+        .unwrap();
+        let changes = next_changes(&mut rx).await;
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(applied_port(&changes, "good"), Some(80));
+        let problem = wait_for_problem(&collected, |p| p.contains("demo/bad")).await;
+        assert!(problem.contains("mixed.yaml"), "{problem}");
+        assert!(problem.contains("spec.ports[0].port"), "{problem}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watcher_follows_a_configmap_volume_data_swap() {
+        // The kubelet's layout: `x.yaml -> ..data/x.yaml`, `..data -> ..<timestamp>`;
+        // an update writes a new timestamped dir and renames a new `..data` symlink over.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let v1 = root.join("..2026_01_01_00_00_00.1");
+        std::fs::create_dir(&v1).unwrap();
+        std::fs::write(v1.join("svc.yaml"), svc_yaml("a", "10.96.0.1", 80)).unwrap();
+        std::os::unix::fs::symlink("..2026_01_01_00_00_00.1", root.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/svc.yaml", root.join("svc.yaml")).unwrap();
+        let (sink, _collected) = collecting_sink();
+        let (mut rx, initial, _task) = start(root, sink).await;
+        assert_eq!(initial.len(), 1, "{initial:?}");
+        assert_eq!(applied_port(&initial, "a"), Some(80));
+
+        let v2 = root.join("..2026_01_01_00_01_00.2");
+        std::fs::create_dir(&v2).unwrap();
+        std::fs::write(v2.join("svc.yaml"), svc_yaml("a", "10.96.0.1", 81)).unwrap();
+        std::os::unix::fs::symlink("..2026_01_01_00_01_00.2", root.join("..data_tmp")).unwrap();
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        std::fs::remove_dir_all(&v1).unwrap();
+        assert_eq!(applied_port(&next_changes(&mut rx).await, "a"), Some(81));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watching_a_missing_directory_fails_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let (tx, _rx) = tokio::sync::mpsc::channel(4);
+        let (sink, _) = collecting_sink();
+        let source: Box<dyn Source> = Box::new(ManifestSource::new(&missing));
+        let err = source.run(tx, sink).await.unwrap_err();
+        assert!(matches!(err, SourceError::ReadDir { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains(&*missing.to_string_lossy()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn same_object_in_two_files_later_path_wins_and_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("10-a.yaml");
+        let second = dir.path().join("20-a.yaml");
+        std::fs::write(&first, svc_yaml("a", "10.96.0.1", 80)).unwrap();
+        std::fs::write(&second, svc_yaml("a", "10.96.0.1", 90)).unwrap();
+        let mut src = ManifestSource::new(dir.path());
+        let (changes, problems) = src.load_once().unwrap();
+        assert_eq!(applied_port(&changes, "a"), Some(90));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].file.as_deref(), Some(second.as_path()));
+        assert!(problems[0].message.contains("10-a.yaml"), "{problems:?}");
+
+        // Unchanged conflict: not reported again.
+        let (changes, problems) = src.load_once().unwrap();
+        assert!(changes.is_empty() && problems.is_empty(), "{problems:?}");
+
+        // The winner goes away: the other definition takes over.
+        std::fs::remove_file(&second).unwrap();
+        let (changes, problems) = src.load_once().unwrap();
+        assert_eq!(applied_port(&changes, "a"), Some(80));
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn same_object_twice_in_one_file_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            svc_yaml("a", "10.96.0.1", 80) + "---\n" + &svc_yaml("a", "10.96.0.1", 81),
+        )
+        .unwrap();
+        let (changes, problems) = ManifestSource::new(dir.path()).load_once().unwrap();
+        assert_eq!(applied_port(&changes, "a"), Some(81));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.message.contains("defined twice in this file")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn editor_temp_files_and_subdirectories_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("a.yaml~"), svc_yaml("backup", "10.96.0.1", 80)).unwrap();
+        std::fs::write(root.join("a.yaml.swp"), "binary").unwrap();
+        std::fs::write(root.join(".a.yaml.swp"), "binary").unwrap();
+        std::fs::write(root.join(".#a.yaml"), svc_yaml("lock", "10.96.0.1", 80)).unwrap();
+        std::fs::create_dir(root.join("sub.yaml")).unwrap();
+        std::fs::create_dir(root.join("nested")).unwrap();
+        std::fs::write(
+            root.join("nested/b.yaml"),
+            svc_yaml("nested", "10.96.0.2", 80),
+        )
+        .unwrap();
+        std::fs::write(root.join("c.yml"), svc_yaml("c", "10.96.0.3", 80)).unwrap();
+        let (changes, problems) = ManifestSource::new(root).load_once().unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        let names: Vec<&str> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Apply(Object::Service(s)) => Some(s.name.name.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(names, vec!["c"]);
+    }
+
+    #[test]
+    fn a_manifest_slice_with_a_derived_name_wins_and_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("app.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  clusterIP: 10.96.0.1\n  selector: {app: web}\n  ports: [{port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-svcplane-ipv4-0, namespace: demo, labels: {kubernetes.io/service-name: other}}\naddressType: IPv4\nendpoints: [{addresses: [10.244.9.9]}]\nports: [{port: 9}]\n",
+        )
+        .unwrap();
+        let (changes, problems) = ManifestSource::new(dir.path()).load_once().unwrap();
+        let slices: Vec<&EndpointSlice> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Apply(Object::EndpointSlice(s)) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(slices.len(), 1, "{slices:?}");
+        assert_eq!(slices[0].service_name.as_deref(), Some("other"));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.message.contains("derived for Service demo/web")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn rescan_rereads_everything_and_names_accumulate() {
+        let mut reread = Reread::Changed;
+        assert!(!reread.includes(Path::new("/d/a.yaml")));
+        reread.add(Wake::Paths(vec![PathBuf::from("/elsewhere/d/a.yaml")]));
+        assert!(
+            reread.includes(Path::new("/d/a.yaml")),
+            "matched by file name"
+        );
+        assert!(!reread.includes(Path::new("/d/b.yaml")));
+        reread.add(Wake::Paths(vec![PathBuf::from("/d/b.yaml")]));
+        assert!(reread.includes(Path::new("/d/a.yaml")) && reread.includes(Path::new("/d/b.yaml")));
+        reread.add(Wake::Rescan);
+        reread.add(Wake::Paths(vec![PathBuf::from("/d/c.yaml")]));
+        assert!(reread.includes(Path::new("/d/z.yaml")));
+
+        let overflow = Wake::from_event(Err(notify::Error::generic("queue overflow")));
+        assert!(matches!(overflow, Wake::Rescan));
+        let rescan =
+            notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        assert!(matches!(Wake::from_event(Ok(rescan)), Wake::Rescan));
+        let modify = notify::Event::new(notify::EventKind::Any).add_path("/d/a.yaml".into());
+        assert!(matches!(Wake::from_event(Ok(modify)), Wake::Paths(p) if p.len() == 1));
     }
 }
