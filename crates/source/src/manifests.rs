@@ -103,6 +103,9 @@ struct FileState {
     objects: BTreeMap<ObjectKey, Object>,
 }
 
+/// The manifests directory as a [`Source`]: watched (see the module docs), with the
+/// standalone EndpointSlice controller run over the whole object set after each reload.
+/// Pods are consumed by that controller and not forwarded.
 pub struct ManifestSource {
     dir: PathBuf,
     debounce: Duration,
@@ -132,6 +135,7 @@ impl ManifestSource {
 
     /// Load the directory once: the full object set after the EndpointSlice controller
     /// (as `Change::Apply`s in key order) and the problems found. Used by `svcplane render`.
+    /// Called again, it returns only the differences since the previous call.
     pub fn load_once(&mut self) -> Result<(Vec<Change>, Vec<Problem>), SourceError> {
         let mut problems = Vec::new();
         let changes = self.reload(&Reread::Changed, &mut problems)?;
