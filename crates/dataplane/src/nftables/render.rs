@@ -19,6 +19,9 @@
 //! unreferenced by this script; `sync` deletes them in a second step (as kube-proxy,
 //! because kernels before 6.2 release a chain's last map reference asynchronously).
 //!
+//! Partial syncs ([`render_partial`]) send only what a `Diff` changed; `render` stays the
+//! full transaction (what startup, periodic resyncs and repairs send).
+//!
 //! Every semantic decision (which endpoints, which verdict when empty, masquerade
 //! policy) comes from the DesiredState; this module only spells it.
 

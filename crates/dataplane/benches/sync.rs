@@ -1,0 +1,180 @@
+//! Sync cost at scale: full render and full apply for 1k / 10k / 50k ClusterIP service
+//! ports × 10 endpoints, and one endpoint change at 10k (a partial sync: render and
+//! apply). The apply part needs root (it runs in a private network namespace).
+//!
+//! `cargo bench -p svcplane-dataplane --bench sync [-- 1000 10000]`
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use svcplane_dataplane::NftablesBackend;
+use svcplane_dataplane::nftables::render;
+use svcplane_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
+use svcplane_proxy::{
+    ClusterIpMasquerade, Dataplane, DesiredState, Diff, EmptyVerdict, EndpointState,
+    ExternalPolicy, FamilyState, NodePortAddresses, ServicePortState, TrafficTarget,
+};
+use svcplane_testkit::{Netns, skip_unless_root};
+
+const ENDPOINTS: u32 = 10;
+
+fn v4(n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(n))
+}
+
+fn service(id: u32, first_endpoint: u32) -> ServicePortState {
+    let endpoints: Vec<EndpointState> = (0..ENDPOINTS)
+        .map(|e| EndpointState {
+            // 10.128.0.0/9: room for 50k × 10 distinct pod addresses.
+            ip: v4(0x0a80_0000 + first_endpoint + e),
+            port: 8080,
+            is_local: false,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone: None,
+            hostname: None,
+        })
+        .collect();
+    let all: Vec<usize> = (0..endpoints.len()).collect();
+    let target = TrafficTarget {
+        endpoints: all,
+        if_empty: EmptyVerdict::Reject,
+    };
+    ServicePortState {
+        name: ServicePortName {
+            service: NamespacedName::new("bench", format!("svc-{id}")),
+            port: "http".into(),
+            protocol: Protocol::Tcp,
+        },
+        protocol: Protocol::Tcp,
+        port: 80,
+        // 10.96.0.0/12 from 10.96.0.1 on.
+        cluster_ip: Some(v4(0x0a60_0001 + id)),
+        node_port: None,
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        affinity_timeout_seconds: None,
+        endpoints,
+        internal: target.clone(),
+        external: target,
+        external_policy: ExternalPolicy::Cluster,
+        health_check_node_port: None,
+    }
+}
+
+fn state(services: u32) -> DesiredState {
+    let mut fam = FamilyState::empty(IpFamily::V4);
+    fam.cluster_cidrs = vec!["10.128.0.0/9".parse().expect("cidr")];
+    fam.cluster_ip_masquerade = ClusterIpMasquerade::FromOutside(fam.cluster_cidrs.clone());
+    fam.nodeport_addresses = NodePortAddresses::AllLocal;
+    for id in 0..services {
+        let s = service(id, id * ENDPOINTS);
+        fam.services.insert(s.name.clone(), Arc::new(s));
+    }
+    DesiredState {
+        node_name: "node-a".into(),
+        node_zone: None,
+        v4: fam,
+        v6: FamilyState::empty(IpFamily::V6),
+        health_checks: BTreeMap::new(),
+    }
+}
+
+/// Median of `runs` timings of `f`.
+fn median(runs: usize, mut f: impl FnMut()) -> Duration {
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn main() {
+    let sizes: Vec<u32> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let sizes = if sizes.is_empty() {
+        vec![1_000, 10_000, 50_000]
+    } else {
+        sizes
+    };
+    let root = !skip_unless_root(&["ip", "nft"]);
+    for &n in &sizes {
+        let desired = Arc::new(state(n));
+        let mut bytes = 0;
+        let render_time = median(5, || {
+            bytes = render(&desired).map(|s| s.len()).unwrap_or(0);
+        });
+        println!(
+            "{n:>6} services × {ENDPOINTS} endpoints: full render {render_time:?} ({bytes} bytes)"
+        );
+        if !root {
+            continue;
+        }
+        let ns = match Netns::new("svcplane-bench") {
+            Ok(ns) => ns,
+            Err(e) => {
+                eprintln!("cannot create a network namespace: {e}");
+                return;
+            }
+        };
+        let mut backend =
+            NftablesBackend::with_nft_command(["ip", "netns", "exec", ns.name(), "nft"]);
+        let full = Diff::between(None, &desired, true);
+        let runs = if n >= 50_000 { 1 } else { 3 };
+        let mut failed = None;
+        // The first apply creates everything; later ones replace it in place, as every
+        // full resync does.
+        let apply_time = median(runs, || {
+            if let Err(e) = backend.sync(&desired, &full) {
+                failed = Some(e);
+            }
+        });
+        if let Some(e) = failed {
+            eprintln!("full apply failed: {e}");
+            continue;
+        }
+        println!("{n:>6} services: full sync (render + nft apply) {apply_time:?}");
+
+        if n == 10_000 {
+            // One endpoint of one service moves: a partial sync. The states and diffs
+            // are the engine's work, prepared outside the timing.
+            let mut steps = Vec::new();
+            let mut current = desired.clone();
+            for round in 1..=21 {
+                let mut next = (*current).clone();
+                let moved = service(n / 2, n * ENDPOINTS + round);
+                next.v4.services.insert(moved.name.clone(), Arc::new(moved));
+                let next = Arc::new(next);
+                let diff = Diff::between(Some(current.clone()), &next, false);
+                steps.push((next.clone(), diff));
+                current = next;
+            }
+            let mut steps = steps.into_iter();
+            let mut sizes = Vec::new();
+            let partial_time = median(21, || {
+                if let Some((next, diff)) = steps.next() {
+                    match backend.sync(&next, &diff) {
+                        Ok(report) => sizes.push((report.full, report.size)),
+                        Err(e) => eprintln!("partial sync failed: {e}"),
+                    }
+                }
+            });
+            let all_partial = sizes.iter().all(|(full, _)| !full);
+            println!(
+                "{n:>6} services: one endpoint change, partial sync (render + nft apply) {partial_time:?}, {} bytes, all partial: {all_partial}",
+                sizes.first().map_or(0, |s| s.1)
+            );
+        }
+    }
+}
