@@ -80,11 +80,22 @@ enum Wake {
 }
 
 impl Wake {
-    fn from_event(event: notify::Result<notify::Event>) -> Wake {
+    /// `None` for events that change nothing on disk: notify reports opens and reads
+    /// too, and reloading on those would make every reload (which opens the files)
+    /// trigger the next one.
+    fn from_event(event: notify::Result<notify::Event>) -> Option<Wake> {
+        use notify::event::{AccessKind, AccessMode, EventKind};
         match event {
-            Ok(e) if !e.need_rescan() => Wake::Paths(e.paths),
-            // An error (e.g. a queue overflow) or a rescan flag: events may be lost.
-            _ => Wake::Rescan,
+            Ok(e) if e.need_rescan() => Some(Wake::Rescan),
+            Ok(e) => match e.kind {
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                    Some(Wake::Paths(e.paths))
+                }
+                EventKind::Access(_) => None,
+                _ => Some(Wake::Paths(e.paths)),
+            },
+            // An error (e.g. a queue overflow): events may be lost.
+            Err(_) => Some(Wake::Rescan),
         }
     }
 }
@@ -257,7 +268,9 @@ impl ManifestSource {
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 // Reload compares file versions, so a spurious wake-up costs only a listing.
-                let _ = wake_tx.send(Wake::from_event(event));
+                if let Some(wake) = Wake::from_event(event) {
+                    let _ = wake_tx.send(wake);
+                }
             })
             .map_err(|e| self.watch_error(e))?;
         // Watched before the first load, so no change between the two is missed.
@@ -716,6 +729,29 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reading_a_file_does_not_wake_the_watcher_again() {
+        // Opening a file is an inotify event too; were it a wake-up, every reload would
+        // read the files it read last time again, forever (and re-report their problems).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bad.yaml"), svc_yaml("bad", "10.96.0.2", 0)).unwrap();
+        let (sink, collected) = collecting_sink();
+        let (mut rx, _initial, _task) = start(dir.path(), sink).await;
+        std::fs::write(dir.path().join("bad.yaml"), svc_yaml("bad", "10.96.0.3", 0)).unwrap();
+        // The initial load and the edit each report `bad` once.
+        for _ in 0..200 {
+            if collected.lock().unwrap().len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Several debounce periods: a feedback loop would report the same problem again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let reports = collected.lock().unwrap().len();
+        assert_eq!(reports, 2, "{:?}", collected.lock().unwrap());
+        assert!(rx.try_recv().is_err(), "nothing changed, nothing sent");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn watcher_follows_a_configmap_volume_data_swap() {
         // The kubelet's layout: `x.yaml -> ..data/x.yaml`, `..data -> ..<timestamp>`;
         // an update writes a new timestamped dir and renames a new `..data` symlink over.
@@ -869,11 +905,26 @@ mod tests {
         assert!(reread.includes(Path::new("/d/z.yaml")));
 
         let overflow = Wake::from_event(Err(notify::Error::generic("queue overflow")));
-        assert!(matches!(overflow, Wake::Rescan));
+        assert!(matches!(overflow, Some(Wake::Rescan)));
         let rescan =
             notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        assert!(matches!(Wake::from_event(Ok(rescan)), Wake::Rescan));
+        assert!(matches!(Wake::from_event(Ok(rescan)), Some(Wake::Rescan)));
         let modify = notify::Event::new(notify::EventKind::Any).add_path("/d/a.yaml".into());
-        assert!(matches!(Wake::from_event(Ok(modify)), Wake::Paths(p) if p.len() == 1));
+        assert!(matches!(Wake::from_event(Ok(modify)), Some(Wake::Paths(p)) if p.len() == 1));
+    }
+
+    #[test]
+    fn opens_and_reads_are_not_wake_ups_but_finished_writes_are() {
+        use notify::event::{AccessKind, AccessMode, EventKind};
+        let event = |kind| Ok(notify::Event::new(kind).add_path("/d/a.yaml".into()));
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+        ] {
+            assert!(Wake::from_event(event(kind)).is_none(), "{kind:?}");
+        }
+        let written = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert!(Wake::from_event(event(written)).is_some());
     }
 }
