@@ -25,6 +25,8 @@ use crate::endpointslice_controller::derive_endpoint_slices;
 use crate::{Problem, ProblemSink, Source, SourceError, SourceFuture};
 
 const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
+/// How often to look for a watched directory that was removed.
+const DIRECTORY_RETRY: Duration = Duration::from_secs(1);
 
 /// What identifies one version of a file on disk (a rename-over changes the inode,
 /// an in-place write the mtime or size).
@@ -73,7 +75,7 @@ impl Reread {
 }
 
 /// What the notify callback tells the async side.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Wake {
     Paths(Vec<PathBuf>),
     Rescan,
@@ -292,23 +294,63 @@ impl ManifestSource {
         {
             return Ok(());
         }
+        // Which directory the watch is on; `None` once it is gone (removed, or replaced:
+        // the watch stays with the old one), until it can be watched again.
+        let mut watched = dir_identity(&self.dir);
+        let mut last_watch_error = None;
         loop {
             let first = tokio::select! {
                 wake = wake_rx.recv() => match wake {
-                    Some(wake) => wake,
+                    Some(wake) => Some(wake),
                     // The watcher is gone (it lives in this function, so this does not happen).
                     None => return Ok(()),
                 },
                 () = tx.closed() => return Ok(()),
+                // No events come from a lost directory: look for it again now and then.
+                () = tokio::time::sleep(DIRECTORY_RETRY), if watched.is_none() => None,
             };
-            // Debounce: an editor's save or a ConfigMap swap is several events.
             let mut reread = Reread::Changed;
-            reread.add(first);
-            tokio::time::sleep(self.debounce).await;
+            if let Some(first) = &first {
+                // Debounce: an editor's save or a ConfigMap swap is several events.
+                reread.add(first.clone());
+                tokio::time::sleep(self.debounce).await;
+            }
             while let Ok(more) = wake_rx.try_recv() {
                 reread.add(more);
             }
             let mut found = Vec::new();
+            let current = dir_identity(&self.dir);
+            if current != watched {
+                let _ = watcher.unwatch(&self.dir);
+                watched = None;
+                if current.is_some() {
+                    match watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
+                        Ok(()) => {
+                            tracing::info!(
+                                dir = %self.dir.display(),
+                                "watching the manifests directory again"
+                            );
+                            watched = current;
+                            last_watch_error = None;
+                        }
+                        Err(e) => {
+                            let message = self.watch_error(e).to_string();
+                            if last_watch_error.as_ref() != Some(&message) {
+                                found.push(Problem {
+                                    file: None,
+                                    message: message.clone(),
+                                });
+                                last_watch_error = Some(message);
+                            }
+                        }
+                    }
+                }
+                // Events were missed while the watch was on the old directory.
+                reread.add(Wake::Rescan);
+            } else if first.is_none() {
+                // A retry tick, and the directory is still missing: already reported.
+                continue;
+            }
             let changes = match self.reload(&reread, &mut found) {
                 Ok(c) => c,
                 Err(err) => {
@@ -346,6 +388,14 @@ impl Source for ManifestSource {
     ) -> SourceFuture {
         Box::pin((*self).watch(tx, problems))
     }
+}
+
+/// Which directory `dir` names now (symlinks followed); `None` when it is gone.
+fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(dir)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// Manifest files directly in `dir`, with their on-disk versions.
@@ -774,6 +824,39 @@ mod tests {
         std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
         std::fs::remove_dir_all(&v1).unwrap();
         assert_eq!(applied_port(&next_changes(&mut rx).await, "a"), Some(81));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_removed_and_recreated_directory_is_watched_again() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("manifests");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), svc_yaml("a", "10.96.0.1", 80)).unwrap();
+        let (sink, collected) = collecting_sink();
+        let (mut rx, initial, _task) = start(&dir, sink).await;
+        assert_eq!(applied_port(&initial, "a"), Some(80));
+
+        std::fs::remove_dir_all(&dir).unwrap();
+        let problem = wait_for_problem(&collected, |p| p.contains("keeping the objects")).await;
+        assert!(problem.contains("manifests"), "{problem}");
+
+        // Appears whole (built aside, renamed into place), as a deployment tool would.
+        let staged = parent.path().join("staged");
+        std::fs::create_dir(&staged).unwrap();
+        std::fs::write(staged.join("b.yaml"), svc_yaml("b", "10.96.0.2", 81)).unwrap();
+        std::fs::rename(&staged, &dir).unwrap();
+        // `a`'s file went first (removing a directory removes its files), so its Delete
+        // may come in an earlier batch than `b`.
+        let mut seen = Vec::new();
+        while applied_port(&seen, "b").is_none() {
+            seen.extend(next_changes(&mut rx).await);
+        }
+        assert_eq!(applied_port(&seen, "b"), Some(81));
+        assert!(seen.contains(&Change::Delete(key("a"))), "{seen:?}");
+
+        // And the new directory's events arrive.
+        std::fs::write(dir.join("b.yaml"), svc_yaml("b", "10.96.0.2", 82)).unwrap();
+        assert_eq!(applied_port(&next_changes(&mut rx).await, "b"), Some(82));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
