@@ -58,6 +58,9 @@ pub struct SyncStatus {
     pub last_queued: Option<SystemTime>,
     /// At least one sync succeeded.
     pub synced_once: bool,
+    /// When the oldest change not yet applied successfully was queued (kube-proxy's
+    /// healthz "oldest pending queued"); `None` when everything queued has been applied.
+    pub oldest_pending: Option<SystemTime>,
 }
 
 /// What one backend call did, for metrics.
@@ -72,6 +75,11 @@ pub struct SyncOutcome {
     pub pending_endpoint_slices: usize,
     /// Service ports in the synced state, both families.
     pub service_ports: usize,
+    /// When the oldest change this sync carried was queued (for network programming latency);
+    /// `None` for a resync without changes.
+    pub queued_since: Option<SystemTime>,
+    /// The state this sync tried to apply (for health-check servers and per-service metrics).
+    pub desired: Arc<DesiredState>,
 }
 
 impl SyncOutcome {
@@ -178,8 +186,11 @@ impl LoopState {
             self.engine.apply(change);
         }
         if self.engine.has_pending() {
-            self.status
-                .send_modify(|s| s.last_queued = Some(SystemTime::now()));
+            let now = SystemTime::now();
+            self.status.send_modify(|s| {
+                s.last_queued = Some(now);
+                s.oldest_pending.get_or_insert(now);
+            });
         }
     }
 
@@ -227,8 +238,11 @@ impl LoopState {
         if diff.is_empty() {
             // Changes that cancel out: nothing to send, and the state is what was applied.
             self.last_applied = Some(desired);
+            self.status
+                .send_if_modified(|s| s.oldest_pending.take().is_some());
             return Ok(());
         }
+        let queued_since = self.status.borrow().oldest_pending;
         self.last_start = Some(start);
         self.status
             .send_modify(|s| s.last_attempt = Some(SystemTime::now()));
@@ -237,6 +251,7 @@ impl LoopState {
             return Err(SyncLoopError::BackendTask("backend missing".to_string()));
         };
         let task_state = desired.clone();
+        let outcome_state = desired.clone();
         let task_diff = diff;
         let (backend, result, diff) = tokio::task::spawn_blocking(move || {
             let result = backend.sync(&task_state, &task_diff);
@@ -269,6 +284,8 @@ impl LoopState {
                     s.last_error = None;
                     s.successful_syncs += 1;
                     s.synced_once = true;
+                    // No events are processed while a sync runs, so everything queued is applied.
+                    s.oldest_pending = None;
                 });
                 Ok(report)
             }
@@ -306,6 +323,8 @@ impl LoopState {
                 pending_services,
                 pending_endpoint_slices,
                 service_ports,
+                queued_since,
+                desired: outcome_state,
             });
         }
         Ok(())
@@ -652,6 +671,51 @@ mod tests {
         sleep_ms(10).await;
         let calls = h.calls();
         assert!(calls[4].ok && !calls[4].full);
+        h.close().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn oldest_pending_survives_failures_and_clears_on_success() {
+        let h = Harness::start(1, 300);
+        h.add_service(1).await;
+        sleep_ms(10).await;
+        assert!(h.status.borrow().oldest_pending.is_some());
+        h.send(SourceEvent::Synced).await;
+        sleep_ms(10).await;
+        assert!(h.status.borrow().oldest_pending.is_none());
+
+        h.shared.fail_next.store(1, Ordering::SeqCst);
+        sleep_ms(2_000).await;
+        h.add_service(2).await;
+        sleep_ms(10).await;
+        // The failed attempt leaves the change pending.
+        assert_eq!(h.calls().len(), 2);
+        let queued = h.status.borrow().oldest_pending;
+        assert!(queued.is_some());
+        sleep_ms(1_100).await;
+        assert_eq!(h.calls().len(), 3);
+        assert!(h.status.borrow().oldest_pending.is_none());
+
+        let outcomes: Vec<(bool, usize)> = h
+            .recorder
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, o)| (o.ok(), o.desired.v4.services.len()))
+            .collect();
+        assert_eq!(outcomes, [(true, 1), (false, 2), (true, 2)]);
+        // The retry still reports when the change was first queued.
+        let since: Vec<_> = h
+            .recorder
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, o)| o.queued_since)
+            .collect();
+        assert!(since[0].is_some());
+        assert_eq!(&since[1..], [queued, queued]);
         h.close().await.unwrap();
     }
 
