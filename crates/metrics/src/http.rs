@@ -1,0 +1,96 @@
+//! The `/metrics` and `/healthz` + `/livez` HTTP servers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::health::ProxyHealth;
+use crate::registry::Metrics;
+
+/// A listener that could not be opened, naming the flag it came from.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag} {addr}: cannot listen: {source}")]
+pub struct BindError {
+    pub flag: &'static str,
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Bind `addr` for the server configured by `flag` (e.g. `--metrics-bind-address`).
+pub async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { flag, addr, source })
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone)]
+struct MetricsState {
+    metrics: Arc<Metrics>,
+    health: ProxyHealth,
+}
+
+/// `/metrics`: every metric, with the sync loop's status read at scrape time.
+pub fn metrics_router(metrics: Arc<Metrics>, health: ProxyHealth) -> Router {
+    Router::new()
+        .route("/metrics", get(serve_metrics))
+        .with_state(MetricsState { metrics, health })
+}
+
+async fn serve_metrics(State(st): State<MetricsState>) -> Response {
+    st.metrics.observe_status(&st.health.status());
+    ([(header::CONTENT_TYPE, OPENMETRICS)], st.metrics.encode()).into_response()
+}
+
+/// `/healthz` and `/livez` (kube-proxy: the same proxier health; livez ignores node
+/// eligibility, which svcplane does not track, so both answer alike).
+pub fn healthz_router(metrics: Arc<Metrics>, health: ProxyHealth) -> Router {
+    let st = MetricsState { metrics, health };
+    Router::new()
+        .route(
+            "/healthz",
+            get(|State(st): State<MetricsState>| async move { answer(&st, false) }),
+        )
+        .route(
+            "/livez",
+            get(|State(st): State<MetricsState>| async move { answer(&st, true) }),
+        )
+        .with_state(st)
+}
+
+fn answer(st: &MetricsState, livez: bool) -> Response {
+    let health = st.health.check();
+    let code = health.code();
+    st.metrics.health_answer(livez, code);
+    json_response(code, health.body())
+}
+
+pub(crate) fn json_response(code: u16, body: String) -> Response {
+    let status = if code == 200 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Serve `router` on `listener` until the task is dropped or aborted.
+pub async fn serve(listener: TcpListener, router: Router) -> std::io::Result<()> {
+    axum::serve(listener, router).await
+}
