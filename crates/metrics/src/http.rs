@@ -15,19 +15,19 @@ use crate::registry::Metrics;
 
 /// A listener that could not be opened, naming the flag it came from.
 #[derive(Debug, thiserror::Error)]
-#[error("{flag} {addr}: cannot listen: {source}")]
+// The I/O error is in the message rather than a `source`, so error chains do not repeat it.
+#[error("{flag} {addr}: cannot listen: {error}")]
 pub struct BindError {
     pub flag: &'static str,
     pub addr: SocketAddr,
-    #[source]
-    pub source: std::io::Error,
+    pub error: std::io::Error,
 }
 
 /// Bind `addr` for the server configured by `flag` (e.g. `--metrics-bind-address`).
 pub async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| BindError { flag, addr, source })
+        .map_err(|error| BindError { flag, addr, error })
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
