@@ -4,9 +4,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use svcplane_dataplane::ProxyMode;
+use svcplane_metrics::{HealthCheckServers, Metrics, ProxyHealth, SyncRecorder, http};
 use svcplane_model::{Change, Object};
 use svcplane_proxy::Engine;
-use svcplane_proxy::sync_loop::{SyncLoopConfig, SyncStatus, run_sync_loop};
+use svcplane_proxy::sync_loop::{
+    SyncLoopConfig, SyncObserver, SyncStatus, run_sync_loop_with_observer,
+};
 use svcplane_source::{ManifestSource, ProblemSink, Source};
 
 use crate::cli::{CleanupArgs, Cli, Command, ProxyArgs, RenderArgs};
@@ -82,31 +85,60 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         manifests = %dir.display(),
         "starting svcplane proxy"
     );
-    tracing::warn!(
-        metrics = %settings.metrics_bind_address,
-        healthz = %settings.healthz_bind_address,
-        "the /metrics and /healthz servers are not implemented yet; these addresses are not served"
-    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        let metrics = Arc::new(Metrics::new());
+        let (status_tx, status_rx) = tokio::sync::watch::channel(SyncStatus::default());
+        let health = ProxyHealth::new(status_rx, settings.sync_period);
+        // Bound before anything else runs, so a taken address is a clear startup error.
+        let metrics_listener =
+            http::bind("--metrics-bind-address", settings.metrics_bind_address).await?;
+        let healthz_listener =
+            http::bind("--healthz-bind-address", settings.healthz_bind_address).await?;
+        tracing::info!(
+            metrics = %settings.metrics_bind_address,
+            healthz = %settings.healthz_bind_address,
+            "serving /metrics, /healthz and /livez"
+        );
+        let metrics_server = tokio::spawn(http::serve(
+            metrics_listener,
+            http::metrics_router(metrics.clone(), health.clone()),
+        ));
+        let healthz_server = tokio::spawn(http::serve(
+            healthz_listener,
+            http::healthz_router(metrics.clone(), health.clone()),
+        ));
+        let (recorder, applied) = SyncRecorder::new(metrics.clone());
+        // healthCheckNodePort servers listen on every address, as kube-proxy's.
+        let health_checks = HealthCheckServers::new(
+            std::net::Ipv4Addr::UNSPECIFIED.into(),
+            Some(health),
+        );
+        tokio::spawn(health_checks.run(applied));
+
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let problems: ProblemSink = Arc::new(|p| tracing::warn!("{p}"));
+        // The source logs each problem itself; here it is only counted.
+        let counted = metrics.clone();
+        let problems: ProblemSink = Arc::new(move |_| counted.invalid_object());
         let source: Box<dyn Source> = Box::new(ManifestSource::new(&dir));
         let source_task = tokio::spawn(source.run(tx, problems));
         let engine = Engine::new(settings.engine.engine_config());
         let backend = svcplane_dataplane::backend(settings.engine.mode);
-        let (status_tx, _status_rx) = tokio::sync::watch::channel(SyncStatus::default());
         let loop_config = SyncLoopConfig {
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,
         };
-        let sync_loop = run_sync_loop(engine, rx, backend, loop_config, status_tx);
+        let observer: Arc<dyn SyncObserver> = Arc::new(recorder);
+        let sync_loop =
+            run_sync_loop_with_observer(engine, rx, backend, loop_config, status_tx, Some(observer));
         tokio::select! {
             result = sync_loop => result.context("sync loop failed"),
+            result = metrics_server => server_stopped("/metrics", result),
+            result = healthz_server => server_stopped("/healthz", result),
             result = source_task => match result {
                 Ok(Ok(())) => bail!("the manifests source stopped"),
                 Ok(Err(err)) => Err(err).context("manifests source failed"),
@@ -119,6 +151,18 @@ fn proxy(args: ProxyArgs) -> Result<()> {
             }
         }
     })
+}
+
+/// A server task ended (they run until the process exits): an error either way.
+fn server_stopped(
+    what: &str,
+    result: Result<std::io::Result<()>, tokio::task::JoinError>,
+) -> Result<()> {
+    match result {
+        Ok(Ok(())) => bail!("the {what} server stopped"),
+        Ok(Err(err)) => Err(err).with_context(|| format!("the {what} server failed")),
+        Err(err) => Err(err).with_context(|| format!("the {what} server panicked")),
+    }
 }
 
 async fn shutdown_signal() {
