@@ -26,18 +26,8 @@ fn v4(n: u32) -> IpAddr {
 
 fn service(id: u32, first_endpoint: u32) -> ServicePortState {
     let endpoints: Vec<EndpointState> = (0..ENDPOINTS)
-        .map(|e| EndpointState {
-            // 10.128.0.0/9: room for 50k × 10 distinct pod addresses.
-            ip: v4(0x0a80_0000 + first_endpoint + e),
-            port: 8080,
-            is_local: false,
-            ready: true,
-            serving: true,
-            terminating: false,
-            node_name: None,
-            zone: None,
-            hostname: None,
-        })
+        // 10.128.0.0/9: room for 50k × 10 distinct pod addresses.
+        .map(|e| EndpointState::ready(v4(0x0a80_0000 + first_endpoint + e), 8080, false))
         .collect();
     let all: Vec<usize> = (0..endpoints.len()).collect();
     let target = TrafficTarget {

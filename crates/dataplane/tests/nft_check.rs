@@ -26,17 +26,7 @@ fn net(s: &str) -> IpNet {
 }
 
 fn endpoint(addr: &str, port: u16, is_local: bool) -> EndpointState {
-    EndpointState {
-        ip: ip(addr),
-        port,
-        is_local,
-        ready: true,
-        serving: true,
-        terminating: false,
-        node_name: None,
-        zone: None,
-        hostname: None,
-    }
+    EndpointState::ready(ip(addr), port, is_local)
 }
 
 fn target(endpoints: &[usize], if_empty: EmptyVerdict) -> TrafficTarget {

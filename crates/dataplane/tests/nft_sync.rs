@@ -50,17 +50,7 @@ fn service(v6: bool, id: u32, eps: &[u32], sticky: bool, node_port: bool) -> Ser
     };
     let endpoints: Vec<EndpointState> = eps
         .iter()
-        .map(|&e| EndpointState {
-            ip: ep(e),
-            port: 8080,
-            is_local: e % 2 == 0,
-            ready: true,
-            serving: true,
-            terminating: false,
-            node_name: None,
-            zone: None,
-            hostname: None,
-        })
+        .map(|&e| EndpointState::ready(ep(e), 8080, e % 2 == 0))
         .collect();
     let all: Vec<usize> = (0..endpoints.len()).collect();
     let target = |if_empty| TrafficTarget {

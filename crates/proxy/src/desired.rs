@@ -149,6 +149,24 @@ pub struct EndpointState {
     pub hostname: Option<String>,
 }
 
+impl EndpointState {
+    /// A ready, serving, non-terminating endpoint without node, zone or hostname: what
+    /// backend tests, benchmarks and tools build by hand.
+    pub fn ready(ip: IpAddr, port: u16, is_local: bool) -> Self {
+        EndpointState {
+            ip,
+            port,
+            is_local,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone: None,
+            hostname: None,
+        }
+    }
+}
+
 /// Everything about one service port in one family.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePortState {

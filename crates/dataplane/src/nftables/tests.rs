@@ -32,17 +32,7 @@ fn spn(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortName 
 }
 
 fn endpoint(addr: &str, port: u16) -> EndpointState {
-    EndpointState {
-        ip: ip(addr),
-        port,
-        is_local: false,
-        ready: true,
-        serving: true,
-        terminating: false,
-        node_name: None,
-        zone: None,
-        hostname: None,
-    }
+    EndpointState::ready(ip(addr), port, false)
 }
 
 fn target(endpoints: &[usize], if_empty: EmptyVerdict) -> TrafficTarget {
