@@ -140,7 +140,7 @@ const ALLOWED_SRC: &str = "203.0.113.10";
 /// The standard cluster, its manifests and the proxy on node-a. Field order is drop
 /// order: the proxy stops before the cluster's namespaces go away.
 struct Env {
-    _proxy: ProxyHandle,
+    proxy: Option<ProxyHandle>,
     manifests: Manifests,
     cluster: Cluster,
 }
@@ -148,6 +148,11 @@ struct Env {
 impl Env {
     /// `None` when the test must skip (not root, tools missing).
     fn start() -> Option<Env> {
+        Env::start_with(&[])
+    }
+
+    /// [`Env::start`] with extra `svcplane proxy` flags.
+    fn start_with(proxy_args: &[&str]) -> Option<Env> {
         if skip_unless_root(&["ip", "nft", "sysctl"]) {
             return None;
         }
@@ -193,14 +198,23 @@ impl Env {
                 env!("CARGO_BIN_EXE_svcplane"),
                 "node-a",
                 manifests.path(),
-                &[],
+                proxy_args,
             )
             .expect("svcplane proxy on node-a");
         Some(Env {
-            _proxy: proxy,
+            proxy: Some(proxy),
             manifests,
             cluster,
         })
+    }
+
+    /// `nft ARGS` in node-a's namespace: its stdout, or `None` when nft failed.
+    fn nft_on_node_a(&self, args: &[&str]) -> Option<String> {
+        let node = self.cluster.node("node-a").expect("node");
+        let out = node.netns().command("nft", args).output().expect("run nft");
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     fn pod_ip(&self, pod: &str) -> IpAddr {
@@ -432,4 +446,138 @@ fn internal_traffic_policy_local_stays_on_the_node() {
     for _ in 0..STICKY_TRIES {
         assert_eq!(env.tcp("client-a", "10.96.1.10:80").pod, local);
     }
+}
+
+#[test]
+fn a_manifest_change_reaches_the_kernel_within_a_second() {
+    let Some(env) = Env::start() else { return };
+    env.manifests
+        .write(
+            "new.yaml",
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: new, namespace: default}
+spec:
+  selector: {app: one}
+  clusterIP: 10.96.1.50
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#,
+        )
+        .expect("new.yaml");
+    // The issue's bound for file change -> kernel (debounce + sync), read from nft itself.
+    let programmed = svcplane_testkit::wait_until(Duration::from_secs(1), || {
+        env.nft_on_node_a(&["list", "map", "ip", "svcplane", "service-ips"])
+            .is_some_and(|m| m.contains("10.96.1.50 . tcp . 80"))
+    });
+    assert!(programmed, "10.96.1.50 not in service-ips within 1 s");
+    let reply = env.tcp("client-a", "10.96.1.50:80");
+    assert_eq!(reply.pod, env.pod_ip("one-a"));
+}
+
+#[test]
+fn nft_flush_ruleset_is_repaired_by_the_next_sync() {
+    let Some(env) = Env::start_with(&["--sync-period", "1s"]) else {
+        return;
+    };
+    env.tcp("client-a", "10.96.1.1:80");
+    env.nft_on_node_a(&["flush", "ruleset"])
+        .expect("nft flush ruleset");
+    assert!(
+        env.nft_on_node_a(&["list", "table", "ip", "svcplane"])
+            .is_none(),
+        "the flush left svcplane's table"
+    );
+    let repaired = svcplane_testkit::wait_until(Duration::from_secs(15), || {
+        env.try_tcp("client-a", "10.96.1.1:80").is_ok()
+    });
+    assert!(
+        repaired,
+        "service not answering again after nft flush ruleset"
+    );
+    let reply = env.tcp("client-a", "10.96.1.1:80");
+    assert_eq!(reply.pod, env.pod_ip("one-a"));
+}
+
+#[test]
+fn a_malformed_file_leaves_working_services_alone() {
+    let Some(env) = Env::start() else { return };
+    // A file that does not parse, and the services file itself broken mid-document.
+    env.manifests
+        .write("broken.yaml", "kind: Service\nmetadata: {name: [unclosed\n")
+        .expect("broken.yaml");
+    let broken = SERVICES.replacen("clusterIP: 10.96.1.2", "clusterIP: [10.96.1.2", 1);
+    env.manifests
+        .write("services.yaml", &broken)
+        .expect("services.yaml");
+    // A valid service in another file is still programmed...
+    env.manifests
+        .write(
+            "later.yaml",
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: later, namespace: default}
+spec:
+  selector: {app: one}
+  clusterIP: 10.96.1.51
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#,
+        )
+        .expect("later.yaml");
+    let programmed = svcplane_testkit::wait_until(Duration::from_secs(10), || {
+        env.try_tcp("client-a", "10.96.1.51:80").is_ok()
+    });
+    assert!(
+        programmed,
+        "the valid service in later.yaml was not programmed"
+    );
+    // ...and the services of the broken files keep answering.
+    assert_eq!(env.tcp("client-a", "10.96.1.1:80").pod, env.pod_ip("one-a"));
+    env.spread("client-a", "10.96.1.2:80", &["many-a", "many-b"]);
+}
+
+#[test]
+fn a_restart_fails_no_connection() {
+    let Some(mut env) = Env::start() else { return };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let old = env.proxy.take().expect("proxy");
+    let (sent, failures) = std::thread::scope(|scope| {
+        let env = &env;
+        let stop = &stop;
+        let load = scope.spawn(move || {
+            let (mut sent, mut failures) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                if let Err(e) = env.try_tcp("client-a", "10.96.1.2:80") {
+                    failures.push(e);
+                }
+            }
+            (sent, failures)
+        });
+        // Old process stops (leaving its rules), the new one adopts and replaces the table.
+        let status = old.terminate().expect("stop the proxy");
+        assert!(status.success(), "old proxy exited with {status}");
+        let new = env
+            .cluster
+            .run_proxy(
+                env!("CARGO_BIN_EXE_svcplane"),
+                "node-a",
+                env.manifests.path(),
+                &[],
+            )
+            .expect("restarted proxy");
+        // Keep the load on past the new process's first sync.
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let result = load.join().expect("load thread");
+        drop(new);
+        result
+    });
+    assert!(sent > 5, "too few requests during the restart: {sent}");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:?}",
+        failures.len()
+    );
 }
