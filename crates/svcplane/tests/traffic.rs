@@ -581,3 +581,96 @@ fn a_restart_fails_no_connection() {
         failures.len()
     );
 }
+
+/// Services without selectors whose EndpointSlices the test writes, over many-a (node-a,
+/// zone-a) and many-b (node-b, zone-b): `hinted` (zone hints), `term` (only a terminating
+/// but serving endpoint) and `mixed` (one ready, one terminating).
+fn explicit_slices(env: &Env) -> String {
+    let (a, b) = (env.pod_ip("many-a"), env.pod_ip("many-b"));
+    let service = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n"
+        )
+    };
+    let slice = |name: &str, endpoints: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{endpoints}---\n"
+        )
+    };
+    let ep = |ip: IpAddr, node: &str, zone: &str, ready: bool, extra: &str| {
+        format!(
+            "  - addresses: [\"{ip}\"]\n    nodeName: {node}\n    zone: {zone}\n    \
+             conditions: {{ready: {ready}, serving: true, terminating: {}}}\n{extra}",
+            !ready
+        )
+    };
+    let hint = |zone: &str| format!("    hints: {{forZones: [{{name: {zone}}}]}}\n");
+    let mut out = String::new();
+    out += &service("hinted", "10.96.1.60");
+    out += &slice(
+        "hinted",
+        &(ep(a, "node-a", "zone-a", true, &hint("zone-a"))
+            + &ep(b, "node-b", "zone-b", true, &hint("zone-b"))),
+    );
+    out += &service("term", "10.96.1.61");
+    out += &slice("term", &ep(b, "node-b", "zone-b", false, ""));
+    out += &service("mixed", "10.96.1.62");
+    out += &slice(
+        "mixed",
+        &(ep(a, "node-a", "zone-a", true, "") + &ep(b, "node-b", "zone-b", false, "")),
+    );
+    out
+}
+
+/// Start the standard environment with [`explicit_slices`] programmed.
+fn start_with_slices() -> Option<Env> {
+    let env = Env::start()?;
+    env.manifests
+        .write("slices.yaml", &explicit_slices(&env))
+        .expect("slices.yaml");
+    let programmed = svcplane_testkit::wait_until(Duration::from_secs(10), || {
+        env.nft_on_node_a(&["list", "map", "ip", "svcplane", "service-ips"])
+            .is_some_and(|m| {
+                ["10.96.1.60", "10.96.1.61", "10.96.1.62"]
+                    .iter()
+                    .all(|ip| m.contains(ip))
+            })
+    });
+    assert!(programmed, "slices.yaml services not programmed");
+    Some(env)
+}
+
+#[test]
+fn topology_hints_keep_traffic_in_the_zone() {
+    let Some(env) = start_with_slices() else {
+        return;
+    };
+    for _ in 0..STICKY_TRIES {
+        assert_eq!(
+            env.tcp("client-a", "10.96.1.60:80").pod,
+            env.pod_ip("many-a")
+        );
+    }
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_no_endpoint_is_ready() {
+    let Some(env) = start_with_slices() else {
+        return;
+    };
+    // Only a terminating, serving endpoint: kube-proxy falls back to it.
+    assert_eq!(
+        env.tcp("client-a", "10.96.1.61:80").pod,
+        env.pod_ip("many-b")
+    );
+    // A ready endpoint exists: the terminating one gets no new connections.
+    for _ in 0..STICKY_TRIES {
+        assert_eq!(
+            env.tcp("client-a", "10.96.1.62:80").pod,
+            env.pod_ip("many-a")
+        );
+    }
+}
