@@ -674,3 +674,16 @@ fn terminating_endpoints_serve_only_when_no_endpoint_is_ready() {
         );
     }
 }
+
+#[test]
+fn healthz_and_livez_answer_after_the_first_sync() {
+    let Some(env) = Env::start() else { return };
+    let proxy = env.proxy.as_ref().expect("proxy");
+    // run_proxy already waited for /healthz 200; the body is kube-proxy's JSON.
+    let (status, body) = proxy.get("/healthz").expect("GET /healthz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("lastUpdated"), "{body}");
+    let (status, body) = proxy.get("/livez").expect("GET /livez");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(proxy.get("/nothing").expect("GET /nothing").0, 404);
+}

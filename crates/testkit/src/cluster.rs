@@ -748,10 +748,20 @@ impl Cluster {
             }
         }
         cmd.args(extra_args);
+        // The healthz port (svcplane's default unless the test gave one), on loopback.
+        let healthz_port = extra_args
+            .iter()
+            .position(|a| *a == "--healthz-bind-address")
+            .and_then(|i| extra_args.get(i + 1))
+            .map_or(Some(DEFAULT_HEALTHZ_PORT), |addr| {
+                addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+            });
         let mut handle = ProxyHandle {
             daemon: Daemon::spawn(cmd)?,
             netns: node_ns.name().to_string(),
             node: node.to_string(),
+            healthz: healthz_port
+                .map(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
         };
         let mut exited = false;
         let ready = wait_until(PROXY_READY_WAIT, || {
@@ -778,7 +788,12 @@ pub struct ProxyHandle {
     daemon: Daemon,
     netns: String,
     node: String,
+    /// Where its `/healthz` server answers inside the namespace (`None`: disabled).
+    healthz: Option<SocketAddr>,
 }
+
+/// `svcplane proxy`'s default `--healthz-bind-address` port (kube-proxy's).
+const DEFAULT_HEALTHZ_PORT: u16 = 10256;
 
 impl ProxyHandle {
     /// The node it runs as.
@@ -786,13 +801,20 @@ impl ProxyHandle {
         &self.node
     }
 
-    /// Readiness: svcplane's `ip svcplane` nft table exists in the node namespace,
-    /// i.e. the first sync was applied.
-    ///
-    /// Hook: once the `/healthz` server exists, switch this to "GET
-    /// http://127.0.0.1:10256/healthz (or the `--healthz-bind-address` given) inside
-    /// the namespace returns 200", which also covers "syncs are current".
+    /// `GET path` on its healthz server (`/healthz`, `/livez`): status and body.
+    pub fn get(&self, path: &str) -> io::Result<(u16, String)> {
+        let addr = self
+            .healthz
+            .ok_or_else(|| io::Error::other("the proxy runs without a healthz server"))?;
+        net::http_get(&self.netns, addr, path, Duration::from_secs(2))
+    }
+
+    /// Readiness: `/healthz` answers 200 (the first sync was applied and syncs are
+    /// current); without a healthz server, svcplane's `ip svcplane` table exists.
     pub fn is_ready(&self) -> bool {
+        if self.healthz.is_some() {
+            return self.get("/healthz").is_ok_and(|(status, _)| status == 200);
+        }
         Command::new("ip")
             .args([
                 "netns",

@@ -42,6 +42,32 @@ pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> io::Resul
     })
 }
 
+/// `GET path` over HTTP/1.0 to `addr` from inside `netns`: the status code and the body.
+pub fn http_get(
+    netns: &str,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
+    in_netns(netns, || -> io::Result<(u16, String)> {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("not an HTTP response: {response:?}")))?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, body)| body)
+            .to_owned();
+        Ok((status, body))
+    })?
+}
+
 /// Why a request failed, classified the way tests assert on it.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
