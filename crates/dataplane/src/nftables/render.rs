@@ -50,6 +50,7 @@ const SERVICE_IPS: &str = "service-ips";
 const SERVICE_NODEPORTS: &str = "service-nodeports";
 const NODEPORT_IPS: &str = "nodeport-ips";
 const CLUSTER_IPS: &str = "cluster-ips";
+const HAIRPIN: &str = "hairpin";
 const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
 const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
 const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
@@ -254,6 +255,8 @@ type PortKey = (Protocol, u16);
 #[derive(Default)]
 struct Elements {
     cluster_ips: BTreeSet<IpAddr>,
+    /// Endpoint addresses: a DNATed connection from one to itself is masqueraded.
+    hairpin: BTreeSet<IpAddr>,
     service_ips: BTreeMap<IpKey, Verdict>,
     no_endpoint_services: BTreeMap<IpKey, Verdict>,
     firewall_ips: BTreeMap<IpKey, Verdict>,
@@ -372,6 +375,12 @@ fn render_family(
             declared.add(name);
         }
     }
+    wl!(
+        out,
+        "add set {t} {TABLE} {HAIRPIN} {{ type {at} . {at} ; comment \"endpoint . itself, for hairpin masquerade\" ; }}"
+    );
+    wl!(out, "flush set {t} {TABLE} {HAIRPIN}");
+    declared.add(HAIRPIN);
     let ip_map = format!("{at} . inet_proto . inet_service : verdict");
     let port_map = "inet_proto . inet_service : verdict";
     let maps: [(&str, &str, &str); 5] = [
@@ -476,6 +485,7 @@ fn write_family_elements(out: &mut String, fam: &FamilyState, elements: &Element
         elements.cluster_ips.iter(),
         |out, ip| w!(out, "{ip}"),
     );
+    write_elements(out, t, HAIRPIN, elements.hairpin.iter(), hairpin_elem);
     let ip_elem = |out: &mut String, ((ip, proto, port), v): (&IpKey, &Verdict)| {
         w!(out, "{ip} . {} . {port} : {v}", proto.as_lower())
     };
@@ -505,6 +515,10 @@ fn write_family_elements(out: &mut String, fam: &FamilyState, elements: &Element
         elements.service_nodeports.iter(),
         port_elem,
     );
+}
+
+fn hairpin_elem(out: &mut String, ip: &IpAddr) {
+    w!(out, "{ip} . {ip}")
 }
 
 /// `add element <t> svcplane <name> { e1, e2, … }`, one element a line; nothing when empty
@@ -573,6 +587,9 @@ fn render_fixed_chains(out: &mut String, sp: Spell, fam: &FamilyState, declared:
         declared,
         MASQUERADING,
         &[
+            // Hairpin: an endpoint that reached itself through a service. Its reply
+            // would bypass the node's conntrack (un-DNATed) unless the source is the node.
+            &format!("ct status dnat {ipx} saddr . {ipx} daddr @{HAIRPIN} jump {MARK_MASQ}"),
             &format!("meta mark & {MASQUERADE_MARK:#010x} == 0 return"),
             &format!("meta mark set meta mark xor {MASQUERADE_MARK:#010x}"),
             "masquerade fully-random",
@@ -772,25 +789,31 @@ fn render_service(
         None
     };
 
-    // Endpoint chains: exactly the endpoints some balancing chain uses.
+    // The endpoints some balancing chain uses.
     let used: BTreeSet<usize> = balancers
         .iter()
         .flat_map(|b| b.endpoints.iter().copied())
         .collect();
-    let mut ep_chain: Vec<Option<(String, String)>> = vec![None; svc.endpoints.len()];
     for &i in &used {
         let ep = &svc.endpoints[i];
         if IpFamily::of(&ep.ip) != family {
             return Err(wrong_family(svc, "endpoint", &ep.ip, family));
         }
-        let ep_base = names::endpoint_base(&svc.name, ep.ip, ep.port);
-        let chain = names::join(names::ENDPOINT_PREFIX, &ep_base)?;
-        let affinity = if svc.affinity_timeout_seconds.is_some() {
-            names::join(names::AFFINITY_PREFIX, &ep_base)?
-        } else {
-            String::new()
-        };
-        ep_chain[i] = Some((chain, affinity));
+    }
+    // Endpoint chains (and their affinity sets) only with ClientIP affinity, where the
+    // chain records the client before DNAT. Without it the balancing chain DNATs
+    // directly: per-endpoint chains cost the kernel a chain each and made a 10k-service
+    // full sync 50x slower (docs/nftables-scale.md).
+    let mut ep_chain: Vec<Option<(String, String)>> = vec![None; svc.endpoints.len()];
+    if svc.affinity_timeout_seconds.is_some() {
+        for &i in &used {
+            let ep = &svc.endpoints[i];
+            let ep_base = names::endpoint_base(&svc.name, ep.ip, ep.port);
+            ep_chain[i] = Some((
+                names::join(names::ENDPOINT_PREFIX, &ep_base)?,
+                names::join(names::AFFINITY_PREFIX, &ep_base)?,
+            ));
+        }
     }
     let ep_names = |i: usize| -> (&str, &str) {
         match &ep_chain[i] {
@@ -837,15 +860,34 @@ fn render_service(
                 let (chain, set) = ep_names(i);
                 wl!(out, "\t\t{ipx} saddr @{set} goto {chain}");
             }
-        }
-        w!(out, "\t\tnumgen random mod {} vmap {{ ", b.endpoints.len());
-        for (n, &i) in b.endpoints.iter().enumerate() {
-            if n > 0 {
-                out.push_str(", ");
+            w!(out, "\t\tnumgen random mod {} vmap {{ ", b.endpoints.len());
+            for (n, &i) in b.endpoints.iter().enumerate() {
+                if n > 0 {
+                    out.push_str(", ");
+                }
+                w!(out, "{n} : goto {}", ep_names(i).0);
             }
-            w!(out, "{n} : goto {}", ep_names(i).0);
+            out.push_str(" }\n");
+        } else {
+            // Endpoint n of k is taken with probability 1/(k-n) when the earlier ones
+            // were not: each equally likely, as kube-proxy's iptables mode's
+            // `statistic --probability` chain. (`numgen random mod k vmap` would need an
+            // anonymous set per service, which the kernel allocates in quadratic time.)
+            let k = b.endpoints.len();
+            for (n, &i) in b.endpoints.iter().enumerate() {
+                let ep = &svc.endpoints[i];
+                out.push_str("\t\t");
+                if n + 1 < k {
+                    w!(out, "numgen random mod {} == 0 ", k - n);
+                }
+                wl!(
+                    out,
+                    "meta l4proto {proto} dnat to {}",
+                    SockAddr(ep.ip, ep.port)
+                );
+            }
         }
-        out.push_str(" }\n\t}\n");
+        out.push_str("\t}\n");
     }
 
     if let Some(ext) = &external_chain {
@@ -921,14 +963,12 @@ fn render_service(
 
     for &i in &used {
         let ep = &svc.endpoints[i];
-        let (chain, set) = ep_names(i);
+        let Some((chain, set)) = &ep_chain[i] else {
+            continue;
+        };
         declared.add(chain);
         wl!(out, "\tchain {chain} {{");
-        // Hairpin: an endpoint reaching itself through the service must be masqueraded.
-        wl!(out, "\t\t{ipx} saddr {} jump {MARK_MASQ}", ep.ip);
-        if svc.affinity_timeout_seconds.is_some() {
-            wl!(out, "\t\tupdate @{set} {{ {ipx} saddr }}");
-        }
+        wl!(out, "\t\tupdate @{set} {{ {ipx} saddr }}");
         wl!(
             out,
             "\t\tmeta l4proto {proto} dnat to {}",
@@ -938,6 +978,14 @@ fn render_service(
     }
 
     // Map elements.
+    // Every endpoint address (used or not): the set then depends on the endpoint lists
+    // alone, which a partial sync can check cheaply.
+    elements.hairpin.extend(
+        svc.endpoints
+            .iter()
+            .map(|ep| ep.ip)
+            .filter(|ip| IpFamily::of(ip) == family),
+    );
     let name = &svc.name;
     let protocol = svc.protocol;
     if let Some(cip) = svc.cluster_ip {
@@ -1197,6 +1245,32 @@ pub(crate) fn render_partial(
             new.cluster_ips.difference(&old.cluster_ips),
             |out, ip| w!(out, "{ip}"),
         );
+        // Likewise an endpoint address leaves the hairpin set only when no service
+        // port of the new state still has it.
+        let gone_hairpin: Vec<&IpAddr> = old.hairpin.difference(&new.hairpin).collect();
+        if !gone_hairpin.is_empty() {
+            let still: HashSet<IpAddr> = new_fam
+                .services
+                .values()
+                .flat_map(|s| s.endpoints.iter().map(|ep| ep.ip))
+                .collect();
+            element_op(
+                out,
+                "delete",
+                t,
+                HAIRPIN,
+                gone_hairpin.into_iter().filter(|ip| !still.contains(ip)),
+                hairpin_elem,
+            );
+        }
+        element_op(
+            &mut adds,
+            "add",
+            t,
+            HAIRPIN,
+            new.hairpin.difference(&old.hairpin),
+            hairpin_elem,
+        );
 
         let is_set = |name: &str| name.starts_with(names::AFFINITY_PREFIX);
         let mut kept: Vec<&String> = new_names
@@ -1231,6 +1305,7 @@ pub(crate) fn render_partial(
 
 fn merge(into: &mut Elements, from: Elements) {
     into.cluster_ips.extend(from.cluster_ips);
+    into.hairpin.extend(from.hairpin);
     for (k, v) in from.service_ips {
         into.service_ips.entry(k).or_insert(v);
     }

@@ -153,8 +153,6 @@ fn cluster_ip_with_two_endpoints() {
     let svc = cluster_ip_service("web", "10.96.0.10", &["10.244.1.5", "10.244.2.7"]);
     let script = render(&state(vec![svc.clone()], vec![])).unwrap();
     let svc_chain = chain_name("service-", &svc);
-    let ep1 = endpoint_chain(&svc, "10.244.1.5", 8080);
-    let ep2 = endpoint_chain(&svc, "10.244.2.7", 8080);
 
     assert_eq!(
         elements(&script, "ip", "service-ips"),
@@ -162,17 +160,26 @@ fn cluster_ip_with_two_endpoints() {
     );
     assert_eq!(elements(&script, "ip", "cluster-ips"), vec!["10.96.0.10"]);
     let body = chain_body(&script, &svc_chain).expect("service chain");
-    assert!(
-        body.contains(&format!(
-            "numgen random mod 2 vmap {{ 0 : goto {ep1}, 1 : goto {ep2} }}"
-        )),
+    // The first endpoint with probability 1/2, else the second: DNAT in place.
+    let dnats: Vec<&str> = body
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.contains("dnat"))
+        .collect();
+    assert_eq!(
+        dnats,
+        vec![
+            "numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.5:8080",
+            "meta l4proto tcp dnat to 10.244.2.7:8080",
+        ],
         "{body}"
     );
-    let ep1_body = chain_body(&script, &ep1).expect("endpoint chain 1");
-    assert!(ep1_body.contains("ip saddr 10.244.1.5 jump mark-for-masquerade"));
-    assert!(ep1_body.contains("meta l4proto tcp dnat to 10.244.1.5:8080"));
-    let ep2_body = chain_body(&script, &ep2).expect("endpoint chain 2");
-    assert!(ep2_body.contains("meta l4proto tcp dnat to 10.244.2.7:8080"));
+    // No per-endpoint chains without affinity; hairpin through the set instead.
+    assert!(chain_body(&script, &endpoint_chain(&svc, "10.244.1.5", 8080)).is_none());
+    assert_eq!(
+        elements(&script, "ip", "hairpin"),
+        vec!["10.244.1.5 . 10.244.1.5", "10.244.2.7 . 10.244.2.7"]
+    );
     // No external address: no external chain, no nodeport, no no-endpoint element.
     assert!(chain_body(&script, &chain_name("external-", &svc)).is_none());
     assert!(elements(&script, "ip", "service-nodeports").is_empty());
@@ -225,6 +232,7 @@ fn fixed_chains_follow_kube_proxy() {
     assert_eq!(
         lines,
         vec![
+            "ct status dnat ip saddr . ip daddr @hairpin jump mark-for-masquerade",
             "meta mark & 0x00004000 == 0 return",
             "meta mark set meta mark xor 0x00004000",
             "masquerade fully-random",
@@ -418,7 +426,6 @@ fn session_affinity_sets_and_updates() {
         assert_eq!(
             lines,
             vec![
-                format!("ip saddr {addr} jump mark-for-masquerade"),
                 format!("update @{set} {{ ip saddr }}"),
                 format!("meta l4proto tcp dnat to {addr}:8080"),
             ]
@@ -471,10 +478,10 @@ fn external_traffic_policy_local() {
     // local_origin equals internal, so it shares the service chain; the local-only list
     // has its own chain over one endpoint.
     assert!(chain_body(&script, &chain_name("cluster-", &svc)).is_none());
-    assert!(chain_body(&script, &local).unwrap().contains(&format!(
-        "numgen random mod 1 vmap {{ 0 : goto {} }}",
-        endpoint_chain(&svc, "10.244.1.1", 8080)
-    )));
+    assert_eq!(
+        chain_body(&script, &local).unwrap().trim(),
+        "meta l4proto tcp dnat to 10.244.1.1:8080"
+    );
     // External traffic is not masqueraded on the Local path.
     assert!(
         !chain_body(&script, &local)
@@ -543,10 +550,18 @@ fn ipv6_syntax() {
     ));
     let ep = endpoint_chain(&svc, "fd00:244::5", 5353);
     assert!(ep.contains("__fd00.244..5/5353"), "{ep}");
-    let body = chain_body(&script, &ep).unwrap();
-    assert!(body.contains("ip6 saddr fd00:244::5 jump mark-for-masquerade"));
-    assert!(body.contains("meta l4proto udp dnat to [fd00:244::5]:5353"));
     let svc_body = chain_body(&script, &chain_name("service-", &svc)).unwrap();
+    assert!(svc_body.contains("meta l4proto udp dnat to [fd00:244::5]:5353"));
+    assert_eq!(
+        elements(&script, "ip6", "hairpin"),
+        vec!["fd00:244::5 . fd00:244::5"]
+    );
+    let v6_masq = &script[script.find("add table ip6 svcplane").unwrap()..];
+    assert!(
+        chain_body(v6_masq, "masquerading")
+            .unwrap()
+            .contains("ct status dnat ip6 saddr . ip6 daddr @hairpin jump mark-for-masquerade")
+    );
     assert!(svc_body.contains(
         "ip6 daddr fd00:96::10 udp dport 53 ip6 saddr != fd00:244::/48 jump mark-for-masquerade"
     ));
@@ -602,7 +617,7 @@ fn cluster_ip_masquerade_modes() {
     let script = render(&st).unwrap();
     let body = chain_body(&script, &svc_chain).unwrap();
     assert!(!body.contains("mark-for-masquerade"), "{body}");
-    assert!(body.contains("numgen"));
+    assert!(body.contains("dnat to 10.244.1.1:8080"));
 }
 
 #[test]
@@ -671,10 +686,11 @@ fn out_of_range_endpoint_indices_are_ignored() {
     let mut svc = cluster_ip_service("x", "10.96.0.90", &["10.244.1.1"]);
     svc.internal.endpoints = vec![0, 7];
     let script = render(&state(vec![svc.clone()], vec![])).unwrap();
-    assert!(
+    assert_eq!(
         chain_body(&script, &chain_name("service-", &svc))
             .unwrap()
-            .contains("numgen random mod 1 vmap")
+            .trim(),
+        "meta l4proto tcp dnat to 10.244.1.1:8080"
     );
 }
 
@@ -758,7 +774,10 @@ mod partial {
         let p = partial(&prev, &next).unwrap();
         let svc_chain = chain_name("service-", &c);
         assert!(chain_body(&p.script, &svc_chain).is_some(), "{}", p.script);
-        assert!(chain_body(&p.script, &endpoint_chain(&c, "10.244.1.4", 8080)).is_some());
+        assert_eq!(
+            elements(&p.script, "ip", "hairpin"),
+            ["10.244.1.4 . 10.244.1.4"]
+        );
         assert_eq!(
             elements(&p.script, "ip", "service-ips"),
             [format!("10.96.0.3 . tcp . 80 : goto {svc_chain}")]
@@ -780,32 +799,59 @@ mod partial {
         next.v4.services.insert(b.name.clone(), Arc::new(b.clone()));
         let p = partial(&prev, &next).unwrap();
         let svc_chain = chain_name("service-", &b);
-        let kept = endpoint_chain(&b, "10.244.1.2", 8080);
-        let gone = endpoint_chain(&b, "10.244.1.3", 8080);
-        let new = endpoint_chain(&b, "10.244.1.9", 8080);
         assert!(
             p.script
                 .contains(&format!("flush chain ip svcplane {svc_chain}\n"))
         );
+        let body = chain_body(&p.script, &svc_chain).unwrap();
+        assert!(body.contains("dnat to 10.244.1.2:8080"), "{body}");
+        assert!(body.contains("dnat to 10.244.1.9:8080"), "{body}");
+        assert!(!body.contains("10.244.1.3"), "{body}");
+        // The gone endpoint leaves the hairpin set, the new one joins it.
         assert!(
             p.script
-                .contains(&format!("flush chain ip svcplane {kept}\n"))
+                .contains("delete element ip svcplane hairpin {\n\t10.244.1.3 . 10.244.1.3\n}\n")
         );
-        assert!(
-            !p.script
-                .contains(&format!("flush chain ip svcplane {new}\n"))
+        assert_eq!(
+            elements(&p.script, "ip", "hairpin"),
+            ["10.244.1.9 . 10.244.1.9"]
         );
-        assert!(chain_body(&p.script, &svc_chain).unwrap().contains(&new));
-        assert!(chain_body(&p.script, &new).is_some());
-        // The gone endpoint's chain is emptied now and deleted by the second step.
-        assert!(
-            p.script
-                .contains(&format!("flush chain ip svcplane {gone}\n"))
-        );
-        assert!(chain_body(&p.script, &gone).is_none());
-        assert_eq!(p.stale, format!("delete chain ip svcplane {gone}\n"));
+        assert!(p.stale.is_empty(), "{}", p.stale);
         // The map element still points at the same chain: untouched.
-        assert!(!p.script.contains("element"), "{}", p.script);
+        assert!(!p.script.contains("service-ips"), "{}", p.script);
+        assert!(!p.script.contains("cluster-ips"), "{}", p.script);
+    }
+
+    #[test]
+    fn hairpin_address_stays_while_another_service_has_it() {
+        let prev = base();
+        let mut next = base();
+        // Service a goes; its endpoint address is also an endpoint of a new service c.
+        let a = prev.v4.services.values().next().unwrap().clone();
+        next.v4.services.remove(&a.name);
+        let c = cluster_ip_service("c", "10.96.0.3", &["10.244.1.1"]);
+        next.v4.services.insert(c.name.clone(), Arc::new(c));
+        let p = partial(&prev, &next).unwrap();
+        assert!(
+            !p.script.contains("delete element ip svcplane hairpin"),
+            "{}",
+            p.script
+        );
+        // Unchanged services are not rendered, but their addresses still count.
+        let mut prev = base();
+        let d = cluster_ip_service("d", "10.96.0.4", &["10.244.1.3"]);
+        prev.v4.services.insert(d.name.clone(), Arc::new(d));
+        let mut next = prev.clone();
+        let b_fewer = cluster_ip_service("b", "10.96.0.2", &["10.244.1.2"]);
+        next.v4
+            .services
+            .insert(b_fewer.name.clone(), Arc::new(b_fewer));
+        let p = partial(&prev, &next).unwrap();
+        assert!(
+            !p.script.contains("delete element ip svcplane hairpin"),
+            "{}",
+            p.script
+        );
     }
 
     #[test]
@@ -826,11 +872,11 @@ mod partial {
                 .contains("delete element ip svcplane cluster-ips {\n\t10.96.0.2\n}\n")
         );
         assert!(!p.script.contains("table ip svcplane {"));
-        for chain in [
-            chain_name("service-", &b),
-            endpoint_chain(&b, "10.244.1.2", 8080),
-            endpoint_chain(&b, "10.244.1.3", 8080),
-        ] {
+        assert!(p.script.contains(
+            "delete element ip svcplane hairpin {\n\t10.244.1.2 . 10.244.1.2,\n\t10.244.1.3 . 10.244.1.3\n}\n"
+        ), "{}", p.script);
+        {
+            let chain = chain_name("service-", &b);
             assert!(
                 p.script
                     .contains(&format!("flush chain ip svcplane {chain}\n"))
