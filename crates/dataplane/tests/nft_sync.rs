@@ -236,6 +236,17 @@ fn partial_syncs_equal_a_fresh_full_render() {
     state = next;
     assert_same(&synced, &fresh, &state, "after flush ruleset");
 
+    // Only the other family's table deleted: still caught, whatever the change touches.
+    nft(&synced, &["delete", "table", "ip6", "svcplane"]);
+    let next = mutate(&mut rng, &state);
+    let report = sync(&mut backend, &state, &next);
+    assert!(
+        report.full,
+        "a deleted ip6 table must be repaired by a full sync"
+    );
+    state = next;
+    assert_same(&synced, &fresh, &state, "after delete table ip6");
+
     // A partial transaction nft rejects (an element it deletes is already gone) is
     // retried as a full sync.
     let victim = state

@@ -41,6 +41,12 @@ use super::names;
 /// The table, in both the `ip` and the `ip6` family. Nothing outside it is touched.
 pub const TABLE: &str = "svcplane";
 
+/// Fails a transaction when either table is missing, changes nothing otherwise (`add`
+/// of an existing chain is a no-op; `add chain` into a missing table is an error).
+pub(crate) fn tables_present_probe() -> String {
+    format!("add chain ip {TABLE} {SERVICES}\nadd chain ip6 {TABLE} {SERVICES}\n")
+}
+
 /// kube-proxy's default masquerade mark (`--iptables-masquerade-bit` 14).
 pub const MASQUERADE_MARK: u32 = 0x4000;
 
