@@ -126,12 +126,13 @@ impl NftablesBackend {
 
     /// Names of the chains, sets and maps currently in `<family> svcplane`, or `None`
     /// when the table does not exist.
+    ///
+    /// Not `list table`: nft 1.0.6 fetches every rule for it (9 s and 450 MB at 10k
+    /// services); listing chains, sets and maps fetches only those (40 ms).
     fn existing_objects(&self, family: &str) -> Result<Vec<(ObjectKind, String)>, DataplaneError> {
-        match self.run(&["-t", "list", "table", family, TABLE], None) {
-            Ok(listing) => Ok(parse_listing(&listing)),
-            Err(e) if is_not_found(&e) => Ok(Vec::new()),
-            Err(e) => Err(e),
-        }
+        let script = format!("list chains {family}\nlist sets {family}\nlist maps {family}\n");
+        let listing = self.run(&["-t", "-f", "-"], Some(&script))?;
+        Ok(parse_listing(&listing))
     }
 
     /// Delete what the last transaction left empty and unreferenced (objects of an
@@ -234,20 +235,26 @@ impl ObjectKind {
     }
 }
 
-/// The chains, sets and maps of an `nft -t list table` listing.
+/// The chains, sets and maps of svcplane's table in an `nft -t list chains|sets|maps`
+/// listing (which groups them under `table <family> <name> {` headers, per table).
 fn parse_listing(listing: &str) -> Vec<(ObjectKind, String)> {
+    let mut ours = false;
     listing
         .lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
             let kind = match words.next()? {
+                "table" => {
+                    ours = words.nth(1) == Some(TABLE);
+                    return None;
+                }
                 "chain" => ObjectKind::Chain,
                 "set" => ObjectKind::Set,
                 "map" => ObjectKind::Map,
                 _ => return None,
             };
             let name = words.next()?;
-            (words.next() == Some("{")).then(|| (kind, name.to_owned()))
+            (ours && words.next() == Some("{")).then(|| (kind, name.to_owned()))
         })
         .collect()
 }

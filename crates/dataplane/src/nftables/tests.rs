@@ -696,7 +696,7 @@ fn out_of_range_endpoint_indices_are_ignored() {
 
 #[test]
 fn listing_is_parsed() {
-    let listing = "table ip svcplane {\n\tcomment \"x\"\n\tset affinity-A-ns/a {\n\t\ttype ipv4_addr\n\t}\n\tmap service-ips {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t}\n\tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\t}\n}\n";
+    let listing = "table ip svcplane {\n\tcomment \"x\"\n\tset affinity-A-ns/a {\n\t\ttype ipv4_addr\n\t}\n\tmap service-ips {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t}\n\tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\t}\n}\ntable ip kube-proxy {\n\tchain services {\n\t}\n\tset cluster-ips {\n\t}\n}\n";
     assert_eq!(
         parse_listing(listing),
         vec![
