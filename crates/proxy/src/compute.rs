@@ -24,6 +24,8 @@ pub(crate) struct NodeContext<'a> {
     pub node_name: &'a str,
     /// This node's zone; `None` (or empty) disables zone hints, as in kube-proxy.
     pub zone: Option<&'a str>,
+    /// This node's addresses (both families), from its Node object.
+    pub node_ips: &'a [IpAddr],
 }
 
 /// Everything one Service yields.
@@ -345,8 +347,19 @@ fn compute_port(
     };
     // As kube-proxy: ranges are filtered by family; when none is of this family the list is
     // empty, i.e. this family's LoadBalancer IPs are open to every source.
-    let load_balancer_source_ranges =
+    let mut load_balancer_source_ranges =
         of_family(&svc.load_balancer_source_ranges, family, IpFamily::of_net);
+    // kube-proxy's allowFromNode: a VIP-style load balancer delivers this node's own
+    // requests with the LB IP as their source, so when the node itself is allowed, the
+    // LB IPs are allowed too.
+    let node_allowed = ctx
+        .node_ips
+        .iter()
+        .any(|ip| load_balancer_source_ranges.iter().any(|r| r.contains(ip)));
+    if node_allowed {
+        load_balancer_source_ranges
+            .extend(load_balancer_ips.iter().map(|&ip| ipnet::IpNet::from(ip)));
+    }
 
     // ServicePort.ExternallyAccessible: per port and family, by what is actually exposed.
     let externally_accessible =
@@ -429,6 +442,15 @@ mod tests {
     use svcplane_model::{Endpoint, EndpointPort, Protocol, ServiceType, TrafficPolicy};
 
     fn compute(svc: &Service, slices: &[EndpointSlice], zone: Option<&str>) -> ServiceOutput {
+        compute_on(svc, slices, zone, &[])
+    }
+
+    fn compute_on(
+        svc: &Service,
+        slices: &[EndpointSlice],
+        zone: Option<&str>,
+        node_ips: &[IpAddr],
+    ) -> ServiceOutput {
         let refs: Vec<&EndpointSlice> = slices.iter().collect();
         compute_service(
             svc,
@@ -436,6 +458,7 @@ mod tests {
             &NodeContext {
                 node_name: NODE,
                 zone,
+                node_ips,
             },
         )
     }
@@ -834,6 +857,7 @@ mod tests {
                 &NodeContext {
                     node_name: NODE,
                     zone: None,
+                    node_ips: &[],
                 },
             );
             let sp = &out.v4[0];
@@ -914,6 +938,42 @@ mod tests {
             Some(EmptyVerdict::Reject)
         );
         assert_eq!(by_name["dns"].name.to_string(), "ns/dns:dns/UDP");
+    }
+
+    #[test]
+    fn source_ranges_allow_the_lb_ips_when_they_allow_the_node() {
+        let mut svc = lb_service("ns", "web", &["10.96.0.10"]);
+        svc.load_balancer_ips = vec![ip("192.0.2.1"), ip("192.0.2.2")];
+        svc.load_balancer_source_ranges = vec!["192.168.0.0/16".parse().unwrap()];
+        let slices = vec![slice(
+            "ns",
+            "web",
+            "web",
+            8080,
+            vec![ep("10.0.0.1", "node-b")],
+        )];
+        let ranges = |svc: &Service, node_ips: &[IpAddr]| {
+            compute_on(svc, &slices, None, node_ips).v4[0]
+                .load_balancer_source_ranges
+                .clone()
+        };
+        // Node outside the ranges: the ranges as given.
+        assert_eq!(
+            ranges(&svc, &[ip("10.1.0.1")]),
+            vec!["192.168.0.0/16".parse::<ipnet::IpNet>().unwrap()]
+        );
+        // Node inside: the LB IPs join them (allowFromNode).
+        assert_eq!(
+            ranges(&svc, &[ip("10.1.0.1"), ip("192.168.7.7")]),
+            vec![
+                "192.168.0.0/16".parse::<ipnet::IpNet>().unwrap(),
+                "192.0.2.1/32".parse().unwrap(),
+                "192.0.2.2/32".parse().unwrap(),
+            ]
+        );
+        // No ranges: nothing to extend (everyone is allowed).
+        svc.load_balancer_source_ranges.clear();
+        assert!(ranges(&svc, &[ip("192.168.7.7")]).is_empty());
     }
 
     #[test]

@@ -182,7 +182,8 @@ pub struct ServicePortState {
     /// This family's LoadBalancer ingress IPs (ipMode Proxy excluded).
     pub load_balancer_ips: Vec<IpAddr>,
     /// Only these sources may use the LoadBalancer IPs (empty: all may). NodePorts and
-    /// externalIPs are not subject to them, as in kube-proxy.
+    /// externalIPs are not subject to them, as in kube-proxy. When a node address is
+    /// within them, they include the LoadBalancer IPs (kube-proxy's allowFromNode).
     pub load_balancer_source_ranges: Vec<IpNet>,
     /// ClientIP session affinity timeout, seconds.
     pub affinity_timeout_seconds: Option<u32>,

@@ -188,9 +188,11 @@ impl Engine {
             return;
         }
         self.node_changed = true;
-        // Only the zone feeds per-service decisions (topology hints); addresses only feed the
-        // family globals, recomputed at every `desired()`.
-        if old.and_then(|n| n.zone.as_ref()) != new.and_then(|n| n.zone.as_ref()) {
+        // The zone (topology hints) and the addresses (allowFromNode) feed per-service
+        // decisions; both also feed the family globals, recomputed at every `desired()`.
+        if old.and_then(|n| n.zone.as_ref()) != new.and_then(|n| n.zone.as_ref())
+            || old.map(|n| &n.addresses) != new.map(|n| &n.addresses)
+        {
             self.all_dirty = true;
         }
     }
@@ -292,13 +294,11 @@ impl Engine {
             .flatten()
             .filter_map(|s| self.slices.get(s))
             .collect();
-        let zone = self
-            .nodes
-            .get(&self.config.node_name)
-            .and_then(|n| n.zone.as_deref());
+        let this_node = self.nodes.get(&self.config.node_name);
         let ctx = NodeContext {
             node_name: &self.config.node_name,
-            zone,
+            zone: this_node.and_then(|n| n.zone.as_deref()),
+            node_ips: this_node.map_or(&[], |n| n.addresses.as_slice()),
         };
         let output = compute_service(svc, &slices, &ctx);
 
@@ -761,6 +761,25 @@ mod tests {
         let d = Diff::between(Some(s1), &s2, false);
         assert!(d.v4.globals_changed && !d.v6.globals_changed);
         assert!(d.v4.changed.is_empty());
+
+        // A LoadBalancer whose source ranges now contain the node: its LB IP is allowed
+        // (allowFromNode), so that service changes.
+        let mut lb = lb_service("ns", "lb", &["10.96.0.2"]);
+        lb.load_balancer_ips = vec![ip("192.0.2.1")];
+        lb.load_balancer_source_ranges = vec!["192.168.0.9/32".parse().unwrap()];
+        apply(&mut engine, Object::Service(lb));
+        let s3 = engine.desired();
+        let lb_key = svc_key("ns", "lb");
+        assert_eq!(s3.v4.services[&lb_key].load_balancer_source_ranges.len(), 2);
+        apply(
+            &mut engine,
+            Object::Node(node(NODE, None, &["192.168.0.1", "fd00:1::1"])),
+        );
+        let s4 = engine.desired();
+        assert_eq!(s4.v4.services[&lb_key].load_balancer_source_ranges.len(), 1);
+        assert!(Arc::ptr_eq(&s3.v4.services[&key], &s4.v4.services[&key]));
+        let d = Diff::between(Some(s3), &s4, false);
+        assert!(d.v4.changed.contains(&lb_key), "{d:?}");
     }
 
     #[test]

@@ -451,7 +451,7 @@ fn render_family(
 }
 
 /// What every service of `fam` renders against (from the family's globals).
-fn family_ctx(fam: &FamilyState) -> FamilyCtx<'_> {
+fn family_ctx(fam: &FamilyState) -> FamilyCtx {
     let sp = Spell::of(fam.family);
     let cluster_cidrs = family_nets(sp.family, &fam.cluster_cidrs);
     let masquerade = match &fam.cluster_ip_masquerade {
@@ -468,7 +468,6 @@ fn family_ctx(fam: &FamilyState) -> FamilyCtx<'_> {
     };
     FamilyCtx {
         sp,
-        fam,
         cluster_cidrs,
         masquerade,
     }
@@ -669,9 +668,8 @@ enum Masquerade {
     None,
 }
 
-struct FamilyCtx<'a> {
+struct FamilyCtx {
     sp: Spell,
-    fam: &'a FamilyState,
     cluster_cidrs: Vec<IpNet>,
     masquerade: Masquerade,
 }
@@ -725,7 +723,7 @@ fn wrong_family(
 
 fn render_service(
     out: &mut String,
-    ctx: &FamilyCtx<'_>,
+    ctx: &FamilyCtx,
     svc: &ServicePortState,
     elements: &mut Elements,
     declared: &mut Declared,
@@ -938,18 +936,7 @@ fn render_service(
     let source_ranges = family_nets(family, &svc.load_balancer_source_ranges);
     let firewall_chain = if !svc.load_balancer_ips.is_empty() && !source_ranges.is_empty() {
         let name = names::join(names::FIREWALL_PREFIX, &base)?;
-        let mut allowed = source_ranges.clone();
-        // A VIP-style LB delivers the node's own requests with the VIP as source; allow
-        // them when the node itself is within the ranges (kube-proxy's allowFromNode).
-        let node_allowed = ctx
-            .fam
-            .node_ips
-            .iter()
-            .any(|ip| source_ranges.iter().any(|r| r.contains(ip)));
-        if node_allowed {
-            allowed.extend(svc.load_balancer_ips.iter().map(|ip| IpNet::from(*ip)));
-            allowed = IpNet::aggregate(&allowed);
-        }
+        let allowed = source_ranges;
         declared.add(&name);
         wl!(out, "\tchain {name} {{");
         // Always a set here: `!= { … }` reads the same for one range or many.
@@ -1091,10 +1078,7 @@ struct ServiceParts {
     names: HashSet<String>,
 }
 
-fn service_parts(
-    ctx: &FamilyCtx<'_>,
-    svc: &ServicePortState,
-) -> Result<ServiceParts, DataplaneError> {
+fn service_parts(ctx: &FamilyCtx, svc: &ServicePortState) -> Result<ServiceParts, DataplaneError> {
     let mut parts = ServiceParts {
         text: String::new(),
         elements: Elements::default(),

@@ -364,8 +364,7 @@ fn load_balancer_with_source_ranges() {
     svc.load_balancer_ips = vec![ip("203.0.113.7")];
     svc.external_ips = vec![ip("198.51.100.3")];
     svc.load_balancer_source_ranges = vec![net("192.0.2.0/24"), net("2001:db8::/32")];
-    let mut st = state(vec![svc.clone()], vec![]);
-    st.v4.node_ips = vec![ip("192.0.2.10")];
+    let st = state(vec![svc.clone()], vec![]);
     let script = render(&st).unwrap();
     let fw = chain_name("firewall-", &svc);
     let ext = chain_name("external-", &svc);
@@ -373,11 +372,10 @@ fn load_balancer_with_source_ranges() {
         elements(&script, "ip", "firewall-ips"),
         vec![format!("203.0.113.7 . tcp . 80 : goto {fw}")]
     );
-    // The node is inside the ranges, so the LB IP itself is allowed (kube-proxy's
-    // allowFromNode); the IPv6 range is not this family's.
+    // The IPv6 range is not this family's.
     assert_eq!(
         chain_body(&script, &fw).unwrap().trim(),
-        "ip saddr != { 192.0.2.0/24, 203.0.113.7/32 } drop"
+        "ip saddr != { 192.0.2.0/24 } drop"
     );
     // externalIPs and LB IPs go to the external chain; source ranges apply to the LB IP only.
     let service_ips = elements(&script, "ip", "service-ips");
@@ -389,12 +387,17 @@ fn load_balancer_with_source_ranges() {
             .unwrap()
             .contains("ip daddr . meta l4proto . th dport vmap @firewall-ips")
     );
-    // Without the node in the ranges, only the ranges are allowed.
-    st.v4.node_ips = vec![ip("10.0.0.1")];
-    let script = render(&st).unwrap();
+    // Whatever the engine allows is spelled, merged (allowFromNode is its decision).
+    let mut from_node = svc.clone();
+    from_node.load_balancer_source_ranges = vec![
+        net("192.0.2.0/25"),
+        net("203.0.113.7/32"),
+        net("192.0.2.128/25"),
+    ];
+    let script = render(&state(vec![from_node], vec![])).unwrap();
     assert_eq!(
         chain_body(&script, &fw).unwrap().trim(),
-        "ip saddr != { 192.0.2.0/24 } drop"
+        "ip saddr != { 192.0.2.0/24, 203.0.113.7/32 } drop"
     );
     // No source ranges: no firewall.
     let mut open = svc.clone();
