@@ -1237,19 +1237,23 @@ pub(crate) fn render_partial(
         );
         // Likewise an endpoint address leaves the hairpin set only when no service
         // port of the new state still has it.
-        let gone_hairpin: Vec<&IpAddr> = old.hairpin.difference(&new.hairpin).collect();
+        let mut gone_hairpin: BTreeSet<&IpAddr> = old.hairpin.difference(&new.hairpin).collect();
         if !gone_hairpin.is_empty() {
-            let still: HashSet<IpAddr> = new_fam
-                .services
-                .values()
-                .flat_map(|s| s.endpoints.iter().map(|ep| ep.ip))
-                .collect();
+            // One pass over every endpoint, without allocating (100k at 10k services).
+            'scan: for svc in new_fam.services.values() {
+                for ep in &svc.endpoints {
+                    gone_hairpin.remove(&ep.ip);
+                    if gone_hairpin.is_empty() {
+                        break 'scan;
+                    }
+                }
+            }
             element_op(
                 out,
                 "delete",
                 t,
                 HAIRPIN,
-                gone_hairpin.into_iter().filter(|ip| !still.contains(ip)),
+                gone_hairpin.into_iter(),
                 hairpin_elem,
             );
         }
