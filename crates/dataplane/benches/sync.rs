@@ -118,8 +118,7 @@ fn main() {
                 return;
             }
         };
-        let mut backend =
-            NftablesBackend::with_nft_command(["ip", "netns", "exec", ns.name(), "nft"]);
+        let mut backend = NftablesBackend::in_netns(ns.name());
         let full = Diff::between(None, &desired, true);
         let runs = if n >= 50_000 { 1 } else { 3 };
         let mut failed = None;
@@ -162,8 +161,9 @@ fn main() {
             });
             let all_partial = sizes.iter().all(|(full, _)| !full);
             println!(
-                "{n:>6} services: one endpoint change, partial sync (render + nft apply) {partial_time:?}, {} bytes, all partial: {all_partial}",
-                sizes.first().map_or(0, |s| s.1)
+                "{n:>6} services: one endpoint change, partial sync (render + apply) {partial_time:?}, {} bytes as nft text, all partial: {all_partial}, over netlink: {}",
+                sizes.first().map_or(0, |s| s.1),
+                backend.netlink_partials()
             );
         }
     }

@@ -197,14 +197,26 @@ fn assert_same(synced: &Netns, fresh: &Netns, state: &DesiredState, step: &str) 
 }
 
 #[test]
-fn partial_syncs_equal_a_fresh_full_render() {
+fn partial_syncs_over_netlink_equal_a_fresh_full_render() {
+    let partials = partial_syncs_equal_a_fresh_full_render(true);
+    // Plain ClusterIP changes go over netlink; the others through nft.
+    assert!(partials > 10, "only {partials} partial syncs used netlink");
+}
+
+#[test]
+fn partial_syncs_through_nft_equal_a_fresh_full_render() {
+    assert_eq!(partial_syncs_equal_a_fresh_full_render(false), 0);
+}
+
+/// Random partial syncs, each compared with a fresh full render of the same state;
+/// returns how many went over netlink.
+fn partial_syncs_equal_a_fresh_full_render(netlink: bool) -> u64 {
     if skip_unless_root(&["ip", "nft"]) {
-        return;
+        return if netlink { u64::MAX } else { 0 };
     }
     let synced = Netns::new("svcplane-ps").expect("netns");
     let fresh = Netns::new("svcplane-pf").expect("netns");
-    let mut backend =
-        NftablesBackend::with_nft_command(["ip", "netns", "exec", synced.name(), "nft"]);
+    let mut backend = NftablesBackend::in_netns(synced.name()).with_netlink(netlink);
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let mut state = initial(&mut rng);
     let first = Arc::new(state.clone());
@@ -289,6 +301,7 @@ fn partial_syncs_equal_a_fresh_full_render() {
     let next = mutate(&mut rng, &state);
     assert!(!sync(&mut backend, &state, &next).full);
     assert_same(&synced, &fresh, &next, "partial after repair");
+    backend.netlink_partials()
 }
 
 #[test]

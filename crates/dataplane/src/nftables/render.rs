@@ -37,6 +37,17 @@ use svcplane_proxy::{
 };
 
 use super::names;
+use super::netlink::{self, Key, Op, Verdict as NlVerdict};
+use super::rule::Rule;
+
+/// A service port's balancing chains as rule values. `complete` is false when the
+/// service also has chains or sets only the text form spells (affinity, external
+/// traffic, source ranges).
+#[derive(Debug, Default)]
+pub(crate) struct ChainRules {
+    pub chains: Vec<(String, Vec<Rule>)>,
+    pub complete: bool,
+}
 
 /// The table, in both the `ip` and the `ip6` family. Nothing outside it is touched.
 pub const TABLE: &str = "svcplane";
@@ -51,7 +62,7 @@ pub(crate) fn tables_present_probe() -> String {
 pub const MASQUERADE_MARK: u32 = 0x4000;
 
 // Fixed chains, sets and maps (kube-proxy's names).
-const SERVICES: &str = "services";
+pub(crate) const SERVICES: &str = "services";
 const SERVICE_IPS: &str = "service-ips";
 const SERVICE_NODEPORTS: &str = "service-nodeports";
 const NODEPORT_IPS: &str = "nodeport-ips";
@@ -443,7 +454,7 @@ fn render_family(
     let ctx = family_ctx(fam);
     let mut elements = Elements::default();
     for svc in fam.services.values() {
-        render_service(out, &ctx, svc, &mut elements, &mut declared)?;
+        render_service(out, &ctx, svc, &mut elements, &mut declared, None)?;
     }
     wl!(out, "}}");
     write_family_elements(out, fam, &elements);
@@ -721,12 +732,15 @@ fn wrong_family(
     ))
 }
 
+/// Writes one service port's chains into `out` and its elements into `elements`; with
+/// `rules_out`, also its balancing chains as rule values (for the netlink path).
 fn render_service(
     out: &mut String,
     ctx: &FamilyCtx,
     svc: &ServicePortState,
     elements: &mut Elements,
     declared: &mut Declared,
+    rules_out: Option<&mut ChainRules>,
 ) -> Result<(), DataplaneError> {
     let sp = ctx.sp;
     let ipx = sp.ipx;
@@ -839,25 +853,35 @@ fn render_service(
         }
     }
 
+    let mut rules_out = rules_out;
+    if let Some(r) = rules_out.as_deref_mut() {
+        r.complete = svc.affinity_timeout_seconds.is_none();
+    }
     for (bi, b) in balancers.iter().enumerate() {
         declared.add(&b.name);
         wl!(out, "\tchain {} {{", b.name);
+        let mut rules = Vec::with_capacity(b.endpoints.len() + 1);
         if Some(bi) == internal_chain
             && let Some(cip) = svc.cluster_ip
         {
             // Qualified by the ClusterIP: the chain may also balance external traffic.
-            match &ctx.masquerade {
-                Masquerade::All => wl!(
-                    out,
-                    "\t\t{ipx} daddr {cip} {proto} dport {port} jump {MARK_MASQ}"
-                ),
-                Masquerade::FromOutside(nets) => wl!(
-                    out,
-                    "\t\t{ipx} daddr {cip} {proto} dport {port} {ipx} saddr != {} jump {MARK_MASQ}",
-                    NetSet(nets)
-                ),
-                Masquerade::None => {}
+            let unless_from = match &ctx.masquerade {
+                Masquerade::All => Some(Vec::new()),
+                Masquerade::FromOutside(nets) => Some(nets.clone()),
+                Masquerade::None => None,
+            };
+            if let Some(unless_from) = unless_from {
+                rules.push(Rule::MarkClusterIp {
+                    cluster_ip: cip,
+                    protocol: svc.protocol,
+                    port,
+                    unless_from,
+                    mark_chain: MARK_MASQ,
+                });
             }
+        }
+        for rule in &rules {
+            wl!(out, "\t\t{rule}");
         }
         if svc.affinity_timeout_seconds.is_some() {
             for &i in &b.endpoints {
@@ -880,21 +904,26 @@ fn render_service(
             let k = b.endpoints.len();
             for (n, &i) in b.endpoints.iter().enumerate() {
                 let ep = &svc.endpoints[i];
-                out.push_str("\t\t");
-                if n + 1 < k {
-                    w!(out, "numgen random mod {} == 0 ", k - n);
-                }
-                wl!(
-                    out,
-                    "meta l4proto {proto} dnat to {}",
-                    SockAddr(ep.ip, ep.port)
-                );
+                let rule = Rule::Dnat {
+                    one_in: (n + 1 < k).then(|| (k - n) as u32),
+                    protocol: svc.protocol,
+                    addr: ep.ip,
+                    port: ep.port,
+                };
+                wl!(out, "\t\t{rule}");
+                rules.push(rule);
             }
         }
         out.push_str("\t}\n");
+        if let Some(r) = rules_out.as_deref_mut() {
+            r.chains.push((b.name.clone(), rules));
+        }
     }
 
     if let Some(ext) = &external_chain {
+        if let Some(r) = rules_out.as_deref_mut() {
+            r.complete = false;
+        }
         declared.add(ext);
         wl!(out, "\tchain {ext} {{");
         match &local_origin {
@@ -937,6 +966,9 @@ fn render_service(
     let firewall_chain = if !svc.load_balancer_ips.is_empty() && !source_ranges.is_empty() {
         let name = names::join(names::FIREWALL_PREFIX, &base)?;
         let allowed = source_ranges;
+        if let Some(r) = rules_out {
+            r.complete = false;
+        }
         declared.add(&name);
         wl!(out, "\tchain {name} {{");
         // Always a set here: `!= { … }` reads the same for one range or many.
@@ -1058,7 +1090,11 @@ fn render_service(
 }
 
 /// A map's name, its old elements and its new ones.
-type MapPair<'a, K> = (&'a str, &'a BTreeMap<K, Verdict>, &'a BTreeMap<K, Verdict>);
+type MapPair<'a, K> = (
+    &'static str,
+    &'a BTreeMap<K, Verdict>,
+    &'a BTreeMap<K, Verdict>,
+);
 
 /// A partial transaction (see [`render_partial`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -1069,6 +1105,16 @@ pub(crate) struct Partial {
     /// second transaction, as kube-proxy does: a chain can only be deleted once nothing
     /// references it, and kernels before 6.2 release a map's reference asynchronously.
     pub stale: String,
+    /// The same two transactions as netlink operations, when every changed service port
+    /// can be expressed that way (see [`super::netlink`]); `None` otherwise.
+    pub netlink: Option<NetlinkPartial>,
+}
+
+/// [`Partial`]'s transactions as netlink operations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct NetlinkPartial {
+    pub ops: Vec<Op>,
+    pub stale: Vec<Op>,
 }
 
 /// What one service port renders to, alone.
@@ -1076,6 +1122,7 @@ struct ServiceParts {
     text: String,
     elements: Elements,
     names: HashSet<String>,
+    rules: ChainRules,
 }
 
 fn service_parts(ctx: &FamilyCtx, svc: &ServicePortState) -> Result<ServiceParts, DataplaneError> {
@@ -1083,6 +1130,7 @@ fn service_parts(ctx: &FamilyCtx, svc: &ServicePortState) -> Result<ServiceParts
         text: String::new(),
         elements: Elements::default(),
         names: HashSet::new(),
+        rules: ChainRules::default(),
     };
     render_service(
         &mut parts.text,
@@ -1090,6 +1138,7 @@ fn service_parts(ctx: &FamilyCtx, svc: &ServicePortState) -> Result<ServiceParts
         svc,
         &mut parts.elements,
         &mut Declared(Some(&mut parts.names)),
+        Some(&mut parts.rules),
     )?;
     Ok(parts)
 }
@@ -1113,6 +1162,72 @@ fn map_changes<'a, K: Ord>(
     (gone, came)
 }
 
+fn nl_verdict(v: &Verdict) -> NlVerdict {
+    match v {
+        Verdict::Goto(chain) => NlVerdict::Goto(chain.clone()),
+        Verdict::Drop => NlVerdict::Drop,
+        Verdict::Reject => NlVerdict::Goto(REJECT_CHAIN.to_owned()),
+    }
+}
+
+fn ip_key((ip, proto, port): &IpKey) -> Key {
+    Key::default().ip(ip).proto(*proto).port(*port)
+}
+
+fn port_key((proto, port): &PortKey) -> Key {
+    Key::default().proto(*proto).port(*port)
+}
+
+/// Both forms of one partial transaction, written side by side so they cannot drift.
+struct PartialWriter<'a> {
+    out: &'a mut String,
+    /// `None` once something was met that only the text form expresses.
+    ops: Option<Vec<Op>>,
+    t: &'static str,
+    family: u8,
+}
+
+impl PartialWriter<'_> {
+    /// `<verb> element` in both forms; `value` gives a map element's verdict.
+    fn elements<T: Copy>(
+        &mut self,
+        delete: bool,
+        set: &'static str,
+        items: &[T],
+        spell: impl Fn(&mut String, T),
+        key: impl Fn(T) -> (Key, Option<NlVerdict>),
+    ) {
+        element_op(
+            self.out,
+            if delete { "delete" } else { "add" },
+            self.t,
+            set,
+            items.iter().copied(),
+            spell,
+        );
+        if let Some(ops) = &mut self.ops
+            && !items.is_empty()
+        {
+            ops.push(Op::Elements {
+                delete,
+                family: self.family,
+                set,
+                items: items.iter().map(|&i| key(i)).collect(),
+            });
+        }
+    }
+
+    fn flush_chain(&mut self, name: &str) {
+        wl!(self.out, "flush chain {} {TABLE} {name}", self.t);
+        if let Some(ops) = &mut self.ops {
+            ops.push(Op::FlushChain {
+                family: self.family,
+                chain: name.to_owned(),
+            });
+        }
+    }
+}
+
 /// The partial transaction from `prev` (what was last applied) to `next`, or `None` when
 /// a family's globals changed (those touch the fixed chains: a full sync rewrites them).
 ///
@@ -1131,6 +1246,7 @@ pub(crate) fn render_partial(
     diff: &Diff,
 ) -> Result<Option<Partial>, DataplaneError> {
     let mut partial = Partial::default();
+    let mut nl = Some(NetlinkPartial::default());
     for family in [IpFamily::V4, IpFamily::V6] {
         let fd = diff.family(family);
         if fd.globals_changed {
@@ -1142,11 +1258,13 @@ pub(crate) fn render_partial(
         let (old_fam, new_fam) = (prev.family(family), next.family(family));
         let (old_ctx, new_ctx) = (family_ctx(old_fam), family_ctx(new_fam));
         let t = new_ctx.sp.ipx;
+        let nl_family = netlink::family_code(family == IpFamily::V6);
         let mut old = Elements::default();
         let mut new = Elements::default();
         let mut old_names = HashSet::new();
         let mut new_names = HashSet::new();
         let mut block = String::new();
+        let mut new_chains: Vec<(String, Vec<Rule>)> = Vec::new();
         for name in fd.changed.iter().chain(&fd.removed) {
             if let Some(svc) = old_fam.services.get(name) {
                 let parts = service_parts(&old_ctx, svc)?;
@@ -1160,21 +1278,35 @@ pub(crate) fn render_partial(
                 merge(&mut new, parts.elements);
                 new_names.extend(parts.names);
                 block.push_str(&parts.text);
+                if parts.rules.complete {
+                    new_chains.extend(parts.rules.chains);
+                } else {
+                    nl = None;
+                }
             }
         }
-        let out = &mut partial.script;
+        let mut w = PartialWriter {
+            out: &mut partial.script,
+            ops: nl.as_ref().map(|_| Vec::new()),
+            t,
+            family: nl_family,
+        };
         let ip_elem = |out: &mut String, ((ip, proto, port), v): (&IpKey, &Verdict)| {
             w!(out, "{ip} . {} . {port} : {v}", proto.as_lower())
         };
         let port_elem = |out: &mut String, ((proto, port), v): (&PortKey, &Verdict)| {
             w!(out, "{} . {port} : {v}", proto.as_lower())
         };
-        let ip_key = |out: &mut String, ((ip, proto, port), _): (&IpKey, &Verdict)| {
+        let ip_only = |out: &mut String, ((ip, proto, port), _): (&IpKey, &Verdict)| {
             w!(out, "{ip} . {} . {port}", proto.as_lower())
         };
-        let port_key = |out: &mut String, ((proto, port), _): (&PortKey, &Verdict)| {
+        let port_only = |out: &mut String, ((proto, port), _): (&PortKey, &Verdict)| {
             w!(out, "{} . {port}", proto.as_lower())
         };
+        let ip_nl = |(k, v): (&IpKey, &Verdict)| (ip_key(k), Some(nl_verdict(v)));
+        let port_nl = |(k, v): (&PortKey, &Verdict)| (port_key(k), Some(nl_verdict(v)));
+        let addr_nl = |ip: &IpAddr| (Key::default().ip(ip), None);
+        let hairpin_nl = |ip: &IpAddr| (Key::default().ip(ip).ip(ip), None);
         let ip_maps: [MapPair<'_, IpKey>; 3] = [
             (SERVICE_IPS, &old.service_ips, &new.service_ips),
             (
@@ -1197,15 +1329,21 @@ pub(crate) fn render_partial(
             ),
         ];
         let mut adds = String::new();
+        let mut add = PartialWriter {
+            out: &mut adds,
+            ops: w.ops.as_ref().map(|_| Vec::new()),
+            t,
+            family: nl_family,
+        };
         for (map, o, n) in ip_maps {
             let (gone, came) = map_changes(o, n);
-            element_op(out, "delete", t, map, gone.into_iter(), ip_key);
-            element_op(&mut adds, "add", t, map, came.into_iter(), ip_elem);
+            w.elements(true, map, &gone, ip_only, ip_nl);
+            add.elements(false, map, &came, ip_elem, ip_nl);
         }
         for (map, o, n) in port_maps {
             let (gone, came) = map_changes(o, n);
-            element_op(out, "delete", t, map, gone.into_iter(), port_key);
-            element_op(&mut adds, "add", t, map, came.into_iter(), port_elem);
+            w.elements(true, map, &gone, port_only, port_nl);
+            add.elements(false, map, &came, port_elem, port_nl);
         }
         // A ClusterIP is shared by the ports of one Service: it leaves the set only
         // when no port of the new state still has it.
@@ -1219,21 +1357,14 @@ pub(crate) fn render_partial(
                     .any(|s| s.cluster_ip == Some(**ip))
             })
             .collect();
-        element_op(
-            out,
-            "delete",
-            t,
+        w.elements(true, CLUSTER_IPS, &gone_ips, |o, ip| w!(o, "{ip}"), addr_nl);
+        let came_ips: Vec<&IpAddr> = new.cluster_ips.difference(&old.cluster_ips).collect();
+        add.elements(
+            false,
             CLUSTER_IPS,
-            gone_ips.into_iter(),
-            |out, ip| w!(out, "{ip}"),
-        );
-        element_op(
-            &mut adds,
-            "add",
-            t,
-            CLUSTER_IPS,
-            new.cluster_ips.difference(&old.cluster_ips),
-            |out, ip| w!(out, "{ip}"),
+            &came_ips,
+            |o, ip| w!(o, "{ip}"),
+            addr_nl,
         );
         // Likewise an endpoint address leaves the hairpin set only when no service
         // port of the new state still has it.
@@ -1248,23 +1379,12 @@ pub(crate) fn render_partial(
                     }
                 }
             }
-            element_op(
-                out,
-                "delete",
-                t,
-                HAIRPIN,
-                gone_hairpin.into_iter(),
-                hairpin_elem,
-            );
         }
-        element_op(
-            &mut adds,
-            "add",
-            t,
-            HAIRPIN,
-            new.hairpin.difference(&old.hairpin),
-            hairpin_elem,
-        );
+        let gone_hairpin: Vec<&IpAddr> = gone_hairpin.into_iter().collect();
+        w.elements(true, HAIRPIN, &gone_hairpin, hairpin_elem, hairpin_nl);
+        let came_hairpin: Vec<&IpAddr> = new.hairpin.difference(&old.hairpin).collect();
+        add.elements(false, HAIRPIN, &came_hairpin, hairpin_elem, hairpin_nl);
+        let add_ops = add.ops;
 
         let is_set = |name: &str| name.starts_with(names::AFFINITY_PREFIX);
         let mut kept: Vec<&String> = new_names
@@ -1273,19 +1393,19 @@ pub(crate) fn render_partial(
             .collect();
         kept.sort();
         for name in kept {
-            wl!(out, "flush chain {t} {TABLE} {name}");
+            w.flush_chain(name);
         }
         let mut stale: Vec<&String> = old_names.difference(&new_names).collect();
         stale.sort();
         for name in stale.iter().filter(|n| !is_set(n)) {
-            wl!(out, "flush chain {t} {TABLE} {name}");
+            w.flush_chain(name);
         }
         if !block.is_empty() {
-            wl!(out, "table {t} {TABLE} {{");
-            out.push_str(&block);
-            wl!(out, "}}");
+            wl!(w.out, "table {t} {TABLE} {{");
+            w.out.push_str(&block);
+            wl!(w.out, "}}");
         }
-        out.push_str(&adds);
+        w.out.push_str(&adds);
         // Chains first: a stale endpoint chain is what referenced a stale affinity set.
         for name in stale.iter().filter(|n| !is_set(n)) {
             wl!(partial.stale, "delete chain {t} {TABLE} {name}");
@@ -1293,7 +1413,48 @@ pub(crate) fn render_partial(
         for name in stale.iter().filter(|n| is_set(n)) {
             wl!(partial.stale, "delete set {t} {TABLE} {name}");
         }
+
+        // The netlink form: the same operations in the same order (the chains of the
+        // text block become chain adds and rule appends).
+        let mut expressible = true;
+        if let (Some(plan), Some(mut ops), Some(add_ops)) = (nl.as_mut(), w.ops, add_ops) {
+            'chains: for (chain, rules) in new_chains {
+                ops.push(Op::AddChain {
+                    family: nl_family,
+                    chain: chain.clone(),
+                });
+                for rule in &rules {
+                    let Some(exprs) = rule.exprs() else {
+                        expressible = false;
+                        break 'chains;
+                    };
+                    ops.push(Op::AddRule {
+                        family: nl_family,
+                        chain: chain.clone(),
+                        exprs,
+                    });
+                }
+            }
+            plan.ops.extend(ops);
+            plan.ops.extend(add_ops);
+            for name in stale.iter().filter(|n| !is_set(n)) {
+                plan.stale.push(Op::DeleteChain {
+                    family: nl_family,
+                    chain: (*name).clone(),
+                });
+            }
+            for name in stale.iter().filter(|n| is_set(n)) {
+                plan.stale.push(Op::DeleteSet {
+                    family: nl_family,
+                    set: (*name).clone(),
+                });
+            }
+        }
+        if !expressible {
+            nl = None;
+        }
     }
+    partial.netlink = nl;
     Ok(Some(partial))
 }
 

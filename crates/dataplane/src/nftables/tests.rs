@@ -744,7 +744,8 @@ fn renders_a_large_state_completely() {
 
 mod partial {
     use super::*;
-    use crate::nftables::render::{Partial, render_partial};
+    use crate::nftables::netlink::Op;
+    use crate::nftables::render::{NetlinkPartial, Partial, render_partial};
     use svcplane_proxy::Diff;
 
     fn partial(prev: &DesiredState, next: &DesiredState) -> Option<Partial> {
@@ -765,7 +766,84 @@ mod partial {
     #[test]
     fn unchanged_state_is_an_empty_partial() {
         let p = partial(&base(), &base()).unwrap();
-        assert_eq!(p, Partial::default());
+        assert!(p.script.is_empty() && p.stale.is_empty(), "{p:?}");
+        assert_eq!(p.netlink, Some(NetlinkPartial::default()));
+    }
+
+    #[test]
+    fn plain_cluster_ip_changes_have_a_netlink_form_in_the_text_order() {
+        let prev = base();
+        let mut next = base();
+        let b = cluster_ip_service("b", "10.96.0.2", &["10.244.1.2", "10.244.1.9"]);
+        next.v4.services.insert(b.name.clone(), Arc::new(b.clone()));
+        let p = partial(&prev, &next).unwrap();
+        let nl = p.netlink.expect("a netlink form");
+        let chain = chain_name("service-", &b);
+        let kinds: Vec<String> = nl
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Elements {
+                    delete, set, items, ..
+                } => {
+                    format!(
+                        "{} {set} {}",
+                        if *delete { "del" } else { "add" },
+                        items.len()
+                    )
+                }
+                Op::FlushChain { chain: c, .. } => format!("flush {}", *c == chain),
+                Op::AddChain { chain: c, .. } => format!("chain {}", *c == chain),
+                Op::AddRule {
+                    chain: c, exprs, ..
+                } => {
+                    format!("rule {} {}", *c == chain, exprs.len())
+                }
+                other => format!("{other:?}"),
+            })
+            .collect();
+        // As the text: element deletes, flushes, chains with their rules, element adds.
+        assert_eq!(
+            kinds,
+            [
+                "del hairpin 1",
+                "flush true",
+                "chain true",
+                "rule true 7",
+                "rule true 5",
+                "add hairpin 1"
+            ]
+        );
+        assert!(nl.stale.is_empty());
+    }
+
+    #[test]
+    fn services_with_text_only_chains_have_no_netlink_form() {
+        let prev = base();
+        for change in 0..3 {
+            let mut next = base();
+            let mut b = cluster_ip_service("b", "10.96.0.2", &["10.244.1.2"]);
+            match change {
+                0 => b.affinity_timeout_seconds = Some(60),
+                1 => b.node_port = Some(30002),
+                _ => {
+                    b.load_balancer_ips = vec![ip("203.0.113.2")];
+                    b.load_balancer_source_ranges = vec![net("192.0.2.0/24")];
+                }
+            }
+            next.v4.services.insert(b.name.clone(), Arc::new(b));
+            let p = partial(&prev, &next).unwrap();
+            assert!(!p.script.is_empty());
+            assert_eq!(p.netlink, None, "change {change}");
+        }
+        // Masquerade from outside several cluster CIDRs needs an anonymous set.
+        let mut prev = base();
+        prev.v4.cluster_ip_masquerade =
+            ClusterIpMasquerade::FromOutside(vec![net("10.244.0.0/16"), net("10.100.0.0/16")]);
+        let mut next = prev.clone();
+        let c = cluster_ip_service("c", "10.96.0.3", &["10.244.1.4"]);
+        next.v4.services.insert(c.name.clone(), Arc::new(c));
+        assert_eq!(partial(&prev, &next).unwrap().netlink, None);
     }
 
     #[test]
