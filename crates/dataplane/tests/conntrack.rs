@@ -1,5 +1,6 @@
 //! The conntrack reconciler against a real conntrack table (root, scratch netns): ctnetlink
-//! dump and delete on their own.
+//! dump and delete on their own, then the nftables backend deleting a flow whose endpoint
+//! went away.
 //!
 //! Each namespace has a veth pair whose `veth0` end has 10.99.0.2/24 and fd00:99::2/64 and
 //! whose other end has no address: a datagram to another address of the subnet waits for
@@ -7,10 +8,19 @@
 //! before that, so the entries exist without any peer. (No dummy interface: not every
 //! kernel has the module.)
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
 
-use svcplane_dataplane::conntrack::{ConntrackSocket, Flow, IPPROTO_UDP, local_addresses};
-use svcplane_model::IpFamily;
+use svcplane_dataplane::NftablesBackend;
+use svcplane_dataplane::conntrack::{
+    ConntrackScope, ConntrackSocket, Flow, IPPROTO_UDP, local_addresses,
+};
+use svcplane_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
+use svcplane_proxy::{
+    Dataplane, DesiredState, Diff, EmptyVerdict, EndpointState, ExternalPolicy, FamilyState,
+    ServicePortState, TrafficTarget,
+};
 use svcplane_testkit::{Netns, in_netns, run_checked, skip_unless_root};
 
 fn ip(s: &str) -> IpAddr {
@@ -32,6 +42,8 @@ fn scratch(prefix: &str) -> Netns {
         &["addr", "add", "fd00:99::2/64", "dev", "veth0", "nodad"],
         &["link", "set", "veth1", "up"],
         &["link", "set", "veth0", "up"],
+        // The service CIDR of the backend test, out of veth0 as well.
+        &["route", "add", "10.96.0.0/12", "dev", "veth0"],
     ] {
         run_checked(&mut ns.command("ip", args)).expect("ip");
     }
@@ -146,4 +158,92 @@ fn local_addresses_are_the_namespaces_own() {
     for want in ["10.99.0.2", "fd00:99::2", "127.0.0.1"] {
         assert!(addrs.contains(&ip(want)), "{want} missing from {addrs:?}");
     }
+}
+
+/// A UDP service 10.96.0.10:53 over one endpoint at `endpoint`:5353.
+fn dns_state(endpoint: &str) -> Arc<DesiredState> {
+    let name = ServicePortName {
+        service: NamespacedName::new("kube-system", "dns"),
+        port: "dns".into(),
+        protocol: Protocol::Udp,
+    };
+    let all = TrafficTarget {
+        endpoints: vec![0],
+        if_empty: EmptyVerdict::Reject,
+    };
+    let svc = ServicePortState {
+        name: name.clone(),
+        protocol: Protocol::Udp,
+        port: 53,
+        cluster_ip: Some(ip("10.96.0.10")),
+        node_port: None,
+        external_ips: Vec::new(),
+        load_balancer_ips: Vec::new(),
+        load_balancer_source_ranges: Vec::new(),
+        affinity_timeout_seconds: None,
+        endpoints: vec![EndpointState::ready(ip(endpoint), 5353, false)],
+        internal: all.clone(),
+        external: all,
+        external_policy: ExternalPolicy::Cluster,
+        health_check_node_port: None,
+    };
+    let mut v4 = FamilyState::empty(IpFamily::V4);
+    v4.services.insert(name, Arc::new(svc));
+    Arc::new(DesiredState {
+        node_name: "node-a".into(),
+        node_zone: None,
+        v4,
+        v6: FamilyState::empty(IpFamily::V6),
+        health_checks: BTreeMap::new(),
+    })
+}
+
+#[test]
+fn the_nftables_backend_deletes_flows_to_a_removed_endpoint() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let ns = scratch("svcplane-ctbe");
+    let mut backend = NftablesBackend::with_nft_command(["ip", "netns", "exec", ns.name(), "nft"])
+        .with_conntrack(ConntrackScope::Netns(ns.name().to_owned()));
+    let first = dns_state("10.99.0.3");
+    let report = backend
+        .sync(&first, &Diff::between(None, &first, true))
+        .expect("first sync");
+    assert_eq!(
+        (report.conntrack_deleted_v4, report.conntrack_failures),
+        (0, 0)
+    );
+    // The node itself queries the ClusterIP: svcplane's output chain DNATs it.
+    send_udp(&ns, "10.99.0.2:40053", "10.96.0.10:53");
+    let before = to(&dump(&ns, IpFamily::V4), "10.96.0.10:53");
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0].reply.src, ip("10.99.0.3"));
+
+    // An unrelated change keeps the live flow...
+    let mut same = (*first).clone();
+    same.node_zone = Some("zone-a".into());
+    let same = Arc::new(same);
+    let report = backend
+        .sync(&same, &Diff::between(Some(first.clone()), &same, false))
+        .expect("sync");
+    assert_eq!(report.conntrack_deleted_v4, 0);
+    assert_eq!(to(&dump(&ns, IpFamily::V4), "10.96.0.10:53"), before);
+
+    // ...the endpoint moving to 10.99.0.4 deletes it.
+    let moved = dns_state("10.99.0.4");
+    let report = backend
+        .sync(&moved, &Diff::between(Some(same), &moved, false))
+        .expect("sync");
+    assert_eq!(
+        (report.conntrack_deleted_v4, report.conntrack_failures),
+        (1, 0),
+        "{report:?}"
+    );
+    assert!(to(&dump(&ns, IpFamily::V4), "10.96.0.10:53").is_empty());
+    // The next datagram of the same 5-tuple reaches the new endpoint.
+    send_udp(&ns, "10.99.0.2:40053", "10.96.0.10:53");
+    let after = to(&dump(&ns, IpFamily::V4), "10.96.0.10:53");
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].reply.src, ip("10.99.0.4"));
 }

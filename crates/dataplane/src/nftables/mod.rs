@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 
+use crate::conntrack::{ConntrackScope, Reconciler};
+
 pub use names::nft_identifier_safe;
 pub use render::{MASQUERADE_MARK, TABLE, render};
 
@@ -27,6 +29,10 @@ const ERROR_LINES: usize = 6;
 /// exist; if either is missing (`nft flush ruleset`, table deleted) the sync is full. A partial transaction that nft rejects (a chain or element it names was
 /// deleted or altered) is retried as a full one. Rules rewritten in place by hand are
 /// not detected; the sync loop's periodic full resync repairs them.
+///
+/// After every successful sync the conntrack [`Reconciler`] deletes UDP/SCTP entries
+/// still pointing at endpoints that are gone; its failures are logged and counted in the
+/// report, never failing the sync.
 #[derive(Debug, Clone)]
 pub struct NftablesBackend {
     /// The program and leading arguments that run `nft` (`["nft"]`, or e.g.
@@ -34,6 +40,7 @@ pub struct NftablesBackend {
     nft: Vec<String>,
     /// The kernel may differ from the last applied state: the next sync must be full.
     needs_full: bool,
+    conntrack: Reconciler,
 }
 
 impl Default for NftablesBackend {
@@ -47,11 +54,14 @@ impl NftablesBackend {
         NftablesBackend {
             nft: vec!["nft".to_owned()],
             needs_full: true,
+            conntrack: Reconciler::new(ConntrackScope::CurrentNetns),
         }
     }
 
     /// Run nft through another command line (its first element is the program).
-    /// An empty command falls back to plain `nft`.
+    /// An empty command falls back to plain `nft`. The conntrack reconciler is then
+    /// disabled (the command may program another namespace than this process's); enable
+    /// it with [`NftablesBackend::with_conntrack`].
     pub fn with_nft_command<I, S>(command: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -64,8 +74,29 @@ impl NftablesBackend {
             NftablesBackend {
                 nft,
                 needs_full: true,
+                conntrack: Reconciler::new(ConntrackScope::Disabled),
             }
         }
+    }
+
+    /// Where the conntrack reconciler works (default: this process's namespace for
+    /// [`NftablesBackend::new`], disabled for [`NftablesBackend::with_nft_command`]).
+    pub fn with_conntrack(mut self, scope: ConntrackScope) -> Self {
+        self.conntrack = Reconciler::new(scope);
+        self
+    }
+
+    /// `report` with the conntrack reconciler's counts, run now that `desired` is
+    /// programmed. Its failures are only logged: the rules are in place.
+    fn reconcile_conntrack(&self, desired: &DesiredState, mut report: SyncReport) -> SyncReport {
+        let ct = self.conntrack.reconcile(desired);
+        for e in &ct.errors {
+            tracing::warn!(error = %e, "conntrack cleanup failed; stale UDP flows stay until the next sync");
+        }
+        report.conntrack_deleted_v4 = ct.v4.deleted;
+        report.conntrack_deleted_v6 = ct.v6.deleted;
+        report.conntrack_failures = ct.failures();
+        report
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -212,6 +243,7 @@ impl NftablesBackend {
             SyncReport {
                 full: false,
                 size: partial.script.len() + partial.stale.len(),
+                ..SyncReport::default()
             },
             full_next,
         )))
@@ -282,7 +314,7 @@ impl Dataplane for NftablesBackend {
             self.needs_full = true;
             if let Some((report, full_next)) = self.try_partial(previous, desired, diff)? {
                 self.needs_full = full_next;
-                return Ok(report);
+                return Ok(self.reconcile_conntrack(desired, report));
             }
         }
         self.needs_full = true;
@@ -290,10 +322,12 @@ impl Dataplane for NftablesBackend {
         self.run(&["-f", "-"], Some(&script))?;
         self.delete_stale(&declared);
         self.needs_full = false;
-        Ok(SyncReport {
+        let report = SyncReport {
             full: true,
             size: script.len(),
-        })
+            ..SyncReport::default()
+        };
+        Ok(self.reconcile_conntrack(desired, report))
     }
 
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {
