@@ -3,6 +3,7 @@
 //! [`backend`] builds the backend of a [`ProxyMode`]. Only nftables exists so far;
 //! the other modes render and sync as [`DataplaneError::NotImplemented`].
 
+pub mod conntrack;
 pub mod nftables;
 
 use std::fmt;

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub nftables_sync_failures: Counter,
     /// `ip_family` = `4` | `6`; incremented by the conntrack reconciler.
     pub conntrack_deleted_entries: Family<Labels, Counter>,
+    /// Conntrack reconciler failures (socket, dump or delete); the syncs still succeeded.
+    pub conntrack_failures: Counter,
     /// `code` = `200` | `503`.
     pub healthz_total: Family<Labels, Counter>,
     pub livez_total: Family<Labels, Counter>,
@@ -86,6 +88,7 @@ impl Metrics {
             no_local_endpoints: Family::default(),
             nftables_sync_failures: Counter::default(),
             conntrack_deleted_entries: Family::default(),
+            conntrack_failures: Counter::default(),
             healthz_total: Family::default(),
             livez_total: Family::default(),
             invalid_objects: Counter::default(),
@@ -157,6 +160,11 @@ impl Metrics {
             "kubeproxy_conntrack_reconciler_deleted_entries",
             "Cumulative conntrack flows deleted by conntrack reconciler",
             m.conntrack_deleted_entries.clone(),
+        );
+        r.register(
+            "svcplane_conntrack_reconciler_failures",
+            "Cumulative conntrack reconciler failures (the sync itself succeeded)",
+            m.conntrack_failures.clone(),
         );
         r.register(
             "kubeproxy_proxy_healthz",
@@ -235,10 +243,16 @@ impl Metrics {
             .inc_by(outcome.pending_endpoint_slices as u64);
         self.service_changes_pending.set(0);
         self.endpoint_changes_pending.set(0);
-        if outcome.result.is_err() {
-            self.nftables_sync_failures.inc();
-            return;
-        }
+        let report = match &outcome.result {
+            Ok(report) => report,
+            Err(_) => {
+                self.nftables_sync_failures.inc();
+                return;
+            }
+        };
+        self.conntrack_deleted("4", report.conntrack_deleted_v4);
+        self.conntrack_deleted("6", report.conntrack_deleted_v6);
+        self.conntrack_failures.inc_by(report.conntrack_failures);
         let seconds = outcome.duration.as_secs_f64();
         self.sync_duration.observe(seconds);
         if outcome.full {
@@ -419,7 +433,13 @@ mod tests {
             duration: Duration::from_millis(ms),
             full,
             result: if ok {
-                Ok(SyncReport { full, size: 1 })
+                Ok(SyncReport {
+                    full,
+                    size: 1,
+                    conntrack_deleted_v4: 2,
+                    conntrack_deleted_v6: 1,
+                    conntrack_failures: 1,
+                })
             } else {
                 Err("nft: boom".into())
             },
@@ -472,6 +492,7 @@ mod tests {
                 "counter",
             ),
             ("kubeproxy_conntrack_reconciler_deleted_entries", "counter"),
+            ("svcplane_conntrack_reconciler_failures", "counter"),
             ("svcplane_invalid_objects", "counter"),
         ] {
             assert!(
@@ -485,6 +506,7 @@ mod tests {
             "kubeproxy_sync_proxy_rules_service_changes_total",
             "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
             "svcplane_invalid_objects_total",
+            "svcplane_conntrack_reconciler_failures_total",
         ] {
             assert_eq!(sample(&text, counter), Some(0.0), "{counter}");
         }
@@ -586,10 +608,16 @@ mod tests {
             1.0
         );
         assert_eq!(v("svcplane_invalid_objects_total"), 1.0);
+        // 5 by hand, plus 2 (v4) and 1 (v6) from each of the two successful syncs.
         assert_eq!(
             v("kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"4\"}"),
-            5.0
+            9.0
         );
+        assert_eq!(
+            v("kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"6\"}"),
+            2.0
+        );
+        assert_eq!(v("svcplane_conntrack_reconciler_failures_total"), 2.0);
     }
 
     #[test]

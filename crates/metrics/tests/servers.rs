@@ -261,7 +261,7 @@ fn outcome(ok: bool, desired: Arc<DesiredState>) -> SyncOutcome {
         result: if ok {
             Ok(SyncReport {
                 full: true,
-                size: 0,
+                ..SyncReport::default()
             })
         } else {
             Err("boom".into())

@@ -25,6 +25,11 @@ pub struct SyncReport {
     pub full: bool,
     /// Size of what was sent to the kernel (script bytes, map operations, ...).
     pub size: usize,
+    /// Stale UDP/SCTP conntrack entries deleted after the rules were applied, per family.
+    pub conntrack_deleted_v4: u64,
+    pub conntrack_deleted_v6: u64,
+    /// Conntrack cleanup failures (they never fail the sync: the rules are applied).
+    pub conntrack_failures: u64,
 }
 
 /// A dataplane backend: translates the desired state into kernel state.

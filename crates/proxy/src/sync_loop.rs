@@ -269,6 +269,9 @@ impl LoopState {
                     full = diff.full,
                     duration_ms = duration.as_millis() as u64,
                     size = report.size,
+                    conntrack_deleted_v4 = report.conntrack_deleted_v4,
+                    conntrack_deleted_v6 = report.conntrack_deleted_v6,
+                    conntrack_failures = report.conntrack_failures,
                     service_ports,
                     pending_services,
                     pending_endpoint_slices,
@@ -400,6 +403,7 @@ mod tests {
             Ok(SyncReport {
                 full: diff.full,
                 size: desired.v4.services.len(),
+                ..SyncReport::default()
             })
         }
         fn render(&self, _: &DesiredState) -> Result<String, DataplaneError> {

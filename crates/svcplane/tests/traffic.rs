@@ -687,3 +687,99 @@ fn healthz_and_livez_answer_after_the_first_sync() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(proxy.get("/nothing").expect("GET /nothing").0, 404);
 }
+
+/// A UDP Service without selector over `endpoint` (an IPv4 pod address), port 53 ->
+/// 5300, with its EndpointSlice.
+fn udp_service_over(endpoint: IpAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: udp, namespace: default}}\n\
+         spec:\n  clusterIP: 10.96.1.70\n  ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 5300}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: udp-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: udp}}\n\
+         addressType: IPv4\nports: [{{name: dns, port: 5300, protocol: UDP}}]\n\
+         endpoints:\n  - addresses: [\"{endpoint}\"]\n    conditions: {{ready: true}}\n"
+    )
+}
+
+/// The value of an exposition line `name` (labels included, exactly as encoded).
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn udp_conntrack_cleared() {
+    let Some(mut env) = Env::start() else { return };
+    for (name, node) in [("udp-a", "node-a"), ("udp-b", "node-b")] {
+        env.cluster
+            .add_pod(PodSpec::new(name, node).udp(&[5300]))
+            .expect("pod");
+    }
+    let (a, b) = (env.pod_ip("udp-a"), env.pod_ip("udp-b"));
+    env.manifests
+        .write("udp.yaml", &udp_service_over(a))
+        .expect("udp.yaml");
+    let programmed = |ip: IpAddr| {
+        svcplane_testkit::wait_until(Duration::from_secs(10), || {
+            env.nft_on_node_a(&["list", "table", "ip", "svcplane"])
+                .is_some_and(|t| t.contains("10.96.1.70") && t.contains(&ip.to_string()))
+        })
+    };
+    assert!(
+        programmed(a),
+        "the udp service over udp-a was not programmed"
+    );
+
+    // One 5-tuple throughout, as a DNS client reusing its source port.
+    let client = env.cluster.pod("client-a").expect("pod");
+    let dst: SocketAddr = "10.96.1.70:53".parse().expect("address");
+    let ask = || {
+        env.cluster
+            .udp_request_from_port(client, 40053, dst, Duration::from_secs(1))
+            .map_err(|e| e.to_string())
+            .and_then(|r| parse_echo(&r).map_err(|e| e.to_string()))
+    };
+    for _ in 0..3 {
+        let reply = ask().expect("UDP through the service");
+        assert_eq!(reply.pod, a, "{reply:?}");
+        assert_eq!(reply.peer.port(), 40053, "the source port must stay fixed");
+    }
+
+    // udp-a leaves the service (its pod keeps answering), udp-b joins.
+    env.manifests
+        .write("udp.yaml", &udp_service_over(b))
+        .expect("udp.yaml");
+    assert!(
+        programmed(b),
+        "the udp service over udp-b was not programmed"
+    );
+    // The rules moved; without the reconciler the old conntrack entry would keep sending
+    // this 5-tuple to udp-a until it expires (120 s while traffic flows). The bound is
+    // generous: the entry is deleted in the same sync that changed the rules.
+    let mut answers = Vec::new();
+    let moved = svcplane_testkit::wait_until(Duration::from_secs(2), || {
+        let reply = ask();
+        let done = matches!(&reply, Ok(r) if r.pod == b);
+        answers.push(reply);
+        done
+    });
+    assert!(
+        moved,
+        "the same 5-tuple was not answered by udp-b within 2 s: {answers:?}"
+    );
+
+    // Counted when the sync that deleted the entry returns, which may be just after the
+    // answer above.
+    let proxy = env.proxy.as_ref().expect("proxy");
+    let mut deleted = None;
+    let counted = svcplane_testkit::wait_until(Duration::from_secs(5), || {
+        deleted = proxy.metrics().ok().and_then(|text| {
+            metric(
+                &text,
+                "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"4\"}",
+            )
+        });
+        deleted.is_some_and(|n| n >= 1.0)
+    });
+    assert!(counted, "deleted entries not counted: {deleted:?}");
+}

@@ -654,6 +654,27 @@ impl Cluster {
         net::udp_request(from.as_ref().name(), Some(src), dst, timeout)
     }
 
+    /// [`Cluster::udp_request`] from a fixed source port (any of `from`'s addresses): the
+    /// same 5-tuple on every call.
+    pub fn udp_request_from_port(
+        &self,
+        from: &impl AsRef<Netns>,
+        src_port: u16,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<String, RequestError> {
+        let any = match dst {
+            SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        net::udp_request_bound(
+            from.as_ref().name(),
+            SocketAddr::new(any, src_port),
+            dst,
+            timeout,
+        )
+    }
+
     /// Write the cluster's Nodes (`nodes.yaml`: InternalIPs, zone label) and Pods
     /// (`pods.yaml`: labels, nodeName, podIPs, containerPorts, Ready) into a new
     /// temporary manifests directory. Add Services and EndpointSlices with
@@ -748,20 +769,24 @@ impl Cluster {
             }
         }
         cmd.args(extra_args);
-        // The healthz port (svcplane's default unless the test gave one), on loopback.
-        let healthz_port = extra_args
-            .iter()
-            .position(|a| *a == "--healthz-bind-address")
-            .and_then(|i| extra_args.get(i + 1))
-            .map_or(Some(DEFAULT_HEALTHZ_PORT), |addr| {
-                addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
-            });
+        // The healthz and metrics ports (svcplane's defaults unless the test gave them),
+        // reached on loopback.
+        let port_of = |flag: &str, default: u16| {
+            extra_args
+                .iter()
+                .position(|a| *a == flag)
+                .and_then(|i| extra_args.get(i + 1))
+                .map_or(Some(default), |addr| {
+                    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+                })
+                .map(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+        };
         let mut handle = ProxyHandle {
             daemon: Daemon::spawn(cmd)?,
             netns: node_ns.name().to_string(),
             node: node.to_string(),
-            healthz: healthz_port
-                .map(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
+            healthz: port_of("--healthz-bind-address", DEFAULT_HEALTHZ_PORT),
+            metrics: port_of("--metrics-bind-address", DEFAULT_METRICS_PORT),
         };
         let mut exited = false;
         let ready = wait_until(PROXY_READY_WAIT, || {
@@ -790,10 +815,14 @@ pub struct ProxyHandle {
     node: String,
     /// Where its `/healthz` server answers inside the namespace (`None`: disabled).
     healthz: Option<SocketAddr>,
+    /// Where its `/metrics` server answers inside the namespace.
+    metrics: Option<SocketAddr>,
 }
 
 /// `svcplane proxy`'s default `--healthz-bind-address` port (kube-proxy's).
 const DEFAULT_HEALTHZ_PORT: u16 = 10256;
+/// `svcplane proxy`'s default `--metrics-bind-address` port (kube-proxy's).
+const DEFAULT_METRICS_PORT: u16 = 10249;
 
 impl ProxyHandle {
     /// The node it runs as.
@@ -807,6 +836,17 @@ impl ProxyHandle {
             .healthz
             .ok_or_else(|| io::Error::other("the proxy runs without a healthz server"))?;
         net::http_get(&self.netns, addr, path, Duration::from_secs(2))
+    }
+
+    /// `GET /metrics` on its metrics server: the exposition text (an error unless 200).
+    pub fn metrics(&self) -> io::Result<String> {
+        let addr = self
+            .metrics
+            .ok_or_else(|| io::Error::other("no metrics address"))?;
+        match net::http_get(&self.netns, addr, "/metrics", Duration::from_secs(2))? {
+            (200, body) => Ok(body),
+            (status, body) => Err(io::Error::other(format!("GET /metrics: {status}: {body}"))),
+        }
     }
 
     /// Readiness: `/healthz` answers 200 (the first sync was applied and syncs are

@@ -6,7 +6,8 @@
 //! - [`Cluster`]: a virtual cluster (bridge, nodes, pods with echo servers, an external
 //!   client) for real-traffic tests, with [`Cluster::run_proxy`] to run `svcplane proxy`
 //!   on a node and [`Cluster::manifests`] to write matching manifests.
-//! - [`tcp_request`] / [`udp_request`] / [`EchoServer`]: sockets inside any namespace.
+//! - [`tcp_request`] / [`udp_request`] / [`udp_request_bound`] / [`EchoServer`]: sockets
+//!   inside any namespace.
 
 mod cluster;
 mod net;
@@ -15,7 +16,10 @@ pub use cluster::{
     CLIENT_V4, CLIENT_V6, CLUSTER_CIDR, Client, Cluster, ClusterBuilder, Manifests, Node, Pod,
     PodSpec, ProxyHandle, SERVICE_CIDRS, parse_echo,
 };
-pub use net::{EchoReply, EchoServer, Proto, RequestError, in_netns, tcp_request, udp_request};
+pub use net::{
+    EchoReply, EchoServer, Proto, RequestError, in_netns, tcp_request, udp_request,
+    udp_request_bound,
+};
 
 use std::io;
 use std::process::{Command, Output, Stdio};

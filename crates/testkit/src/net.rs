@@ -157,6 +157,30 @@ pub fn udp_request(
     })?
 }
 
+/// [`udp_request`] from exactly `src` (an address of `netns`, or unspecified, and a fixed
+/// port): repeated calls reuse one 5-tuple, and so one conntrack entry, as a DNS client
+/// reusing its source port does.
+pub fn udp_request_bound(
+    netns: &str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<String, RequestError> {
+    in_netns(netns, || -> Result<String, RequestError> {
+        let sock = socket_for(dst, Type::DGRAM, Protocol::UDP)?;
+        // The previous call's socket is closed, but be safe against one still lingering.
+        sock.set_reuse_address(true)?;
+        sock.bind(&SockAddr::from(src))?;
+        sock.connect(&SockAddr::from(dst))?;
+        let sock: UdpSocket = sock.into();
+        sock.set_read_timeout(Some(timeout))?;
+        sock.send(b"ping\n")?;
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })?
+}
+
 /// Transport of an echo reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {

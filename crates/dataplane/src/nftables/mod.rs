@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 
+use crate::conntrack::{ConntrackScope, Reconciler};
+
 pub use names::nft_identifier_safe;
 pub use render::{MASQUERADE_MARK, TABLE, render};
 
@@ -40,12 +42,17 @@ const ERROR_LINES: usize = 6;
 /// same operations in the same order; it falls back to a full sync on any error, as
 /// the text form does. That removes nft's process, parser and cache from the common
 /// endpoint-change path (~90 ms per run at 10k services).
+///
+/// After every successful sync the conntrack [`Reconciler`] deletes UDP/SCTP entries
+/// still pointing at endpoints that are gone; its failures are logged and counted in the
+/// report, never failing the sync.
 pub struct NftablesBackend {
     /// The program and leading arguments that run `nft` (`["nft"]`, or e.g.
     /// `["ip", "netns", "exec", "NS", "nft"]` for a test namespace).
     nft: Vec<String>,
     /// The kernel may differ from the last applied state: the next sync must be full.
     needs_full: bool,
+    conntrack: Reconciler,
     netlink: NetlinkTransport,
     /// Partial syncs sent over netlink so far (for tests and logs).
     netlink_partials: u64,
@@ -83,6 +90,7 @@ impl NftablesBackend {
         NftablesBackend {
             nft: vec!["nft".to_owned()],
             needs_full: true,
+            conntrack: Reconciler::new(ConntrackScope::CurrentNetns),
             netlink: NetlinkTransport::On {
                 netns: None,
                 socket: None,
@@ -99,6 +107,7 @@ impl NftablesBackend {
                 .map(str::to_owned)
                 .to_vec(),
             needs_full: true,
+            conntrack: Reconciler::new(ConntrackScope::Netns(name.to_owned())),
             netlink: NetlinkTransport::On {
                 netns: Some(name.to_owned()),
                 socket: None,
@@ -109,7 +118,8 @@ impl NftablesBackend {
 
     /// Run nft through another command line (its first element is the program).
     /// An empty command falls back to plain `nft`. Every sync then goes through nft
-    /// (the command's network namespace is unknown to netlink).
+    /// (the command's network namespace is unknown to netlink), and the conntrack
+    /// reconciler is disabled (enable it with [`NftablesBackend::with_conntrack`]).
     pub fn with_nft_command<I, S>(command: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -122,10 +132,31 @@ impl NftablesBackend {
             NftablesBackend {
                 nft,
                 needs_full: true,
+                conntrack: Reconciler::new(ConntrackScope::Disabled),
                 netlink: NetlinkTransport::Off,
                 netlink_partials: 0,
             }
         }
+    }
+
+    /// Where the conntrack reconciler works (default: this process's namespace for
+    /// [`NftablesBackend::new`], disabled for [`NftablesBackend::with_nft_command`]).
+    pub fn with_conntrack(mut self, scope: ConntrackScope) -> Self {
+        self.conntrack = Reconciler::new(scope);
+        self
+    }
+
+    /// `report` with the conntrack reconciler's counts, run now that `desired` is
+    /// programmed. Its failures are only logged: the rules are in place.
+    fn reconcile_conntrack(&self, desired: &DesiredState, mut report: SyncReport) -> SyncReport {
+        let ct = self.conntrack.reconcile(desired);
+        for e in &ct.errors {
+            tracing::warn!(error = %e, "conntrack cleanup failed; stale UDP flows stay until the next sync");
+        }
+        report.conntrack_deleted_v4 = ct.v4.deleted;
+        report.conntrack_deleted_v6 = ct.v6.deleted;
+        report.conntrack_failures = ct.failures();
+        report
     }
 
     /// Send partial syncs through nft only (`false`), or over netlink where possible.
@@ -301,6 +332,7 @@ impl NftablesBackend {
                 SyncReport {
                     full: false,
                     size: partial.script.len() + partial.stale.len(),
+                    ..SyncReport::default()
                 },
                 full_next,
             )));
@@ -325,6 +357,7 @@ impl NftablesBackend {
             SyncReport {
                 full: false,
                 size: partial.script.len() + partial.stale.len(),
+                ..SyncReport::default()
             },
             full_next,
         )))
@@ -401,7 +434,7 @@ impl Dataplane for NftablesBackend {
             self.needs_full = true;
             if let Some((report, full_next)) = self.try_partial(previous, desired, diff)? {
                 self.needs_full = full_next;
-                return Ok(report);
+                return Ok(self.reconcile_conntrack(desired, report));
             }
         }
         self.needs_full = true;
@@ -409,10 +442,12 @@ impl Dataplane for NftablesBackend {
         self.run(&["-f", "-"], Some(&script))?;
         self.delete_stale(&declared);
         self.needs_full = false;
-        Ok(SyncReport {
+        let report = SyncReport {
             full: true,
             size: script.len(),
-        })
+            ..SyncReport::default()
+        };
+        Ok(self.reconcile_conntrack(desired, report))
     }
 
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {
