@@ -165,7 +165,7 @@ impl ClusterBuilder {
         if self.nodes.is_empty() || self.nodes.len() > 200 {
             return Err(io::Error::other("a cluster needs 1..=200 nodes"));
         }
-        let fabric = Netns::new("svk-fabric")?;
+        let fabric = cluster_netns("svk-fabric")?;
         ip(&fabric, &["link", "add", "br0", "type", "bridge"])?;
         // No multicast snooping: IPv6 neighbour discovery must flood without a querier.
         ip(
@@ -186,7 +186,7 @@ impl ClusterBuilder {
             pods: Vec::new(),
             nodes: Vec::new(),
             client: Client {
-                netns: Netns::new("svk-client")?,
+                netns: cluster_netns("svk-client")?,
                 extra: self.client_extra.clone(),
             },
             fabric,
@@ -196,7 +196,7 @@ impl ClusterBuilder {
             if cluster.nodes.iter().any(|n| &n.name == name) {
                 return Err(io::Error::other(format!("node {name} added twice")));
             }
-            let netns = Netns::new(&format!("svk-{name}"))?;
+            let netns = cluster_netns(&format!("svk-{name}"))?;
             let n = i as u8 + 11;
             let node = Node {
                 name: name.clone(),
@@ -343,6 +343,22 @@ impl ClusterBuilder {
         }
         Ok(cluster)
     }
+}
+
+/// A namespace of the cluster, with IPv6 duplicate address detection off for every
+/// interface created in it afterwards. Otherwise each new veth's link-local address stays
+/// tentative for about a second, and a pod's first IPv6 packet waits that long for the
+/// neighbour discovery of its gateway (fe80::1); the addresses here are unique anyway.
+fn cluster_netns(name: &str) -> io::Result<Netns> {
+    let ns = Netns::new(name)?;
+    net::in_netns(ns.name(), || -> io::Result<()> {
+        // /proc/sys/net is the calling thread's namespace's.
+        for scope in ["all", "default"] {
+            std::fs::write(format!("/proc/sys/net/ipv6/conf/{scope}/accept_dad"), "0")?;
+        }
+        Ok(())
+    })??;
+    Ok(ns)
 }
 
 /// Run `ip ARGS` inside `ns`.
@@ -582,7 +598,7 @@ impl Cluster {
         let node_v4 = node.v4;
         let node_v6 = node.v6;
         let node_index = node.index;
-        let netns = Netns::new(&format!("svk-{}", spec.name))?;
+        let netns = cluster_netns(&format!("svk-{}", spec.name))?;
         let port = format!("p{j}");
         attach(&node.netns, &port, &netns)?;
         ip(
