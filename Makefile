@@ -1,4 +1,4 @@
-# svcplane: `make lab` runs the main job on the bundled example; `make test` runs every check.
+# svcplane: `make lab` runs the bundled example as a live virtual cluster; `make test` runs every check.
 .PHONY: lab test deps fmt clippy unit build release
 
 CARGO ?= cargo

@@ -43,8 +43,10 @@ pub struct HealthCheckServers {
 }
 
 impl HealthCheckServers {
-    /// Servers listen on `bind_ip` (kube-proxy: every address, `0.0.0.0`). With `proxy`, a
-    /// service also answers 503 while the proxy itself is unhealthy (`serviceProxyHealthy`).
+    /// Servers listen on `bind_ip` (kube-proxy: every address, `0.0.0.0`); an unspecified
+    /// address of either family means every address of both families, as Go's listener
+    /// does for kube-proxy. With `proxy`, a service also answers 503 while the proxy itself
+    /// is unhealthy (`serviceProxyHealthy`).
     pub fn new(bind_ip: IpAddr, proxy: Option<ProxyHealth>) -> HealthCheckServers {
         HealthCheckServers {
             bind_ip,
@@ -95,7 +97,18 @@ impl HealthCheckServers {
     }
 
     async fn start(&self, port: u16, check: HealthCheck) -> std::io::Result<Running> {
-        let listener = tokio::net::TcpListener::bind(SocketAddr::new(self.bind_ip, port)).await?;
+        let listener = if self.bind_ip.is_unspecified() {
+            match listen_dual_stack(port) {
+                Ok(listener) => listener,
+                // No IPv6 on this host (e.g. disabled by sysctl): IPv4 is all there is.
+                Err(err) if err.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                    tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).await?
+                }
+                Err(err) => return Err(err),
+            }
+        } else {
+            tokio::net::TcpListener::bind(SocketAddr::new(self.bind_ip, port)).await?
+        };
         let local_addr = listener.local_addr()?;
         let (tx, rx) = watch::channel(check);
         let router = Router::new().fallback(answer).with_state(ServerState {
@@ -131,6 +144,20 @@ impl HealthCheckServers {
             }
         }
     }
+}
+
+/// `[::]:port` with IPV6_V6ONLY off: one socket for both families (an IPv4 client shows
+/// up as `::ffff:a.b.c.d`), whatever `net.ipv6.bindv6only` says. SO_REUSEADDR as tokio's
+/// own `bind`, so a port freed a moment ago can be taken again.
+fn listen_dual_stack(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port).into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 async fn answer(State(st): State<ServerState>) -> Response {

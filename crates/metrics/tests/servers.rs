@@ -1,7 +1,7 @@
 //! The HTTP servers over real sockets on 127.0.0.1, with a plain HTTP/1.1 client.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -297,4 +297,22 @@ async fn run_follows_successful_syncs() {
     drop(recorder);
     task.await.unwrap();
     assert!(eventually(|| async { get(at(p2), "/").await.is_err() }).await);
+}
+
+#[tokio::test]
+async fn health_check_servers_on_the_unspecified_address_answer_both_families() {
+    if std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_err() {
+        eprintln!("SKIP: no IPv6 loopback on this host");
+        return;
+    }
+    let port = free_port();
+    let mut servers = HealthCheckServers::new(Ipv4Addr::UNSPECIFIED.into(), None);
+    let failed = servers.update(&checks(&[(port, "web", 1)])).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    // kube-proxy's Go listener on 0.0.0.0 serves IPv6 too: a dual-stack node's IPv6
+    // load balancer must get an answer, not a refused connection.
+    for ip in [LOCALHOST, IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        let (code, body) = get_ok(SocketAddr::new(ip, port), "/").await;
+        assert_eq!(code, 200, "{ip}: {body}");
+    }
 }

@@ -47,6 +47,9 @@ pub enum Command {
     Render(RenderArgs),
     /// Remove everything svcplane programmed (in one mode, or in every mode).
     Cleanup(CleanupArgs),
+    /// The bundled example live: render it, then (as root) build a virtual cluster of network
+    /// namespaces, run `svcplane proxy` on a node, send traffic down each Service path, tear down.
+    Lab(LabArgs),
 }
 
 /// Flags shared by `proxy` and `render`: where objects come from and how the node is configured.
@@ -115,4 +118,27 @@ pub struct CleanupArgs {
     /// Only this mode's rules (default: every mode).
     #[arg(long, value_name = "MODE")]
     pub proxy_mode: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// The example's manifests (its probes are written for examples/cluster).
+    #[arg(long, value_name = "DIR", default_value = "examples/cluster")]
+    pub manifests: PathBuf,
+
+    /// The node that runs the proxy.
+    #[arg(
+        long = "hostname-override",
+        value_name = "NODE",
+        default_value = "node-a"
+    )]
+    pub node: String,
+
+    /// The pod network (covers the example's pods).
+    #[arg(
+        long,
+        value_name = "CIDR[,CIDR]",
+        default_value = "10.244.0.0/16,fd00:244::/32"
+    )]
+    pub cluster_cidr: String,
 }

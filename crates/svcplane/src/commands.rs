@@ -10,7 +10,7 @@ use svcplane_proxy::Engine;
 use svcplane_proxy::sync_loop::{
     SyncLoopConfig, SyncObserver, SyncStatus, run_sync_loop_with_observer,
 };
-use svcplane_source::{ManifestSource, ProblemSink, Source};
+use svcplane_source::{ManifestSource, Problem, ProblemSink, Source};
 
 use crate::cli::{CleanupArgs, Cli, Command, ProxyArgs, RenderArgs};
 use crate::settings::{EngineSettings, ProxySettings};
@@ -20,6 +20,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Proxy(args) => proxy(args),
         Command::Render(args) => render(args),
         Command::Cleanup(args) => cleanup(args),
+        Command::Lab(args) => crate::lab::run(args),
     }
 }
 
@@ -45,20 +46,10 @@ fn warn_if_node_missing(changes: &[Change], node_name: &str) {
 
 fn render(args: RenderArgs) -> Result<()> {
     let settings = EngineSettings::resolve(&args.engine)?;
-    let dir = manifests_dir(&settings)?;
-    let mut source = ManifestSource::new(&dir);
-    let (changes, problems) = source.load_once()?;
+    let (text, problems) = render_script(&settings)?;
     for problem in &problems {
         eprintln!("warning: {problem}");
     }
-    warn_if_node_missing(&changes, &settings.node_name);
-    let mut engine = Engine::new(settings.engine_config());
-    for change in changes {
-        engine.apply(change);
-    }
-    let desired = engine.desired();
-    let backend = svcplane_dataplane::backend(settings.mode);
-    let text = backend.render(&desired)?;
     print!("{text}");
     let skipped = problems
         .iter()
@@ -68,6 +59,22 @@ fn render(args: RenderArgs) -> Result<()> {
         eprintln!("warning: {skipped} invalid object(s) skipped; everything else was rendered");
     }
     Ok(())
+}
+
+/// What `render` prints: the mode's script for the manifests, and the problems found.
+pub(crate) fn render_script(settings: &EngineSettings) -> Result<(String, Vec<Problem>)> {
+    let dir = manifests_dir(settings)?;
+    let mut source = ManifestSource::new(&dir);
+    let (changes, problems) = source.load_once()?;
+    warn_if_node_missing(&changes, &settings.node_name);
+    let mut engine = Engine::new(settings.engine_config());
+    for change in changes {
+        engine.apply(change);
+    }
+    let desired = engine.desired();
+    let backend = svcplane_dataplane::backend(settings.mode);
+    let text = backend.render(&desired)?;
+    Ok((text, problems))
 }
 
 fn proxy(args: ProxyArgs) -> Result<()> {

@@ -4,6 +4,7 @@ mod cli;
 mod commands;
 mod config;
 mod duration;
+mod lab;
 mod settings;
 
 use clap::Parser;

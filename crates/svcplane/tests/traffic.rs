@@ -701,12 +701,6 @@ fn udp_service_over(endpoint: IpAddr) -> String {
     )
 }
 
-/// The value of an exposition line `name` (labels included, exactly as encoded).
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[test]
 fn udp_conntrack_cleared() {
     let Some(mut env) = Env::start() else { return };
@@ -774,7 +768,7 @@ fn udp_conntrack_cleared() {
     let mut deleted = None;
     let counted = svcplane_testkit::wait_until(Duration::from_secs(5), || {
         deleted = proxy.metrics().ok().and_then(|text| {
-            metric(
+            svcplane_testkit::metric_value(
                 &text,
                 "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"4\"}",
             )
@@ -782,4 +776,251 @@ fn udp_conntrack_cleared() {
         deleted.is_some_and(|n| n >= 1.0)
     });
     assert!(counted, "deleted entries not counted: {deleted:?}");
+}
+
+/// Every sample line of `text` whose series starts with `prefix`, as (series, value).
+fn samples<'a>(text: &'a str, prefix: &str) -> Vec<(&'a str, f64)> {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series, value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A metric the test needs, or the whole exposition in the panic message.
+fn metric(text: &str, series: &str) -> f64 {
+    svcplane_testkit::metric_value(text, series)
+        .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{text}"))
+}
+
+#[test]
+fn metrics_through_the_binary() {
+    // Bound to node-a's own address, so the flag is seen to take effect.
+    let Some(env) = Env::start_with(&["--metrics-bind-address", "10.0.0.11:10249"]) else {
+        return;
+    };
+    let proxy = env.proxy.as_ref().expect("proxy");
+    assert_eq!(
+        proxy.metrics_addr(),
+        Some("10.0.0.11:10249".parse().unwrap())
+    );
+    let text = proxy.metrics().expect("GET /metrics on node-a");
+
+    // kube-proxy's sync histogram: exponential from 1 ms by 2, 15 buckets, then +Inf.
+    const H: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
+    let buckets = samples(&text, &format!("{H}_bucket{{"));
+    assert_eq!(buckets.len(), 16, "15 buckets and +Inf:\n{text}");
+    for (i, le) in ["0.001", "0.002", "0.004", "1.024", "16.384", "+Inf"]
+        .iter()
+        .enumerate()
+    {
+        let index = [0, 1, 2, 10, 14, 15][i];
+        assert_eq!(buckets[index].0, format!("{H}_bucket{{le=\"{le}\"}}"));
+    }
+    assert!(
+        buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+        "buckets must be cumulative: {buckets:?}"
+    );
+    let count = metric(&text, &format!("{H}_count"));
+    assert!(count >= 1.0, "no sync observed:\n{text}");
+    assert_eq!(buckets[15].1, count, "+Inf bucket is the count");
+    assert!(
+        metric(
+            &text,
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count"
+        ) >= 1.0
+    );
+    let last = metric(&text, "kubeproxy_sync_proxy_rules_last_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        last > 0.0 && last <= now + 1.0,
+        "last sync at {last}, now {now}"
+    );
+    let service_changes = metric(&text, "kubeproxy_sync_proxy_rules_service_changes_total");
+    assert!(
+        service_changes > 0.0,
+        "the first sync carried every service"
+    );
+    assert_eq!(metric(&text, "svcplane_invalid_objects_total"), 0.0);
+    let programmed = metric(
+        &text,
+        "kubeproxy_network_programming_duration_seconds_count",
+    );
+
+    // A manifest change (one more service) and a malformed object (port out of range).
+    env.manifests
+        .write(
+            "more.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: more, namespace: default}\n\
+             spec:\n  selector: {app: one}\n  clusterIP: 10.96.1.52\n  ports: [{port: 80, targetPort: 8080}]\n",
+        )
+        .expect("more.yaml");
+    env.manifests
+        .write(
+            "bad.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: default}\n\
+             spec:\n  clusterIP: 10.96.1.53\n  ports: [{port: 70000}]\n",
+        )
+        .expect("bad.yaml");
+    let mut text = String::new();
+    let seen = svcplane_testkit::wait_until(Duration::from_secs(10), || {
+        text = proxy.metrics().expect("GET /metrics");
+        metric(
+            &text,
+            "kubeproxy_network_programming_duration_seconds_count",
+        ) > programmed
+            && metric(&text, "svcplane_invalid_objects_total") >= 1.0
+    });
+    assert!(seen, "the change was not observed:\n{text}");
+    assert!(
+        metric(
+            &text,
+            "kubeproxy_network_programming_duration_seconds_count"
+        ) >= 1.0
+    );
+    assert_eq!(metric(&text, "svcplane_invalid_objects_total"), 1.0);
+    assert!(
+        metric(&text, "kubeproxy_sync_proxy_rules_service_changes_total") > service_changes,
+        "the new service is a service change:\n{text}"
+    );
+    // The external client reaches it too: the flag, not the default, decided the address.
+    let (status, _) = svcplane_testkit::http_get(
+        env.cluster.client().netns().name(),
+        "10.0.0.11:10249".parse().unwrap(),
+        "/metrics",
+        T,
+    )
+    .expect("GET /metrics from the client");
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn metrics_listen_on_loopback_only_by_default() {
+    let Some(env) = Env::start() else { return };
+    let proxy = env.proxy.as_ref().expect("proxy");
+    // kube-proxy's default: 127.0.0.1:10249.
+    assert_eq!(
+        proxy.metrics_addr(),
+        Some("127.0.0.1:10249".parse().unwrap())
+    );
+    let text = proxy.metrics().expect("GET /metrics on 127.0.0.1");
+    assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count"));
+    let node_ns = env.cluster.node("node-a").expect("node").netns().name();
+    for (from, who) in [
+        (node_ns, "node-a"),
+        (env.cluster.client().netns().name(), "client"),
+    ] {
+        let got =
+            svcplane_testkit::http_get(from, "10.0.0.11:10249".parse().unwrap(), "/metrics", T);
+        assert!(
+            matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{who} -> node-a's own address must be refused: {got:?}"
+        );
+    }
+}
+
+/// The healthCheckNodePort of [`hc_manifests`].
+const HC_PORT: u16 = 32000;
+
+/// A LoadBalancer Service with eTP Local and healthCheckNodePort [`HC_PORT`], and its
+/// EndpointSlice with `endpoints` (pod, node).
+fn hc_manifests(env: &Env, endpoints: &[(&str, &str)]) -> String {
+    let mut out = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: hc, namespace: default}\n\
+         spec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  \
+         clusterIP: 10.96.1.70\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30090}]\n\
+         status: {loadBalancer: {ingress: [{ip: 192.0.2.30}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: hc-1\n  namespace: default\n  labels: {kubernetes.io/service-name: hc}\n\
+         addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:",
+    );
+    if endpoints.is_empty() {
+        out += " []\n";
+    } else {
+        out += "\n";
+    }
+    for (pod, node) in endpoints {
+        out += &format!(
+            "  - {{addresses: [\"{}\"], nodeName: {node}, conditions: {{ready: true}}}}\n",
+            env.pod_ip(pod)
+        );
+    }
+    out
+}
+
+/// GET / on `node_ip`'s healthCheckNodePort from the external client: the status, the
+/// JSON body, or `None` when nothing answers (yet).
+fn hc_get(env: &Env, node_ip: IpAddr) -> Option<(u16, serde_json::Value)> {
+    let (status, body) = svcplane_testkit::http_get(
+        env.cluster.client().netns().name(),
+        SocketAddr::new(node_ip, HC_PORT),
+        "/",
+        T,
+    )
+    .ok()?;
+    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    Some((status, json))
+}
+
+/// Wait (bounded by `timeout`) until `node_ip` answers `status`; the last answer.
+fn hc_wait(env: &Env, node_ip: IpAddr, status: u16, timeout: Duration) -> (u16, serde_json::Value) {
+    let mut last = None;
+    svcplane_testkit::wait_until(timeout, || {
+        last = hc_get(env, node_ip);
+        last.as_ref().is_some_and(|(s, _)| *s == status)
+    });
+    let last = last.unwrap_or_else(|| panic!("nothing answers on {node_ip}:{HC_PORT}"));
+    assert_eq!(last.0, status, "{node_ip}:{HC_PORT} answered {last:?}");
+    last
+}
+
+fn assert_hc_body(body: &serde_json::Value, local_endpoints: u64) {
+    assert_eq!(
+        body["service"],
+        serde_json::json!({"namespace": "default", "name": "hc"}),
+        "{body}"
+    );
+    assert_eq!(body["localEndpoints"], local_endpoints, "{body}");
+}
+
+#[test]
+fn health_check_node_port() {
+    let Some(env) = Env::start() else { return };
+    env.manifests
+        .write("hc.yaml", &hc_manifests(&env, &[("one-a", "node-a")]))
+        .expect("hc.yaml");
+    let _proxy_b = env
+        .cluster
+        .run_proxy(
+            env!("CARGO_BIN_EXE_svcplane"),
+            "node-b",
+            env.manifests.path(),
+            &[],
+        )
+        .expect("svcplane proxy on node-b");
+    let (node_a, node_b) = (env.node_ip("node-a"), env.node_ip("node-b"));
+    // The servers start with the sync that programs hc.yaml; the bound is not the point.
+    let (_, body) = hc_wait(&env, node_a, 200, Duration::from_secs(10));
+    assert_hc_body(&body, 1);
+    let (_, body) = hc_wait(&env, node_b, 503, Duration::from_secs(10));
+    assert_hc_body(&body, 0);
+    // kube-proxy's server listens on every address of both families.
+    let node_a_v6 = IpAddr::V6(env.cluster.node("node-a").expect("node").ipv6());
+    let (status, body) = hc_get(&env, node_a_v6).expect("healthCheckNodePort over IPv6");
+    assert_eq!(status, 200, "{body}");
+
+    // The endpoint moves from node-a to node-b: node-a's load balancer must stop
+    // sending traffic there promptly.
+    env.manifests
+        .write("hc.yaml", &hc_manifests(&env, &[("many-b", "node-b")]))
+        .expect("hc.yaml");
+    let (_, body) = hc_wait(&env, node_a, 503, Duration::from_secs(2));
+    assert_hc_body(&body, 0);
+    let (_, body) = hc_wait(&env, node_b, 200, Duration::from_secs(2));
+    assert_hc_body(&body, 1);
 }

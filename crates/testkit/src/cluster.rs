@@ -65,6 +65,8 @@ pub struct PodSpec {
     tcp_ports: Vec<u16>,
     udp_ports: Vec<u16>,
     ready: bool,
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
 }
 
 impl PodSpec {
@@ -77,7 +79,22 @@ impl PodSpec {
             tcp_ports: Vec::new(),
             udp_ports: Vec::new(),
             ready: true,
+            v4: None,
+            v6: None,
         }
+    }
+
+    /// Use this IPv4 address instead of the next one of the node's pod CIDR (e.g. to
+    /// match addresses already written in manifests). Other nodes get a host route to it.
+    pub fn ipv4(mut self, ip: Ipv4Addr) -> PodSpec {
+        self.v4 = Some(ip);
+        self
+    }
+
+    /// Use this IPv6 address; see [`PodSpec::ipv4`].
+    pub fn ipv6(mut self, ip: Ipv6Addr) -> PodSpec {
+        self.v6 = Some(ip);
+        self
     }
 
     /// Add a label (Services select pods by these in the written manifests).
@@ -148,7 +165,7 @@ impl ClusterBuilder {
         if self.nodes.is_empty() || self.nodes.len() > 200 {
             return Err(io::Error::other("a cluster needs 1..=200 nodes"));
         }
-        let fabric = Netns::new("svk-fabric")?;
+        let fabric = cluster_netns("svk-fabric")?;
         ip(&fabric, &["link", "add", "br0", "type", "bridge"])?;
         // No multicast snooping: IPv6 neighbour discovery must flood without a querier.
         ip(
@@ -169,7 +186,7 @@ impl ClusterBuilder {
             pods: Vec::new(),
             nodes: Vec::new(),
             client: Client {
-                netns: Netns::new("svk-client")?,
+                netns: cluster_netns("svk-client")?,
                 extra: self.client_extra.clone(),
             },
             fabric,
@@ -179,7 +196,7 @@ impl ClusterBuilder {
             if cluster.nodes.iter().any(|n| &n.name == name) {
                 return Err(io::Error::other(format!("node {name} added twice")));
             }
-            let netns = Netns::new(&format!("svk-{name}"))?;
+            let netns = cluster_netns(&format!("svk-{name}"))?;
             let n = i as u8 + 11;
             let node = Node {
                 name: name.clone(),
@@ -326,6 +343,22 @@ impl ClusterBuilder {
         }
         Ok(cluster)
     }
+}
+
+/// A namespace of the cluster, with IPv6 duplicate address detection off for every
+/// interface created in it afterwards. Otherwise each new veth's link-local address stays
+/// tentative for about a second, and a pod's first IPv6 packet waits that long for the
+/// neighbour discovery of its gateway (fe80::1); the addresses here are unique anyway.
+fn cluster_netns(name: &str) -> io::Result<Netns> {
+    let ns = Netns::new(name)?;
+    net::in_netns(ns.name(), || -> io::Result<()> {
+        // /proc/sys/net is the calling thread's namespace's.
+        for scope in ["all", "default"] {
+            std::fs::write(format!("/proc/sys/net/ipv6/conf/{scope}/accept_dad"), "0")?;
+        }
+        Ok(())
+    })??;
+    Ok(ns)
 }
 
 /// Run `ip ARGS` inside `ns`.
@@ -547,13 +580,25 @@ impl Cluster {
         if j > 200 {
             return Err(io::Error::other("at most 200 pods per node"));
         }
-        node.pods += 1;
         let (subnet, host) = (node.index as u8 + 1, j as u8 + 10);
-        let v4 = Ipv4Addr::new(10, 244, subnet, host);
-        let v6: Ipv6Addr = format!("fd00:244:0:{subnet}::{host}")
-            .parse()
-            .map_err(io::Error::other)?;
-        let netns = Netns::new(&format!("svk-{}", spec.name))?;
+        let v4 = spec.v4.unwrap_or(Ipv4Addr::new(10, 244, subnet, host));
+        let v6: Ipv6Addr = match spec.v6 {
+            Some(v6) => v6,
+            None => format!("fd00:244:0:{subnet}::{host}")
+                .parse()
+                .map_err(io::Error::other)?,
+        };
+        if let Some(other) = self.pods.iter().find(|p| p.v4 == v4 || p.v6 == v6) {
+            return Err(io::Error::other(format!(
+                "pod {}: address {v4} or {v6} already used by pod {}",
+                spec.name, other.spec.name
+            )));
+        }
+        node.pods += 1;
+        let node_v4 = node.v4;
+        let node_v6 = node.v6;
+        let node_index = node.index;
+        let netns = cluster_netns(&format!("svk-{}", spec.name))?;
         let port = format!("p{j}");
         attach(&node.netns, &port, &netns)?;
         ip(
@@ -574,7 +619,7 @@ impl Cluster {
             &["addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"],
         )?;
         ip(&netns, &["link", "set", "eth0", "up"])?;
-        let gw = node.v4.to_string();
+        let gw = node_v4.to_string();
         ip(
             &netns,
             &[
@@ -587,6 +632,35 @@ impl Cluster {
                 "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
             ],
         )?;
+        // The other nodes route the node's pod CIDRs to it; an explicit address outside
+        // them needs its own route there.
+        for other in self.nodes.iter().filter(|n| n.index != node_index) {
+            if spec.v4.is_some() {
+                ip(
+                    &other.netns,
+                    &[
+                        "route",
+                        "replace",
+                        &format!("{v4}/32"),
+                        "via",
+                        &node_v4.to_string(),
+                    ],
+                )?;
+            }
+            if spec.v6.is_some() {
+                ip(
+                    &other.netns,
+                    &[
+                        "-6",
+                        "route",
+                        "replace",
+                        &format!("{v6}/128"),
+                        "via",
+                        &node_v6.to_string(),
+                    ],
+                )?;
+            }
+        }
         let addrs = [IpAddr::V4(v4), IpAddr::V6(v6)];
         let echo = EchoServer::start(netns.name(), &addrs, &spec.tcp_ports, &spec.udp_ports)?;
         self.echo.push(echo);
@@ -738,7 +812,8 @@ impl Cluster {
     /// inside `node`'s namespace with `--hostname-override <node>`, the cluster CIDR,
     /// `--proxy-mode nftables`, `--min-sync-period 0s` and `--manifests <dir>` (each
     /// default left out when `extra_args` gives that flag), then `extra_args`. Returns
-    /// once the proxy is ready (see [`ProxyHandle::is_ready`]).
+    /// once the proxy is ready (see [`ProxyHandle::is_ready`]). Its output goes to the
+    /// test's (see [`Cluster::run_proxy_logged`] to keep it in a file instead).
     pub fn run_proxy(
         &self,
         bin: impl AsRef<OsStr>,
@@ -746,16 +821,36 @@ impl Cluster {
         manifests: &Path,
         extra_args: &[&str],
     ) -> io::Result<ProxyHandle> {
+        self.spawn_proxy(bin.as_ref(), node, manifests, extra_args, None)
+    }
+
+    /// [`Cluster::run_proxy`] with the proxy's stdout and stderr written to the file `log`
+    /// (created or truncated), e.g. to show what it reported.
+    pub fn run_proxy_logged(
+        &self,
+        bin: impl AsRef<OsStr>,
+        node: &str,
+        manifests: &Path,
+        extra_args: &[&str],
+        log: &Path,
+    ) -> io::Result<ProxyHandle> {
+        let file = std::fs::File::create(log)?;
+        self.spawn_proxy(bin.as_ref(), node, manifests, extra_args, Some(file))
+    }
+
+    fn spawn_proxy(
+        &self,
+        bin: &OsStr,
+        node: &str,
+        manifests: &Path,
+        extra_args: &[&str],
+        log: Option<std::fs::File>,
+    ) -> io::Result<ProxyHandle> {
         let node_ns = self.node(node)?.netns();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", node_ns.name()])
-            .arg(bin.as_ref())
+            .arg(bin)
             .arg("proxy");
-        let given = |flag: &str| {
-            extra_args
-                .iter()
-                .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
-        };
         let defaults: [(&str, &OsStr); 5] = [
             ("--proxy-mode", OsStr::new("nftables")),
             ("--hostname-override", OsStr::new(node)),
@@ -764,29 +859,20 @@ impl Cluster {
             ("--manifests", manifests.as_os_str()),
         ];
         for (flag, value) in defaults {
-            if !given(flag) {
+            if flag_value(extra_args, flag).is_none() {
                 cmd.arg(flag).arg(value);
             }
         }
         cmd.args(extra_args);
-        // The healthz and metrics ports (svcplane's defaults unless the test gave them),
-        // reached on loopback.
-        let port_of = |flag: &str, default: u16| {
-            extra_args
-                .iter()
-                .position(|a| *a == flag)
-                .and_then(|i| extra_args.get(i + 1))
-                .map_or(Some(default), |addr| {
-                    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
-                })
-                .map(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
-        };
+        if let Some(file) = log {
+            cmd.stdout(file.try_clone()?).stderr(file);
+        }
         let mut handle = ProxyHandle {
             daemon: Daemon::spawn(cmd)?,
             netns: node_ns.name().to_string(),
             node: node.to_string(),
-            healthz: port_of("--healthz-bind-address", DEFAULT_HEALTHZ_PORT),
-            metrics: port_of("--metrics-bind-address", DEFAULT_METRICS_PORT),
+            healthz: server_address(extra_args, "--healthz-bind-address", DEFAULT_HEALTHZ)?,
+            metrics: server_address(extra_args, "--metrics-bind-address", DEFAULT_METRICS)?,
         };
         let mut exited = false;
         let ready = wait_until(PROXY_READY_WAIT, || {
@@ -807,22 +893,52 @@ impl Cluster {
     }
 }
 
+/// The value of `flag` in `args`, given as `FLAG VALUE` or `FLAG=VALUE`.
+fn flag_value<'a>(args: &[&'a str], flag: &str) -> Option<&'a str> {
+    args.iter().enumerate().find_map(|(i, a)| {
+        if *a == flag {
+            args.get(i + 1).copied()
+        } else {
+            a.strip_prefix(flag)?.strip_prefix('=')
+        }
+    })
+}
+
+/// Where to reach, from inside the node, the server a `--*-bind-address` flag (or its
+/// default) configures: the bound address itself, or loopback when it binds every address.
+fn server_address(args: &[&str], flag: &str, default: &str) -> io::Result<Option<SocketAddr>> {
+    let value = flag_value(args, flag).unwrap_or(default);
+    let bind: SocketAddr = value
+        .parse()
+        .map_err(|e| io::Error::other(format!("{flag} {value:?}: {e}")))?;
+    if bind.port() == 0 {
+        // An ephemeral port: unknown from here.
+        return Ok(None);
+    }
+    let ip = match bind.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    Ok(Some(SocketAddr::new(ip, bind.port())))
+}
+
 /// A running `svcplane proxy` in a node namespace; killed on drop.
 #[derive(Debug)]
 pub struct ProxyHandle {
     daemon: Daemon,
     netns: String,
     node: String,
-    /// Where its `/healthz` server answers inside the namespace (`None`: disabled).
+    /// Where its `/healthz` server answers inside the namespace (`None`: unknown port).
     healthz: Option<SocketAddr>,
-    /// Where its `/metrics` server answers inside the namespace.
+    /// Where its `/metrics` server answers inside the namespace (`None`: unknown port).
     metrics: Option<SocketAddr>,
 }
 
-/// `svcplane proxy`'s default `--healthz-bind-address` port (kube-proxy's).
-const DEFAULT_HEALTHZ_PORT: u16 = 10256;
-/// `svcplane proxy`'s default `--metrics-bind-address` port (kube-proxy's).
-const DEFAULT_METRICS_PORT: u16 = 10249;
+/// `svcplane proxy`'s default `--healthz-bind-address` (kube-proxy's).
+const DEFAULT_HEALTHZ: &str = "0.0.0.0:10256";
+/// `svcplane proxy`'s default `--metrics-bind-address` (kube-proxy's).
+const DEFAULT_METRICS: &str = "127.0.0.1:10249";
 
 impl ProxyHandle {
     /// The node it runs as.
@@ -830,19 +946,29 @@ impl ProxyHandle {
         &self.node
     }
 
+    /// The namespace it runs in (its node's).
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
     /// `GET path` on its healthz server (`/healthz`, `/livez`): status and body.
     pub fn get(&self, path: &str) -> io::Result<(u16, String)> {
         let addr = self
             .healthz
-            .ok_or_else(|| io::Error::other("the proxy runs without a healthz server"))?;
+            .ok_or_else(|| io::Error::other("the healthz port is not known (bound to port 0)"))?;
         net::http_get(&self.netns, addr, path, Duration::from_secs(2))
+    }
+
+    /// Where its metrics server answers from inside its namespace.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
     }
 
     /// `GET /metrics` on its metrics server: the exposition text (an error unless 200).
     pub fn metrics(&self) -> io::Result<String> {
         let addr = self
             .metrics
-            .ok_or_else(|| io::Error::other("no metrics address"))?;
+            .ok_or_else(|| io::Error::other("the metrics port is not known (bound to port 0)"))?;
         match net::http_get(&self.netns, addr, "/metrics", Duration::from_secs(2))? {
             (200, body) => Ok(body),
             (status, body) => Err(io::Error::other(format!("GET /metrics: {status}: {body}"))),
@@ -850,7 +976,7 @@ impl ProxyHandle {
     }
 
     /// Readiness: `/healthz` answers 200 (the first sync was applied and syncs are
-    /// current); without a healthz server, svcplane's `ip svcplane` table exists.
+    /// current); when its port is unknown, svcplane's `ip svcplane` table exists.
     pub fn is_ready(&self) -> bool {
         if self.healthz.is_some() {
             return self.get("/healthz").is_ok_and(|(status, _)| status == 200);
@@ -909,7 +1035,76 @@ impl Manifests {
     }
 }
 
+/// The value of one sample in a Prometheus/OpenMetrics text exposition: `series` is the
+/// metric name with its labels exactly as exposed, e.g. `m_bucket{le="0.001"}`.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
 /// Parse an echo reply, or say what came back instead.
 pub fn parse_echo(reply: &str) -> io::Result<EchoReply> {
     EchoReply::parse(reply).ok_or_else(|| io::Error::other(format!("not an echo reply: {reply:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_found_in_both_forms() {
+        let args = [
+            "--sync-period",
+            "1s",
+            "--metrics-bind-address=10.0.0.11:9100",
+        ];
+        assert_eq!(flag_value(&args, "--sync-period"), Some("1s"));
+        assert_eq!(
+            flag_value(&args, "--metrics-bind-address"),
+            Some("10.0.0.11:9100")
+        );
+        assert_eq!(
+            flag_value(&args, "--sync"),
+            None,
+            "a prefix is not the flag"
+        );
+        assert_eq!(flag_value(&["--sync-period"], "--sync-period"), None);
+    }
+
+    #[test]
+    fn servers_are_reached_where_they_listen() {
+        let at = |args: &[&str]| {
+            server_address(args, "--metrics-bind-address", DEFAULT_METRICS)
+                .unwrap()
+                .map(|a| a.to_string())
+        };
+        assert_eq!(at(&[]).as_deref(), Some("127.0.0.1:10249"));
+        assert_eq!(
+            at(&["--metrics-bind-address", "0.0.0.0:9100"]).as_deref(),
+            Some("127.0.0.1:9100")
+        );
+        assert_eq!(
+            at(&["--metrics-bind-address", "[::]:9100"]).as_deref(),
+            Some("[::1]:9100")
+        );
+        assert_eq!(
+            at(&["--metrics-bind-address=10.0.0.11:9100"]).as_deref(),
+            Some("10.0.0.11:9100")
+        );
+        assert_eq!(at(&["--metrics-bind-address", "0.0.0.0:0"]), None);
+        assert!(
+            server_address(
+                &["--metrics-bind-address", "nope"],
+                "--metrics-bind-address",
+                ""
+            )
+            .is_err()
+        );
+    }
 }

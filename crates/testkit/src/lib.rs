@@ -14,10 +14,10 @@ mod net;
 
 pub use cluster::{
     CLIENT_V4, CLIENT_V6, CLUSTER_CIDR, Client, Cluster, ClusterBuilder, Manifests, Node, Pod,
-    PodSpec, ProxyHandle, SERVICE_CIDRS, parse_echo,
+    PodSpec, ProxyHandle, SERVICE_CIDRS, metric_value, parse_echo,
 };
 pub use net::{
-    EchoReply, EchoServer, Proto, RequestError, in_netns, tcp_request, udp_request,
+    EchoReply, EchoServer, Proto, RequestError, http_get, in_netns, tcp_request, udp_request,
     udp_request_bound,
 };
 

@@ -110,3 +110,51 @@ fn everything_is_removed_on_drop_even_after_a_panic() {
         assert!(!left.contains(name), "{name} survived: {left:?}");
     }
 }
+
+#[test]
+fn pods_with_explicit_addresses_are_reachable_across_nodes() {
+    if skip_unless_root(&["ip", "sysctl"]) {
+        return;
+    }
+    // Addresses as a manifest might give them: IPv4 inside node-a's pod CIDR but not the
+    // next free one, IPv6 outside every node's pod CIDR (fd00:244:0:1::/64).
+    let v4: std::net::Ipv4Addr = "10.244.1.20".parse().unwrap();
+    let v6: std::net::Ipv6Addr = "fd00:244:1::10".parse().unwrap();
+    let cluster = Cluster::builder()
+        .node("node-a", "zone-a")
+        .node("node-b", "zone-b")
+        .pod(PodSpec::new("a1", "node-a").ipv4(v4).ipv6(v6).tcp(&[8080]))
+        .pod(PodSpec::new("b1", "node-b"))
+        .build()
+        .unwrap();
+    let a1 = cluster.pod("a1").unwrap();
+    assert_eq!((a1.ipv4(), a1.ipv6()), (v4, v6));
+    let b1 = cluster.pod("b1").unwrap();
+    for (dst, src) in [
+        (IpAddr::V4(v4), IpAddr::V4(b1.ipv4())),
+        (IpAddr::V6(v6), IpAddr::V6(b1.ipv6())),
+    ] {
+        let reply = cluster
+            .tcp_request(b1, SocketAddr::new(dst, 8080), T)
+            .unwrap_or_else(|e| panic!("b1 -> {dst}: {e}"));
+        let reply = parse_echo(&reply).unwrap();
+        assert_eq!((reply.pod, reply.peer.ip()), (dst, src));
+    }
+}
+
+#[test]
+fn an_address_used_twice_is_an_error() {
+    if skip_unless_root(&["ip", "sysctl"]) {
+        return;
+    }
+    // b1 would get 10.244.2.10 by default, which a1 already has.
+    let taken: std::net::Ipv4Addr = "10.244.2.10".parse().unwrap();
+    let err = Cluster::builder()
+        .node("node-a", "zone-a")
+        .node("node-b", "zone-b")
+        .pod(PodSpec::new("a1", "node-a").ipv4(taken))
+        .pod(PodSpec::new("b1", "node-b"))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("already used by pod a1"), "{err}");
+}
