@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -113,7 +114,10 @@ fn file_names(paths: Vec<PathBuf>) -> impl Iterator<Item = OsString> {
 #[derive(Debug, Default)]
 struct FileState {
     version: Option<FileVersion>,
-    objects: BTreeMap<ObjectKey, Object>,
+    /// Shared with `emitted`: a reload clones only pointers, and an object of an unchanged
+    /// file is recognised as unchanged by pointer (10k services would otherwise cost
+    /// ~100 ms of deep copies and comparisons per change).
+    objects: BTreeMap<ObjectKey, Arc<Object>>,
 }
 
 /// The manifests directory as a [`Source`]: watched (see the module docs), with the
@@ -124,7 +128,7 @@ pub struct ManifestSource {
     debounce: Duration,
     files: BTreeMap<PathBuf, FileState>,
     /// What the engine has been sent, to send only differences.
-    emitted: BTreeMap<ObjectKey, Object>,
+    emitted: BTreeMap<ObjectKey, Arc<Object>>,
     /// Conflicts already reported, so an unchanged conflict is not reported on every reload.
     reported_conflicts: BTreeSet<String>,
 }
@@ -187,8 +191,8 @@ impl ManifestSource {
     /// All files' objects (a key defined twice: the later file in path order wins), with
     /// derived EndpointSlices added and Pods left out (the engine does not use them).
     /// Conflicts go to `conflicts`.
-    fn merged_objects(&self, conflicts: &mut Vec<Problem>) -> BTreeMap<ObjectKey, Object> {
-        let mut merged: BTreeMap<ObjectKey, (&Path, &Object)> = BTreeMap::new();
+    fn merged_objects(&self, conflicts: &mut Vec<Problem>) -> BTreeMap<ObjectKey, Arc<Object>> {
+        let mut merged: BTreeMap<ObjectKey, (&Path, &Arc<Object>)> = BTreeMap::new();
         for (path, state) in &self.files {
             for (key, obj) in &state.objects {
                 if let Some((first, _)) = merged.insert(key.clone(), (path, obj)) {
@@ -207,7 +211,7 @@ impl ManifestSource {
         let mut pods: Vec<&Pod> = Vec::new();
         let mut nodes: BTreeMap<String, &Node> = BTreeMap::new();
         for (_, obj) in merged.values() {
-            match obj {
+            match obj.as_ref() {
                 Object::Service(s) => services.push(s),
                 Object::EndpointSlice(s) => slices.push(s),
                 Object::Pod(p) => pods.push(p),
@@ -217,10 +221,10 @@ impl ManifestSource {
             }
         }
         let derived = derive_endpoint_slices(services, slices, &pods, &nodes);
-        let mut out: BTreeMap<ObjectKey, Object> = merged
+        let mut out: BTreeMap<ObjectKey, Arc<Object>> = merged
             .iter()
             .filter(|(key, _)| key.kind != Kind::Pod)
-            .map(|(key, (_, obj))| (key.clone(), (*obj).clone()))
+            .map(|(key, (_, obj))| (key.clone(), Arc::clone(obj)))
             .collect();
         for slice in derived {
             let service = slice.service_name.clone().unwrap_or_default();
@@ -238,12 +242,12 @@ impl ManifestSource {
                 });
                 continue;
             }
-            out.insert(key, obj);
+            out.insert(key, Arc::new(obj));
         }
         out
     }
 
-    fn diff_against_emitted(&mut self, desired: BTreeMap<ObjectKey, Object>) -> Vec<Change> {
+    fn diff_against_emitted(&mut self, desired: BTreeMap<ObjectKey, Arc<Object>>) -> Vec<Change> {
         let mut changes = Vec::new();
         for key in self.emitted.keys() {
             if !desired.contains_key(key) {
@@ -251,8 +255,9 @@ impl ManifestSource {
             }
         }
         for (key, obj) in &desired {
-            if self.emitted.get(key) != Some(obj) {
-                changes.push(Change::Apply(obj.clone()));
+            match self.emitted.get(key) {
+                Some(old) if Arc::ptr_eq(old, obj) || old == obj => {}
+                _ => changes.push(Change::Apply(Object::clone(obj))),
             }
         }
         self.emitted = desired;
@@ -471,10 +476,10 @@ fn load_file(
             return;
         }
     };
-    let mut objects: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+    let mut objects: BTreeMap<ObjectKey, Arc<Object>> = BTreeMap::new();
     for obj in parsed.objects {
         let key = obj.key();
-        if objects.insert(key.clone(), obj).is_some() {
+        if objects.insert(key.clone(), Arc::new(obj)).is_some() {
             problems.push(problem(format!(
                 "{key} is defined twice in this file; the later document wins"
             )));
@@ -490,7 +495,7 @@ fn load_file(
                 problems.push(problem(format!(
                     "{invalid}; keeping its previous valid version"
                 )));
-                objects.insert(key.clone(), obj.clone());
+                objects.insert(key.clone(), Arc::clone(obj));
             }
             _ => problems.push(problem(format!("{invalid}; skipped"))),
         }
@@ -502,7 +507,7 @@ fn load_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
     use svcplane_model::NamespacedName;
 
     fn svc_yaml(name: &str, ip: &str, port: u32) -> String {

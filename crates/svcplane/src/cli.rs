@@ -50,6 +50,29 @@ pub enum Command {
     /// The bundled example live: render it, then (as root) build a virtual cluster of network
     /// namespaces, run `svcplane proxy` on a node, send traffic down each Service path, tear down.
     Lab(LabArgs),
+    /// Measure svcplane at scale (as root, in a scratch network namespace).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// N ClusterIP services through `svcplane proxy`: the first full sync, then how long one
+    /// EndpointSlice change takes from the file being written to the rules being in the kernel.
+    Sync(BenchSyncArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchSyncArgs {
+    /// Number of ClusterIP services.
+    #[arg(long, default_value_t = 10_000)]
+    pub services: u32,
+    /// Endpoints per service.
+    #[arg(long, default_value_t = 10)]
+    pub endpoints: u32,
+    /// How many times one EndpointSlice is changed.
+    #[arg(long, default_value_t = 20)]
+    pub rounds: u32,
 }
 
 /// Flags shared by `proxy` and `render`: where objects come from and how the node is configured.

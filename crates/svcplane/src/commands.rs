@@ -21,6 +21,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Render(args) => render(args),
         Command::Cleanup(args) => cleanup(args),
         Command::Lab(args) => crate::lab::run(args),
+        Command::Bench(crate::cli::BenchCommand::Sync(args)) => crate::bench::sync(args),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `svcplane`: a Kubernetes Service dataplane, drop-in for kube-proxy.
 
+mod bench;
 mod cli;
 mod commands;
 mod config;

@@ -1,0 +1,219 @@
+//! `svcplane bench sync`: the whole path at scale, as a user runs it. N ClusterIP
+//! Services with E endpoints each are written to a manifests directory, `svcplane proxy`
+//! programs a scratch network namespace from it, and then one EndpointSlice file is
+//! rewritten R times: each time the proxy's own metrics say when the change was in the
+//! kernel, so the number is "file changed → rules in the kernel".
+//!
+//! The proxy runs as in production (its watcher, debounce, engine and backend); only
+//! `--min-sync-period 0` is set, so a change is not held back by the previous sync.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use svcplane_testkit::{Daemon, Netns, metric_value};
+
+use crate::cli::BenchSyncArgs;
+
+const METRICS: &str = "127.0.0.1:10249";
+const HEALTHZ: &str = "127.0.0.1:10256";
+const FIRST_SYNC_WAIT: Duration = Duration::from_secs(600);
+const CHANGE_WAIT: Duration = Duration::from_secs(30);
+
+pub fn sync(args: BenchSyncArgs) -> Result<()> {
+    if !svcplane_testkit::is_root() {
+        bail!("`svcplane bench sync` needs root (a network namespace and nftables)");
+    }
+    if args.services == 0 || args.endpoints == 0 || args.services > 500_000 {
+        bail!("--services must be 1..=500000 and --endpoints at least 1");
+    }
+    let dir = tempfile::tempdir().context("cannot create a manifests directory")?;
+    let started = Instant::now();
+    write_manifests(dir.path(), args.services, args.endpoints)?;
+    println!(
+        "== {} ClusterIP services × {} endpoints written to {} in {:.1} s",
+        args.services,
+        args.endpoints,
+        dir.path().display(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let ns = Netns::new("svcplane-bench").context("cannot create a network namespace")?;
+    let exe = std::env::current_exe().context("cannot find the svcplane binary")?;
+    // The proxy is this very binary, run inside the namespace.
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns.name()])
+        .arg(&exe)
+        .args([
+            "proxy",
+            "--proxy-mode",
+            "nftables",
+            "--hostname-override",
+            "bench-node",
+        ])
+        .args(["--cluster-cidr", "10.128.0.0/9", "--min-sync-period", "0s"])
+        .args(["--sync-period", "1h", "--metrics-bind-address", METRICS])
+        .args(["--healthz-bind-address", HEALTHZ, "--manifests"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let started = Instant::now();
+    let mut proxy = Daemon::spawn(cmd).context("cannot start svcplane proxy")?;
+    let metrics_addr: SocketAddr = METRICS.parse()?;
+    let healthz: SocketAddr = HEALTHZ.parse()?;
+    let ready = svcplane_testkit::wait_until(FIRST_SYNC_WAIT, || {
+        svcplane_testkit::http_get(ns.name(), healthz, "/healthz", Duration::from_secs(1))
+            .is_ok_and(|(status, _)| status == 200)
+            || !proxy.is_running()
+    });
+    if !ready || !proxy.is_running() {
+        bail!("the proxy did not complete its first sync");
+    }
+    let text = get_metrics(&ns, metrics_addr)?;
+    let full = metric_value(
+        &text,
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_sum",
+    )
+    .unwrap_or(f64::NAN);
+    println!(
+        "== svcplane proxy: started, read the manifests and completed its first (full) sync in {:.2} s (the sync itself: {:.2} s)",
+        started.elapsed().as_secs_f64(),
+        full
+    );
+
+    let mut e2e = Vec::new();
+    let mut programming = Vec::new();
+    let mut syncs = Vec::new();
+    for round in 1..=args.rounds {
+        let before = get_metrics(&ns, metrics_addr)?;
+        let count = |t: &str| {
+            metric_value(
+                t,
+                "kubeproxy_sync_partial_proxy_rules_duration_seconds_count",
+            )
+            .unwrap_or(0.0)
+        };
+        let sum = |t: &str, name: &str| metric_value(t, name).unwrap_or(0.0);
+        let partials = count(&before);
+        let changed_at = SystemTime::now();
+        write_changing_slice(dir.path(), args.endpoints, round)?;
+        let mut after = String::new();
+        let done = svcplane_testkit::wait_until(CHANGE_WAIT, || {
+            after = get_metrics(&ns, metrics_addr).unwrap_or_default();
+            count(&after) > partials
+        });
+        if !done {
+            bail!("round {round}: the change did not reach the kernel within {CHANGE_WAIT:?}");
+        }
+        let synced_at = sum(&after, "kubeproxy_sync_proxy_rules_last_timestamp_seconds");
+        let changed = changed_at.duration_since(UNIX_EPOCH)?.as_secs_f64();
+        e2e.push(synced_at - changed);
+        const NP: &str = "kubeproxy_network_programming_duration_seconds_sum";
+        programming.push(sum(&after, NP) - sum(&before, NP));
+        const PS: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum";
+        syncs.push(sum(&after, PS) - sum(&before, PS));
+    }
+    let _ = proxy.terminate();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "== one EndpointSlice changed at {} services, {} rounds (median, min–max):",
+        args.services, args.rounds
+    );
+    for (what, v) in [
+        ("file written → rules in the kernel", &mut e2e),
+        (
+            "change queued → rules in the kernel (network programming)",
+            &mut programming,
+        ),
+        ("the sync alone (render + apply + conntrack)", &mut syncs),
+    ] {
+        let _ = writeln!(out, "   {what}: {}", summary(v));
+    }
+    out.push_str(
+        "   (the difference between the first two lines is the watcher: the manifests \
+         source waits 100 ms for a burst of writes to settle, then re-reads the file)\n",
+    );
+    print!("{out}");
+    Ok(())
+}
+
+fn get_metrics(ns: &Netns, addr: SocketAddr) -> Result<String> {
+    match svcplane_testkit::http_get(ns.name(), addr, "/metrics", Duration::from_secs(2))? {
+        (200, body) => Ok(body),
+        (status, _) => bail!("GET /metrics: {status}"),
+    }
+}
+
+fn summary(v: &mut [f64]) -> String {
+    v.sort_by(f64::total_cmp);
+    match (v.first(), v.get(v.len() / 2), v.last()) {
+        (Some(min), Some(median), Some(max)) => format!(
+            "{:.1} ms ({:.1}–{:.1} ms)",
+            median * 1e3,
+            min * 1e3,
+            max * 1e3
+        ),
+        _ => "no data".to_owned(),
+    }
+}
+
+/// 10.96.0.1 onwards (the 10.96.0.0/12 service range holds 1M addresses).
+fn cluster_ip(i: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(0x0a60_0001 + i)
+}
+
+/// Endpoint addresses in 10.128.0.0/9 (8M addresses).
+fn endpoint_ip(n: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(0x0a80_0000 + n)
+}
+
+fn slice_yaml(out: &mut String, i: u32, endpoints: u32, first: u32) {
+    let _ = write!(
+        out,
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: svc-{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n"
+    );
+    for e in 0..endpoints {
+        let _ = writeln!(
+            out,
+            "  - {{addresses: [\"{}\"], conditions: {{ready: true}}}}",
+            endpoint_ip(first + e)
+        );
+    }
+}
+
+/// Every Service and EndpointSlice in one file, except service 0's slice, which lives in
+/// `changing.yaml` so that a change re-reads only that small file (as a per-object file
+/// layout or the API source would).
+fn write_manifests(dir: &Path, services: u32, endpoints: u32) -> Result<()> {
+    let mut out = String::with_capacity(services as usize * (400 + 60 * endpoints as usize));
+    for i in 0..services {
+        let _ = write!(
+            out,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
+             spec: {{clusterIP: {}, ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]}}\n",
+            cluster_ip(i)
+        );
+        if i > 0 {
+            slice_yaml(&mut out, i, endpoints, i * endpoints);
+        }
+    }
+    std::fs::write(dir.join("services.yaml"), out).context("writing services.yaml")?;
+    write_changing_slice(dir, endpoints, 0)
+}
+
+/// Service 0's slice; each round moves its endpoint window by one address, so one
+/// endpoint leaves and one arrives.
+fn write_changing_slice(dir: &Path, endpoints: u32, round: u32) -> Result<()> {
+    let mut out = String::new();
+    // Above every other service's endpoints.
+    slice_yaml(&mut out, 0, endpoints, 0x0070_0000 + round);
+    let tmp = dir.join(".changing.yaml.tmp");
+    std::fs::write(&tmp, out).context("writing the changed slice")?;
+    std::fs::rename(&tmp, dir.join("changing.yaml")).context("replacing changing.yaml")?;
+    Ok(())
+}
