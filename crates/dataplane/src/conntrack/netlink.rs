@@ -7,15 +7,16 @@
 //! attribute headers are in host byte order; ctnetlink payloads (addresses, ports, zone,
 //! id) are in network byte order.
 
-use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::Duration;
+use std::os::fd::OwnedFd;
 
 use svcplane_model::IpFamily;
 
 use super::{ConntrackError, Flow, Tuple};
+use crate::netlink::{
+    NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, in_netns, netfilter_socket,
+};
 
 // nfnetlink / ctnetlink constants (uapi headers; libc lacks most of them).
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
@@ -24,12 +25,8 @@ const IPCTNL_MSG_CT_GET: u16 = 1;
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
 const NFNETLINK_V0: u8 = 0;
 
-const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
-const NLA_F_NESTED: u16 = 0x8000;
 /// Strips NLA_F_NESTED and NLA_F_NET_BYTEORDER from an attribute type.
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
@@ -54,8 +51,6 @@ const NFGENMSG_LEN: usize = 4;
 const RECV_BUF: usize = 64 * 1024;
 /// Deletes sent per `send`: their acks must fit the default receive buffer.
 const DELETE_BATCH: usize = 64;
-/// Bounds how long a request waits for the kernel (it answers in microseconds).
-const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn ct_type(msg: u16) -> u16 {
     (NFNL_SUBSYS_CTNETLINK << 8) | msg
@@ -90,23 +85,15 @@ pub struct ConntrackSocket {
 impl ConntrackSocket {
     /// A socket in this process's network namespace.
     pub fn open() -> Result<ConntrackSocket, ConntrackError> {
-        let fd = open_fd().map_err(ConntrackError::Socket)?;
-        Ok(ConntrackSocket { fd, seq: 1 })
+        Self::open_in(None)
     }
 
     /// A socket in the network namespace `/run/netns/NAME`, or this process's for `None`.
     /// (A socket stays in the namespace it was created in, so only its creation runs on a
     /// thread that entered the namespace.)
     pub fn open_in(netns: Option<&str>) -> Result<ConntrackSocket, ConntrackError> {
-        match netns {
-            None => Self::open(),
-            Some(name) => {
-                let fd = in_netns(name, open_fd)
-                    .and_then(|r| r)
-                    .map_err(ConntrackError::Socket)?;
-                Ok(ConntrackSocket { fd, seq: 1 })
-            }
-        }
+        let fd = netfilter_socket(netns).map_err(ConntrackError::Socket)?;
+        Ok(ConntrackSocket { fd, seq: 1 })
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -218,114 +205,12 @@ impl ConntrackSocket {
     }
 
     fn send(&self, bytes: &[u8]) -> Result<(), ConntrackError> {
-        // SAFETY: `bytes` is a valid buffer of its length; the fd is open for our lifetime.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
-        if n < 0 {
-            return Err(ConntrackError::Io(io::Error::last_os_error()));
-        }
-        if n as usize != bytes.len() {
-            return Err(ConntrackError::Malformed(format!(
-                "short netlink send: {n} of {} bytes",
-                bytes.len()
-            )));
-        }
-        Ok(())
+        crate::netlink::send(&self.fd, bytes).map_err(ConntrackError::Io)
     }
 
     fn recv(&self, buf: &mut [u8]) -> Result<usize, ConntrackError> {
-        loop {
-            // SAFETY: `buf` is a valid, exclusively borrowed buffer of its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(ConntrackError::Io(e));
-            }
-            let n = n as usize;
-            if n > buf.len() {
-                return Err(ConntrackError::Malformed(format!(
-                    "netlink message of {n} bytes truncated to {}",
-                    buf.len()
-                )));
-            }
-            return Ok(n);
-        }
+        crate::netlink::recv(&self.fd, buf).map_err(ConntrackError::Io)
     }
-}
-
-fn open_fd() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the result is checked before use.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_NETFILTER,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: an all-zero sockaddr_nl is valid; the kernel assigns the port id.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: `addr` is a valid sockaddr_nl of the given size.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let timeout = libc::timeval {
-        tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-        tv_usec: 0,
-    };
-    // SAFETY: `timeout` is a valid timeval of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
-/// Run `f` on a fresh thread inside `/run/netns/NAME`; the caller's thread never moves.
-fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| -> io::Result<T> {
-                let file = File::open(format!("/run/netns/{name}"))
-                    .map_err(|e| io::Error::new(e.kind(), format!("netns {name}: {e}")))?;
-                // SAFETY: setns only reads the fd, which `file` keeps open for the call.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| io::Error::other("thread inside the namespace panicked"))?
-    })
 }
 
 /// Every address on the namespace's interfaces (`/run/netns/NAME`, or this process's).

@@ -10,12 +10,13 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use ipnet::IpNet;
 use svcplane_model::Protocol;
 
-const NETLINK_NETFILTER: libc::c_int = 12;
+use crate::netlink::{NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, netfilter_socket};
+
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
@@ -28,12 +29,8 @@ const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
-const NLMSG_ERROR: u16 = 2;
-const NLA_F_NESTED: u16 = 0x8000;
 
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
@@ -628,24 +625,7 @@ impl Socket {
     /// (`/run/netns/NAME`, as `ip netns` creates them). A socket stays in the namespace
     /// it was created in, so a short-lived thread enters the namespace to create it.
     pub fn open(netns: Option<&str>) -> Result<Socket, NetlinkError> {
-        let fd = match netns {
-            None => raw_socket()?,
-            Some(name) => {
-                let path = format!("/run/netns/{name}");
-                std::thread::scope(|s| {
-                    s.spawn(|| -> io::Result<OwnedFd> {
-                        let ns = std::fs::File::open(&path)?;
-                        // SAFETY: setns on a valid namespace fd affects only this thread.
-                        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                            return Err(io::Error::last_os_error());
-                        }
-                        raw_socket()
-                    })
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
-                })?
-            }
-        };
+        let fd = netfilter_socket(netns)?;
         let seq = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs() as u32);
@@ -665,25 +645,13 @@ impl Socket {
         if expected == 0 {
             return Ok(());
         }
-        // SAFETY: buf is a valid, initialised buffer of buf.len() bytes.
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
-        if sent < 0 {
-            return Err(io::Error::last_os_error().into());
-        }
+        crate::netlink::send(&self.fd, &buf)?;
         let mut acks = 0;
         let mut first_error = None;
         let mut rx = vec![0u8; 64 * 1024];
         while acks < expected {
-            // SAFETY: rx is a valid, writable buffer of rx.len() bytes.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), rx.as_mut_ptr().cast(), rx.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e.into());
-            }
-            let mut msgs = &rx[..n as usize];
+            let n = crate::netlink::recv(&self.fd, &mut rx)?;
+            let mut msgs = &rx[..n];
             while msgs.len() >= 16 {
                 let len = u32::from_ne_bytes([msgs[0], msgs[1], msgs[2], msgs[3]]) as usize;
                 let ty = u16::from_ne_bytes([msgs[4], msgs[5]]);
@@ -709,36 +677,6 @@ impl Socket {
             None => Ok(()),
         }
     }
-}
-
-fn raw_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call; the fd is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_NETFILTER,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: addr is a valid sockaddr_nl for the duration of the call.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
 }
 
 #[cfg(test)]
