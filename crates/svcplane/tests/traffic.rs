@@ -208,6 +208,18 @@ impl Env {
         })
     }
 
+    /// `svcplane proxy` on `node` over this test's manifests (default flags).
+    fn run_proxy_on(&self, node: &str) -> ProxyHandle {
+        self.cluster
+            .run_proxy(
+                env!("CARGO_BIN_EXE_svcplane"),
+                node,
+                self.manifests.path(),
+                &[],
+            )
+            .unwrap_or_else(|e| panic!("svcplane proxy on {node}: {e}"))
+    }
+
     /// `nft ARGS` in node-a's namespace: its stdout, or `None` when nft failed.
     fn nft_on_node_a(&self, args: &[&str]) -> Option<String> {
         let node = self.cluster.node("node-a").expect("node");
@@ -403,15 +415,7 @@ fn external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_end
     assert_eq!(reply.pod, env.pod_ip("one-a"));
     assert_eq!(reply.peer.ip(), IpAddr::V4(svcplane_testkit::CLIENT_V4));
     // node-b has no local endpoint for it: dropped there, not forwarded to node-a.
-    let _proxy_b = env
-        .cluster
-        .run_proxy(
-            env!("CARGO_BIN_EXE_svcplane"),
-            "node-b",
-            env.manifests.path(),
-            &[],
-        )
-        .expect("svcplane proxy on node-b");
+    let _proxy_b = env.run_proxy_on("node-b");
     let got = env.try_tcp("client", "10.0.0.12:30083");
     assert!(matches!(got, Err(RequestError::Timeout)), "{got:?}");
 }
@@ -558,15 +562,7 @@ fn a_restart_fails_no_connection() {
         // Old process stops (leaving its rules), the new one adopts and replaces the table.
         let status = old.terminate().expect("stop the proxy");
         assert!(status.success(), "old proxy exited with {status}");
-        let new = env
-            .cluster
-            .run_proxy(
-                env!("CARGO_BIN_EXE_svcplane"),
-                "node-a",
-                env.manifests.path(),
-                &[],
-            )
-            .expect("restarted proxy");
+        let new = env.run_proxy_on("node-a");
         // Keep the load on past the new process's first sync.
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -994,15 +990,7 @@ fn health_check_node_port() {
     env.manifests
         .write("hc.yaml", &hc_manifests(&env, &[("one-a", "node-a")]))
         .expect("hc.yaml");
-    let _proxy_b = env
-        .cluster
-        .run_proxy(
-            env!("CARGO_BIN_EXE_svcplane"),
-            "node-b",
-            env.manifests.path(),
-            &[],
-        )
-        .expect("svcplane proxy on node-b");
+    let _proxy_b = env.run_proxy_on("node-b");
     let (node_a, node_b) = (env.node_ip("node-a"), env.node_ip("node-b"));
     // The servers start with the sync that programs hc.yaml; the bound is not the point.
     let (_, body) = hc_wait(&env, node_a, 200, Duration::from_secs(10));

@@ -147,14 +147,19 @@ pub fn udp_request(
     in_netns(netns, || -> Result<String, RequestError> {
         let sock = socket_for(dst, Type::DGRAM, Protocol::UDP)?;
         bind_source(&sock, src)?;
-        sock.connect(&SockAddr::from(dst))?;
-        let sock: UdpSocket = sock.into();
-        sock.set_read_timeout(Some(timeout))?;
-        sock.send(b"ping\n")?;
-        let mut buf = [0u8; 512];
-        let n = sock.recv(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        udp_ping(sock, dst, timeout)
     })?
+}
+
+/// Send one datagram from `sock` to `dst` and return the reply.
+fn udp_ping(sock: Socket, dst: SocketAddr, timeout: Duration) -> Result<String, RequestError> {
+    sock.connect(&SockAddr::from(dst))?;
+    let sock: UdpSocket = sock.into();
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send(b"ping\n")?;
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// [`udp_request`] from exactly `src` (an address of `netns`, or unspecified, and a fixed
@@ -171,13 +176,7 @@ pub fn udp_request_bound(
         // The previous call's socket is closed, but be safe against one still lingering.
         sock.set_reuse_address(true)?;
         sock.bind(&SockAddr::from(src))?;
-        sock.connect(&SockAddr::from(dst))?;
-        let sock: UdpSocket = sock.into();
-        sock.set_read_timeout(Some(timeout))?;
-        sock.send(b"ping\n")?;
-        let mut buf = [0u8; 512];
-        let n = sock.recv(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        udp_ping(sock, dst, timeout)
     })?
 }
 
