@@ -9,6 +9,7 @@ declare -A need=(
   [iptables]=iptables
   [conntrack]=conntrack
   [ip]=iproute2
+  [sysctl]=procps
 )
 missing=()
 for cmd in "${!need[@]}"; do
