@@ -19,7 +19,7 @@ pub struct ProxyHealth {
 }
 
 impl ProxyHealth {
-    /// `sync_period` is the loop's full resync period; the timeout is twice it, as kube-proxy.
+    /// `sync_period` is the loop's longest time between syncs; the timeout is twice it, as kube-proxy.
     pub fn new(status: watch::Receiver<SyncStatus>, sync_period: Duration) -> ProxyHealth {
         ProxyHealth {
             status,

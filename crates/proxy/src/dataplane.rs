@@ -37,7 +37,9 @@ pub trait Dataplane: Send {
     /// The mode name (`nftables`, `iptables`, `ipvs`, `ebpf`).
     fn mode(&self) -> &'static str;
     /// Bring the kernel to `desired`. `diff` is against the last state this backend applied
-    /// successfully (`diff.previous`); with `diff.full` rewrite everything.
+    /// successfully (`diff.previous`); with `diff.full` rewrite everything. An empty,
+    /// partial diff is the periodic check: confirm cheaply that the rules are still in
+    /// place, and sync in full when they are not.
     fn sync(
         &mut self,
         desired: &Arc<DesiredState>,

@@ -5,10 +5,11 @@
 //!   would delete rules of services not yet seen).
 //! - Then a sync runs whenever changes are pending, but sync starts are at least
 //!   `min_sync_period` apart (0: immediately).
-//! - A full resync (`Diff.full`) happens at least every `sync_period`, even without changes,
-//!   to repair tampering. (kube-proxy's runner wakes every `syncPeriod` but its nftables and
-//!   iptables proxiers only rewrite everything hourly, `FullSyncPeriod`; here the wake-up is
-//!   always a full resync, since a partial sync with no changes would do nothing.)
+//! - Every `sync_period` the backend is called even without changes, with an empty partial
+//!   diff: a cheap check that its rules are still there (it syncs in full when they are
+//!   not, e.g. after `nft flush ruleset`). A full resync (`Diff.full`) that rewrites
+//!   everything runs every `full_sync_period` (1 h), as kube-proxy's nftables and iptables
+//!   proxiers do (`FullSyncPeriod`); a full rewrite of 10k services costs seconds.
 //! - A failed sync is retried with exponential backoff, as a full sync, against the last state
 //!   the backend applied successfully.
 //! - When the event channel closes, whatever is pending is applied once and the loop returns.
@@ -33,15 +34,22 @@ pub const MIN_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 pub struct SyncLoopConfig {
     /// Minimum time between the starts of two syncs (kube-proxy `--*-min-sync-period`, 1 s).
     pub min_sync_period: Duration,
-    /// Maximum time between full resyncs (kube-proxy `--*-sync-period`, 30 s).
+    /// Maximum time between syncs, which check the kernel even without changes
+    /// (kube-proxy `--*-sync-period`, 30 s).
     pub sync_period: Duration,
+    /// Maximum time between full resyncs (kube-proxy's `FullSyncPeriod`, 1 h).
+    pub full_sync_period: Duration,
 }
+
+/// kube-proxy's `FullSyncPeriod`.
+pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 
 impl Default for SyncLoopConfig {
     fn default() -> Self {
         SyncLoopConfig {
             min_sync_period: Duration::from_secs(1),
             sync_period: Duration::from_secs(30),
+            full_sync_period: FULL_SYNC_PERIOD,
         }
     }
 }
@@ -67,6 +75,7 @@ pub struct SyncStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncOutcome {
     pub duration: Duration,
+    /// A full rewrite: asked for by the loop, or done by the backend on its own.
     pub full: bool,
     /// The backend's report, or its error message.
     pub result: Result<SyncReport, String>,
@@ -203,7 +212,7 @@ impl LoopState {
         self.consecutive_failures > 0
             || self
                 .last_full
-                .is_none_or(|t| now >= t + self.config.sync_period)
+                .is_none_or(|t| now >= t + self.config.full_sync_period)
     }
 
     /// When the next sync should start; `None` before the source has synced.
@@ -220,7 +229,7 @@ impl LoopState {
                 last_start + retry_backoff(self.config.min_sync_period, self.consecutive_failures),
             );
         }
-        let periodic = self.last_full.map_or(now, |t| t + self.config.sync_period);
+        let periodic = last_start + self.config.sync_period;
         if self.needs_sync() {
             // Bounded frequency: never start two syncs closer than min_sync_period.
             Some(last_start + self.config.min_sync_period)
@@ -232,10 +241,12 @@ impl LoopState {
     async fn sync(&mut self) -> Result<(), SyncLoopError> {
         let start = Instant::now();
         let full = self.full_due(start);
+        // Woken by the period alone: the backend checks its rules even if nothing changed.
+        let periodic = !self.needs_sync();
         let (pending_services, pending_endpoint_slices) = self.engine.pending_changes();
         let desired = self.engine.desired();
         let diff = Diff::between(self.last_applied.clone(), &desired, full);
-        if diff.is_empty() {
+        if diff.is_empty() && !periodic {
             // Changes that cancel out: nothing to send, and the state is what was applied.
             self.last_applied = Some(desired);
             self.status
@@ -279,7 +290,8 @@ impl LoopState {
                 );
                 self.last_applied = Some(desired);
                 self.consecutive_failures = 0;
-                if diff.full {
+                // The backend may have synced in full on its own (it found its rules gone).
+                if diff.full || report.full {
                     self.last_full = Some(start);
                 }
                 self.status.send_modify(|s| {
@@ -319,9 +331,13 @@ impl LoopState {
             }
         };
         if let Some(observer) = &self.observer {
+            let full = match &outcome_result {
+                Ok(report) => report.full,
+                Err(_) => diff.full,
+            };
             observer.on_sync(&SyncOutcome {
                 duration,
-                full: diff.full,
+                full,
                 result: outcome_result,
                 pending_services,
                 pending_endpoint_slices,
@@ -454,6 +470,7 @@ mod tests {
                 SyncLoopConfig {
                     min_sync_period: Duration::from_secs(min),
                     sync_period: Duration::from_secs(period),
+                    full_sync_period: Duration::from_secs(period * 4),
                 },
                 status_tx,
                 Some(observer),
@@ -581,41 +598,48 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn periodic_full_resync() {
+    async fn periodic_checks_and_full_resyncs() {
+        // sync_period 30 s; the harness sets full_sync_period to 4 × that, 120 s.
         let h = Harness::start(1, 30);
         h.add_service(1).await;
         h.send(SourceEvent::Synced).await;
         sleep_ms(29_000).await;
         assert_eq!(h.calls().len(), 1);
+        assert!(h.calls()[0].full);
         sleep_ms(2_000).await;
+        // Every sync_period: the backend is called with an empty partial diff (its check).
         let calls = h.calls();
         assert_eq!(calls.len(), 2);
-        assert!(calls[1].full && calls[1].had_previous);
+        assert!(!calls[1].full && calls[1].had_previous);
         assert_eq!(calls[1].changed + calls[1].added, 0);
+        sleep_ms(60_000).await;
+        assert_eq!(h.calls().len(), 4, "checks at 60 s and 90 s");
+        assert!(h.calls()[2..].iter().all(|c| !c.full));
         sleep_ms(30_000).await;
-        assert_eq!(h.calls().len(), 3);
+        // At full_sync_period: a full resync.
+        let calls = h.calls();
+        assert_eq!(calls.len(), 5);
+        assert!(calls[4].full, "{calls:?}");
         let times = h.sync_times();
         assert!(
-            (times[1] - 30.0).abs() < 1e-6 && (times[2] - 60.0).abs() < 1e-6,
+            [0.0, 30.0, 60.0, 90.0, 120.0]
+                .iter()
+                .zip(&times)
+                .all(|(want, got)| (want - got).abs() < 1e-6),
             "{times:?}"
         );
 
-        // Partial syncs in between do not postpone the next full one.
+        // A change resets the period: the next check is sync_period after it.
         sleep_ms(10_000).await;
         h.add_service(2).await;
         sleep_ms(1).await;
         let calls = h.calls();
-        assert_eq!(calls.len(), 4);
-        assert!(!calls[3].full);
-        sleep_ms(20_000).await;
-        let calls = h.calls();
-        assert_eq!(calls.len(), 5);
-        assert!(calls[4].full);
-        assert!(
-            (h.sync_times()[4] - 90.0).abs() < 1e-6,
-            "{:?}",
-            h.sync_times()
-        );
+        assert_eq!(calls.len(), 6);
+        assert!(!calls[5].full && calls[5].added == 1);
+        sleep_ms(29_000).await;
+        assert_eq!(h.calls().len(), 6);
+        sleep_ms(2_000).await;
+        assert_eq!(h.calls().len(), 7);
         h.close().await.unwrap();
     }
 

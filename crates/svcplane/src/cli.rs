@@ -125,7 +125,8 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "DURATION")]
     pub min_sync_period: Option<String>,
 
-    /// Time between full resyncs (Go duration, default 30s).
+    /// Longest time between syncs (Go duration, default 30s); each checks that the rules are
+    /// still in place. A full rewrite runs hourly.
     #[arg(long, value_name = "DURATION")]
     pub sync_period: Option<String>,
 }

@@ -139,6 +139,7 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         let loop_config = SyncLoopConfig {
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,
+            ..SyncLoopConfig::default()
         };
         let observer: Arc<dyn SyncObserver> = Arc::new(recorder);
         let sync_loop =

@@ -485,6 +485,24 @@ fn nft_flush_ruleset_is_repaired_by_the_next_sync() {
         return;
     };
     env.tcp("client-a", "10.96.1.1:80");
+    // The periodic syncs are cheap checks, not full rewrites (those are hourly).
+    let proxy = env.proxy.as_ref().expect("proxy");
+    let count = |series: &str| {
+        proxy
+            .metrics()
+            .ok()
+            .and_then(|t| svcplane_testkit::metric_value(&t, series))
+            .unwrap_or(0.0)
+    };
+    const FULL: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds_count";
+    const PARTIAL: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_count";
+    let checked = svcplane_testkit::wait_until(Duration::from_secs(5), || count(PARTIAL) >= 2.0);
+    assert!(checked, "no periodic check within 5 s at --sync-period 1s");
+    assert_eq!(
+        count(FULL),
+        1.0,
+        "periodic syncs must not rewrite everything"
+    );
     env.nft_on_node_a(&["flush", "ruleset"])
         .expect("nft flush ruleset");
     assert!(
@@ -501,6 +519,8 @@ fn nft_flush_ruleset_is_repaired_by_the_next_sync() {
     );
     let reply = env.tcp("client-a", "10.96.1.1:80");
     assert_eq!(reply.pod, env.pod_ip("one-a"));
+    // Repaired by a full sync, which the check triggered.
+    assert!(count(FULL) >= 2.0);
 }
 
 #[test]

@@ -32,7 +32,7 @@ const ERROR_LINES: usize = 6;
 /// is missing (`nft flush ruleset`, table deleted), which fails the whole transaction.
 /// A partial transaction that nft rejects, for that or any reason (a chain or element it
 /// names was deleted or altered), is retried as a full one. Rules rewritten in place by
-/// hand are not detected; the sync loop's periodic full resync repairs them. (Not `nft
+/// hand are not detected; the sync loop's hourly full resync repairs them. (Not `nft
 /// list tables`: nft 1.0.6 loads the whole rule set for it, 8 s and 450 MB at 10k
 /// services.)
 ///
@@ -313,10 +313,9 @@ impl NftablesBackend {
             .netlink
             .as_ref()
             .filter(|_| !matches!(self.netlink, NetlinkTransport::Off));
+        // Even an empty partial sends the probe: that is the periodic check.
         if let Some(plan) = netlink_plan {
-            if !plan.ops.is_empty()
-                && let Err(e) = self.commit_netlink(&plan.ops, true)
-            {
+            if let Err(e) = self.commit_netlink(&plan.ops, true) {
                 tracing::warn!(error = %e, "partial nftables sync over netlink failed (tables missing or altered?); retrying in full");
                 return Ok(None);
             }
@@ -337,12 +336,10 @@ impl NftablesBackend {
                 full_next,
             )));
         }
-        if !partial.script.is_empty() {
-            let script = render::tables_present_probe() + &partial.script;
-            if let Err(e) = self.run(&["-f", "-"], Some(&script)) {
-                tracing::warn!(error = %e, "partial nftables sync failed (tables missing or altered?); retrying in full");
-                return Ok(None);
-            }
+        let script = render::tables_present_probe() + &partial.script;
+        if let Err(e) = self.run(&["-f", "-"], Some(&script)) {
+            tracing::warn!(error = %e, "partial nftables sync failed (tables missing or altered?); retrying in full");
+            return Ok(None);
         }
         let mut full_next = false;
         if !partial.stale.is_empty()
