@@ -58,6 +58,15 @@ pub struct NftablesBackend {
     netlink_partials: u64,
 }
 
+/// Why a netlink batch was not applied.
+#[derive(Debug)]
+enum NetlinkFailure {
+    /// No socket (netlink off, or it cannot be opened here).
+    Unavailable,
+    /// The kernel refused the batch (nothing of it was applied).
+    Refused(String),
+}
+
 /// Where partial syncs may go over netlink.
 enum NetlinkTransport {
     /// Not used (nft runs through a command whose namespace is unknown).
@@ -173,15 +182,24 @@ impl NftablesBackend {
     }
 
     /// Commit `ops` as one batch, preceded by the tables-present probe.
-    fn commit_netlink(&mut self, ops: &[netlink::Op], probe: bool) -> Result<(), String> {
+    fn commit_netlink(&mut self, ops: &[netlink::Op], probe: bool) -> Result<(), NetlinkFailure> {
         let NetlinkTransport::On { netns, socket } = &mut self.netlink else {
-            return Err("netlink is off".to_owned());
+            return Err(NetlinkFailure::Unavailable);
         };
         if socket.is_none() {
-            *socket = Some(netlink::Socket::open(netns.as_deref()).map_err(|e| e.to_string())?);
+            match netlink::Socket::open(netns.as_deref()) {
+                Ok(s) => *socket = Some(s),
+                Err(e) => {
+                    // Not the kernel refusing rules: netlink is unusable here, so partial
+                    // syncs go through nft from now on.
+                    tracing::warn!(error = %e, "no nf_tables netlink socket; partial syncs use nft");
+                    self.netlink = NetlinkTransport::Off;
+                    return Err(NetlinkFailure::Unavailable);
+                }
+            }
         }
         let Some(sock) = socket.as_mut() else {
-            return Err("no netlink socket".to_owned());
+            return Err(NetlinkFailure::Unavailable);
         };
         let mut batch = sock.batch();
         if probe {
@@ -192,7 +210,9 @@ impl NftablesBackend {
         for op in ops {
             batch.op(TABLE, op);
         }
-        let result = sock.commit(batch).map_err(|e| e.to_string());
+        let result = sock
+            .commit(batch)
+            .map_err(|e| NetlinkFailure::Refused(e.to_string()));
         if result.is_err() {
             // A socket left with unread replies would confuse the next batch.
             *socket = None;
@@ -315,16 +335,21 @@ impl NftablesBackend {
             .filter(|_| !matches!(self.netlink, NetlinkTransport::Off));
         // Even an empty partial sends the probe: that is the periodic check.
         if let Some(plan) = netlink_plan {
-            if let Err(e) = self.commit_netlink(&plan.ops, true) {
-                tracing::warn!(error = %e, "partial nftables sync over netlink failed (tables missing or altered?); retrying in full");
-                return Ok(None);
+            match self.commit_netlink(&plan.ops, true) {
+                Ok(()) => {}
+                // Said when it was found; the text form below does the same sync.
+                Err(NetlinkFailure::Unavailable) => return self.partial_as_text(&partial),
+                Err(NetlinkFailure::Refused(e)) => {
+                    tracing::warn!(error = %e, "partial nftables sync over netlink failed (tables missing or altered?); retrying in full");
+                    return Ok(None);
+                }
             }
             self.netlink_partials += 1;
             let mut full_next = false;
             if !plan.stale.is_empty()
                 && let Err(e) = self.commit_netlink(&plan.stale, false)
             {
-                tracing::warn!(error = %e, "cannot delete stale nftables objects yet");
+                tracing::warn!(error = ?e, "cannot delete stale nftables objects yet");
                 full_next = true;
             }
             return Ok(Some((
@@ -336,6 +361,14 @@ impl NftablesBackend {
                 full_next,
             )));
         }
+        self.partial_as_text(&partial)
+    }
+
+    /// A partial sync through `nft -f` (see [`NftablesBackend::try_partial`]).
+    fn partial_as_text(
+        &self,
+        partial: &render::Partial,
+    ) -> Result<Option<(SyncReport, bool)>, DataplaneError> {
         let script = render::tables_present_probe() + &partial.script;
         if let Err(e) = self.run(&["-f", "-"], Some(&script)) {
             tracing::warn!(error = %e, "partial nftables sync failed (tables missing or altered?); retrying in full");
