@@ -14,4 +14,4 @@ mod store;
 pub use metrics::DnsMetrics;
 pub use records::{Answer, Lookup, Zone, ZoneConfig, ZoneError};
 pub use server::{DnsError, DnsHandler, DnsServer, Forwarding};
-pub use store::ZoneStore;
+pub use store::{ZoneStore, follow};

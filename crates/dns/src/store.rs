@@ -88,3 +88,38 @@ fn initial_serial() -> u32 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(1, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
 }
+
+/// Keep `store` in step with a source's events, passing each event on to `forward` (the
+/// proxy's engine) when given, so DNS and dataplane see the same stream. Returns when the
+/// source closes, or when the forward receiver is gone.
+pub async fn follow(
+    mut store: ZoneStore,
+    mut events: tokio::sync::mpsc::Receiver<svcplane_model::SourceEvent>,
+    forward: Option<tokio::sync::mpsc::Sender<svcplane_model::SourceEvent>>,
+) {
+    while let Some(mut event) = events.recv().await {
+        if matches!(event, svcplane_model::SourceEvent::Changes(_)) {
+            // A rebuild at 10k services takes tens of milliseconds: keep it off the runtime's
+            // workers, which serve the queries.
+            let rebuilt = tokio::task::spawn_blocking(move || {
+                if let svcplane_model::SourceEvent::Changes(changes) = &event {
+                    store.apply(changes);
+                }
+                (store, event)
+            })
+            .await;
+            match rebuilt {
+                Ok(back) => (store, event) = back,
+                Err(error) => {
+                    tracing::error!(%error, "DNS zone rebuild failed; DNS stops following changes");
+                    return;
+                }
+            }
+        }
+        if let Some(tx) = &forward
+            && tx.send(event).await.is_err()
+        {
+            return;
+        }
+    }
+}

@@ -50,6 +50,23 @@ async fn serve_metrics(State(st): State<MetricsState>) -> Response {
     ([(header::CONTENT_TYPE, OPENMETRICS)], st.metrics.encode()).into_response()
 }
 
+/// `/metrics` for a registry of its own (`svcplane dns`, which has no sync loop).
+pub fn registry_router(registry: Arc<prometheus_client::registry::Registry>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(
+                |State(registry): State<Arc<prometheus_client::registry::Registry>>| async move {
+                    let mut out = String::new();
+                    // Writing into a String cannot fail.
+                    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+                    ([(header::CONTENT_TYPE, OPENMETRICS)], out).into_response()
+                },
+            ),
+        )
+        .with_state(registry)
+}
+
 /// `/healthz` and `/livez` (kube-proxy: the same proxier health; livez ignores node
 /// eligibility, which svcplane does not track, so both answer alike).
 pub fn healthz_router(metrics: Arc<Metrics>, health: ProxyHealth) -> Router {

@@ -195,6 +195,11 @@ impl Metrics {
         m
     }
 
+    /// The registry, to add metrics of other components (DNS) before the `Metrics` is shared.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();

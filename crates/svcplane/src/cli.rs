@@ -47,6 +47,8 @@ pub enum Command {
     Render(RenderArgs),
     /// Remove everything svcplane programmed (in one mode, or in every mode).
     Cleanup(CleanupArgs),
+    /// Serve cluster DNS (Kubernetes DNS spec 1.1.0) from the manifests, without a dataplane.
+    Dns(DnsArgs),
     /// The bundled example live: render it, then (as root) build a virtual cluster of network
     /// namespaces, run `svcplane proxy` on a node, send traffic down each Service path, tear down.
     Lab(LabArgs),
@@ -129,6 +131,57 @@ pub struct ProxyArgs {
     /// still in place. A full rewrite runs hourly.
     #[arg(long, value_name = "DURATION")]
     pub sync_period: Option<String>,
+
+    /// Also serve cluster DNS on this address (UDP and TCP), from the same objects.
+    #[arg(long, value_name = "IP:PORT")]
+    pub dns_listen: Option<String>,
+
+    #[command(flatten)]
+    pub dns: DnsOptions,
+}
+
+/// DNS flags shared by `dns` and `proxy --dns-listen`.
+#[derive(Debug, Args, Clone)]
+pub struct DnsOptions {
+    /// The cluster domain served.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// TTL of the answers (and of negative answers), seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = svcplane_dns::records::DEFAULT_TTL)]
+    pub ttl: u32,
+
+    /// Upstream servers for names outside the cluster domain, comma-separated (port 53 when
+    /// omitted). `dns` default: none (REFUSED); `proxy` default: /etc/resolv.conf's nameservers.
+    #[arg(long, value_name = "IP[:PORT],...")]
+    pub dns_upstream: Option<String>,
+
+    /// Clients allowed to have names outside the cluster domain forwarded, comma-separated
+    /// (default: loopback and --cluster-cidr).
+    #[arg(long, value_name = "CIDR,...")]
+    pub dns_allow: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DnsArgs {
+    /// Directory of Kubernetes manifests (*.yaml, *.yml, *.json), watched for changes.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+
+    /// Address to serve DNS on (UDP and TCP).
+    #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:53")]
+    pub listen: String,
+
+    /// The pod network, comma-separated: these clients may recurse (with loopback).
+    #[arg(long, value_name = "CIDR[,CIDR]")]
+    pub cluster_cidr: Option<String>,
+
+    /// Address for /metrics (svcplane_dns_*); off when not given.
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_bind_address: Option<String>,
+
+    #[command(flatten)]
+    pub dns: DnsOptions,
 }
 
 #[derive(Debug, Args)]

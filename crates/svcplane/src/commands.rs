@@ -20,6 +20,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Proxy(args) => proxy(args),
         Command::Render(args) => render(args),
         Command::Cleanup(args) => cleanup(args),
+        Command::Dns(args) => crate::dns::run(args),
         Command::Lab(args) => crate::lab::run(args),
         Command::Bench(crate::cli::BenchCommand::Sync(args)) => crate::bench::sync(args),
     }
@@ -87,6 +88,16 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         );
     }
     let dir = manifests_dir(&settings.engine)?;
+    // In proxy mode names outside the cluster go where the node's own resolver sends them.
+    let dns_settings = match &args.dns_listen {
+        Some(listen) => Some(crate::dns::DnsSettings::resolve(
+            listen,
+            &args.dns,
+            &settings.engine.cluster_cidrs,
+            Some("/etc/resolv.conf"),
+        )?),
+        None => None,
+    };
     tracing::info!(
         mode = %settings.engine.mode,
         node = %settings.engine.node_name,
@@ -99,7 +110,12 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let metrics = Arc::new(Metrics::new());
+        let dns_metrics = Arc::new(svcplane_dns::DnsMetrics::new());
+        let mut metrics = Metrics::new();
+        if dns_settings.is_some() {
+            dns_metrics.register(metrics.registry_mut());
+        }
+        let metrics = Arc::new(metrics);
         let (status_tx, status_rx) = tokio::sync::watch::channel(SyncStatus::default());
         let health = ProxyHealth::new(status_rx, settings.sync_period);
         // Bound before anything else runs, so a taken address is a clear startup error.
@@ -134,6 +150,20 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         let problems: ProblemSink = Arc::new(move |_| counted.invalid_object());
         let source: Box<dyn Source> = Box::new(ManifestSource::new(&dir));
         let source_task = tokio::spawn(source.run(tx, problems));
+        // DNS sees every event first, then passes it on: the engine is unchanged.
+        let (rx, dns_server) = match &dns_settings {
+            Some(dns) => {
+                let (rx, server) = crate::dns::tee_into_proxy(dns, dns_metrics, rx)?;
+                (rx, Some(server))
+            }
+            None => (rx, None),
+        };
+        let dns_stopped = async {
+            match dns_server {
+                Some(task) => task.await,
+                None => std::future::pending().await,
+            }
+        };
         let engine = Engine::new(settings.engine.engine_config());
         let backend = svcplane_dataplane::backend(settings.engine.mode);
         let loop_config = SyncLoopConfig {
@@ -148,6 +178,11 @@ fn proxy(args: ProxyArgs) -> Result<()> {
             result = sync_loop => result.context("sync loop failed"),
             result = metrics_server => server_stopped("/metrics", result),
             result = healthz_server => server_stopped("/healthz", result),
+            result = dns_stopped => match result {
+                Ok(Ok(())) => bail!("the DNS server stopped"),
+                Ok(Err(err)) => Err(err.into()),
+                Err(err) => Err(err).context("the DNS server panicked"),
+            },
             result = source_task => match result {
                 Ok(Ok(())) => bail!("the manifests source stopped"),
                 Ok(Err(err)) => Err(err).context("manifests source failed"),
@@ -174,7 +209,7 @@ fn server_stopped(
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => {

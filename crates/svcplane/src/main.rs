@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod commands;
 mod config;
+mod dns;
 mod duration;
 mod lab;
 mod settings;
@@ -29,8 +30,9 @@ fn init_logging(verbosity: u8) {
         2 | 3 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},hickory_server=warn"))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
