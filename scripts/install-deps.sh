@@ -10,6 +10,8 @@ declare -A need=(
   [conntrack]=conntrack
   [ip]=iproute2
   [sysctl]=procps
+  [dig]=bind9-dnsutils
+  [dnsperf]=dnsperf
 )
 missing=()
 for cmd in "${!need[@]}"; do
