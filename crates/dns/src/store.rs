@@ -67,6 +67,7 @@ impl ZoneStore {
     pub fn publish(&mut self) {
         // The SOA serial only has to grow between snapshots.
         self.serial = self.serial.wrapping_add(1).max(initial_serial());
+        let start = std::time::Instant::now();
         let zone = Zone::build(
             &self.config,
             self.services.values(),
@@ -77,6 +78,7 @@ impl ZoneStore {
             services = zone.services(),
             names = zone.names(),
             serial = self.serial,
+            took = ?start.elapsed(),
             "DNS zone rebuilt"
         );
         self.current.store(Arc::new(zone));

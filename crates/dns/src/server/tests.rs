@@ -142,6 +142,20 @@ async fn axfr_and_other_classes_are_refused() {
 }
 
 #[tokio::test]
+async fn other_opcodes_are_not_implemented() {
+    let s = store(&headless_yaml(2));
+    let h = handler_with(&s, vec![]);
+    let mut msg = Message::new(9, MessageType::Query, OpCode::Status);
+    msg.add_query(Query::query(
+        Name::from_ascii("web.demo.svc.cluster.local.").unwrap(),
+        RecordType::A,
+    ));
+    let r = ask_raw(&h, &msg.to_vec().unwrap(), CLIENT, Protocol::Udp).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
+    assert!(r.answers.is_empty());
+}
+
+#[tokio::test]
 async fn outside_the_zone_without_upstream_is_refused() {
     let s = store(&headless_yaml(2));
     let h = handler_with(&s, vec![]);
@@ -292,6 +306,71 @@ async fn forwards_outside_names_for_allowed_clients_only() {
     let r = ask_raw(&h, &raw, OUTSIDER, Protocol::Udp).await;
     assert_eq!(r.answers.len(), 1);
     assert!(!r.metadata.recursion_available);
+}
+
+/// An upstream that answers UDP with TC and no records, and TCP with the full answer.
+async fn truncating_upstream() -> SocketAddr {
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = udp.local_addr().unwrap();
+    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let answer = |q: &Message, truncated: bool| {
+        let mut r = Message::response(q.metadata.id, OpCode::Query);
+        r.metadata.truncation = truncated;
+        for query in &q.queries {
+            r.add_query(query.clone());
+            if !truncated {
+                r.add_answer(Record::from_rdata(
+                    query.name().clone(),
+                    60,
+                    RData::A("192.0.2.9".parse().unwrap()),
+                ));
+            }
+        }
+        r.to_vec().unwrap()
+    };
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+            if let Ok(q) = Message::from_vec(&buf[..n]) {
+                let _ = udp.send_to(&answer(&q, true), from).await;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = tcp.accept().await {
+            let Ok(len) = stream.read_u16().await else {
+                continue;
+            };
+            let mut buf = vec![0u8; usize::from(len)];
+            if stream.read_exact(&mut buf).await.is_err() {
+                continue;
+            }
+            let Ok(q) = Message::from_vec(&buf) else {
+                continue;
+            };
+            let out = answer(&q, false);
+            let mut framed = (out.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&out);
+            let _ = stream.write_all(&framed).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_truncated_upstream_answer_is_fetched_over_tcp_for_tcp_clients() {
+    let upstream = truncating_upstream().await;
+    let s = store(&headless_yaml(2));
+    let h = handler_with(&s, vec![upstream]);
+    let raw = query("example.com.", RecordType::A, None);
+    // A UDP client gets the TC answer (and retries over TCP itself).
+    let r = ask_raw(&h, &raw, CLIENT, Protocol::Udp).await;
+    assert!(r.metadata.truncation);
+    assert!(r.answers.is_empty());
+    // A TCP client gets the whole answer.
+    let r = ask_raw(&h, &raw, CLIENT, Protocol::Tcp).await;
+    assert!(!r.metadata.truncation);
+    assert_eq!(r.answers[0].data, RData::A("192.0.2.9".parse().unwrap()));
 }
 
 #[tokio::test]
