@@ -294,20 +294,20 @@ fn garbage_datagrams_never_stop_the_server() {
 
 /// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` bind-mounts over
 /// /etc/resolv.conf; removed on drop.
-struct PodResolvConf {
+struct NetnsResolvConf {
     dir: PathBuf,
 }
 
-impl PodResolvConf {
-    fn write(netns: &str, text: &str) -> PodResolvConf {
+impl NetnsResolvConf {
+    fn write(netns: &str, text: &str) -> NetnsResolvConf {
         let dir = Path::new("/etc/netns").join(netns);
         std::fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
         std::fs::write(dir.join("resolv.conf"), text).expect("write resolv.conf");
-        PodResolvConf { dir }
+        NetnsResolvConf { dir }
     }
 }
 
-impl Drop for PodResolvConf {
+impl Drop for NetnsResolvConf {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -363,7 +363,7 @@ fn a_pod_resolves_a_short_name_through_the_proxy() {
         )
         .expect("svcplane proxy --dns-listen");
     let client = cluster.pod("client").expect("client pod");
-    let _resolv = PodResolvConf::write(
+    let _resolv = NetnsResolvConf::write(
         client.netns().name(),
         &format!(
             "nameserver {}\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:1 attempts:2\n",
@@ -417,4 +417,92 @@ fn a_pod_resolves_a_short_name_through_the_proxy() {
         "{metrics}"
     );
     assert!(metrics.contains("kubeproxy_sync_proxy_rules_duration_seconds"));
+}
+
+#[test]
+fn proxy_forwards_outside_names_to_the_nodes_resolver_for_pods_only() {
+    if skip_unless_root(&["ip", "nft", "dig"]) {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .node("node-a", "zone-a")
+        .pod(PodSpec::new("client", "node-a"))
+        .build()
+        .expect("virtual cluster");
+    let outside = cluster.client().netns();
+    // The "node's resolver": another svcplane dns, for corp.test, on the external client.
+    let upstream_dir = tempfile::tempdir().expect("tempdir");
+    write(
+        upstream_dir.path(),
+        "it.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: intranet, namespace: it}\nspec:\n  clusterIP: 192.0.2.80\n  ports: [{port: 80}]\n",
+    );
+    let upstream_listen = format!("{}:53", svcplane_testkit::CLIENT_V4);
+    let mut cmd = outside.command(env!("CARGO_BIN_EXE_svcplane"), &["dns"]);
+    cmd.arg("--manifests").arg(upstream_dir.path()).args([
+        "--listen",
+        &upstream_listen,
+        "--cluster-domain",
+        "corp.test",
+    ]);
+    let _upstream = Daemon::spawn(cmd).expect("upstream svcplane dns");
+    let intranet = "intranet.it.svc.corp.test";
+    let client_ip = svcplane_testkit::CLIENT_V4.to_string();
+    assert!(
+        wait_until(WAIT, || dig(outside, &client_ip, 53, &["+short", intranet])
+            .trim()
+            == "192.0.2.80"),
+        "the upstream never answered"
+    );
+    // `ip netns exec` gives the proxy this file as /etc/resolv.conf.
+    let node = cluster.node("node-a").expect("node");
+    let _node_resolv =
+        NetnsResolvConf::write(node.netns().name(), &format!("nameserver {client_ip}\n"));
+    let manifests = cluster.manifests().expect("manifests");
+    manifests
+        .write("services.yaml", SERVICES)
+        .expect("services");
+    let node_ip = node.ipv4().to_string();
+    let listen = format!("{node_ip}:53");
+    let _proxy = cluster
+        .run_proxy(
+            env!("CARGO_BIN_EXE_svcplane"),
+            "node-a",
+            manifests.path(),
+            &["--dns-listen", &listen],
+        )
+        .expect("svcplane proxy --dns-listen");
+    let pod = cluster.pod("client").expect("pod").netns();
+    assert!(
+        wait_until(WAIT, || dig(
+            pod,
+            &node_ip,
+            53,
+            &["+short", "web.default.svc.cluster.local"]
+        )
+        .trim()
+            == "10.96.5.10"),
+        "the proxy's DNS never answered"
+    );
+    // A pod (inside --cluster-cidr) has outside names forwarded, over UDP and TCP.
+    for transport in ["+notcp", "+tcp"] {
+        assert_eq!(
+            dig(pod, &node_ip, 53, &[transport, "+short", intranet]).trim(),
+            "192.0.2.80",
+            "{transport}"
+        );
+    }
+    // The external client is outside the allowed networks: refused, but served the zone.
+    let refused = dig(outside, &node_ip, 53, &[intranet]);
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    assert_eq!(
+        dig(
+            outside,
+            &node_ip,
+            53,
+            &["+short", "web.default.svc.cluster.local"]
+        )
+        .trim(),
+        "10.96.5.10"
+    );
 }
