@@ -95,33 +95,88 @@ fn initial_serial() -> u32 {
 /// proxy's engine) when given, so DNS and dataplane see the same stream. Returns when the
 /// source closes, or when the forward receiver is gone.
 pub async fn follow(
-    mut store: ZoneStore,
+    store: ZoneStore,
     mut events: tokio::sync::mpsc::Receiver<svcplane_model::SourceEvent>,
     forward: Option<tokio::sync::mpsc::Sender<svcplane_model::SourceEvent>>,
 ) {
+    // `None` once a rebuild panicked: DNS keeps its last snapshot, and the engine still
+    // gets every event (a DNS bug must not stop the dataplane).
+    let mut store = Some(store);
     while let Some(mut event) = events.recv().await {
-        if matches!(event, svcplane_model::SourceEvent::Changes(_)) {
-            // A rebuild at 10k services takes tens of milliseconds: keep it off the runtime's
-            // workers, which serve the queries.
+        let is_change = matches!(event, svcplane_model::SourceEvent::Changes(_));
+        if let Some(mut s) = store.take_if(|_| is_change) {
+            // A rebuild at 10k services takes ~100 ms: keep it off the runtime's workers,
+            // which serve the queries.
             let rebuilt = tokio::task::spawn_blocking(move || {
-                if let svcplane_model::SourceEvent::Changes(changes) = &event {
-                    store.apply(changes);
-                }
-                (store, event)
+                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    if let svcplane_model::SourceEvent::Changes(changes) = &event {
+                        s.apply(changes);
+                    }
+                }));
+                (applied.is_ok().then_some(s), event)
             })
             .await;
-            match rebuilt {
-                Ok(back) => (store, event) = back,
-                Err(error) => {
-                    tracing::error!(%error, "DNS zone rebuild failed; DNS stops following changes");
-                    return;
-                }
+            // Only cancelled when the runtime shuts down.
+            let Ok((s, back)) = rebuilt else { return };
+            if s.is_none() {
+                tracing::error!("DNS zone rebuild failed; DNS answers no longer follow changes");
             }
+            store = s;
+            event = back;
         }
         if let Some(tx) = &forward
             && tx.send(event).await.is_err()
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::{LowerName, Name, RecordType};
+    use svcplane_model::{Format, SourceEvent, parse_manifest};
+
+    fn changes(yaml: &str) -> Vec<Change> {
+        let parsed = parse_manifest(yaml, Format::Yaml).expect("parse");
+        parsed.objects.into_iter().map(Change::Apply).collect()
+    }
+
+    fn a_records(zone: &Zone, name: &str) -> usize {
+        let qname = LowerName::new(&Name::from_ascii(name).expect("name"));
+        match zone.lookup(&qname, RecordType::A) {
+            crate::Lookup::Answer(a) => a.answers.len(),
+            crate::Lookup::Outside => 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn follow_updates_the_zone_and_passes_every_event_on_in_order() {
+        let store = ZoneStore::new(ZoneConfig::new("cluster.local", 5).expect("domain"));
+        let zone = store.snapshot_handle();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let (fwd_tx, mut fwd_rx) = tokio::sync::mpsc::channel(8);
+        let task = tokio::spawn(follow(store, rx, Some(fwd_tx)));
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{port: 80}]\n";
+        let first = SourceEvent::Changes(changes(svc));
+        tx.send(first.clone()).await.expect("send");
+        tx.send(SourceEvent::Synced).await.expect("send");
+        assert_eq!(fwd_rx.recv().await, Some(first));
+        assert_eq!(fwd_rx.recv().await, Some(SourceEvent::Synced));
+        // Forwarded after the rebuild: the new snapshot is already in place.
+        assert_eq!(a_records(&zone.load(), "web.demo.svc.cluster.local."), 1);
+        let key = svcplane_model::ObjectKey {
+            kind: Kind::Service,
+            name: NamespacedName::new("demo", "web"),
+        };
+        tx.send(SourceEvent::Changes(vec![Change::Delete(key)]))
+            .await
+            .expect("send");
+        assert!(fwd_rx.recv().await.is_some());
+        assert_eq!(a_records(&zone.load(), "web.demo.svc.cluster.local."), 0);
+        drop(tx);
+        task.await.expect("follow ends when the source closes");
+        assert_eq!(fwd_rx.recv().await, None);
     }
 }
