@@ -4,6 +4,8 @@ mod bench;
 mod cli;
 mod commands;
 mod config;
+#[cfg(test)]
+mod deploy_tests;
 mod dns;
 mod duration;
 mod lab;

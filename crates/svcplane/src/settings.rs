@@ -10,7 +10,9 @@ use svcplane_dataplane::ProxyMode;
 use svcplane_proxy::EngineConfig;
 
 use crate::cli::{EngineArgs, ProxyArgs};
-use crate::config::{FileConfig, load_file_config, parse_bind_address, parse_cidr_list};
+use crate::config::{
+    FileConfig, load_file_config, parse_bind_address, parse_cidr_list, parse_nodeport_addresses,
+};
 use crate::duration::parse_go_duration;
 
 pub const DEFAULT_METRICS_BIND: &str = "127.0.0.1:10249";
@@ -66,7 +68,8 @@ impl EngineSettings {
             None => file.cluster_cidrs.clone().unwrap_or_default(),
         };
         let nodeport_addresses = match &args.nodeport_addresses {
-            Some(s) => parse_cidr_list(s).context("--nodeport-addresses")?,
+            Some(s) => parse_nodeport_addresses(&s.split(',').collect::<Vec<_>>())
+                .context("--nodeport-addresses")?,
             None => file.nodeport_addresses.clone().unwrap_or_default(),
         };
         let masquerade_all = args.masquerade_all.or(file.masquerade_all).unwrap_or(false);
