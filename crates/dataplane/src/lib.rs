@@ -4,6 +4,7 @@
 //! the other modes render and sync as [`DataplaneError::NotImplemented`].
 
 pub mod conntrack;
+pub mod kube_proxy;
 mod netlink;
 pub mod nftables;
 

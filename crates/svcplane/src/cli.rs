@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "svcplane",
     version,
+    arg_required_else_help = true,
     about = "A Kubernetes Service dataplane: a drop-in replacement for kube-proxy",
     long_about = "svcplane turns Kubernetes Services into kernel rules on each node, as kube-proxy does.\n\
                   It reads Services, EndpointSlices, Nodes (and Pods) from a directory of manifests\n\
@@ -29,8 +30,12 @@ pub struct Cli {
     )]
     pub verbosity: u8,
 
+    /// kube-proxy's name for `svcplane cleanup`: remove everything svcplane programmed, and exit.
+    #[arg(long)]
+    pub cleanup: bool,
+
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 impl Cli {
@@ -42,7 +47,7 @@ impl Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy: watch the source and keep the kernel's Service rules in sync.
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
     /// Print exactly what a mode would program for the manifests, without root and without touching the kernel.
     Render(RenderArgs),
     /// Remove everything svcplane programmed (in one mode, or in every mode).
@@ -89,8 +94,8 @@ pub struct EngineArgs {
     pub manifests: Option<PathBuf>,
 
     /// This node's name: endpoints with this nodeName are local; its Node object gives IPs and zone.
-    /// Defaults to the host name.
-    #[arg(long, value_name = "NODE")]
+    /// Defaults to $NODE_NAME (the DaemonSet sets it from spec.nodeName), then the host name.
+    #[arg(long, value_name = "NODE", env = "NODE_NAME")]
     pub hostname_override: Option<String>,
 
     /// The pod network, comma-separated (one per family): traffic from outside it to a ClusterIP is masqueraded.
@@ -138,6 +143,14 @@ pub struct ProxyArgs {
 
     #[command(flatten)]
     pub dns: DnsOptions,
+
+    /// kube-proxy's flag: remove everything svcplane programmed (every mode), then exit,
+    /// as `svcplane cleanup`.
+    #[arg(long)]
+    pub cleanup: bool,
+
+    #[command(flatten)]
+    pub kube_proxy: crate::compat::KubeProxyFlags,
 }
 
 /// DNS flags shared by `dns` and `proxy --dns-listen`.
@@ -193,8 +206,13 @@ pub struct RenderArgs {
 #[derive(Debug, Args)]
 pub struct CleanupArgs {
     /// Only this mode's rules (default: every mode).
-    #[arg(long, value_name = "MODE")]
+    #[arg(long, value_name = "MODE", conflicts_with = "kube_proxy")]
     pub proxy_mode: Option<String>,
+
+    /// Instead, remove what kube-proxy left on this node (its nftables tables, iptables
+    /// chains and the jumps to them, IPVS virtual servers); svcplane's rules stay.
+    #[arg(long)]
+    pub kube_proxy: bool,
 }
 
 #[derive(Debug, Args)]

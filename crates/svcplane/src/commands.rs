@@ -16,8 +16,22 @@ use crate::cli::{CleanupArgs, Cli, Command, ProxyArgs, RenderArgs};
 use crate::settings::{EngineSettings, ProxySettings};
 
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Proxy(args) => proxy(args),
+    // kube-proxy's `--cleanup`: on its own or on `proxy`, it is `svcplane cleanup`
+    // (every mode, as kube-proxy's cleans every mode).
+    let every_mode = CleanupArgs {
+        proxy_mode: None,
+        kube_proxy: false,
+    };
+    let Some(command) = cli.command else {
+        if cli.cleanup {
+            return cleanup(every_mode);
+        }
+        bail!("no command given; see `svcplane --help`");
+    };
+    match command {
+        Command::Proxy(args) if cli.cleanup || args.cleanup => cleanup(every_mode),
+        _ if cli.cleanup => bail!("--cleanup goes alone (`svcplane --cleanup`) or with `proxy`"),
+        Command::Proxy(args) => proxy(*args),
         Command::Render(args) => render(args),
         Command::Cleanup(args) => cleanup(args),
         Command::Dns(args) => crate::dns::run(args),
@@ -224,6 +238,9 @@ pub(crate) async fn shutdown_signal() {
 }
 
 fn cleanup(args: CleanupArgs) -> Result<()> {
+    if args.kube_proxy {
+        return cleanup_kube_proxy();
+    }
     let modes: Vec<ProxyMode> = match &args.proxy_mode {
         Some(m) => vec![
             m.parse()
@@ -243,6 +260,29 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
     }
     if !failed.is_empty() {
         bail!("cleanup failed for: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn cleanup_kube_proxy() -> Result<()> {
+    let report = svcplane_dataplane::kube_proxy::cleanup_kube_proxy();
+    for removed in &report.removed {
+        tracing::info!("removed kube-proxy's {removed}");
+    }
+    for skipped in &report.skipped {
+        tracing::info!("skipped: {skipped}");
+    }
+    for error in &report.errors {
+        eprintln!("error: {error}");
+    }
+    if !report.errors.is_empty() {
+        bail!(
+            "cleanup of kube-proxy's rules failed ({} error(s))",
+            report.errors.len()
+        );
+    }
+    if report.removed.is_empty() {
+        tracing::info!("nothing of kube-proxy's was left on this node");
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod cli;
 mod commands;
+mod compat;
 mod config;
 #[cfg(test)]
 mod deploy_tests;

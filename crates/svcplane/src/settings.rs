@@ -60,7 +60,7 @@ impl EngineSettings {
         let node_name = node_name.trim().to_lowercase();
         if !svcplane_model::is_dns1123_subdomain(&node_name) {
             anyhow::bail!(
-                "--hostname-override: invalid node name {node_name:?} (must be a DNS-1123 subdomain)"
+                "--hostname-override (or $NODE_NAME): invalid node name {node_name:?} (must be a DNS-1123 subdomain)"
             );
         }
         let cluster_cidrs = match &args.cluster_cidr {
@@ -106,6 +106,10 @@ pub struct ProxySettings {
 impl ProxySettings {
     pub fn resolve(args: &ProxyArgs) -> Result<Self> {
         let engine = EngineSettings::resolve(&args.engine)?;
+        let compat = args.kube_proxy.resolve(engine.mode)?;
+        for warning in &compat.warnings {
+            tracing::warn!("{warning}");
+        }
         let file = &engine.file;
         let metrics_bind_address = match &args.metrics_bind_address {
             Some(a) => parse_bind_address(a).context("--metrics-bind-address")?,
@@ -123,13 +127,19 @@ impl ProxySettings {
             Some(d) => parse_go_duration(d)
                 .map_err(anyhow::Error::msg)
                 .context("--min-sync-period")?,
-            None => file.min_sync_period.unwrap_or(DEFAULT_MIN_SYNC_PERIOD),
+            None => compat
+                .min_sync_period
+                .or(file.min_sync_period)
+                .unwrap_or(DEFAULT_MIN_SYNC_PERIOD),
         };
         let sync_period = match &args.sync_period {
             Some(d) => parse_go_duration(d)
                 .map_err(anyhow::Error::msg)
                 .context("--sync-period")?,
-            None => file.sync_period.unwrap_or(DEFAULT_SYNC_PERIOD),
+            None => compat
+                .sync_period
+                .or(file.sync_period)
+                .unwrap_or(DEFAULT_SYNC_PERIOD),
         };
         if sync_period.is_zero() {
             anyhow::bail!("--sync-period must be greater than 0");

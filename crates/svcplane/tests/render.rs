@@ -156,3 +156,35 @@ fn kernel_accepts_the_example_script() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+#[test]
+fn node_name_comes_from_node_name_env_when_no_override() {
+    let manifests = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/cluster");
+    let run = |env: Option<&str>, args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_svcplane"));
+        cmd.args(["render", "--manifests", manifests]).args(args);
+        cmd.env_remove("NODE_NAME");
+        if let Some(name) = env {
+            cmd.env("NODE_NAME", name);
+        }
+        cmd.output().expect("run svcplane")
+    };
+    // An invalid $NODE_NAME is refused, which proves it was read...
+    let out = run(Some("Not_A_Node!"), &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("\"not_a_node!\""), "{stderr}");
+    // ...and --hostname-override wins over it.
+    let out = run(Some("Not_A_Node!"), &["--hostname-override", "node-a"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(Some("node-b"), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
