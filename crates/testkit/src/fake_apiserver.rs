@@ -382,6 +382,10 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
         let Some(request) = read_request(&mut reader, shared)? else {
             return Ok(());
         };
+        if shared.lock().unavailable {
+            // Also a request on a connection opened before the outage goes unanswered.
+            return Ok(());
+        }
         let (path, query) = split_target(&request.target);
         let api_request = ApiRequest {
             path: path.to_string(),
@@ -685,9 +689,10 @@ fn serve_watch(
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     )?;
     out.flush()?;
-    let mut st = shared.lock();
-    st.open_watches += 1;
+    shared.lock().open_watches += 1;
+    // Declared before the guard below, so it is dropped after it (it locks too).
     let _open = OpenWatch(shared);
+    let mut st = shared.lock();
     let (drop_gen, expire_gen) = (st.drop_gen, st.expire_gen);
     if since < st.compacted {
         drop(st);
@@ -696,7 +701,7 @@ fn serve_watch(
     let mut cursor = since;
     let mut bookmarked = since;
     loop {
-        if st.stopped || st.drop_gen != drop_gen {
+        if st.stopped || st.unavailable || st.drop_gen != drop_gen {
             // Cut: no terminating chunk, the client sees the body end early.
             return Ok(());
         }
