@@ -9,6 +9,8 @@
 use std::time::{Duration, SystemTime};
 
 use svcplane_proxy::sync_loop::SyncStatus;
+use svcplane_source::ApiSourceStatus;
+use svcplane_source::kube::ApiResource;
 use tokio::sync::watch;
 
 /// The proxy's health as the sync loop reports it; cheap to clone into every server.
@@ -16,6 +18,9 @@ use tokio::sync::watch;
 pub struct ProxyHealth {
     status: watch::Receiver<SyncStatus>,
     timeout: Duration,
+    /// The Kubernetes API source's watchers, shown in the body (not in the status code:
+    /// as kube-proxy, health is about syncs, and the last state keeps being served).
+    source: Option<watch::Receiver<ApiSourceStatus>>,
 }
 
 impl ProxyHealth {
@@ -24,10 +29,25 @@ impl ProxyHealth {
         ProxyHealth {
             status,
             timeout: sync_period.saturating_mul(2),
+            source: None,
         }
     }
+
+    /// Also report the API source's state in the body.
+    pub fn with_source(mut self, source: watch::Receiver<ApiSourceStatus>) -> ProxyHealth {
+        self.source = Some(source);
+        self
+    }
+
     pub fn check(&self) -> Health {
-        evaluate(&self.status.borrow(), SystemTime::now(), self.timeout)
+        let mut health = evaluate(&self.status.borrow(), SystemTime::now(), self.timeout);
+        health.source = self.source.as_ref().map(|s| source_json(&s.borrow()));
+        health
+    }
+
+    /// The API source's state, when it is the source.
+    pub fn source_status(&self) -> Option<ApiSourceStatus> {
+        self.source.as_ref().map(|s| s.borrow().clone())
     }
     pub fn status(&self) -> SyncStatus {
         self.status.borrow().clone()
@@ -43,6 +63,8 @@ pub struct Health {
     /// Last successful sync.
     pub last_updated: Option<SystemTime>,
     pub current_time: SystemTime,
+    /// The object source's state (`source` in the body), when it reports one.
+    pub source: Option<serde_json::Value>,
 }
 
 impl Health {
@@ -59,11 +81,40 @@ impl Health {
             "currentTime": rfc3339(self.current_time),
             "nodeEligible": true,
         });
-        if let (Some(reason), Some(map)) = (&self.reason, body.as_object_mut()) {
-            map.insert("reason".into(), reason.clone().into());
+        if let Some(map) = body.as_object_mut() {
+            if let Some(reason) = &self.reason {
+                map.insert("reason".into(), reason.clone().into());
+            }
+            if let Some(source) = &self.source {
+                map.insert("source".into(), source.clone());
+            }
         }
         body.to_string()
     }
+}
+
+/// `{"kind":"kubernetes-api","synced":B,"watches":{"services":{...},...}}`.
+pub fn source_json(status: &ApiSourceStatus) -> serde_json::Value {
+    let mut watches = serde_json::Map::new();
+    for resource in ApiResource::ALL {
+        let w = status.get(resource);
+        watches.insert(
+            resource.as_str().into(),
+            serde_json::json!({
+                "synced": w.synced,
+                "lists": w.lists,
+                "errors": w.errors,
+                "lastError": w.last_error,
+                "lastErrorTime": w.last_error_time.map(rfc3339),
+            }),
+        );
+    }
+    serde_json::json!({
+        "kind": "kubernetes-api",
+        "synced": status.watches.iter().all(|w| w.synced),
+        "healthy": status.healthy(),
+        "watches": watches,
+    })
 }
 
 pub(crate) fn rfc3339(t: SystemTime) -> String {
@@ -88,6 +139,7 @@ pub fn evaluate(status: &SyncStatus, now: SystemTime, timeout: Duration) -> Heal
         reason: Some(with_error(reason, status)),
         last_updated: status.last_success,
         current_time: now,
+        source: None,
     };
     if !status.synced_once {
         return unhealthy("no successful sync yet".to_string());
@@ -119,6 +171,7 @@ pub fn evaluate(status: &SyncStatus, now: SystemTime, timeout: Duration) -> Heal
         reason: None,
         last_updated: status.last_success,
         current_time: now,
+        source: None,
     }
 }
 
@@ -208,5 +261,33 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&h.body()).unwrap();
         assert_eq!(v["reason"], "no successful sync yet");
         assert_eq!(v["lastUpdated"], "");
+        assert!(v.get("source").is_none());
+    }
+
+    #[test]
+    fn body_shows_the_api_source_without_changing_the_code() {
+        let mut source = ApiSourceStatus::default();
+        for w in &mut source.watches {
+            w.synced = true;
+            w.lists = 1;
+        }
+        source.watches[0].errors = 4;
+        source.watches[0].last_error = Some("connection refused".into());
+        let mut h = evaluate(&synced(0), at(5), TIMEOUT);
+        h.source = Some(source_json(&source));
+        assert_eq!(h.code(), 200, "an unreachable API does not fail healthz");
+        let v: serde_json::Value = serde_json::from_str(&h.body()).unwrap();
+        assert_eq!(v["source"]["kind"], "kubernetes-api");
+        assert_eq!(v["source"]["synced"], true);
+        assert_eq!(v["source"]["healthy"], false);
+        assert_eq!(v["source"]["watches"]["services"]["errors"], 4);
+        assert_eq!(
+            v["source"]["watches"]["services"]["lastError"],
+            "connection refused"
+        );
+        assert_eq!(
+            v["source"]["watches"]["nodes"]["lastError"],
+            serde_json::Value::Null
+        );
     }
 }

@@ -47,6 +47,9 @@ pub fn metrics_router(metrics: Arc<Metrics>, health: ProxyHealth) -> Router {
 
 async fn serve_metrics(State(st): State<MetricsState>) -> Response {
     st.metrics.observe_status(&st.health.status());
+    if let Some(source) = st.health.source_status() {
+        st.metrics.observe_source(&source);
+    }
     ([(header::CONTENT_TYPE, OPENMETRICS)], st.metrics.encode()).into_response()
 }
 

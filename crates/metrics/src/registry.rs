@@ -57,6 +57,8 @@ pub struct Metrics {
     pub healthz_total: Family<Labels, Counter>,
     pub livez_total: Family<Labels, Counter>,
     pub invalid_objects: Counter,
+    /// `resource` = `services` | `endpointslices` | `nodes`: the API source's watch errors.
+    pub source_watch_errors: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -92,6 +94,7 @@ impl Metrics {
             healthz_total: Family::default(),
             livez_total: Family::default(),
             invalid_objects: Counter::default(),
+            source_watch_errors: Family::default(),
         };
         // Counters are registered without `_total`: the OpenMetrics encoder appends it.
         let r = &mut m.registry;
@@ -181,6 +184,11 @@ impl Metrics {
             "Cumulative problems reported by the object source (invalid objects, unparsable files)",
             m.invalid_objects.clone(),
         );
+        r.register(
+            "svcplane_source_watch_errors",
+            "Cumulative Kubernetes API watch errors (failed lists and watches, 410 Gone) by resource; the last state is kept",
+            m.source_watch_errors.clone(),
+        );
         // Every label value exists from the start, so a scrape shows 0 rather than nothing.
         for policy in ["internal", "external"] {
             let _ = m
@@ -211,6 +219,17 @@ impl Metrics {
     /// Count one problem reported by the object source (the CLI's `ProblemSink`).
     pub fn invalid_object(&self) {
         self.invalid_objects.inc();
+    }
+
+    /// Bring `svcplane_source_watch_errors_total` up to the source's counts (at scrape time).
+    pub fn observe_source(&self, status: &svcplane_source::ApiSourceStatus) {
+        for resource in svcplane_source::kube::ApiResource::ALL {
+            let counter = self
+                .source_watch_errors
+                .get_or_create(&vec![("resource", resource.as_str())]);
+            let seen = status.get(resource).errors;
+            counter.inc_by(seen.saturating_sub(counter.get()));
+        }
     }
 
     /// Count conntrack entries the reconciler deleted (`ip_family` is `"4"` or `"6"`).
@@ -266,9 +285,17 @@ impl Metrics {
             self.sync_partial_duration.observe(seconds);
         }
         self.last_timestamp.set(unix_seconds(now));
-        if let Some(queued) = outcome.queued_since {
-            // From the change reaching svcplane (a manifests directory has no EndpointSlice
-            // trigger-time annotation) to the rules being in the kernel.
+        if !outcome.trigger_times.is_empty() {
+            // As kube-proxy: from each EndpointSlice change's trigger time (set by the
+            // EndpointSlice controller when the Pod or Service changed) to now.
+            for t in &outcome.trigger_times {
+                let latency = now.duration_since(*t).unwrap_or(Duration::ZERO);
+                self.network_programming_duration
+                    .observe(latency.as_secs_f64());
+            }
+        } else if let Some(queued) = outcome.queued_since {
+            // No trigger times (a manifests directory has none): from the change reaching
+            // svcplane to the rules being in the kernel.
             let latency = now.duration_since(queued).unwrap_or(Duration::ZERO);
             self.network_programming_duration
                 .observe(latency.as_secs_f64());
@@ -452,6 +479,7 @@ mod tests {
             pending_endpoint_slices: 3,
             service_ports: 1,
             queued_since: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(100)),
+            trigger_times: Vec::new(),
             desired: state,
         }
     }
@@ -526,6 +554,55 @@ mod tests {
         assert!(text.contains(
             "# HELP kubeproxy_sync_proxy_rules_duration_seconds SyncProxyRules latency in seconds.\n"
         ));
+    }
+
+    #[test]
+    fn network_programming_latency_from_trigger_times() {
+        let m = Metrics::new();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(103);
+        let mut o = outcome(false, 1, true, state(vec![], &[]));
+        // Queued at 100 s, but the changes were triggered at 90 s and 102.5 s.
+        o.trigger_times = vec![
+            SystemTime::UNIX_EPOCH + Duration::from_secs(90),
+            SystemTime::UNIX_EPOCH + Duration::from_millis(102_500),
+        ];
+        m.record_sync(&o, now);
+        let text = m.encode();
+        let v = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("{name}:\n{text}"));
+        assert_eq!(
+            v("kubeproxy_network_programming_duration_seconds_count"),
+            2.0
+        );
+        assert_eq!(
+            v("kubeproxy_network_programming_duration_seconds_sum"),
+            13.5
+        );
+    }
+
+    #[test]
+    fn source_watch_errors_follow_the_source_status() {
+        let m = Metrics::new();
+        let mut st = svcplane_source::ApiSourceStatus::default();
+        st.watches[0].errors = 3;
+        m.observe_source(&st);
+        st.watches[0].errors = 5;
+        st.watches[2].errors = 1;
+        m.observe_source(&st);
+        m.observe_source(&st);
+        let text = m.encode();
+        let v = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("{name}:\n{text}"));
+        assert_eq!(
+            v("svcplane_source_watch_errors_total{resource=\"services\"}"),
+            5.0
+        );
+        assert_eq!(
+            v("svcplane_source_watch_errors_total{resource=\"endpointslices\"}"),
+            0.0
+        );
+        assert_eq!(
+            v("svcplane_source_watch_errors_total{resource=\"nodes\"}"),
+            1.0
+        );
     }
 
     #[test]

@@ -270,6 +270,7 @@ fn outcome(ok: bool, desired: Arc<DesiredState>) -> SyncOutcome {
         pending_endpoint_slices: 0,
         service_ports: 0,
         queued_since: None,
+        trigger_times: Vec::new(),
         desired,
     }
 }

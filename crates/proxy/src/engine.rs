@@ -1,5 +1,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use ipnet::IpNet;
 use svcplane_model::{
@@ -55,6 +56,9 @@ pub struct Engine {
     /// Distinct objects changed since the last `desired()`, for [`Engine::pending_changes`].
     changed_services: HashSet<NamespacedName>,
     changed_slices: HashSet<NamespacedName>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time` of the EndpointSlice changes
+    /// since the last [`Engine::take_trigger_times`] (network programming latency).
+    trigger_times: Vec<SystemTime>,
 
     entries: HashMap<NamespacedName, ServiceEntry>,
     v4_services: BTreeMap<ServicePortName, Arc<ServicePortState>>,
@@ -77,6 +81,7 @@ impl Engine {
             node_changed: false,
             changed_services: HashSet::new(),
             changed_slices: HashSet::new(),
+            trigger_times: Vec::new(),
             entries: HashMap::new(),
             v4_services: BTreeMap::new(),
             v6_services: BTreeMap::new(),
@@ -92,6 +97,13 @@ impl Engine {
     /// Distinct `(Services, EndpointSlices)` changed since the last [`Engine::desired`] call.
     pub fn pending_changes(&self) -> (usize, usize) {
         (self.changed_services.len(), self.changed_slices.len())
+    }
+
+    /// The trigger times of the EndpointSlice changes applied since the previous call, as
+    /// kube-proxy measures network programming latency from them (a slice without the
+    /// annotation, or with an unparsable one, contributes none).
+    pub fn take_trigger_times(&mut self) -> Vec<SystemTime> {
+        std::mem::take(&mut self.trigger_times)
     }
 
     /// Whether [`Engine::desired`] would differ from its previous result's inputs: any Service,
@@ -156,6 +168,13 @@ impl Engine {
             self.dirty.insert(svc);
         }
         self.changed_slices.insert(slice.name.clone());
+        if let Some(t) = slice
+            .last_change_trigger_time
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+        {
+            self.trigger_times.push(t);
+        }
         self.slices.insert(slice.name.clone(), slice);
     }
 
@@ -424,6 +443,22 @@ mod tests {
         sp.target_endpoints(&sp.internal)
             .map(|e| e.ip.to_string())
             .collect()
+    }
+
+    #[test]
+    fn trigger_times_of_changed_slices_are_collected_once() {
+        let mut engine = Engine::new(config());
+        let mut s = slice("demo", "web-1", "web", 8080, vec![ep("10.244.1.5", NODE)]);
+        s.last_change_trigger_time = Some("2024-01-01T00:00:01.5Z".into());
+        engine.apply(Change::Apply(Object::EndpointSlice(s.clone())));
+        // The same object again is no change, and brings no second time.
+        engine.apply(Change::Apply(Object::EndpointSlice(s.clone())));
+        let mut unparsable = slice("demo", "web-2", "web", 8080, vec![ep("10.244.1.6", NODE)]);
+        unparsable.last_change_trigger_time = Some("yesterday".into());
+        engine.apply(Change::Apply(Object::EndpointSlice(unparsable)));
+        let expected = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_704_067_201_500);
+        assert_eq!(engine.take_trigger_times(), vec![expected]);
+        assert!(engine.take_trigger_times().is_empty());
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub struct SyncOutcome {
     /// When the oldest change this sync carried was queued (for network programming latency);
     /// `None` for a resync without changes.
     pub queued_since: Option<SystemTime>,
+    /// The EndpointSlice trigger times (`endpoints.kubernetes.io/last-change-trigger-time`)
+    /// of the changes this sync carried; when any, latency is measured from these instead.
+    pub trigger_times: Vec<SystemTime>,
     /// The state this sync tried to apply (for health-check servers and per-service metrics).
     pub desired: Arc<DesiredState>,
 }
@@ -244,6 +247,7 @@ impl LoopState {
         // Woken by the period alone: the backend checks its rules even if nothing changed.
         let periodic = !self.needs_sync();
         let (pending_services, pending_endpoint_slices) = self.engine.pending_changes();
+        let trigger_times = self.engine.take_trigger_times();
         let desired = self.engine.desired();
         let diff = Diff::between(self.last_applied.clone(), &desired, full);
         if diff.is_empty() && !periodic {
@@ -343,6 +347,7 @@ impl LoopState {
                 pending_endpoint_slices,
                 service_ports,
                 queued_since,
+                trigger_times,
                 desired: outcome_state,
             });
         }

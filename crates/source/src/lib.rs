@@ -5,7 +5,9 @@
 //! The engine cannot tell which source it is fed by.
 
 pub mod endpointslice_controller;
+pub mod kube;
 mod manifests;
+pub mod ratelimit;
 
 use std::fmt;
 use std::future::Future;
@@ -13,6 +15,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub use kube::{ApiClientOptions, ApiSourceStatus, KubeSource, api_client};
 pub use manifests::ManifestSource;
 use svcplane_model::SourceEvent;
 
@@ -44,6 +47,8 @@ pub enum SourceError {
     },
     #[error("cannot watch manifests directory {path}: {message}")]
     Watch { path: PathBuf, message: String },
+    #[error("Kubernetes API: {0}")]
+    ApiClient(String),
 }
 
 pub type SourceFuture = Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;

@@ -44,6 +44,8 @@ impl Cli {
     }
 }
 
+// Parsed once per process; boxing the proxy's flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy: watch the source and keep the kernel's Service rules in sync.
@@ -94,8 +96,9 @@ pub struct EngineArgs {
     pub manifests: Option<PathBuf>,
 
     /// This node's name: endpoints with this nodeName are local; its Node object gives IPs and zone.
-    /// Defaults to $NODE_NAME (the DaemonSet sets it from spec.nodeName), then the host name.
-    #[arg(long, value_name = "NODE", env = "NODE_NAME")]
+    /// Defaults to the --config file's hostnameOverride, then $NODE_NAME (the DaemonSet sets it
+    /// from spec.nodeName), then the host name.
+    #[arg(long, value_name = "NODE")]
     pub hostname_override: Option<String>,
 
     /// The pod network, comma-separated (one per family): traffic from outside it to a ClusterIP is masqueraded.
@@ -142,6 +145,9 @@ pub struct ProxyArgs {
     pub dns_listen: Option<String>,
 
     #[command(flatten)]
+    pub api: ApiArgs,
+
+    #[command(flatten)]
     pub dns: DnsOptions,
 
     /// kube-proxy's flag: remove everything svcplane programmed (every mode), then exit,
@@ -151,6 +157,28 @@ pub struct ProxyArgs {
 
     #[command(flatten)]
     pub kube_proxy: crate::compat::KubeProxyFlags,
+}
+
+/// The Kubernetes API source (kube-proxy's flag names). Without --manifests and
+/// --kubeconfig/--master, the in-cluster service account is used when
+/// KUBERNETES_SERVICE_HOST is set.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ApiArgs {
+    /// A kubeconfig file: watch Services, EndpointSlices and this node's Node through it.
+    #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The API server's URL (overrides the kubeconfig's server).
+    #[arg(long, value_name = "URL", conflicts_with = "manifests")]
+    pub master: Option<String>,
+
+    /// Requests per second to the API server (client-side token bucket; 0: unlimited; default 5).
+    #[arg(long = "kube-api-qps", visible_alias = "api-qps", value_name = "QPS")]
+    pub qps: Option<f32>,
+
+    /// Burst of requests to the API server (default 10).
+    #[arg(long = "kube-api-burst", visible_alias = "api-burst", value_name = "N")]
+    pub burst: Option<u32>,
 }
 
 /// DNS flags shared by `dns` and `proxy --dns-listen`.

@@ -10,9 +10,12 @@ use svcplane_proxy::Engine;
 use svcplane_proxy::sync_loop::{
     SyncLoopConfig, SyncObserver, SyncStatus, run_sync_loop_with_observer,
 };
-use svcplane_source::{ManifestSource, Problem, ProblemSink, Source};
+use svcplane_source::kube::{DEFAULT_API_BURST, DEFAULT_API_QPS};
+use svcplane_source::{
+    ApiClientOptions, KubeSource, ManifestSource, Problem, ProblemSink, Source, api_client,
+};
 
-use crate::cli::{CleanupArgs, Cli, Command, ProxyArgs, RenderArgs};
+use crate::cli::{ApiArgs, CleanupArgs, Cli, Command, ProxyArgs, RenderArgs};
 use crate::settings::{EngineSettings, ProxySettings};
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -101,7 +104,7 @@ fn proxy(args: ProxyArgs) -> Result<()> {
             settings.engine.mode
         );
     }
-    let dir = manifests_dir(&settings.engine)?;
+    let source_kind = object_source(&settings.engine, &args.api)?;
     // In proxy mode names outside the cluster go where the node's own resolver sends them.
     let dns_settings = match &args.dns_listen {
         Some(listen) => Some(crate::dns::DnsSettings::resolve(
@@ -115,7 +118,7 @@ fn proxy(args: ProxyArgs) -> Result<()> {
     tracing::info!(
         mode = %settings.engine.mode,
         node = %settings.engine.node_name,
-        manifests = %dir.display(),
+        source = %source_kind,
         "starting svcplane proxy"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -131,7 +134,16 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         }
         let metrics = Arc::new(metrics);
         let (status_tx, status_rx) = tokio::sync::watch::channel(SyncStatus::default());
-        let health = ProxyHealth::new(status_rx, settings.sync_period);
+        let mut health = ProxyHealth::new(status_rx, settings.sync_period);
+        let source: Box<dyn Source> = match &source_kind {
+            ObjectSource::Manifests(dir) => Box::new(ManifestSource::new(dir)),
+            ObjectSource::Api(options) => {
+                let client = api_client(options).await?;
+                let source = KubeSource::new(client, settings.engine.node_name.clone());
+                health = health.with_source(source.status());
+                Box::new(source)
+            }
+        };
         // Bound before anything else runs, so a taken address is a clear startup error.
         let metrics_listener =
             http::bind("--metrics-bind-address", settings.metrics_bind_address).await?;
@@ -162,7 +174,6 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         // The source logs each problem itself; here it is only counted.
         let counted = metrics.clone();
         let problems: ProblemSink = Arc::new(move |_| counted.invalid_object());
-        let source: Box<dyn Source> = Box::new(ManifestSource::new(&dir));
         let source_task = tokio::spawn(source.run(tx, problems));
         // DNS sees every event first, then passes it on: the engine is unchanged.
         let (rx, dns_server) = match &dns_settings {
@@ -198,9 +209,9 @@ fn proxy(args: ProxyArgs) -> Result<()> {
                 Err(err) => Err(err).context("the DNS server panicked"),
             },
             result = source_task => match result {
-                Ok(Ok(())) => bail!("the manifests source stopped"),
-                Ok(Err(err)) => Err(err).context("manifests source failed"),
-                Err(err) => Err(err).context("manifests source panicked"),
+                Ok(Ok(())) => bail!("the object source stopped"),
+                Ok(Err(err)) => Err(err).context("object source failed"),
+                Err(err) => Err(err).context("object source panicked"),
             },
             _ = shutdown_signal() => {
                 // As kube-proxy: leave the rules in place, so traffic keeps flowing across a restart.
@@ -209,6 +220,79 @@ fn proxy(args: ProxyArgs) -> Result<()> {
             }
         }
     })
+}
+
+/// Where `proxy` gets its objects.
+#[derive(Debug)]
+enum ObjectSource {
+    Manifests(std::path::PathBuf),
+    Api(ApiClientOptions),
+}
+
+impl std::fmt::Display for ObjectSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ObjectSource::Manifests(dir) => write!(f, "manifests {}", dir.display()),
+            ObjectSource::Api(o) => match (&o.kubeconfig, &o.master) {
+                (Some(k), _) => write!(f, "kubernetes-api (kubeconfig {})", k.display()),
+                (None, Some(m)) => write!(f, "kubernetes-api ({m})"),
+                (None, None) => f.write_str("kubernetes-api (in-cluster)"),
+            },
+        }
+    }
+}
+
+/// Exactly one of --manifests, --kubeconfig/--master, or the in-cluster service account
+/// (KUBERNETES_SERVICE_HOST set, neither flag given).
+fn object_source(engine: &EngineSettings, api: &ApiArgs) -> Result<ObjectSource> {
+    object_source_with(
+        engine,
+        api,
+        std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|h| !h.is_empty()),
+    )
+}
+
+fn object_source_with(
+    engine: &EngineSettings,
+    api: &ApiArgs,
+    in_cluster: bool,
+) -> Result<ObjectSource> {
+    // Flags first, then the --config file's clientConnection (0 there means "unset", as
+    // in kube-proxy's defaulting).
+    let file = &engine.file;
+    let kubeconfig = api.kubeconfig.clone().or_else(|| file.kubeconfig.clone());
+    let qps = api
+        .qps
+        .or_else(|| file.api_qps.filter(|q| *q > 0.0).map(|q| q as f32));
+    let burst = api.burst.or_else(|| {
+        file.api_burst
+            .filter(|b| *b > 0)
+            .and_then(|b| u32::try_from(b).ok())
+    });
+    let wants_api = kubeconfig.is_some() || api.master.is_some();
+    let options = || ApiClientOptions {
+        kubeconfig: kubeconfig.clone(),
+        master: api.master.clone(),
+        qps: qps.unwrap_or(DEFAULT_API_QPS),
+        burst: burst.unwrap_or(DEFAULT_API_BURST),
+    };
+    if let Some(q) = qps
+        && !(q.is_finite() && q >= 0.0)
+    {
+        bail!("--kube-api-qps: must be a number ≥ 0 (0: unlimited), not {q}");
+    }
+    match (&engine.manifests, wants_api) {
+        (Some(_), true) => {
+            bail!("--manifests and --kubeconfig/--master are exclusive: pick one object source")
+        }
+        (Some(dir), false) => Ok(ObjectSource::Manifests(dir.clone())),
+        (None, true) => Ok(ObjectSource::Api(options())),
+        (None, false) if in_cluster => Ok(ObjectSource::Api(options())),
+        (None, false) => bail!(
+            "no object source: pass --manifests DIR, or --kubeconfig PATH (or --master URL), \
+             or run in a Pod (KUBERNETES_SERVICE_HOST set) to use its service account"
+        ),
+    }
 }
 
 /// A server task ended (they run until the process exits): an error either way.
@@ -285,4 +369,88 @@ fn cleanup_kube_proxy() -> Result<()> {
         tracing::info!("nothing of kube-proxy's was left on this node");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::EngineArgs;
+
+    fn engine(manifests: Option<&str>) -> EngineSettings {
+        EngineSettings::resolve(&EngineArgs {
+            proxy_mode: None,
+            manifests: manifests.map(Into::into),
+            hostname_override: Some("node-a".into()),
+            cluster_cidr: None,
+            nodeport_addresses: None,
+            masquerade_all: None,
+            config: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn exactly_one_object_source() {
+        let none = ApiArgs::default();
+        let kubeconfig = ApiArgs {
+            kubeconfig: Some("/k".into()),
+            qps: Some(20.0),
+            ..ApiArgs::default()
+        };
+        assert!(matches!(
+            object_source_with(&engine(Some("/m")), &none, true).unwrap(),
+            ObjectSource::Manifests(_)
+        ));
+        match object_source_with(&engine(None), &kubeconfig, false).unwrap() {
+            ObjectSource::Api(o) => {
+                assert_eq!(o.kubeconfig.as_deref(), Some(std::path::Path::new("/k")));
+                assert_eq!((o.qps, o.burst), (20.0, DEFAULT_API_BURST));
+            }
+            other => panic!("{other:?}"),
+        }
+        match object_source_with(&engine(None), &none, true).unwrap() {
+            ObjectSource::Api(o) => assert!(o.kubeconfig.is_none() && o.master.is_none()),
+            other => panic!("{other:?}"),
+        }
+        let err = object_source_with(&engine(None), &none, false).unwrap_err();
+        assert!(err.to_string().contains("no object source"), "{err}");
+        let err = object_source_with(&engine(Some("/m")), &kubeconfig, false).unwrap_err();
+        assert!(err.to_string().contains("exclusive"), "{err}");
+        let bad = ApiArgs {
+            master: Some("http://x".into()),
+            qps: Some(-1.0),
+            ..ApiArgs::default()
+        };
+        assert!(object_source_with(&engine(None), &bad, false).is_err());
+    }
+
+    #[test]
+    fn the_config_files_client_connection_is_used_unless_flags_say_otherwise() {
+        let mut from_file = engine(None);
+        from_file.file.kubeconfig = Some("/var/lib/kube-proxy/kubeconfig.conf".into());
+        from_file.file.api_qps = Some(7.5);
+        from_file.file.api_burst = Some(0); // 0: unset, as in kube-proxy
+        match object_source_with(&from_file, &ApiArgs::default(), false).unwrap() {
+            ObjectSource::Api(o) => {
+                assert_eq!(
+                    o.kubeconfig.as_deref(),
+                    Some(std::path::Path::new("/var/lib/kube-proxy/kubeconfig.conf"))
+                );
+                assert_eq!((o.qps, o.burst), (7.5, DEFAULT_API_BURST));
+            }
+            other => panic!("{other:?}"),
+        }
+        let flags = ApiArgs {
+            kubeconfig: Some("/k".into()),
+            qps: Some(1.0),
+            ..ApiArgs::default()
+        };
+        match object_source_with(&from_file, &flags, false).unwrap() {
+            ObjectSource::Api(o) => {
+                assert_eq!(o.kubeconfig.as_deref(), Some(std::path::Path::new("/k")));
+                assert_eq!(o.qps, 1.0);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -131,11 +131,11 @@ const DETECT_LOCAL: &[Field] = &[
 ];
 
 const CLIENT_CONNECTION: &[Field] = &[
-    f("kubeconfig", Str, Ignored),
+    f("kubeconfig", Str, Honoured),
     f("acceptContentTypes", Str, Ignored),
     f("contentType", Str, Ignored),
-    f("qps", Float, Ignored),
-    f("burst", Int, Ignored),
+    f("qps", Float, Honoured),
+    f("burst", Int, Honoured),
 ];
 
 /// Every field of v1alpha1 KubeProxyConfiguration.

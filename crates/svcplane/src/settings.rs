@@ -55,7 +55,11 @@ impl EngineSettings {
             .or_else(|| file.hostname_override.clone())
         {
             Some(n) => n,
-            None => host_name()?,
+            // As kube-proxy's DaemonSet sets it from the downward API (spec.nodeName).
+            None => match std::env::var("NODE_NAME") {
+                Ok(n) if !n.trim().is_empty() => n,
+                _ => host_name()?,
+            },
         };
         let node_name = node_name.trim().to_lowercase();
         if !svcplane_model::is_dns1123_subdomain(&node_name) {

@@ -811,7 +811,8 @@ impl Cluster {
     /// Spawn `svcplane proxy` (the binary at `bin`, e.g. `env!("CARGO_BIN_EXE_svcplane")`)
     /// inside `node`'s namespace with `--hostname-override <node>`, the cluster CIDR,
     /// `--proxy-mode nftables`, `--min-sync-period 0s` and `--manifests <dir>` (each
-    /// default left out when `extra_args` gives that flag), then `extra_args`. Returns
+    /// default left out when `extra_args` gives that flag; `--manifests` also when it
+    /// gives `--kubeconfig` or `--master`), then `extra_args`. Returns
     /// once the proxy is ready (see [`ProxyHandle::is_ready`]). Its output goes to the
     /// test's (see [`Cluster::run_proxy_logged`] to keep it in a file instead).
     pub fn run_proxy(
@@ -858,7 +859,14 @@ impl Cluster {
             ("--min-sync-period", OsStr::new("0s")),
             ("--manifests", manifests.as_os_str()),
         ];
+        // The API source replaces the manifests directory (the flags are exclusive).
+        let api_source = ["--kubeconfig", "--master"]
+            .iter()
+            .any(|f| flag_value(extra_args, f).is_some());
         for (flag, value) in defaults {
+            if flag == "--manifests" && api_source {
+                continue;
+            }
             if flag_value(extra_args, flag).is_none() {
                 cmd.arg(flag).arg(value);
             }

@@ -10,12 +10,14 @@
 //!   inside any namespace.
 
 mod cluster;
+pub mod fake_apiserver;
 mod net;
 
 pub use cluster::{
     CLIENT_V4, CLIENT_V6, CLUSTER_CIDR, Client, Cluster, ClusterBuilder, Manifests, Node, Pod,
     PodSpec, ProxyHandle, SERVICE_CIDRS, metric_value, parse_echo,
 };
+pub use fake_apiserver::{ApiRequest, ApiResource, FakeApiServer};
 pub use net::{
     EchoReply, EchoServer, Proto, RequestError, http_get, in_netns, tcp_request, udp_request,
     udp_request_bound,

@@ -1,0 +1,490 @@
+//! The Kubernetes API as a [`Source`]: kube-runtime watchers on Services, EndpointSlices
+//! (discovery.k8s.io/v1) and this node's Node, as kube-proxy's informers.
+//!
+//! - Selectors as kube-proxy's: Services and EndpointSlices labelled
+//!   `service.kubernetes.io/service-proxy-name` (another proxy's) or
+//!   `service.kubernetes.io/headless` are not watched (and are dropped here too, should a
+//!   server ignore the selector); the Node by `fieldSelector=metadata.name=NODE`.
+//! - Each watcher lists, then watches from the list's resourceVersion; a cut connection
+//!   resumes from the last resourceVersion seen, a 410 Gone relists (the watcher does
+//!   both). After a relist the objects not listed again are deleted, so what was deleted
+//!   while disconnected goes away.
+//! - Errors are retried with kube-runtime's default backoff (0.8 s doubling to 30 s) and
+//!   never clear anything: the engine keeps the last known state, so the dataplane is not
+//!   flushed because the API is unreachable. Each error is logged, counted in
+//!   [`ApiSourceStatus`] and reported to whoever watches it (`/healthz`, metrics).
+//! - Invalid objects (the converters' validation) are reported as [`Problem`]s and
+//!   skipped; an object that becomes invalid keeps its previous valid version.
+//! - The initial state is sent once all three initial lists completed, followed by
+//!   `SourceEvent::Synced`; later events go out in batches of whatever is ready together.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use futures::stream::{BoxStream, SelectAll};
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, ResourceExt};
+use svcplane_model::{
+    Change, DEFAULT_NAMESPACE, InvalidObject, Kind, NamespacedName, Object, ObjectKey,
+    SERVICE_PROXY_NAME_LABEL, SourceEvent, endpoint_slice_from_k8s, node_from_k8s,
+    service_from_k8s,
+};
+use tokio::sync::watch;
+
+use crate::ratelimit::RateLimitLayer;
+use crate::{Problem, ProblemSink, Source, SourceError, SourceFuture};
+
+/// Label kube's EndpointSlice controller puts on the slices of headless Services (and
+/// which kube-proxy's informers exclude).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// kube-proxy's label selector for Services and EndpointSlices.
+pub fn proxy_label_selector() -> String {
+    format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
+}
+
+/// Most changes sent in one batch (a relist of 10k objects is split).
+const MAX_BATCH: usize = 2048;
+
+/// kube-proxy's `--kube-api-qps` / `--kube-api-burst` defaults.
+pub const DEFAULT_API_QPS: f32 = 5.0;
+pub const DEFAULT_API_BURST: u32 = 10;
+
+/// The watched collections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ApiResource {
+    Services,
+    EndpointSlices,
+    Nodes,
+}
+
+impl ApiResource {
+    pub const ALL: [ApiResource; 3] = [
+        ApiResource::Services,
+        ApiResource::EndpointSlices,
+        ApiResource::Nodes,
+    ];
+
+    /// The lower-case plural, as in metric labels (`services`, `endpointslices`, `nodes`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiResource::Services => "services",
+            ApiResource::EndpointSlices => "endpointslices",
+            ApiResource::Nodes => "nodes",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One watcher's state, for health and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchStatus {
+    /// Its initial list completed at least once.
+    pub synced: bool,
+    /// Errors so far (failed lists, failed or broken watches, 410 Gone).
+    pub errors: u64,
+    /// The last error, cleared by the next successful list or event.
+    pub last_error: Option<String>,
+    pub last_error_time: Option<SystemTime>,
+    /// Completed lists (the first, then each relist).
+    pub lists: u64,
+}
+
+/// The API source's state: one [`WatchStatus`] per resource, in [`ApiResource::ALL`] order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApiSourceStatus {
+    pub watches: [WatchStatus; 3],
+}
+
+impl ApiSourceStatus {
+    pub fn get(&self, resource: ApiResource) -> &WatchStatus {
+        &self.watches[resource.index()]
+    }
+
+    /// Every watcher listed once and none is failing right now.
+    pub fn healthy(&self) -> bool {
+        self.watches
+            .iter()
+            .all(|w| w.synced && w.last_error.is_none())
+    }
+}
+
+/// How to reach the API server.
+#[derive(Debug, Clone, Default)]
+pub struct ApiClientOptions {
+    /// A kubeconfig file (its current context); `None`: in-cluster (service account).
+    pub kubeconfig: Option<PathBuf>,
+    /// The API server URL, overriding the kubeconfig's (kube-proxy's `--master`).
+    pub master: Option<String>,
+    /// Requests per second (≤ 0: unlimited) and burst of the client's token bucket.
+    pub qps: f32,
+    pub burst: u32,
+}
+
+/// A kube client as `options` say, with the rate limit in its stack.
+pub async fn api_client(options: &ApiClientOptions) -> Result<Client, SourceError> {
+    let err = |e: String| SourceError::ApiClient(e);
+    let mut config = match (&options.kubeconfig, &options.master) {
+        (Some(path), _) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| err(format!("kubeconfig {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|e| err(format!("kubeconfig {}: {e}", path.display())))?
+        }
+        (None, Some(master)) => kube::Config::new(
+            master
+                .parse()
+                .map_err(|e| err(format!("--master {master:?}: {e}")))?,
+        ),
+        (None, None) => {
+            kube::Config::incluster().map_err(|e| err(format!("in-cluster configuration: {e}")))?
+        }
+    };
+    if let (Some(_), Some(master)) = (&options.kubeconfig, &options.master) {
+        config.cluster_url = master
+            .parse()
+            .map_err(|e| err(format!("--master {master:?}: {e}")))?;
+    }
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| err(format!("cannot build the API client: {e}")))?;
+    Ok(builder
+        .with_layer(&RateLimitLayer::new(options.qps, options.burst))
+        .build())
+}
+
+/// The Kubernetes API source. See the module docs.
+pub struct KubeSource {
+    client: Client,
+    node_name: String,
+    status: watch::Sender<ApiSourceStatus>,
+}
+
+impl KubeSource {
+    /// Watch through `client`; `node_name` selects the Node watched.
+    pub fn new(client: Client, node_name: impl Into<String>) -> KubeSource {
+        KubeSource {
+            client,
+            node_name: node_name.into(),
+            status: watch::channel(ApiSourceStatus::default()).0,
+        }
+    }
+
+    /// Follow the watchers' state (for `/healthz` and metrics).
+    pub fn status(&self) -> watch::Receiver<ApiSourceStatus> {
+        self.status.subscribe()
+    }
+
+    fn streams(&self) -> SelectAll<BoxStream<'static, Item>> {
+        let labels = proxy_label_selector();
+        let services = watcher::watcher(
+            Api::<core::Service>::all(self.client.clone()),
+            watcher::Config::default().labels(&labels),
+        )
+        .default_backoff()
+        .map(|r| item(ApiResource::Services, r, convert_service))
+        .boxed();
+        let slices = watcher::watcher(
+            Api::<discovery::EndpointSlice>::all(self.client.clone()),
+            watcher::Config::default().labels(&labels),
+        )
+        .default_backoff()
+        .map(|r| item(ApiResource::EndpointSlices, r, convert_slice))
+        .boxed();
+        let node = self.node_name.clone();
+        let nodes = watcher::watcher(
+            Api::<core::Node>::all(self.client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
+        )
+        .default_backoff()
+        .map(move |r| item(ApiResource::Nodes, r, |n| convert_node(n, &node)))
+        .boxed();
+        futures::stream::select_all([services, slices, nodes])
+    }
+
+    async fn watch(
+        self,
+        tx: tokio::sync::mpsc::Sender<SourceEvent>,
+        problems: ProblemSink,
+    ) -> Result<(), SourceError> {
+        let mut streams = self.streams();
+        let mut state = State::default();
+        let mut sent_synced = false;
+        loop {
+            let first = tokio::select! {
+                item = streams.next() => item,
+                () = tx.closed() => return Ok(()),
+            };
+            // The watchers retry forever, so their streams do not end.
+            let Some(first) = first else { return Ok(()) };
+            let mut changes = Vec::new();
+            let mut found = Vec::new();
+            state.handle(first, &mut changes, &mut found, &self.status);
+            // One batch: whatever else is ready now.
+            while changes.len() < MAX_BATCH {
+                match streams.next().now_or_never() {
+                    Some(Some(item)) => state.handle(item, &mut changes, &mut found, &self.status),
+                    _ => break,
+                }
+            }
+            for p in &found {
+                tracing::warn!("{p}");
+                problems(p);
+            }
+            if sent_synced {
+                if !changes.is_empty() && tx.send(SourceEvent::Changes(changes)).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            // Before every list completed: held back, so the first batch is the whole state.
+            state.held.extend(changes);
+            if state.all_listed() {
+                let held = std::mem::take(&mut state.held);
+                if tx.send(SourceEvent::Changes(held)).await.is_err()
+                    || tx.send(SourceEvent::Synced).await.is_err()
+                {
+                    return Ok(());
+                }
+                sent_synced = true;
+                tracing::info!(
+                    "Kubernetes API source synced: Services, EndpointSlices and Node listed"
+                );
+            }
+        }
+    }
+}
+
+impl Source for KubeSource {
+    fn run(
+        self: Box<Self>,
+        tx: tokio::sync::mpsc::Sender<SourceEvent>,
+        problems: ProblemSink,
+    ) -> SourceFuture {
+        Box::pin((*self).watch(tx, problems))
+    }
+}
+
+/// One object from a watcher, converted: its key, and the object or why it is invalid
+/// (`Ok(None)`: not for this proxy, treated as absent).
+struct Converted {
+    key: ObjectKey,
+    object: Result<Option<Object>, InvalidObject>,
+}
+
+struct Item {
+    resource: ApiResource,
+    event: Result<Event<Converted>, watcher::Error>,
+}
+
+fn item<K>(
+    resource: ApiResource,
+    result: Result<Event<K>, watcher::Error>,
+    convert: impl Fn(&K) -> Converted,
+) -> Item {
+    let event = result.map(|event| match event {
+        Event::Apply(k) => Event::Apply(convert(&k)),
+        Event::Delete(k) => Event::Delete(convert(&k)),
+        Event::Init => Event::Init,
+        Event::InitApply(k) => Event::InitApply(convert(&k)),
+        Event::InitDone => Event::InitDone,
+    });
+    Item { resource, event }
+}
+
+fn namespaced_key<K: ResourceExt>(kind: Kind, k: &K) -> ObjectKey {
+    let namespace = k
+        .namespace()
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+    ObjectKey {
+        kind,
+        name: NamespacedName::new(namespace, k.name_any()),
+    }
+}
+
+/// Labelled as another proxy's, or as a headless Service's: kube-proxy ignores it.
+fn not_for_this_proxy<K: ResourceExt>(k: &K) -> bool {
+    let labels = k.labels();
+    labels.contains_key(SERVICE_PROXY_NAME_LABEL) || labels.contains_key(HEADLESS_LABEL)
+}
+
+fn convert_service(s: &core::Service) -> Converted {
+    let key = namespaced_key(Kind::Service, s);
+    let object = if not_for_this_proxy(s) {
+        Ok(None)
+    } else {
+        service_from_k8s(s).map(|s| Some(Object::Service(s)))
+    };
+    Converted { key, object }
+}
+
+fn convert_slice(s: &discovery::EndpointSlice) -> Converted {
+    let key = namespaced_key(Kind::EndpointSlice, s);
+    let object = if not_for_this_proxy(s) {
+        Ok(None)
+    } else {
+        endpoint_slice_from_k8s(s).map(|s| Some(Object::EndpointSlice(s)))
+    };
+    Converted { key, object }
+}
+
+fn convert_node(n: &core::Node, node_name: &str) -> Converted {
+    let key = ObjectKey {
+        kind: Kind::Node,
+        name: NamespacedName::new("", n.name_any()),
+    };
+    let object = if n.name_any() != node_name {
+        Ok(None)
+    } else {
+        node_from_k8s(n).map(|n| Some(Object::Node(n)))
+    };
+    Converted { key, object }
+}
+
+#[derive(Default)]
+struct State {
+    /// What was emitted, per resource.
+    known: [BTreeMap<ObjectKey, Object>; 3],
+    /// A list in progress, per resource.
+    listing: [Option<BTreeMap<ObjectKey, Object>>; 3],
+    listed: [bool; 3],
+    /// Changes before the first complete state.
+    held: Vec<Change>,
+}
+
+impl State {
+    fn all_listed(&self) -> bool {
+        self.listed.iter().all(|l| *l)
+    }
+
+    fn handle(
+        &mut self,
+        item: Item,
+        changes: &mut Vec<Change>,
+        problems: &mut Vec<Problem>,
+        status: &watch::Sender<ApiSourceStatus>,
+    ) {
+        let r = item.resource;
+        let i = r.index();
+        let event = match item.event {
+            Ok(event) => event,
+            Err(err) => {
+                let message = describe_error(&err);
+                tracing::warn!(
+                    resource = r.as_str(),
+                    error = %message,
+                    "Kubernetes API watch failed; keeping the last known state, retrying with backoff"
+                );
+                status.send_modify(|s| {
+                    let w = &mut s.watches[i];
+                    w.errors += 1;
+                    w.last_error = Some(message);
+                    w.last_error_time = Some(SystemTime::now());
+                });
+                return;
+            }
+        };
+        // Anything but an error means the API answered.
+        status.send_if_modified(|s| s.watches[i].last_error.take().is_some());
+        match event {
+            Event::Init => {
+                if self.listed[i] {
+                    tracing::info!(resource = r.as_str(), "relisting from the Kubernetes API");
+                }
+                self.listing[i] = Some(BTreeMap::new());
+            }
+            Event::InitApply(c) => {
+                let previous = self.known[i].get(&c.key).cloned();
+                let buffer = self.listing[i].get_or_insert_with(BTreeMap::new);
+                if let (key, Some(obj)) = valid(c, previous, problems) {
+                    buffer.insert(key, obj);
+                }
+            }
+            Event::InitDone => {
+                let listed = self.listing[i].take().unwrap_or_default();
+                let known = &mut self.known[i];
+                for key in known.keys() {
+                    if !listed.contains_key(key) {
+                        changes.push(Change::Delete(key.clone()));
+                    }
+                }
+                for (key, obj) in &listed {
+                    if known.get(key) != Some(obj) {
+                        changes.push(Change::Apply(obj.clone()));
+                    }
+                }
+                *known = listed;
+                self.listed[i] = true;
+                status.send_modify(|s| {
+                    s.watches[i].synced = true;
+                    s.watches[i].lists += 1;
+                });
+            }
+            Event::Apply(c) => {
+                let previous = self.known[i].get(&c.key).cloned();
+                match valid(c, previous, problems) {
+                    (key, Some(obj)) => {
+                        if self.known[i].get(&key) != Some(&obj) {
+                            changes.push(Change::Apply(obj.clone()));
+                            self.known[i].insert(key, obj);
+                        }
+                    }
+                    (key, None) => {
+                        // Now labelled for another proxy: as deleted.
+                        if self.known[i].remove(&key).is_some() {
+                            changes.push(Change::Delete(key));
+                        }
+                    }
+                }
+            }
+            Event::Delete(c) => {
+                if self.known[i].remove(&c.key).is_some() {
+                    changes.push(Change::Delete(c.key));
+                }
+            }
+        }
+    }
+}
+
+/// The object to keep for `c`: its new version, its previous valid one when it became
+/// invalid, or none (not for this proxy, or invalid and new).
+fn valid(
+    c: Converted,
+    previous: Option<Object>,
+    problems: &mut Vec<Problem>,
+) -> (ObjectKey, Option<Object>) {
+    match c.object {
+        Ok(obj) => (c.key, obj),
+        Err(invalid) => {
+            let what = if previous.is_some() {
+                "keeping its previous valid version"
+            } else {
+                "skipped"
+            };
+            problems.push(Problem {
+                file: None,
+                message: format!("{invalid}; {what}"),
+            });
+            (c.key, previous)
+        }
+    }
+}
+
+/// The error as logged: a 410 says the relist that follows.
+fn describe_error(err: &watcher::Error) -> String {
+    match err {
+        watcher::Error::WatchError(status) if status.code == 410 => {
+            format!("watch expired (410 Gone: {}); relisting", status.message)
+        }
+        other => other.to_string(),
+    }
+}
