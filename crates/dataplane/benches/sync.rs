@@ -159,6 +159,21 @@ fn main() {
                     }
                 }
             });
+            // The periodic check: an empty partial diff (the tables probe, the conntrack pass).
+            let settled = current.clone();
+            let check = Diff::between(Some(settled.clone()), &settled, false);
+            let mut check_failed = None;
+            let check_time = median(11, || {
+                if let Err(e) = backend.sync(&settled, &check) {
+                    check_failed = Some(e);
+                }
+            });
+            match check_failed {
+                Some(e) => eprintln!("periodic check failed: {e}"),
+                None => {
+                    println!("{n:>6} services: periodic check (empty partial sync) {check_time:?}")
+                }
+            }
             let all_partial = sizes.iter().all(|(full, _)| !full);
             println!(
                 "{n:>6} services: one endpoint change, partial sync (render + apply) {partial_time:?}, {} bytes as nft text, all partial: {all_partial}, over netlink: {}",
