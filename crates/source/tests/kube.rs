@@ -440,3 +440,23 @@ async fn services_of_other_proxies_and_headless_slices_are_skipped() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn synced_waits_until_every_initial_list_succeeded() {
+    let server = FakeApiServer::start().unwrap();
+    server.apply(service("web", 80, json!({}))).unwrap();
+    server.set_available(false);
+    let mut h = Harness::start(&server).await;
+    // While the API refuses every list, nothing is delivered: an empty or partial initial
+    // state would make the engine delete every rule.
+    let early = tokio::time::timeout(Duration::from_secs(2), h.rx.recv()).await;
+    assert!(
+        early.is_err(),
+        "delivered while the API was down: {early:?}"
+    );
+    server.set_available(true);
+    h.synced().await;
+    assert_eq!(h.service_port("web"), Some(80));
+    // The first batch carried the whole state, before Synced.
+    assert!(matches!(h.events.first(), Some(SourceEvent::Changes(c)) if !c.is_empty()));
+}
