@@ -183,12 +183,6 @@ fn proxy(args: ProxyArgs) -> Result<()> {
             }
             None => (rx, None),
         };
-        let dns_stopped = async {
-            match dns_server {
-                Some(task) => task.await,
-                None => std::future::pending().await,
-            }
-        };
         let engine = Engine::new(settings.engine.engine_config());
         let backend = svcplane_dataplane::backend(settings.engine.mode);
         let loop_config = SyncLoopConfig {
@@ -201,18 +195,10 @@ fn proxy(args: ProxyArgs) -> Result<()> {
             run_sync_loop_with_observer(engine, rx, backend, loop_config, status_tx, Some(observer));
         tokio::select! {
             result = sync_loop => result.context("sync loop failed"),
-            result = metrics_server => server_stopped("/metrics", result),
-            result = healthz_server => server_stopped("/healthz", result),
-            result = dns_stopped => match result {
-                Ok(Ok(())) => bail!("the DNS server stopped"),
-                Ok(Err(err)) => Err(err.into()),
-                Err(err) => Err(err).context("the DNS server panicked"),
-            },
-            result = source_task => match result {
-                Ok(Ok(())) => bail!("the object source stopped"),
-                Ok(Err(err)) => Err(err).context("object source failed"),
-                Err(err) => Err(err).context("object source panicked"),
-            },
+            result = metrics_server => task_ended("/metrics server", result),
+            result = healthz_server => task_ended("/healthz server", result),
+            result = optional_task(dns_server) => task_ended("DNS server", result),
+            result = source_task => task_ended("object source", result),
             _ = shutdown_signal() => {
                 // As kube-proxy: leave the rules in place, so traffic keeps flowing across a restart.
                 tracing::info!("shutting down; rules stay in place (use `svcplane cleanup` to remove them)");
@@ -295,15 +281,29 @@ fn object_source_with(
     }
 }
 
-/// A server task ended (they run until the process exits): an error either way.
-fn server_stopped(
+/// A task that runs until the process exits (a server, the source) ended: an error
+/// either way, saying how.
+pub(crate) fn task_ended<E>(
     what: &str,
-    result: Result<std::io::Result<()>, tokio::task::JoinError>,
-) -> Result<()> {
+    result: Result<Result<(), E>, tokio::task::JoinError>,
+) -> Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
     match result {
-        Ok(Ok(())) => bail!("the {what} server stopped"),
-        Ok(Err(err)) => Err(err).with_context(|| format!("the {what} server failed")),
-        Err(err) => Err(err).with_context(|| format!("the {what} server panicked")),
+        Ok(Ok(())) => bail!("the {what} stopped"),
+        Ok(Err(err)) => Err(err).with_context(|| format!("the {what} failed")),
+        Err(err) => Err(err).with_context(|| format!("the {what} panicked")),
+    }
+}
+
+/// Waits for an optional task; never resolves when there is none.
+pub(crate) async fn optional_task<T>(
+    task: Option<tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(task) => task.await,
+        None => std::future::pending().await,
     }
 }
 

@@ -3,6 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use crate::commands::{optional_task, task_ended};
 use anyhow::{Context, Result, bail};
 use ipnet::IpNet;
 use svcplane_dns::server::DEFAULT_FORWARD_TIMEOUT;
@@ -170,29 +171,11 @@ pub fn run(args: DnsArgs) -> Result<()> {
         let source: Box<dyn Source> = Box::new(ManifestSource::new(&args.manifests));
         let source_task = tokio::spawn(source.run(tx, problems));
         let follower = tokio::spawn(svcplane_dns::follow(dns.store, rx, None));
-        let metrics_stopped = async {
-            match metrics_server {
-                Some(task) => task.await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            result = dns.server => match result {
-                Ok(Ok(())) => bail!("the DNS server stopped"),
-                Ok(Err(err)) => Err(err.into()),
-                Err(err) => Err(err).context("the DNS server panicked"),
-            },
-            result = source_task => match result {
-                Ok(Ok(())) => bail!("the manifests source stopped"),
-                Ok(Err(err)) => Err(err).context("manifests source failed"),
-                Err(err) => Err(err).context("manifests source panicked"),
-            },
+            result = dns.server => task_ended("DNS server", result),
+            result = source_task => task_ended("manifests source", result),
             _ = follower => bail!("the DNS zone stopped following the manifests"),
-            result = metrics_stopped => match result {
-                Ok(Ok(())) => bail!("the /metrics server stopped"),
-                Ok(Err(err)) => Err(err).context("the /metrics server failed"),
-                Err(err) => Err(err).context("the /metrics server panicked"),
-            },
+            result = optional_task(metrics_server) => task_ended("/metrics server", result),
             _ = crate::commands::shutdown_signal() => {
                 tracing::info!("shutting down");
                 Ok(())
