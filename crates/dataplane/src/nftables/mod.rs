@@ -203,8 +203,8 @@ impl NftablesBackend {
         };
         let mut batch = sock.batch();
         if probe {
-            for family in [false, true] {
-                batch.add_chain(netlink::family_code(family), TABLE, render::SERVICES);
+            for op in &render::tables_present_probe_ops() {
+                batch.op(TABLE, op);
             }
         }
         for op in ops {

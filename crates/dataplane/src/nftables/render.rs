@@ -58,11 +58,19 @@ pub(crate) fn tables_present_probe() -> String {
     format!("add chain ip {TABLE} {SERVICES}\nadd chain ip6 {TABLE} {SERVICES}\n")
 }
 
+/// [`tables_present_probe`] as netlink operations.
+pub(crate) fn tables_present_probe_ops() -> [Op; 2] {
+    [false, true].map(|ipv6| Op::AddChain {
+        family: netlink::family_code(ipv6),
+        chain: SERVICES.to_owned(),
+    })
+}
+
 /// kube-proxy's default masquerade mark (`--iptables-masquerade-bit` 14).
 pub const MASQUERADE_MARK: u32 = 0x4000;
 
 // Fixed chains, sets and maps (kube-proxy's names).
-pub(crate) const SERVICES: &str = "services";
+const SERVICES: &str = "services";
 const SERVICE_IPS: &str = "service-ips";
 const SERVICE_NODEPORTS: &str = "service-nodeports";
 const NODEPORT_IPS: &str = "nodeport-ips";
