@@ -10,9 +10,11 @@ use svcplane_proxy::Engine;
 use svcplane_proxy::sync_loop::{
     SyncLoopConfig, SyncObserver, SyncStatus, run_sync_loop_with_observer,
 };
+use svcplane_source::kube::API_ADDRESS_ADVICE;
 use svcplane_source::kube::{DEFAULT_API_BURST, DEFAULT_API_QPS};
 use svcplane_source::{
-    ApiClientOptions, KubeSource, ManifestSource, Problem, ProblemSink, Source, api_client,
+    ApiClientOptions, ApiSourceStatus, ClusterIpDependency, KubeSource, ManifestSource, Problem,
+    ProblemSink, Source, api_config, client_from_config,
 };
 
 use crate::cli::{ApiArgs, CleanupArgs, Cli, Command, ProxyArgs, RenderArgs};
@@ -138,9 +140,20 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         let source: Box<dyn Source> = match &source_kind {
             ObjectSource::Manifests(dir) => Box::new(ManifestSource::new(dir)),
             ObjectSource::Api(options) => {
-                let client = api_client(options).await?;
+                let config = api_config(options).await?;
+                let service_host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+                let dependency =
+                    ClusterIpDependency::of_config(options, &config, service_host.as_deref());
+                if let Some(reason) = dependency {
+                    warn_cluster_ip_dependency(&config.cluster_url.to_string(), reason);
+                }
+                let url = config.cluster_url.to_string();
+                let client = client_from_config(config, options)?;
                 let source = KubeSource::new(client, settings.engine.node_name.clone());
                 health = health.with_source(source.status());
+                if let Some(reason) = dependency {
+                    tokio::spawn(repeat_hint_while_unlisted(source.status(), url, reason));
+                }
                 Box::new(source)
             }
         };
@@ -208,9 +221,57 @@ fn proxy(args: ProxyArgs) -> Result<()> {
     })
 }
 
+/// The bootstrap deadlock, said at startup: on a node without Service rules (a new node,
+/// or right after kube-proxy's were removed) nothing routes that ClusterIP, so the proxy
+/// cannot list what it needs to program it. kube-proxy says nothing here; its kubeadm
+/// kubeconfig avoids the case.
+fn warn_cluster_ip_dependency(url: &str, reason: ClusterIpDependency) {
+    tracing::warn!(
+        "the Kubernetes API server is reached at {url}, {reason}: only a Service dataplane \
+         (this proxy) makes it reachable, so on a node without Service rules svcplane cannot \
+         list the objects it needs to program that rule; give it a kubeconfig \
+         (clientConnection.kubeconfig, --kubeconfig) or --master whose server is the API \
+         server's real address: {API_ADDRESS_ADVICE}"
+    );
+}
+
+/// While the initial lists keep failing, say the likely cause again (at most once a
+/// minute), next to the watch errors.
+async fn repeat_hint_while_unlisted(
+    mut status: tokio::sync::watch::Receiver<ApiSourceStatus>,
+    url: String,
+    reason: ClusterIpDependency,
+) {
+    let mut hinted: Option<std::time::Instant> = None;
+    let mut seen_errors = 0;
+    while status.changed().await.is_ok() {
+        let (listed, errors) = {
+            let s = status.borrow_and_update();
+            (
+                s.watches.iter().all(|w| w.synced),
+                s.watches.iter().map(|w| w.errors).sum::<u64>(),
+            )
+        };
+        if listed {
+            return;
+        }
+        if errors > seen_errors && hinted.is_none_or(|t| t.elapsed() >= HINT_INTERVAL) {
+            tracing::warn!(
+                "the initial lists are failing and the API server is reached at {url}, \
+                 {reason}: this node may need Service rules to reach the API server; \
+                 {API_ADDRESS_ADVICE}"
+            );
+            hinted = Some(std::time::Instant::now());
+        }
+        seen_errors = errors;
+    }
+}
+
+const HINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Where `proxy` gets its objects.
 #[derive(Debug)]
-enum ObjectSource {
+pub(crate) enum ObjectSource {
     Manifests(std::path::PathBuf),
     Api(ApiClientOptions),
 }
@@ -238,7 +299,7 @@ fn object_source(engine: &EngineSettings, api: &ApiArgs) -> Result<ObjectSource>
     )
 }
 
-fn object_source_with(
+pub(crate) fn object_source_with(
     engine: &EngineSettings,
     api: &ApiArgs,
     in_cluster: bool,
