@@ -201,7 +201,8 @@ pub async fn api_config(options: &ApiClientOptions) -> Result<kube::Config, Sour
         .ends_with(".invalid")
     {
         return Err(err(format!(
-            "{field}: {:?} is a placeholder (the .invalid domain never resolves): {API_ADDRESS_ADVICE}",
+            "{field}: {:?} is a placeholder (the .invalid domain never resolves): set it to \
+             {API_ADDRESS_ADVICE}",
             config.cluster_url.to_string()
         )));
     }
@@ -219,11 +220,11 @@ fn current_cluster(kubeconfig: &kube::config::Kubeconfig) -> Option<String> {
         .map(|c| c.cluster.clone())
 }
 
-/// README section that says how to give svcplane the API server's real address.
-pub const API_ADDRESS_ADVICE: &str = "set it to the API server's real address, reachable from \
-     the node without any Service rule (`kubectl config view --minify -o \
+/// What to give svcplane instead of a ClusterIP, and where the README says how.
+pub const API_ADDRESS_ADVICE: &str = "the API server's real address, reachable from the node \
+     without any Service rule (`kubectl config view --minify -o \
      jsonpath='{.clusters[0].cluster.server}'`, or the server in kubeadm's kube-proxy \
-     ConfigMap); see README, \"Running in a cluster: replacing kube-proxy\"";
+     ConfigMap; README, \"Running in a cluster: replacing kube-proxy\")";
 
 /// Why the API server, at `host`, is reachable only through a Service ClusterIP: one
 /// that a Service dataplane (this proxy) programs, so on a node without Service rules

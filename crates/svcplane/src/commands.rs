@@ -230,8 +230,7 @@ fn warn_cluster_ip_dependency(url: &str, reason: ClusterIpDependency) {
         "the Kubernetes API server is reached at {url}, {reason}: only a Service dataplane \
          (this proxy) makes it reachable, so on a node without Service rules svcplane cannot \
          list the objects it needs to program that rule; give it a kubeconfig \
-         (clientConnection.kubeconfig, --kubeconfig) or --master whose server is the API \
-         server's real address: {API_ADDRESS_ADVICE}"
+         (clientConnection.kubeconfig, --kubeconfig) or --master with {API_ADDRESS_ADVICE}"
     );
 }
 
@@ -258,7 +257,7 @@ async fn repeat_hint_while_unlisted(
         if errors > seen_errors && hinted.is_none_or(|t| t.elapsed() >= HINT_INTERVAL) {
             tracing::warn!(
                 "the initial lists are failing and the API server is reached at {url}, \
-                 {reason}: this node may need Service rules to reach the API server; \
+                 {reason}: this node may need Service rules to reach it; use \
                  {API_ADDRESS_ADVICE}"
             );
             hinted = Some(std::time::Instant::now());
