@@ -241,32 +241,50 @@ async fn repeat_hint_while_unlisted(
     url: String,
     reason: ClusterIpDependency,
 ) {
-    let mut hinted: Option<std::time::Instant> = None;
-    let mut seen_errors = 0;
+    let mut pacer = HintPacer::default();
     while status.changed().await.is_ok() {
-        let (listed, errors) = {
-            let s = status.borrow_and_update();
-            (
-                s.watches.iter().all(|w| w.synced),
-                s.watches.iter().map(|w| w.errors).sum::<u64>(),
-            )
-        };
-        if listed {
-            return;
-        }
-        if errors > seen_errors && hinted.is_none_or(|t| t.elapsed() >= HINT_INTERVAL) {
-            tracing::warn!(
+        let due = pacer.due(&status.borrow_and_update(), std::time::Instant::now());
+        match due {
+            None => return,
+            Some(false) => {}
+            Some(true) => tracing::warn!(
                 "the initial lists are failing and the API server is reached at {url}, \
                  {reason}: this node may need Service rules to reach it; use \
                  {API_ADDRESS_ADVICE}"
-            );
-            hinted = Some(std::time::Instant::now());
+            ),
         }
-        seen_errors = errors;
     }
 }
 
 const HINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// When [`repeat_hint_while_unlisted`] speaks: on a new error before every initial list
+/// completed, at most once per [`HINT_INTERVAL`].
+#[derive(Debug, Default)]
+struct HintPacer {
+    seen_errors: u64,
+    hinted: Option<std::time::Instant>,
+}
+
+impl HintPacer {
+    /// `None` once everything was listed (no more hints), else whether to hint now.
+    fn due(&mut self, status: &ApiSourceStatus, now: std::time::Instant) -> Option<bool> {
+        if status.watches.iter().all(|w| w.synced) {
+            return None;
+        }
+        let errors = status.watches.iter().map(|w| w.errors).sum::<u64>();
+        let new_error = errors > self.seen_errors;
+        self.seen_errors = errors;
+        let quiet_long_enough = self
+            .hinted
+            .is_none_or(|t| now.saturating_duration_since(t) >= HINT_INTERVAL);
+        let due = new_error && quiet_long_enough;
+        if due {
+            self.hinted = Some(now);
+        }
+        Some(due)
+    }
+}
 
 /// Where `proxy` gets its objects.
 #[derive(Debug)]
@@ -482,6 +500,32 @@ mod tests {
             ..ApiArgs::default()
         };
         assert!(object_source_with(&engine(None), &bad, false).is_err());
+    }
+
+    #[test]
+    fn the_cluster_ip_hint_repeats_at_most_once_a_minute_until_listed() {
+        let mut pacer = HintPacer::default();
+        let mut status = ApiSourceStatus::default();
+        let t0 = std::time::Instant::now();
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(pacer.due(&status, t0), Some(false), "no error yet");
+        status.watches[0].errors = 1;
+        assert_eq!(pacer.due(&status, t0), Some(true), "the first failure");
+        status.watches[1].errors = 3;
+        assert_eq!(pacer.due(&status, t0 + secs(30)), Some(false), "too soon");
+        assert_eq!(
+            pacer.due(&status, t0 + secs(90)),
+            Some(false),
+            "no new error"
+        );
+        status.watches[2].errors = 1;
+        assert_eq!(pacer.due(&status, t0 + secs(91)), Some(true));
+        // Listed (also after failures): done, whatever the errors.
+        for w in &mut status.watches {
+            w.synced = true;
+            w.errors += 1;
+        }
+        assert_eq!(pacer.due(&status, t0 + secs(500)), None);
     }
 
     #[test]
