@@ -445,9 +445,10 @@ fn external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_end
 }
 
 /// eTP Local, node-a without a local endpoint (`local-remote`): traffic that starts on
-/// node-a (its own network namespace, or a pod) to the externalIP or the LoadBalancer IP
-/// still reaches the cluster-wide endpoint, the node's own masqueraded to node-a's
-/// address; the external client's is dropped. Both families. `mode` is the proxy mode.
+/// node-a (its own network namespace, or a pod) to the externalIP, the LoadBalancer IP or
+/// node-a's NodePort still reaches the cluster-wide endpoint, the node's own masqueraded
+/// to node-a's address; the external client's gets no answer. Both families. `mode` is
+/// the proxy mode.
 fn external_traffic_policy_local_from_the_node_itself(mode: &str) {
     let Some(env) = Env::start_with(&["--proxy-mode", mode]) else {
         return;
@@ -468,13 +469,16 @@ fn external_traffic_policy_local_from_the_node_itself(mode: &str) {
         IpAddr::V6(pod.ipv6()),
         IpAddr::V6(remote.ipv6()),
     );
-    for (dst, (node_ip, pod_ip, endpoint)) in [
-        ("192.0.2.30:80", v4),
-        ("192.0.2.40:80", v4),
-        ("[2001:db8::30]:80", v6),
-        ("[2001:db8::40]:80", v6),
-    ] {
-        let dst: SocketAddr = dst.parse().expect("address");
+    let targets: Vec<(SocketAddr, _)> = [
+        ("192.0.2.30:80".parse().expect("address"), v4),
+        ("192.0.2.40:80".parse().expect("address"), v4),
+        (SocketAddr::new(v4.0, 30084), v4),
+        ("[2001:db8::30]:80".parse().expect("address"), v6),
+        ("[2001:db8::40]:80".parse().expect("address"), v6),
+        (SocketAddr::new(v6.0, 30084), v6),
+    ]
+    .into();
+    for &(dst, (node_ip, pod_ip, endpoint)) in &targets {
         let reply = env
             .cluster
             .tcp_request(node, dst, T)
@@ -497,12 +501,25 @@ fn external_traffic_policy_local_from_the_node_itself(mode: &str) {
         let reply = parse_echo(&reply).expect("echo reply");
         assert_eq!(reply.pod, endpoint, "{dst}: {reply:?}");
         assert_eq!(reply.peer.ip(), pod_ip, "client-a -> {dst}: {reply:?}");
-        let got = env.cluster.tcp_request(env.cluster.client(), dst, T);
-        assert!(
-            matches!(got, Err(RequestError::Timeout)),
-            "client -> {dst} must be dropped: {got:?}"
-        );
     }
+    // From outside: dropped (all at once: each waits out the timeout).
+    let client = env.cluster.client().netns().name();
+    std::thread::scope(|scope| {
+        let waits: Vec<_> = targets
+            .iter()
+            .map(|&(dst, _)| {
+                let got = scope.spawn(move || svcplane_testkit::tcp_request(client, None, dst, T));
+                (dst, got)
+            })
+            .collect();
+        for (dst, got) in waits {
+            let got = got.join().expect("request thread");
+            assert!(
+                matches!(got, Err(RequestError::Timeout)),
+                "client -> {dst} must be dropped: {got:?}"
+            );
+        }
+    });
 }
 
 #[test]
