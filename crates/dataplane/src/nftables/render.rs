@@ -9,7 +9,8 @@
 //!    their NAT is in conntrack, and the whole transaction is atomic, so no packet
 //!    ever sees a half-written ruleset. This is what kube-proxy does.
 //! 2. The base chains are deleted and re-created (kube-proxy does this on its first
-//!    sync), so a changed hook priority can never make the transaction fail.
+//!    sync), so a changed hook priority can never make the transaction fail. Base
+//!    chains of an earlier layout are emptied by the flush and deleted as stale objects.
 //! 3. The shared maps/sets are `add` + `flush`ed (flush table does not empty them);
 //!    affinity sets are only `add`ed, which keeps their elements.
 //! 4. One `table … { … }` block declares every chain with its rules (nft resolves
