@@ -128,6 +128,25 @@ spec:
   clusterIP: 10.96.1.10
   internalTrafficPolicy: Local
   ports: [{name: http, port: 80, targetPort: 8080}]
+---
+# externalTrafficPolicy Local, dual-stack, an externalIP and a LoadBalancer IP per family;
+# its only endpoint (remote-b) is on node-b, so node-a has no local endpoint.
+apiVersion: v1
+kind: Service
+metadata: {name: local-remote, namespace: default}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: remote}
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 10.96.1.11
+  clusterIPs: [10.96.1.11, "fd00:96::1:11"]
+  externalIPs: [192.0.2.30, "2001:db8::30"]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30084}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.40}, {ip: "2001:db8::40"}]
 "#;
 
 /// Requests that must all reach the same endpoint; with 2 endpoints chosen at random,
@@ -174,6 +193,11 @@ impl Env {
             .pod(
                 PodSpec::new("many-b", "node-b")
                     .label("app", "many")
+                    .tcp(&[8080]),
+            )
+            .pod(
+                PodSpec::new("remote-b", "node-b")
+                    .label("app", "remote")
                     .tcp(&[8080]),
             )
             .pod(
@@ -418,6 +442,89 @@ fn external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_end
     let _proxy_b = env.run_proxy_on("node-b");
     let got = env.try_tcp("client", "10.0.0.12:30083");
     assert!(matches!(got, Err(RequestError::Timeout)), "{got:?}");
+}
+
+/// eTP Local, node-a without a local endpoint (`local-remote`): traffic that starts on
+/// node-a (its own network namespace, or a pod) to the externalIP, the LoadBalancer IP or
+/// node-a's NodePort still reaches the cluster-wide endpoint, the node's own masqueraded
+/// to node-a's address; the external client's gets no answer. Both families. `mode` is
+/// the proxy mode.
+fn external_traffic_policy_local_from_the_node_itself(mode: &str) {
+    let Some(env) = Env::start_with(&["--proxy-mode", mode]) else {
+        return;
+    };
+    env.cluster
+        .route_client_via("2001:db8::/64", "node-a")
+        .expect("client route");
+    let node = env.cluster.node("node-a").expect("node");
+    let pod = env.cluster.pod("client-a").expect("pod");
+    let remote = env.cluster.pod("remote-b").expect("pod");
+    let v4 = (
+        IpAddr::V4(node.ipv4()),
+        IpAddr::V4(pod.ipv4()),
+        IpAddr::V4(remote.ipv4()),
+    );
+    let v6 = (
+        IpAddr::V6(node.ipv6()),
+        IpAddr::V6(pod.ipv6()),
+        IpAddr::V6(remote.ipv6()),
+    );
+    let targets: Vec<(SocketAddr, _)> = [
+        ("192.0.2.30:80".parse().expect("address"), v4),
+        ("192.0.2.40:80".parse().expect("address"), v4),
+        (SocketAddr::new(v4.0, 30084), v4),
+        ("[2001:db8::30]:80".parse().expect("address"), v6),
+        ("[2001:db8::40]:80".parse().expect("address"), v6),
+        (SocketAddr::new(v6.0, 30084), v6),
+    ]
+    .into();
+    for &(dst, (node_ip, pod_ip, endpoint)) in &targets {
+        let reply = env
+            .cluster
+            .tcp_request(node, dst, T)
+            .unwrap_or_else(|e| panic!("TCP node-a -> {dst}: {e}"));
+        let reply = parse_echo(&reply).expect("echo reply");
+        assert_eq!(
+            (reply.pod, reply.port),
+            (endpoint, 8080),
+            "{dst}: {reply:?}"
+        );
+        assert_eq!(
+            reply.peer.ip(),
+            node_ip,
+            "node-a -> {dst} masqueraded: {reply:?}"
+        );
+        let reply = env
+            .cluster
+            .tcp_request(pod, dst, T)
+            .unwrap_or_else(|e| panic!("TCP client-a -> {dst}: {e}"));
+        let reply = parse_echo(&reply).expect("echo reply");
+        assert_eq!(reply.pod, endpoint, "{dst}: {reply:?}");
+        assert_eq!(reply.peer.ip(), pod_ip, "client-a -> {dst}: {reply:?}");
+    }
+    // From outside: dropped (all at once: each waits out the timeout).
+    let client = env.cluster.client().netns().name();
+    std::thread::scope(|scope| {
+        let waits: Vec<_> = targets
+            .iter()
+            .map(|&(dst, _)| {
+                let got = scope.spawn(move || svcplane_testkit::tcp_request(client, None, dst, T));
+                (dst, got)
+            })
+            .collect();
+        for (dst, got) in waits {
+            let got = got.join().expect("request thread");
+            assert!(
+                matches!(got, Err(RequestError::Timeout)),
+                "client -> {dst} must be dropped: {got:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn external_traffic_policy_local_from_the_node_itself_nftables() {
+    external_traffic_policy_local_from_the_node_itself("nftables");
 }
 
 #[test]
