@@ -13,12 +13,11 @@ pub use convert::{
     DEFAULT_NAMESPACE, DEFAULT_SESSION_AFFINITY_TIMEOUT, LAST_CHANGE_TRIGGER_TIME_ANNOTATION,
     MAX_SESSION_AFFINITY_TIMEOUT, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL,
     endpoint_slice_from_k8s, node_from_k8s, pod_from_k8s, service_from_k8s,
-    service_from_k8s_with_node_port_range,
 };
 pub use error::{InvalidObject, ParseError};
 pub use types::*;
 pub use validate::{
-    DEFAULT_NODE_PORT_RANGE, is_dns1035_label, is_dns1123_label, is_dns1123_subdomain,
+    is_dns1035_label, is_dns1123_label, is_dns1123_subdomain,
     is_iana_svc_name,
 };
 

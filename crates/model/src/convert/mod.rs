@@ -19,7 +19,7 @@ pub use node::{ZONE_LABEL, node_from_k8s};
 pub use pod::pod_from_k8s;
 pub use service::{
     DEFAULT_SESSION_AFFINITY_TIMEOUT, MAX_SESSION_AFFINITY_TIMEOUT, SERVICE_PROXY_NAME_LABEL,
-    service_from_k8s, service_from_k8s_with_node_port_range,
+    service_from_k8s,
 };
 
 use crate::error::InvalidObject;

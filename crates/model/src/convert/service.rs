@@ -1,7 +1,6 @@
 //! v1 Service → [`Service`].
 
 use std::net::IpAddr;
-use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as k8s;
@@ -10,9 +9,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{Ctx, DNS1123_LABEL_REASON, DNS1123_SUBDOMAIN_REASON, NameRule, namespaced};
 use crate::error::InvalidObject;
 use crate::types::{IpFamily, Kind, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy};
-use crate::validate::{
-    DEFAULT_NODE_PORT_RANGE, is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name,
-};
+use crate::validate::{is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name};
 
 /// Label that hands a Service to another proxy implementation.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -23,18 +20,10 @@ pub const MAX_SESSION_AFFINITY_TIMEOUT: u32 = 86400;
 
 const CLUSTER_IP_NONE: &str = "None";
 
-/// Validate and convert a v1 Service, with nodePorts checked against the
-/// API server's default range ([`DEFAULT_NODE_PORT_RANGE`]).
+/// Validate and convert a v1 Service. A nodePort may be any port (1–65535): the
+/// node-port range is the API server's `--service-node-port-range`, a policy many
+/// clusters widen, and kube-proxy programs whatever nodePort a Service carries.
 pub fn service_from_k8s(svc: &k8s::Service) -> Result<Service, InvalidObject> {
-    service_from_k8s_with_node_port_range(svc, &DEFAULT_NODE_PORT_RANGE)
-}
-
-/// [`service_from_k8s`] for a cluster whose `--service-node-port-range` differs
-/// from the default.
-pub fn service_from_k8s_with_node_port_range(
-    svc: &k8s::Service,
-    node_port_range: &RangeInclusive<u16>,
-) -> Result<Service, InvalidObject> {
     let (name, ctx) = namespaced(Kind::Service, &svc.metadata, NameRule::Dns1035Label)?;
     let labels = ctx.labels("metadata.labels", svc.metadata.labels.as_ref())?;
     let default_spec = k8s::ServiceSpec::default();
@@ -53,7 +42,7 @@ pub fn service_from_k8s_with_node_port_range(
     {
         return Err(ctx.err("spec.ports", "", "required"));
     }
-    let ports = ports(&ctx, spec, service_type, node_port_range)?;
+    let ports = ports(&ctx, spec, service_type)?;
 
     let external_ips = spec
         .external_ips
@@ -335,7 +324,6 @@ fn ports(
     ctx: &Ctx,
     spec: &k8s::ServiceSpec,
     service_type: ServiceType,
-    node_port_range: &RangeInclusive<u16>,
 ) -> Result<Vec<ServicePort>, InvalidObject> {
     let k8s_ports: &[k8s::ServicePort] = spec.ports.as_deref().unwrap_or_default();
     let mut ports: Vec<ServicePort> = Vec::with_capacity(k8s_ports.len());
@@ -413,17 +401,6 @@ fn ports(
                     ));
                 }
                 let n = ctx.port(&node_field, n)?;
-                if !node_port_range.contains(&n) {
-                    return Err(ctx.err(
-                        node_field,
-                        n.to_string(),
-                        format!(
-                            "must be in the node port range {}-{}",
-                            node_port_range.start(),
-                            node_port_range.end()
-                        ),
-                    ));
-                }
                 if let Some(j) = ports
                     .iter()
                     .position(|q| q.node_port == Some(n) && q.protocol == protocol)
@@ -915,12 +892,17 @@ mod tests {
         );
         let e = err(with("ClusterIP", 30080));
         assert_eq!(e.field, "spec.ports[0].nodePort");
-        let e = err(with("NodePort", 8080));
-        assert!(e.reason.contains("30000-32767"), "{}", e.reason);
-        // The range is a parameter.
-        let s = service_from_k8s_with_node_port_range(&svc(with("NodePort", 8080)), &(8000..=9000))
-            .unwrap();
-        assert_eq!(s.ports[0].node_port, Some(8080));
+        // Any port: the node-port range is the API server's policy, not kube-proxy's.
+        for n in [1, 80, 3001, 29999, 32768, 65535] {
+            assert_eq!(ok(with("NodePort", n)).ports[0].node_port, Some(n as u16));
+        }
+        for n in [-1, 65536, 70000] {
+            let e = err(with("NodePort", n));
+            assert_eq!(
+                (e.field.as_str(), e.value.as_str(), e.reason.as_str()),
+                ("spec.ports[0].nodePort", n.to_string().as_str(), "must be between 1 and 65535")
+            );
+        }
 
         let mut a = port("a", 80);
         a.node_port = Some(30080);
