@@ -19,7 +19,8 @@ pub use kube::{ApiClientOptions, ApiSourceStatus, KubeSource, api_client};
 pub use manifests::ManifestSource;
 use svcplane_model::SourceEvent;
 
-/// Something worth telling the user: a file that does not parse, an invalid object.
+/// Something worth telling the user: a file that does not parse, an invalid object, a
+/// value ignored in an object that was kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub file: Option<PathBuf>,
@@ -34,6 +35,9 @@ impl fmt::Display for Problem {
         }
     }
 }
+
+/// How a source reports a value it ignored in an object it kept (a model warning).
+pub(crate) const IGNORED: &str = "ignored, the rest of the object is used";
 
 /// Where problems go: the CLI logs and counts them; tests collect them.
 pub type ProblemSink = Arc<dyn Fn(&Problem) + Send + Sync>;
