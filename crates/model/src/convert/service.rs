@@ -76,13 +76,18 @@ pub fn service_from_k8s(svc: &k8s::Service) -> Result<Converted<Service>, Invali
     let health_check_node_port = match spec.health_check_node_port {
         None | Some(0) => None,
         Some(port) => {
-            let port = ctx.port("spec.healthCheckNodePort", port)?;
-            // kube-proxy only serves health checks for external traffic kept on the node.
+            // kube-proxy only serves health checks for external traffic kept on the node,
+            // and otherwise never reads the field.
             let external = matches!(
                 service_type,
                 ServiceType::LoadBalancer | ServiceType::NodePort
             );
-            (external && external_traffic_policy == TrafficPolicy::Local).then_some(port)
+            if external && external_traffic_policy == TrafficPolicy::Local {
+                // A port that cannot be listened on costs the health check, not the rules.
+                ctx.ignore(ctx.port("spec.healthCheckNodePort", port))
+            } else {
+                None
+            }
         }
     };
 
@@ -1200,13 +1205,15 @@ mod tests {
         );
         assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
         assert_eq!(s.internal_traffic_policy, TrafficPolicy::Cluster);
-        let e = err(k8s::ServiceSpec {
+        let (s, warnings) = warned(k8s::ServiceSpec {
             type_: Some("LoadBalancer".into()),
             external_traffic_policy: Some("Local".into()),
             health_check_node_port: Some(70000),
             ..base()
         });
-        assert_eq!(e.field, "spec.healthCheckNodePort");
+        assert_eq!(warnings, ["spec.healthCheckNodePort"]);
+        assert_eq!(s.health_check_node_port, None);
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
     }
 
     #[test]
