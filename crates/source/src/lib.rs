@@ -39,6 +39,13 @@ impl fmt::Display for Problem {
 /// How a source reports a value it ignored in an object it kept (a model warning).
 pub(crate) const IGNORED: &str = "ignored, the rest of the object is used";
 
+impl Problem {
+    /// A value ignored in an object that was kept (not a skipped object or file).
+    pub fn is_ignored_value(&self) -> bool {
+        self.message.ends_with(IGNORED)
+    }
+}
+
 /// Where problems go: the CLI logs and counts them; tests collect them.
 pub type ProblemSink = Arc<dyn Fn(&Problem) + Send + Sync>;
 

@@ -143,7 +143,7 @@ metadata: {name: wide, namespace: demo}
 spec:
   type: NodePort
   clusterIP: 10.96.2.1
-  externalIPs: [198.51.100.7]
+  externalIPs: [198.51.100.7, not-an-ip]
   ports:
   - {name: a, port: 80, nodePort: 3001}
   - {name: b, port: 81, nodePort: 80}
@@ -169,7 +169,17 @@ spec:
     let script = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(!stderr.contains("demo/wide"), "{stderr}");
+    // The bad externalIP costs itself only, reported by object, field and value.
+    assert!(
+        stderr.contains(
+            "Service demo/wide: spec.externalIPs[1]: invalid value \"not-an-ip\": must be a valid IP address; ignored, the rest of the object is used"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 invalid object(s) skipped, 1 value(s) ignored"),
+        "{stderr}"
+    );
     // The Service is there whole: its nodePorts, ClusterIP and externalIP.
     for needle in [
         "tcp . 3001 : goto external-",

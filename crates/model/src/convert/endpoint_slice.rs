@@ -78,7 +78,7 @@ fn endpoint(ctx: &Ctx, i: usize, e: &k8s::Endpoint, family: Option<IpFamily>) ->
             ctx.warn(
                 format!("{field}.addresses"),
                 "",
-                "must have at least one address (the endpoint is ignored)",
+                "must have at least one address",
             );
             return None;
         }

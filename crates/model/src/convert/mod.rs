@@ -1,6 +1,11 @@
-//! k8s-openapi objects → validated compact types, checking what the API server
-//! checks (and what the standalone mode needs on top, such as a set clusterIP).
-//! Every rejection names the object, the JSON field path, the value and the reason.
+//! k8s-openapi objects → validated compact types. An object is rejected whole only
+//! when it cannot be programmed safely (a name that would reach rule text, a port that
+//! is no port, cluster IPs that contradict their families, no clusterIP for the
+//! standalone mode to use); a value kube-proxy would ignore is ignored with a warning
+//! ([`Converted::warnings`]) and costs nothing else. Policies that clusters configure on
+//! their API server (the node-port range, feature-gated name rules, size limits) are
+//! not repeated. Every rejection and warning names the object, the JSON field path, the
+//! value and the reason.
 
 mod endpoint_slice;
 mod node;

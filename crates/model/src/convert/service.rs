@@ -500,9 +500,8 @@ fn load_balancer_ips(ctx: &Ctx, status: Option<&k8s::ServiceStatus>) -> Vec<IpAd
                 false
             }
         };
-        if let Some(ip) = ctx.ip_or_warn(format!("{field}.ip"), text)
-            && vip
-        {
+        // Only VIP-mode IPs are used, so only they are checked (kube-proxy's order).
+        if vip && let Some(ip) = ctx.ip_or_warn(format!("{field}.ip"), text) {
             ips.push(ip);
         }
     }
