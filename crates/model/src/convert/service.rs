@@ -481,12 +481,12 @@ fn load_balancer_ips(ctx: &Ctx, status: Option<&k8s::ServiceStatus>) -> Vec<IpAd
     let mut ips = Vec::new();
     for (i, entry) in ingress.iter().enumerate() {
         let field = format!("status.loadBalancer.ingress[{i}]");
-        // Proxy: the load balancer delivers to the node with its own address as the
-        // destination, so the node must not capture the VIP.
         // Hostname-only entries name no address the node could match.
         let Some(text) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
             continue;
         };
+        // Proxy: the load balancer delivers to the node with its own address as the
+        // destination, so the node must not capture the VIP.
         let vip = match entry.ip_mode.as_deref() {
             None | Some("VIP") => true,
             Some("Proxy") => false,
