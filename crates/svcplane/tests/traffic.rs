@@ -147,6 +147,18 @@ spec:
 status:
   loadBalancer:
     ingress: [{ip: 192.0.2.40}, {ip: "2001:db8::40"}]
+---
+# NodePorts outside the API server's default range (30000-32767), which clusters widen.
+apiVersion: v1
+kind: Service
+metadata: {name: np-wide, namespace: default}
+spec:
+  type: NodePort
+  selector: {app: many}
+  clusterIP: 10.96.1.12
+  ports:
+    - {name: low, port: 80, targetPort: 8080, nodePort: 3001}
+    - {name: web, port: 81, targetPort: 8080, nodePort: 80}
 "#;
 
 /// Requests that must all reach the same endpoint; with 2 endpoints chosen at random,
@@ -385,6 +397,20 @@ fn node_port_from_the_external_client() {
         assert_eq!(reply.port, 8080);
         // externalTrafficPolicy Cluster: masqueraded to the node.
         assert_eq!(reply.peer.ip(), node_a, "{reply:?}");
+    }
+}
+
+/// kube-proxy programs whatever nodePort a Service carries: the range is the API
+/// server's `--service-node-port-range`, which many clusters widen.
+#[test]
+fn node_ports_outside_the_default_range() {
+    let Some(env) = Env::start() else { return };
+    let node_a = env.node_ip("node-a");
+    for target in ["10.0.0.11:3001", "10.0.0.11:80"] {
+        for reply in env.spread("client", target, &["many-a", "many-b"]) {
+            assert_eq!(reply.port, 8080);
+            assert_eq!(reply.peer.ip(), node_a, "{target}: {reply:?}");
+        }
     }
 }
 
