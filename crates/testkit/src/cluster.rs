@@ -53,7 +53,8 @@ pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 /// See [`CLIENT_V4`].
 pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x100);
 
-/// How long [`Cluster::run_proxy`] waits for the proxy to become ready.
+/// How long [`Cluster::run_proxy`] waits for the proxy to become ready (see
+/// [`Cluster::run_proxy_logged_within`] for more).
 const PROXY_READY_WAIT: Duration = Duration::from_secs(30);
 
 /// A pod to create: name, node, labels, and the ports its echo server listens on.
@@ -822,7 +823,14 @@ impl Cluster {
         manifests: &Path,
         extra_args: &[&str],
     ) -> io::Result<ProxyHandle> {
-        self.spawn_proxy(bin.as_ref(), node, manifests, extra_args, None)
+        self.spawn_proxy(
+            bin.as_ref(),
+            node,
+            manifests,
+            extra_args,
+            None,
+            PROXY_READY_WAIT,
+        )
     }
 
     /// [`Cluster::run_proxy`] with the proxy's stdout and stderr written to the file `log`
@@ -835,8 +843,29 @@ impl Cluster {
         extra_args: &[&str],
         log: &Path,
     ) -> io::Result<ProxyHandle> {
+        self.run_proxy_logged_within(bin, node, manifests, extra_args, log, PROXY_READY_WAIT)
+    }
+
+    /// [`Cluster::run_proxy_logged`], waiting up to `ready_wait` for the proxy to become
+    /// ready instead of 30 s: a first sync of tens of thousands of services takes longer.
+    pub fn run_proxy_logged_within(
+        &self,
+        bin: impl AsRef<OsStr>,
+        node: &str,
+        manifests: &Path,
+        extra_args: &[&str],
+        log: &Path,
+        ready_wait: Duration,
+    ) -> io::Result<ProxyHandle> {
         let file = std::fs::File::create(log)?;
-        self.spawn_proxy(bin.as_ref(), node, manifests, extra_args, Some(file))
+        self.spawn_proxy(
+            bin.as_ref(),
+            node,
+            manifests,
+            extra_args,
+            Some(file),
+            ready_wait,
+        )
     }
 
     fn spawn_proxy(
@@ -846,6 +875,7 @@ impl Cluster {
         manifests: &Path,
         extra_args: &[&str],
         log: Option<std::fs::File>,
+        ready_wait: Duration,
     ) -> io::Result<ProxyHandle> {
         let node_ns = self.node(node)?.netns();
         let mut cmd = Command::new("ip");
@@ -883,7 +913,7 @@ impl Cluster {
             metrics: server_address(extra_args, "--metrics-bind-address", DEFAULT_METRICS)?,
         };
         let mut exited = false;
-        let ready = wait_until(PROXY_READY_WAIT, || {
+        let ready = wait_until(ready_wait, || {
             exited = !handle.daemon.is_running();
             exited || handle.is_ready()
         });
@@ -894,7 +924,7 @@ impl Cluster {
         }
         if !ready {
             return Err(io::Error::other(format!(
-                "svcplane proxy on {node} not ready after {PROXY_READY_WAIT:?}"
+                "svcplane proxy on {node} not ready after {ready_wait:?}"
             )));
         }
         Ok(handle)

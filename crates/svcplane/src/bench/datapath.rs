@@ -1,0 +1,434 @@
+//! `svcplane bench datapath`: what the rules cost a packet. A virtual cluster (the test
+//! kit's: one node, a client pod and a server pod on it) runs `svcplane proxy` with N
+//! ClusterIP Services; N−1 point at addresses that need not exist, and the one that sorts
+//! last points at the server pod. From the client pod, new TCP connections (connect, 1-byte
+//! request, 1-byte reply, close) go alternately through that ClusterIP and straight to the
+//! pod's IP, so noise hits both alike and the ratio of the two is the rules' cost.
+//!
+//! Why the service that sorts last: svcplane's renderers write services in sorted
+//! ServicePortName order (`bench/svc-000000:http/TCP` …), so in a linear dispatch (the
+//! iptables mode's KUBE-SERVICES list) its rule is the last one a new connection is
+//! matched against: the worst case. kube-proxy writes them in Go map order, so there
+//! "last" is random; a map or tree dispatch does not care.
+//!
+//! Every connection is new (the first packet of a flow is what the rules see; later
+//! packets follow conntrack) and the client closes with SO_LINGER 0, so no TIME_WAIT
+//! piles up and ports never run out.
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use svcplane_testkit::{Cluster, Manifests, PodSpec, metric_value};
+
+use super::{FIRST_SYNC_WAIT, cluster_ip, endpoint_ip, service_yaml, slice_yaml};
+use crate::cli::BenchDatapathArgs;
+
+const NODE: &str = "bench-node";
+/// The server pod's port (the Services' targetPort).
+const POD_PORT: u16 = 8080;
+/// The Services' port.
+const SERVICE_PORT: u16 = 80;
+/// Bounds how long one broken request hangs; never a measurement threshold.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pairs sent before measuring (neighbour entries, caches, the server thread waking up).
+const WARMUP: u32 = 100;
+const MAX_SERVICES: u32 = 500_000;
+/// Dummy endpoints come from 10.128.0.0/9; stay below the virtual cluster's pods (10.244/16).
+const MAX_DUMMY_ENDPOINTS: u64 = 4 << 20;
+/// Each connection leaves a conntrack entry for 10 s (CLOSE state); stay far from the table's limit.
+const MAX_REQUESTS: u32 = 100_000;
+
+pub fn datapath(args: BenchDatapathArgs) -> Result<()> {
+    if !svcplane_testkit::is_root() {
+        bail!("`svcplane bench datapath` needs root (network namespaces and the proxy's rules)");
+    }
+    if args.services.is_empty() {
+        bail!("--services: give at least one number of services");
+    }
+    for &n in &args.services {
+        if n == 0 || n > MAX_SERVICES {
+            bail!("--services {n}: must be 1..={MAX_SERVICES}");
+        }
+        if u64::from(n) * u64::from(args.endpoints) > MAX_DUMMY_ENDPOINTS {
+            bail!(
+                "--services {n} × --endpoints {}: at most {MAX_DUMMY_ENDPOINTS} endpoints in all",
+                args.endpoints
+            );
+        }
+    }
+    if args.endpoints == 0 {
+        bail!("--endpoints 0: must be at least 1");
+    }
+    if args.requests == 0 || args.requests > MAX_REQUESTS {
+        bail!("--requests {}: must be 1..={MAX_REQUESTS}", args.requests);
+    }
+    let proxy_args: Vec<String> = args
+        .proxy_args
+        .iter()
+        .chain(&args.trailing_proxy_args)
+        .cloned()
+        .collect();
+    if has_flag(&proxy_args, "--proxy-mode") {
+        bail!("give the mode as `bench datapath --proxy-mode MODE`, not as a proxy argument");
+    }
+    let label = std::iter::once(args.proxy_mode.as_str())
+        .chain(proxy_args.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ");
+    println!(
+        "== {label}: connect + 1-byte request + close from a pod, {} new connections per path \
+         (through the ClusterIP of the service that sorts last, and straight to the pod IP, alternating)",
+        args.requests
+    );
+    let mut rows = Vec::new();
+    for &services in &args.services {
+        let row = measure_size(&args, services, &proxy_args)
+            .with_context(|| format!("at {services} services"))?;
+        println!("{}", row.line(&label));
+        rows.push(row);
+    }
+    if rows.len() > 1 {
+        println!("== summary");
+        for row in &rows {
+            println!("{}", row.line(&label));
+        }
+    }
+    Ok(())
+}
+
+/// One size's result.
+struct Row {
+    services: u32,
+    via: Percentiles,
+    direct: Percentiles,
+    full_sync: Option<f64>,
+}
+
+impl Row {
+    fn line(&self, label: &str) -> String {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+        let mut out = format!(
+            "{label} {} svc: via ClusterIP p50 {:.0} µs p99 {:.0} µs | direct p50 {:.0} µs p99 {:.0} µs \
+             | ratio p50 {:.2} p99 {:.2}",
+            self.services,
+            us(self.via.p50),
+            us(self.via.p99),
+            us(self.direct.p50),
+            us(self.direct.p99),
+            ratio(self.via.p50, self.direct.p50),
+            ratio(self.via.p99, self.direct.p99),
+        );
+        match self.full_sync {
+            Some(s) => {
+                let _ = write!(out, " | full sync {s:.2} s");
+            }
+            None => out.push_str(" | full sync: not reported by the proxy"),
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Percentiles {
+    p50: Duration,
+    p99: Duration,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles; `None` without samples.
+    fn of(mut samples: Vec<Duration>) -> Option<Percentiles> {
+        samples.sort_unstable();
+        let rank = |p: f64| {
+            let i = (p * samples.len() as f64).ceil() as usize;
+            samples.get(i.saturating_sub(1)).copied()
+        };
+        Some(Percentiles {
+            p50: rank(0.50)?,
+            p99: rank(0.99)?,
+        })
+    }
+}
+
+fn measure_size(args: &BenchDatapathArgs, services: u32, proxy_args: &[String]) -> Result<Row> {
+    let cluster = Cluster::builder()
+        .node(NODE, "bench-zone")
+        .pod(PodSpec::new("client", NODE))
+        .pod(PodSpec::new("server", NODE))
+        .build()
+        .context("cannot build the virtual cluster")?;
+    let client = cluster.pod("client")?;
+    let server = cluster.pod("server")?;
+    let manifests = cluster.manifests()?;
+    let written = Instant::now();
+    let target = write_services(&manifests, services, args.endpoints, server.ipv4())?;
+    println!(
+        "== {services} ClusterIP services written in {:.1} s; measured: bench/{} {}:{SERVICE_PORT} → {}:{POD_PORT} (sorts last)",
+        written.elapsed().as_secs_f64(),
+        target.name,
+        target.cluster_ip,
+        server.ipv4(),
+    );
+
+    let mut argv: Vec<&str> = vec!["--proxy-mode", &args.proxy_mode];
+    // No periodic check in the middle of a measurement (it probes the kernel's tables).
+    if !has_flag(proxy_args, "--sync-period") {
+        argv.extend(["--sync-period", "1h"]);
+    }
+    argv.extend(proxy_args.iter().map(String::as_str));
+    let logs = tempfile::tempdir().context("cannot create a directory for the proxy's log")?;
+    let log = logs.path().join("proxy.log");
+    let exe = std::env::current_exe().context("cannot find the svcplane binary")?;
+    let started = Instant::now();
+    let proxy = cluster
+        .run_proxy_logged_within(&exe, NODE, manifests.path(), &argv, &log, FIRST_SYNC_WAIT)
+        .map_err(|e| anyhow!("{e}; the proxy's log ends with:\n{}", log_tail(&log)))?;
+    let metrics = proxy.metrics().context("reading the proxy's metrics")?;
+    let full_sync = first_full_sync(&metrics);
+    println!(
+        "== svcplane proxy {}: ready (read the manifests, first full sync) after {:.2} s; the sync itself {}",
+        argv.join(" "),
+        started.elapsed().as_secs_f64(),
+        full_sync.map_or("not reported".to_owned(), |s| format!("{s:.2} s")),
+    );
+
+    let ping = PingServer::start(
+        server.netns().name(),
+        SocketAddr::new(server.ipv4().into(), POD_PORT),
+    )
+    .context("cannot start the server in the server pod")?;
+    let via = SocketAddr::new(target.cluster_ip.into(), SERVICE_PORT);
+    let direct = SocketAddr::new(server.ipv4().into(), POD_PORT);
+    let requests = args.requests;
+    let (via_samples, direct_samples) =
+        svcplane_testkit::in_netns(client.netns().name(), || measure(via, direct, requests))
+            .context("cannot enter the client pod's namespace")??;
+    drop(ping);
+    let _ = proxy.terminate();
+    Ok(Row {
+        services,
+        via: Percentiles::of(via_samples).context("no samples")?,
+        direct: Percentiles::of(direct_samples).context("no samples")?,
+        full_sync,
+    })
+}
+
+/// The first full sync's duration from the proxy's metrics (as `bench sync` reads it).
+fn first_full_sync(metrics: &str) -> Option<f64> {
+    const FULL: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds";
+    let count = metric_value(metrics, &format!("{FULL}_count"))?;
+    let sum = metric_value(metrics, &format!("{FULL}_sum"))?;
+    // Only the first sync has run when the proxy just became ready; divide anyway.
+    (count >= 1.0).then(|| sum / count)
+}
+
+/// R pairs of requests (after a warm-up), alternating which path goes first so that
+/// neither always follows the other. Runs inside the client pod's namespace.
+fn measure(
+    via: SocketAddr,
+    direct: SocketAddr,
+    requests: u32,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let request = |dst: SocketAddr, what: &str, i: u32| {
+        request(dst).with_context(|| format!("request {i} {what} {dst}"))
+    };
+    for i in 0..WARMUP.min(requests) {
+        request(via, "(warm-up) through the ClusterIP", i)?;
+        request(direct, "(warm-up) straight to the pod at", i)?;
+    }
+    let mut via_samples = Vec::with_capacity(requests as usize);
+    let mut direct_samples = Vec::with_capacity(requests as usize);
+    for i in 0..requests {
+        if i % 2 == 0 {
+            via_samples.push(request(via, "through the ClusterIP", i)?);
+            direct_samples.push(request(direct, "straight to the pod at", i)?);
+        } else {
+            direct_samples.push(request(direct, "straight to the pod at", i)?);
+            via_samples.push(request(via, "through the ClusterIP", i)?);
+        }
+    }
+    Ok((via_samples, direct_samples))
+}
+
+/// One new connection: socket, connect, 1 byte out, 1 byte back, close; how long it took.
+fn request(dst: SocketAddr) -> io::Result<Duration> {
+    let started = Instant::now();
+    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    // Close with RST: no TIME_WAIT on either side, so R can be large without running out
+    // of ports, and a reused port starts a fresh conntrack entry (first-packet path again).
+    sock.set_linger(Some(Duration::ZERO))?;
+    sock.set_tcp_nodelay(true)?;
+    sock.connect_timeout(&SockAddr::from(dst), REQUEST_TIMEOUT)?;
+    sock.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    (&sock).write_all(b"?")?;
+    let mut reply = [0u8; 1];
+    (&sock).read_exact(&mut reply)?;
+    if reply != *b"!" {
+        return Err(io::Error::other(format!("unexpected reply {reply:?}")));
+    }
+    drop(sock);
+    Ok(started.elapsed())
+}
+
+/// A request/response TCP server in a pod: accept, read 1 byte, answer 1 byte, close.
+/// (The test kit's echo server answers on accept without reading, so the request would
+/// not be part of the exchange.) Its socket is created inside the pod's namespace and
+/// stays there; the thread serving it needs no namespace of its own.
+struct PingServer {
+    /// A handle on the listening socket to stop the server: shutting it down wakes `accept`.
+    listener: Socket,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PingServer {
+    fn start(netns: &str, addr: SocketAddr) -> io::Result<PingServer> {
+        let listener = svcplane_testkit::in_netns(netns, || -> io::Result<Socket> {
+            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            sock.set_reuse_address(true)?;
+            sock.bind(&SockAddr::from(addr))?;
+            sock.listen(1024)?;
+            Ok(sock)
+        })??;
+        let serving = listener.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name("bench-ping".to_owned())
+            .spawn(move || {
+                // Ends when the listener is shut down (accept fails).
+                while let Ok((conn, _)) = serving.accept() {
+                    let _ = conn.set_tcp_nodelay(true);
+                    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+                    let mut byte = [0u8; 1];
+                    if (&conn).read_exact(&mut byte).is_ok() {
+                        let _ = (&conn).write_all(b"!");
+                    }
+                }
+            })?;
+        Ok(PingServer {
+            listener,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for PingServer {
+    fn drop(&mut self) {
+        let _ = self.listener.shutdown(std::net::Shutdown::Both);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The measured service: the one that sorts last.
+struct Target {
+    name: String,
+    cluster_ip: Ipv4Addr,
+}
+
+/// `services` ClusterIP Services in namespace `bench`, `svc-000000` … (zero-padded so that
+/// name order is index order); each but the last has `endpoints` dummy endpoints, the last
+/// has the server pod.
+fn write_services(
+    manifests: &Manifests,
+    services: u32,
+    endpoints: u32,
+    pod: Ipv4Addr,
+) -> Result<Target> {
+    let (yaml, target) = services_yaml(services, endpoints, pod);
+    manifests
+        .write("services.yaml", &yaml)
+        .context("writing services.yaml")?;
+    Ok(target)
+}
+
+fn services_yaml(services: u32, endpoints: u32, pod: Ipv4Addr) -> (String, Target) {
+    let mut out = String::with_capacity(services as usize * (400 + 60 * endpoints as usize));
+    let name = |i: u32| format!("svc-{i:06}");
+    let last = services.saturating_sub(1);
+    for i in 0..last {
+        service_yaml(&mut out, &name(i), cluster_ip(i));
+        let first = i * endpoints;
+        slice_yaml(
+            &mut out,
+            &name(i),
+            (first..first + endpoints).map(endpoint_ip),
+        );
+    }
+    let target = Target {
+        name: name(last),
+        cluster_ip: cluster_ip(last),
+    };
+    service_yaml(&mut out, &target.name, target.cluster_ip);
+    slice_yaml(&mut out, &target.name, [pod]);
+    (out, target)
+}
+
+/// `FLAG` given as `FLAG VALUE` or `FLAG=VALUE`.
+fn has_flag(args: &[String], flag: &str) -> bool {
+    args.iter().any(|a| {
+        a == flag
+            || a.strip_prefix(flag)
+                .is_some_and(|rest| rest.starts_with('='))
+    })
+}
+
+/// The last lines of the proxy's log, to show why it did not become ready.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let us = Duration::from_micros;
+        let p = Percentiles::of((1..=100).map(us).collect()).unwrap();
+        assert_eq!((p.p50, p.p99), (us(50), us(99)));
+        let p = Percentiles::of(vec![us(7)]).unwrap();
+        assert_eq!((p.p50, p.p99), (us(7), us(7)));
+        assert!(Percentiles::of(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn the_measured_service_sorts_last_and_has_the_pod() {
+        let pod = Ipv4Addr::new(10, 244, 1, 11);
+        let (yaml, target) = services_yaml(12, 2, pod);
+        let names: Vec<&str> = yaml
+            .lines()
+            .filter_map(|l| l.strip_prefix("metadata: {name: "))
+            .filter_map(|l| l.split_once(", namespace: bench}"))
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(names.len(), 12, "{yaml}");
+        assert_eq!(names.iter().max(), Some(&target.name.as_str()));
+        assert_eq!(target.name, "svc-000011");
+        assert_eq!(target.cluster_ip, cluster_ip(11));
+        // The pod is the last service's only endpoint, and nobody else's.
+        let (_, last_slice) = yaml.rsplit_once("name: svc-000011-1").unwrap();
+        assert!(last_slice.contains(&format!("[\"{pod}\"]")), "{last_slice}");
+        assert_eq!(yaml.matches(&pod.to_string()).count(), 1);
+        assert_eq!(yaml.matches("addresses:").count(), 11 * 2 + 1);
+    }
+
+    #[test]
+    fn proxy_flags_are_found_in_both_forms() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(has_flag(&args(&["--sync-period", "2h"]), "--sync-period"));
+        assert!(has_flag(&args(&["--sync-period=2h"]), "--sync-period"));
+        assert!(!has_flag(&args(&["--sync-period-x=2h"]), "--sync-period"));
+        assert!(!has_flag(
+            &args(&["--iptables-sync-period=2h"]),
+            "--sync-period"
+        ));
+    }
+}
