@@ -134,6 +134,22 @@ fn bench_datapath_measures_the_clusterip_beside_the_pod_ip() {
         let ratio = number_after(line, "ratio p50");
         assert!(ratio.is_finite() && ratio > 0.0, "{line}");
         assert!(number_after(line, "full sync") > 0.0, "{line}");
+        // Below it, the reference measured in the same rounds: pod to pod on a node
+        // without rules.
+        let reference = stdout
+            .lines()
+            .skip_while(|l| *l != line)
+            .nth(1)
+            .unwrap_or_default();
+        assert!(
+            reference.contains("reference, pod to pod on a node without rules: "),
+            "{stdout}"
+        );
+        assert!(number_after(reference, "p50") > 0.0, "{reference}");
+        assert!(
+            number_after(reference, "via ClusterIP ÷ that: p50") > 0.0,
+            "{reference}"
+        );
     }
     assert!(stdout.contains("== summary"), "{stdout}");
 }

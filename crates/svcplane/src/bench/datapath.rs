@@ -1,9 +1,14 @@
 //! `svcplane bench datapath`: what the rules cost a packet. A virtual cluster (the test
-//! kit's: one node, a client pod and a server pod on it) runs `svcplane proxy` with N
-//! ClusterIP Services; N−1 point at addresses that need not exist, and the one that sorts
-//! last points at the server pod. From the client pod, new TCP connections (connect, 1-byte
-//! request, 1-byte reply, close) go alternately through that ClusterIP and straight to the
-//! pod's IP, so noise hits both alike and the ratio of the two is the rules' cost.
+//! kit's) has a node running `svcplane proxy` with N ClusterIP Services, a client pod and a
+//! server pod on it; N−1 Services point at addresses that need not exist, and the one that
+//! sorts last points at the server pod. From the client pod, new TCP connections (connect,
+//! 1-byte request, 1-byte reply, close) go in turn through that ClusterIP and straight to
+//! the pod's IP, so noise hits both alike and their ratio is what the Service costs.
+//!
+//! Straight to the pod still crosses the node's netfilter hooks (conntrack, the proxy's
+//! nat chains: in a linear iptables dispatch every new connection walks every Service's
+//! rule, whatever its destination). So a second node without a proxy, with its own pair of
+//! pods, is measured in the same rounds: pod to pod with no rules at all.
 //!
 //! Why the service that sorts last: svcplane's renderers write services in sorted
 //! ServicePortName order (`bench/svc-000000:http/TCP` …), so in a linear dispatch (the
@@ -24,12 +29,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use svcplane_testkit::{Cluster, Manifests, PodSpec, metric_value};
+use svcplane_testkit::{Cluster, Manifests, Pod, PodSpec, metric_value};
 
 use super::{FIRST_SYNC_WAIT, cluster_ip, endpoint_ip, service_yaml, slice_yaml};
 use crate::cli::BenchDatapathArgs;
 
 const NODE: &str = "bench-node";
+/// A second node without a proxy: pod to pod there is the reference without any rules.
+const REF_NODE: &str = "ref-node";
+/// Sockets made at a time per path (well below the usual limit of 1024 open files).
+const SOCKET_BATCH: usize = 200;
 /// The server pod's port (the Services' targetPort).
 const POD_PORT: u16 = 8080;
 /// The Services' port.
@@ -83,7 +92,8 @@ pub fn datapath(args: BenchDatapathArgs) -> Result<()> {
         .join(" ");
     println!(
         "== {label}: connect + 1-byte request + close from a pod, {} new connections per path \
-         (through the ClusterIP of the service that sorts last, and straight to the pod IP, alternating)",
+         (in turn: through the ClusterIP of the service that sorts last, straight to the pod IP, \
+         and pod to pod on a node without rules)",
         args.requests
     );
     let mut rows = Vec::new();
@@ -107,6 +117,8 @@ struct Row {
     services: u32,
     via: Percentiles,
     direct: Percentiles,
+    /// Pod to pod on a node without any rules.
+    reference: Percentiles,
     full_sync: Option<f64>,
 }
 
@@ -131,6 +143,17 @@ impl Row {
             }
             None => out.push_str(" | full sync: not reported by the proxy"),
         }
+        let _ = write!(
+            out,
+            "\n    reference, pod to pod on a node without rules: p50 {:.0} µs p99 {:.0} µs; \
+             via ClusterIP ÷ that: p50 {:.2} p99 {:.2}; direct ÷ that: p50 {:.2} p99 {:.2}",
+            us(self.reference.p50),
+            us(self.reference.p99),
+            ratio(self.via.p50, self.reference.p50),
+            ratio(self.via.p99, self.reference.p99),
+            ratio(self.direct.p50, self.reference.p50),
+            ratio(self.direct.p99, self.reference.p99),
+        );
         out
     }
 }
@@ -159,12 +182,17 @@ impl Percentiles {
 fn measure_size(args: &BenchDatapathArgs, services: u32, proxy_args: &[String]) -> Result<Row> {
     let cluster = Cluster::builder()
         .node(NODE, "bench-zone")
+        .node(REF_NODE, "bench-zone")
         .pod(PodSpec::new("client", NODE))
         .pod(PodSpec::new("server", NODE))
+        .pod(PodSpec::new("ref-client", REF_NODE))
+        .pod(PodSpec::new("ref-server", REF_NODE))
         .build()
         .context("cannot build the virtual cluster")?;
     let client = cluster.pod("client")?;
     let server = cluster.pod("server")?;
+    let ref_client = cluster.pod("ref-client")?;
+    let ref_server = cluster.pod("ref-server")?;
     let manifests = cluster.manifests()?;
     let written = Instant::now();
     let target = write_services(&manifests, services, args.endpoints, server.ipv4())?;
@@ -198,23 +226,31 @@ fn measure_size(args: &BenchDatapathArgs, services: u32, proxy_args: &[String]) 
         full_sync.map_or("not reported".to_owned(), |s| format!("{s:.2} s")),
     );
 
-    let ping = PingServer::start(
-        server.netns().name(),
-        SocketAddr::new(server.ipv4().into(), POD_PORT),
-    )
-    .context("cannot start the server in the server pod")?;
-    let via = SocketAddr::new(target.cluster_ip.into(), SERVICE_PORT);
     let direct = SocketAddr::new(server.ipv4().into(), POD_PORT);
-    let requests = args.requests;
-    let (via_samples, direct_samples) =
-        svcplane_testkit::in_netns(client.netns().name(), || measure(via, direct, requests))
-            .context("cannot enter the client pod's namespace")??;
-    drop(ping);
+    let reference = SocketAddr::new(ref_server.ipv4().into(), POD_PORT);
+    let _servers = [
+        PingServer::start(server.netns().name(), direct)
+            .context("cannot start the server in the server pod")?,
+        PingServer::start(ref_server.netns().name(), reference)
+            .context("cannot start the server in the reference server pod")?,
+    ];
+    let mut paths = [
+        Route::new(
+            "through the ClusterIP",
+            client,
+            SocketAddr::new(target.cluster_ip.into(), SERVICE_PORT),
+        ),
+        Route::new("straight to the pod at", client, direct),
+        Route::new("on the node without rules to", ref_client, reference),
+    ];
+    measure(&mut paths, args.requests)?;
     let _ = proxy.terminate();
+    let [via, direct, reference] = paths.map(|p| Percentiles::of(p.samples));
     Ok(Row {
         services,
-        via: Percentiles::of(via_samples).context("no samples")?,
-        direct: Percentiles::of(direct_samples).context("no samples")?,
+        via: via.context("no samples")?,
+        direct: direct.context("no samples")?,
+        reference: reference.context("no samples")?,
         full_sync,
     })
 }
@@ -228,52 +264,98 @@ fn first_full_sync(metrics: &str) -> Option<f64> {
     (count >= 1.0).then(|| sum / count)
 }
 
-/// R pairs of requests (after a warm-up), alternating which path goes first so that
-/// neither always follows the other. Runs inside the client pod's namespace.
-fn measure(
-    via: SocketAddr,
-    direct: SocketAddr,
-    requests: u32,
-) -> Result<(Vec<Duration>, Vec<Duration>)> {
-    let request = |dst: SocketAddr, what: &str, i: u32| {
-        request(dst).with_context(|| format!("request {i} {what} {dst}"))
-    };
-    for i in 0..WARMUP.min(requests) {
-        request(via, "(warm-up) through the ClusterIP", i)?;
-        request(direct, "(warm-up) straight to the pod at", i)?;
-    }
-    let mut via_samples = Vec::with_capacity(requests as usize);
-    let mut direct_samples = Vec::with_capacity(requests as usize);
-    for i in 0..requests {
-        if i % 2 == 0 {
-            via_samples.push(request(via, "through the ClusterIP", i)?);
-            direct_samples.push(request(direct, "straight to the pod at", i)?);
-        } else {
-            direct_samples.push(request(direct, "straight to the pod at", i)?);
-            via_samples.push(request(via, "through the ClusterIP", i)?);
-        }
-    }
-    Ok((via_samples, direct_samples))
+/// One measured path (route): from which pod to which address, and its samples.
+struct Route {
+    what: &'static str,
+    /// The client pod's namespace: its sockets are created there.
+    netns: String,
+    dst: SocketAddr,
+    /// Sockets made in advance, a batch at a time (see [`new_sockets`]).
+    spare: Vec<Socket>,
+    samples: Vec<Duration>,
 }
 
-/// One new connection: socket, connect, 1 byte out, 1 byte back, close; how long it took.
-fn request(dst: SocketAddr) -> io::Result<Duration> {
+impl Route {
+    fn new(what: &'static str, from: &Pod, dst: SocketAddr) -> Route {
+        Route {
+            what,
+            netns: from.netns().name().to_owned(),
+            dst,
+            spare: Vec::new(),
+            samples: Vec::new(),
+        }
+    }
+
+    /// Request `i`; its time is kept unless warming up.
+    fn request(&mut self, i: u32, keep: bool) -> Result<()> {
+        if self.spare.is_empty() {
+            self.spare = new_sockets(&self.netns, self.dst, SOCKET_BATCH)
+                .with_context(|| format!("cannot make sockets in {}", self.netns))?;
+        }
+        let Some(sock) = self.spare.pop() else {
+            bail!("no socket made in {}", self.netns);
+        };
+        let took = request(sock, self.dst)
+            .with_context(|| format!("request {i} {} {}", self.what, self.dst))?;
+        if keep {
+            self.samples.push(took);
+        }
+        Ok(())
+    }
+}
+
+/// R rounds of one request per path (after a warm-up), rotating which path goes first so
+/// that none always follows the same other one.
+fn measure(paths: &mut [Route], requests: u32) -> Result<()> {
+    for i in 0..WARMUP.min(requests) {
+        for path in paths.iter_mut() {
+            path.request(i, false)?;
+        }
+    }
+    let n = paths.len();
+    for i in 0..requests {
+        for k in 0..n {
+            paths[(i as usize + k) % n].request(i, true)?;
+        }
+    }
+    Ok(())
+}
+
+/// `n` TCP sockets for `dst`, made inside `netns` (a socket stays in the namespace it was
+/// made in, so any thread can use it; the measuring thread never changes namespace, and
+/// making them is not part of what is measured).
+fn new_sockets(netns: &str, dst: SocketAddr, n: usize) -> io::Result<Vec<Socket>> {
+    svcplane_testkit::in_netns(netns, || {
+        (0..n)
+            .map(|_| {
+                let sock =
+                    Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+                // Close with RST: no TIME_WAIT on either side, so R can be large without
+                // running out of ports, and a reused port starts a fresh conntrack entry
+                // (the first-packet path again).
+                sock.set_linger(Some(Duration::ZERO))?;
+                sock.set_tcp_nodelay(true)?;
+                sock.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+                Ok(sock)
+            })
+            .collect()
+    })?
+}
+
+/// One new connection on a fresh socket: connect, 1 byte out, 1 byte back, close; how
+/// long that took.
+fn request(sock: Socket, dst: SocketAddr) -> io::Result<Duration> {
     let started = Instant::now();
-    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-    // Close with RST: no TIME_WAIT on either side, so R can be large without running out
-    // of ports, and a reused port starts a fresh conntrack entry (first-packet path again).
-    sock.set_linger(Some(Duration::ZERO))?;
-    sock.set_tcp_nodelay(true)?;
     sock.connect_timeout(&SockAddr::from(dst), REQUEST_TIMEOUT)?;
-    sock.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     (&sock).write_all(b"?")?;
     let mut reply = [0u8; 1];
     (&sock).read_exact(&mut reply)?;
+    drop(sock);
+    let took = started.elapsed();
     if reply != *b"!" {
         return Err(io::Error::other(format!("unexpected reply {reply:?}")));
     }
-    drop(sock);
-    Ok(started.elapsed())
+    Ok(took)
 }
 
 /// A request/response TCP server in a pod: accept, read 1 byte, answer 1 byte, close.
