@@ -23,7 +23,10 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -228,12 +231,11 @@ fn measure_size(args: &BenchDatapathArgs, services: u32, proxy_args: &[String]) 
 
     let direct = SocketAddr::new(server.ipv4().into(), POD_PORT);
     let reference = SocketAddr::new(ref_server.ipv4().into(), POD_PORT);
-    let _servers = [
-        PingServer::start(server.netns().name(), direct)
-            .context("cannot start the server in the server pod")?,
-        PingServer::start(ref_server.netns().name(), reference)
-            .context("cannot start the server in the reference server pod")?,
-    ];
+    let _server = PingServer::start(&[
+        (server.netns().name(), direct),
+        (ref_server.netns().name(), reference),
+    ])
+    .context("cannot start the servers in the server pods")?;
     let mut paths = [
         Route::new(
             "through the ClusterIP",
@@ -358,49 +360,85 @@ fn request(sock: Socket, dst: SocketAddr) -> io::Result<Duration> {
     Ok(took)
 }
 
-/// A request/response TCP server in a pod: accept, read 1 byte, answer 1 byte, close.
-/// (The test kit's echo server answers on accept without reading, so the request would
-/// not be part of the exchange.) Its socket is created inside the pod's namespace and
-/// stays there; the thread serving it needs no namespace of its own.
+/// Request/response TCP servers in pods: accept, read 1 byte, answer 1 byte, close. (The
+/// test kit's echo server answers on accept without reading, so the request would not be
+/// part of the exchange.) One thread serves every pod's listener, so no path gets a server
+/// thread that the scheduler treats differently. Each listener is created inside its pod's
+/// namespace and stays there; the serving thread needs no namespace of its own.
 struct PingServer {
-    /// A handle on the listening socket to stop the server: shutting it down wakes `accept`.
-    listener: Socket,
+    stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl PingServer {
-    fn start(netns: &str, addr: SocketAddr) -> io::Result<PingServer> {
-        let listener = svcplane_testkit::in_netns(netns, || -> io::Result<Socket> {
-            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-            sock.set_reuse_address(true)?;
-            sock.bind(&SockAddr::from(addr))?;
-            sock.listen(1024)?;
-            Ok(sock)
-        })??;
-        let serving = listener.try_clone()?;
+    /// Listen on each `(netns, address)`; returns once every listener is bound.
+    fn start(listen: &[(&str, SocketAddr)]) -> io::Result<PingServer> {
+        let mut listeners = Vec::new();
+        for &(netns, addr) in listen {
+            let sock = svcplane_testkit::in_netns(netns, || -> io::Result<Socket> {
+                let sock =
+                    Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                sock.set_reuse_address(true)?;
+                sock.bind(&SockAddr::from(addr))?;
+                sock.listen(1024)?;
+                // Accept only what poll reported, and never block on a vanished one.
+                sock.set_nonblocking(true)?;
+                Ok(sock)
+            })??;
+            listeners.push(sock);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("bench-ping".to_owned())
             .spawn(move || {
-                // Ends when the listener is shut down (accept fails).
-                while let Ok((conn, _)) = serving.accept() {
-                    let _ = conn.set_tcp_nodelay(true);
-                    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
-                    let mut byte = [0u8; 1];
-                    if (&conn).read_exact(&mut byte).is_ok() {
-                        let _ = (&conn).write_all(b"!");
+                let mut fds: Vec<libc::pollfd> = listeners
+                    .iter()
+                    .map(|l| libc::pollfd {
+                        fd: l.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    })
+                    .collect();
+                while !stopped.load(Ordering::Relaxed) {
+                    // The timeout only bounds how long a stop request waits.
+                    // SAFETY: `fds` is a valid, exclusively borrowed array of its length.
+                    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+                    if n <= 0 {
+                        continue;
+                    }
+                    for (pfd, listener) in fds.iter_mut().zip(&listeners) {
+                        if std::mem::take(&mut pfd.revents) != 0 {
+                            while let Ok((conn, _)) = listener.accept() {
+                                answer(&conn);
+                            }
+                        }
                     }
                 }
             })?;
         Ok(PingServer {
-            listener,
+            stop,
             thread: Some(thread),
         })
     }
 }
 
+/// Read the 1-byte request and answer it; a broken client only costs its own exchange.
+fn answer(conn: &Socket) {
+    // Accepted sockets do not inherit O_NONBLOCK on Linux; be explicit anyway.
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_tcp_nodelay(true);
+    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let mut byte = [0u8; 1];
+    let mut conn = conn;
+    if conn.read_exact(&mut byte).is_ok() {
+        let _ = conn.write_all(b"!");
+    }
+}
+
 impl Drop for PingServer {
     fn drop(&mut self) {
-        let _ = self.listener.shutdown(std::net::Shutdown::Both);
+        self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
