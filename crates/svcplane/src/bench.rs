@@ -2,7 +2,8 @@
 //! Services with E endpoints each are written to a manifests directory, `svcplane proxy`
 //! programs a scratch network namespace from it, and then one EndpointSlice file is
 //! rewritten R times: each time the proxy's own metrics say when the change was in the
-//! kernel, so the number is "file changed → rules in the kernel".
+//! kernel, so the number is "file changed → rules in the kernel". (`bench datapath`, what
+//! the rules cost a packet, is in [`datapath`].)
 //!
 //! The proxy runs as in production (its watcher, debounce, engine and backend); only
 //! `--min-sync-period 0` is set, so a change is not held back by the previous sync.

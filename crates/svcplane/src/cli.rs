@@ -70,7 +70,8 @@ pub enum BenchCommand {
     /// EndpointSlice change takes from the file being written to the rules being in the kernel.
     Sync(BenchSyncArgs),
     /// Connect latency from a pod through the last-programmed of N ClusterIP services, side
-    /// by side with straight to the pod's IP, in a virtual cluster running `svcplane proxy`.
+    /// by side with straight to the pod's IP (and pod to pod on a node without rules), in a
+    /// virtual cluster running `svcplane proxy`.
     Datapath(BenchDatapathArgs),
 }
 
@@ -91,7 +92,8 @@ pub struct BenchDatapathArgs {
         default_value = "1000,10000"
     )]
     pub services: Vec<u32>,
-    /// Requests per path (through the ClusterIP, straight to the pod) per measurement.
+    /// New connections per path (through the ClusterIP, straight to the pod IP, and the
+    /// reference on a node without rules) per measurement.
     #[arg(long, value_name = "R", default_value_t = 2000)]
     pub requests: u32,
     /// Endpoints of each other service (addresses that need not exist; they only make the
