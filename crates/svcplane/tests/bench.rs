@@ -191,3 +191,53 @@ fn bench_datapath_rejects_nonsense_sizes() {
         }
     }
 }
+
+/// Ctrl-C in the middle of a measurement stops it and tears the virtual cluster down.
+#[test]
+fn bench_datapath_interrupted_leaves_no_namespace() {
+    use std::io::{BufRead, BufReader};
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_svcplane"))
+        .args([
+            "bench",
+            "datapath",
+            "--services",
+            "10",
+            "--requests",
+            "100000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run svcplane bench datapath");
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("piped");
+    // The proxy is ready: the measurement starts now (and lasts far longer than this test).
+    // Kept open to the end: a closed pipe would fail the bench's next print.
+    let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+    let ready = lines.any(|line| line.contains(": ready (read the manifests"));
+    assert!(ready, "the bench never got its proxy ready");
+    let ours = || -> Vec<String> {
+        std::fs::read_dir("/run/netns")
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.contains(&format!("-{pid}-")))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(!ours().is_empty(), "the cluster's namespaces should exist");
+    let killed = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let out = child.wait_with_output().expect("wait for the bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(ours(), Vec::<String>::new(), "namespaces left behind");
+    drop(lines);
+}

@@ -36,6 +36,7 @@ use svcplane_testkit::{Cluster, Manifests, Pod, PodSpec, metric_value};
 
 use super::{FIRST_SYNC_WAIT, cluster_ip, endpoint_ip, service_yaml, slice_yaml};
 use crate::cli::BenchDatapathArgs;
+use crate::lab::check;
 
 const NODE: &str = "bench-node";
 /// A second node without a proxy: pod to pod there is the reference without any rules.
@@ -99,10 +100,17 @@ pub fn datapath(args: BenchDatapathArgs) -> Result<()> {
          and pod to pod on a node without rules)",
         args.requests
     );
+    // Registered before any namespace exists; checked between steps and requests.
+    let stop = crate::lab::watch_signals()?;
     let mut rows = Vec::new();
     for &services in &args.services {
-        let row = measure_size(&args, services, &proxy_args)
-            .with_context(|| format!("at {services} services"))?;
+        let row = match measure_size(&args, services, &proxy_args, &stop) {
+            Ok(row) => row,
+            // Whatever failed after the signal (the proxy got it too) is its consequence;
+            // the cluster is torn down by now.
+            Err(_) if stop.load(Ordering::SeqCst) => bail!("interrupted"),
+            Err(e) => return Err(e.context(format!("at {services} services"))),
+        };
         println!("{}", row.line(&label));
         rows.push(row);
     }
@@ -182,7 +190,12 @@ impl Percentiles {
     }
 }
 
-fn measure_size(args: &BenchDatapathArgs, services: u32, proxy_args: &[String]) -> Result<Row> {
+fn measure_size(
+    args: &BenchDatapathArgs,
+    services: u32,
+    proxy_args: &[String],
+    stop: &AtomicBool,
+) -> Result<Row> {
     let cluster = Cluster::builder()
         .node(NODE, "bench-zone")
         .node(REF_NODE, "bench-zone")
@@ -197,6 +210,7 @@ fn measure_size(args: &BenchDatapathArgs, services: u32, proxy_args: &[String]) 
     let ref_client = cluster.pod("ref-client")?;
     let ref_server = cluster.pod("ref-server")?;
     let manifests = cluster.manifests()?;
+    check(stop)?;
     let written = Instant::now();
     let target = write_services(&manifests, services, args.endpoints, server.ipv4())?;
     println!(
@@ -220,6 +234,7 @@ fn measure_size(args: &BenchDatapathArgs, services: u32, proxy_args: &[String]) 
     let proxy = cluster
         .run_proxy_logged_within(&exe, NODE, manifests.path(), &argv, &log, FIRST_SYNC_WAIT)
         .map_err(|e| anyhow!("{e}; the proxy's log ends with:\n{}", log_tail(&log)))?;
+    check(stop)?;
     let metrics = proxy.metrics().context("reading the proxy's metrics")?;
     let full_sync = first_full_sync(&metrics);
     println!(
@@ -245,7 +260,7 @@ fn measure_size(args: &BenchDatapathArgs, services: u32, proxy_args: &[String]) 
         Route::new("straight to the pod at", client, direct),
         Route::new("on the node without rules to", ref_client, reference),
     ];
-    measure(&mut paths, args.requests)?;
+    measure(&mut paths, args.requests, stop)?;
     let _ = proxy.terminate();
     let [via, direct, reference] = paths.map(|p| Percentiles::of(p.samples));
     Ok(Row {
@@ -308,14 +323,16 @@ impl Route {
 
 /// R rounds of one request per path (after a warm-up), rotating which path goes first so
 /// that none always follows the same other one.
-fn measure(paths: &mut [Route], requests: u32) -> Result<()> {
+fn measure(paths: &mut [Route], requests: u32, stop: &AtomicBool) -> Result<()> {
     for i in 0..WARMUP.min(requests) {
+        check(stop)?;
         for path in paths.iter_mut() {
             path.request(i, false)?;
         }
     }
     let n = paths.len();
     for i in 0..requests {
+        check(stop)?;
         for k in 0..n {
             paths[(i as usize + k) % n].request(i, true)?;
         }
