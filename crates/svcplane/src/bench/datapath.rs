@@ -61,6 +61,9 @@ pub fn datapath(args: BenchDatapathArgs) -> Result<()> {
     if !svcplane_testkit::is_root() {
         bail!("`svcplane bench datapath` needs root (network namespaces and the proxy's rules)");
     }
+    if args.endpoints == 0 {
+        bail!("--endpoints 0: must be at least 1");
+    }
     if args.services.is_empty() {
         bail!("--services: give at least one number of services");
     }
@@ -74,9 +77,6 @@ pub fn datapath(args: BenchDatapathArgs) -> Result<()> {
                 args.endpoints
             );
         }
-    }
-    if args.endpoints == 0 {
-        bail!("--endpoints 0: must be at least 1");
     }
     if args.requests == 0 || args.requests > MAX_REQUESTS {
         bail!("--requests {}: must be 1..={MAX_REQUESTS}", args.requests);
