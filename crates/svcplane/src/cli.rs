@@ -100,6 +100,9 @@ pub struct BenchDatapathArgs {
     /// rule set as large as a real one).
     #[arg(long, value_name = "E", default_value_t = 1)]
     pub endpoints: u32,
+    /// How long to wait for the proxy's first sync per size (Go duration).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::duration::parse_go_duration)]
+    pub first_sync_wait: std::time::Duration,
     /// One more argument for `svcplane proxy` (repeatable), e.g.
     /// `--proxy-arg=--iptables-dispatch=linear`.
     #[arg(long = "proxy-arg", value_name = "ARG", allow_hyphen_values = true)]

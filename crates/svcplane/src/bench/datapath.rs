@@ -34,7 +34,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use svcplane_testkit::{Cluster, Manifests, Pod, PodSpec, metric_value};
 
-use super::{FIRST_SYNC_WAIT, cluster_ip, endpoint_ip, service_yaml, slice_yaml};
+use super::{cluster_ip, endpoint_ip, service_yaml, slice_yaml};
 use crate::cli::BenchDatapathArgs;
 use crate::lab::check;
 
@@ -232,7 +232,14 @@ fn measure_size(
     let exe = std::env::current_exe().context("cannot find the svcplane binary")?;
     let started = Instant::now();
     let proxy = cluster
-        .run_proxy_logged_within(&exe, NODE, manifests.path(), &argv, &log, FIRST_SYNC_WAIT)
+        .run_proxy_logged_within(
+            &exe,
+            NODE,
+            manifests.path(),
+            &argv,
+            &log,
+            args.first_sync_wait,
+        )
         .map_err(|e| anyhow!("{e}; the proxy's log ends with:\n{}", log_tail(&log)))?;
     check(stop)?;
     let metrics = proxy.metrics().context("reading the proxy's metrics")?;
