@@ -252,16 +252,28 @@ fn partial_syncs_equal_a_fresh_full_sync(dispatch: Dispatch, services: u32, seed
     let report = sync(&mut backend, &state, &state);
     assert!(!report.full);
 
-    // Someone flushes nat (`iptables -t nat -F`): the canary's rule is gone, so the next
-    // partial transaction fails, is counted, and a full sync repairs everything.
+    // Someone flushes nat (`iptables -t nat -F`): the periodic check finds the canary's
+    // rule gone and a full sync repairs everything.
     run_checked(&mut synced.command("iptables", &["-t", "nat", "-F"])).expect("flush");
     let report = sync(&mut backend, &state, &state);
     assert!(
         report.full,
         "a flushed table must be repaired by a full sync"
     );
-    assert_eq!(report.partial_restore_failures, 1);
+    assert_eq!(report.partial_restore_failures, 0);
     assert_same(&synced, dispatch, &state, "after iptables -t nat -F");
+
+    // Flushed again, then a change to IPv4 nat: the partial transaction fails on the
+    // canary, is counted, and is retried in full.
+    run_checked(&mut synced.command("iptables", &["-t", "nat", "-F"])).expect("flush");
+    let mut next = state.clone();
+    let s = random_service(&mut rng, false, services + 10);
+    next.v4.services.insert(s.name.clone(), Arc::new(s));
+    let report = sync(&mut backend, &state, &next);
+    assert!(report.full, "a refused partial must be retried in full");
+    assert_eq!(report.partial_restore_failures, 1);
+    state = next;
+    assert_same(&synced, dispatch, &state, "after a refused partial");
 
     // IPv6 filter flushed and its chains deleted: the periodic check (an empty diff)
     // checks every table.
@@ -342,4 +354,50 @@ fn cleanup_removes_svcplane_chains_and_jumps_only() {
     }
     // Idempotent.
     backend.cleanup().expect("second cleanup");
+}
+
+#[test]
+fn starting_in_one_mode_removes_the_others_leftovers() {
+    if skip_unless_root(&["ip", "nft", "iptables-restore", "ip6tables-restore"]) {
+        return;
+    }
+    let ns = Netns::new("svcp-ipm").expect("netns");
+    let mut rng = Rng(0x5717_0001);
+    let state = initial(&mut rng, 10);
+    let arc = Arc::new(state.clone());
+    let diff = Diff::between(None, &arc, true);
+    // nftables mode ran here before.
+    svcplane_dataplane::NftablesBackend::in_netns(ns.name())
+        .sync(&arc, &diff)
+        .expect("nftables sync");
+    let tables = |ns: &Netns| {
+        let out = run_checked(&mut ns.command("nft", &["list", "tables"])).expect("nft");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(tables(&ns).contains("table ip svcplane"));
+    // iptables mode starts: it removes the nftables tables and says so.
+    let said = svcplane_testkit::in_netns(ns.name(), || {
+        svcplane_dataplane::remove_other_modes(svcplane_dataplane::ProxyMode::Iptables)
+    })
+    .expect("in netns");
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains("removed svcplane's nftables tables"),
+        "{said:?}"
+    );
+    assert!(!tables(&ns).contains("svcplane"), "{}", tables(&ns));
+    full(&mut IptablesBackend::in_netns(ns.name()), &state);
+    // Nothing of another mode left: nothing said.
+    let said = svcplane_testkit::in_netns(ns.name(), || {
+        svcplane_dataplane::remove_other_modes(svcplane_dataplane::ProxyMode::Iptables)
+    })
+    .expect("in netns");
+    assert!(said.is_empty(), "{said:?}");
+    // Back to nftables mode: svcplane's iptables chains go, with the jumps to them.
+    let said = svcplane_testkit::in_netns(ns.name(), || {
+        svcplane_dataplane::remove_other_modes(svcplane_dataplane::ProxyMode::Nftables)
+    })
+    .expect("in netns");
+    assert!(said.len() == 1 && said[0].contains("SVCP-"), "{said:?}");
+    assert_eq!(saved(&ns), [Vec::<String>::new(), Vec::new()]);
 }

@@ -58,6 +58,9 @@ pub enum KeyKind {
     /// Destination addresses (`u32` or `u128` as `u128`).
     V4,
     V6,
+    /// Source addresses.
+    SrcV4,
+    SrcV6,
     /// `protocol << 16 | port` (see [`port_key`]).
     Port,
 }
@@ -65,8 +68,8 @@ pub enum KeyKind {
 impl KeyKind {
     fn width(self) -> u32 {
         match self {
-            KeyKind::V4 => 32,
-            KeyKind::V6 => 128,
+            KeyKind::V4 | KeyKind::SrcV4 => 32,
+            KeyKind::V6 | KeyKind::SrcV6 => 128,
             KeyKind::Port => 18,
         }
     }
@@ -78,6 +81,8 @@ impl KeyKind {
         match self {
             KeyKind::V4 => format!("-d {}/{len}", Ipv4Addr::from(base as u32)),
             KeyKind::V6 => format!("-d {}/{len}", Ipv6Addr::from(base)),
+            KeyKind::SrcV4 => format!("-s {}/{len}", Ipv4Addr::from(base as u32)),
+            KeyKind::SrcV6 => format!("-s {}/{len}", Ipv6Addr::from(base)),
             KeyKind::Port => {
                 let proto = match base >> 16 {
                     0 => "tcp",

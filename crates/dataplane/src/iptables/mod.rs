@@ -11,7 +11,8 @@
 //! rewritten; chains that went away are deleted. Every partial transaction also
 //! deletes and re-adds the one rule of `SVCP-CANARY`, so it fails as a whole when
 //! someone flushed the table; a failed partial is counted and retried in full. The
-//! periodic check (an empty diff) sends only those canary lines.
+//! periodic check (an empty diff) reads `SVCP-CANARY` in every table (`iptables -S`)
+//! and syncs in full when its rule is gone.
 //!
 //! The iptables binaries are those of the backend the host uses (nft or legacy), found
 //! as kube-proxy's image finds them (see [`detect`]).
@@ -464,6 +465,24 @@ impl IptablesBackend {
         }
         let opts = self.options();
         let periodic_check = diff.v4.is_empty() && diff.v6.is_empty();
+        if periodic_check {
+            // Read-only: adding even one rule makes the kernel validate the whole table
+            // (120 ms at 10k services), which a restore of the canary lines would.
+            for fi in 0..2 {
+                for table in TABLES {
+                    if !self.canary_present(fi, table) {
+                        tracing::warn!(
+                            table,
+                            family = if fi == 0 { "IPv4" } else { "IPv6" },
+                            "svcplane's iptables rules were flushed or deleted; rewriting them in full"
+                        );
+                        self.applied = None;
+                        return Ok(None);
+                    }
+                }
+            }
+            return Ok(Some(SyncReport::default()));
+        }
         let mut rendered: Vec<(usize, FamilyRules, BTreeSet<ServicePortName>)> = Vec::new();
         for (fi, family) in [IpFamily::V4, IpFamily::V6].into_iter().enumerate() {
             let fd = diff.family(family);
@@ -530,22 +549,10 @@ impl IptablesBackend {
                 stale,
             });
         }
-        if periodic_check {
-            for fi in 0..2 {
-                for table in TABLES {
-                    changes.push(TableChange {
-                        family: fi,
-                        table,
-                        writes: Vec::new(),
-                        stale: Vec::new(),
-                    });
-                }
-            }
-        }
         let mut size = 0;
         let mut refused = None;
         for ch in &changes {
-            if !periodic_check && ch.writes.is_empty() && ch.stale.is_empty() {
+            if ch.writes.is_empty() && ch.stale.is_empty() {
                 continue;
             }
             let script =
@@ -598,6 +605,19 @@ impl IptablesBackend {
             size,
             ..SyncReport::default()
         }))
+    }
+
+    /// Whether `SVCP-CANARY` still holds its rule in this table (`iptables -S`, which
+    /// lists that chain only).
+    fn canary_present(&mut self, family: usize, table: &str) -> bool {
+        let iptables = self.tools().iptables[family];
+        self.runner
+            .run(
+                iptables,
+                &["-w", "5", "-t", table, "-S", names::CANARY],
+                None,
+            )
+            .is_ok_and(|out| out.lines().any(|l| l.trim() == "-A SVCP-CANARY -j RETURN"))
     }
 
     /// Rules svcplane owns per table (nat, filter), both families, as last applied.

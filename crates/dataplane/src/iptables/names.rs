@@ -26,6 +26,9 @@ pub const MARK_MASQ: &str = "SVCP-MARK-MASQ";
 pub const FORWARD: &str = "SVCP-FORWARD";
 pub const PROXY_FIREWALL: &str = "SVCP-PROXY-FIREWALL";
 pub const CANARY: &str = "SVCP-CANARY";
+/// Hairpin: a connection DNATed back to the pod that opened it is marked for
+/// masquerade (a tree on the source address, one rule per endpoint address).
+pub const HAIRPIN: &str = "SVCP-HAIRPIN";
 /// Marks for masquerade unless the source is in one of several cluster CIDRs (one
 /// CIDR is matched inline, as kube-proxy does).
 pub const MASQ_OUTSIDE: &str = "SVCP-MASQ-OUTSIDE";
@@ -162,6 +165,7 @@ mod tests {
             PROXY_FIREWALL,
             CANARY,
             MASQ_OUTSIDE,
+            HAIRPIN,
         ] {
             assert!(fixed.len() <= CHAIN_LENGTH_MAX && fixed.starts_with(PREFIX));
         }

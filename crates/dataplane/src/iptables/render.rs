@@ -244,6 +244,7 @@ struct Lists {
     filter_external_ports: Vec<Entry>,
     filter_firewall: Vec<Entry>,
     filter_nodeports: Vec<Entry>,
+    hairpin: Vec<Entry>,
 }
 
 /// A balancing chain: name and endpoint indices.
@@ -264,6 +265,8 @@ struct Plan<'a> {
     ext: Option<String>,
     fw: Option<String>,
     source_ranges: Vec<IpNet>,
+    /// The endpoints some balancing chain uses.
+    used: BTreeSet<usize>,
 }
 
 fn resolved(svc: &ServicePortState, target: &TrafficTarget) -> Vec<usize> {
@@ -339,7 +342,12 @@ fn plan<'a>(ctx: &Ctx, svc: &'a ServicePortState) -> Result<Plan<'a>, DataplaneE
     let source_ranges = family_nets(family, &svc.load_balancer_source_ranges);
     let fw = (ext.is_some() && !svc.load_balancer_ips.is_empty() && !source_ranges.is_empty())
         .then(|| names::service_chain(FW, &hash));
+    let used = balancers
+        .iter()
+        .flat_map(|b| b.endpoints.iter().copied())
+        .collect();
     Ok(Plan {
+        used,
         svc,
         pn: names::port_name(&svc.name),
         proto: svc.protocol.as_lower(),
@@ -446,6 +454,23 @@ fn entries(p: &Plan, lists: &mut Lists) {
             });
         }
     }
+    // Hairpin, for services without per-endpoint chains: a pod reaching itself through
+    // the service. Only this node's pods can (a remote pod's ClusterIP, externalIP and
+    // LoadBalancer traffic is DNATed on its own node), except through this node's
+    // NodePorts, whose eTP Local short-circuit may pick any pod's endpoint.
+    if svc.affinity_timeout_seconds.is_none() {
+        let any =
+            svc.node_port.is_some() && matches!(svc.external_policy, ExternalPolicy::Local { .. });
+        for &i in &p.used {
+            let ep = &svc.endpoints[i];
+            if ep.is_local || any {
+                lists.hairpin.push(Entry {
+                    key: dispatch::addr_key(ep.ip),
+                    rule: format!("-s {0} -d {0} -j {MARK_MASQ}", ep.ip),
+                });
+            }
+        }
+    }
     if let Some(hc) = svc.health_check_node_port {
         lists.filter_nodeports.push(Entry {
             key: dispatch::port_key(svcplane_model::Protocol::Tcp, hc),
@@ -467,14 +492,14 @@ fn service_chains(ctx: &Ctx, p: &Plan) -> Vec<Chain> {
     let svc = p.svc;
     let (pn, proto, port) = (&p.pn, p.proto, svc.port);
     let mut chains = Vec::with_capacity(p.balancers.len() + 3 + svc.endpoints.len());
-    let used: BTreeSet<usize> = p
-        .balancers
-        .iter()
-        .flat_map(|b| b.endpoints.iter().copied())
-        .collect();
+    // Per-endpoint chains only with ClientIP affinity, where `recent` names them. Without
+    // it the balancing chain DNATs directly and hairpin is caught in SVCP-HAIRPIN: a
+    // chain and two rules per endpoint made iptables-restore several times slower
+    // (kube-proxy's shape: 35 s for a full sync at 10k services × 10 endpoints).
+    let sticky = svc.affinity_timeout_seconds.is_some();
     let sep: Vec<Option<String>> = (0..svc.endpoints.len())
         .map(|i| {
-            used.contains(&i).then(|| {
+            (sticky && p.used.contains(&i)).then(|| {
                 names::endpoint_chain(&svc.name, svc.endpoints[i].ip, svc.endpoints[i].port)
             })
         })
@@ -527,7 +552,15 @@ fn service_chains(ctx: &Ctx, p: &Plan) -> Vec<Chain> {
                     probability(n - k)
                 );
             }
-            w!(rule, " -j {}", sep_name(i));
+            if sticky {
+                w!(rule, " -j {}", sep_name(i));
+            } else {
+                w!(
+                    rule,
+                    " -m {proto} -p {proto} -j DNAT --to-destination {}",
+                    names::host_port(ep.ip, ep.port)
+                );
+            }
             c.rule(&rule);
         }
         chains.push(c);
@@ -675,6 +708,15 @@ pub fn render_family(fam: &FamilyState, opts: Options, select: Select) -> Family
         nodeports.rule(&r);
     }
     let mut post = Chain::new(POSTROUTING);
+    let hairpin_kind = match ctx.family {
+        IpFamily::V4 => KeyKind::SrcV4,
+        IpFamily::V6 => KeyKind::SrcV6,
+    };
+    let mut hairpin = Chain::new(HAIRPIN);
+    for r in list(hairpin_kind, "nat-hairpin", lists.hairpin, &mut tree_nat) {
+        hairpin.rule(&r);
+    }
+    post.rule(&format!("-m conntrack --ctstate DNAT -j {HAIRPIN}"));
     post.rule(&format!(
         "-m mark ! --mark {MASQUERADE_MARK:#x}/{MASQUERADE_MARK:#x} -j RETURN"
     ));
@@ -689,7 +731,7 @@ pub fn render_family(fam: &FamilyState, opts: Options, select: Select) -> Family
     ));
     let mut mark = Chain::new(MARK_MASQ);
     mark.rule(&format!("-j MARK --or-mark {MASQUERADE_MARK:#x}"));
-    let mut nat = vec![services, nodeports, post, mark, canary()];
+    let mut nat = vec![services, nodeports, post, hairpin, mark, canary()];
     if let Masq::OutsideMany(nets) = &ctx.masq {
         let mut c = Chain::new(MASQ_OUTSIDE);
         for net in nets {

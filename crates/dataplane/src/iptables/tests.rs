@@ -113,7 +113,8 @@ fn probabilities_are_kube_proxys_sequence() {
 
 #[test]
 fn cluster_ip_service_has_kube_proxys_shape() {
-    let svc = service("ns1", "svc1", "p80", "172.30.0.41", &["10.180.0.1"]);
+    let mut svc = service("ns1", "svc1", "p80", "172.30.0.41", &["10.180.0.1"]);
+    svc.endpoints[0].is_local = true;
     let r = rules(&family(IpFamily::V4, vec![svc]), linear());
     let want_services = "\
 -A SVCP-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j SVCP-SVC-XPGD46QRK7WJZT7O
@@ -122,15 +123,17 @@ fn cluster_ip_service_has_kube_proxys_shape() {
     assert_eq!(chain(r.nat(), "SVCP-SERVICES").rules, want_services);
     let want_svc = "\
 -A SVCP-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j SVCP-MARK-MASQ
--A SVCP-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -j SVCP-SEP-SXIVWICOYRO3J4NJ
+-A SVCP-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 10.180.0.1:80\" -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
 ";
     assert_eq!(chain(r.nat(), "SVCP-SVC-XPGD46QRK7WJZT7O").rules, want_svc);
-    let want_sep = "\
--A SVCP-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j SVCP-MARK-MASQ
--A SVCP-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
-";
-    assert_eq!(chain(r.nat(), "SVCP-SEP-SXIVWICOYRO3J4NJ").rules, want_sep);
+    // No per-endpoint chain without affinity: hairpin is caught after DNAT.
+    assert!(!r.nat().any(|c| c.name.starts_with(names::SEP)));
+    assert_eq!(
+        chain(r.nat(), "SVCP-HAIRPIN").rules,
+        "-A SVCP-HAIRPIN -s 10.180.0.1 -d 10.180.0.1 -j SVCP-MARK-MASQ\n"
+    );
     let post = &chain(r.nat(), "SVCP-POSTROUTING").rules;
+    assert!(post.starts_with("-A SVCP-POSTROUTING -m conntrack --ctstate DNAT -j SVCP-HAIRPIN\n"));
     assert!(
         post.contains("-m mark ! --mark 0x4000/0x4000 -j RETURN\n"),
         "{post}"
@@ -170,9 +173,17 @@ fn affinity_uses_recent_with_the_timeout() {
     assert!(c.rules.contains(&format!(
         "-m recent --name {sep} --rcheck --seconds 10800 --reap -j {sep}\n"
     )));
-    assert!(chain(r.nat(), &sep).rules.contains(&format!(
-        "-m recent --name {sep} --set -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80"
-    )));
+    // kube-proxy's endpoint chain: hairpin mark, then record the client and DNAT.
+    assert_eq!(
+        chain(r.nat(), &sep).rules,
+        format!(
+            "-A {sep} -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j SVCP-MARK-MASQ
+-A {sep} -m comment --comment ns1/svc1:p80 -m recent --name {sep} --set -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+"
+        )
+    );
+    assert_eq!(sep, "SVCP-SEP-SXIVWICOYRO3J4NJ");
+    assert!(chain(r.nat(), "SVCP-HAIRPIN").rules.is_empty());
 }
 
 #[test]
