@@ -396,6 +396,7 @@ mod tests {
             nodeport_addresses: None,
             masquerade_all: None,
             config: None,
+            iptables_dispatch: None,
         })
         .unwrap()
     }

@@ -192,9 +192,7 @@ fn detect(runner: &Runner) -> Tools {
             };
             if hint(&nft) {
                 nft
-            } else if legacy_in_use(runner) && hint(&legacy) {
-                legacy
-            } else if legacy_in_use(runner) && rules(&legacy) > rules(&nft) {
+            } else if legacy_in_use(runner) && (hint(&legacy) || rules(&legacy) > rules(&nft)) {
                 legacy
             } else {
                 nft
