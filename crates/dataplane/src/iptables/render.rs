@@ -245,6 +245,8 @@ struct Lists {
     filter_firewall: Vec<Entry>,
     filter_nodeports: Vec<Entry>,
     hairpin: Vec<Entry>,
+    /// After every per-port rule: reject what is left for a ClusterIP.
+    cluster_ips: Vec<Entry>,
 }
 
 /// A balancing chain: name and endpoint indices.
@@ -374,6 +376,12 @@ fn entries(p: &Plan, lists: &mut Lists) {
     let (pn, proto, port) = (&p.pn, p.proto, svc.port);
     if let Some(cip) = svc.cluster_ip {
         let key = dispatch::addr_key(cip);
+        lists.cluster_ips.push(Entry {
+            key,
+            rule: format!(
+                "-m comment --comment \"Reject traffic to invalid ports of ClusterIPs\" -d {cip} -j REJECT"
+            ),
+        });
         match p.internal {
             Some(i) => lists.nat_services.push(Entry {
                 key,
@@ -745,10 +753,15 @@ pub fn render_family(fam: &FamilyState, opts: Options, select: Select) -> Family
 
     // filter.
     let mut f_services = Chain::new(SERVICES);
+    // As svcplane's nftables mode (kube-proxy's nftables mode's cluster-ips-check): a
+    // packet to a ClusterIP that no rule DNATed is refused rather than routed on. Equal
+    // keys keep their order, so these come after the ClusterIP's own port rules.
+    let mut filter_services = lists.filter_services;
+    filter_services.append(&mut lists.cluster_ips);
     for r in list(
         addr_kind,
         "filter-services",
-        lists.filter_services,
+        filter_services,
         &mut tree_filter,
     ) {
         f_services.rule(&r);

@@ -144,7 +144,8 @@ fn cluster_ip_service_has_kube_proxys_shape() {
     let r = rules(&family(IpFamily::V4, vec![empty]), linear());
     assert_eq!(
         chain(&r.filter, "SVCP-SERVICES").rules,
-        "-A SVCP-SERVICES -m comment --comment \"ns3/svc3:p80 has no endpoints\" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j REJECT\n"
+        "-A SVCP-SERVICES -m comment --comment \"ns3/svc3:p80 has no endpoints\" -m tcp -p tcp -d 172.30.0.43 --dport 80 -j REJECT\n\
+         -A SVCP-SERVICES -m comment --comment \"Reject traffic to invalid ports of ClusterIPs\" -d 172.30.0.43 -j REJECT\n"
     );
     assert_eq!(chain(r.nat(), "SVCP-SERVICES").count, 1);
 }
