@@ -66,6 +66,16 @@ pub enum KeyKind {
 }
 
 impl KeyKind {
+    /// Bits split per level and the largest leaf. The hairpin list (source addresses)
+    /// holds an entry per local endpoint and is walked only by DNATed new connections
+    /// in POSTROUTING: wide and shallow, so that it needs few chains.
+    fn shape(self) -> (u32, usize) {
+        match self {
+            KeyKind::SrcV4 | KeyKind::SrcV6 => (8, 64),
+            _ => (FANOUT_BITS, LEAF_MAX),
+        }
+    }
+
     fn width(self) -> u32 {
         match self {
             KeyKind::V4 | KeyKind::SrcV4 => 32,
@@ -173,13 +183,14 @@ impl TreeCtx<'_> {
             return;
         };
         let width = self.kind.width();
-        if entries.len() <= LEAF_MAX || first.key == last.key {
+        let (fanout, leaf) = self.kind.shape();
+        if entries.len() <= leaf || first.key == last.key {
             rules.extend(entries.iter().map(|e| e.rule.clone()));
             return;
         }
         // Sorted: the first and last keys share the prefix all of them share.
         let common = ((first.key ^ last.key) << (128 - width)).leading_zeros();
-        let split = (common + FANOUT_BITS).min(width);
+        let split = (common + fanout).min(width);
         let bits = |key: u128| key >> (width - split);
         let mut start = 0;
         while start < entries.len() {

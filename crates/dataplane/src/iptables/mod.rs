@@ -704,6 +704,10 @@ impl Dataplane for IptablesBackend {
                 let t = self.tools();
                 (t.save[fi], t.restore[fi])
             };
+            if !self.runner.exists(save) {
+                // No iptables here: nothing of svcplane's can be in its tables.
+                continue;
+            }
             for table in TABLES {
                 let saved = match self.runner.run(save, &["-t", table], None) {
                     Ok(s) => s,
