@@ -28,8 +28,8 @@ log() { echo "ipvs-vm: $*" >&2; }
 bins=() files=() cwd=/ smp=2 mem=1G vm_timeout=1800
 while [ $# -gt 0 ]; do
   case "$1" in
-    --bin) bins+=("$2"); shift 2 ;;
-    --file) files+=("$2"); shift 2 ;;
+    --bin) bins+=("$(realpath -s "$2")"); shift 2 ;;
+    --file) files+=("$(realpath -s "$2")"); shift 2 ;;
     --cwd) cwd="$2"; shift 2 ;;
     --smp) smp="$2"; shift 2 ;;
     --mem) mem="$2"; shift 2 ;;
@@ -46,12 +46,16 @@ case "$1" in /*) [ -x "$1" ] && bins+=("$1") ;; esac
 for tool in qemu-system-x86_64 busybox cpio dpkg-deb depmod modprobe ldd xz apt-get; do
   command -v "$tool" >/dev/null || die "\`$tool\` is missing (scripts/install-deps.sh installs it)"
 done
-[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 \
-  || die "/bin/busybox is not the static busybox (Debian package busybox-static)"
+if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
+  die "/bin/busybox is not the static busybox (Debian package busybox-static)"
+fi
 
 # ---- 1. The kernel: Debian's current linux-image-*-amd64, cached between runs. ----
-cache="${SVCPLANE_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/svcplane/ipvs-vm}"
+cache="${SVCPLANE_VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/svcplane/ipvs-vm}"
 mkdir -p "$cache"
+# Runs sharing the cache (other worktrees, parallel jobs) take turns downloading/extracting.
+exec 9>"$cache/.lock"
+flock 9
 
 # The versioned package the linux-image-amd64 metapackage depends on.
 resolve_kernel() {
@@ -96,7 +100,12 @@ if [ ! -e "$kdir/.ready" ]; then
   tail -c +$((off + 1)) "$vmlinuz" >"$kdir/vmlinux.xz"
   xz -dc --single-stream "$kdir/vmlinux.xz" >"$kdir/vmlinux" && rm "$kdir/vmlinux.xz"
   echo "$kver" >"$kdir/.ready"
+  # One kernel in the cache: drop those Debian has since replaced (~450 MB each).
+  for old in "$cache"/linux-image-*; do
+    [ "$old" = "$deb" ] || [ "$old" = "$kdir" ] || rm -rf "$old"
+  done
 fi
+flock -u 9
 kver="$(cat "$kdir/.ready")"
 kroot="$kdir/root"
 
@@ -158,9 +167,9 @@ for t in bash ip nft conntrack sysctl ipvsadm modprobe; do add_tool "$t" yes; do
 for t in lsmod iptables ip6tables iptables-save ip6tables-save iptables-restore \
   ip6tables-restore ipset; do add_tool "$t" no; done
 # iptables' matches and targets are dlopen()ed, so ldd does not list them.
-for d in /usr/lib/x86_64-linux-gnu/xtables; do
-  [ -d "$d" ] && { for so in "$d"/*.so; do copy_elf "$so"; done; }
-done
+if [ -d /usr/lib/x86_64-linux-gnu/xtables ]; then
+  for so in /usr/lib/x86_64-linux-gnu/xtables/*.so; do copy_elf "$so"; done
+fi
 for f in /etc/protocols /etc/services /etc/ethertypes /etc/passwd /etc/group; do
   [ -e "$f" ] && copy_path "$f"
 done
@@ -177,7 +186,7 @@ done
 boot_modules="dummy veth bridge nf_conntrack nf_conntrack_netlink nf_nat nf_tables
   nft_ct nft_nat nft_masq nft_chain_nat nft_reject_inet nft_fib_inet nft_numgen nft_limit
   nfnetlink_queue ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_wlc ip_vs_sh ip_vs_mh"
-mods=( $boot_modules )
+read -r -a mods <<<"$(echo $boot_modules)"
 while read -r m; do mods+=("$(basename "$m" .ko)"); done < <(
   cd "$kroot/lib/modules/$kver" &&
   find kernel/net/netfilter kernel/net/ipv4/netfilter kernel/net/ipv6/netfilter \
