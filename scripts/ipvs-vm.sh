@@ -222,16 +222,16 @@ cat >"$stage/init" <<'EOF'
 #!/bin/busybox sh
 # PID 1 in the VM: mount, load modules, run /etc/vm-command, report its exit status
 # through QEMU's isa-debug-exit device (I/O port 0xf4).
-export PATH=/usr/sbin:/usr/bin HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1
+export PATH=/usr/sbin:/usr/bin HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1 NO_COLOR=1 TERM=dumb
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm /sys/fs/cgroup
 mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /dev/shm
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# /run and /tmp stay on the initramfs (tmpfs already), so --file paths under them survive.
+chmod 1777 /tmp
 echo /usr/sbin/modprobe >/proc/sys/kernel/modprobe
 verdict() {
   rc=$1
