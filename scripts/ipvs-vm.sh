@@ -5,6 +5,9 @@
 #   scripts/ipvs-vm.sh [--bin HOSTPATH]... [--file HOSTPATH]... [--cwd DIR]
 #                      [--smp N] [--mem SIZE] [--timeout SECONDS] -- COMMAND [ARGS...]
 #
+# Defaults: 2 CPUs, 1G, 1800 s, --cwd / (created in the VM). --file carries a data file
+# (e.g. a script) to its host path.
+#
 # The VM: Debian's linux-image-*-amd64 (fetched with `apt-get download`, never installed
 # on the host; cached in $SVCPLANE_VM_CACHE, default ~/.cache/svcplane/ipvs-vm), booted
 # with qemu-system-x86_64 under TCG (`-accel tcg`: KVM here is nested and cannot boot
@@ -62,23 +65,27 @@ resolve_kernel() {
   apt-cache depends linux-image-amd64 2>/dev/null \
     | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | sed -n 1p
 }
-pkg="$(resolve_kernel)"
-if [ -z "$pkg" ] && [ "$(id -u)" -eq 0 ]; then
-  log "apt has no linux-image-amd64; running apt-get update"
-  timeout 300 apt-get update -qq || log "apt-get update failed (no network?)"
-  pkg="$(resolve_kernel)"
-fi
+# The cached package, else `apt-get download` it; after a failure, refresh apt's lists
+# (as root) and try once more: stale lists name a version the mirror has dropped.
+cached_deb() { ls -t "$cache/$1"_*_amd64.deb 2>/dev/null | sed -n 1p || true; }
 deb=""
-if [ -n "$pkg" ]; then
-  deb="$(ls -t "$cache/${pkg}"_*_amd64.deb 2>/dev/null | sed -n 1p || true)"
-  if [ -z "$deb" ]; then
-    log "downloading $pkg (apt-get download) into $cache"
-    # apt's own retries can take minutes without a network: bound them.
-    if (cd "$cache" && timeout 600 apt-get download -q "$pkg" 2>&1 | grep -v 'unsandboxed as root' >&2); then :; fi
-    deb="$(ls -t "$cache/${pkg}"_*_amd64.deb 2>/dev/null | sed -n 1p || true)"
-    [ -n "$deb" ] || log "could not download $pkg (no network or no apt source?)"
+for attempt in 1 2; do
+  if [ "$attempt" -eq 2 ]; then
+    [ "$(id -u)" -eq 0 ] || break
+    log "running apt-get update"
+    timeout 300 apt-get update -qq || { log "apt-get update failed (no network?)"; break; }
   fi
-fi
+  pkg="$(resolve_kernel)"
+  [ -n "$pkg" ] || { log "apt knows no linux-image-amd64"; continue; }
+  deb="$(cached_deb "$pkg")"
+  [ -z "$deb" ] || break
+  log "downloading $pkg (apt-get download) into $cache"
+  # apt's own retries can take minutes without a network: bound them.
+  (cd "$cache" && timeout 600 apt-get download -q "$pkg" 2>&1 | grep -v 'unsandboxed as root' >&2) || true
+  deb="$(cached_deb "$pkg")"
+  [ -z "$deb" ] || break
+  log "could not download $pkg (no network or no apt source?)"
+done
 if [ -z "$deb" ]; then
   # Offline, or apt knows no kernel: any kernel downloaded earlier will do.
   deb="$(ls -t "$cache"/linux-image-*-amd64_*_amd64.deb 2>/dev/null | sed -n 1p || true)"
