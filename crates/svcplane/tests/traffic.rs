@@ -46,11 +46,15 @@ scenario_table! {
         cluster_ip_from_the_external_client_is_masqueraded,
         tcp_and_udp_on_the_same_port_number,
         node_port_from_the_external_client,
-        udp_to_a_tcp_only_port_is_rejected,
+        udp_to_a_tcp_only_port_is_rejected {
+            iptables/_: "as kube-proxy's iptables mode, nothing rejects a ClusterIP's unused \
+                ports (only its nftables mode has that rule); the datagram follows the node's routes",
+        },
         service_without_endpoints_is_rejected,
         load_balancer_source_ranges_allow_and_block_but_not_the_node_port,
         external_ip_from_the_external_client,
         external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints,
+        external_traffic_policy_local_from_the_node_itself,
         hairpin_is_masqueraded,
         session_affinity_client_ip_is_sticky,
         internal_traffic_policy_local_stays_on_the_node,
@@ -173,6 +177,54 @@ fn external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_end
     let _proxy_b = env.run_proxy_on("node-b");
     let got = env.try_tcp("client", env.node_at("node-b", 30083));
     assert!(matches!(got, Err(RequestError::Timeout)), "{got:?}");
+}
+
+/// eTP Local, node-a without a local endpoint (`local-remote`): traffic that starts on
+/// node-a (its own network namespace, or a pod) to the externalIP, the LoadBalancer IP or
+/// node-a's NodePort still reaches the cluster-wide endpoint, the node's own masqueraded
+/// to node-a's address; the external client's gets no answer.
+fn external_traffic_policy_local_from_the_node_itself(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
+    let endpoint = env.pod_ip("remote-b");
+    let targets = [
+        env.at(LOCAL_REMOTE_EXTERNAL_IP, 80),
+        env.at(LOCAL_REMOTE_LB_IP, 80),
+        env.node_at("node-a", 30084),
+    ];
+    for dst in targets {
+        let reply = env.tcp("node-a", dst);
+        assert_eq!(
+            (reply.pod, reply.port),
+            (endpoint, 8080),
+            "{dst}: {reply:?}"
+        );
+        assert_eq!(
+            reply.peer.ip(),
+            env.node_ip("node-a"),
+            "node-a -> {dst} masqueraded: {reply:?}"
+        );
+        let reply = env.tcp("client-a", dst);
+        assert_eq!(reply.pod, endpoint, "{dst}: {reply:?}");
+        assert_eq!(
+            reply.peer.ip(),
+            env.pod_ip("client-a"),
+            "client-a -> {dst}: {reply:?}"
+        );
+    }
+    // From outside: dropped (all at once: each waits out the timeout).
+    std::thread::scope(|scope| {
+        let env = &env;
+        let waits: Vec<_> = targets
+            .map(|dst| (dst, scope.spawn(move || env.try_tcp("client", dst))))
+            .into();
+        for (dst, got) in waits {
+            let got = got.join().expect("request thread");
+            assert!(
+                matches!(got, Err(RequestError::Timeout)),
+                "client -> {dst} must be dropped: {got:?}"
+            );
+        }
+    });
 }
 
 fn hairpin_is_masqueraded(cell: Cell) {
