@@ -357,3 +357,50 @@ fn restart_adopts_the_existing_table_in_place() {
         "affinity lost on restart: {listed}"
     );
 }
+
+/// A node programmed by an earlier svcplane, whose endpoint checks ran before DNAT
+/// (kube-proxy's layout before kubernetes#132456): the first sync leaves exactly what a
+/// fresh full render gives, old base chains deleted and the others at their new
+/// priorities.
+#[test]
+fn first_sync_upgrades_the_earlier_base_chain_layout() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let (synced, fresh) = (
+        Netns::new("svcplane-up").expect("netns"),
+        Netns::new("svcplane-upref").expect("netns"),
+    );
+    let mut old = String::new();
+    for f in ["ip", "ip6"] {
+        old += &format!(
+            "table {f} svcplane {{
+\tcomment \"rules for svcplane\"
+\tchain firewall-check {{ }}
+\tchain service-endpoints-check {{ }}
+\tchain cluster-ips-check {{ }}
+\tchain filter-prerouting {{ type filter hook prerouting priority -110 ; ct state new jump firewall-check ; }}
+\tchain filter-input {{ type filter hook input priority -110 ; ct state new jump service-endpoints-check ; }}
+\tchain filter-forward {{ type filter hook forward priority -110 ; ct state new jump service-endpoints-check ; }}
+\tchain filter-output {{ type filter hook output priority -110 ; ct state new jump service-endpoints-check ; }}
+\tchain filter-output-post-dnat {{ type filter hook output priority -90 ; ct state new jump cluster-ips-check ; }}
+}}
+"
+        );
+    }
+    let out = synced
+        .run_with_input("nft", &["-f", "-"], &old)
+        .expect("nft");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = Arc::new(initial(&mut Rng(0xadd0_0002)));
+    let mut backend = NftablesBackend::in_netns(synced.name());
+    let report = backend
+        .sync(&state, &Diff::between(None, &state, true))
+        .expect("first sync");
+    assert!(report.full);
+    assert_same(&synced, &fresh, &state, "upgrade");
+}

@@ -129,36 +129,179 @@ pub struct ApiClientOptions {
     pub burst: u32,
 }
 
-/// A kube client as `options` say, with the rate limit in its stack.
+/// A kube client as `options` say ([`api_config`]), with the rate limit in its stack.
 pub async fn api_client(options: &ApiClientOptions) -> Result<Client, SourceError> {
+    client_from_config(api_config(options).await?, options)
+}
+
+/// The client for `config` (from [`api_config`]), with `options`' rate limit in its stack.
+pub fn client_from_config(
+    config: kube::Config,
+    options: &ApiClientOptions,
+) -> Result<Client, SourceError> {
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| SourceError::ApiClient(format!("cannot build the API client: {e}")))?;
+    Ok(builder
+        .with_layer(&RateLimitLayer::new(options.qps, options.burst))
+        .build())
+}
+
+/// Where to find the API server: the kubeconfig's current context (a `tokenFile` is
+/// read, and re-read as it rotates, by kube's client), with `--master` overriding its
+/// server; `--master` alone; or in-cluster (`KUBERNETES_SERVICE_HOST`/`_PORT` and the
+/// service account's token and CA). A server under the reserved `.invalid` domain, such
+/// as deploy/'s placeholder, is refused here: it can never resolve, and retrying it
+/// forever would look like a hang.
+pub async fn api_config(options: &ApiClientOptions) -> Result<kube::Config, SourceError> {
     let err = |e: String| SourceError::ApiClient(e);
-    let mut config = match (&options.kubeconfig, &options.master) {
+    // Which setting the server came from, to name it in the placeholder error.
+    let (mut config, field) = match (&options.kubeconfig, &options.master) {
         (Some(path), _) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| err(format!("kubeconfig {}: {e}", path.display())))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            let field = match current_cluster(&kubeconfig) {
+                Some(name) => format!(
+                    "kubeconfig {}: the server of cluster {name:?}",
+                    path.display()
+                ),
+                None => format!("kubeconfig {}: its cluster's server", path.display()),
+            };
+            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
                 .await
-                .map_err(|e| err(format!("kubeconfig {}: {e}", path.display())))?
+                .map_err(|e| err(format!("kubeconfig {}: {e}", path.display())))?;
+            (config, field)
         }
-        (None, Some(master)) => kube::Config::new(
-            master
-                .parse()
-                .map_err(|e| err(format!("--master {master:?}: {e}")))?,
+        (None, Some(master)) => (
+            kube::Config::new(
+                master
+                    .parse()
+                    .map_err(|e| err(format!("--master {master:?}: {e}")))?,
+            ),
+            "--master".to_string(),
         ),
-        (None, None) => {
-            kube::Config::incluster().map_err(|e| err(format!("in-cluster configuration: {e}")))?
-        }
+        (None, None) => (
+            kube::Config::incluster().map_err(|e| err(format!("in-cluster configuration: {e}")))?,
+            "KUBERNETES_SERVICE_HOST".to_string(),
+        ),
     };
     if let (Some(_), Some(master)) = (&options.kubeconfig, &options.master) {
         config.cluster_url = master
             .parse()
             .map_err(|e| err(format!("--master {master:?}: {e}")))?;
     }
-    let builder = kube::client::ClientBuilder::try_from(config)
-        .map_err(|e| err(format!("cannot build the API client: {e}")))?;
-    Ok(builder
-        .with_layer(&RateLimitLayer::new(options.qps, options.burst))
-        .build())
+    let field = if options.master.is_some() {
+        "--master".to_string()
+    } else {
+        field
+    };
+    let host = config.cluster_url.host().unwrap_or_default();
+    if host
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+        .ends_with(".invalid")
+    {
+        return Err(err(format!(
+            "{field}: {:?} is a placeholder (the .invalid domain never resolves): set it to \
+             {API_ADDRESS_ADVICE}",
+            config.cluster_url.to_string()
+        )));
+    }
+    Ok(config)
+}
+
+/// The name of the cluster the kubeconfig's current context uses (for error messages).
+fn current_cluster(kubeconfig: &kube::config::Kubeconfig) -> Option<String> {
+    let current = kubeconfig.current_context.as_deref()?;
+    kubeconfig
+        .contexts
+        .iter()
+        .find(|c| c.name == current)
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.cluster.clone())
+}
+
+/// What to give svcplane instead of a ClusterIP, and where the README says how.
+pub const API_ADDRESS_ADVICE: &str = "the API server's real address, reachable from the node \
+     without any Service rule (`kubectl config view --minify -o \
+     jsonpath='{.clusters[0].cluster.server}'`, or the server in kubeadm's kube-proxy \
+     ConfigMap; README, \"Running in a cluster: replacing kube-proxy\")";
+
+/// Why the API server, at `host`, is reachable only through a Service ClusterIP: one
+/// that a Service dataplane (this proxy) programs, so on a node without Service rules
+/// the proxy cannot list the objects it needs to program that very rule. svcplane is not
+/// told the service CIDR, so the rule is static.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterIpDependency {
+    /// In-cluster configuration: `KUBERNETES_SERVICE_HOST` is by definition the ClusterIP
+    /// of the `default/kubernetes` Service.
+    InCluster,
+    /// The kubeconfig's (or `--master`'s) host is `$KUBERNETES_SERVICE_HOST` (which every
+    /// Pod, a DaemonSet's too, gets): that ClusterIP again.
+    ServiceHostEnv,
+    /// A Service DNS name (`NAME.NAMESPACE.svc[.ZONE]`, `kubernetes.default`): resolved by
+    /// cluster DNS, itself behind a ClusterIP, to a ClusterIP.
+    ServiceDnsName,
+}
+
+impl ClusterIpDependency {
+    /// The rule for a client configured by `options` as `config` (from [`api_config`]).
+    pub fn of_config(
+        options: &ApiClientOptions,
+        config: &kube::Config,
+        service_host: Option<&str>,
+    ) -> Option<Self> {
+        let in_cluster = options.kubeconfig.is_none() && options.master.is_none();
+        let host = config.cluster_url.host().unwrap_or_default();
+        ClusterIpDependency::of(host, in_cluster, service_host)
+    }
+
+    /// The rule for a client reaching `host` (the API server URL's host), in-cluster or
+    /// not, with `KUBERNETES_SERVICE_HOST` set to `service_host` (if at all).
+    pub fn of(host: &str, in_cluster: bool, service_host: Option<&str>) -> Option<Self> {
+        if in_cluster {
+            return Some(ClusterIpDependency::InCluster);
+        }
+        let bare = |h: &str| {
+            h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .trim_end_matches('.')
+                .to_ascii_lowercase()
+        };
+        let host = bare(host);
+        if let Some(env) = service_host.map(bare).filter(|e| !e.is_empty()) {
+            let same = match (
+                host.parse::<std::net::IpAddr>(),
+                env.parse::<std::net::IpAddr>(),
+            ) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => host == env,
+            };
+            if same {
+                return Some(ClusterIpDependency::ServiceHostEnv);
+            }
+        }
+        let labels: Vec<&str> = host.split('.').collect();
+        if host == "kubernetes.default" || (labels.len() >= 3 && labels[2] == "svc") {
+            return Some(ClusterIpDependency::ServiceDnsName);
+        }
+        None
+    }
+}
+
+impl std::fmt::Display for ClusterIpDependency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClusterIpDependency::InCluster => {
+                "the in-cluster address KUBERNETES_SERVICE_HOST, the `kubernetes` Service's ClusterIP"
+            }
+            ClusterIpDependency::ServiceHostEnv => {
+                "$KUBERNETES_SERVICE_HOST, the `kubernetes` Service's ClusterIP"
+            }
+            ClusterIpDependency::ServiceDnsName => {
+                "a Service DNS name, resolved by cluster DNS (behind a ClusterIP) to a ClusterIP"
+            }
+        })
+    }
 }
 
 /// The Kubernetes API source. See the module docs.
@@ -486,5 +629,44 @@ fn describe_error(err: &watcher::Error) -> String {
             format!("watch expired (410 Gone: {}); relisting", status.message)
         }
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClusterIpDependency as D;
+
+    #[test]
+    fn an_api_address_behind_a_cluster_ip_is_recognised() {
+        let env = Some("10.96.0.1");
+        // In-cluster: KUBERNETES_SERVICE_HOST is the `kubernetes` Service's ClusterIP.
+        assert_eq!(D::of("10.96.0.1", true, env), Some(D::InCluster));
+        assert_eq!(D::of("10.96.0.1", false, env), Some(D::ServiceHostEnv));
+        assert_eq!(
+            D::of("[fd00:96::1]", false, Some("fd00:96:0:0::1")),
+            Some(D::ServiceHostEnv)
+        );
+        for name in [
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local.",
+            "KUBERNETES.default.svc.example.org",
+            "kubernetes.default",
+            "apiserver.kube-system.svc",
+        ] {
+            assert_eq!(D::of(name, false, None), Some(D::ServiceDnsName), "{name}");
+        }
+        // The real address (kubeadm's control-plane endpoint, a load balancer, a node IP).
+        for host in [
+            "10.0.0.11",
+            "192.168.1.10",
+            "api.example.org",
+            "k8s-api.svc-lb.example.org",
+            "[fd00:10::11]",
+        ] {
+            assert_eq!(D::of(host, false, env), None, "{host}");
+        }
+        // Outside a Pod nothing says which address is the ClusterIP.
+        assert_eq!(D::of("10.96.0.1", false, None), None);
+        assert_eq!(D::of("10.96.0.1", false, Some("")), None);
     }
 }

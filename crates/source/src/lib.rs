@@ -15,7 +15,10 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
-pub use kube::{ApiClientOptions, ApiSourceStatus, KubeSource, api_client};
+pub use kube::{
+    ApiClientOptions, ApiSourceStatus, ClusterIpDependency, KubeSource, api_client, api_config,
+    client_from_config,
+};
 pub use manifests::ManifestSource;
 use svcplane_model::SourceEvent;
 

@@ -10,9 +10,11 @@ use svcplane_proxy::Engine;
 use svcplane_proxy::sync_loop::{
     SyncLoopConfig, SyncObserver, SyncStatus, run_sync_loop_with_observer,
 };
+use svcplane_source::kube::API_ADDRESS_ADVICE;
 use svcplane_source::kube::{DEFAULT_API_BURST, DEFAULT_API_QPS};
 use svcplane_source::{
-    ApiClientOptions, KubeSource, ManifestSource, Problem, ProblemSink, Source, api_client,
+    ApiClientOptions, ApiSourceStatus, ClusterIpDependency, KubeSource, ManifestSource, Problem,
+    ProblemSink, Source, api_config, client_from_config,
 };
 
 use crate::cli::{ApiArgs, CleanupArgs, Cli, Command, ProxyArgs, RenderArgs};
@@ -138,9 +140,20 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         let source: Box<dyn Source> = match &source_kind {
             ObjectSource::Manifests(dir) => Box::new(ManifestSource::new(dir)),
             ObjectSource::Api(options) => {
-                let client = api_client(options).await?;
+                let config = api_config(options).await?;
+                let service_host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
+                let dependency =
+                    ClusterIpDependency::of_config(options, &config, service_host.as_deref());
+                if let Some(reason) = dependency {
+                    warn_cluster_ip_dependency(&config.cluster_url.to_string(), reason);
+                }
+                let url = config.cluster_url.to_string();
+                let client = client_from_config(config, options)?;
                 let source = KubeSource::new(client, settings.engine.node_name.clone());
                 health = health.with_source(source.status());
+                if let Some(reason) = dependency {
+                    tokio::spawn(repeat_hint_while_unlisted(source.status(), url, reason));
+                }
                 Box::new(source)
             }
         };
@@ -208,9 +221,74 @@ fn proxy(args: ProxyArgs) -> Result<()> {
     })
 }
 
+/// The bootstrap deadlock, said at startup: on a node without Service rules (a new node,
+/// or right after kube-proxy's were removed) nothing routes that ClusterIP, so the proxy
+/// cannot list what it needs to program it. kube-proxy says nothing here; its kubeadm
+/// kubeconfig avoids the case.
+fn warn_cluster_ip_dependency(url: &str, reason: ClusterIpDependency) {
+    tracing::warn!(
+        "the Kubernetes API server is reached at {url}, {reason}: only a Service dataplane \
+         (this proxy) makes it reachable, so on a node without Service rules svcplane cannot \
+         list the objects it needs to program that rule; give it a kubeconfig \
+         (clientConnection.kubeconfig, --kubeconfig) or --master with {API_ADDRESS_ADVICE}"
+    );
+}
+
+/// While the initial lists keep failing, say the likely cause again (at most once a
+/// minute), next to the watch errors.
+async fn repeat_hint_while_unlisted(
+    mut status: tokio::sync::watch::Receiver<ApiSourceStatus>,
+    url: String,
+    reason: ClusterIpDependency,
+) {
+    let mut pacer = HintPacer::default();
+    while status.changed().await.is_ok() {
+        let due = pacer.due(&status.borrow_and_update(), std::time::Instant::now());
+        match due {
+            None => return,
+            Some(false) => {}
+            Some(true) => tracing::warn!(
+                "the initial lists are failing and the API server is reached at {url}, \
+                 {reason}: this node may need Service rules to reach it; use \
+                 {API_ADDRESS_ADVICE}"
+            ),
+        }
+    }
+}
+
+const HINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// When [`repeat_hint_while_unlisted`] speaks: on a new error before every initial list
+/// completed, at most once per [`HINT_INTERVAL`].
+#[derive(Debug, Default)]
+struct HintPacer {
+    seen_errors: u64,
+    hinted: Option<std::time::Instant>,
+}
+
+impl HintPacer {
+    /// `None` once everything was listed (no more hints), else whether to hint now.
+    fn due(&mut self, status: &ApiSourceStatus, now: std::time::Instant) -> Option<bool> {
+        if status.watches.iter().all(|w| w.synced) {
+            return None;
+        }
+        let errors = status.watches.iter().map(|w| w.errors).sum::<u64>();
+        let new_error = errors > self.seen_errors;
+        self.seen_errors = errors;
+        let quiet_long_enough = self
+            .hinted
+            .is_none_or(|t| now.saturating_duration_since(t) >= HINT_INTERVAL);
+        let due = new_error && quiet_long_enough;
+        if due {
+            self.hinted = Some(now);
+        }
+        Some(due)
+    }
+}
+
 /// Where `proxy` gets its objects.
 #[derive(Debug)]
-enum ObjectSource {
+pub(crate) enum ObjectSource {
     Manifests(std::path::PathBuf),
     Api(ApiClientOptions),
 }
@@ -238,7 +316,7 @@ fn object_source(engine: &EngineSettings, api: &ApiArgs) -> Result<ObjectSource>
     )
 }
 
-fn object_source_with(
+pub(crate) fn object_source_with(
     engine: &EngineSettings,
     api: &ApiArgs,
     in_cluster: bool,
@@ -422,6 +500,32 @@ mod tests {
             ..ApiArgs::default()
         };
         assert!(object_source_with(&engine(None), &bad, false).is_err());
+    }
+
+    #[test]
+    fn the_cluster_ip_hint_repeats_at_most_once_a_minute_until_listed() {
+        let mut pacer = HintPacer::default();
+        let mut status = ApiSourceStatus::default();
+        let t0 = std::time::Instant::now();
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(pacer.due(&status, t0), Some(false), "no error yet");
+        status.watches[0].errors = 1;
+        assert_eq!(pacer.due(&status, t0), Some(true), "the first failure");
+        status.watches[1].errors = 3;
+        assert_eq!(pacer.due(&status, t0 + secs(30)), Some(false), "too soon");
+        assert_eq!(
+            pacer.due(&status, t0 + secs(90)),
+            Some(false),
+            "no new error"
+        );
+        status.watches[2].errors = 1;
+        assert_eq!(pacer.due(&status, t0 + secs(91)), Some(true));
+        // Listed (also after failures): done, whatever the errors.
+        for w in &mut status.watches {
+            w.synced = true;
+            w.errors += 1;
+        }
+        assert_eq!(pacer.due(&status, t0 + secs(500)), None);
     }
 
     #[test]

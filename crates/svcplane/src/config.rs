@@ -62,7 +62,7 @@ enum Use {
     Honoured,
     /// A real field svcplane does not act on: warned when it asks for something.
     Ignored,
-    /// Only in the selected mode's block: read there, otherwise not looked at.
+    /// A mode's block, or a field in one: read in the selected mode's block only.
     ModeHonoured,
 }
 
@@ -143,7 +143,7 @@ const SCHEMA: &[Field] = &[
     f("apiVersion", Str, Honoured),
     f("kind", Str, Honoured),
     f("featureGates", BoolMap, Ignored),
-    f("clientConnection", Obj(CLIENT_CONNECTION), Ignored),
+    f("clientConnection", Obj(CLIENT_CONNECTION), Honoured),
     f("logging", AnyObj, Ignored),
     f("hostnameOverride", Str, Honoured),
     f("bindAddress", Str, Ignored),
@@ -153,9 +153,9 @@ const SCHEMA: &[Field] = &[
     f("enableProfiling", Bool, Ignored),
     f("showHiddenMetricsForVersion", Str, Ignored),
     f("mode", Str, Honoured),
-    f("iptables", Obj(IPTABLES), Honoured),
-    f("ipvs", Obj(IPVS), Honoured),
-    f("nftables", Obj(NFTABLES), Honoured),
+    f("iptables", Obj(IPTABLES), ModeHonoured),
+    f("ipvs", Obj(IPVS), ModeHonoured),
+    f("nftables", Obj(NFTABLES), ModeHonoured),
     f("winkernel", Obj(WINKERNEL), Ignored),
     f("detectLocalMode", Str, Honoured),
     f("detectLocal", Obj(DETECT_LOCAL), Ignored),
@@ -303,7 +303,7 @@ impl Checker<'_> {
             let use_ = field.use_;
             match (field.ty, value) {
                 (Obj(sub), Value::Object(inner)) => {
-                    let inner_quiet = if use_ == Honoured && prefix.is_empty() {
+                    let inner_quiet = if use_ == ModeHonoured && prefix.is_empty() {
                         // A mode block: only the selected mode's is read.
                         if key == self.selected {
                             quiet
@@ -615,6 +615,14 @@ winkernel: {enableDSR: false, forwardHealthCheckVip: false, networkName: "", roo
         );
         assert_eq!(cfg.api_qps, Some(7.5));
         assert_eq!(cfg.api_burst, Some(20));
+        // Read, so not warned about (kubeadm's kube-proxy ConfigMap sets them); its
+        // ignored fields still are.
+        assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+        let cfg = parse("clientConnection:\n  contentType: application/json\n").unwrap();
+        assert_eq!(
+            cfg.warnings,
+            ["clientConnection.contentType: accepted but ignored by svcplane"]
+        );
     }
 
     #[test]

@@ -137,7 +137,10 @@ fn daemonset_is_a_node_critical_host_network_proxy() {
     );
     let pod = spec.template.spec.expect("pod spec");
     assert_eq!(pod.host_network, Some(true));
-    assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+    // The node's resolver: cluster DNS is behind a ClusterIP this pod programs.
+    assert_eq!(pod.dns_policy.as_deref(), Some("Default"));
+    // The service account's token and CA, which the kubeconfig names, are mounted.
+    assert_ne!(pod.automount_service_account_token, Some(false));
     assert_eq!(
         pod.priority_class_name.as_deref(),
         Some("system-node-critical")
@@ -291,7 +294,183 @@ fn configmap_is_accepted_by_svcplanes_own_parser_without_warnings() {
         cfg.healthz_bind_address.map(|a| a.to_string()).as_deref(),
         Some("0.0.0.0:10256")
     );
+    // The ConfigMap's kubeconfig, where the DaemonSet mounts it (checked there).
+    assert_eq!(
+        cfg.kubeconfig.as_deref(),
+        Some(Path::new("/var/lib/svcplane/kubeconfig.conf"))
+    );
+    assert!(data.contains_key("kubeconfig.conf"));
 }
+
+const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+const PLACEHOLDER: &str = "https://API-SERVER-ADDRESS.invalid:6443";
+
+/// The ConfigMap's `kubeconfig.conf`.
+fn deploy_kubeconfig() -> String {
+    let cm: ConfigMap = one("v1", "ConfigMap");
+    let data = cm.data.unwrap_or_default();
+    data.get("kubeconfig.conf")
+        .expect("kubeconfig.conf")
+        .clone()
+}
+
+#[test]
+fn kubeconfig_is_kubeadms_shape_with_the_service_account_and_a_placeholder_server() {
+    let text = deploy_kubeconfig();
+    let kc: Value = serde_saphyr::from_str(&text).expect("kubeconfig.conf is YAML");
+    assert_eq!(kc["kind"], "Config");
+    let current = kc["current-context"].as_str().expect("current-context");
+    let context = kc["contexts"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == current))
+        .expect("the current context");
+    let cluster = kc["clusters"]
+        .as_array()
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c["name"] == context["context"]["cluster"])
+        })
+        .expect("its cluster");
+    let user = kc["users"]
+        .as_array()
+        .and_then(|u| u.iter().find(|u| u["name"] == context["context"]["user"]))
+        .expect("its user");
+    assert_eq!(cluster["cluster"]["server"], PLACEHOLDER);
+    assert_eq!(
+        cluster["cluster"]["certificate-authority"],
+        format!("{SA_DIR}/ca.crt")
+    );
+    assert_eq!(user["user"]["tokenFile"], format!("{SA_DIR}/token"));
+}
+
+/// The API client options `svcplane proxy --config` resolves from the ConfigMap's
+/// config.conf, its kubeconfig being at `kubeconfig` instead of the mount path.
+fn options_from_the_configmap(kubeconfig: &Path) -> svcplane_source::ApiClientOptions {
+    let cm: ConfigMap = one("v1", "ConfigMap");
+    let data = cm.data.unwrap_or_default();
+    let text = data.get("config.conf").expect("config.conf").replace(
+        "/var/lib/svcplane/kubeconfig.conf",
+        kubeconfig.to_str().expect("UTF-8 temp path"),
+    );
+    let config_path = kubeconfig.with_file_name("config.conf");
+    std::fs::write(&config_path, text).expect("write config.conf");
+    let engine = crate::settings::EngineSettings::resolve(&crate::cli::EngineArgs {
+        proxy_mode: None,
+        manifests: None,
+        hostname_override: Some("node-a".into()),
+        cluster_cidr: None,
+        nodeport_addresses: None,
+        masquerade_all: None,
+        config: Some(config_path),
+    })
+    .expect("the ConfigMap's config.conf");
+    let api = crate::cli::ApiArgs::default();
+    match crate::commands::object_source_with(&engine, &api, true) {
+        Ok(crate::commands::ObjectSource::Api(o)) => o,
+        other => panic!("not the API source: {other:?}"),
+    }
+}
+
+/// The ConfigMap's kubeconfig in `dir`, with the service account's files (`token`
+/// holding `token`, a CA) in `dir/sa` and the server replaced by `server` if given.
+fn write_deploy_kubeconfig(dir: &Path, token: &str, server: Option<&str>) -> PathBuf {
+    let sa = dir.join("sa");
+    std::fs::create_dir_all(&sa).expect("mkdir");
+    std::fs::write(sa.join("ca.crt"), TEST_CA).expect("ca.crt");
+    std::fs::write(sa.join("token"), token).expect("token");
+    let mut text = deploy_kubeconfig().replace(SA_DIR, sa.to_str().expect("UTF-8"));
+    if let Some(server) = server {
+        text = text.replace(PLACEHOLDER, server);
+    }
+    let path = dir.join("kubeconfig.conf");
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn the_filled_in_kubeconfig_reaches_the_api_with_the_service_account_token() {
+    let server = svcplane_testkit::FakeApiServer::start().expect("fake API server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = write_deploy_kubeconfig(dir.path(), "sa-t0ken", Some(&server.url()));
+    let options = options_from_the_configmap(&kubeconfig);
+    assert_eq!(options.kubeconfig.as_deref(), Some(kubeconfig.as_path()));
+    runtime().block_on(async {
+        let config = svcplane_source::api_config(&options)
+            .await
+            .expect("the kubeconfig loads");
+        let client = svcplane_source::client_from_config(config, &options).expect("a client");
+        let source = Box::new(svcplane_source::KubeSource::new(client, "node-a"));
+        let status = source.status();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let problems: svcplane_source::ProblemSink = std::sync::Arc::new(|_| {});
+        let task = tokio::spawn(svcplane_source::Source::run(source, tx, problems));
+        // Nothing to list: the first batch is empty, then Synced.
+        let synced = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            while let Some(event) = rx.recv().await {
+                if matches!(event, svcplane_model::SourceEvent::Synced) {
+                    return true;
+                }
+            }
+            false
+        });
+        assert_eq!(
+            synced.await.ok(),
+            Some(true),
+            "the source never synced: {:?}",
+            *status.borrow()
+        );
+        task.abort();
+    });
+    let requests = server.requests();
+    assert!(!requests.is_empty());
+    for r in &requests {
+        // The token file's content. (kube's client, unlike client-go, does not trim a
+        // trailing newline; the kubelet's projected token has none.)
+        assert_eq!(r.authorization.as_deref(), Some("Bearer sa-t0ken"), "{r:?}");
+    }
+}
+
+#[test]
+fn an_unfilled_placeholder_is_an_error_naming_the_field_and_the_advice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = write_deploy_kubeconfig(dir.path(), "t0ken", None);
+    let options = options_from_the_configmap(&kubeconfig);
+    let err = runtime()
+        .block_on(svcplane_source::api_config(&options))
+        .expect_err("the placeholder must not be used")
+        .to_string();
+    for part in [
+        kubeconfig.to_str().expect("UTF-8"),
+        "the server of cluster \"default\"",
+        "API-SERVER-ADDRESS.invalid",
+        "placeholder",
+        "kubectl config view --minify",
+        "Running in a cluster: replacing kube-proxy",
+    ] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+}
+
+/// A self-signed CA (the service account's `ca.crt` stand-in): kube parses it at load.
+const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBjjCCATOgAwIBAgIUA5L7QKfApnkKjsPCz5J0bPE+EgUwCgYIKoZIzj0EAwIw
+GzEZMBcGA1UEAwwQc3ZjcGxhbmUtdGVzdC1jYTAgFw0yNjEyMDYwOTUzMzJaGA8y
+MTI2MTExMjA5NTMzMlowGzEZMBcGA1UEAwwQc3ZjcGxhbmUtdGVzdC1jYTBZMBMG
+ByqGSM49AgEGCCqGSM49AwEHA0IABAxLuPxzbx4d9Wh9hHY01O13NtNqpIzbu9a5
+yR7xgrfW99dv3rWcVx/VgEh/k/0z3mTtZf6aMN3/70iXiFO5JX6jUzBRMB0GA1Ud
+DgQWBBSoBXeV4CN6D26kVpzXb8A6NMZfRTAfBgNVHSMEGDAWgBSoBXeV4CN6D26k
+VpzXb8A6NMZfRTAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQCu
+fCyi85CWZwzLdpMCbMaEjLDLU2+1+ImGWSY+YBbFbgIhALVRnb6AWGoDdULqPccQ
+gmttn/TKusa0iIuUJbdz6IU9
+-----END CERTIFICATE-----
+";
 
 #[test]
 fn dockerfile_builds_with_the_workspace_toolchain_and_lock_file() {

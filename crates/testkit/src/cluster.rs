@@ -822,7 +822,7 @@ impl Cluster {
         manifests: &Path,
         extra_args: &[&str],
     ) -> io::Result<ProxyHandle> {
-        self.spawn_proxy(bin.as_ref(), node, manifests, extra_args, None)
+        self.launch_proxy(bin, node, manifests, extra_args, &ProxyLaunch::default())
     }
 
     /// [`Cluster::run_proxy`] with the proxy's stdout and stderr written to the file `log`
@@ -835,18 +835,24 @@ impl Cluster {
         extra_args: &[&str],
         log: &Path,
     ) -> io::Result<ProxyHandle> {
-        let file = std::fs::File::create(log)?;
-        self.spawn_proxy(bin.as_ref(), node, manifests, extra_args, Some(file))
+        let launch = ProxyLaunch {
+            log: Some(log.to_path_buf()),
+            ..ProxyLaunch::default()
+        };
+        self.launch_proxy(bin, node, manifests, extra_args, &launch)
     }
 
-    fn spawn_proxy(
+    /// [`Cluster::run_proxy`] as `launch` says: logged to a file, with extra environment
+    /// variables, and/or returning without waiting until it is ready.
+    pub fn launch_proxy(
         &self,
-        bin: &OsStr,
+        bin: impl AsRef<OsStr>,
         node: &str,
         manifests: &Path,
         extra_args: &[&str],
-        log: Option<std::fs::File>,
+        launch: &ProxyLaunch,
     ) -> io::Result<ProxyHandle> {
+        let bin = bin.as_ref();
         let node_ns = self.node(node)?.netns();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", node_ns.name()])
@@ -872,7 +878,10 @@ impl Cluster {
             }
         }
         cmd.args(extra_args);
-        if let Some(file) = log {
+        // `ip netns exec` passes the environment on.
+        cmd.envs(launch.env.iter().map(|(k, v)| (k, v)));
+        if let Some(log) = &launch.log {
+            let file = std::fs::File::create(log)?;
             cmd.stdout(file.try_clone()?).stderr(file);
         }
         let mut handle = ProxyHandle {
@@ -882,6 +891,9 @@ impl Cluster {
             healthz: server_address(extra_args, "--healthz-bind-address", DEFAULT_HEALTHZ)?,
             metrics: server_address(extra_args, "--metrics-bind-address", DEFAULT_METRICS)?,
         };
+        if launch.no_wait {
+            return Ok(handle);
+        }
         let mut exited = false;
         let ready = wait_until(PROXY_READY_WAIT, || {
             exited = !handle.daemon.is_running();
@@ -929,6 +941,19 @@ fn server_address(args: &[&str], flag: &str, default: &str) -> io::Result<Option
         ip => ip,
     };
     Ok(Some(SocketAddr::new(ip, bind.port())))
+}
+
+/// How [`Cluster::launch_proxy`] starts `svcplane proxy`, beyond its arguments.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyLaunch {
+    /// Write its stdout and stderr to this file (created or truncated) instead of the
+    /// test's output.
+    pub log: Option<std::path::PathBuf>,
+    /// Extra environment variables, e.g. the `KUBERNETES_SERVICE_HOST` every Pod gets.
+    pub env: Vec<(String, String)>,
+    /// Return as soon as it is started instead of waiting until it is ready (for a
+    /// proxy expected to stay unready).
+    pub no_wait: bool,
 }
 
 /// A running `svcplane proxy` in a node namespace; killed on drop.

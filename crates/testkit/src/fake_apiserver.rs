@@ -187,13 +187,19 @@ impl FakeApiServer {
 
     /// Write a kubeconfig pointing at this server (plain http, a bearer token).
     pub fn write_kubeconfig(&self, path: &Path) -> io::Result<()> {
+        self.write_kubeconfig_via(path, &self.url())
+    }
+
+    /// [`FakeApiServer::write_kubeconfig`] with another server URL, one that leads here
+    /// some other way (e.g. a Service ClusterIP in front of it).
+    pub fn write_kubeconfig_via(&self, path: &Path, server: &str) -> io::Result<()> {
         std::fs::write(
             path,
             format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
                  contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
                  current-context: fake\nusers:\n- name: fake\n  user:\n    token: fake-token\n",
-                self.url()
+                server
             ),
         )
     }
@@ -483,11 +489,17 @@ fn read_request(
         name.eq_ignore_ascii_case("authorization")
             .then(|| value.trim().to_string())
     });
-    let close = lines.iter().skip(1).any(|l| {
-        l.split_once(':').is_some_and(|(name, value)| {
-            name.eq_ignore_ascii_case("connection") && value.trim().eq_ignore_ascii_case("close")
+    let connection = |want: &str| {
+        lines.iter().skip(1).any(|l| {
+            l.split_once(':').is_some_and(|(name, value)| {
+                name.eq_ignore_ascii_case("connection") && value.trim().eq_ignore_ascii_case(want)
+            })
         })
-    });
+    };
+    // HTTP/1.0 closes after the response unless asked to keep the connection alive
+    // (as `http_get` sends it).
+    let http10 = parts.next().is_some_and(|v| v == "HTTP/1.0");
+    let close = connection("close") || (http10 && !connection("keep-alive"));
     Ok(Some(RawRequest {
         method,
         target,

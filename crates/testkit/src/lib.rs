@@ -15,7 +15,7 @@ mod net;
 
 pub use cluster::{
     CLIENT_V4, CLIENT_V6, CLUSTER_CIDR, Client, Cluster, ClusterBuilder, Manifests, Node, Pod,
-    PodSpec, ProxyHandle, SERVICE_CIDRS, metric_value, parse_echo,
+    PodSpec, ProxyHandle, ProxyLaunch, SERVICE_CIDRS, metric_value, parse_echo,
 };
 pub use fake_apiserver::{ApiRequest, ApiResource, FakeApiServer};
 pub use net::{

@@ -9,7 +9,8 @@
 //!    their NAT is in conntrack, and the whole transaction is atomic, so no packet
 //!    ever sees a half-written ruleset. This is what kube-proxy does.
 //! 2. The base chains are deleted and re-created (kube-proxy does this on its first
-//!    sync), so a changed hook priority can never make the transaction fail.
+//!    sync), so a changed hook priority can never make the transaction fail. Base
+//!    chains of an earlier layout are emptied by the flush and deleted as stale objects.
 //! 3. The shared maps/sets are `add` + `flush`ed (flush table does not empty them);
 //!    affinity sets are only `add`ed, which keeps their elements.
 //! 4. One `table … { … }` block declares every chain with its rules (nft resolves
@@ -88,8 +89,8 @@ const MARK_MASQ: &str = "mark-for-masquerade";
 const MASQUERADING: &str = "masquerading";
 
 /// A base chain: name, type, hook, priority. Priorities are numeric because nft
-/// before 1.0.7 rejects `dstnat - 10` on the input/forward hooks; dstnat is -100 and
-/// srcnat 100, so these are kube-proxy's `dstnat-10`, `dstnat+10`, `dstnat`, `srcnat`.
+/// before 1.0.7 rejects `dstnat - 10` on filter hooks; dstnat is -100, srcnat 100 and
+/// filter 0, so these are kube-proxy's `dstnat-10`, `dstnat`, `filter`, `srcnat`.
 struct BaseChain {
     name: &'static str,
     kind: &'static str,
@@ -101,11 +102,24 @@ struct BaseChain {
 
 const CT_NEW: &str = "ct state new ";
 
+/// kube-proxy's layout since kubernetes#132456 (1.34, cherry-picked to 1.33): only the source-range
+/// firewall looks at the destination before DNAT; the endpoint checks run at filter
+/// priority, after DNAT. So a connection that an external chain's short-circuit DNATed
+/// (pod or node traffic to an eTP Local service without local endpoints) no longer
+/// meets the no-endpoint DROP meant for external traffic, while what nothing DNATed
+/// still has its original destination there and is dropped or rejected.
 const BASE_CHAINS: &[BaseChain] = &[
     BaseChain {
-        name: "filter-prerouting",
+        name: "filter-prerouting-pre-dnat",
         kind: "filter",
         hook: "prerouting",
+        priority: -110,
+        jumps: &[(CT_NEW, FIREWALL_CHECK)],
+    },
+    BaseChain {
+        name: "filter-output-pre-dnat",
+        kind: "filter",
+        hook: "output",
         priority: -110,
         jumps: &[(CT_NEW, FIREWALL_CHECK)],
     },
@@ -113,7 +127,7 @@ const BASE_CHAINS: &[BaseChain] = &[
         name: "filter-input",
         kind: "filter",
         hook: "input",
-        priority: -110,
+        priority: 0,
         jumps: &[
             (CT_NEW, NODEPORT_ENDPOINTS_CHECK),
             (CT_NEW, SERVICE_ENDPOINTS_CHECK),
@@ -123,7 +137,7 @@ const BASE_CHAINS: &[BaseChain] = &[
         name: "filter-forward",
         kind: "filter",
         hook: "forward",
-        priority: -110,
+        priority: 0,
         jumps: &[
             (CT_NEW, SERVICE_ENDPOINTS_CHECK),
             (CT_NEW, CLUSTER_IPS_CHECK),
@@ -133,15 +147,11 @@ const BASE_CHAINS: &[BaseChain] = &[
         name: "filter-output",
         kind: "filter",
         hook: "output",
-        priority: -110,
-        jumps: &[(CT_NEW, SERVICE_ENDPOINTS_CHECK), (CT_NEW, FIREWALL_CHECK)],
-    },
-    BaseChain {
-        name: "filter-output-post-dnat",
-        kind: "filter",
-        hook: "output",
-        priority: -90,
-        jumps: &[(CT_NEW, CLUSTER_IPS_CHECK)],
+        priority: 0,
+        jumps: &[
+            (CT_NEW, SERVICE_ENDPOINTS_CHECK),
+            (CT_NEW, CLUSTER_IPS_CHECK),
+        ],
     },
     BaseChain {
         name: "nat-prerouting",

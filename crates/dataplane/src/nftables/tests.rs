@@ -192,16 +192,16 @@ fn fixed_chains_follow_kube_proxy() {
     let script = render(&state(vec![], vec![])).unwrap();
     for (chain, spec) in [
         (
-            "filter-prerouting",
+            "filter-prerouting-pre-dnat",
             "type filter hook prerouting priority -110",
         ),
-        ("filter-input", "type filter hook input priority -110"),
-        ("filter-forward", "type filter hook forward priority -110"),
-        ("filter-output", "type filter hook output priority -110"),
         (
-            "filter-output-post-dnat",
-            "type filter hook output priority -90",
+            "filter-output-pre-dnat",
+            "type filter hook output priority -110",
         ),
+        ("filter-input", "type filter hook input priority 0"),
+        ("filter-forward", "type filter hook forward priority 0"),
+        ("filter-output", "type filter hook output priority 0"),
         ("nat-prerouting", "type nat hook prerouting priority -100"),
         ("nat-output", "type nat hook output priority -100"),
         ("nat-postrouting", "type nat hook postrouting priority 100"),
@@ -209,14 +209,44 @@ fn fixed_chains_follow_kube_proxy() {
         let body = chain_body(&script, chain).unwrap_or_else(|| panic!("{chain} missing"));
         assert!(body.contains(spec), "{chain}: {body}");
     }
-    let input = chain_body(&script, "filter-input").unwrap();
-    assert!(input.contains("ct state new jump nodeport-endpoints-check"));
-    assert!(input.contains("ct state new jump service-endpoints-check"));
-    assert!(
-        chain_body(&script, "filter-output-post-dnat")
-            .unwrap()
-            .contains("ct state new jump cluster-ips-check")
+    // kube-proxy's layout since kubernetes#132456: only the firewall before DNAT, the
+    // endpoint and ClusterIP checks after it (the old chains are gone).
+    let jumps = |chain: &str| -> Vec<String> {
+        let body = chain_body(&script, chain).unwrap_or_else(|| panic!("{chain} missing"));
+        body.lines()
+            .map(str::trim)
+            .filter(|l| l.contains("jump"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        jumps("filter-prerouting-pre-dnat"),
+        ["ct state new jump firewall-check"]
     );
+    assert_eq!(
+        jumps("filter-output-pre-dnat"),
+        ["ct state new jump firewall-check"]
+    );
+    assert_eq!(
+        jumps("filter-input"),
+        [
+            "ct state new jump nodeport-endpoints-check",
+            "ct state new jump service-endpoints-check"
+        ]
+    );
+    for chain in ["filter-forward", "filter-output"] {
+        assert_eq!(
+            jumps(chain),
+            [
+                "ct state new jump service-endpoints-check",
+                "ct state new jump cluster-ips-check"
+            ],
+            "{chain}"
+        );
+    }
+    for old in ["filter-prerouting", "filter-output-post-dnat"] {
+        assert!(chain_body(&script, old).is_none(), "{old} still rendered");
+    }
     assert!(
         chain_body(&script, "nat-postrouting")
             .unwrap()
