@@ -181,7 +181,7 @@ impl Metrics {
         );
         r.register(
             "svcplane_invalid_objects",
-            "Cumulative problems reported by the object source (invalid objects, unparsable files)",
+            "Cumulative problems reported by the object source (invalid objects, values ignored in kept objects, unparsable files)",
             m.invalid_objects.clone(),
         );
         r.register(

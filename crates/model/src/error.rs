@@ -2,9 +2,13 @@ use std::fmt;
 
 use crate::types::Kind;
 
-/// An object the API server would have rejected. Names the object, the field
-/// and the offending value, e.g.
+/// A value svcplane cannot program. Names the object, the field and the offending
+/// value, e.g.
 /// `Service default/web: spec.ports[0].port: invalid value "0": must be between 1 and 65535`.
+///
+/// As an `Err` it rejects the whole object. In [`Converted::warnings`] it is a single
+/// value that was ignored while the rest of the object was kept, as kube-proxy ignores
+/// (and logs) an unparsable externalIP or an endpoint of the wrong IP family.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct InvalidObject {
     pub kind: Kind,
@@ -25,6 +29,22 @@ impl fmt::Display for InvalidObject {
             "{} {}: {}: invalid value {:?}: {}",
             self.kind, self.object, self.field, self.value, self.reason
         )
+    }
+}
+
+/// A converted object, and the values ignored to keep it (each reported, never silent).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Converted<T> {
+    pub object: T,
+    pub warnings: Vec<InvalidObject>,
+}
+
+impl<T> Converted<T> {
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Converted<U> {
+        Converted {
+            object: f(self.object),
+            warnings: self.warnings,
+        }
     }
 }
 

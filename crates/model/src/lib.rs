@@ -13,14 +13,10 @@ pub use convert::{
     DEFAULT_NAMESPACE, DEFAULT_SESSION_AFFINITY_TIMEOUT, LAST_CHANGE_TRIGGER_TIME_ANNOTATION,
     MAX_SESSION_AFFINITY_TIMEOUT, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL,
     endpoint_slice_from_k8s, node_from_k8s, pod_from_k8s, service_from_k8s,
-    service_from_k8s_with_node_port_range,
 };
-pub use error::{InvalidObject, ParseError};
+pub use error::{Converted, InvalidObject, ParseError};
 pub use types::*;
-pub use validate::{
-    DEFAULT_NODE_PORT_RANGE, is_dns1035_label, is_dns1123_label, is_dns1123_subdomain,
-    is_iana_svc_name,
-};
+pub use validate::{is_dns1035_label, is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name};
 
 /// Input syntax of a manifest file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +43,8 @@ pub struct Parsed {
     pub objects: Vec<Object>,
     /// Objects of those kinds that failed validation; every other object is still in `objects`.
     pub invalid: Vec<InvalidObject>,
+    /// Values ignored in objects that were kept (in `objects`), e.g. one unparsable externalIP.
+    pub warnings: Vec<InvalidObject>,
     /// Kinds svcplane does not use (Deployment, ConfigMap, ...), as `apiVersion/kind`, skipped.
     pub ignored: Vec<String>,
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::convert::{
     endpoint_slice_from_k8s, node_from_k8s, object_ref, pod_from_k8s, service_from_k8s,
 };
-use crate::error::{InvalidObject, ParseError};
+use crate::error::{Converted, InvalidObject, ParseError};
 use crate::types::{Kind, Object};
 use crate::{Format, Parsed};
 
@@ -111,27 +111,29 @@ fn dispatch(document: Value, parsed: &mut Parsed, depth: usize) {
             &document,
             Kind::Service,
             parsed,
-            |s: k8s_openapi::api::core::v1::Service| service_from_k8s(&s).map(Object::Service),
+            |s: k8s_openapi::api::core::v1::Service| {
+                service_from_k8s(&s).map(|c| c.map(Object::Service))
+            },
         ),
         ("discovery.k8s.io/v1", "EndpointSlice") => decode_into(
             &document,
             Kind::EndpointSlice,
             parsed,
             |s: k8s_openapi::api::discovery::v1::EndpointSlice| {
-                endpoint_slice_from_k8s(&s).map(Object::EndpointSlice)
+                endpoint_slice_from_k8s(&s).map(|c| c.map(Object::EndpointSlice))
             },
         ),
         ("v1", "Node") => decode_into(
             &document,
             Kind::Node,
             parsed,
-            |n: k8s_openapi::api::core::v1::Node| node_from_k8s(&n).map(Object::Node),
+            |n: k8s_openapi::api::core::v1::Node| node_from_k8s(&n).map(|c| c.map(Object::Node)),
         ),
         ("v1", "Pod") => decode_into(
             &document,
             Kind::Pod,
             parsed,
-            |p: k8s_openapi::api::core::v1::Pod| pod_from_k8s(&p).map(Object::Pod),
+            |p: k8s_openapi::api::core::v1::Pod| pod_from_k8s(&p).map(|c| c.map(Object::Pod)),
         ),
         (_, list) if list.ends_with("List") && document.get("items").is_some() => {
             dispatch_list(document, parsed, depth)
@@ -195,10 +197,13 @@ fn value_kind(value: &Value) -> &'static str {
 fn decode_into<T, F>(document: &Value, kind: Kind, parsed: &mut Parsed, convert: F)
 where
     T: DeserializeOwned,
-    F: FnOnce(T) -> Result<Object, InvalidObject>,
+    F: FnOnce(T) -> Result<Converted<Object>, InvalidObject>,
 {
     match decode::<T>(document, kind).and_then(convert) {
-        Ok(object) => parsed.objects.push(object),
+        Ok(converted) => {
+            parsed.objects.push(converted.object);
+            parsed.warnings.extend(converted.warnings);
+        }
         Err(invalid) => parsed.invalid.push(invalid),
     }
 }
@@ -313,6 +318,29 @@ spec:
         assert_eq!(svc.ports[0].protocol, Protocol::Tcp);
         assert_eq!(svc.ports[0].target_port, TargetPort::Number(8080));
         assert!(parsed.invalid.is_empty() && parsed.ignored.is_empty());
+    }
+
+    /// A value kube-proxy would ignore costs that value only: the object is in
+    /// `objects` and the value in `warnings`, named by object and field.
+    #[test]
+    fn ignored_values_are_warnings_not_invalid_objects() {
+        let parsed = yaml(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 010.096.000.010\n  externalIPs: [192.0.2.1, nope]\n  ports: [{port: 80}]\n",
+        );
+        let svc = only_service(&parsed);
+        assert_eq!(
+            svc.cluster_ips,
+            vec!["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(svc.external_ips.len(), 1);
+        assert!(parsed.invalid.is_empty());
+        let warnings: Vec<String> = parsed.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            warnings,
+            [
+                "Service default/web: spec.externalIPs[1]: invalid value \"nope\": must be a valid IP address"
+            ]
+        );
     }
 
     #[test]

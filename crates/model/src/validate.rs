@@ -2,11 +2,6 @@
 //! (k8s.io/apimachinery/pkg/util/validation). Pure `bool` functions so every
 //! crate (the manifest source, the EndpointSlice controller, backends) can reuse them.
 
-use std::ops::RangeInclusive;
-
-/// Default `--service-node-port-range` of the API server.
-pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
-
 /// Maximum length of a DNS-1123 / DNS-1035 label.
 pub const DNS1123_LABEL_MAX_LEN: usize = 63;
 /// Maximum length of a DNS-1123 subdomain.

@@ -37,7 +37,7 @@ use svcplane_model::{
 use tokio::sync::watch;
 
 use crate::ratelimit::RateLimitLayer;
-use crate::{Problem, ProblemSink, Source, SourceError, SourceFuture};
+use crate::{IGNORED, Problem, ProblemSink, Source, SourceError, SourceFuture};
 
 /// Label kube's EndpointSlice controller puts on the slices of headless Services (and
 /// which kube-proxy's informers exclude).
@@ -417,10 +417,36 @@ impl Source for KubeSource {
 }
 
 /// One object from a watcher, converted: its key, and the object or why it is invalid
-/// (`Ok(None)`: not for this proxy, treated as absent).
+/// (`Ok(None)`: not for this proxy, treated as absent), and the values ignored in it.
 struct Converted {
     key: ObjectKey,
     object: Result<Option<Object>, InvalidObject>,
+    warnings: Vec<InvalidObject>,
+}
+
+impl Converted {
+    fn new(
+        key: ObjectKey,
+        converted: Option<Result<svcplane_model::Converted<Object>, InvalidObject>>,
+    ) -> Converted {
+        match converted {
+            None => Converted {
+                key,
+                object: Ok(None),
+                warnings: Vec::new(),
+            },
+            Some(Ok(c)) => Converted {
+                key,
+                object: Ok(Some(c.object)),
+                warnings: c.warnings,
+            },
+            Some(Err(invalid)) => Converted {
+                key,
+                object: Err(invalid),
+                warnings: Vec::new(),
+            },
+        }
+    }
 }
 
 struct Item {
@@ -462,22 +488,16 @@ fn not_for_this_proxy<K: ResourceExt>(k: &K) -> bool {
 
 fn convert_service(s: &core::Service) -> Converted {
     let key = namespaced_key(Kind::Service, s);
-    let object = if not_for_this_proxy(s) {
-        Ok(None)
-    } else {
-        service_from_k8s(s).map(|s| Some(Object::Service(s)))
-    };
-    Converted { key, object }
+    let converted =
+        (!not_for_this_proxy(s)).then(|| service_from_k8s(s).map(|c| c.map(Object::Service)));
+    Converted::new(key, converted)
 }
 
 fn convert_slice(s: &discovery::EndpointSlice) -> Converted {
     let key = namespaced_key(Kind::EndpointSlice, s);
-    let object = if not_for_this_proxy(s) {
-        Ok(None)
-    } else {
-        endpoint_slice_from_k8s(s).map(|s| Some(Object::EndpointSlice(s)))
-    };
-    Converted { key, object }
+    let converted = (!not_for_this_proxy(s))
+        .then(|| endpoint_slice_from_k8s(s).map(|c| c.map(Object::EndpointSlice)));
+    Converted::new(key, converted)
 }
 
 fn convert_node(n: &core::Node, node_name: &str) -> Converted {
@@ -485,12 +505,9 @@ fn convert_node(n: &core::Node, node_name: &str) -> Converted {
         kind: Kind::Node,
         name: NamespacedName::new("", n.name_any()),
     };
-    let object = if n.name_any() != node_name {
-        Ok(None)
-    } else {
-        node_from_k8s(n).map(|n| Some(Object::Node(n)))
-    };
-    Converted { key, object }
+    let converted =
+        (n.name_any() == node_name).then(|| node_from_k8s(n).map(|c| c.map(Object::Node)));
+    Converted::new(key, converted)
 }
 
 #[derive(Default)]
@@ -605,6 +622,12 @@ fn valid(
     previous: Option<Object>,
     problems: &mut Vec<Problem>,
 ) -> (ObjectKey, Option<Object>) {
+    for warning in c.warnings {
+        problems.push(Problem {
+            file: None,
+            message: format!("{warning}; {IGNORED}"),
+        });
+    }
     match c.object {
         Ok(obj) => (c.key, obj),
         Err(invalid) => {

@@ -22,7 +22,8 @@ pub use kube::{
 pub use manifests::ManifestSource;
 use svcplane_model::SourceEvent;
 
-/// Something worth telling the user: a file that does not parse, an invalid object.
+/// Something worth telling the user: a file that does not parse, an invalid object, a
+/// value ignored in an object that was kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub file: Option<PathBuf>,
@@ -35,6 +36,16 @@ impl fmt::Display for Problem {
             Some(file) => write!(f, "{}: {}", file.display(), self.message),
             None => f.write_str(&self.message),
         }
+    }
+}
+
+/// How a source reports a value it ignored in an object it kept (a model warning).
+pub(crate) const IGNORED: &str = "ignored, the rest of the object is used";
+
+impl Problem {
+    /// A value ignored in an object that was kept (not a skipped object or file).
+    pub fn is_ignored_value(&self) -> bool {
+        self.message.ends_with(IGNORED)
     }
 }
 

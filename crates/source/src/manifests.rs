@@ -23,7 +23,7 @@ use svcplane_model::{
 };
 
 use crate::endpointslice_controller::derive_endpoint_slices;
-use crate::{Problem, ProblemSink, Source, SourceError, SourceFuture};
+use crate::{IGNORED, Problem, ProblemSink, Source, SourceError, SourceFuture};
 
 const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
 /// How often to look for a watched directory that was removed.
@@ -485,6 +485,9 @@ fn load_file(
             )));
         }
     }
+    for warning in parsed.warnings {
+        problems.push(problem(format!("{warning}; {IGNORED}")));
+    }
     for invalid in parsed.invalid {
         let previous = state
             .objects
@@ -559,6 +562,37 @@ mod tests {
         assert!(
             text.iter()
                 .any(|p| p.contains("broken.json") && p.contains("line 1")),
+            "{text:?}"
+        );
+    }
+
+    /// Any nodePort (the node-port range is the API server's policy), and a value
+    /// kube-proxy would ignore costs only that value, reported by object and field.
+    #[test]
+    fn wide_node_ports_load_and_bad_values_cost_only_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("wide.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: wide, namespace: demo}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.5\n  externalIPs: [not-an-ip, 198.51.100.7]\n  ports: [{port: 80, nodePort: 3001}]\n",
+        )
+        .unwrap();
+        let (changes, problems) = ManifestSource::new(dir.path()).load_once().unwrap();
+        let service = changes.iter().find_map(|c| match c {
+            Change::Apply(Object::Service(s)) if s.name.name == "wide" => Some(s),
+            _ => None,
+        });
+        let service = service.expect("the Service is applied");
+        assert_eq!(service.ports[0].node_port, Some(3001));
+        assert_eq!(
+            service.external_ips,
+            vec!["198.51.100.7".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(text.len(), 1, "{text:?}");
+        assert!(
+            text[0].ends_with(
+                "wide.yaml: Service demo/wide: spec.externalIPs[0]: invalid value \"not-an-ip\": must be a valid IP address; ignored, the rest of the object is used"
+            ),
             "{text:?}"
         );
     }

@@ -398,6 +398,50 @@ async fn invalid_objects_are_reported_and_skipped() {
     );
 }
 
+/// Objects from the API go through the same model: any nodePort is programmed, and a
+/// value kube-proxy would ignore costs only that value (reported, counted).
+#[tokio::test]
+async fn wide_node_ports_and_ignored_values() {
+    let server = FakeApiServer::start().unwrap();
+    let mut wide = service("wide", 80, json!({}));
+    wide["spec"]["type"] = json!("NodePort");
+    wide["spec"]["ports"][0]["nodePort"] = json!(3001);
+    wide["spec"]["externalIPs"] = json!(["not-an-ip", "198.51.100.7"]);
+    server.apply(wide).unwrap();
+    let mut slice = slice("wide-1", "wide", "10.244.1.5", json!({}));
+    // An endpoint of the other family is ignored, as by kube-proxy; the slice stays.
+    slice["endpoints"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"addresses": ["fd00::5"]}));
+    server.apply(slice).unwrap();
+    server.apply(node(NODE, "zone-a", "10.0.0.11")).unwrap();
+    let mut h = Harness::start(&server).await;
+    h.synced().await;
+    match h.state.get(&key(Kind::Service, "wide")) {
+        Some(Object::Service(s)) => {
+            assert_eq!(s.ports[0].node_port, Some(3001));
+            assert_eq!(s.external_ips.len(), 1);
+        }
+        other => panic!("wide: {other:?}"),
+    }
+    assert_eq!(h.slice_ip("wide-1").as_deref(), Some("10.244.1.5"));
+    let problems = h.problems();
+    for needle in [
+        "Service demo/wide: spec.externalIPs[0]: invalid value \"not-an-ip\"",
+        "EndpointSlice demo/wide-1: endpoints[1].addresses[0]: invalid value \"fd00::5\"",
+    ] {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(needle)
+                    && p.ends_with("ignored, the rest of the object is used")),
+            "{needle}: {problems:?}"
+        );
+    }
+    assert_eq!(problems.len(), 2, "{problems:?}");
+}
+
 #[tokio::test]
 async fn services_of_other_proxies_and_headless_slices_are_skipped() {
     let server = FakeApiServer::start().unwrap();

@@ -72,12 +72,15 @@ fn render(args: RenderArgs) -> Result<()> {
         eprintln!("warning: {problem}");
     }
     print!("{text}");
+    let ignored = problems.iter().filter(|p| p.is_ignored_value()).count();
     let skipped = problems
         .iter()
-        .filter(|p| p.message.contains(": invalid value"))
+        .filter(|p| p.message.contains(": invalid value") && !p.is_ignored_value())
         .count();
-    if skipped > 0 {
-        eprintln!("warning: {skipped} invalid object(s) skipped; everything else was rendered");
+    if skipped > 0 || ignored > 0 {
+        eprintln!(
+            "warning: {skipped} invalid object(s) skipped, {ignored} value(s) ignored; everything else was rendered"
+        );
     }
     Ok(())
 }

@@ -129,6 +129,76 @@ spec:
     );
 }
 
+/// The node-port range is the API server's `--service-node-port-range` (many clusters
+/// widen it); kube-proxy programs whatever nodePort a Service carries, and so does svcplane.
+#[test]
+fn node_ports_outside_the_default_range_are_programmed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("wide.yaml"),
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: wide, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.2.1
+  externalIPs: [198.51.100.7, not-an-ip]
+  ports:
+  - {name: a, port: 80, nodePort: 3001}
+  - {name: b, port: 81, nodePort: 80}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: wide-1, namespace: demo, labels: {kubernetes.io/service-name: wide}}
+addressType: IPv4
+ports: [{name: a, port: 8080}, {name: b, port: 8081}]
+endpoints: [{addresses: [10.244.1.9]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.2.2
+  ports: [{port: 80, nodePort: 70000}]
+"#,
+    )
+    .unwrap();
+    let out = render(dir.path(), &[]);
+    let script = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The bad externalIP costs itself only, reported by object, field and value.
+    assert!(
+        stderr.contains(
+            "Service demo/wide: spec.externalIPs[1]: invalid value \"not-an-ip\": must be a valid IP address; ignored, the rest of the object is used"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 invalid object(s) skipped, 1 value(s) ignored"),
+        "{stderr}"
+    );
+    // The Service is there whole: its nodePorts, ClusterIP and externalIP.
+    for needle in [
+        "tcp . 3001 : goto external-",
+        "tcp . 80 : goto external-",
+        "10.96.2.1 . tcp . 80 : goto service-",
+        "198.51.100.7 . tcp . 81 : goto external-",
+    ] {
+        assert!(script.contains(needle), "missing {needle:?} in {script}");
+    }
+    // A nodePort that is no port at all is still an invalid object.
+    assert!(
+        stderr.contains(
+            "Service demo/broken: spec.ports[0].nodePort: invalid value \"70000\": must be between 1 and 65535"
+        ),
+        "{stderr}"
+    );
+    assert!(!script.contains("10.96.2.2"), "{script}");
+}
+
 #[test]
 fn missing_manifests_dir_is_a_clear_error() {
     let out = render(Path::new("/nonexistent/svcplane-manifests"), &[]);

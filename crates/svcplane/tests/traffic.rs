@@ -46,6 +46,7 @@ scenario_table! {
         cluster_ip_from_the_external_client_is_masqueraded,
         tcp_and_udp_on_the_same_port_number,
         node_port_from_the_external_client,
+        node_ports_outside_the_default_range,
         udp_to_a_tcp_only_port_is_rejected {
             iptables/_: "as kube-proxy's iptables mode, nothing rejects a ClusterIP's unused \
                 ports (only its nftables mode has that rule); the datagram follows the node's routes",
@@ -121,6 +122,20 @@ fn node_port_from_the_external_client(cell: Cell) {
         assert_eq!(reply.port, 8080);
         // externalTrafficPolicy Cluster: masqueraded to the node.
         assert_eq!(reply.peer.ip(), node_a, "{reply:?}");
+    }
+}
+
+/// kube-proxy programs whatever nodePort a Service carries: the range is the API
+/// server's `--service-node-port-range`, which many clusters widen.
+fn node_ports_outside_the_default_range(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
+    let node_a = env.node_ip("node-a");
+    for port in [3001, 80] {
+        let target = env.node_at("node-a", port);
+        for reply in env.spread("client", target, &["many-a", "many-b"]) {
+            assert_eq!(reply.port, 8080);
+            assert_eq!(reply.peer.ip(), node_a, "{target}: {reply:?}");
+        }
     }
 }
 

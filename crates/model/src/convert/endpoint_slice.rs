@@ -3,10 +3,8 @@
 use k8s_openapi::api::discovery::v1 as k8s;
 
 use super::{Ctx, DNS1123_LABEL_REASON, DNS1123_SUBDOMAIN_REASON, NameRule, namespaced};
-use crate::error::InvalidObject;
-use crate::types::{
-    Endpoint, EndpointHints, EndpointPort, EndpointSlice, IpFamily, Kind, Protocol,
-};
+use crate::error::{Converted, InvalidObject};
+use crate::types::{Endpoint, EndpointHints, EndpointPort, EndpointSlice, IpFamily, Kind};
 use crate::validate::{is_dns1123_label, is_dns1123_subdomain};
 
 /// Label naming the Service a slice belongs to.
@@ -15,17 +13,17 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
     "endpoints.kubernetes.io/last-change-trigger-time";
 
-/// API server limits (k8s.io/kubernetes/pkg/apis/discovery/validation).
-const MAX_ENDPOINTS: usize = 1000;
-const MAX_ADDRESSES: usize = 100;
-const MAX_PORTS: usize = 20000;
-
-/// Validate and convert an EndpointSlice. Ports without a port number (which
-/// mean "all ports" and which kube-proxy skips) are dropped. For addressType
-/// FQDN the endpoints are kept with empty `addresses`: their names are checked
-/// as DNS subdomains but cannot be represented as IPs, and kube-proxy ignores
-/// such slices.
-pub fn endpoint_slice_from_k8s(s: &k8s::EndpointSlice) -> Result<EndpointSlice, InvalidObject> {
+/// Validate and convert an EndpointSlice. As kube-proxy, what cannot be used is
+/// ignored (with a warning) rather than costing the whole slice: an address that is
+/// not an IP of the slice's family, an endpoint left without addresses, a port with
+/// an invalid number, name or protocol. Ports without a port number (which mean "all
+/// ports" and which kube-proxy skips) are dropped silently. For addressType FQDN the
+/// endpoints are kept with empty `addresses` (kube-proxy ignores such slices). The
+/// API server's size limits (1000 endpoints, 100 ports) are not repeated: kube-proxy
+/// programs any size.
+pub fn endpoint_slice_from_k8s(
+    s: &k8s::EndpointSlice,
+) -> Result<Converted<EndpointSlice>, InvalidObject> {
     let (name, ctx) = namespaced(Kind::EndpointSlice, &s.metadata, NameRule::Dns1123Subdomain)?;
     let labels = ctx.labels("metadata.labels", s.metadata.labels.as_ref())?;
 
@@ -42,20 +40,13 @@ pub fn endpoint_slice_from_k8s(s: &k8s::EndpointSlice) -> Result<EndpointSlice, 
         }
     };
 
-    if s.endpoints.len() > MAX_ENDPOINTS {
-        return Err(ctx.err(
-            "endpoints",
-            s.endpoints.len().to_string(),
-            format!("must have at most {MAX_ENDPOINTS} items"),
-        ));
-    }
     let endpoints = s
         .endpoints
         .iter()
         .enumerate()
-        .map(|(i, e)| endpoint(&ctx, i, e, address_family))
-        .collect::<Result<Vec<_>, _>>()?;
-    let ports = ports(&ctx, s.ports.as_deref().unwrap_or_default())?;
+        .filter_map(|(i, e)| endpoint(&ctx, i, e, address_family))
+        .collect();
+    let ports = ports(&ctx, s.ports.as_deref().unwrap_or_default());
 
     let service_name = labels.get(SERVICE_NAME_LABEL).cloned();
     let last_change_trigger_time = s
@@ -65,57 +56,50 @@ pub fn endpoint_slice_from_k8s(s: &k8s::EndpointSlice) -> Result<EndpointSlice, 
         .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME_ANNOTATION))
         .cloned();
 
-    Ok(EndpointSlice {
+    Ok(ctx.finish(EndpointSlice {
         name,
         service_name,
         address_family,
         ports,
         endpoints,
         last_change_trigger_time,
-    })
+    }))
 }
 
-fn endpoint(
-    ctx: &Ctx,
-    i: usize,
-    e: &k8s::Endpoint,
-    family: Option<IpFamily>,
-) -> Result<Endpoint, InvalidObject> {
+/// One endpoint, or `None` (with a warning) when it has no usable address: kube-proxy
+/// skips endpoints without addresses or of the wrong IP family. The addresses of an
+/// endpoint are fungible (kube-proxy uses the first), so a bad one costs only itself.
+fn endpoint(ctx: &Ctx, i: usize, e: &k8s::Endpoint, family: Option<IpFamily>) -> Option<Endpoint> {
     let field = format!("endpoints[{i}]");
-    if e.addresses.is_empty() {
-        return Err(ctx.err(
-            format!("{field}.addresses"),
-            "",
-            "must have at least one address",
-        ));
-    }
-    if e.addresses.len() > MAX_ADDRESSES {
-        return Err(ctx.err(
-            format!("{field}.addresses"),
-            e.addresses.len().to_string(),
-            format!("must have at most {MAX_ADDRESSES} items"),
-        ));
-    }
     let mut addresses = Vec::with_capacity(e.addresses.len());
-    for (j, text) in e.addresses.iter().enumerate() {
-        let address_field = format!("{field}.addresses[{j}]");
-        match family {
-            Some(family) => {
-                let ip = ctx.ip(&address_field, text)?;
-                if IpFamily::of(&ip) != family {
-                    return Err(ctx.err(
-                        address_field,
-                        text.as_str(),
-                        format!("must be an {family} address (addressType {family})"),
-                    ));
-                }
-                addresses.push(ip);
+    // FQDN addresses are never used (not even stored), so they are not checked.
+    if let Some(family) = family {
+        if e.addresses.is_empty() {
+            ctx.warn(
+                format!("{field}.addresses"),
+                "",
+                "must have at least one address",
+            );
+            return None;
+        }
+        for (j, text) in e.addresses.iter().enumerate() {
+            let address_field = format!("{field}.addresses[{j}]");
+            let Some(ip) = ctx.ip_or_warn(&address_field, text) else {
+                continue;
+            };
+            if IpFamily::of(&ip) != family {
+                ctx.warn(
+                    address_field,
+                    text.as_str(),
+                    format!("must be an {family} address (addressType {family})"),
+                );
+                continue;
             }
-            None => {
-                if !is_dns1123_subdomain(text) {
-                    return Err(ctx.err(address_field, text.as_str(), DNS1123_SUBDOMAIN_REASON));
-                }
-            }
+            addresses.push(ip);
+        }
+        if addresses.is_empty() {
+            // Each address was reported; the endpoint has nothing left to program.
+            return None;
         }
     }
 
@@ -125,24 +109,20 @@ fn endpoint(
     let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
     let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
 
-    if let Some(hostname) = &e.hostname
-        && !is_dns1123_label(hostname)
-    {
-        return Err(ctx.err(
-            format!("{field}.hostname"),
-            hostname.as_str(),
-            DNS1123_LABEL_REASON,
-        ));
-    }
-    if let Some(node_name) = &e.node_name
-        && !is_dns1123_subdomain(node_name)
-    {
-        return Err(ctx.err(
-            format!("{field}.nodeName"),
-            node_name.as_str(),
-            DNS1123_SUBDOMAIN_REASON,
-        ));
-    }
+    // The hostname becomes a DNS name; kube-proxy does not use it.
+    let hostname = ctx.name_or_warn(
+        &format!("{field}.hostname"),
+        e.hostname.as_ref(),
+        is_dns1123_label,
+        DNS1123_LABEL_REASON,
+    );
+    // A node name no node can have never matches this node: the endpoint is not local.
+    let node_name = ctx.name_or_warn(
+        &format!("{field}.nodeName"),
+        e.node_name.as_ref(),
+        is_dns1123_subdomain,
+        DNS1123_SUBDOMAIN_REASON,
+    );
     let hints = e.hints.as_ref().map(|h| EndpointHints {
         for_zones: h
             .for_zones
@@ -158,26 +138,22 @@ fn endpoint(
             .collect(),
     });
 
-    Ok(Endpoint {
+    Some(Endpoint {
         addresses,
         ready,
         serving,
         terminating,
-        hostname: e.hostname.clone(),
-        node_name: e.node_name.clone(),
+        hostname,
+        node_name,
         zone: e.zone.clone(),
         hints,
     })
 }
 
-fn ports(ctx: &Ctx, k8s_ports: &[k8s::EndpointPort]) -> Result<Vec<EndpointPort>, InvalidObject> {
-    if k8s_ports.len() > MAX_PORTS {
-        return Err(ctx.err(
-            "ports",
-            k8s_ports.len().to_string(),
-            format!("must have at most {MAX_PORTS} items"),
-        ));
-    }
+/// The slice's ports; one that cannot be used is ignored with a warning (kube-proxy
+/// ignores ports with no or a zero number; a name or protocol no Service port can have
+/// would match none).
+fn ports(ctx: &Ctx, k8s_ports: &[k8s::EndpointPort]) -> Vec<EndpointPort> {
     let mut ports: Vec<EndpointPort> = Vec::with_capacity(k8s_ports.len());
     // Index in `k8s_ports` of each kept port, for duplicate messages.
     let mut origins: Vec<usize> = Vec::with_capacity(k8s_ports.len());
@@ -185,21 +161,29 @@ fn ports(ctx: &Ctx, k8s_ports: &[k8s::EndpointPort]) -> Result<Vec<EndpointPort>
         let field = format!("ports[{i}]");
         // The API treats a nil name as "".
         let name = p.name.clone().unwrap_or_default();
-        if !name.is_empty() && !is_dns1123_label(&name) {
-            return Err(ctx.err(format!("{field}.name"), name, DNS1123_LABEL_REASON));
-        }
-        let protocol: Protocol =
-            ctx.protocol(format!("{field}.protocol"), p.protocol.as_deref())?;
         let Some(port) = p.port else {
             continue;
         };
-        let port = ctx.port(format!("{field}.port"), port)?;
+        if !name.is_empty() && !is_dns1123_label(&name) {
+            ctx.warn(format!("{field}.name"), name, DNS1123_LABEL_REASON);
+            continue;
+        }
+        let Some(protocol) =
+            ctx.ignore(ctx.protocol(format!("{field}.protocol"), p.protocol.as_deref()))
+        else {
+            continue;
+        };
+        let Some(port) = ctx.ignore(ctx.port(format!("{field}.port"), port)) else {
+            continue;
+        };
         if let Some(j) = ports.iter().position(|q| q.name == name) {
-            return Err(ctx.err(
+            // Which of the two was meant is unknowable; the first stays.
+            ctx.warn(
                 format!("{field}.name"),
                 name,
                 format!("duplicate port name (also ports[{}])", origins[j]),
-            ));
+            );
+            continue;
         }
         ports.push(EndpointPort {
             name,
@@ -208,15 +192,17 @@ fn ports(ctx: &Ctx, k8s_ports: &[k8s::EndpointPort]) -> Result<Vec<EndpointPort>
         });
         origins.push(i);
     }
-    Ok(ports)
+    ports
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::net::IpAddr;
 
     use super::*;
     use crate::convert::test_util::meta;
+    use crate::types::Protocol;
     use k8s_openapi::api::discovery::v1::{EndpointConditions, ForNode, ForZone};
 
     fn endpoint(addr: &str) -> k8s::Endpoint {
@@ -240,6 +226,24 @@ mod tests {
         }
     }
 
+    /// Converted without warnings.
+    fn clean(k: &k8s::EndpointSlice) -> EndpointSlice {
+        let c = endpoint_slice_from_k8s(k).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        c.object
+    }
+
+    /// Converted, with the fields of its warnings.
+    fn warned(k: &k8s::EndpointSlice) -> (EndpointSlice, Vec<String>) {
+        let c = endpoint_slice_from_k8s(k).unwrap();
+        let fields = c.warnings.iter().map(|w| w.field.clone()).collect();
+        (c.object, fields)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn basic() {
         let mut k = slice("IPv4", vec![endpoint("10.1.0.5")]);
@@ -247,7 +251,7 @@ mod tests {
             LAST_CHANGE_TRIGGER_TIME_ANNOTATION.into(),
             "2024-01-01T00:00:00Z".into(),
         )]));
-        let s = endpoint_slice_from_k8s(&k).unwrap();
+        let s = clean(&k);
         assert_eq!(s.name.to_string(), "default/web-abc12");
         assert_eq!(s.service_name.as_deref(), Some("web"));
         assert_eq!(s.address_family, Some(IpFamily::V4));
@@ -259,10 +263,7 @@ mod tests {
                 port: 8080
             }]
         );
-        assert_eq!(
-            s.endpoints[0].addresses,
-            vec!["10.1.0.5".parse::<std::net::IpAddr>().unwrap()]
-        );
+        assert_eq!(s.endpoints[0].addresses, vec![ip("10.1.0.5")]);
         assert_eq!(
             s.last_change_trigger_time.as_deref(),
             Some("2024-01-01T00:00:00Z")
@@ -273,35 +274,81 @@ mod tests {
     fn no_service_label() {
         let mut k = slice("IPv4", vec![]);
         k.metadata.labels = None;
-        assert_eq!(endpoint_slice_from_k8s(&k).unwrap().service_name, None);
+        assert_eq!(clean(&k).service_name, None);
     }
 
     #[test]
     fn address_types() {
-        let s = endpoint_slice_from_k8s(&slice("IPv6", vec![endpoint("fd00::5")])).unwrap();
+        let s = clean(&slice("IPv6", vec![endpoint("fd00::5")]));
         assert_eq!(s.address_family, Some(IpFamily::V6));
-
-        let e = endpoint_slice_from_k8s(&slice("IPv4", vec![endpoint("fd00::5")])).unwrap_err();
-        assert_eq!(
-            (e.field.as_str(), e.value.as_str()),
-            ("endpoints[0].addresses[0]", "fd00::5")
-        );
-        let e = endpoint_slice_from_k8s(&slice("IPv6", vec![endpoint("10.0.0.1")])).unwrap_err();
-        assert_eq!(e.field, "endpoints[0].addresses[0]");
-        let e = endpoint_slice_from_k8s(&slice("IPv4", vec![endpoint("10.0.0")])).unwrap_err();
-        assert_eq!(e.field, "endpoints[0].addresses[0]");
         let e = endpoint_slice_from_k8s(&slice("ipv4", vec![])).unwrap_err();
         assert_eq!(e.field, "addressType");
 
-        let s = endpoint_slice_from_k8s(&slice("FQDN", vec![endpoint("db.example.com")])).unwrap();
-        assert_eq!(s.address_family, None);
-        assert_eq!(s.endpoints.len(), 1);
-        assert!(s.endpoints[0].addresses.is_empty());
-        assert!(endpoint_slice_from_k8s(&slice("FQDN", vec![endpoint("not a name")])).is_err());
+        // FQDN endpoints are never used, so their names are not checked.
+        for name in ["db.example.com", "not a name"] {
+            let s = clean(&slice("FQDN", vec![endpoint(name)]));
+            assert_eq!(s.address_family, None);
+            assert_eq!(s.endpoints.len(), 1);
+            assert!(s.endpoints[0].addresses.is_empty());
+        }
+    }
 
-        let e =
-            endpoint_slice_from_k8s(&slice("IPv4", vec![k8s::Endpoint::default()])).unwrap_err();
-        assert_eq!(e.field, "endpoints[0].addresses");
+    /// As kube-proxy: an endpoint of the wrong family, or without a usable address, is
+    /// ignored; the slice's other endpoints stay.
+    #[test]
+    fn unusable_endpoints_cost_only_themselves() {
+        let (s, warnings) = warned(&slice(
+            "IPv4",
+            vec![
+                endpoint("fd00::5"),
+                endpoint("10.0.0"),
+                k8s::Endpoint::default(),
+                endpoint("10.1.0.5"),
+            ],
+        ));
+        assert_eq!(
+            warnings,
+            [
+                "endpoints[0].addresses[0]",
+                "endpoints[1].addresses[0]",
+                "endpoints[2].addresses"
+            ]
+        );
+        assert_eq!(s.endpoints.len(), 1);
+        assert_eq!(s.endpoints[0].addresses, vec![ip("10.1.0.5")]);
+
+        let (s, warnings) = warned(&slice("IPv6", vec![endpoint("10.0.0.1")]));
+        assert_eq!(warnings, ["endpoints[0].addresses[0]"]);
+        assert!(s.endpoints.is_empty());
+
+        // Addresses are fungible: a bad one costs only itself.
+        let mut two = endpoint("bad");
+        two.addresses.push("10.1.0.6".into());
+        let (s, warnings) = warned(&slice("IPv4", vec![two]));
+        assert_eq!(warnings, ["endpoints[0].addresses[0]"]);
+        assert_eq!(s.endpoints[0].addresses, vec![ip("10.1.0.6")]);
+
+        let c = endpoint_slice_from_k8s(&slice("IPv4", vec![endpoint("fd00::5")])).unwrap();
+        assert_eq!(
+            c.warnings[0].to_string(),
+            "EndpointSlice default/web-abc12: endpoints[0].addresses[0]: invalid value \"fd00::5\": must be an IPv4 address (addressType IPv4)"
+        );
+    }
+
+    /// What API servers before 1.20 stored: read as kube-proxy reads it.
+    #[test]
+    fn legacy_leading_zero_addresses() {
+        let s = clean(&slice("IPv4", vec![endpoint("010.244.001.005")]));
+        assert_eq!(s.endpoints[0].addresses, vec![ip("10.244.1.5")]);
+    }
+
+    /// The API server's limits are not kube-proxy's: any size is programmed.
+    #[test]
+    fn no_size_limits() {
+        let many: Vec<k8s::Endpoint> = (0..1500)
+            .map(|i| endpoint(&format!("10.1.{}.{}", i / 250, i % 250)))
+            .collect();
+        assert_eq!(clean(&slice("IPv4", many)).endpoints.len(), 1500);
     }
 
     #[test]
@@ -313,7 +360,7 @@ mod tests {
                 serving,
                 terminating,
             });
-            let s = endpoint_slice_from_k8s(&slice("IPv4", vec![e])).unwrap();
+            let s = clean(&slice("IPv4", vec![e]));
             let e = &s.endpoints[0];
             (e.ready, e.serving, e.terminating)
         };
@@ -325,7 +372,7 @@ mod tests {
         );
         assert_eq!(with(None, Some(false), None), (true, false, false));
         // No conditions at all: same defaults.
-        let s = endpoint_slice_from_k8s(&slice("IPv4", vec![endpoint("10.1.0.5")])).unwrap();
+        let s = clean(&slice("IPv4", vec![endpoint("10.1.0.5")]));
         let e = &s.endpoints[0];
         assert_eq!((e.ready, e.serving, e.terminating), (true, true, false));
     }
@@ -344,7 +391,7 @@ mod tests {
                 name: "node-1".into(),
             }]),
         });
-        let s = endpoint_slice_from_k8s(&slice("IPv4", vec![e.clone()])).unwrap();
+        let s = clean(&slice("IPv4", vec![e.clone()]));
         let got = &s.endpoints[0];
         assert_eq!(got.hostname.as_deref(), Some("web-0"));
         assert_eq!(got.node_name.as_deref(), Some("node-1"));
@@ -357,14 +404,18 @@ mod tests {
             })
         );
 
-        let mut bad = e.clone();
-        bad.hostname = Some("web.0".into());
-        let err = endpoint_slice_from_k8s(&slice("IPv4", vec![bad])).unwrap_err();
-        assert_eq!(err.field, "endpoints[0].hostname");
+        // An invalid hostname or nodeName is dropped; the endpoint stays.
         let mut bad = e;
+        bad.hostname = Some("web.0".into());
         bad.node_name = Some("Node_1".into());
-        let err = endpoint_slice_from_k8s(&slice("IPv4", vec![bad])).unwrap_err();
-        assert_eq!(err.field, "endpoints[0].nodeName");
+        let (s, warnings) = warned(&slice("IPv4", vec![bad]));
+        assert_eq!(warnings, ["endpoints[0].hostname", "endpoints[0].nodeName"]);
+        let got = &s.endpoints[0];
+        assert_eq!(
+            (got.hostname.as_deref(), got.node_name.as_deref()),
+            (None, None)
+        );
+        assert_eq!(got.addresses, vec![ip("10.1.0.5")]);
     }
 
     #[test]
@@ -379,50 +430,48 @@ mod tests {
         let with = |ports: Vec<k8s::EndpointPort>| {
             let mut k = slice("IPv4", vec![]);
             k.ports = Some(ports);
-            endpoint_slice_from_k8s(&k)
+            warned(&k)
         };
-        let s = with(vec![
+        let (s, warnings) = with(vec![
             port(Some("http"), Some(8080), None),
             port(Some("dns"), Some(53), Some("UDP")),
             port(Some("all"), None, None),
-        ])
-        .unwrap();
-        assert_eq!(s.ports.len(), 2, "a port without number is skipped");
+        ]);
+        assert!(
+            warnings.is_empty(),
+            "a port without number is skipped silently"
+        );
+        assert_eq!(s.ports.len(), 2);
         assert_eq!(s.ports[1].protocol, Protocol::Udp);
 
-        assert_eq!(
-            with(vec![port(None, Some(0), None)]).unwrap_err().field,
-            "ports[0].port"
-        );
-        assert_eq!(
-            with(vec![port(None, Some(65536), None)]).unwrap_err().field,
-            "ports[0].port"
-        );
-        assert_eq!(
-            with(vec![port(Some("HTTP"), Some(80), None)])
-                .unwrap_err()
-                .field,
-            "ports[0].name"
-        );
-        assert_eq!(
-            with(vec![port(None, Some(80), Some("tcp"))])
-                .unwrap_err()
-                .field,
-            "ports[0].protocol"
-        );
-        let e = with(vec![
+        // Each unusable port is ignored with a warning; the good one stays.
+        let (s, warnings) = with(vec![
+            port(None, Some(0), None),
+            port(Some("b"), Some(65536), None),
+            port(Some("HTTP"), Some(80), None),
+            port(Some("c"), Some(80), Some("tcp")),
             port(Some("a"), Some(80), None),
             port(Some("a"), Some(81), None),
-        ])
-        .unwrap_err();
-        assert_eq!(e.field, "ports[1].name");
+        ]);
+        assert_eq!(
+            warnings,
+            [
+                "ports[0].port",
+                "ports[1].port",
+                "ports[2].name",
+                "ports[3].protocol",
+                "ports[5].name"
+            ]
+        );
+        assert_eq!(s.ports.len(), 1);
+        assert_eq!((s.ports[0].name.as_str(), s.ports[0].port), ("a", 80));
         // nil and "" are the same name.
-        let e = with(vec![
+        let (s, warnings) = with(vec![
             port(None, Some(80), None),
             port(Some(""), Some(81), None),
-        ])
-        .unwrap_err();
-        assert_eq!(e.field, "ports[1].name");
+        ]);
+        assert_eq!(warnings, ["ports[1].name"]);
+        assert_eq!(s.ports[0].port, 80);
     }
 
     #[test]

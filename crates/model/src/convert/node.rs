@@ -3,15 +3,17 @@
 use k8s_openapi::api::core::v1 as k8s;
 
 use super::{NameRule, cluster_scoped};
-use crate::error::InvalidObject;
+use crate::error::{Converted, InvalidObject};
 use crate::types::{Kind, Node};
 
 /// Label with the Node's topology zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Validate and convert a Node: its name, labels and the InternalIP addresses
-/// followed by the ExternalIP ones (Hostname and other types are skipped).
-pub fn node_from_k8s(n: &k8s::Node) -> Result<Node, InvalidObject> {
+/// followed by the ExternalIP ones (Hostname and other types are skipped). An
+/// address that is not an IP is ignored with a warning: the Node's zone and its
+/// other addresses stay usable.
+pub fn node_from_k8s(n: &k8s::Node) -> Result<Converted<Node>, InvalidObject> {
     let (name, ctx) = cluster_scoped(Kind::Node, &n.metadata, NameRule::Dns1123Subdomain)?;
     let labels = ctx.labels("metadata.labels", n.metadata.labels.as_ref())?;
     let node_addresses: &[k8s::NodeAddress] = n
@@ -23,17 +25,18 @@ pub fn node_from_k8s(n: &k8s::Node) -> Result<Node, InvalidObject> {
     for wanted in ["InternalIP", "ExternalIP"] {
         for (i, a) in node_addresses.iter().enumerate() {
             if a.type_ == wanted {
-                addresses.push(ctx.ip(format!("status.addresses[{i}].address"), &a.address)?);
+                addresses
+                    .extend(ctx.ip_or_warn(format!("status.addresses[{i}].address"), &a.address));
             }
         }
     }
     let zone = labels.get(ZONE_LABEL).cloned();
-    Ok(Node {
+    Ok(ctx.finish(Node {
         name,
         zone,
         addresses,
         labels,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -71,6 +74,8 @@ mod tests {
             ("InternalIP", "fd00::10"),
         ]))
         .unwrap();
+        assert!(n.warnings.is_empty());
+        let n = n.object;
         assert_eq!(n.name, "node-1");
         let want: Vec<std::net::IpAddr> = ["192.168.1.10", "fd00::10", "203.0.113.5"]
             .iter()
@@ -80,12 +85,25 @@ mod tests {
         assert_eq!(n.zone, None);
     }
 
+    /// A bad address costs only itself: the Node's zone and other addresses stay.
     #[test]
-    fn bad_address() {
-        let e = node_from_k8s(&node(&[("Hostname", "x"), ("InternalIP", "node-1")])).unwrap_err();
+    fn bad_address_is_ignored() {
+        let n = node_from_k8s(&node(&[
+            ("Hostname", "x"),
+            ("InternalIP", "node-1"),
+            ("InternalIP", "192.168.001.010"),
+        ]))
+        .unwrap();
         assert_eq!(
-            e.to_string(),
-            "Node node-1: status.addresses[1].address: invalid value \"node-1\": must be a valid IP address"
+            n.object.addresses,
+            vec!["192.168.1.10".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let warnings: Vec<String> = n.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            warnings,
+            [
+                "Node node-1: status.addresses[1].address: invalid value \"node-1\": must be a valid IP address"
+            ]
         );
     }
 
@@ -93,7 +111,7 @@ mod tests {
     fn zone_and_name() {
         let mut k = node(&[]);
         k.metadata.labels = Some(BTreeMap::from([(ZONE_LABEL.into(), "zone-a".into())]));
-        let n = node_from_k8s(&k).unwrap();
+        let n = node_from_k8s(&k).unwrap().object;
         assert_eq!(n.zone.as_deref(), Some("zone-a"));
         assert!(n.addresses.is_empty());
         k.metadata.name = Some("Node-1".into());

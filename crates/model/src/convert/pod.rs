@@ -3,16 +3,19 @@
 use k8s_openapi::api::core::v1 as k8s;
 
 use super::{Ctx, DNS1123_LABEL_REASON, DNS1123_SUBDOMAIN_REASON, NameRule, namespaced};
-use crate::error::InvalidObject;
+use crate::error::{Converted, InvalidObject};
 use crate::types::{ContainerPort, IpFamily, Kind, Pod};
 use crate::validate::{is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name};
 
 /// Validate and convert a Pod: what the standalone EndpointSlice controller needs.
-pub fn pod_from_k8s(p: &k8s::Pod) -> Result<Pod, InvalidObject> {
+/// A field that cannot be used (an IP that does not parse, a second IP of one family,
+/// an invalid hostname, a container port with an invalid name or number) is ignored
+/// with a warning; the Pod is still an endpoint with the rest.
+pub fn pod_from_k8s(p: &k8s::Pod) -> Result<Converted<Pod>, InvalidObject> {
     let (name, ctx) = namespaced(Kind::Pod, &p.metadata, NameRule::Dns1123Subdomain)?;
     let labels = ctx.labels("metadata.labels", p.metadata.labels.as_ref())?;
     let status = p.status.as_ref();
-    let ips = pod_ips(&ctx, status)?;
+    let ips = pod_ips(&ctx, status);
     let ready = status
         .and_then(|s| s.conditions.as_deref())
         .unwrap_or_default()
@@ -24,33 +27,30 @@ pub fn pod_from_k8s(p: &k8s::Pod) -> Result<Pod, InvalidObject> {
     );
 
     let spec = p.spec.as_ref();
-    let hostname = optional_name(
-        &ctx,
+    let hostname = ctx.name_or_warn(
         "spec.hostname",
         spec.and_then(|s| s.hostname.as_ref()),
         is_dns1123_label,
         DNS1123_LABEL_REASON,
-    )?;
-    let subdomain = optional_name(
-        &ctx,
+    );
+    let subdomain = ctx.name_or_warn(
         "spec.subdomain",
         spec.and_then(|s| s.subdomain.as_ref()),
         is_dns1123_label,
         DNS1123_LABEL_REASON,
-    )?;
-    let node_name = optional_name(
-        &ctx,
+    );
+    let node_name = ctx.name_or_warn(
         "spec.nodeName",
         spec.and_then(|s| s.node_name.as_ref()),
         is_dns1123_subdomain,
         DNS1123_SUBDOMAIN_REASON,
-    )?;
+    );
     let container_ports = container_ports(
         &ctx,
         spec.map(|s| s.containers.as_slice()).unwrap_or_default(),
-    )?;
+    );
 
-    Ok(Pod {
+    Ok(ctx.finish(Pod {
         name,
         labels,
         ips,
@@ -61,66 +61,49 @@ pub fn pod_from_k8s(p: &k8s::Pod) -> Result<Pod, InvalidObject> {
         hostname,
         subdomain,
         container_ports,
-    })
+    }))
 }
 
-/// status.podIPs, or status.podIP when podIPs is absent: at most one per family.
-fn pod_ips(
-    ctx: &Ctx,
-    status: Option<&k8s::PodStatus>,
-) -> Result<Vec<std::net::IpAddr>, InvalidObject> {
+/// status.podIPs, or status.podIP when podIPs is absent: at most one per family (the
+/// API server's rule; the EndpointSlice controller takes the first of each family).
+fn pod_ips(ctx: &Ctx, status: Option<&k8s::PodStatus>) -> Vec<std::net::IpAddr> {
     let Some(status) = status else {
-        return Ok(Vec::new());
+        return Vec::new();
     };
-    let ips = match status.pod_ips.as_deref() {
+    let listed: Vec<(String, &str)> = match status.pod_ips.as_deref() {
         Some(list) if !list.is_empty() => list
             .iter()
             .enumerate()
-            .map(|(i, ip)| ctx.ip(format!("status.podIPs[{i}].ip"), &ip.ip))
-            .collect::<Result<Vec<_>, _>>()?,
+            .map(|(i, ip)| (format!("status.podIPs[{i}].ip"), ip.ip.as_str()))
+            .collect(),
         _ => match status.pod_ip.as_deref() {
-            Some(ip) if !ip.is_empty() => vec![ctx.ip("status.podIP", ip)?],
+            Some(ip) if !ip.is_empty() => vec![("status.podIP".to_string(), ip)],
             _ => Vec::new(),
         },
     };
-    if ips.len() > 2 {
-        return Err(ctx.err(
-            "status.podIPs",
-            ips.len().to_string(),
-            "may hold at most two IPs, one per IP family",
-        ));
+    let mut ips: Vec<std::net::IpAddr> = Vec::with_capacity(listed.len());
+    for (field, text) in listed {
+        let Some(ip) = ctx.ip_or_warn(&field, text) else {
+            continue;
+        };
+        if let Some(first) = ips.iter().find(|q| IpFamily::of(q) == IpFamily::of(&ip)) {
+            ctx.warn(
+                field,
+                text,
+                format!("a Pod has one IP per family, and {first} came first"),
+            );
+            continue;
+        }
+        ips.push(ip);
     }
-    if let [a, b] = ips.as_slice()
-        && IpFamily::of(a) == IpFamily::of(b)
-    {
-        return Err(ctx.err(
-            "status.podIPs[1].ip",
-            b.to_string(),
-            "must be of a different IP family than status.podIPs[0]",
-        ));
-    }
-    Ok(ips)
+    ips
 }
 
-fn optional_name(
-    ctx: &Ctx,
-    field: &str,
-    value: Option<&String>,
-    check: fn(&str) -> bool,
-    reason: &str,
-) -> Result<Option<String>, InvalidObject> {
-    match value {
-        None => Ok(None),
-        Some(v) if v.is_empty() => Ok(None),
-        Some(v) if check(v) => Ok(Some(v.clone())),
-        Some(v) => Err(ctx.err(field, v.as_str(), reason)),
-    }
-}
+const IANA_SVC_NAME_REASON: &str = "must be an IANA service name: at most 15 lower-case alphanumerics or '-', with at least one letter";
 
-fn container_ports(
-    ctx: &Ctx,
-    containers: &[k8s::Container],
-) -> Result<Vec<ContainerPort>, InvalidObject> {
+/// Every container's ports; one that cannot be used (bad name, number or protocol, or
+/// a name already taken) is ignored with a warning.
+fn container_ports(ctx: &Ctx, containers: &[k8s::Container]) -> Vec<ContainerPort> {
     let mut ports: Vec<ContainerPort> = Vec::new();
     for (ci, container) in containers.iter().enumerate() {
         for (pi, p) in container.ports.iter().flatten().enumerate() {
@@ -129,25 +112,31 @@ fn container_ports(
                 None | Some("") => None,
                 Some(n) if is_iana_svc_name(n) => Some(n.to_string()),
                 Some(n) => {
-                    return Err(ctx.err(
-                        format!("{field}.name"),
-                        n,
-                        "must be an IANA service name: at most 15 lower-case alphanumerics or '-', with at least one letter",
-                    ));
+                    ctx.warn(format!("{field}.name"), n, IANA_SVC_NAME_REASON);
+                    continue;
                 }
             };
             // Named ports resolve Service targetPorts, so a name must mean one port per Pod.
             if let Some(n) = &name
                 && ports.iter().any(|q| q.name.as_ref() == Some(n))
             {
-                return Err(ctx.err(
+                ctx.warn(
                     format!("{field}.name"),
                     n.as_str(),
-                    "duplicate port name in the Pod",
-                ));
+                    "duplicate port name in the Pod (the first is used)",
+                );
+                continue;
             }
-            let port = ctx.port(format!("{field}.containerPort"), p.container_port)?;
-            let protocol = ctx.protocol(format!("{field}.protocol"), p.protocol.as_deref())?;
+            let Some(port) =
+                ctx.ignore(ctx.port(format!("{field}.containerPort"), p.container_port))
+            else {
+                continue;
+            };
+            let Some(protocol) =
+                ctx.ignore(ctx.protocol(format!("{field}.protocol"), p.protocol.as_deref()))
+            else {
+                continue;
+            };
             ports.push(ContainerPort {
                 name,
                 port,
@@ -155,7 +144,7 @@ fn container_ports(
             });
         }
     }
-    Ok(ports)
+    ports
 }
 
 #[cfg(test)]
@@ -220,9 +209,23 @@ mod tests {
         }
     }
 
+    /// Converted without warnings.
+    fn clean(k: &k8s::Pod) -> Pod {
+        let c = pod_from_k8s(k).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        c.object
+    }
+
+    /// Converted, with the fields of its warnings.
+    fn warned(k: &k8s::Pod) -> (Pod, Vec<String>) {
+        let c = pod_from_k8s(k).unwrap();
+        let fields = c.warnings.iter().map(|w| w.field.clone()).collect();
+        (c.object, fields)
+    }
+
     #[test]
     fn full_pod() {
-        let p = pod_from_k8s(&pod()).unwrap();
+        let p = clean(&pod());
         assert_eq!(p.name.to_string(), "ns/web-0");
         assert_eq!(p.labels.get("app").map(String::as_str), Some("web"));
         assert_eq!(
@@ -254,30 +257,33 @@ mod tests {
     }
 
     #[test]
-    fn pod_ip_fallback_and_errors() {
+    fn pod_ip_fallback_and_ignored_ips() {
         let mut k = pod();
         let status = k.status.as_mut().unwrap();
         status.pod_ips = None;
-        assert_eq!(pod_from_k8s(&k).unwrap().ips.len(), 1);
+        assert_eq!(clean(&k).ips.len(), 1);
 
+        // One IP per family: a second one is ignored, as is one that does not parse.
         let mut k = pod();
-        k.status.as_mut().unwrap().pod_ips = Some(vec![
-            k8s::PodIP {
-                ip: "10.1.0.5".into(),
-            },
-            k8s::PodIP {
-                ip: "10.1.0.6".into(),
-            },
-        ]);
-        assert_eq!(pod_from_k8s(&k).unwrap_err().field, "status.podIPs[1].ip");
-
-        let mut k = pod();
-        k.status.as_mut().unwrap().pod_ips = Some(vec![k8s::PodIP { ip: "nope".into() }]);
-        assert_eq!(pod_from_k8s(&k).unwrap_err().field, "status.podIPs[0].ip");
+        k.status.as_mut().unwrap().pod_ips = Some(
+            ["nope", "10.1.0.5", "10.1.0.6", "fd00::5"]
+                .into_iter()
+                .map(|ip| k8s::PodIP { ip: ip.into() })
+                .collect(),
+        );
+        let (p, warnings) = warned(&k);
+        assert_eq!(warnings, ["status.podIPs[0].ip", "status.podIPs[2].ip"]);
+        assert_eq!(
+            p.ips,
+            vec![
+                "10.1.0.5".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
 
         let mut k = pod();
         k.status = None;
-        let p = pod_from_k8s(&k).unwrap();
+        let p = clean(&k);
         assert!(p.ips.is_empty() && !p.ready);
     }
 
@@ -289,57 +295,63 @@ mod tests {
             status: "False".into(),
             ..Default::default()
         }]);
-        assert!(!pod_from_k8s(&k).unwrap().ready);
+        assert!(!clean(&k).ready);
 
         let mut k = pod();
         k.metadata.deletion_timestamp = Some(Time("2024-01-01T00:00:00Z".parse().unwrap()));
-        assert!(pod_from_k8s(&k).unwrap().terminating);
+        assert!(clean(&k).terminating);
 
         for (phase, finished) in [("Succeeded", true), ("Failed", true), ("Pending", false)] {
             let mut k = pod();
             k.status.as_mut().unwrap().phase = Some(phase.into());
-            assert_eq!(pod_from_k8s(&k).unwrap().finished, finished, "{phase}");
+            assert_eq!(clean(&k).finished, finished, "{phase}");
         }
     }
 
+    /// A port or name that cannot be used is ignored; the Pod is still an endpoint.
     #[test]
     fn port_and_name_rules() {
-        let with_ports = |ports: Vec<k8s::ContainerPort>| {
-            let mut k = pod();
-            k.spec.as_mut().unwrap().containers = vec![container("a", ports)];
-            pod_from_k8s(&k)
-        };
+        let mut k = pod();
+        k.spec.as_mut().unwrap().containers = vec![container(
+            "a",
+            vec![
+                cport(None, 0, None),
+                cport(Some("8080"), 80, None),
+                cport(None, 80, Some("ICMP")),
+                cport(Some("http"), 80, None),
+                cport(Some("http"), 81, None),
+            ],
+        )];
+        let (p, warnings) = warned(&k);
         assert_eq!(
-            with_ports(vec![cport(None, 0, None)]).unwrap_err().field,
-            "spec.containers[0].ports[0].containerPort"
+            warnings,
+            [
+                "spec.containers[0].ports[0].containerPort",
+                "spec.containers[0].ports[1].name",
+                "spec.containers[0].ports[2].protocol",
+                "spec.containers[0].ports[4].name"
+            ]
         );
         assert_eq!(
-            with_ports(vec![cport(Some("8080"), 80, None)])
-                .unwrap_err()
-                .field,
-            "spec.containers[0].ports[0].name"
+            p.container_ports,
+            vec![ContainerPort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Protocol::Tcp
+            }]
         );
-        assert_eq!(
-            with_ports(vec![cport(None, 80, Some("ICMP"))])
-                .unwrap_err()
-                .field,
-            "spec.containers[0].ports[0].protocol"
-        );
-        let e = with_ports(vec![
-            cport(Some("http"), 80, None),
-            cport(Some("http"), 81, None),
-        ])
-        .unwrap_err();
-        assert_eq!(e.field, "spec.containers[0].ports[1].name");
 
         let mut k = pod();
-        k.spec.as_mut().unwrap().hostname = Some("web.0".into());
-        assert_eq!(pod_from_k8s(&k).unwrap_err().field, "spec.hostname");
-        let mut k = pod();
-        k.spec.as_mut().unwrap().subdomain = Some("Web".into());
-        assert_eq!(pod_from_k8s(&k).unwrap_err().field, "spec.subdomain");
-        let mut k = pod();
-        k.spec.as_mut().unwrap().node_name = Some("node_1".into());
-        assert_eq!(pod_from_k8s(&k).unwrap_err().field, "spec.nodeName");
+        let spec = k.spec.as_mut().unwrap();
+        spec.hostname = Some("web.0".into());
+        spec.subdomain = Some("Web".into());
+        spec.node_name = Some("node_1".into());
+        let (p, warnings) = warned(&k);
+        assert_eq!(
+            warnings,
+            ["spec.hostname", "spec.subdomain", "spec.nodeName"]
+        );
+        assert_eq!((p.hostname, p.subdomain, p.node_name), (None, None, None));
+        assert_eq!(p.ips.len(), 2);
     }
 }

@@ -1,18 +1,17 @@
 //! v1 Service → [`Service`].
 
 use std::net::IpAddr;
-use std::ops::RangeInclusive;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{Ctx, DNS1123_LABEL_REASON, DNS1123_SUBDOMAIN_REASON, NameRule, namespaced};
-use crate::error::InvalidObject;
-use crate::types::{IpFamily, Kind, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy};
-use crate::validate::{
-    DEFAULT_NODE_PORT_RANGE, is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name,
+use super::{
+    Ctx, DNS1123_LABEL_REASON, DNS1123_SUBDOMAIN_REASON, NameRule, namespaced, parse_cidr_sloppy,
 };
+use crate::error::{Converted, InvalidObject};
+use crate::types::{IpFamily, Kind, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy};
+use crate::validate::{is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name};
 
 /// Label that hands a Service to another proxy implementation.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -23,19 +22,13 @@ pub const MAX_SESSION_AFFINITY_TIMEOUT: u32 = 86400;
 
 const CLUSTER_IP_NONE: &str = "None";
 
-/// Validate and convert a v1 Service, with nodePorts checked against the
-/// API server's default range ([`DEFAULT_NODE_PORT_RANGE`]).
-pub fn service_from_k8s(svc: &k8s::Service) -> Result<Service, InvalidObject> {
-    service_from_k8s_with_node_port_range(svc, &DEFAULT_NODE_PORT_RANGE)
-}
-
-/// [`service_from_k8s`] for a cluster whose `--service-node-port-range` differs
-/// from the default.
-pub fn service_from_k8s_with_node_port_range(
-    svc: &k8s::Service,
-    node_port_range: &RangeInclusive<u16>,
-) -> Result<Service, InvalidObject> {
-    let (name, ctx) = namespaced(Kind::Service, &svc.metadata, NameRule::Dns1035Label)?;
+/// Validate and convert a v1 Service. Rejected whole only when it cannot be programmed
+/// safely; a value kube-proxy would ignore (an unparsable externalIP, an unknown
+/// sessionAffinity) is ignored with a warning. A nodePort may be any port (1–65535):
+/// the node-port range is the API server's `--service-node-port-range`, a policy many
+/// clusters widen, and kube-proxy programs whatever nodePort a Service carries.
+pub fn service_from_k8s(svc: &k8s::Service) -> Result<Converted<Service>, InvalidObject> {
+    let (name, ctx) = namespaced(Kind::Service, &svc.metadata, NameRule::Dns1123Label)?;
     let labels = ctx.labels("metadata.labels", svc.metadata.labels.as_ref())?;
     let default_spec = k8s::ServiceSpec::default();
     let spec = svc.spec.as_ref().unwrap_or(&default_spec);
@@ -53,47 +46,48 @@ pub fn service_from_k8s_with_node_port_range(
     {
         return Err(ctx.err("spec.ports", "", "required"));
     }
-    let ports = ports(&ctx, spec, service_type, node_port_range)?;
+    let ports = ports(&ctx, spec, service_type)?;
 
     let external_ips = spec
         .external_ips
         .iter()
         .flatten()
         .enumerate()
-        .map(|(i, ip)| ctx.ip(format!("spec.externalIPs[{i}]"), ip))
-        .collect::<Result<Vec<_>, _>>()?;
-    let load_balancer_source_ranges = spec
-        .load_balancer_source_ranges
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, cidr)| source_range(&ctx, i, cidr))
-        .collect::<Result<Vec<_>, _>>()?;
-    let load_balancer_ips = load_balancer_ips(&ctx, svc.status.as_ref())?;
+        // kube-proxy skips empty entries silently (the API server lets them through).
+        .filter(|(_, ip)| !ip.trim().is_empty())
+        .filter_map(|(i, ip)| ctx.ip_or_warn(format!("spec.externalIPs[{i}]"), ip))
+        .collect();
+    let mut load_balancer_ips = load_balancer_ips(&ctx, svc.status.as_ref());
+    let load_balancer_source_ranges = source_ranges(&ctx, spec, &mut load_balancer_ips);
 
-    let session_affinity_timeout = session_affinity(&ctx, spec)?;
+    let session_affinity_timeout = session_affinity(&ctx, spec);
     let external_traffic_policy = traffic_policy(
         &ctx,
         "spec.externalTrafficPolicy",
         spec.external_traffic_policy.as_deref(),
         true,
-    )?;
+    );
     let internal_traffic_policy = traffic_policy(
         &ctx,
         "spec.internalTrafficPolicy",
         spec.internal_traffic_policy.as_deref(),
         false,
-    )?;
+    );
     let health_check_node_port = match spec.health_check_node_port {
         None | Some(0) => None,
         Some(port) => {
-            let port = ctx.port("spec.healthCheckNodePort", port)?;
-            // kube-proxy only serves health checks for external traffic kept on the node.
+            // kube-proxy only serves health checks for external traffic kept on the node,
+            // and otherwise never reads the field.
             let external = matches!(
                 service_type,
                 ServiceType::LoadBalancer | ServiceType::NodePort
             );
-            (external && external_traffic_policy == TrafficPolicy::Local).then_some(port)
+            if external && external_traffic_policy == TrafficPolicy::Local {
+                // A port that cannot be listened on costs the health check, not the rules.
+                ctx.ignore(ctx.port("spec.healthCheckNodePort", port))
+            } else {
+                None
+            }
         }
     };
 
@@ -105,7 +99,7 @@ pub fn service_from_k8s_with_node_port_range(
     };
     let service_proxy_name = labels.get(SERVICE_PROXY_NAME_LABEL).cloned();
 
-    Ok(Service {
+    Ok(ctx.finish(Service {
         name,
         service_type,
         cluster_ips,
@@ -124,7 +118,7 @@ pub fn service_from_k8s_with_node_port_range(
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
         service_proxy_name,
         labels,
-    })
+    }))
 }
 
 fn service_type(ctx: &Ctx, type_: Option<&str>) -> Result<ServiceType, InvalidObject> {
@@ -295,33 +289,33 @@ fn ip_families(
         families.push(family);
     }
 
+    // ipFamilyPolicy tells the API server what to allocate; kube-proxy never reads it
+    // and programs the cluster IPs there are. A policy they contradict is only reported.
     match spec.ip_family_policy.as_deref() {
         None | Some("PreferDualStack") => {}
         Some("SingleStack") => {
             if cluster_ips.len() > 1 || families.len() > 1 {
-                return Err(ctx.err(
+                ctx.warn(
                     "spec.ipFamilyPolicy",
                     "SingleStack",
-                    "must be PreferDualStack or RequireDualStack for a dual-stack Service",
-                ));
+                    "contradicts the dual-stack spec.clusterIPs/ipFamilies, which are programmed",
+                );
             }
         }
         Some("RequireDualStack") => {
             if !headless && cluster_ips.len() < 2 {
-                return Err(ctx.err(
-                    "spec.clusterIPs",
-                    cluster_ips.first().map(IpAddr::to_string).unwrap_or_default(),
-                    "RequireDualStack needs one cluster IP of each family: the standalone mode cannot allocate them",
-                ));
+                ctx.warn(
+                    "spec.ipFamilyPolicy",
+                    "RequireDualStack",
+                    "needs one cluster IP of each family, and the standalone mode cannot allocate one: only the given family is programmed",
+                );
             }
         }
-        Some(other) => {
-            return Err(ctx.err(
-                "spec.ipFamilyPolicy",
-                other,
-                "supported values: \"PreferDualStack\", \"RequireDualStack\", \"SingleStack\"",
-            ));
-        }
+        Some(other) => ctx.warn(
+            "spec.ipFamilyPolicy",
+            other,
+            "supported values: \"PreferDualStack\", \"RequireDualStack\", \"SingleStack\"",
+        ),
     }
 
     if headless {
@@ -335,7 +329,6 @@ fn ports(
     ctx: &Ctx,
     spec: &k8s::ServiceSpec,
     service_type: ServiceType,
-    node_port_range: &RangeInclusive<u16>,
 ) -> Result<Vec<ServicePort>, InvalidObject> {
     let k8s_ports: &[k8s::ServicePort] = spec.ports.as_deref().unwrap_or_default();
     let mut ports: Vec<ServicePort> = Vec::with_capacity(k8s_ports.len());
@@ -405,36 +398,29 @@ fn ports(
             None | Some(0) => None,
             Some(n) => {
                 let node_field = format!("{field}.nodePort");
+                let n = ctx.port(&node_field, n)?;
                 if !node_ports_allowed {
-                    return Err(ctx.err(
+                    // The API server refuses it; kube-proxy would open it. Either way it
+                    // costs nothing else of the Service.
+                    ctx.warn(
                         node_field,
                         n.to_string(),
                         "may only be set for type NodePort or LoadBalancer",
-                    ));
-                }
-                let n = ctx.port(&node_field, n)?;
-                if !node_port_range.contains(&n) {
-                    return Err(ctx.err(
-                        node_field,
-                        n.to_string(),
-                        format!(
-                            "must be in the node port range {}-{}",
-                            node_port_range.start(),
-                            node_port_range.end()
-                        ),
-                    ));
-                }
-                if let Some(j) = ports
+                    );
+                    None
+                } else if let Some(j) = ports
                     .iter()
                     .position(|q| q.node_port == Some(n) && q.protocol == protocol)
                 {
+                    // Two ports behind one node port cannot be programmed (one map key).
                     return Err(ctx.err(
                         node_field,
                         n.to_string(),
                         format!("duplicate nodePort and protocol (also spec.ports[{j}])"),
                     ));
+                } else {
+                    Some(n)
                 }
-                Some(n)
             }
         };
 
@@ -449,24 +435,45 @@ fn ports(
     Ok(ports)
 }
 
-/// A CIDR; host bits are cleared, as the API server's consumers normalise them.
-fn source_range(ctx: &Ctx, i: usize, cidr: &str) -> Result<IpNet, InvalidObject> {
-    cidr.trim()
-        .parse::<IpNet>()
-        .map(|net| net.trunc())
-        .map_err(|_| {
-            ctx.err(
+/// spec.loadBalancerSourceRanges, host bits cleared (as kube-proxy reads them). An
+/// unparsable range is ignored, as by kube-proxy; but when ranges were given and none
+/// parses, the LoadBalancer IPs are not programmed: kube-proxy would open them to every
+/// source, the opposite of what the ranges asked for.
+fn source_ranges(
+    ctx: &Ctx,
+    spec: &k8s::ServiceSpec,
+    load_balancer_ips: &mut Vec<IpAddr>,
+) -> Vec<IpNet> {
+    let given = spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default();
+    let mut ranges = Vec::with_capacity(given.len());
+    for (i, text) in given.iter().enumerate() {
+        // The API server's validation allows whitespace around a range.
+        match parse_cidr_sloppy(text.trim()) {
+            Some(net) => ranges.push(net),
+            None => ctx.warn(
                 format!("spec.loadBalancerSourceRanges[{i}]"),
-                cidr,
+                text.as_str(),
                 "must be a CIDR such as 192.168.0.0/16 or fd00::/8",
-            )
-        })
+            ),
+        }
+    }
+    if !given.is_empty() && ranges.is_empty() && !load_balancer_ips.is_empty() {
+        let ips: Vec<String> = load_balancer_ips.iter().map(IpAddr::to_string).collect();
+        ctx.warn(
+            "status.loadBalancer.ingress",
+            ips.join(","),
+            "not programmed: no spec.loadBalancerSourceRanges entry is valid, and without one these IPs would be open to every source",
+        );
+        load_balancer_ips.clear();
+    }
+    ranges
 }
 
-fn load_balancer_ips(
-    ctx: &Ctx,
-    status: Option<&k8s::ServiceStatus>,
-) -> Result<Vec<IpAddr>, InvalidObject> {
+/// status.loadBalancer.ingress[].ip of VIP-mode entries (kube-proxy's `IsVIPMode`).
+fn load_balancer_ips(ctx: &Ctx, status: Option<&k8s::ServiceStatus>) -> Vec<IpAddr> {
     let ingress = status
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_deref())
@@ -474,72 +481,92 @@ fn load_balancer_ips(
     let mut ips = Vec::new();
     for (i, entry) in ingress.iter().enumerate() {
         let field = format!("status.loadBalancer.ingress[{i}]");
-        // Proxy: the load balancer delivers to the node with its own address as the
-        // destination, so the node must not capture the VIP.
-        let proxied = match entry.ip_mode.as_deref() {
-            None | Some("VIP") => false,
-            Some("Proxy") => true,
-            Some(other) => {
-                return Err(ctx.err(
-                    format!("{field}.ipMode"),
-                    other,
-                    "supported values: \"Proxy\", \"VIP\"",
-                ));
-            }
-        };
         // Hostname-only entries name no address the node could match.
-        let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+        let Some(text) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
             continue;
         };
-        let ip = ctx.ip(format!("{field}.ip"), ip)?;
-        if !proxied {
+        // Proxy: the load balancer delivers to the node with its own address as the
+        // destination, so the node must not capture the VIP.
+        let vip = match entry.ip_mode.as_deref() {
+            None | Some("VIP") => true,
+            Some("Proxy") => false,
+            Some(other) => {
+                // kube-proxy programs only what is VIP mode.
+                ctx.warn(
+                    format!("{field}.ipMode"),
+                    other,
+                    "supported values: \"Proxy\", \"VIP\" (its ip is not programmed)",
+                );
+                false
+            }
+        };
+        // Only VIP-mode IPs are used, so only they are checked (kube-proxy's order).
+        if vip && let Some(ip) = ctx.ip_or_warn(format!("{field}.ip"), text) {
             ips.push(ip);
         }
     }
-    Ok(ips)
+    ips
 }
 
-fn session_affinity(ctx: &Ctx, spec: &k8s::ServiceSpec) -> Result<Option<u32>, InvalidObject> {
+/// The ClientIP affinity timeout. Anything but `ClientIP` means no affinity, as for
+/// kube-proxy. A timeout outside 1..=86400 (which no API server accepts) gets the
+/// default instead: nft refuses large ones (≥ 10^8 s with nft 1.0.6), which would
+/// fail every Service's transaction.
+fn session_affinity(ctx: &Ctx, spec: &k8s::ServiceSpec) -> Option<u32> {
     match spec.session_affinity.as_deref() {
-        None | Some("None") => Ok(None),
+        None | Some("None") => None,
         Some("ClientIP") => {
             let timeout = spec
                 .session_affinity_config
                 .as_ref()
                 .and_then(|c| c.client_ip.as_ref())
                 .and_then(|c| c.timeout_seconds);
-            match timeout {
-                None => Ok(Some(DEFAULT_SESSION_AFFINITY_TIMEOUT)),
-                Some(t) => match u32::try_from(t) {
-                    Ok(t) if (1..=MAX_SESSION_AFFINITY_TIMEOUT).contains(&t) => Ok(Some(t)),
-                    _ => Err(ctx.err(
+            match timeout.map(u32::try_from) {
+                None => Some(DEFAULT_SESSION_AFFINITY_TIMEOUT),
+                Some(Ok(t)) if (1..=MAX_SESSION_AFFINITY_TIMEOUT).contains(&t) => Some(t),
+                Some(_) => {
+                    ctx.warn(
                         "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                        t.to_string(),
-                        format!("must be between 1 and {MAX_SESSION_AFFINITY_TIMEOUT}"),
-                    )),
-                },
+                        timeout.unwrap_or_default().to_string(),
+                        format!(
+                            "must be between 1 and {MAX_SESSION_AFFINITY_TIMEOUT} (the default {DEFAULT_SESSION_AFFINITY_TIMEOUT} is used)"
+                        ),
+                    );
+                    Some(DEFAULT_SESSION_AFFINITY_TIMEOUT)
+                }
             }
         }
-        Some(other) => Err(ctx.err(
-            "spec.sessionAffinity",
-            other,
-            "supported values: \"ClientIP\", \"None\"",
-        )),
+        Some(other) => {
+            ctx.warn(
+                "spec.sessionAffinity",
+                other,
+                "supported values: \"ClientIP\", \"None\" (no affinity is programmed)",
+            );
+            None
+        }
     }
 }
 
+/// As kube-proxy: only `Local` is Local; an unknown policy is reported and means Cluster.
 fn traffic_policy(
     ctx: &Ctx,
     field: &str,
     policy: Option<&str>,
     accept_global: bool,
-) -> Result<TrafficPolicy, InvalidObject> {
+) -> TrafficPolicy {
     match policy {
-        None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+        None | Some("Cluster") => TrafficPolicy::Cluster,
         // Pre-1.22 spelling of Cluster for externalTrafficPolicy.
-        Some("Global") if accept_global => Ok(TrafficPolicy::Cluster),
-        Some("Local") => Ok(TrafficPolicy::Local),
-        Some(other) => Err(ctx.err(field, other, "supported values: \"Cluster\", \"Local\"")),
+        Some("Global") if accept_global => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            ctx.warn(
+                field,
+                other,
+                "supported values: \"Cluster\", \"Local\" (Cluster is used)",
+            );
+            TrafficPolicy::Cluster
+        }
     }
 }
 
@@ -579,9 +606,19 @@ mod tests {
         }
     }
 
+    /// Converted without warnings.
     fn ok(spec: k8s::ServiceSpec) -> Service {
         match service_from_k8s(&svc(spec)) {
-            Ok(s) => s,
+            Ok(c) if c.warnings.is_empty() => c.object,
+            Ok(c) => panic!("unexpected warnings: {:?}", c.warnings),
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+
+    /// Converted, with the fields of its warnings.
+    fn warned(spec: k8s::ServiceSpec) -> (Service, Vec<String>) {
+        match service_from_k8s(&svc(spec)) {
+            Ok(c) => (c.object, c.warnings.into_iter().map(|w| w.field).collect()),
             Err(e) => panic!("unexpected: {e}"),
         }
     }
@@ -623,17 +660,18 @@ mod tests {
         assert!(!s.publish_not_ready_addresses);
     }
 
+    /// A DNS-1123 label: API servers with RelaxedServiceNameValidation (1.34+) let a
+    /// Service name start with a digit. Anything else stays out of rule text.
     #[test]
-    fn service_name_is_dns1035() {
+    fn service_name_is_a_dns1123_label() {
         let mut k = svc(base());
         k.metadata.name = Some("1web".into());
-        let e = service_from_k8s(&k).unwrap_err();
-        assert_eq!(
-            (e.field.as_str(), e.value.as_str()),
-            ("metadata.name", "1web")
-        );
-        k.metadata.name = Some("web.x".into());
-        assert!(service_from_k8s(&k).is_err());
+        assert_eq!(service_from_k8s(&k).unwrap().object.name.name, "1web");
+        for bad in ["web.x", "Web", "-web", "web_x"] {
+            k.metadata.name = Some(bad.into());
+            let e = service_from_k8s(&k).unwrap_err();
+            assert_eq!((e.field.as_str(), e.value.as_str()), ("metadata.name", bad));
+        }
     }
 
     #[test]
@@ -779,20 +817,33 @@ mod tests {
             (e.field.as_str(), e.value.as_str()),
             ("spec.ipFamilies[0]", "ipv4")
         );
+    }
 
-        let e = err(k8s::ServiceSpec {
+    /// ipFamilyPolicy is the API server's allocation policy; kube-proxy never reads it.
+    /// The cluster IPs there are are programmed, and a contradiction is reported.
+    #[test]
+    fn ip_family_policy_is_only_reported() {
+        let (s, warnings) = warned(k8s::ServiceSpec {
             ip_family_policy: Some("RequireDualStack".into()),
             ..base()
         });
-        assert_eq!(e.field, "spec.clusterIPs");
+        assert_eq!(warnings, ["spec.ipFamilyPolicy"]);
+        assert_eq!(s.cluster_ips, vec![ip("10.96.0.10")]);
 
-        let e = err(k8s::ServiceSpec {
+        let (s, warnings) = warned(k8s::ServiceSpec {
             cluster_ip: None,
             cluster_ips: Some(vec!["10.96.0.10".into(), "fd00::1".into()]),
             ip_family_policy: Some("SingleStack".into()),
             ..base()
         });
-        assert_eq!(e.field, "spec.ipFamilyPolicy");
+        assert_eq!(warnings, ["spec.ipFamilyPolicy"]);
+        assert_eq!(s.ip_families, vec![IpFamily::V4, IpFamily::V6]);
+
+        let (_, warnings) = warned(k8s::ServiceSpec {
+            ip_family_policy: Some("Whatever".into()),
+            ..base()
+        });
+        assert_eq!(warnings, ["spec.ipFamilyPolicy"]);
     }
 
     #[test]
@@ -913,14 +964,25 @@ mod tests {
             ok(with("LoadBalancer", 32767)).ports[0].node_port,
             Some(32767)
         );
-        let e = err(with("ClusterIP", 30080));
-        assert_eq!(e.field, "spec.ports[0].nodePort");
-        let e = err(with("NodePort", 8080));
-        assert!(e.reason.contains("30000-32767"), "{}", e.reason);
-        // The range is a parameter.
-        let s = service_from_k8s_with_node_port_range(&svc(with("NodePort", 8080)), &(8000..=9000))
-            .unwrap();
-        assert_eq!(s.ports[0].node_port, Some(8080));
+        // Not for type ClusterIP: ignored, the rest of the Service stays.
+        let (s, warnings) = warned(with("ClusterIP", 30080));
+        assert_eq!(warnings, ["spec.ports[0].nodePort"]);
+        assert_eq!(s.ports[0].node_port, None);
+        // Any port: the node-port range is the API server's policy, not kube-proxy's.
+        for n in [1, 80, 3001, 29999, 32768, 65535] {
+            assert_eq!(ok(with("NodePort", n)).ports[0].node_port, Some(n as u16));
+        }
+        for n in [-1, 65536, 70000] {
+            let e = err(with("NodePort", n));
+            assert_eq!(
+                (e.field.as_str(), e.value.as_str(), e.reason.as_str()),
+                (
+                    "spec.ports[0].nodePort",
+                    n.to_string().as_str(),
+                    "must be between 1 and 65535"
+                )
+            );
+        }
 
         let mut a = port("a", 80);
         a.node_port = Some(30080);
@@ -949,16 +1011,66 @@ mod tests {
                 "2001:db8::/32".parse().unwrap()
             ]
         );
-        let e = err(k8s::ServiceSpec {
-            external_ips: Some(vec!["example.com".into()]),
+        // As kube-proxy: an unparsable entry is ignored (an empty externalIP silently),
+        // legacy leading zeros are decimal, and the rest of the Service stays.
+        let (s, warnings) = warned(k8s::ServiceSpec {
+            external_ips: Some(vec![
+                "example.com".into(),
+                "".into(),
+                "192.000.002.001".into(),
+            ]),
+            load_balancer_source_ranges: Some(vec!["10.0.0.0".into(), "010.0.0.0/8".into()]),
             ..base()
         });
-        assert_eq!(e.field, "spec.externalIPs[0]");
-        let e = err(k8s::ServiceSpec {
-            load_balancer_source_ranges: Some(vec!["10.0.0.0".into()]),
+        assert_eq!(
+            warnings,
+            ["spec.externalIPs[0]", "spec.loadBalancerSourceRanges[0]"]
+        );
+        assert_eq!(s.external_ips, vec![ip("192.0.2.1")]);
+        assert_eq!(
+            s.load_balancer_source_ranges,
+            vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(s.cluster_ips, vec![ip("10.96.0.10")]);
+    }
+
+    /// Source ranges were asked for and none is usable: kube-proxy would open the
+    /// LoadBalancer IPs to every source; svcplane leaves them out instead.
+    #[test]
+    fn unusable_source_ranges_fail_closed() {
+        let mut k = svc(k8s::ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            load_balancer_source_ranges: Some(vec!["10.0.0.0/33".into()]),
             ..base()
         });
-        assert_eq!(e.field, "spec.loadBalancerSourceRanges[0]");
+        k.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some("192.0.2.10".into()),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        });
+        let c = service_from_k8s(&k).unwrap();
+        let fields: Vec<&str> = c.warnings.iter().map(|w| w.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.loadBalancerSourceRanges[0]",
+                "status.loadBalancer.ingress"
+            ]
+        );
+        assert!(c.object.load_balancer_ips.is_empty());
+        assert!(c.object.load_balancer_source_ranges.is_empty());
+        assert_eq!(c.object.cluster_ips, vec![ip("10.96.0.10")]);
+
+        // One usable range is enough: it restricts, the LB IP is programmed.
+        k.spec.as_mut().unwrap().load_balancer_source_ranges =
+            Some(vec!["10.0.0.0/33".into(), "203.0.113.0/24".into()]);
+        let c = service_from_k8s(&k).unwrap();
+        assert_eq!(c.warnings.len(), 1);
+        assert_eq!(c.object.load_balancer_ips, vec![ip("192.0.2.10")]);
     }
 
     #[test]
@@ -986,19 +1098,34 @@ mod tests {
             ..Default::default()
         });
         let s = service_from_k8s(&k).unwrap();
+        assert!(s.warnings.is_empty());
         assert_eq!(
-            s.load_balancer_ips,
+            s.object.load_balancer_ips,
             vec![ip("192.0.2.10"), ip("2001:db8::10")]
         );
 
+        // A bad IP or an unknown ipMode costs that entry only (kube-proxy programs only
+        // VIP-mode entries whose IP parses).
         k.status = Some(ServiceStatus {
             load_balancer: Some(LoadBalancerStatus {
-                ingress: Some(vec![entry(Some("bad"), None, None)]),
+                ingress: Some(vec![
+                    entry(Some("bad"), None, None),
+                    entry(Some("192.0.2.12"), Some("Magic"), None),
+                    entry(Some("192.0.2.13"), None, None),
+                ]),
             }),
             ..Default::default()
         });
-        let e = service_from_k8s(&k).unwrap_err();
-        assert_eq!(e.field, "status.loadBalancer.ingress[0].ip");
+        let c = service_from_k8s(&k).unwrap();
+        let fields: Vec<&str> = c.warnings.iter().map(|w| w.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "status.loadBalancer.ingress[0].ip",
+                "status.loadBalancer.ingress[1].ipMode"
+            ]
+        );
+        assert_eq!(c.object.load_balancer_ips, vec![ip("192.0.2.13")]);
     }
 
     #[test]
@@ -1025,17 +1152,19 @@ mod tests {
             Some(86400)
         );
         assert_eq!(ok(with("None", Some(60))).session_affinity_timeout, None);
-        let e = err(with("ClientIP", Some(0)));
-        assert_eq!(
-            e.field,
-            "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
-        );
-        assert!(
-            err(with("ClientIP", Some(86401)))
-                .field
-                .ends_with("timeoutSeconds")
-        );
-        assert_eq!(err(with("Cookie", None)).field, "spec.sessionAffinity");
+        // A timeout no API server accepts gets the default (nft refuses large ones).
+        for t in [0, -5, 86401, i32::MAX] {
+            let (s, warnings) = warned(with("ClientIP", Some(t)));
+            assert_eq!(
+                warnings,
+                ["spec.sessionAffinityConfig.clientIP.timeoutSeconds"]
+            );
+            assert_eq!(s.session_affinity_timeout, Some(10800), "{t}");
+        }
+        // As kube-proxy: anything but ClientIP is no affinity.
+        let (s, warnings) = warned(with("Cookie", None));
+        assert_eq!(warnings, ["spec.sessionAffinity"]);
+        assert_eq!(s.session_affinity_timeout, None);
     }
 
     #[test]
@@ -1063,23 +1192,27 @@ mod tests {
             "meaningless with eTP Cluster"
         );
 
-        let e = err(k8s::ServiceSpec {
+        // As kube-proxy: only "Local" is Local; anything else is reported and is Cluster.
+        let (s, warnings) = warned(k8s::ServiceSpec {
             external_traffic_policy: Some("local".into()),
-            ..base()
-        });
-        assert_eq!(e.field, "spec.externalTrafficPolicy");
-        let e = err(k8s::ServiceSpec {
             internal_traffic_policy: Some("Global".into()),
             ..base()
         });
-        assert_eq!(e.field, "spec.internalTrafficPolicy");
-        let e = err(k8s::ServiceSpec {
+        assert_eq!(
+            warnings,
+            ["spec.externalTrafficPolicy", "spec.internalTrafficPolicy"]
+        );
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
+        assert_eq!(s.internal_traffic_policy, TrafficPolicy::Cluster);
+        let (s, warnings) = warned(k8s::ServiceSpec {
             type_: Some("LoadBalancer".into()),
             external_traffic_policy: Some("Local".into()),
             health_check_node_port: Some(70000),
             ..base()
         });
-        assert_eq!(e.field, "spec.healthCheckNodePort");
+        assert_eq!(warnings, ["spec.healthCheckNodePort"]);
+        assert_eq!(s.health_check_node_port, None);
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
     }
 
     #[test]
@@ -1133,7 +1266,7 @@ mod tests {
             SERVICE_PROXY_NAME_LABEL.to_string(),
             "other-proxy".to_string(),
         )]));
-        let s = service_from_k8s(&k).unwrap();
+        let s = service_from_k8s(&k).unwrap().object;
         assert_eq!(s.service_proxy_name.as_deref(), Some("other-proxy"));
         assert_eq!(s.labels.len(), 1);
     }

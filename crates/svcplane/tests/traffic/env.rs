@@ -81,6 +81,7 @@ pub const LOCAL: Dual = dual("10.96.1.8", "fd00:96::1:8");
 pub const STICKY: Dual = dual("10.96.1.9", "fd00:96::1:9");
 pub const ITP: Dual = dual("10.96.1.10", "fd00:96::1:10");
 pub const LOCAL_REMOTE: Dual = dual("10.96.1.11", "fd00:96::1:11");
+pub const NP_WIDE: Dual = dual("10.96.1.12", "fd00:96::1:12");
 /// ClusterIPs of Services that scenarios write themselves.
 pub const NEW: Dual = dual("10.96.1.50", "fd00:96::1:50");
 pub const LATER: Dual = dual("10.96.1.51", "fd00:96::1:51");
@@ -122,6 +123,7 @@ const ADDRESSES: &[(&str, Dual)] = &[
     ("STICKY", STICKY),
     ("ITP", ITP),
     ("LOCAL_REMOTE", LOCAL_REMOTE),
+    ("NP_WIDE", NP_WIDE),
     ("NEW", NEW),
     ("LATER", LATER),
     ("MORE", MORE),
@@ -309,6 +311,20 @@ spec:
 status:
   loadBalancer:
     ingress: ${LOCAL_REMOTE_LB_IP.ingress}
+---
+# NodePorts outside the API server's default range (30000-32767), which clusters widen.
+apiVersion: v1
+kind: Service
+metadata: {name: np-wide, namespace: default}
+spec:
+  type: NodePort
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIPs: ${NP_WIDE}
+  selector: {app: many}
+  ports:
+    - {name: low, port: 80, targetPort: 8080, nodePort: 3001}
+    - {name: web, port: 81, targetPort: 8080, nodePort: 80}
 "#;
 
 /// The standard cluster, its manifests and the proxy on node-a, for one cell. Field
