@@ -531,8 +531,14 @@ fn wrecked_rules_are_repaired_by_the_periodic_check(cell: Cell) {
         "{dst} not answering again after its rules were removed"
     );
     assert_eq!(env.tcp("client-a", dst).pod, env.pod_ip("one-a"));
-    // Repaired by a full sync, which the check triggered.
-    assert!(count(FULL) >= 2.0);
+    // Repaired by a full sync, which the check triggered (counted when that sync returns,
+    // which may be just after the traffic above got through).
+    let full = svcplane_testkit::wait_until(Duration::from_secs(5), || count(FULL) >= 2.0);
+    assert!(
+        full,
+        "not repaired by a full sync: {} full syncs",
+        count(FULL)
+    );
 }
 
 fn a_restart_fails_no_connection(cell: Cell) {
