@@ -229,6 +229,16 @@ pub struct IptablesPlan {
 
 /// `None` when the table holds nothing of kube-proxy's.
 pub fn plan_iptables_cleanup(saved: &str, table: &str) -> Option<IptablesPlan> {
+    plan_iptables_cleanup_with(saved, table, is_kube_proxy_chain)
+}
+
+/// The same for the chains `owned` says are the cleaner's (svcplane's iptables mode
+/// removes its own `SVCP-` chains this way).
+pub fn plan_iptables_cleanup_with(
+    saved: &str,
+    table: &str,
+    owned: impl Fn(&str) -> bool,
+) -> Option<IptablesPlan> {
     let mut chains = Vec::new();
     let mut deletes = Vec::new();
     let mut in_table = false;
@@ -243,17 +253,17 @@ pub fn plan_iptables_cleanup(saved: &str, table: &str) -> Option<IptablesPlan> {
         }
         if let Some(decl) = line.strip_prefix(':') {
             if let Some(name) = decl.split_whitespace().next()
-                && is_kube_proxy_chain(name)
+                && owned(name)
             {
                 chains.push(name.to_string());
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
             let words = split_words(rule);
             let Some(chain) = words.first() else { continue };
-            if is_kube_proxy_chain(chain) {
+            if owned(chain) {
                 continue; // goes with its chain
             }
-            if rule_target(&words).is_some_and(is_kube_proxy_chain) {
+            if rule_target(&words).is_some_and(&owned) {
                 deletes.push(format!("-D {rule}\n"));
             }
         }

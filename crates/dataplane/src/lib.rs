@@ -1,9 +1,11 @@
 //! Dataplane backends: each translates svcplane's desired state into the kernel.
 //!
-//! [`backend`] builds the backend of a [`ProxyMode`]. Only nftables exists so far;
-//! the other modes render and sync as [`DataplaneError::NotImplemented`].
+//! [`backend`] builds the backend of a [`ProxyMode`]. nftables and iptables exist so
+//! far; the other modes render and sync as [`DataplaneError::NotImplemented`].
 
 pub mod conntrack;
+mod hash;
+pub mod iptables;
 pub mod kube_proxy;
 mod netlink;
 pub mod nftables;
@@ -12,6 +14,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub use iptables::IptablesBackend;
 pub use nftables::NftablesBackend;
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 
@@ -64,12 +67,74 @@ impl FromStr for ProxyMode {
     }
 }
 
+/// Mode-specific settings of a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// `--iptables-dispatch`.
+    pub iptables_dispatch: iptables::Dispatch,
+}
+
 /// The backend for `mode`.
 pub fn backend(mode: ProxyMode) -> Box<dyn Dataplane> {
+    backend_with(mode, BackendOptions::default())
+}
+
+/// The backend for `mode`, with `options`.
+pub fn backend_with(mode: ProxyMode, options: BackendOptions) -> Box<dyn Dataplane> {
     match mode {
         ProxyMode::Nftables => Box::new(NftablesBackend::new()),
+        ProxyMode::Iptables => {
+            Box::new(IptablesBackend::new().with_dispatch(options.iptables_dispatch))
+        }
         other => Box::new(NotImplementedBackend { mode: other }),
     }
+}
+
+/// kube-proxy's `CleanupLeftovers` at startup: a proxy starting in `mode` removes what
+/// svcplane's other modes left on this host, so two sets of Service rules never fight.
+/// Returns one line per mode whose rules were found, for the log (removed, or why not).
+pub fn remove_other_modes(mode: ProxyMode) -> Vec<String> {
+    let mut said = Vec::new();
+    if mode != ProxyMode::Nftables && nftables_present() {
+        match NftablesBackend::new().cleanup() {
+            Ok(()) => said.push(
+                "removed svcplane's nftables tables (ip/ip6 svcplane) left by nftables mode"
+                    .to_owned(),
+            ),
+            Err(e) => said.push(format!(
+                "cannot remove svcplane's nftables tables left by nftables mode: {e}"
+            )),
+        }
+    }
+    if mode != ProxyMode::Iptables {
+        let mut ipt = IptablesBackend::new();
+        if ipt.has_chains() {
+            match ipt.cleanup() {
+                Ok(()) => said.push(
+                    "removed svcplane's iptables chains (SVCP-*) left by iptables mode".to_owned(),
+                ),
+                Err(e) => said.push(format!(
+                    "cannot remove svcplane's iptables chains left by iptables mode: {e}"
+                )),
+            }
+        }
+    }
+    said
+}
+
+/// Whether `ip svcplane` or `ip6 svcplane` exists (`nft list tables` lists names only).
+fn nftables_present() -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().any(|l| {
+                let l = l.trim();
+                l == format!("table ip {}", nftables::TABLE)
+                    || l == format!("table ip6 {}", nftables::TABLE)
+            })
+        })
 }
 
 /// A mode that exists in the CLI but is not built yet: it programs nothing, so its
@@ -142,7 +207,14 @@ mod tests {
         let nft = backend(ProxyMode::Nftables);
         assert_eq!(nft.mode(), "nftables");
         assert!(nft.render(&state).unwrap().contains("table ip svcplane"));
-        for mode in [ProxyMode::Iptables, ProxyMode::Ipvs, ProxyMode::Ebpf] {
+        let ipt = backend(ProxyMode::Iptables);
+        assert_eq!(ipt.mode(), "iptables");
+        assert!(
+            ipt.render(&state)
+                .unwrap()
+                .contains(":SVCP-SERVICES - [0:0]")
+        );
+        for mode in [ProxyMode::Ipvs, ProxyMode::Ebpf] {
             let mut b = backend(mode);
             assert_eq!(b.mode(), mode.as_str());
             match b.render(&state) {

@@ -53,7 +53,9 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
         .args([
             "proxy",
             "--proxy-mode",
-            "nftables",
+            &args.proxy_mode,
+            "--iptables-dispatch",
+            &args.iptables_dispatch,
             "--hostname-override",
             "bench-node",
         ])

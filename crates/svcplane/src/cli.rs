@@ -123,10 +123,16 @@ pub struct BenchSyncArgs {
     /// How many times one EndpointSlice is changed.
     #[arg(long, default_value_t = 20)]
     pub rounds: u32,
+    /// The mode to measure (nftables or iptables).
+    #[arg(long, default_value = "nftables", value_name = "MODE")]
+    pub proxy_mode: String,
+    /// iptables mode's dispatch (tree or linear).
+    #[arg(long, default_value = "tree", value_name = "tree|linear")]
+    pub iptables_dispatch: String,
 }
 
 /// Flags shared by `proxy` and `render`: where objects come from and how the node is configured.
-#[derive(Debug, Args, Clone)]
+#[derive(Debug, Args, Clone, Default)]
 pub struct EngineArgs {
     /// Dataplane mode: nftables, iptables, ipvs or ebpf (default nftables).
     #[arg(long, value_name = "MODE")]
@@ -157,6 +163,11 @@ pub struct EngineArgs {
     /// A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file; flags given explicitly override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// iptables mode: how a new connection finds its service: `tree` (destination-prefix
+    /// chains, O(log N) rules) or `linear` (kube-proxy's flat KUBE-SERVICES list, O(N)).
+    #[arg(long, value_name = "tree|linear")]
+    pub iptables_dispatch: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -97,16 +97,19 @@ pub(crate) fn render_script(settings: &EngineSettings) -> Result<(String, Vec<Pr
         engine.apply(change);
     }
     let desired = engine.desired();
-    let backend = svcplane_dataplane::backend(settings.mode);
+    let backend = svcplane_dataplane::backend_with(settings.mode, settings.backend_options());
     let text = backend.render(&desired)?;
     Ok((text, problems))
 }
 
 fn proxy(args: ProxyArgs) -> Result<()> {
     let settings = ProxySettings::resolve(&args)?;
-    if settings.engine.mode != ProxyMode::Nftables {
+    if !matches!(
+        settings.engine.mode,
+        ProxyMode::Nftables | ProxyMode::Iptables
+    ) {
         bail!(
-            "proxy mode {} is not implemented yet; available: nftables",
+            "proxy mode {} is not implemented yet; available: nftables, iptables",
             settings.engine.mode
         );
     }
@@ -134,7 +137,7 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let dns_metrics = Arc::new(svcplane_dns::DnsMetrics::new());
-        let mut metrics = Metrics::new();
+        let mut metrics = Metrics::for_mode(settings.engine.mode.as_str());
         if dns_settings.is_some() {
             dns_metrics.register(metrics.registry_mut());
         }
@@ -201,7 +204,15 @@ fn proxy(args: ProxyArgs) -> Result<()> {
             None => (rx, None),
         };
         let engine = Engine::new(settings.engine.engine_config());
-        let backend = svcplane_dataplane::backend(settings.engine.mode);
+        // kube-proxy's CleanupLeftovers: the other modes' rules would fight this one's.
+        let mode = settings.engine.mode;
+        for line in tokio::task::spawn_blocking(move || svcplane_dataplane::remove_other_modes(mode))
+            .await
+            .unwrap_or_default()
+        {
+            tracing::info!("switching to {mode} mode: {line}");
+        }
+        let backend = svcplane_dataplane::backend_with(mode, settings.engine.backend_options());
         let loop_config = SyncLoopConfig {
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,
@@ -467,6 +478,7 @@ mod tests {
             nodeport_addresses: None,
             masquerade_all: None,
             config: None,
+            iptables_dispatch: None,
         })
         .unwrap()
     }

@@ -43,6 +43,7 @@ pub fn run(args: LabArgs) -> Result<()> {
         nodeport_addresses: None,
         masquerade_all: None,
         config: None,
+        iptables_dispatch: None,
     })?;
     render_excerpt(&settings, &dir)?;
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
-use svcplane_dataplane::ProxyMode;
+use svcplane_dataplane::iptables::Dispatch;
+use svcplane_dataplane::{BackendOptions, ProxyMode};
 use svcplane_proxy::EngineConfig;
 
 use crate::cli::{EngineArgs, ProxyArgs};
@@ -28,6 +29,8 @@ pub struct EngineSettings {
     pub cluster_cidrs: Vec<IpNet>,
     pub nodeport_addresses: Vec<IpNet>,
     pub masquerade_all: bool,
+    /// `--iptables-dispatch` (iptables mode).
+    pub iptables_dispatch: Dispatch,
     /// What the --config file said (for the proxy-only settings).
     pub file: FileConfig,
 }
@@ -77,6 +80,12 @@ impl EngineSettings {
             None => file.nodeport_addresses.clone().unwrap_or_default(),
         };
         let masquerade_all = args.masquerade_all.or(file.masquerade_all).unwrap_or(false);
+        let iptables_dispatch = match &args.iptables_dispatch {
+            Some(d) => d
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--iptables-dispatch: {e}"))?,
+            None => Dispatch::default(),
+        };
         Ok(EngineSettings {
             mode,
             manifests: args.manifests.clone(),
@@ -84,8 +93,16 @@ impl EngineSettings {
             cluster_cidrs,
             nodeport_addresses,
             masquerade_all,
+            iptables_dispatch,
             file,
         })
+    }
+
+    /// The backend's mode-specific options.
+    pub fn backend_options(&self) -> BackendOptions {
+        BackendOptions {
+            iptables_dispatch: self.iptables_dispatch,
+        }
     }
 
     pub fn engine_config(&self) -> EngineConfig {
