@@ -39,7 +39,7 @@ use svcplane_testkit::{PodSpec, Proto, RequestError, parse_echo};
 use env::*;
 
 scenario_table! {
-    modes: [nftables];
+    modes: [nftables, iptables];
     scenarios: [
         cluster_ip_one_endpoint_with_target_port_from_a_pod,
         cluster_ip_many_endpoints_spread_from_a_pod,
