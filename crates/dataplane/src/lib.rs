@@ -1,9 +1,10 @@
 //! Dataplane backends: each translates svcplane's desired state into the kernel.
 //!
-//! [`backend`] builds the backend of a [`ProxyMode`]. Only nftables exists so far;
+//! [`backend`] builds the backend of a [`ProxyMode`]. nftables and ipvs exist so far;
 //! the other modes render and sync as [`DataplaneError::NotImplemented`].
 
 pub mod conntrack;
+pub mod ipvs;
 pub mod kube_proxy;
 mod netlink;
 pub mod nftables;
@@ -12,6 +13,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub use ipvs::{IpvsBackend, IpvsOptions};
+pub use netlink::NetlinkError;
 pub use nftables::NftablesBackend;
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 
@@ -64,10 +67,23 @@ impl FromStr for ProxyMode {
     }
 }
 
+/// Mode-specific settings of a backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// `--ipvs-scheduler`, `--ipvs-strict-arp`.
+    pub ipvs: IpvsOptions,
+}
+
 /// The backend for `mode`.
 pub fn backend(mode: ProxyMode) -> Box<dyn Dataplane> {
+    backend_with(mode, BackendOptions::default())
+}
+
+/// The backend for `mode`, with `options`.
+pub fn backend_with(mode: ProxyMode, options: BackendOptions) -> Box<dyn Dataplane> {
     match mode {
         ProxyMode::Nftables => Box::new(NftablesBackend::new()),
+        ProxyMode::Ipvs => Box::new(IpvsBackend::new(options.ipvs)),
         other => Box::new(NotImplementedBackend { mode: other }),
     }
 }
@@ -142,7 +158,14 @@ mod tests {
         let nft = backend(ProxyMode::Nftables);
         assert_eq!(nft.mode(), "nftables");
         assert!(nft.render(&state).unwrap().contains("table ip svcplane"));
-        for mode in [ProxyMode::Iptables, ProxyMode::Ipvs, ProxyMode::Ebpf] {
+        let ipvs = backend(ProxyMode::Ipvs);
+        assert_eq!(ipvs.mode(), "ipvs");
+        assert!(
+            ipvs.render(&state)
+                .unwrap()
+                .contains("table ip svcplane-ipvs")
+        );
+        for mode in [ProxyMode::Iptables, ProxyMode::Ebpf] {
             let mut b = backend(mode);
             assert_eq!(b.mode(), mode.as_str());
             match b.render(&state) {
