@@ -89,7 +89,13 @@ pub(crate) fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
 
 fn open_fd(protocol: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked before use.
-    let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }

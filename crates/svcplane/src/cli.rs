@@ -116,6 +116,14 @@ pub struct EngineArgs {
     /// A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file; flags given explicitly override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// IPVS mode: the virtual servers' scheduler, rr (default), wrr, lc, sh or mh.
+    #[arg(long, value_name = "NAME")]
+    pub ipvs_scheduler: Option<String>,
+
+    /// IPVS mode: set arp_ignore=1 and arp_announce=2 (for MetalLB-style L2 announcements).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub ipvs_strict_arp: Option<bool>,
 }
 
 #[derive(Debug, Args)]

@@ -96,16 +96,16 @@ pub(crate) fn render_script(settings: &EngineSettings) -> Result<(String, Vec<Pr
         engine.apply(change);
     }
     let desired = engine.desired();
-    let backend = svcplane_dataplane::backend(settings.mode);
+    let backend = svcplane_dataplane::backend_with(settings.mode, settings.backend_options());
     let text = backend.render(&desired)?;
     Ok((text, problems))
 }
 
 fn proxy(args: ProxyArgs) -> Result<()> {
     let settings = ProxySettings::resolve(&args)?;
-    if settings.engine.mode != ProxyMode::Nftables {
+    if !matches!(settings.engine.mode, ProxyMode::Nftables | ProxyMode::Ipvs) {
         bail!(
-            "proxy mode {} is not implemented yet; available: nftables",
+            "proxy mode {} is not implemented yet; available: nftables, ipvs",
             settings.engine.mode
         );
     }
@@ -200,7 +200,10 @@ fn proxy(args: ProxyArgs) -> Result<()> {
             None => (rx, None),
         };
         let engine = Engine::new(settings.engine.engine_config());
-        let backend = svcplane_dataplane::backend(settings.engine.mode);
+        let backend = svcplane_dataplane::backend_with(
+            settings.engine.mode,
+            settings.engine.backend_options(),
+        );
         let loop_config = SyncLoopConfig {
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,
@@ -466,6 +469,8 @@ mod tests {
             nodeport_addresses: None,
             masquerade_all: None,
             config: None,
+            ipvs_scheduler: None,
+            ipvs_strict_arp: None,
         })
         .unwrap()
     }

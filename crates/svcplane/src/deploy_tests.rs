@@ -362,6 +362,8 @@ fn options_from_the_configmap(kubeconfig: &Path) -> svcplane_source::ApiClientOp
         nodeport_addresses: None,
         masquerade_all: None,
         config: Some(config_path),
+        ipvs_scheduler: None,
+        ipvs_strict_arp: None,
     })
     .expect("the ConfigMap's config.conf");
     let api = crate::cli::ApiArgs::default();

@@ -43,6 +43,8 @@ pub fn run(args: LabArgs) -> Result<()> {
         nodeport_addresses: None,
         masquerade_all: None,
         config: None,
+        ipvs_scheduler: None,
+        ipvs_strict_arp: None,
     })?;
     render_excerpt(&settings, &dir)?;
 

@@ -28,6 +28,8 @@ pub struct EngineSettings {
     pub cluster_cidrs: Vec<IpNet>,
     pub nodeport_addresses: Vec<IpNet>,
     pub masquerade_all: bool,
+    /// IPVS mode's scheduler and strict ARP.
+    pub ipvs: svcplane_dataplane::IpvsOptions,
     /// What the --config file said (for the proxy-only settings).
     pub file: FileConfig,
 }
@@ -77,6 +79,25 @@ impl EngineSettings {
             None => file.nodeport_addresses.clone().unwrap_or_default(),
         };
         let masquerade_all = args.masquerade_all.or(file.masquerade_all).unwrap_or(false);
+        let scheduler = args
+            .ipvs_scheduler
+            .clone()
+            .or_else(|| file.ipvs_scheduler.clone())
+            .unwrap_or_default();
+        let ipvs = svcplane_dataplane::IpvsOptions {
+            scheduler: svcplane_dataplane::ipvs::parse_scheduler(&scheduler)
+                .map_err(anyhow::Error::msg)
+                .context("--ipvs-scheduler")?,
+            strict_arp: args
+                .ipvs_strict_arp
+                .or(file.ipvs_strict_arp)
+                .unwrap_or(false),
+        };
+        if mode != ProxyMode::Ipvs
+            && (args.ipvs_scheduler.is_some() || args.ipvs_strict_arp.is_some())
+        {
+            tracing::warn!("--ipvs-scheduler/--ipvs-strict-arp: ignored in {mode} mode");
+        }
         Ok(EngineSettings {
             mode,
             manifests: args.manifests.clone(),
@@ -84,8 +105,16 @@ impl EngineSettings {
             cluster_cidrs,
             nodeport_addresses,
             masquerade_all,
+            ipvs,
             file,
         })
+    }
+
+    /// The backend's mode-specific settings.
+    pub fn backend_options(&self) -> svcplane_dataplane::BackendOptions {
+        svcplane_dataplane::BackendOptions {
+            ipvs: self.ipvs.clone(),
+        }
     }
 
     pub fn engine_config(&self) -> EngineConfig {

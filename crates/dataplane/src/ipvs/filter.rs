@@ -10,7 +10,8 @@
 //! elements ([`FilterState::delta`]), except for one chain per service with source
 //! ranges.
 //!
-//! Hooks: the marks run in prerouting and output at priority dstnat (-100), before IPVS
+//! Hooks: the marks run in prerouting and output at priority -100 (dstnat; nft 1.0.6
+//! refuses the name on filter chains), before IPVS
 //! (LOCAL_OUT at -98 for the node's own traffic, LOCAL_IN at 98 otherwise); the verdicts
 //! run in input at priority filter (0), before IPVS takes the packet in LOCAL_IN; the
 //! masquerade in postrouting (srcnat), where IPVS's masquerade-forwarded packets pass
@@ -31,6 +32,9 @@ use crate::nftables::render::family_nets;
 
 /// The tables' name (in families `ip` and `ip6`).
 pub const TABLE: &str = "svcplane-ipvs";
+
+/// The chain setting the masquerade mark (the nftables backend's name for it).
+const MARK: &str = "mark-for-masquerade";
 
 /// The sets of one family's table, by name, each with its elements as nft text.
 const SETS: [(&str, &str, &str); 7] = [
@@ -54,11 +58,7 @@ const SETS: [(&str, &str, &str); 7] = [
         "addr . inet_proto . inet_service",
         "eTP Local frontends without local endpoints (drop)",
     ),
-    (
-        "service-ips",
-        "addr",
-        "addresses on the dummy interface",
-    ),
+    ("service-ips", "addr", "addresses on the dummy interface"),
     (
         "service-ports",
         "addr . inet_proto . inet_service",
@@ -152,18 +152,17 @@ impl FilterState {
             }
             match w.frontend {
                 Frontend::ClusterIp => add("cluster-ips", e.clone()),
-                _ if matches!(
-                    svc.external_policy,
-                    svcplane_proxy::ExternalPolicy::Cluster
-                ) =>
-                {
+                _ if matches!(svc.external_policy, svcplane_proxy::ExternalPolicy::Cluster) => {
                     add("external-masq", e.clone())
                 }
                 _ => {}
             }
-            if w.frontend == Frontend::LoadBalancer && !svc.load_balancer_source_ranges.is_empty()
-            {
-                firewall.push((e, w.service.clone(), svc.load_balancer_source_ranges.clone()));
+            if w.frontend == Frontend::LoadBalancer && !svc.load_balancer_source_ranges.is_empty() {
+                firewall.push((
+                    e,
+                    w.service.clone(),
+                    svc.load_balancer_source_ranges.clone(),
+                ));
             }
             for r in &w.reals {
                 add("hairpin", format!("{} . {}", r.addr, r.addr));
@@ -192,7 +191,7 @@ impl FilterState {
         for chain in self.firewall_chains.keys() {
             let _ = writeln!(o, "add chain {t} {chain}");
         }
-        let _ = writeln!(o, "add chain {t} mark");
+        let _ = writeln!(o, "add chain {t} {MARK}");
         for (name, key, comment) in SETS {
             let key = key.replace("addr", at);
             let _ = writeln!(
@@ -239,12 +238,12 @@ impl FilterState {
         let frontend = format!("{ipx} daddr . meta l4proto . th dport");
         match &self.masquerade {
             Some(ClusterIpMasquerade::All) => {
-                let _ = writeln!(o, "add rule {t} mark {frontend} @cluster-ips {mark}");
+                let _ = writeln!(o, "add rule {t} {MARK} {frontend} @cluster-ips {mark}");
             }
             Some(ClusterIpMasquerade::FromOutside(_)) => {
                 let _ = writeln!(
                     o,
-                    "add rule {t} mark {ipx} saddr != @cluster-cidrs {frontend} @cluster-ips {mark}"
+                    "add rule {t} {MARK} {ipx} saddr != @cluster-cidrs {frontend} @cluster-ips {mark}"
                 );
             }
             // No cluster CIDR known: the node's own connections to a ClusterIP leave
@@ -253,21 +252,21 @@ impl FilterState {
             Some(ClusterIpMasquerade::None) | None => {
                 let _ = writeln!(
                     o,
-                    "add rule {t} mark {ipx} saddr @service-ips {frontend} @cluster-ips {mark}"
+                    "add rule {t} {MARK} {ipx} saddr @service-ips {frontend} @cluster-ips {mark}"
                 );
             }
         }
-        let _ = writeln!(o, "add rule {t} mark {frontend} @external-masq {mark}");
+        let _ = writeln!(o, "add rule {t} {MARK} {frontend} @external-masq {mark}");
         let _ = writeln!(
             o,
-            "add chain {t} prerouting {{ type filter hook prerouting priority dstnat ; policy accept ; }}"
+            "add chain {t} prerouting {{ type filter hook prerouting priority -100 ; policy accept ; }}"
         );
-        let _ = writeln!(o, "add rule {t} prerouting jump mark");
+        let _ = writeln!(o, "add rule {t} prerouting jump {MARK}");
         let _ = writeln!(
             o,
-            "add chain {t} output {{ type filter hook output priority dstnat ; policy accept ; }}"
+            "add chain {t} output {{ type filter hook output priority -100 ; policy accept ; }}"
         );
-        let _ = writeln!(o, "add rule {t} output jump mark");
+        let _ = writeln!(o, "add rule {t} output jump {MARK}");
         let _ = writeln!(
             o,
             "add chain {t} input {{ type filter hook input priority filter ; policy accept ; }}"

@@ -166,7 +166,11 @@ fn dest_attr(rs: &RealServer) -> Vec<u8> {
         push_attr(b, IPVS_DEST_ATTR_ADDR_FAMILY, &af(rs.addr).to_ne_bytes());
         push_attr(b, IPVS_DEST_ATTR_ADDR, &inet_addr(rs.addr));
         push_attr(b, IPVS_DEST_ATTR_PORT, &rs.port.to_be_bytes());
-        push_attr(b, IPVS_DEST_ATTR_FWD_METHOD, &IP_VS_CONN_F_MASQ.to_ne_bytes());
+        push_attr(
+            b,
+            IPVS_DEST_ATTR_FWD_METHOD,
+            &IP_VS_CONN_F_MASQ.to_ne_bytes(),
+        );
         push_attr(b, IPVS_DEST_ATTR_WEIGHT, &rs.weight.to_ne_bytes());
         push_attr(b, IPVS_DEST_ATTR_U_THRESH, &0u32.to_ne_bytes());
         push_attr(b, IPVS_DEST_ATTR_L_THRESH, &0u32.to_ne_bytes());
@@ -278,9 +282,7 @@ impl Ipvs {
         ) {
             Ok(replies) => Ok(replies.iter().find_map(|p| parse_service(p.get(4..)?))),
             // ESRCH: no such service.
-            Err(e) if e.errno() == Some(libc::ESRCH) || e.errno() == Some(libc::ENOENT) => {
-                Ok(None)
-            }
+            Err(e) if e.errno() == Some(libc::ESRCH) || e.errno() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -343,9 +345,7 @@ fn parse_service(buf: &[u8]) -> Option<VirtualServer> {
             IPVS_SVC_ATTR_PORT => port = be16(p),
             IPVS_SVC_ATTR_FWMARK => fwmark = ne_u32(p).unwrap_or(0),
             IPVS_SVC_ATTR_SCHED_NAME => {
-                sched = String::from_utf8_lossy(p)
-                    .trim_end_matches('\0')
-                    .to_owned()
+                sched = String::from_utf8_lossy(p).trim_end_matches('\0').to_owned()
             }
             IPVS_SVC_ATTR_FLAGS => flags = ne_u32(p).unwrap_or(0),
             IPVS_SVC_ATTR_TIMEOUT => timeout = ne_u32(p).unwrap_or(0),
@@ -419,7 +419,7 @@ mod tests {
         let mut v = ((4 + payload.len()) as u16).to_le_bytes().to_vec();
         v.extend_from_slice(&ty.to_le_bytes());
         v.extend_from_slice(payload);
-        while v.len() % 4 != 0 {
+        while !v.len().is_multiple_of(4) {
             v.push(0);
         }
         v
@@ -433,10 +433,7 @@ mod tests {
         let mut inner = Vec::new();
         inner.extend(nla(1, &2u16.to_le_bytes())); // AF_INET
         inner.extend(nla(2, &6u16.to_le_bytes())); // TCP
-        inner.extend(nla(
-            3,
-            &[10, 96, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        ));
+        inner.extend(nla(3, &[10, 96, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
         inner.extend(nla(4, &[0, 80])); // port, network order
         inner.extend(nla(6, b"rr\0"));
         inner.extend(nla(7, &[1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])); // flags PERSISTENT, mask ~0
@@ -474,10 +471,7 @@ mod tests {
         svc.extend(nla(4, &443u16.to_be_bytes()));
         let mut dest = Vec::new();
         dest.extend(nla(11, &10u16.to_le_bytes()));
-        dest.extend(nla(
-            1,
-            &"fd00:244::5".parse::<Ipv6Addr>().unwrap().octets(),
-        ));
+        dest.extend(nla(1, &"fd00:244::5".parse::<Ipv6Addr>().unwrap().octets()));
         dest.extend(nla(2, &8443u16.to_be_bytes()));
         dest.extend(nla(3, &0u32.to_le_bytes())); // masquerade
         dest.extend(nla(4, &1u32.to_le_bytes()));
@@ -516,7 +510,11 @@ mod tests {
         };
         // The kernel's reply also carries the counters: append one inside the nest.
         let mut with_counts = dest_attr(&rs);
-        push_attr(&mut with_counts, IPVS_DEST_ATTR_ACTIVE_CONNS, &3u32.to_ne_bytes());
+        push_attr(
+            &mut with_counts,
+            IPVS_DEST_ATTR_ACTIVE_CONNS,
+            &3u32.to_ne_bytes(),
+        );
         let total = with_counts.len() as u16;
         with_counts[..2].copy_from_slice(&total.to_ne_bytes());
         let st = parse_dest(&with_counts, v.key.addr).unwrap();

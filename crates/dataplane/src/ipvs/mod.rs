@@ -289,11 +289,7 @@ impl IpvsBackend {
         let wanted = plan::virtual_servers(desired, &self.options.scheduler, &node_addrs);
 
         // IPVS: every virtual server on an address svcplane manages.
-        let owned_addrs: BTreeSet<IpAddr> = on_dummy
-            .iter()
-            .chain(vips.iter())
-            .copied()
-            .collect();
+        let owned_addrs: BTreeSet<IpAddr> = on_dummy.iter().chain(vips.iter()).copied().collect();
         let ipvs = self.ipvs()?;
         let services = ipvs
             .services()
@@ -516,11 +512,12 @@ impl Dataplane for IpvsBackend {
         let was_full = self.needs_full;
         // Until this sync succeeds the kernel's state is unknown.
         self.needs_full = true;
-        let partial = if !diff.full && !was_full && !diff.v4.globals_changed && !diff.v6.globals_changed {
-            self.partial_sync(desired, diff)
-        } else {
-            Ok(None)
-        };
+        let partial =
+            if !diff.full && !was_full && !diff.v4.globals_changed && !diff.v6.globals_changed {
+                self.partial_sync(desired, diff)
+            } else {
+                Ok(None)
+            };
         let report = match partial {
             Ok(Some(r)) => r,
             Ok(None) => self.full_sync(desired)?,
@@ -560,8 +557,9 @@ impl Dataplane for IpvsBackend {
             addrs.extend(local);
         }
         addrs.extend(self.applied.keys().map(|k| k.addr));
-        match Ipvs::open(self.netns.as_deref()) {
-            Ok(mut ipvs) => match ipvs.services() {
+        // Without IPVS in this kernel there are no virtual servers to remove.
+        if let Ok(mut ipvs) = Ipvs::open(self.netns.as_deref()) {
+            match ipvs.services() {
                 Ok(list) => {
                     for vs in list.into_iter().filter(|v| addrs.contains(&v.key.addr)) {
                         if let Err(e) = ipvs.send(&Request::del_service(&vs.key)) {
@@ -572,9 +570,7 @@ impl Dataplane for IpvsBackend {
                 Err(e) => {
                     first_error.get_or_insert(nl_error("listing IPVS services", e));
                 }
-            },
-            // No IPVS in this kernel: no virtual servers to remove.
-            Err(_) => {}
+            }
         }
         if let Err(e) = self.links().and_then(|l| {
             l.delete(DUMMY)
@@ -673,7 +669,11 @@ fn run_nft(cmd: &[String], args: &[&str], input: Option<&str>) -> Result<String,
         return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let message: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).take(6).collect();
+    let message: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(6)
+        .collect();
     Err(tool(if message.is_empty() {
         format!("exited with {}", output.status)
     } else {

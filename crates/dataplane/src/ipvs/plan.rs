@@ -239,8 +239,7 @@ pub fn plan(
         }
         let Some(cur) = current.get(key) else {
             p.ops.push(Op::AddService(w.vs.clone()));
-            p.ops
-                .extend(w.reals.iter().map(|r| Op::AddDest(*key, *r)));
+            p.ops.extend(w.reals.iter().map(|r| Op::AddDest(*key, *r)));
             continue;
         };
         if cur.vs != w.vs {

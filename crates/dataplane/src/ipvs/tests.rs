@@ -113,7 +113,13 @@ fn current(w: &plan::Wanted, dests: &[(RealServer, u32, u32)]) -> Current {
 
 #[test]
 fn one_virtual_server_per_frontend_with_the_targets_endpoints() {
-    let mut web = svc("web", Protocol::Tcp, "10.96.0.10", 80, &["10.244.1.2", "10.244.2.3"]);
+    let mut web = svc(
+        "web",
+        Protocol::Tcp,
+        "10.96.0.10",
+        80,
+        &["10.244.1.2", "10.244.2.3"],
+    );
     web.node_port = Some(30080);
     web.external_ips = vec![ip("192.0.2.10")];
     web.load_balancer_ips = vec![ip("198.51.100.7")];
@@ -146,21 +152,36 @@ fn one_virtual_server_per_frontend_with_the_targets_endpoints() {
     assert_eq!(cip.vs.persistence, Some(10800));
     let np = &wanted[&key("10.0.0.11", Protocol::Tcp, 30080)];
     assert_eq!(np.reals, vec![rs("10.244.1.2", 1)]);
-    assert_eq!(wanted[&key("198.51.100.7", Protocol::Tcp, 80)].reals.len(), 1);
-    assert_eq!(wanted[&key("fd00::11", Protocol::Udp, 30053)].reals.len(), 1);
+    assert_eq!(
+        wanted[&key("198.51.100.7", Protocol::Tcp, 80)].reals.len(),
+        1
+    );
+    assert_eq!(
+        wanted[&key("fd00::11", Protocol::Udp, 30053)].reals.len(),
+        1
+    );
 }
 
 #[test]
 fn nodeport_addresses_skip_loopback_link_local_vips_and_other_cidrs() {
     let mut f = FamilyState::empty(IpFamily::V4);
-    let local = [ip("127.0.0.1"), ip("10.0.0.11"), ip("10.96.0.10"), ip("172.16.0.1"), ip("fe80::1")];
+    let local = [
+        ip("127.0.0.1"),
+        ip("10.0.0.11"),
+        ip("10.96.0.10"),
+        ip("172.16.0.1"),
+        ip("fe80::1"),
+    ];
     let vips: BTreeSet<IpAddr> = [ip("10.96.0.10")].into();
     assert_eq!(
         plan::nodeport_addresses(&f, &local, &vips),
         vec![ip("10.0.0.11"), ip("172.16.0.1")]
     );
     f.nodeport_addresses = NodePortAddresses::Cidrs(vec![net("10.0.0.0/8")]);
-    assert_eq!(plan::nodeport_addresses(&f, &local, &vips), vec![ip("10.0.0.11")]);
+    assert_eq!(
+        plan::nodeport_addresses(&f, &local, &vips),
+        vec![ip("10.0.0.11")]
+    );
     let f6 = FamilyState::empty(IpFamily::V6);
     assert!(plan::nodeport_addresses(&f6, &local, &vips).is_empty());
 }
@@ -169,12 +190,24 @@ fn nodeport_addresses_skip_loopback_link_local_vips_and_other_cidrs() {
 fn plan_adds_edits_and_deletes_only_differences() {
     let old = state(
         vec![
-            svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.1", "10.244.0.2"]),
+            svc(
+                "a",
+                Protocol::Tcp,
+                "10.96.0.1",
+                80,
+                &["10.244.0.1", "10.244.0.2"],
+            ),
             svc("gone", Protocol::Tcp, "10.96.0.9", 80, &["10.244.0.9"]),
         ],
         vec![],
     );
-    let mut a = svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.2", "10.244.0.3"]);
+    let mut a = svc(
+        "a",
+        Protocol::Tcp,
+        "10.96.0.1",
+        80,
+        &["10.244.0.2", "10.244.0.3"],
+    );
     a.affinity_timeout_seconds = Some(60);
     let new = state(
         vec![a, svc("b", Protocol::Tcp, "10.96.0.2", 80, &["10.244.0.4"])],
@@ -217,7 +250,10 @@ fn plan_adds_edits_and_deletes_only_differences() {
             (*k, current(w, &d))
         })
         .collect();
-    assert_eq!(plan::plan(&wanted, &applied, |_| true), plan::Plan::default());
+    assert_eq!(
+        plan::plan(&wanted, &applied, |_| true),
+        plan::Plan::default()
+    );
     // Out of scope: untouched even when different.
     assert_eq!(
         plan::plan(&wanted, &cur, |k| *k == kb).ops,
@@ -230,13 +266,19 @@ fn plan_adds_edits_and_deletes_only_differences() {
 
 #[test]
 fn removed_tcp_real_servers_drain_udp_ones_go_at_once() {
-    let tcp = state(vec![svc("t", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.2"])], vec![]);
+    let tcp = state(
+        vec![svc("t", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.2"])],
+        vec![],
+    );
     let wanted = plan::virtual_servers(&tcp, "rr", &[]);
     let k = key("10.96.0.1", Protocol::Tcp, 80);
     // 10.244.0.1 was removed but still has connections: weight 0, kept.
     let cur: BTreeMap<VsKey, Current> = [(
         k,
-        current(&wanted[&k], &[(rs("10.244.0.1", 1), 2, 1), (rs("10.244.0.2", 1), 0, 0)]),
+        current(
+            &wanted[&k],
+            &[(rs("10.244.0.1", 1), 2, 1), (rs("10.244.0.2", 1), 0, 0)],
+        ),
     )]
     .into();
     let p = plan::plan(&wanted, &cur, |_| true);
@@ -245,7 +287,10 @@ fn removed_tcp_real_servers_drain_udp_ones_go_at_once() {
     // Next sync: still connections, already weight 0: nothing, still draining.
     let cur2: BTreeMap<VsKey, Current> = [(
         k,
-        current(&wanted[&k], &[(rs("10.244.0.1", 0), 0, 1), (rs("10.244.0.2", 1), 0, 0)]),
+        current(
+            &wanted[&k],
+            &[(rs("10.244.0.1", 0), 0, 1), (rs("10.244.0.2", 1), 0, 0)],
+        ),
     )]
     .into();
     let p2 = plan::plan(&wanted, &cur2, |_| true);
@@ -254,7 +299,10 @@ fn removed_tcp_real_servers_drain_udp_ones_go_at_once() {
     // Connections gone: deleted.
     let cur3: BTreeMap<VsKey, Current> = [(
         k,
-        current(&wanted[&k], &[(rs("10.244.0.1", 0), 0, 0), (rs("10.244.0.2", 1), 0, 0)]),
+        current(
+            &wanted[&k],
+            &[(rs("10.244.0.1", 0), 0, 0), (rs("10.244.0.2", 1), 0, 0)],
+        ),
     )]
     .into();
     let p3 = plan::plan(&wanted, &cur3, |_| true);
@@ -262,7 +310,13 @@ fn removed_tcp_real_servers_drain_udp_ones_go_at_once() {
     assert!(p3.draining.is_empty());
     // Back before it drained: weight 1 again.
     let back = state(
-        vec![svc("t", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.1", "10.244.0.2"])],
+        vec![svc(
+            "t",
+            Protocol::Tcp,
+            "10.96.0.1",
+            80,
+            &["10.244.0.1", "10.244.0.2"],
+        )],
         vec![],
     );
     let wanted_back = plan::virtual_servers(&back, "rr", &[]);
@@ -273,7 +327,8 @@ fn removed_tcp_real_servers_drain_udp_ones_go_at_once() {
     let udp = state(vec![svc("u", Protocol::Udp, "10.96.0.5", 53, &[])], vec![]);
     let wu = plan::virtual_servers(&udp, "rr", &[]);
     let ku = key("10.96.0.5", Protocol::Udp, 53);
-    let cu: BTreeMap<VsKey, Current> = [(ku, current(&wu[&ku], &[(rs("10.244.0.7", 1), 0, 5)]))].into();
+    let cu: BTreeMap<VsKey, Current> =
+        [(ku, current(&wu[&ku], &[(rs("10.244.0.7", 1), 0, 5)]))].into();
     let pu = plan::plan(&wu, &cu, |_| true);
     assert_eq!(pu.ops, vec![Op::DelDest(ku, rs("10.244.0.7", 1))]);
     assert!(pu.draining.is_empty());
@@ -290,10 +345,7 @@ fn render_lists_virtual_servers_as_ipvsadm_does() {
     st.v4.node_ips = vec![ip("10.0.0.11")];
     st.v4.cluster_ip_masquerade = ClusterIpMasquerade::FromOutside(vec![net("10.244.0.0/16")]);
     let out = render(&st, &IpvsOptions::default()).unwrap();
-    let listing = out
-        .split("# addresses on")
-        .next()
-        .unwrap();
+    let listing = out.split("# addresses on").next().unwrap();
     assert_eq!(
         listing,
         "# IPVS virtual servers (ipvsadm -L -n)\n\
@@ -315,13 +367,15 @@ fn render_lists_virtual_servers_as_ipvsadm_does() {
     ));
     assert!(out.contains("add element ip svcplane-ipvs cluster-cidrs { 10.244.0.0/16 }\n"));
     assert!(out.contains(
-        "add rule ip svcplane-ipvs mark ip saddr != @cluster-cidrs ip daddr . meta l4proto . th dport @cluster-ips meta mark set meta mark or 0x00004000\n"
+        "add rule ip svcplane-ipvs mark-for-masquerade ip saddr != @cluster-cidrs ip daddr . meta l4proto . th dport @cluster-ips meta mark set meta mark or 0x00004000\n"
     ));
     // NodePorts are not dummy addresses: not in service-ports.
     assert!(out.contains(
         "add element ip svcplane-ipvs service-ports { 10.96.0.10 . tcp . 80, 10.96.0.20 . udp . 53 }\n"
     ));
-    assert!(out.contains("add element ip svcplane-ipvs external-masq { 10.0.0.11 . tcp . 30080 }\n"));
+    assert!(
+        out.contains("add element ip svcplane-ipvs external-masq { 10.0.0.11 . tcp . 30080 }\n")
+    );
     assert!(out.contains("add element ip6 svcplane-ipvs hairpin { fd00:244::5 . fd00:244::5 }\n"));
 }
 
@@ -363,7 +417,10 @@ fn filter_verdicts_and_source_ranges() {
 
 #[test]
 fn filter_delta_is_element_changes_only() {
-    let a = state(vec![svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.1"])], vec![]);
+    let a = state(
+        vec![svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.1"])],
+        vec![],
+    );
     let b = state(
         vec![
             svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.2"]),
@@ -399,5 +456,8 @@ fn schedulers_are_checked() {
         assert_eq!(parse_scheduler(s).unwrap(), s);
     }
     let e = parse_scheduler("fancy").unwrap_err();
-    assert!(e.contains("\"fancy\"") && e.contains("rr, wrr, lc, sh, mh"), "{e}");
+    assert!(
+        e.contains("\"fancy\"") && e.contains("rr, wrr, lc, sh, mh"),
+        "{e}"
+    );
 }
