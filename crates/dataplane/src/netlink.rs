@@ -194,8 +194,8 @@ impl Socket {
     }
 
     /// Send one message (`ty`, `flags`, then `body`: family header and attributes) and
-    /// return the payloads (after the nlmsghdr) of the replies of type `ty_reply`,
-    /// until the ack (requests) or NLMSG_DONE (dumps).
+    /// return the payloads (after the nlmsghdr) of its data replies, until the ack
+    /// (requests: NLM_F_ACK is added) or NLMSG_DONE (dumps).
     pub(crate) fn request(
         &mut self,
         ty: u16,
@@ -204,8 +204,11 @@ impl Socket {
     ) -> Result<Vec<Vec<u8>>, NetlinkError> {
         self.seq = self.seq.wrapping_add(1).max(1);
         let seq = self.seq;
-        send(&self.fd, &message(ty, flags, seq, body))?;
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        // A request's data replies (a GET's answer) are followed by the ack only when
+        // asked for: ask, so the end of the answer is known.
+        let flags = if dump { flags } else { flags | NLM_F_ACK };
+        send(&self.fd, &message(ty, flags, seq, body))?;
         let mut out = Vec::new();
         loop {
             let n = recv(&self.fd, &mut self.buf)?;

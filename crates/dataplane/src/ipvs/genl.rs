@@ -1,8 +1,8 @@
 //! IPVS over generic netlink (family "IPVS", `include/uapi/linux/ip_vs.h`): virtual
 //! servers and real servers added, edited, deleted and dumped, encoded attribute for
 //! attribute as ipvsadm's libipvs (`ipvs_nl_fill_service_attr`, `ipvs_nl_fill_dest_attr`)
-//! encodes them: addresses as 16-byte `union nf_inet_addr`, ports and the netmask in
-//! network byte order, everything else in host byte order, nests without NLA_F_NESTED.
+//! encodes them: addresses as 16-byte `union nf_inet_addr`, ports in network byte
+//! order, everything else (the netmask too) in host byte order, nests without NLA_F_NESTED.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -148,7 +148,9 @@ fn service_attr(vs: &VirtualServer) -> Vec<u8> {
             IpAddr::V4(_) => u32::MAX,
             IpAddr::V6(_) => 128,
         };
-        push_attr(b, IPVS_SVC_ATTR_NETMASK, &netmask.to_be_bytes());
+        // libipvs puts it as a plain u32, and the kernel compares the raw value with 128
+        // for IPv6: host byte order, whatever ip_vs.h's __be32 says.
+        push_attr(b, IPVS_SVC_ATTR_NETMASK, &netmask.to_ne_bytes());
     });
     b
 }
@@ -484,6 +486,9 @@ mod tests {
         assert_eq!(Request::set_dest(&key, &rs).cmd, 6);
         assert_eq!(Request::del_dest(&key, &rs).cmd, 7);
         assert_eq!(Request::del_service(&key).attrs, nla(1, &svc));
+        // An IPv6 service's netmask is 128 in host order (the kernel refuses 128 << 24).
+        let six = Request::new_service(&vs("fd00::1", 443, None));
+        assert!(six.attrs.ends_with(&nla(9, &128u32.to_le_bytes())));
     }
 
     #[test]
