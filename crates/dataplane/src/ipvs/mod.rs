@@ -460,7 +460,18 @@ impl IpvsBackend {
                 Op::EditDest(k, r) => (Request::set_dest(k, r), "updating real server"),
                 Op::DelDest(k, r) => (Request::del_dest(k, r), "deleting real server"),
             };
-            if let Err(e) = ipvs.send(&req) {
+            // Already there (left by an earlier run on an address svcplane did not know
+            // as its own): take it over.
+            let result = match (ipvs.send(&req), op) {
+                (Err(e), Op::AddService(vs)) if e.errno() == Some(libc::EEXIST) => {
+                    ipvs.send(&Request::set_service(vs))
+                }
+                (Err(e), Op::AddDest(k, r)) if e.errno() == Some(libc::EEXIST) => {
+                    ipvs.send(&Request::set_dest(k, r))
+                }
+                (other, _) => other,
+            };
+            if let Err(e) = result {
                 tracing::warn!(op = ?op, error = %e, "IPVS {what} failed");
                 first_error.get_or_insert_with(|| format!("{what} ({op:?}): {e}"));
             }
@@ -480,6 +491,17 @@ impl IpvsBackend {
         report.conntrack_deleted_v6 = ct.v6.deleted;
         report.conntrack_failures = ct.failures();
         report
+    }
+
+    /// Whether `addr` is on kube-proxy's dummy interface (`kube-ipvs0`).
+    fn foreign_service_address(&mut self, addr: &IpAddr) -> bool {
+        let Ok(links) = self.links() else {
+            return false;
+        };
+        match links.index("kube-ipvs0") {
+            Ok(Some(i)) => links.addresses(i).is_ok_and(|a| a.contains(addr)),
+            _ => false,
+        }
     }
 
     /// Whether anything of IPVS mode is on this host (the dummy interface or a table).
@@ -539,7 +561,7 @@ impl Dataplane for IpvsBackend {
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         let mut first_error: Option<DataplaneError> = None;
-        // Virtual servers on the dummy's addresses or on this node's addresses (NodePorts).
+        // Virtual servers on the dummy's addresses, and NodePorts (below).
         let index = match self.links() {
             Ok(l) => l.index(DUMMY).unwrap_or(None),
             Err(_) => None,
@@ -553,8 +575,18 @@ impl Dataplane for IpvsBackend {
         {
             addrs.extend(a);
         }
-        if let Ok(local) = local_addresses(self.netns.as_deref()) {
-            addrs.extend(local);
+        // NodePort virtual servers sit on the node's own addresses: those are taken as
+        // svcplane's only when its dummy interface shows it ran here, so a cleanup never
+        // touches another IPVS user's (kube-proxy's `kube-ipvs0` addresses are local too).
+        if index.is_some()
+            && let Ok(local) = local_addresses(self.netns.as_deref())
+        {
+            let dummy = addrs.clone();
+            addrs.extend(
+                local
+                    .into_iter()
+                    .filter(|a| !dummy.contains(a) && !self.foreign_service_address(a)),
+            );
         }
         addrs.extend(self.applied.keys().map(|k| k.addr));
         // Without IPVS in this kernel there are no virtual servers to remove.

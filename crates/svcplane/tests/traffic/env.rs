@@ -347,6 +347,17 @@ impl Env {
         if skip_unless_root(&[&["ip", "sysctl"], modes::tools(cell.mode)].concat()) {
             return None;
         }
+        if let Some(why) = modes::unavailable(cell.mode) {
+            // Straight to stderr: the harness hides `eprintln!` of a passing test.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP {}/{}: {why}",
+                cell.mode,
+                cell.family
+            );
+            return None;
+        }
         let cluster = Cluster::builder()
             .node("node-a", "zone-a")
             .node("node-b", "zone-b")
