@@ -49,7 +49,7 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
         .args([
             "proxy",
             "--proxy-mode",
-            "nftables",
+            &args.proxy_mode,
             "--hostname-override",
             "bench-node",
         ])
