@@ -340,6 +340,12 @@ impl FilterState {
     }
 }
 
+/// An nft script that does nothing while both tables exist and fails when either is
+/// missing (`add chain` of an existing chain is a no-op).
+pub fn tables_present_probe() -> String {
+    format!("add chain ip {TABLE} {MARK}\nadd chain ip6 {TABLE} {MARK}\n")
+}
+
 fn push_elements<'a>(o: &mut String, t: &str, set: &str, elems: impl Iterator<Item = &'a str>) {
     let elems: Vec<&str> = elems.collect();
     // nft refuses `{ }`; and one line per 1000 keeps lines bounded at 50k services.

@@ -361,10 +361,6 @@ impl IpvsBackend {
             tracing::warn!("interface {DUMMY} is gone; syncing in full");
             return Ok(None);
         };
-        if !self.tables_present()? {
-            tracing::warn!("table {} is gone; syncing in full", filter::TABLE);
-            return Ok(None);
-        }
         let vips = plan::service_addresses(desired);
         let node_addrs = self.node_addresses(desired, &self.applied_vips, &vips)?;
         if node_addrs != self.applied_node_addrs {
@@ -412,7 +408,10 @@ impl IpvsBackend {
         }
         self.applied_vips = vips.clone();
 
-        let mut script = String::new();
+        // The probe fails the whole transaction when a table is gone (`nft flush
+        // ruleset`): then the sync is full. (Not `nft list tables`, which makes nft 1.0.6
+        // load every set element.)
+        let mut script = filter::tables_present_probe();
         let mut filters = [None, None];
         for (i, fam) in desired.families().into_iter().enumerate() {
             let st = FilterState::build(fam, wanted.values(), &vips)?;
@@ -423,8 +422,9 @@ impl IpvsBackend {
             script.push_str(&part.unwrap_or_else(|| st.render(fam.family)));
             filters[i] = Some(st);
         }
-        if !script.is_empty() {
-            self.run_nft(&script)?;
+        if let Err(e) = self.run_nft(&script) {
+            tracing::warn!(error = %e, "partial IPVS filter sync failed (tables gone?); syncing in full");
+            return Ok(None);
         }
         size += script.len();
         self.applied_filter = filters;
@@ -434,16 +434,6 @@ impl IpvsBackend {
             size,
             ..SyncReport::default()
         }))
-    }
-
-    /// Both filter tables exist (`nft list tables` names tables only: cheap).
-    fn tables_present(&self) -> Result<bool, DataplaneError> {
-        let out = run_nft(&self.nft, &["list", "tables"], None)?;
-        let has = |fam: &str| {
-            out.lines()
-                .any(|l| l.trim() == format!("table {fam} {}", filter::TABLE))
-        };
-        Ok(has("ip") && has("ip6"))
     }
 
     /// Apply `ops` in order; every op is tried, the first failure is returned (the next
