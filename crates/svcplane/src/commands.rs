@@ -200,6 +200,13 @@ fn proxy(args: ProxyArgs) -> Result<()> {
             None => (rx, None),
         };
         let engine = Engine::new(settings.engine.engine_config());
+        if settings.engine.mode != ProxyMode::Ipvs
+            && let Some(line) = tokio::task::spawn_blocking(svcplane_dataplane::ipvs::remove_leftovers)
+                .await
+                .unwrap_or_default()
+        {
+            tracing::info!("switching to {} mode: {line}", settings.engine.mode);
+        }
         let backend = svcplane_dataplane::backend_with(
             settings.engine.mode,
             settings.engine.backend_options(),

@@ -415,3 +415,37 @@ fn scheduler_flag_reaches_the_kernel() {
         env.ipvsadm()
     );
 }
+
+#[test]
+fn another_mode_removes_ipvs_leftovers_at_startup() {
+    if skip("another_mode_removes_ipvs_leftovers_at_startup") {
+        return;
+    }
+    let mut env = Env::start(&[]);
+    assert!(
+        wait_until(WAIT, || !env.ipvsadm().is_empty()),
+        "nothing programmed"
+    );
+    let status = env
+        .proxy
+        .take()
+        .expect("proxy")
+        .terminate()
+        .expect("terminate");
+    assert!(status.success());
+    let nft = env
+        .cluster
+        .run_proxy(
+            env!("CARGO_BIN_EXE_svcplane"),
+            "node-a",
+            env.manifests.path(),
+            &["--proxy-mode", "nftables"],
+        )
+        .expect("svcplane proxy --proxy-mode nftables");
+    assert!(env.ipvsadm().is_empty(), "left: {:?}", env.ipvsadm());
+    let tables = env.on_node_a("nft", &["list", "tables"]);
+    assert!(!tables.contains("svcplane-ipvs"), "{tables}");
+    // And the nftables mode serves the same Service.
+    assert_eq!(env.tcp("client-a", "10.96.7.3:53").port, 5353);
+    drop(nft);
+}

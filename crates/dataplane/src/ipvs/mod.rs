@@ -494,20 +494,33 @@ impl IpvsBackend {
         }
     }
 
-    /// Whether anything of IPVS mode is on this host (the dummy interface or a table).
+    /// Whether IPVS mode ran here: its dummy interface exists. (Not `nft list tables`,
+    /// which makes nft 1.0.6 load every table's rules: seconds at 10k services.)
     pub fn present(&mut self) -> bool {
-        let dummy = self
-            .links()
+        self.links()
             .ok()
             .and_then(|l| l.index(DUMMY).ok())
             .flatten()
-            .is_some();
-        dummy
-            || run_nft(&self.nft, &["list", "tables"], None).is_ok_and(|out| {
-                out.lines()
-                    .any(|l| l.trim().ends_with(&format!(" {}", filter::TABLE)))
-            })
+            .is_some()
     }
+}
+
+/// kube-proxy's `CleanupLeftovers` for IPVS mode: a proxy starting in another mode
+/// removes what IPVS mode left (virtual servers, dummy interface, filter tables), so
+/// two sets of Service rules never fight. `None` when IPVS mode never ran here; else
+/// a line for the log.
+pub fn remove_leftovers() -> Option<String> {
+    let mut b = IpvsBackend::default();
+    if !b.present() {
+        return None;
+    }
+    Some(match b.cleanup() {
+        Ok(()) => format!(
+            "removed IPVS mode's leftovers (virtual servers, {DUMMY}, tables ip/ip6 {})",
+            filter::TABLE
+        ),
+        Err(e) => format!("cannot remove IPVS mode's leftovers: {e}"),
+    })
 }
 
 impl Dataplane for IpvsBackend {
