@@ -350,12 +350,12 @@ impl Env {
         if let Some(why) = modes::unavailable(cell.mode) {
             // Straight to stderr: the harness hides `eprintln!` of a passing test.
             use std::io::Write as _;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIP {}/{}: {why}",
-                cell.mode,
-                cell.family
-            );
+            // The harness names each test's thread after the test: `mode::family::name`.
+            let test = std::thread::current()
+                .name()
+                .map(|n| n.replace("::", "/"))
+                .unwrap_or_else(|| format!("{}/{}", cell.mode, cell.family));
+            let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
             return None;
         }
         let cluster = Cluster::builder()
