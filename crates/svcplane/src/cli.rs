@@ -69,6 +69,47 @@ pub enum BenchCommand {
     /// N ClusterIP services through `svcplane proxy`: the first full sync, then how long one
     /// EndpointSlice change takes from the file being written to the rules being in the kernel.
     Sync(BenchSyncArgs),
+    /// Connect latency from a pod through the last-programmed of N ClusterIP services, side
+    /// by side with straight to the pod's IP (and pod to pod on a node without rules), in a
+    /// virtual cluster running `svcplane proxy`.
+    Datapath(BenchDatapathArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  \
+                        svcplane bench datapath --services 1000,10000,30000 --requests 2000\n  \
+                        svcplane bench datapath --proxy-mode iptables -- --iptables-dispatch linear")]
+pub struct BenchDatapathArgs {
+    /// The proxy's --proxy-mode.
+    #[arg(long, value_name = "MODE", default_value = "nftables")]
+    pub proxy_mode: String,
+    /// Numbers of ClusterIP services, comma-separated: one measurement (a fresh cluster and
+    /// proxy) per number.
+    #[arg(
+        long,
+        value_name = "N[,N...]",
+        value_delimiter = ',',
+        default_value = "1000,10000"
+    )]
+    pub services: Vec<u32>,
+    /// New connections per path (through the ClusterIP, straight to the pod IP, and the
+    /// reference on a node without rules) per measurement.
+    #[arg(long, value_name = "R", default_value_t = 2000)]
+    pub requests: u32,
+    /// Endpoints of each other service (addresses that need not exist; they only make the
+    /// rule set as large as a real one).
+    #[arg(long, value_name = "E", default_value_t = 1)]
+    pub endpoints: u32,
+    /// How long to wait for the proxy's first sync per size (Go duration).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::duration::parse_go_duration)]
+    pub first_sync_wait: std::time::Duration,
+    /// One more argument for `svcplane proxy` (repeatable), e.g.
+    /// `--proxy-arg=--iptables-dispatch=linear`.
+    #[arg(long = "proxy-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub proxy_args: Vec<String>,
+    /// Arguments after `--` go to `svcplane proxy` too.
+    #[arg(last = true, value_name = "PROXY ARGS")]
+    pub trailing_proxy_args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
