@@ -5,6 +5,9 @@
 #   scripts/ipvs-vm.sh [--bin HOSTPATH]... [--file HOSTPATH]... [--cwd DIR]
 #                      [--smp N] [--mem SIZE] [--timeout SECONDS] -- COMMAND [ARGS...]
 #
+# Defaults: 2 CPUs, 1G, 1800 s, --cwd / (created in the VM). --file carries a data file
+# (e.g. a script) to its host path.
+#
 # The VM: Debian's linux-image-*-amd64 (fetched with `apt-get download`, never installed
 # on the host; cached in $SVCPLANE_VM_CACHE, default ~/.cache/svcplane/ipvs-vm), booted
 # with qemu-system-x86_64 under TCG (`-accel tcg`: KVM here is nested and cannot boot
@@ -28,8 +31,8 @@ log() { echo "ipvs-vm: $*" >&2; }
 bins=() files=() cwd=/ smp=2 mem=1G vm_timeout=1800
 while [ $# -gt 0 ]; do
   case "$1" in
-    --bin) bins+=("$2"); shift 2 ;;
-    --file) files+=("$2"); shift 2 ;;
+    --bin) bins+=("$(realpath -s "$2")"); shift 2 ;;
+    --file) files+=("$(realpath -s "$2")"); shift 2 ;;
     --cwd) cwd="$2"; shift 2 ;;
     --smp) smp="$2"; shift 2 ;;
     --mem) mem="$2"; shift 2 ;;
@@ -46,35 +49,43 @@ case "$1" in /*) [ -x "$1" ] && bins+=("$1") ;; esac
 for tool in qemu-system-x86_64 busybox cpio dpkg-deb depmod modprobe ldd xz apt-get; do
   command -v "$tool" >/dev/null || die "\`$tool\` is missing (scripts/install-deps.sh installs it)"
 done
-[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 \
-  || die "/bin/busybox is not the static busybox (Debian package busybox-static)"
+if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
+  die "/bin/busybox is not the static busybox (Debian package busybox-static)"
+fi
 
 # ---- 1. The kernel: Debian's current linux-image-*-amd64, cached between runs. ----
-cache="${SVCPLANE_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/svcplane/ipvs-vm}"
+cache="${SVCPLANE_VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/svcplane/ipvs-vm}"
 mkdir -p "$cache"
+# Runs sharing the cache (other worktrees, parallel jobs) take turns downloading/extracting.
+exec 9>"$cache/.lock"
+flock 9
 
 # The versioned package the linux-image-amd64 metapackage depends on.
 resolve_kernel() {
   apt-cache depends linux-image-amd64 2>/dev/null \
     | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | sed -n 1p
 }
-pkg="$(resolve_kernel)"
-if [ -z "$pkg" ] && [ "$(id -u)" -eq 0 ]; then
-  log "apt has no linux-image-amd64; running apt-get update"
-  timeout 300 apt-get update -qq || log "apt-get update failed (no network?)"
-  pkg="$(resolve_kernel)"
-fi
+# The cached package, else `apt-get download` it; after a failure, refresh apt's lists
+# (as root) and try once more: stale lists name a version the mirror has dropped.
+cached_deb() { ls -t "$cache/$1"_*_amd64.deb 2>/dev/null | sed -n 1p || true; }
 deb=""
-if [ -n "$pkg" ]; then
-  deb="$(ls -t "$cache/${pkg}"_*_amd64.deb 2>/dev/null | sed -n 1p || true)"
-  if [ -z "$deb" ]; then
-    log "downloading $pkg (apt-get download) into $cache"
-    # apt's own retries can take minutes without a network: bound them.
-    if (cd "$cache" && timeout 600 apt-get download -q "$pkg" 2>&1 | grep -v 'unsandboxed as root' >&2); then :; fi
-    deb="$(ls -t "$cache/${pkg}"_*_amd64.deb 2>/dev/null | sed -n 1p || true)"
-    [ -n "$deb" ] || log "could not download $pkg (no network or no apt source?)"
+for attempt in 1 2; do
+  if [ "$attempt" -eq 2 ]; then
+    [ "$(id -u)" -eq 0 ] || break
+    log "running apt-get update"
+    timeout 300 apt-get update -qq || { log "apt-get update failed (no network?)"; break; }
   fi
-fi
+  pkg="$(resolve_kernel)"
+  [ -n "$pkg" ] || { log "apt knows no linux-image-amd64"; continue; }
+  deb="$(cached_deb "$pkg")"
+  [ -z "$deb" ] || break
+  log "downloading $pkg (apt-get download) into $cache"
+  # apt's own retries can take minutes without a network: bound them.
+  (cd "$cache" && timeout 600 apt-get download -q "$pkg" 2>&1 | grep -v 'unsandboxed as root' >&2) || true
+  deb="$(cached_deb "$pkg")"
+  [ -z "$deb" ] || break
+  log "could not download $pkg (no network or no apt source?)"
+done
 if [ -z "$deb" ]; then
   # Offline, or apt knows no kernel: any kernel downloaded earlier will do.
   deb="$(ls -t "$cache"/linux-image-*-amd64_*_amd64.deb 2>/dev/null | sed -n 1p || true)"
@@ -96,7 +107,12 @@ if [ ! -e "$kdir/.ready" ]; then
   tail -c +$((off + 1)) "$vmlinuz" >"$kdir/vmlinux.xz"
   xz -dc --single-stream "$kdir/vmlinux.xz" >"$kdir/vmlinux" && rm "$kdir/vmlinux.xz"
   echo "$kver" >"$kdir/.ready"
+  # One kernel in the cache: drop those Debian has since replaced (~450 MB each).
+  for old in "$cache"/linux-image-*; do
+    [ "$old" = "$deb" ] || [ "$old" = "$kdir" ] || rm -rf "$old"
+  done
 fi
+flock -u 9
 kver="$(cat "$kdir/.ready")"
 kroot="$kdir/root"
 
@@ -158,9 +174,9 @@ for t in bash ip nft conntrack sysctl ipvsadm modprobe; do add_tool "$t" yes; do
 for t in lsmod iptables ip6tables iptables-save ip6tables-save iptables-restore \
   ip6tables-restore ipset; do add_tool "$t" no; done
 # iptables' matches and targets are dlopen()ed, so ldd does not list them.
-for d in /usr/lib/x86_64-linux-gnu/xtables; do
-  [ -d "$d" ] && { for so in "$d"/*.so; do copy_elf "$so"; done; }
-done
+if [ -d /usr/lib/x86_64-linux-gnu/xtables ]; then
+  for so in /usr/lib/x86_64-linux-gnu/xtables/*.so; do copy_elf "$so"; done
+fi
 for f in /etc/protocols /etc/services /etc/ethertypes /etc/passwd /etc/group; do
   [ -e "$f" ] && copy_path "$f"
 done
@@ -177,7 +193,7 @@ done
 boot_modules="dummy veth bridge nf_conntrack nf_conntrack_netlink nf_nat nf_tables
   nft_ct nft_nat nft_masq nft_chain_nat nft_reject_inet nft_fib_inet nft_numgen nft_limit
   nfnetlink_queue ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_wlc ip_vs_sh ip_vs_mh"
-mods=( $boot_modules )
+read -r -a mods <<<"$(echo $boot_modules)"
 while read -r m; do mods+=("$(basename "$m" .ko)"); done < <(
   cd "$kroot/lib/modules/$kver" &&
   find kernel/net/netfilter kernel/net/ipv4/netfilter kernel/net/ipv6/netfilter \
@@ -213,16 +229,16 @@ cat >"$stage/init" <<'EOF'
 #!/bin/busybox sh
 # PID 1 in the VM: mount, load modules, run /etc/vm-command, report its exit status
 # through QEMU's isa-debug-exit device (I/O port 0xf4).
-export PATH=/usr/sbin:/usr/bin HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1
+export PATH=/usr/sbin:/usr/bin HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1 NO_COLOR=1 TERM=dumb
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm /sys/fs/cgroup
 mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /dev/shm
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# /run and /tmp stay on the initramfs (tmpfs already), so --file paths under them survive.
+chmod 1777 /tmp
 echo /usr/sbin/modprobe >/proc/sys/kernel/modprobe
 verdict() {
   rc=$1

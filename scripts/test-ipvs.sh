@@ -19,7 +19,7 @@ fi
 # The test binary of `cargo test -p PKG --test NAME` (built, not run).
 test_binary() {
   local out
-  out="$("$CARGO" test -p "$1" --test "$2" --no-run 2>&1)" || { echo "$out" >&2; return 1; }
+  out="$("$CARGO" test --color never -p "$1" --test "$2" --no-run 2>&1)" || { echo "$out" >&2; return 1; }
   local path
   path="$(echo "$out" | sed -n "s|^ *Executable tests/$2.rs (\(.*\))$|\1|p" | sed -n 1p)"
   [ -n "$path" ] || { echo "test-ipvs: no test binary for $1 --test $2 in:" >&2; echo "$out" >&2; return 1; }
