@@ -47,10 +47,7 @@ scenario_table! {
         tcp_and_udp_on_the_same_port_number,
         node_port_from_the_external_client,
         node_ports_outside_the_default_range,
-        udp_to_a_tcp_only_port_is_rejected {
-            iptables/_: "as kube-proxy's iptables mode, nothing rejects a ClusterIP's unused \
-                ports (only its nftables mode has that rule); the datagram follows the node's routes",
-        },
+        udp_to_a_tcp_only_port_is_rejected,
         service_without_endpoints_is_rejected,
         load_balancer_source_ranges_allow_and_block_but_not_the_node_port,
         external_ip_from_the_external_client,
