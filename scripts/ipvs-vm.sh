@@ -264,16 +264,20 @@ log "initramfs $(du -h "$initrd" | cut -f1), kernel $kver; booting (TCG, $smp CP
 
 # ---- 3. Boot. ----
 set +e
+started=$SECONDS
 timeout --foreground -k 10 "$vm_timeout" qemu-system-x86_64 \
   -accel tcg -cpu max -smp "$smp" -m "$mem" -nic none -no-reboot \
   -display none -monitor none -serial stdio \
   -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
   -kernel "$kdir/vmlinux" -initrd "$initrd" \
-  -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init" </dev/null
-qrc=$?
+  -append "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init" </dev/null \
+  | tr -d '\r' # the serial console ends lines with CR LF
+qrc=${PIPESTATUS[0]}
 set -e
-case "$qrc" in
-  124|137) die "the VM did not finish within ${vm_timeout} s" ;;
-  *) if [ $((qrc & 1)) -eq 1 ]; then exit $((qrc >> 1)); fi
-     die "the VM stopped without a verdict (QEMU exit $qrc: kernel panic or poweroff)" ;;
-esac
+# timeout(1) says 124, or 137 when QEMU needed a KILL (which a verdict of 68 also gives).
+if [ "$qrc" -eq 124 ] || { [ "$qrc" -eq 137 ] && [ $((SECONDS - started)) -ge "$vm_timeout" ]; }; then
+  die "the VM did not finish within ${vm_timeout} s"
+fi
+# isa-debug-exit: QEMU exits with (verdict << 1) | 1; anything else is no verdict.
+[ $((qrc & 1)) -eq 1 ] || die "the VM stopped without a verdict (QEMU exit $qrc: kernel panic or poweroff)"
+exit $((qrc >> 1))
