@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs inside the VM of scripts/test-ipvs.sh (as PID 1's child, root, Debian's kernel):
-#   ipvs-vm-suite.sh CLUSTER_TEST_BINARY TRAFFIC_TEST_BINARY TRAFFIC_FILTER
+#   ipvs-vm-suite.sh CLUSTER_TEST_BINARY TRAFFIC_TEST_BINARY TRAFFIC_FILTER [IPVS_TEST_BINARY]
 # Prints a result line per step and exits non-zero when any step failed.
 set -u
-cluster_bin="$1" traffic_bin="$2" filter="$3"
+cluster_bin="$1" traffic_bin="$2" filter="$3" ipvs_bin="${4:-}"
 results=()
 failed=0
 step() { echo; echo "=== ipvs-vm step: $1"; }
@@ -50,6 +50,15 @@ if [ "$rc" -eq 0 ] && ! grep -q '^running [1-9]' /tmp/traffic.log; then
   rc=1
 fi
 record "traffic tests matching '$filter' ($(grep -o '[0-9]* passed; [0-9]* failed' /tmp/traffic.log | tail -1))" "$rc"
+
+if [ -n "$ipvs_bin" ]; then
+  step "svcplane's IPVS mode: $ipvs_bin"
+  # SKIP lines mean the kernel lacks IPVS: here that is a failure, not a pass.
+  "$ipvs_bin" --test-threads=1 2>&1 | tee /tmp/ipvs.log
+  rc=${PIPESTATUS[0]}
+  if grep -q '^SKIP ipvs/' /tmp/ipvs.log; then rc=1; fi
+  record "svcplane --proxy-mode ipvs ($(grep -o '[0-9]* passed; [0-9]* failed' /tmp/ipvs.log | tail -1))" "$rc"
+fi
 
 echo
 echo "=== ipvs-vm results"

@@ -29,8 +29,9 @@ test_binary() {
 svcplane="$target/debug/svcplane" # what the tests' env!("CARGO_BIN_EXE_svcplane") says
 cluster="$(test_binary svcplane-testkit cluster)"
 traffic="$(test_binary svcplane traffic)"
+ipvs="$(test_binary svcplane ipvs)"
 
 exec scripts/ipvs-vm.sh --mem 2G --timeout "${IPVS_VM_TIMEOUT:-1800}" \
-  --bin "$svcplane" --bin "$cluster" --bin "$traffic" --file "$root/scripts/ipvs-vm-suite.sh" \
+  --bin "$svcplane" --bin "$cluster" --bin "$traffic" --bin "$ipvs" --file "$root/scripts/ipvs-vm-suite.sh" \
   --cwd "$root/crates/svcplane" \
-  -- bash "$root/scripts/ipvs-vm-suite.sh" "$cluster" "$traffic" "$filter"
+  -- bash "$root/scripts/ipvs-vm-suite.sh" "$cluster" "$traffic" "$filter" "$ipvs"

@@ -1,11 +1,12 @@
 //! Dataplane backends: each translates svcplane's desired state into the kernel.
 //!
-//! [`backend`] builds the backend of a [`ProxyMode`]. nftables and iptables exist so
-//! far; the other modes render and sync as [`DataplaneError::NotImplemented`].
+//! [`backend`] builds the backend of a [`ProxyMode`]. nftables, iptables and ipvs exist
+//! so far; the other modes render and sync as [`DataplaneError::NotImplemented`].
 
 pub mod conntrack;
 mod hash;
 pub mod iptables;
+pub mod ipvs;
 pub mod kube_proxy;
 mod netlink;
 pub mod nftables;
@@ -15,6 +16,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 pub use iptables::IptablesBackend;
+pub use ipvs::{IpvsBackend, IpvsOptions};
+pub use netlink::NetlinkError;
 pub use nftables::NftablesBackend;
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 
@@ -68,10 +71,12 @@ impl FromStr for ProxyMode {
 }
 
 /// Mode-specific settings of a backend.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackendOptions {
     /// `--iptables-dispatch`.
     pub iptables_dispatch: iptables::Dispatch,
+    /// `--ipvs-scheduler`, `--ipvs-strict-arp`.
+    pub ipvs: IpvsOptions,
 }
 
 /// The backend for `mode`.
@@ -86,6 +91,7 @@ pub fn backend_with(mode: ProxyMode, options: BackendOptions) -> Box<dyn Datapla
         ProxyMode::Iptables => {
             Box::new(IptablesBackend::new().with_dispatch(options.iptables_dispatch))
         }
+        ProxyMode::Ipvs => Box::new(IpvsBackend::new(options.ipvs)),
         other => Box::new(NotImplementedBackend { mode: other }),
     }
 }
@@ -118,6 +124,11 @@ pub fn remove_other_modes(mode: ProxyMode) -> Vec<String> {
                 )),
             }
         }
+    }
+    if mode != ProxyMode::Ipvs
+        && let Some(line) = ipvs::remove_leftovers()
+    {
+        said.push(line);
     }
     said
 }
@@ -214,19 +225,25 @@ mod tests {
                 .unwrap()
                 .contains(":SVCP-SERVICES - [0:0]")
         );
-        for mode in [ProxyMode::Ipvs, ProxyMode::Ebpf] {
-            let mut b = backend(mode);
-            assert_eq!(b.mode(), mode.as_str());
-            match b.render(&state) {
-                Err(DataplaneError::NotImplemented { mode: m }) => assert_eq!(m, mode.as_str()),
-                other => panic!("{mode}: expected NotImplemented, got {other:?}"),
-            }
-            let diff = Diff::between(None, &state, true);
-            assert!(matches!(
-                b.sync(&Arc::new(state.clone()), &diff),
-                Err(DataplaneError::NotImplemented { .. })
-            ));
-            assert!(b.cleanup().is_ok());
+        let ipvs = backend(ProxyMode::Ipvs);
+        assert_eq!(ipvs.mode(), "ipvs");
+        assert!(
+            ipvs.render(&state)
+                .unwrap()
+                .contains("table ip svcplane-ipvs")
+        );
+        let mode = ProxyMode::Ebpf;
+        let mut b = backend(mode);
+        assert_eq!(b.mode(), mode.as_str());
+        match b.render(&state) {
+            Err(DataplaneError::NotImplemented { mode: m }) => assert_eq!(m, mode.as_str()),
+            other => panic!("{mode}: expected NotImplemented, got {other:?}"),
         }
+        let diff = Diff::between(None, &state, true);
+        assert!(matches!(
+            b.sync(&Arc::new(state.clone()), &diff),
+            Err(DataplaneError::NotImplemented { .. })
+        ));
+        assert!(b.cleanup().is_ok());
     }
 }

@@ -123,7 +123,7 @@ pub struct BenchSyncArgs {
     /// How many times one EndpointSlice is changed.
     #[arg(long, default_value_t = 20)]
     pub rounds: u32,
-    /// The mode to measure (nftables or iptables).
+    /// The mode to measure (nftables, iptables or ipvs).
     #[arg(long, default_value = "nftables", value_name = "MODE")]
     pub proxy_mode: String,
     /// iptables mode's dispatch (tree or linear).
@@ -168,6 +168,14 @@ pub struct EngineArgs {
     /// chains, O(log N) rules) or `linear` (kube-proxy's flat KUBE-SERVICES list, O(N)).
     #[arg(long, value_name = "tree|linear")]
     pub iptables_dispatch: Option<String>,
+
+    /// IPVS mode: the virtual servers' scheduler, rr (default), wrr, lc, sh or mh.
+    #[arg(long, value_name = "NAME")]
+    pub ipvs_scheduler: Option<String>,
+
+    /// IPVS mode: set arp_ignore=1 and arp_announce=2 (for MetalLB-style L2 announcements).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub ipvs_strict_arp: Option<bool>,
 }
 
 #[derive(Debug, Args)]

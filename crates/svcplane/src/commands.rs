@@ -106,10 +106,10 @@ fn proxy(args: ProxyArgs) -> Result<()> {
     let settings = ProxySettings::resolve(&args)?;
     if !matches!(
         settings.engine.mode,
-        ProxyMode::Nftables | ProxyMode::Iptables
+        ProxyMode::Nftables | ProxyMode::Iptables | ProxyMode::Ipvs
     ) {
         bail!(
-            "proxy mode {} is not implemented yet; available: nftables, iptables",
+            "proxy mode {} is not implemented yet; available: nftables, iptables, ipvs",
             settings.engine.mode
         );
     }
@@ -479,6 +479,8 @@ mod tests {
             masquerade_all: None,
             config: None,
             iptables_dispatch: None,
+            ipvs_scheduler: None,
+            ipvs_strict_arp: None,
         })
         .unwrap()
     }

@@ -44,6 +44,8 @@ pub fn run(args: LabArgs) -> Result<()> {
         masquerade_all: None,
         config: None,
         iptables_dispatch: None,
+        ipvs_scheduler: None,
+        ipvs_strict_arp: None,
     })?;
     render_excerpt(&settings, &dir)?;
 

@@ -31,6 +31,8 @@ pub struct EngineSettings {
     pub masquerade_all: bool,
     /// `--iptables-dispatch` (iptables mode).
     pub iptables_dispatch: Dispatch,
+    /// IPVS mode's scheduler and strict ARP.
+    pub ipvs: svcplane_dataplane::IpvsOptions,
     /// What the --config file said (for the proxy-only settings).
     pub file: FileConfig,
 }
@@ -86,6 +88,25 @@ impl EngineSettings {
                 .map_err(|e: String| anyhow::anyhow!("--iptables-dispatch: {e}"))?,
             None => Dispatch::default(),
         };
+        let scheduler = args
+            .ipvs_scheduler
+            .clone()
+            .or_else(|| file.ipvs_scheduler.clone())
+            .unwrap_or_default();
+        let ipvs = svcplane_dataplane::IpvsOptions {
+            scheduler: svcplane_dataplane::ipvs::parse_scheduler(&scheduler)
+                .map_err(anyhow::Error::msg)
+                .context("--ipvs-scheduler")?,
+            strict_arp: args
+                .ipvs_strict_arp
+                .or(file.ipvs_strict_arp)
+                .unwrap_or(false),
+        };
+        if mode != ProxyMode::Ipvs
+            && (args.ipvs_scheduler.is_some() || args.ipvs_strict_arp.is_some())
+        {
+            tracing::warn!("--ipvs-scheduler/--ipvs-strict-arp: ignored in {mode} mode");
+        }
         Ok(EngineSettings {
             mode,
             manifests: args.manifests.clone(),
@@ -94,6 +115,7 @@ impl EngineSettings {
             nodeport_addresses,
             masquerade_all,
             iptables_dispatch,
+            ipvs,
             file,
         })
     }
@@ -102,6 +124,7 @@ impl EngineSettings {
     pub fn backend_options(&self) -> BackendOptions {
         BackendOptions {
             iptables_dispatch: self.iptables_dispatch,
+            ipvs: self.ipvs.clone(),
         }
     }
 

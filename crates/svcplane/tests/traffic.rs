@@ -39,7 +39,7 @@ use svcplane_testkit::{PodSpec, Proto, RequestError, parse_echo};
 use env::*;
 
 scenario_table! {
-    modes: [nftables, iptables];
+    modes: [nftables, iptables, ipvs];
     scenarios: [
         cluster_ip_one_endpoint_with_target_port_from_a_pod,
         cluster_ip_many_endpoints_spread_from_a_pod,
@@ -52,7 +52,11 @@ scenario_table! {
         load_balancer_source_ranges_allow_and_block_but_not_the_node_port,
         external_ip_from_the_external_client,
         external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints,
-        external_traffic_policy_local_from_the_node_itself,
+        external_traffic_policy_local_from_the_node_itself {
+            ipvs/_: "IPVS chooses real servers by destination only: the node's own traffic \
+                to an eTP Local address gets that address's local-only real servers, not the \
+                cluster-wide endpoints (as in kube-proxy's IPVS mode)",
+        },
         hairpin_is_masqueraded,
         session_affinity_client_ip_is_sticky,
         internal_traffic_policy_local_stays_on_the_node,

@@ -347,6 +347,17 @@ impl Env {
         if skip_unless_root(&[&["ip", "sysctl"], modes::tools(cell.mode)].concat()) {
             return None;
         }
+        if let Some(why) = modes::unavailable(cell.mode) {
+            // Straight to stderr: the harness hides `eprintln!` of a passing test.
+            use std::io::Write as _;
+            // The harness names each test's thread after the test: `mode::family::name`.
+            let test = std::thread::current()
+                .name()
+                .map(|n| n.replace("::", "/"))
+                .unwrap_or_else(|| format!("{}/{}", cell.mode, cell.family));
+            let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
+            return None;
+        }
         let cluster = Cluster::builder()
             .node("node-a", "zone-a")
             .node("node-b", "zone-b")

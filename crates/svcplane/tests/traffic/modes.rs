@@ -18,7 +18,30 @@ pub fn tools(mode: &str) -> &'static [&'static str] {
             "iptables-save",
             "ip6tables-save",
         ],
+        "ipvs" => &["nft"],
         other => panic!("no tools listed for mode {other}: add them in traffic/modes.rs"),
+    }
+}
+
+/// Why this machine cannot run the mode at all (its kernel lacks a feature), or `None`.
+/// The cells then print `SKIP` with this reason; `make test-ipvs` runs the ipvs cells in
+/// a VM whose kernel has IPVS.
+pub fn unavailable(mode: &str) -> Option<String> {
+    match mode {
+        "ipvs" => {
+            for module in ["ip_vs", "dummy"] {
+                let _ = std::process::Command::new("modprobe")
+                    .arg(module)
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+            (!std::path::Path::new("/proc/net/ip_vs").exists()).then(|| {
+                "this kernel has no IPVS (modprobe ip_vs failed, no /proc/net/ip_vs); \
+                 `make test-ipvs` runs the ipvs cells in a VM with Debian's kernel"
+                    .to_string()
+            })
+        }
+        _ => None,
     }
 }
 
@@ -52,6 +75,15 @@ pub fn wreck_rules(env: &Env) {
                     "{program} flush left svcplane's chains:\n{left}"
                 );
             }
+        }
+        "ipvs" => {
+            // The dummy interface (and with it the service addresses) and the filter
+            // tables; the virtual servers stay, unreachable without their addresses.
+            run("ip", &["link", "del", "svcplane-ipvs0"]);
+            run("nft", &["flush", "ruleset"]);
+            let out = run("nft", &["list", "tables"]);
+            let left = String::from_utf8_lossy(&out.stdout);
+            assert!(!left.contains("svcplane"), "nft flush ruleset left: {left}");
         }
         other => panic!("no way to wreck mode {other}'s rules: add it in traffic/modes.rs"),
     }
