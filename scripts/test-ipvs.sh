@@ -9,7 +9,7 @@ root="$PWD"
 CARGO="${CARGO:-cargo}"
 target="${CARGO_TARGET_DIR:-$root/target}"
 case "$target" in /*) ;; *) target="$root/$target" ;; esac
-filter="${IPVS_VM_TESTS:-cluster_ip_one_endpoint_with_target_port_from_a_pod}"
+filter="${IPVS_VM_TESTS:-ipvs::v4::}"
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "SKIP test-ipvs: needs root (the VM's tests build network namespaces as root inside it; CI runs as root)" >&2
