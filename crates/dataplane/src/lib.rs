@@ -1,9 +1,10 @@
 //! Dataplane backends: each translates svcplane's desired state into the kernel.
 //!
-//! [`backend`] builds the backend of a [`ProxyMode`]. Only nftables exists so far;
+//! [`backend`] builds the backend of a [`ProxyMode`]. nftables and ebpf exist so far;
 //! the other modes render and sync as [`DataplaneError::NotImplemented`].
 
 pub mod conntrack;
+pub mod ebpf;
 pub mod kube_proxy;
 mod netlink;
 pub mod nftables;
@@ -12,6 +13,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub use ebpf::{EbpfBackend, EbpfOptions};
 pub use nftables::NftablesBackend;
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 
@@ -64,10 +66,23 @@ impl FromStr for ProxyMode {
     }
 }
 
+/// Mode-specific settings of a backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// `--bpf-pin-path`, `--cgroup-path`, `--bpf-*-map-max`.
+    pub ebpf: EbpfOptions,
+}
+
 /// The backend for `mode`.
 pub fn backend(mode: ProxyMode) -> Box<dyn Dataplane> {
+    backend_with(mode, &BackendOptions::default())
+}
+
+/// The backend for `mode`, with `options`.
+pub fn backend_with(mode: ProxyMode, options: &BackendOptions) -> Box<dyn Dataplane> {
     match mode {
         ProxyMode::Nftables => Box::new(NftablesBackend::new()),
+        ProxyMode::Ebpf => Box::new(EbpfBackend::new(options.ebpf.clone())),
         other => Box::new(NotImplementedBackend { mode: other }),
     }
 }
@@ -142,7 +157,10 @@ mod tests {
         let nft = backend(ProxyMode::Nftables);
         assert_eq!(nft.mode(), "nftables");
         assert!(nft.render(&state).unwrap().contains("table ip svcplane"));
-        for mode in [ProxyMode::Iptables, ProxyMode::Ipvs, ProxyMode::Ebpf] {
+        let ebpf = backend(ProxyMode::Ebpf);
+        assert_eq!(ebpf.mode(), "ebpf");
+        assert!(ebpf.render(&state).unwrap().contains("FRONTEND"));
+        for mode in [ProxyMode::Iptables, ProxyMode::Ipvs] {
             let mut b = backend(mode);
             assert_eq!(b.mode(), mode.as_str());
             match b.render(&state) {
