@@ -116,6 +116,72 @@ pub struct EngineArgs {
     /// A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file; flags given explicitly override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
+}
+
+/// eBPF mode's settings (`--proxy-mode ebpf`; other modes ignore them).
+#[derive(Debug, Args, Clone, Default)]
+pub struct EbpfArgs {
+    /// bpffs directory of eBPF mode's pinned maps and program links (default /sys/fs/bpf/svcplane).
+    #[arg(long, value_name = "DIR")]
+    pub bpf_pin_path: Option<PathBuf>,
+    /// cgroup v2 directory the socket load balancer attaches to (default: the cgroup2 root).
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_path: Option<PathBuf>,
+    /// Service map entries: one per frontend plus one per backend slot (default 327680).
+    #[arg(long, value_name = "N")]
+    pub bpf_lb_map_max: Option<u32>,
+    /// Backend map entries (default 262144).
+    #[arg(long, value_name = "N")]
+    pub bpf_backend_map_max: Option<u32>,
+    /// Reverse-NAT map entries, one per translated socket and backend (LRU, default 262144).
+    #[arg(long, value_name = "N")]
+    pub bpf_revnat_map_max: Option<u32>,
+    /// Session affinity map entries (LRU, default 65536).
+    #[arg(long, value_name = "N")]
+    pub bpf_affinity_map_max: Option<u32>,
+}
+
+impl EbpfArgs {
+    /// The backend options; a zero size is refused, naming the flag.
+    pub fn options(&self) -> anyhow::Result<svcplane_dataplane::EbpfOptions> {
+        let mut o = svcplane_dataplane::EbpfOptions::default();
+        if let Some(p) = &self.bpf_pin_path {
+            o.pin_path = p.clone();
+        }
+        o.cgroup_path = self.cgroup_path.clone();
+        for (flag, value, slot) in [
+            (
+                "--bpf-lb-map-max",
+                self.bpf_lb_map_max,
+                &mut o.service_map_max,
+            ),
+            (
+                "--bpf-backend-map-max",
+                self.bpf_backend_map_max,
+                &mut o.backend_map_max,
+            ),
+            (
+                "--bpf-revnat-map-max",
+                self.bpf_revnat_map_max,
+                &mut o.revnat_map_max,
+            ),
+            (
+                "--bpf-affinity-map-max",
+                self.bpf_affinity_map_max,
+                &mut o.affinity_map_max,
+            ),
+        ] {
+            match value {
+                Some(0) => anyhow::bail!("{flag}: 0 is not a map size"),
+                Some(n) => *slot = n,
+                None => {}
+            }
+        }
+        Ok(o)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +307,10 @@ pub struct CleanupArgs {
     /// chains and the jumps to them, IPVS virtual servers); svcplane's rules stay.
     #[arg(long)]
     pub kube_proxy: bool,
+
+    /// Where eBPF mode's pins are (default /sys/fs/bpf/svcplane).
+    #[arg(long, value_name = "DIR")]
+    pub bpf_pin_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

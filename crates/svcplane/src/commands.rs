@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> Result<()> {
     let every_mode = CleanupArgs {
         proxy_mode: None,
         kube_proxy: false,
+        bpf_pin_path: None,
     };
     let Some(command) = cli.command else {
         if cli.cleanup {
@@ -96,16 +97,16 @@ pub(crate) fn render_script(settings: &EngineSettings) -> Result<(String, Vec<Pr
         engine.apply(change);
     }
     let desired = engine.desired();
-    let backend = svcplane_dataplane::backend(settings.mode);
+    let backend = svcplane_dataplane::backend_with(settings.mode, &settings.backend);
     let text = backend.render(&desired)?;
     Ok((text, problems))
 }
 
 fn proxy(args: ProxyArgs) -> Result<()> {
     let settings = ProxySettings::resolve(&args)?;
-    if settings.engine.mode != ProxyMode::Nftables {
+    if !matches!(settings.engine.mode, ProxyMode::Nftables | ProxyMode::Ebpf) {
         bail!(
-            "proxy mode {} is not implemented yet; available: nftables",
+            "proxy mode {} is not implemented yet; available: nftables, ebpf",
             settings.engine.mode
         );
     }
@@ -200,7 +201,8 @@ fn proxy(args: ProxyArgs) -> Result<()> {
             None => (rx, None),
         };
         let engine = Engine::new(settings.engine.engine_config());
-        let backend = svcplane_dataplane::backend(settings.engine.mode);
+        let backend =
+            svcplane_dataplane::backend_with(settings.engine.mode, &settings.engine.backend);
         let loop_config = SyncLoopConfig {
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,
@@ -413,9 +415,13 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
         ],
         None => ProxyMode::ALL.to_vec(),
     };
+    let mut options = svcplane_dataplane::BackendOptions::default();
+    if let Some(p) = &args.bpf_pin_path {
+        options.ebpf.pin_path = p.clone();
+    }
     let mut failed = Vec::new();
     for mode in modes {
-        match svcplane_dataplane::backend(mode).cleanup() {
+        match svcplane_dataplane::backend_with(mode, &options).cleanup() {
             Ok(()) => tracing::info!("cleaned up {mode} rules"),
             Err(err) => {
                 eprintln!("error: cleanup of {mode} failed: {err}");
@@ -459,6 +465,7 @@ mod tests {
 
     fn engine(manifests: Option<&str>) -> EngineSettings {
         EngineSettings::resolve(&EngineArgs {
+            ebpf: Default::default(),
             proxy_mode: None,
             manifests: manifests.map(Into::into),
             hostname_override: Some("node-a".into()),

@@ -355,6 +355,7 @@ fn options_from_the_configmap(kubeconfig: &Path) -> svcplane_source::ApiClientOp
     let config_path = kubeconfig.with_file_name("config.conf");
     std::fs::write(&config_path, text).expect("write config.conf");
     let engine = crate::settings::EngineSettings::resolve(&crate::cli::EngineArgs {
+        ebpf: Default::default(),
         proxy_mode: None,
         manifests: None,
         hostname_override: Some("node-a".into()),

@@ -36,6 +36,7 @@ const T: Duration = Duration::from_secs(1);
 pub fn run(args: LabArgs) -> Result<()> {
     let dir = args.manifests.clone();
     let settings = EngineSettings::resolve(&EngineArgs {
+        ebpf: Default::default(),
         proxy_mode: Some("nftables".into()),
         manifests: Some(dir.clone()),
         hostname_override: Some(args.node.clone()),

@@ -28,6 +28,8 @@ pub struct EngineSettings {
     pub cluster_cidrs: Vec<IpNet>,
     pub nodeport_addresses: Vec<IpNet>,
     pub masquerade_all: bool,
+    /// Mode-specific backend settings (eBPF's pin path, cgroup, map sizes).
+    pub backend: svcplane_dataplane::BackendOptions,
     /// What the --config file said (for the proxy-only settings).
     pub file: FileConfig,
 }
@@ -84,6 +86,9 @@ impl EngineSettings {
             cluster_cidrs,
             nodeport_addresses,
             masquerade_all,
+            backend: svcplane_dataplane::BackendOptions {
+                ebpf: args.ebpf.options()?,
+            },
             file,
         })
     }

@@ -205,11 +205,7 @@ pub fn frontend_ops(
     let shrinking = new_slots.len() < old_slots.len();
     // Removing, or lowering the count: slot 0 first, so no connect reads a slot about to go.
     match new {
-        None => {
-            if old.is_some() {
-                ops.push(Op::DelService(*key));
-            }
-        }
+        None if old.is_some() => ops.push(Op::DelService(*key)),
         Some(n) if shrinking && value_changed => ops.push(Op::PutService(*key, n.value)),
         _ => {}
     }
