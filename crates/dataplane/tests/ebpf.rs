@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -38,10 +37,10 @@ static PINS: AtomicUsize = AtomicUsize::new(0);
 fn options(cgroup: &Cgroup) -> EbpfOptions {
     let n = PINS.fetch_add(1, Ordering::Relaxed);
     EbpfOptions {
-        pin_path: PathBuf::from(format!(
-            "/sys/fs/bpf/svcplane-test-{}-{n}",
-            std::process::id()
-        )),
+        pin_path: svcplane_testkit::bpf_test_mounts()
+            .expect("bpffs")
+            .0
+            .join(format!("svcplane-{}-{n}", std::process::id())),
         cgroup_path: Some(cgroup.path().to_owned()),
         service_map_max: 1024,
         backend_map_max: 1024,

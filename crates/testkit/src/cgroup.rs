@@ -22,7 +22,50 @@ pub fn cgroup2_mount() -> io::Result<PathBuf> {
         .ok_or_else(|| io::Error::other("no cgroup2 file system is mounted"))
 }
 
-/// A scratch cgroup under the cgroup2 root, removed on drop.
+/// Where eBPF-mode tests keep their pins and cgroups: a bpffs and a cgroup2 mount under
+/// /run, made once per boot (under a lock, as tests and proxies run in parallel). Not
+/// /sys: `ip netns exec`, which starts the test kit's proxies, remounts /sys, hiding the
+/// host's /sys/fs/bpf and /sys/fs/cgroup; /run stays visible, and a cgroup2 mount shows the
+/// one cgroup2 hierarchy wherever it is mounted.
+pub fn bpf_test_mounts() -> io::Result<(PathBuf, PathBuf)> {
+    let base = Path::new("/run/svcplane-test-bpf");
+    let (bpffs, cgroup2) = (base.join("bpffs"), base.join("cgroup2"));
+    std::fs::create_dir_all(&bpffs)?;
+    std::fs::create_dir_all(&cgroup2)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(base.join("lock"))?;
+    // SAFETY: flock on an fd we own; released when `lock` closes.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    for (dir, fstype, magic) in [
+        (&bpffs, "bpf", 0xcafe_4a11_i64),
+        (&cgroup2, "cgroup2", 0x6367_7270),
+    ] {
+        if fs_magic(dir)? != magic {
+            crate::run_checked(
+                std::process::Command::new("mount")
+                    .args(["-t", fstype, fstype])
+                    .arg(dir),
+            )?;
+        }
+    }
+    Ok((bpffs, cgroup2))
+}
+
+fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statfs fills the zeroed struct; the path is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+/// A scratch cgroup (under [`bpf_test_mounts`]'s cgroup2 mount), removed on drop.
 #[derive(Debug)]
 pub struct Cgroup {
     path: PathBuf,
@@ -32,7 +75,8 @@ impl Cgroup {
     /// Create `<root>/<prefix>-<pid>-<n>`.
     pub fn new(prefix: &str) -> io::Result<Cgroup> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = cgroup2_mount()?.join(format!("{prefix}-{}-{n}", std::process::id()));
+        let (_, root) = bpf_test_mounts()?;
+        let path = root.join(format!("{prefix}-{}-{n}", std::process::id()));
         std::fs::create_dir(&path)?;
         Ok(Cgroup { path })
     }

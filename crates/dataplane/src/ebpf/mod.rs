@@ -93,7 +93,20 @@ fn is_bpffs(path: &Path) -> bool {
 /// otherwise stack two mounts and hide each other's pins.
 fn ensure_bpffs(pin: &Path) -> Result<(), DataplaneError> {
     let base = Path::new("/sys/fs/bpf");
-    if !pin.starts_with(base) || is_bpffs(base) {
+    if !pin.starts_with(base) {
+        // Elsewhere the caller mounted bpffs: check it, since pins on another file system
+        // fail with a less helpful error.
+        let existing = pin.ancestors().find(|p| p.exists()).unwrap_or(pin);
+        if !is_bpffs(existing) {
+            return Err(err(format!(
+                "--bpf-pin-path {}: {} is not on a bpf file system",
+                pin.display(),
+                existing.display()
+            )));
+        }
+        return Ok(());
+    }
+    if is_bpffs(base) {
         return Ok(());
     }
     let lock = fs::OpenOptions::new()
