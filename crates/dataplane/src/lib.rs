@@ -87,6 +87,36 @@ pub fn backend_with(mode: ProxyMode, options: &BackendOptions) -> Box<dyn Datapl
     }
 }
 
+/// kube-proxy's `CleanupLeftovers` at startup, for the modes built so far: a proxy starting
+/// in `mode` removes what svcplane's other modes left on this host, so two sets of Service
+/// rules never fight. One line per mode whose state was found, for the log.
+pub fn remove_other_modes(mode: ProxyMode, options: &BackendOptions) -> Vec<String> {
+    let mut said = Vec::new();
+    if mode != ProxyMode::Ebpf {
+        let mut ebpf = EbpfBackend::new(options.ebpf.clone());
+        if ebpf.is_present() {
+            let dir = options.ebpf.pin_path.display();
+            said.push(match ebpf.cleanup() {
+                Ok(()) => format!(
+                    "removed svcplane's eBPF programs and maps pinned under {dir} by ebpf mode"
+                ),
+                Err(e) => {
+                    format!("cannot remove svcplane's eBPF pins under {dir} left by ebpf mode: {e}")
+                }
+            });
+        }
+    }
+    if mode != ProxyMode::Nftables {
+        // Idempotent: a table that is not there is not an error.
+        if let Err(e) = NftablesBackend::new().cleanup() {
+            said.push(format!(
+                "cannot remove svcplane's nftables tables left by nftables mode: {e}"
+            ));
+        }
+    }
+    said
+}
+
 /// A mode that exists in the CLI but is not built yet: it programs nothing, so its
 /// cleanup has nothing to remove.
 #[derive(Debug, Clone, Copy)]

@@ -201,6 +201,12 @@ fn proxy(args: ProxyArgs) -> Result<()> {
             None => (rx, None),
         };
         let engine = Engine::new(settings.engine.engine_config());
+        for line in svcplane_dataplane::remove_other_modes(
+            settings.engine.mode,
+            &settings.engine.backend,
+        ) {
+            tracing::info!("{line}");
+        }
         let backend =
             svcplane_dataplane::backend_with(settings.engine.mode, &settings.engine.backend);
         let loop_config = SyncLoopConfig {

@@ -4,7 +4,8 @@
 //! cgroup. ClusterIP TCP and UDP reach both nodes' pods with the client's own address (no
 //! NAT at all), a Service without endpoints refuses at once, and a restart of the proxy
 //! under a steady connection load loses no connection (the pinned maps and links keep
-//! translating while no svcplane runs). `cleanup --proxy-mode ebpf` removes everything.
+//! translating while no svcplane runs). `cleanup --proxy-mode ebpf` removes everything, and
+//! a proxy starting in nftables mode removes ebpf's pins.
 
 use std::collections::BTreeSet;
 use std::io::Read as _;
@@ -90,7 +91,7 @@ fn cleanup(pins: &Path) {
 
 #[test]
 fn ebpf_proxy_balances_at_the_socket_and_restarts_without_losing_connections() {
-    if skip_unless_root(&["ip"]) {
+    if skip_unless_root(&["ip", "nft"]) {
         return;
     }
     let cluster = Cluster::builder()
@@ -242,4 +243,21 @@ fn ebpf_proxy_balances_at_the_socket_and_restarts_without_losing_connections() {
     cleanup(&pins);
     assert!(!pins.exists());
     assert!(echo(&run(&|| tcp("10.96.1.2:80".parse().expect("addr")))).is_none());
+
+    // Switching modes: nftables mode removes ebpf's pins at startup (and serves the
+    // ClusterIP itself).
+    drop(start());
+    assert!(pins.exists());
+    let nft = cluster
+        .run_proxy(
+            env!("CARGO_BIN_EXE_svcplane"),
+            "node-a",
+            manifests.path(),
+            &["--proxy-mode", "nftables", "--bpf-pin-path", &pins_arg],
+        )
+        .expect("svcplane proxy --proxy-mode nftables");
+    assert!(!pins.exists(), "nftables mode left ebpf's pins");
+    let out = run(&|| tcp("10.96.1.2:80".parse().expect("addr")));
+    assert!(echo(&out).is_some(), "through nftables: {out}");
+    drop(nft);
 }
