@@ -3,7 +3,7 @@
 //! whose `lo` carries the backend addresses, with echo servers on them): TCP and connected
 //! UDP reach a backend while getpeername shows the Service address, unconnected UDP
 //! (sendmsg/recvmsg) sees replies from the Service address, no endpoints → ECONNREFUSED,
-//! Local policy without local endpoints → ETIMEDOUT at once, a second backend instance
+//! Local policy without local endpoints → ETIMEDOUT at once, ClientIP affinity sticks, a second backend instance
 //! (a restart) keeps the pins and keeps translating, cleanup removes everything.
 
 use std::collections::BTreeMap;
@@ -96,6 +96,21 @@ fn port_state(
         external_policy: ExternalPolicy::Cluster,
         health_check_node_port: None,
     };
+    (name, Arc::new(svc))
+}
+
+/// ClientIP affinity over two endpoints.
+fn sticky() -> (ServicePortName, Arc<ServicePortState>) {
+    let (name, svc) = port_state(
+        "sticky",
+        Protocol::Tcp,
+        "10.96.0.4",
+        80,
+        &[("10.244.0.10", 8080), ("10.244.0.11", 8080)],
+        EmptyVerdict::Reject,
+    );
+    let mut svc = (*svc).clone();
+    svc.affinity_timeout_seconds = Some(600);
     (name, Arc::new(svc))
 }
 
@@ -235,6 +250,7 @@ fn socket_lb_translates_tcp_and_udp_and_survives_a_restart() {
             &[],
             EmptyVerdict::Drop,
         ),
+        sticky(),
     ]);
     let mut backend = EbpfBackend::new(opts.clone());
     let report = backend
@@ -271,6 +287,12 @@ fn socket_lb_translates_tcp_and_udp_and_survives_a_restart() {
     // ETIMEDOUT (110), at once.
     assert_eq!(client(&|| tcp(sa("10.96.0.2:80"))), "ERR 111");
     assert_eq!(client(&|| tcp(sa("10.96.0.3:80"))), "ERR 110");
+    // ClientIP affinity: every connection from this client (its netns) goes to one
+    // endpoint; 16 tries hit one of two at random with probability 2^-15.
+    let sticky_pods: std::collections::BTreeSet<IpAddr> = (0..16)
+        .map(|_| split(&client(&|| tcp(sa("10.96.0.4:80")))).0.pod)
+        .collect();
+    assert_eq!(sticky_pods.len(), 1, "{sticky_pods:?}");
     // A process outside the cgroup is not translated (nothing listens on the ClusterIP).
     let outside = svcplane_testkit::tcp_request(
         ns.name(),

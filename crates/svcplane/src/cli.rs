@@ -82,6 +82,10 @@ pub struct BenchSyncArgs {
     /// How many times one EndpointSlice is changed.
     #[arg(long, default_value_t = 20)]
     pub rounds: u32,
+    /// The mode to measure (nftables or ebpf; ebpf pins under /run/svcplane-test-bpf and
+    /// attaches to a scratch cgroup, so the host's services are untouched).
+    #[arg(long, default_value = "nftables", value_name = "MODE")]
+    pub proxy_mode: String,
 }
 
 /// Flags shared by `proxy` and `render`: where objects come from and how the node is configured.
