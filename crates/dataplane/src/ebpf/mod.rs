@@ -287,8 +287,9 @@ impl EbpfBackend {
         Ok(())
     }
 
-    /// Recompute the owners of the service ports in `names` (all with `full`), and the
-    /// image entries they hold; returns the keys and backend ids to diff.
+    /// Recompute the owners of the service ports the diff touches (all with `full`) into
+    /// `new`; returns the keys and backend ids to diff: theirs, old and new, and on a full
+    /// sync every key and id the maps hold (so entries nobody owns go).
     fn recompute(
         &mut self,
         desired: &DesiredState,
@@ -334,14 +335,8 @@ impl EbpfBackend {
                     let owner = (name.clone(), f, scope);
                     let previous = self.owned.remove(&owner);
                     if let Some(p) = &previous {
-                        for k in &p.frontends {
-                            keys.insert(*k);
-                            new.frontends.remove(k);
-                        }
-                        for id in p.backends.values() {
-                            ids.insert(*id);
-                            new.backends.remove(id);
-                        }
+                        keys.extend(p.frontends.iter().copied());
+                        ids.extend(p.backends.values().copied());
                     }
                     match plans.iter().find(|p| p.scope == scope) {
                         Some(sp) => {
@@ -374,21 +369,6 @@ impl EbpfBackend {
                     }
                 }
             }
-        }
-        if full {
-            // Entries nobody owns (a previous run's, or tampering) go.
-            let owned_keys: BTreeSet<ServiceKey> = self
-                .owned
-                .values()
-                .flat_map(|o| o.frontends.iter().copied())
-                .collect();
-            let owned_ids: BTreeSet<u32> = self
-                .owned
-                .values()
-                .flat_map(|o| o.backends.values().copied())
-                .collect();
-            new.frontends.retain(|k, _| owned_keys.contains(k));
-            new.backends.retain(|id, _| owned_ids.contains(id));
         }
         (keys, ids)
     }
@@ -492,7 +472,9 @@ impl Dataplane for EbpfBackend {
             self.load()?;
             diff.full = true;
         }
-        let mut new = self.image.clone();
+        // `new` holds only the recomputed owners' entries (everything on a full sync), so a
+        // partial sync costs what changed, not the size of the maps.
+        let mut new = Image::default();
         let (keys, ids) = self.recompute(desired, &diff, &mut new);
         let ops = plan::image_ops(&self.image, &new, &keys, &ids);
         let result = self.apply(&ops);
@@ -501,7 +483,18 @@ impl Dataplane for EbpfBackend {
             self.loaded = None;
         }
         result?;
-        self.image = new;
+        for k in &keys {
+            match new.frontends.remove(k) {
+                Some(e) => self.image.frontends.insert(*k, e),
+                None => self.image.frontends.remove(k),
+            };
+        }
+        for id in &ids {
+            match new.backends.remove(id) {
+                Some(b) => self.image.backends.insert(*id, b),
+                None => self.image.backends.remove(id),
+            };
+        }
         Ok(SyncReport {
             full: diff.full,
             size: ops.len(),
