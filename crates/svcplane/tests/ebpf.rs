@@ -220,12 +220,20 @@ fn ebpf_proxy_balances_at_the_socket_and_restarts_without_losing_connections() {
             }
             (ok, failed)
         });
+        // Stops the load even when what follows panics (else the scope would wait forever).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let stopper = StopOnDrop(&stop);
         let status = proxy.terminate().expect("terminate");
         assert!(status.success(), "{status}");
         let again = start();
         // A few more connections through the new instance before stopping the load.
         std::thread::sleep(Duration::from_millis(500));
-        stop.store(true, Ordering::Relaxed);
+        drop(stopper);
         let r = load.join().expect("load thread");
         drop(again);
         r
