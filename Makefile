@@ -1,5 +1,5 @@
 # svcplane: `make lab` runs the bundled example as a live virtual cluster; `make test` runs every check.
-.PHONY: lab test deps fmt clippy unit build release
+.PHONY: lab test deps fmt clippy unit test-ipvs build release
 
 CARGO ?= cargo
 
@@ -24,4 +24,8 @@ clippy:
 unit:
 	$(CARGO) test --workspace
 
-test: deps fmt clippy unit
+# IPVS needs a kernel this machine lacks: Debian's stock kernel under QEMU (README: Development).
+test-ipvs: deps
+	@scripts/test-ipvs.sh
+
+test: deps fmt clippy unit test-ipvs

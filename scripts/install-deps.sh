@@ -12,11 +12,20 @@ declare -A need=(
   [sysctl]=procps
   [dig]=bind9-dnsutils
   [dnsperf]=dnsperf
+  # make test-ipvs: a VM with Debian's stock kernel (scripts/ipvs-vm.sh)
+  [qemu-system-x86_64]=qemu-system-x86
+  [cpio]=cpio
+  [ipvsadm]=ipvsadm
+  [depmod]=kmod
+  [xz]=xz-utils
+  [objcopy]=binutils
 )
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")
 done
+# The VM's initramfs needs busybox statically linked (Debian's busybox is not).
+if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(busybox-static); fi
 
 # eBPF mode: crates/dataplane's build.rs builds the BPF programs with the same toolchain
 # (-Z build-std=core needs rust-src) and links them with bpf-linker 0.10.4 (pinned: its

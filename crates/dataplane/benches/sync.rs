@@ -2,15 +2,16 @@
 //! ports × 10 endpoints, and one endpoint change at 10k (a partial sync: render and
 //! apply). The apply part needs root (it runs in a private network namespace).
 //!
-//! `cargo bench -p svcplane-dataplane --bench sync [-- 1000 10000]`
+//! `cargo bench -p svcplane-dataplane --bench sync [-- [nftables|iptables|iptables-linear]... 1000 10000]`
+//! (default: nftables).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use svcplane_dataplane::NftablesBackend;
-use svcplane_dataplane::nftables::render;
+use svcplane_dataplane::iptables::{Dispatch, render::Options};
+use svcplane_dataplane::{IptablesBackend, NftablesBackend};
 use svcplane_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
 use svcplane_proxy::{
     ClusterIpMasquerade, Dataplane, DesiredState, Diff, EmptyVerdict, EndpointState,
@@ -88,22 +89,79 @@ fn median(runs: usize, mut f: impl FnMut()) -> Duration {
     times[times.len() / 2]
 }
 
+/// A mode the bench runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Nftables,
+    Iptables(Dispatch),
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Nftables => "nftables",
+            Mode::Iptables(Dispatch::Tree) => "iptables",
+            Mode::Iptables(Dispatch::Linear) => "iptables-linear",
+        }
+    }
+
+    fn render(self, desired: &DesiredState) -> usize {
+        match self {
+            Mode::Nftables => svcplane_dataplane::nftables::render(desired)
+                .map(|s| s.len())
+                .unwrap_or(0),
+            Mode::Iptables(dispatch) => svcplane_dataplane::iptables::render::render(
+                desired,
+                Options {
+                    dispatch,
+                    random_fully: true,
+                },
+            )
+            .len(),
+        }
+    }
+
+    fn backend(self, ns: &str) -> Box<dyn Dataplane> {
+        match self {
+            Mode::Nftables => Box::new(NftablesBackend::in_netns(ns)),
+            Mode::Iptables(d) => Box::new(IptablesBackend::in_netns(ns).with_dispatch(d)),
+        }
+    }
+}
+
 fn main() {
-    let sizes: Vec<u32> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let sizes: Vec<u32> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() {
         vec![1_000, 10_000, 50_000]
     } else {
         sizes
     };
-    let root = !skip_unless_root(&["ip", "nft"]);
-    for &n in &sizes {
+    let mut modes: Vec<Mode> = args
+        .iter()
+        .filter_map(|a| match a.as_str() {
+            "nftables" => Some(Mode::Nftables),
+            "iptables" => Some(Mode::Iptables(Dispatch::Tree)),
+            "iptables-linear" => Some(Mode::Iptables(Dispatch::Linear)),
+            _ => None,
+        })
+        .collect();
+    if modes.is_empty() {
+        modes.push(Mode::Nftables);
+    }
+    for mode in modes {
+        println!("mode {}", mode.name());
+        run(mode, &sizes);
+    }
+}
+
+fn run(mode: Mode, sizes: &[u32]) {
+    let root = !skip_unless_root(&["ip", "nft", "iptables-restore"]);
+    for &n in sizes {
         let desired = Arc::new(state(n));
         let mut bytes = 0;
         let render_time = median(5, || {
-            bytes = render(&desired).map(|s| s.len()).unwrap_or(0);
+            bytes = mode.render(&desired);
         });
         println!(
             "{n:>6} services × {ENDPOINTS} endpoints: full render {render_time:?} ({bytes} bytes)"
@@ -118,7 +176,7 @@ fn main() {
                 return;
             }
         };
-        let mut backend = NftablesBackend::in_netns(ns.name());
+        let mut backend = mode.backend(ns.name());
         let full = Diff::between(None, &desired, true);
         let runs = if n >= 50_000 { 1 } else { 3 };
         let mut failed = None;
@@ -133,7 +191,7 @@ fn main() {
             eprintln!("full apply failed: {e}");
             continue;
         }
-        println!("{n:>6} services: full sync (render + nft apply) {apply_time:?}");
+        println!("{n:>6} services: full sync (render + apply) {apply_time:?}");
 
         if n == 10_000 {
             // One endpoint of one service moves: a partial sync. The states and diffs
@@ -176,9 +234,8 @@ fn main() {
             }
             let all_partial = sizes.iter().all(|(full, _)| !full);
             println!(
-                "{n:>6} services: one endpoint change, partial sync (render + apply) {partial_time:?}, {} bytes as nft text, all partial: {all_partial}, over netlink: {}",
+                "{n:>6} services: one endpoint change, partial sync (render + apply) {partial_time:?}, {} bytes of script, all partial: {all_partial}",
                 sizes.first().map_or(0, |s| s.1),
-                backend.netlink_partials()
             );
         }
     }

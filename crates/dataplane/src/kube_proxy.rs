@@ -8,14 +8,16 @@
 //!   IPv4 and IPv6 and for both the nft and the legacy iptables backends; one
 //!   `iptables-restore --noflush` transaction per table, as kube-proxy's own cleanup.
 //!   Kubelet's chains (KUBE-FIREWALL, KUBE-MARK-DROP, KUBE-KUBELET-CANARY) stay.
-//! - IPVS: all virtual servers (`ipvsadm --clear`, as kube-proxy flushes them) and the
-//!   kube-ipvs0 dummy interface, only when the kernel has IPVS and ipvsadm exists.
+//! - IPVS (generic netlink and rtnetlink, where the kernel has IPVS): the virtual
+//!   servers on kube-ipvs0's addresses and, unless svcplane's IPVS mode runs here, on the
+//!   node's addresses (NodePorts); the kube-ipvs0 dummy interface; kube-proxy's `KUBE-*`
+//!   ipsets when `ipset` is installed. (kube-proxy itself flushes every virtual server;
+//!   svcplane's own stay.)
 //!
 //! svcplane's own rules are never touched here, so this is safe to run on every
 //! start (the DaemonSet's init container does).
 
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// kube-proxy's chains by exact name (iptables and IPVS modes).
@@ -229,6 +231,16 @@ pub struct IptablesPlan {
 
 /// `None` when the table holds nothing of kube-proxy's.
 pub fn plan_iptables_cleanup(saved: &str, table: &str) -> Option<IptablesPlan> {
+    plan_iptables_cleanup_with(saved, table, is_kube_proxy_chain)
+}
+
+/// The same for the chains `owned` says are the cleaner's (svcplane's iptables mode
+/// removes its own `SVCP-` chains this way).
+pub fn plan_iptables_cleanup_with(
+    saved: &str,
+    table: &str,
+    owned: impl Fn(&str) -> bool,
+) -> Option<IptablesPlan> {
     let mut chains = Vec::new();
     let mut deletes = Vec::new();
     let mut in_table = false;
@@ -243,17 +255,17 @@ pub fn plan_iptables_cleanup(saved: &str, table: &str) -> Option<IptablesPlan> {
         }
         if let Some(decl) = line.strip_prefix(':') {
             if let Some(name) = decl.split_whitespace().next()
-                && is_kube_proxy_chain(name)
+                && owned(name)
             {
                 chains.push(name.to_string());
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
             let words = split_words(rule);
             let Some(chain) = words.first() else { continue };
-            if is_kube_proxy_chain(chain) {
+            if owned(chain) {
                 continue; // goes with its chain
             }
-            if rule_target(&words).is_some_and(is_kube_proxy_chain) {
+            if rule_target(&words).is_some_and(&owned) {
                 deletes.push(format!("-D {rule}\n"));
             }
         }
@@ -319,27 +331,82 @@ fn split_words(rule: &str) -> Vec<String> {
 }
 
 fn cleanup_ipvs(report: &mut CleanupReport) {
-    if !Path::new("/proc/net/ip_vs").exists() {
-        report
-            .skipped
-            .push("IPVS: this kernel has no IPVS (no /proc/net/ip_vs), nothing to remove".into());
-        return;
+    let mut ipvs = match crate::ipvs::genl::Ipvs::open(None) {
+        Ok(i) => i,
+        Err(_) => {
+            report
+                .skipped
+                .push("IPVS: this kernel has no IPVS, nothing to remove".into());
+            return;
+        }
+    };
+    let mut links = match crate::ipvs::link::Links::open(None) {
+        Ok(l) => l,
+        Err(e) => {
+            report
+                .skipped
+                .push(format!("IPVS: no rtnetlink socket: {e}"));
+            return;
+        }
+    };
+    let on = |links: &mut crate::ipvs::link::Links, name: &str| -> Vec<std::net::IpAddr> {
+        match links.index(name) {
+            Ok(Some(i)) => links.addresses(i).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    };
+    let kube: Vec<std::net::IpAddr> = on(&mut links, "kube-ipvs0");
+    let ours_present = matches!(links.index(crate::ipvs::DUMMY), Ok(Some(_)));
+    // kube-proxy's virtual servers: on kube-ipvs0's addresses, and its NodePorts on the
+    // node's other addresses, unless svcplane's IPVS mode runs here (then those may be
+    // svcplane's own; its next full sync takes over the ones it wants).
+    let mut addrs: std::collections::BTreeSet<std::net::IpAddr> = kube.into_iter().collect();
+    if !ours_present && let Ok(local) = crate::conntrack::local_addresses(None) {
+        addrs.extend(local);
     }
-    if !tool_exists("ipvsadm") {
-        report
-            .skipped
-            .push("IPVS: ipvsadm is not installed, virtual servers left in place".into());
-        return;
+    match ipvs.services() {
+        Ok(list) => {
+            let mut n = 0;
+            for vs in list.iter().filter(|v| addrs.contains(&v.key.addr)) {
+                match ipvs.send(&crate::ipvs::genl::Request::del_service(&vs.key)) {
+                    Ok(()) => n += 1,
+                    Err(e) => report.errors.push(KubeProxyCleanupError::Failed {
+                        tool: "IPVS (generic netlink)".into(),
+                        stderr: format!("deleting virtual server {:?}: {e}", vs.key),
+                    }),
+                }
+            }
+            if n > 0 {
+                report.removed.push(format!("IPVS: {n} virtual server(s)"));
+            }
+        }
+        Err(e) => report.errors.push(KubeProxyCleanupError::Failed {
+            tool: "IPVS (generic netlink)".into(),
+            stderr: format!("listing virtual servers: {e}"),
+        }),
     }
-    match run("ipvsadm", &["--clear"], None) {
-        Ok(_) => report.removed.push("IPVS: all virtual servers".into()),
-        Err(e) => report.errors.push(e),
+    match links.delete("kube-ipvs0") {
+        Ok(true) => report.removed.push("IPVS: interface kube-ipvs0".into()),
+        Ok(false) => {}
+        Err(e) => report.errors.push(KubeProxyCleanupError::Failed {
+            tool: "rtnetlink".into(),
+            stderr: format!("deleting kube-ipvs0: {e}"),
+        }),
     }
-    let link_exists = Path::new("/sys/class/net/kube-ipvs0").exists();
-    if link_exists {
-        match run("ip", &["link", "delete", "kube-ipvs0"], None) {
-            Ok(_) => report.removed.push("IPVS: interface kube-ipvs0".into()),
-            Err(e) => report.errors.push(e),
+    // kube-proxy's ipsets (KUBE-CLUSTER-IP, KUBE-LOOP-BACK, ...), unused once its chains
+    // are gone.
+    if tool_exists("ipset")
+        && let Ok(names) = run("ipset", &["list", "-n"], None)
+    {
+        for name in names
+            .lines()
+            .map(str::trim)
+            .filter(|n| n.starts_with("KUBE-"))
+        {
+            match run("ipset", &["destroy", name], None) {
+                Ok(_) => report.removed.push(format!("ipset {name}")),
+                Err(e) => report.errors.push(e),
+            }
         }
     }
 }

@@ -1,21 +1,25 @@
 //! Dataplane backends: each translates svcplane's desired state into the kernel.
 //!
-//! [`backend`] builds the backend of a [`ProxyMode`]. nftables and ebpf exist so far;
-//! the other modes render and sync as [`DataplaneError::NotImplemented`].
+//! [`backend`] builds the backend of a [`ProxyMode`]: nftables, iptables, ipvs and ebpf.
 
 pub mod conntrack;
 pub mod ebpf;
+mod hash;
+pub mod iptables;
+pub mod ipvs;
 pub mod kube_proxy;
 mod netlink;
 pub mod nftables;
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 
 pub use ebpf::{EbpfBackend, EbpfOptions};
+pub use iptables::IptablesBackend;
+pub use ipvs::{IpvsBackend, IpvsOptions};
+pub use netlink::NetlinkError;
 pub use nftables::NftablesBackend;
-use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
+use svcplane_proxy::Dataplane;
 
 /// A dataplane mode, named as kube-proxy's `--proxy-mode` names them (plus `ebpf`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -69,27 +73,34 @@ impl FromStr for ProxyMode {
 /// Mode-specific settings of a backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackendOptions {
+    /// `--iptables-dispatch`.
+    pub iptables_dispatch: iptables::Dispatch,
+    /// `--ipvs-scheduler`, `--ipvs-strict-arp`.
+    pub ipvs: IpvsOptions,
     /// `--bpf-pin-path`, `--cgroup-path`, `--bpf-*-map-max`.
     pub ebpf: EbpfOptions,
 }
 
 /// The backend for `mode`.
 pub fn backend(mode: ProxyMode) -> Box<dyn Dataplane> {
-    backend_with(mode, &BackendOptions::default())
+    backend_with(mode, BackendOptions::default())
 }
 
 /// The backend for `mode`, with `options`.
-pub fn backend_with(mode: ProxyMode, options: &BackendOptions) -> Box<dyn Dataplane> {
+pub fn backend_with(mode: ProxyMode, options: BackendOptions) -> Box<dyn Dataplane> {
     match mode {
         ProxyMode::Nftables => Box::new(NftablesBackend::new()),
-        ProxyMode::Ebpf => Box::new(EbpfBackend::new(options.ebpf.clone())),
-        other => Box::new(NotImplementedBackend { mode: other }),
+        ProxyMode::Iptables => {
+            Box::new(IptablesBackend::new().with_dispatch(options.iptables_dispatch))
+        }
+        ProxyMode::Ipvs => Box::new(IpvsBackend::new(options.ipvs)),
+        ProxyMode::Ebpf => Box::new(EbpfBackend::new(options.ebpf)),
     }
 }
 
-/// kube-proxy's `CleanupLeftovers` at startup, for the modes built so far: a proxy starting
-/// in `mode` removes what svcplane's other modes left on this host, so two sets of Service
-/// rules never fight. One line per mode whose state was found, for the log.
+/// kube-proxy's `CleanupLeftovers` at startup: a proxy starting in `mode` removes what
+/// svcplane's other modes left on this host, so two sets of Service rules never fight.
+/// Returns one line per mode whose rules were found, for the log (removed, or why not).
 pub fn remove_other_modes(mode: ProxyMode, options: &BackendOptions) -> Vec<String> {
     let mut said = Vec::new();
     if mode != ProxyMode::Ebpf {
@@ -106,58 +117,58 @@ pub fn remove_other_modes(mode: ProxyMode, options: &BackendOptions) -> Vec<Stri
             });
         }
     }
-    if mode != ProxyMode::Nftables {
-        // Idempotent: a table that is not there is not an error.
-        if let Err(e) = NftablesBackend::new().cleanup() {
-            said.push(format!(
+    if mode != ProxyMode::Nftables && nftables_present() {
+        match NftablesBackend::new().cleanup() {
+            Ok(()) => said.push(
+                "removed svcplane's nftables tables (ip/ip6 svcplane) left by nftables mode"
+                    .to_owned(),
+            ),
+            Err(e) => said.push(format!(
                 "cannot remove svcplane's nftables tables left by nftables mode: {e}"
-            ));
+            )),
         }
+    }
+    if mode != ProxyMode::Iptables {
+        let mut ipt = IptablesBackend::new();
+        if ipt.has_chains() {
+            match ipt.cleanup() {
+                Ok(()) => said.push(
+                    "removed svcplane's iptables chains (SVCP-*) left by iptables mode".to_owned(),
+                ),
+                Err(e) => said.push(format!(
+                    "cannot remove svcplane's iptables chains left by iptables mode: {e}"
+                )),
+            }
+        }
+    }
+    if mode != ProxyMode::Ipvs
+        && let Some(line) = ipvs::remove_leftovers()
+    {
+        said.push(line);
     }
     said
 }
 
-/// A mode that exists in the CLI but is not built yet: it programs nothing, so its
-/// cleanup has nothing to remove.
-#[derive(Debug, Clone, Copy)]
-struct NotImplementedBackend {
-    mode: ProxyMode,
-}
-
-impl NotImplementedBackend {
-    fn error(&self) -> DataplaneError {
-        DataplaneError::NotImplemented {
-            mode: self.mode.as_str(),
-        }
-    }
-}
-
-impl Dataplane for NotImplementedBackend {
-    fn mode(&self) -> &'static str {
-        self.mode.as_str()
-    }
-
-    fn sync(
-        &mut self,
-        _desired: &Arc<DesiredState>,
-        _diff: &Diff,
-    ) -> Result<SyncReport, DataplaneError> {
-        Err(self.error())
-    }
-
-    fn render(&self, _desired: &DesiredState) -> Result<String, DataplaneError> {
-        Err(self.error())
-    }
-
-    fn cleanup(&mut self) -> Result<(), DataplaneError> {
-        Ok(())
-    }
+/// Whether `ip svcplane` or `ip6 svcplane` exists (`nft list tables` lists names only).
+fn nftables_present() -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().any(|l| {
+                let l = l.trim();
+                l == format!("table ip {}", nftables::TABLE)
+                    || l == format!("table ip6 {}", nftables::TABLE)
+            })
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use svcplane_model::IpFamily;
+    use svcplane_proxy::DesiredState;
     use svcplane_proxy::FamilyState;
 
     fn empty_state() -> DesiredState {
@@ -190,19 +201,19 @@ mod tests {
         let ebpf = backend(ProxyMode::Ebpf);
         assert_eq!(ebpf.mode(), "ebpf");
         assert!(ebpf.render(&state).unwrap().contains("FRONTEND"));
-        for mode in [ProxyMode::Iptables, ProxyMode::Ipvs] {
-            let mut b = backend(mode);
-            assert_eq!(b.mode(), mode.as_str());
-            match b.render(&state) {
-                Err(DataplaneError::NotImplemented { mode: m }) => assert_eq!(m, mode.as_str()),
-                other => panic!("{mode}: expected NotImplemented, got {other:?}"),
-            }
-            let diff = Diff::between(None, &state, true);
-            assert!(matches!(
-                b.sync(&Arc::new(state.clone()), &diff),
-                Err(DataplaneError::NotImplemented { .. })
-            ));
-            assert!(b.cleanup().is_ok());
-        }
+        let ipt = backend(ProxyMode::Iptables);
+        assert_eq!(ipt.mode(), "iptables");
+        assert!(
+            ipt.render(&state)
+                .unwrap()
+                .contains(":SVCP-SERVICES - [0:0]")
+        );
+        let ipvs = backend(ProxyMode::Ipvs);
+        assert_eq!(ipvs.mode(), "ipvs");
+        assert!(
+            ipvs.render(&state)
+                .unwrap()
+                .contains("table ip svcplane-ipvs")
+        );
     }
 }

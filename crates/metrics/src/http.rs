@@ -25,9 +25,40 @@ pub struct BindError {
 
 /// Bind `addr` for the server configured by `flag` (e.g. `--metrics-bind-address`).
 pub async fn bind(flag: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|error| BindError { flag, addr, error })
+    listen(addr).map_err(|error| BindError { flag, addr, error })
+}
+
+/// A listener on `addr`, as Go's `net.Listen("tcp", addr)` opens it for kube-proxy: an
+/// unspecified address, `0.0.0.0` included, listens on every address of both families
+/// (one `[::]` socket with IPV6_V6ONLY off, whatever `net.ipv6.bindv6only` says; an IPv4
+/// client shows up as `::ffff:a.b.c.d`), or on every IPv4 address when the host has no
+/// IPv6.
+/// SO_REUSEADDR as tokio's own `bind`, so a port freed a moment ago can be taken again.
+pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let open = |addr: SocketAddr, dual_stack: bool| -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        if dual_stack {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    };
+    if !addr.ip().is_unspecified() {
+        return open(addr, false);
+    }
+    let any6 = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), addr.port());
+    match open(any6, true) {
+        // No IPv6 on this host (e.g. disabled): IPv4 is all there is.
+        Err(err) if err.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            let any4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port());
+            open(any4, false)
+        }
+        other => other,
+    }
 }
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

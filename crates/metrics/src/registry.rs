@@ -49,6 +49,14 @@ pub struct Metrics {
     /// `traffic_policy` = `internal` | `external`.
     pub no_local_endpoints: Family<Labels, Gauge>,
     pub nftables_sync_failures: Counter,
+    /// iptables mode: `table` = `nat` | `filter`, the rules svcplane owns (both families).
+    pub iptables_rules: Family<Labels, Gauge>,
+    /// iptables mode: failed iptables-restore runs (partial ones included, as kube-proxy).
+    pub iptables_restore_failures: Counter,
+    /// iptables mode: failed partial iptables-restore runs (each then retried in full).
+    pub iptables_partial_restore_failures: Counter,
+    /// The mode whose failure counters `record_sync` feeds.
+    iptables_mode: bool,
     /// `ip_family` = `4` | `6`; incremented by the conntrack reconciler.
     pub conntrack_deleted_entries: Family<Labels, Counter>,
     /// Conntrack reconciler failures (socket, dump or delete); the syncs still succeeded.
@@ -74,7 +82,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The metrics of nftables mode.
     pub fn new() -> Metrics {
+        Self::for_mode("nftables")
+    }
+
+    /// The metrics of `mode` (`nftables`, `iptables`, ...): as kube-proxy's
+    /// RegisterMetrics, a mode's own metrics are registered only in that mode.
+    pub fn for_mode(mode: &str) -> Metrics {
+        let iptables_mode = mode == "iptables";
         let mut m = Metrics {
             registry: Registry::default(),
             sync_duration: Histogram::new(sync_buckets()),
@@ -89,6 +105,10 @@ impl Metrics {
             service_changes_total: Counter::default(),
             no_local_endpoints: Family::default(),
             nftables_sync_failures: Counter::default(),
+            iptables_rules: Family::default(),
+            iptables_restore_failures: Counter::default(),
+            iptables_partial_restore_failures: Counter::default(),
+            iptables_mode,
             conntrack_deleted_entries: Family::default(),
             conntrack_failures: Counter::default(),
             healthz_total: Family::default(),
@@ -154,11 +174,32 @@ impl Metrics {
             "Number of services with a Local traffic policy and no endpoints",
             m.no_local_endpoints.clone(),
         );
-        r.register(
-            "kubeproxy_sync_proxy_rules_nftables_sync_failures",
-            "Cumulative proxy nftables sync failures",
-            m.nftables_sync_failures.clone(),
-        );
+        if iptables_mode {
+            r.register(
+                "kubeproxy_sync_proxy_rules_iptables_total",
+                "Total number of iptables rules owned by kube-proxy",
+                m.iptables_rules.clone(),
+            );
+            r.register(
+                "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+                "Cumulative proxy iptables restore failures",
+                m.iptables_restore_failures.clone(),
+            );
+            r.register(
+                "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures",
+                "Cumulative proxy iptables partial restore failures",
+                m.iptables_partial_restore_failures.clone(),
+            );
+            for table in ["nat", "filter"] {
+                let _ = m.iptables_rules.get_or_create(&vec![("table", table)]);
+            }
+        } else {
+            r.register(
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+                "Cumulative proxy nftables sync failures",
+                m.nftables_sync_failures.clone(),
+            );
+        }
         r.register(
             "kubeproxy_conntrack_reconciler_deleted_entries",
             "Cumulative conntrack flows deleted by conntrack reconciler",
@@ -270,10 +311,27 @@ impl Metrics {
         let report = match &outcome.result {
             Ok(report) => report,
             Err(_) => {
-                self.nftables_sync_failures.inc();
+                if self.iptables_mode {
+                    self.iptables_restore_failures.inc();
+                } else {
+                    self.nftables_sync_failures.inc();
+                }
                 return;
             }
         };
+        // A refused partial restore was retried in full within the sync; kube-proxy
+        // counts it in both counters.
+        self.iptables_partial_restore_failures
+            .inc_by(report.partial_restore_failures);
+        self.iptables_restore_failures
+            .inc_by(report.partial_restore_failures);
+        if let Some((nat, filter)) = report.iptables_rules {
+            for (table, n) in [("nat", nat), ("filter", filter)] {
+                self.iptables_rules
+                    .get_or_create(&vec![("table", table)])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
         self.conntrack_deleted("4", report.conntrack_deleted_v4);
         self.conntrack_deleted("6", report.conntrack_deleted_v6);
         self.conntrack_failures.inc_by(report.conntrack_failures);
@@ -471,6 +529,7 @@ mod tests {
                     conntrack_deleted_v4: 2,
                     conntrack_deleted_v6: 1,
                     conntrack_failures: 1,
+                    ..SyncReport::default()
                 })
             } else {
                 Err("nft: boom".into())
@@ -482,6 +541,56 @@ mod tests {
             trigger_times: Vec::new(),
             desired: state,
         }
+    }
+
+    #[test]
+    fn iptables_mode_has_kube_proxys_iptables_metrics() {
+        let m = Metrics::for_mode("iptables");
+        let text = m.encode();
+        assert!(text.contains("# TYPE kubeproxy_sync_proxy_rules_iptables_total gauge"));
+        assert!(text.contains("kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"} 0"));
+        assert!(
+            text.contains("# TYPE kubeproxy_sync_proxy_rules_iptables_restore_failures counter")
+        );
+        assert!(!text.contains("nftables_sync_failures"), "{text}");
+        let state = state(vec![], &[]);
+        m.record_sync(&outcome(true, 5, false, state.clone()), SystemTime::now());
+        let mut ok = outcome(true, 5, true, state);
+        if let Ok(r) = &mut ok.result {
+            r.partial_restore_failures = 1;
+            r.iptables_rules = Some((120, 7));
+        }
+        m.record_sync(&ok, SystemTime::now());
+        let text = m.encode();
+        assert_eq!(
+            sample(
+                &text,
+                "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"}"
+            ),
+            Some(120.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "kubeproxy_sync_proxy_rules_iptables_total{table=\"filter\"}"
+            ),
+            Some(7.0)
+        );
+        assert!(!Metrics::new().encode().contains("iptables"));
     }
 
     #[test]

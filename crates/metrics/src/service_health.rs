@@ -97,18 +97,7 @@ impl HealthCheckServers {
     }
 
     async fn start(&self, port: u16, check: HealthCheck) -> std::io::Result<Running> {
-        let listener = if self.bind_ip.is_unspecified() {
-            match listen_dual_stack(port) {
-                Ok(listener) => listener,
-                // No IPv6 on this host (e.g. disabled by sysctl): IPv4 is all there is.
-                Err(err) if err.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
-                    tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).await?
-                }
-                Err(err) => return Err(err),
-            }
-        } else {
-            tokio::net::TcpListener::bind(SocketAddr::new(self.bind_ip, port)).await?
-        };
+        let listener = crate::http::listen(SocketAddr::new(self.bind_ip, port))?;
         let local_addr = listener.local_addr()?;
         let (tx, rx) = watch::channel(check);
         let router = Router::new().fallback(answer).with_state(ServerState {
@@ -144,20 +133,6 @@ impl HealthCheckServers {
             }
         }
     }
-}
-
-/// `[::]:port` with IPV6_V6ONLY off: one socket for both families (an IPv4 client shows
-/// up as `::ffff:a.b.c.d`), whatever `net.ipv6.bindv6only` says. SO_REUSEADDR as tokio's
-/// own `bind`, so a port freed a moment ago can be taken again.
-fn listen_dual_stack(port: u16) -> std::io::Result<tokio::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_only_v6(false)?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port).into())?;
-    socket.listen(1024)?;
-    tokio::net::TcpListener::from_std(socket.into())
 }
 
 async fn answer(State(st): State<ServerState>) -> Response {

@@ -178,6 +178,30 @@ async fn bind_error_names_flag_and_address() {
     );
 }
 
+/// `0.0.0.0` serves both families, as Go's `net.Listen` does for kube-proxy's servers;
+/// a specific address only itself.
+#[tokio::test]
+async fn unspecified_ipv4_listens_on_both_families() {
+    let any = http::bind("--healthz-bind-address", (Ipv4Addr::UNSPECIFIED, 0).into())
+        .await
+        .unwrap();
+    let port = any.local_addr().unwrap().port();
+    for ip in [LOCALHOST, IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        TcpStream::connect((ip, port))
+            .await
+            .unwrap_or_else(|e| panic!("{ip} port {port}: {e}"));
+    }
+    let one = http::bind("--healthz-bind-address", (LOCALHOST, 0).into())
+        .await
+        .unwrap();
+    let port = one.local_addr().unwrap().port();
+    assert!(
+        TcpStream::connect((Ipv6Addr::LOCALHOST, port))
+            .await
+            .is_err()
+    );
+}
+
 #[tokio::test]
 async fn health_check_servers_follow_the_desired_state() {
     let (p1, p2, p3) = (free_port(), free_port(), free_port());

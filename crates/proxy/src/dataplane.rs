@@ -30,6 +30,11 @@ pub struct SyncReport {
     pub conntrack_deleted_v6: u64,
     /// Conntrack cleanup failures (they never fail the sync: the rules are applied).
     pub conntrack_failures: u64,
+    /// iptables mode: the rules svcplane owns in the nat and filter tables after this
+    /// sync, both families together (`kubeproxy_sync_proxy_rules_iptables_total{table}`).
+    pub iptables_rules: Option<(u64, u64)>,
+    /// iptables mode: partial restores refused during this sync (then retried in full).
+    pub partial_restore_failures: u64,
 }
 
 /// A dataplane backend: translates the desired state into kernel state.

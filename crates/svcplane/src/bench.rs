@@ -2,13 +2,14 @@
 //! Services with E endpoints each are written to a manifests directory, `svcplane proxy`
 //! programs a scratch network namespace from it, and then one EndpointSlice file is
 //! rewritten R times: each time the proxy's own metrics say when the change was in the
-//! kernel, so the number is "file changed → rules in the kernel".
+//! kernel, so the number is "file changed → rules in the kernel". (`bench datapath`, what
+//! the rules cost a packet, is in [`datapath`].)
 //!
 //! The proxy runs as in production (its watcher, debounce, engine and backend); only
 //! `--min-sync-period 0` is set, so a change is not held back by the previous sync.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,9 @@ use anyhow::{Context, Result, bail};
 use svcplane_testkit::{Daemon, Netns, metric_value};
 
 use crate::cli::BenchSyncArgs;
+
+mod datapath;
+pub use datapath::datapath;
 
 const METRICS: &str = "127.0.0.1:10249";
 const HEALTHZ: &str = "127.0.0.1:10256";
@@ -48,6 +52,8 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
         "proxy",
         "--proxy-mode",
         &args.proxy_mode,
+        "--iptables-dispatch",
+        &args.iptables_dispatch,
         "--hostname-override",
         "bench-node",
     ]);
@@ -177,29 +183,38 @@ fn summary(v: &mut [f64]) -> String {
 }
 
 /// 10.96.0.1 onwards (the 10.96.0.0/12 service range holds 1M addresses).
-fn cluster_ip(i: u32) -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::from(0x0a60_0001 + i)
+fn cluster_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a60_0001 + i)
 }
 
 /// Endpoint addresses in 10.128.0.0/9 (8M addresses).
-fn endpoint_ip(n: u32) -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::from(0x0a80_0000 + n)
+fn endpoint_ip(n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a80_0000 + n)
 }
 
-fn slice_yaml(out: &mut String, i: u32, endpoints: u32, first: u32) {
+/// `service`'s EndpointSlice in namespace `bench`: port `http` 8080/TCP, every address ready.
+fn slice_yaml(out: &mut String, service: &str, addresses: impl IntoIterator<Item = Ipv4Addr>) {
     let _ = write!(
         out,
         "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata: {{name: svc-{i}-1, namespace: bench, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
+         metadata: {{name: {service}-1, namespace: bench, labels: {{kubernetes.io/service-name: {service}}}}}\n\
          addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n"
     );
-    for e in 0..endpoints {
+    for ip in addresses {
         let _ = writeln!(
             out,
-            "  - {{addresses: [\"{}\"], conditions: {{ready: true}}}}",
-            endpoint_ip(first + e)
+            "  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}}}"
         );
     }
+}
+
+/// A ClusterIP Service in namespace `bench`: port `http` 80/TCP → 8080.
+fn service_yaml(out: &mut String, name: &str, cluster_ip: Ipv4Addr) {
+    let _ = write!(
+        out,
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\n\
+         spec: {{clusterIP: {cluster_ip}, ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]}}\n"
+    );
 }
 
 /// Every Service and EndpointSlice in one file, except service 0's slice, which lives in
@@ -208,14 +223,11 @@ fn slice_yaml(out: &mut String, i: u32, endpoints: u32, first: u32) {
 fn write_manifests(dir: &Path, services: u32, endpoints: u32) -> Result<()> {
     let mut out = String::with_capacity(services as usize * (400 + 60 * endpoints as usize));
     for i in 0..services {
-        let _ = write!(
-            out,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\n\
-             spec: {{clusterIP: {}, ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]}}\n",
-            cluster_ip(i)
-        );
+        let name = format!("svc-{i}");
+        service_yaml(&mut out, &name, cluster_ip(i));
         if i > 0 {
-            slice_yaml(&mut out, i, endpoints, i * endpoints);
+            let first = i * endpoints;
+            slice_yaml(&mut out, &name, (first..first + endpoints).map(endpoint_ip));
         }
     }
     std::fs::write(dir.join("services.yaml"), out).context("writing services.yaml")?;
@@ -227,7 +239,12 @@ fn write_manifests(dir: &Path, services: u32, endpoints: u32) -> Result<()> {
 fn write_changing_slice(dir: &Path, endpoints: u32, round: u32) -> Result<()> {
     let mut out = String::new();
     // Above every other service's endpoints.
-    slice_yaml(&mut out, 0, endpoints, 0x0070_0000 + round);
+    let first = 0x0070_0000 + round;
+    slice_yaml(
+        &mut out,
+        "svc-0",
+        (first..first + endpoints).map(endpoint_ip),
+    );
     let tmp = dir.join(".changing.yaml.tmp");
     std::fs::write(&tmp, out).context("writing the changed slice")?;
     std::fs::rename(&tmp, dir.join("changing.yaml")).context("replacing changing.yaml")?;

@@ -69,6 +69,47 @@ pub enum BenchCommand {
     /// N ClusterIP services through `svcplane proxy`: the first full sync, then how long one
     /// EndpointSlice change takes from the file being written to the rules being in the kernel.
     Sync(BenchSyncArgs),
+    /// Connect latency from a pod through the last-programmed of N ClusterIP services, side
+    /// by side with straight to the pod's IP (and pod to pod on a node without rules), in a
+    /// virtual cluster running `svcplane proxy`.
+    Datapath(BenchDatapathArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  \
+                        svcplane bench datapath --services 1000,10000,30000 --requests 2000\n  \
+                        svcplane bench datapath --proxy-mode iptables -- --iptables-dispatch linear")]
+pub struct BenchDatapathArgs {
+    /// The proxy's --proxy-mode.
+    #[arg(long, value_name = "MODE", default_value = "nftables")]
+    pub proxy_mode: String,
+    /// Numbers of ClusterIP services, comma-separated: one measurement (a fresh cluster and
+    /// proxy) per number.
+    #[arg(
+        long,
+        value_name = "N[,N...]",
+        value_delimiter = ',',
+        default_value = "1000,10000"
+    )]
+    pub services: Vec<u32>,
+    /// New connections per path (through the ClusterIP, straight to the pod IP, and the
+    /// reference on a node without rules) per measurement.
+    #[arg(long, value_name = "R", default_value_t = 2000)]
+    pub requests: u32,
+    /// Endpoints of each other service (addresses that need not exist; they only make the
+    /// rule set as large as a real one).
+    #[arg(long, value_name = "E", default_value_t = 1)]
+    pub endpoints: u32,
+    /// How long to wait for the proxy's first sync per size (Go duration).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::duration::parse_go_duration)]
+    pub first_sync_wait: std::time::Duration,
+    /// One more argument for `svcplane proxy` (repeatable), e.g.
+    /// `--proxy-arg=--iptables-dispatch=linear`.
+    #[arg(long = "proxy-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub proxy_args: Vec<String>,
+    /// Arguments after `--` go to `svcplane proxy` too.
+    #[arg(last = true, value_name = "PROXY ARGS")]
+    pub trailing_proxy_args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -82,14 +123,18 @@ pub struct BenchSyncArgs {
     /// How many times one EndpointSlice is changed.
     #[arg(long, default_value_t = 20)]
     pub rounds: u32,
-    /// The mode to measure (nftables or ebpf; ebpf pins under /run/svcplane-test-bpf and
-    /// attaches to a scratch cgroup, so the host's services are untouched).
+    /// The mode to measure (nftables, iptables, ipvs or ebpf; ebpf pins under
+    /// /run/svcplane-test-bpf and attaches to a scratch cgroup, so the host's services are
+    /// untouched).
     #[arg(long, default_value = "nftables", value_name = "MODE")]
     pub proxy_mode: String,
+    /// iptables mode's dispatch (tree or linear).
+    #[arg(long, default_value = "tree", value_name = "tree|linear")]
+    pub iptables_dispatch: String,
 }
 
 /// Flags shared by `proxy` and `render`: where objects come from and how the node is configured.
-#[derive(Debug, Args, Clone)]
+#[derive(Debug, Args, Clone, Default)]
 pub struct EngineArgs {
     /// Dataplane mode: nftables, iptables, ipvs or ebpf (default nftables).
     #[arg(long, value_name = "MODE")]
@@ -120,6 +165,19 @@ pub struct EngineArgs {
     /// A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file; flags given explicitly override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// iptables mode: how a new connection finds its service: `tree` (destination-prefix
+    /// chains, O(log N) rules) or `linear` (kube-proxy's flat KUBE-SERVICES list, O(N)).
+    #[arg(long, value_name = "tree|linear")]
+    pub iptables_dispatch: Option<String>,
+
+    /// IPVS mode: the virtual servers' scheduler, rr (default), wrr, lc, sh or mh.
+    #[arg(long, value_name = "NAME")]
+    pub ipvs_scheduler: Option<String>,
+
+    /// IPVS mode: set arp_ignore=1 and arp_announce=2 (for MetalLB-style L2 announcements).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub ipvs_strict_arp: Option<bool>,
 
     #[command(flatten)]
     pub ebpf: EbpfArgs,

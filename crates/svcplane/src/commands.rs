@@ -43,6 +43,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Dns(args) => crate::dns::run(args),
         Command::Lab(args) => crate::lab::run(args),
         Command::Bench(crate::cli::BenchCommand::Sync(args)) => crate::bench::sync(args),
+        Command::Bench(crate::cli::BenchCommand::Datapath(args)) => crate::bench::datapath(args),
     }
 }
 
@@ -97,16 +98,19 @@ pub(crate) fn render_script(settings: &EngineSettings) -> Result<(String, Vec<Pr
         engine.apply(change);
     }
     let desired = engine.desired();
-    let backend = svcplane_dataplane::backend_with(settings.mode, &settings.backend);
+    let backend = svcplane_dataplane::backend_with(settings.mode, settings.backend_options());
     let text = backend.render(&desired)?;
     Ok((text, problems))
 }
 
 fn proxy(args: ProxyArgs) -> Result<()> {
     let settings = ProxySettings::resolve(&args)?;
-    if !matches!(settings.engine.mode, ProxyMode::Nftables | ProxyMode::Ebpf) {
+    if !matches!(
+        settings.engine.mode,
+        ProxyMode::Nftables | ProxyMode::Iptables | ProxyMode::Ipvs | ProxyMode::Ebpf
+    ) {
         bail!(
-            "proxy mode {} is not implemented yet; available: nftables, ebpf",
+            "proxy mode {} is not implemented yet; available: nftables, iptables, ipvs, ebpf",
             settings.engine.mode
         );
     }
@@ -134,7 +138,7 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let dns_metrics = Arc::new(svcplane_dns::DnsMetrics::new());
-        let mut metrics = Metrics::new();
+        let mut metrics = Metrics::for_mode(settings.engine.mode.as_str());
         if dns_settings.is_some() {
             dns_metrics.register(metrics.registry_mut());
         }
@@ -201,14 +205,18 @@ fn proxy(args: ProxyArgs) -> Result<()> {
             None => (rx, None),
         };
         let engine = Engine::new(settings.engine.engine_config());
-        for line in svcplane_dataplane::remove_other_modes(
-            settings.engine.mode,
-            &settings.engine.backend,
-        ) {
-            tracing::info!("{line}");
+        // kube-proxy's CleanupLeftovers: the other modes' rules would fight this one's.
+        let mode = settings.engine.mode;
+        let options = settings.engine.backend_options();
+        for line in tokio::task::spawn_blocking(move || {
+            svcplane_dataplane::remove_other_modes(mode, &options)
+        })
+        .await
+            .unwrap_or_default()
+        {
+            tracing::info!("switching to {mode} mode: {line}");
         }
-        let backend =
-            svcplane_dataplane::backend_with(settings.engine.mode, &settings.engine.backend);
+        let backend = svcplane_dataplane::backend_with(mode, settings.engine.backend_options());
         let loop_config = SyncLoopConfig {
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,
@@ -427,7 +435,7 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
     }
     let mut failed = Vec::new();
     for mode in modes {
-        match svcplane_dataplane::backend_with(mode, &options).cleanup() {
+        match svcplane_dataplane::backend_with(mode, options.clone()).cleanup() {
             Ok(()) => tracing::info!("cleaned up {mode} rules"),
             Err(err) => {
                 eprintln!("error: cleanup of {mode} failed: {err}");
@@ -479,6 +487,9 @@ mod tests {
             nodeport_addresses: None,
             masquerade_all: None,
             config: None,
+            iptables_dispatch: None,
+            ipvs_scheduler: None,
+            ipvs_strict_arp: None,
         })
         .unwrap()
     }

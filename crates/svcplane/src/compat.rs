@@ -52,7 +52,9 @@ const fn bool_flag(name: &'static str, treatment: Treatment) -> Flag {
 
 const CONNTRACK: Treatment =
     Ignored("svcplane leaves the node's conntrack sysctls as they are; set them on the node");
-const IPVS: Treatment = Ignored("svcplane has no IPVS mode yet");
+const IPVS: Treatment = Ignored(
+    "not implemented by svcplane's IPVS mode (the kernel's IPVS timeouts stay as they are; no excluded CIDRs)",
+);
 
 const FLAGS: &[Flag] = &[
     flag(
@@ -123,9 +125,7 @@ const FLAGS: &[Flag] = &[
             ipvs: true,
         },
     ),
-    flag("ipvs-scheduler", IPVS),
     flag("ipvs-exclude-cidrs", IPVS),
-    bool_flag("ipvs-strict-arp", IPVS),
     flag("ipvs-tcp-timeout", IPVS),
     flag("ipvs-tcpfin-timeout", IPVS),
     flag("ipvs-udp-timeout", IPVS),
@@ -368,7 +368,7 @@ mod tests {
     #[test]
     fn boolean_flags_take_an_optional_value() {
         let r = resolve(
-            &["--ipvs-strict-arp=false", "--profiling"],
+            &["--iptables-localhost-nodeports=false", "--profiling"],
             ProxyMode::Nftables,
         )
         .unwrap();

@@ -25,6 +25,9 @@ pub struct FileConfig {
     pub cluster_cidrs: Option<Vec<IpNet>>,
     pub nodeport_addresses: Option<Vec<IpNet>>,
     pub masquerade_all: Option<bool>,
+    /// `ipvs.scheduler`, `ipvs.strictARP` (ipvs mode only).
+    pub ipvs_scheduler: Option<String>,
+    pub ipvs_strict_arp: Option<bool>,
     pub metrics_bind_address: Option<SocketAddr>,
     pub healthz_bind_address: Option<SocketAddr>,
     pub min_sync_period: Option<Duration>,
@@ -92,9 +95,9 @@ const IPTABLES: &[Field] = &[
 const IPVS: &[Field] = &[
     f("syncPeriod", GoDuration, ModeHonoured),
     f("minSyncPeriod", GoDuration, ModeHonoured),
-    f("scheduler", Str, Ignored),
+    f("scheduler", Str, ModeHonoured),
     f("excludeCIDRs", StrList, Ignored),
-    f("strictARP", Bool, Ignored),
+    f("strictARP", Bool, ModeHonoured),
     f("tcpTimeout", GoDuration, Ignored),
     f("tcpFinTimeout", GoDuration, Ignored),
     f("udpTimeout", GoDuration, Ignored),
@@ -241,6 +244,10 @@ pub fn parse_file_config(text: &str) -> Result<FileConfig> {
     if let Some(Value::Object(sub)) = map.get(selected.as_str()) {
         let section = selected.as_str();
         cfg.masquerade_all = sub.get("masqueradeAll").and_then(Value::as_bool);
+        if section == "ipvs" {
+            cfg.ipvs_scheduler = opt_str(sub, "scheduler")?.filter(|s| !s.is_empty());
+            cfg.ipvs_strict_arp = sub.get("strictARP").and_then(Value::as_bool);
+        }
         if let Some(d) = opt_str(sub, "syncPeriod")? {
             cfg.sync_period = Some(duration(&d).with_context(|| format!("{section}.syncPeriod"))?);
         }

@@ -355,14 +355,9 @@ fn options_from_the_configmap(kubeconfig: &Path) -> svcplane_source::ApiClientOp
     let config_path = kubeconfig.with_file_name("config.conf");
     std::fs::write(&config_path, text).expect("write config.conf");
     let engine = crate::settings::EngineSettings::resolve(&crate::cli::EngineArgs {
-        ebpf: Default::default(),
-        proxy_mode: None,
-        manifests: None,
         hostname_override: Some("node-a".into()),
-        cluster_cidr: None,
-        nodeport_addresses: None,
-        masquerade_all: None,
         config: Some(config_path),
+        ..crate::cli::EngineArgs::default()
     })
     .expect("the ConfigMap's config.conf");
     let api = crate::cli::ApiArgs::default();

@@ -44,6 +44,9 @@ pub fn run(args: LabArgs) -> Result<()> {
         nodeport_addresses: None,
         masquerade_all: None,
         config: None,
+        iptables_dispatch: None,
+        ipvs_scheduler: None,
+        ipvs_strict_arp: None,
     })?;
     render_excerpt(&settings, &dir)?;
 
@@ -145,9 +148,9 @@ fn on_path(tool: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
 }
 
-/// A flag set by SIGINT or SIGTERM, so the lab stops between steps and tears down
-/// (the default action would kill it with every namespace left behind).
-fn watch_signals() -> Result<Arc<AtomicBool>> {
+/// A flag set by SIGINT or SIGTERM, so the lab (and `bench datapath`) stops between steps
+/// and tears down (the default action would kill it with every namespace left behind).
+pub(crate) fn watch_signals() -> Result<Arc<AtomicBool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let stop = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -177,7 +180,7 @@ fn watch_signals() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-fn check(stop: &AtomicBool) -> Result<()> {
+pub(crate) fn check(stop: &AtomicBool) -> Result<()> {
     if stop.load(Ordering::SeqCst) {
         bail!("interrupted");
     }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
-use svcplane_dataplane::ProxyMode;
+use svcplane_dataplane::iptables::Dispatch;
+use svcplane_dataplane::{BackendOptions, ProxyMode};
 use svcplane_proxy::EngineConfig;
 
 use crate::cli::{EngineArgs, ProxyArgs};
@@ -28,8 +29,12 @@ pub struct EngineSettings {
     pub cluster_cidrs: Vec<IpNet>,
     pub nodeport_addresses: Vec<IpNet>,
     pub masquerade_all: bool,
-    /// Mode-specific backend settings (eBPF's pin path, cgroup, map sizes).
-    pub backend: svcplane_dataplane::BackendOptions,
+    /// `--iptables-dispatch` (iptables mode).
+    pub iptables_dispatch: Dispatch,
+    /// IPVS mode's scheduler and strict ARP.
+    pub ipvs: svcplane_dataplane::IpvsOptions,
+    /// eBPF mode's pin path, cgroup and map sizes.
+    pub ebpf: svcplane_dataplane::EbpfOptions,
     /// What the --config file said (for the proxy-only settings).
     pub file: FileConfig,
 }
@@ -79,6 +84,31 @@ impl EngineSettings {
             None => file.nodeport_addresses.clone().unwrap_or_default(),
         };
         let masquerade_all = args.masquerade_all.or(file.masquerade_all).unwrap_or(false);
+        let iptables_dispatch = match &args.iptables_dispatch {
+            Some(d) => d
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--iptables-dispatch: {e}"))?,
+            None => Dispatch::default(),
+        };
+        let scheduler = args
+            .ipvs_scheduler
+            .clone()
+            .or_else(|| file.ipvs_scheduler.clone())
+            .unwrap_or_default();
+        let ipvs = svcplane_dataplane::IpvsOptions {
+            scheduler: svcplane_dataplane::ipvs::parse_scheduler(&scheduler)
+                .map_err(anyhow::Error::msg)
+                .context("--ipvs-scheduler")?,
+            strict_arp: args
+                .ipvs_strict_arp
+                .or(file.ipvs_strict_arp)
+                .unwrap_or(false),
+        };
+        if mode != ProxyMode::Ipvs
+            && (args.ipvs_scheduler.is_some() || args.ipvs_strict_arp.is_some())
+        {
+            tracing::warn!("--ipvs-scheduler/--ipvs-strict-arp: ignored in {mode} mode");
+        }
         Ok(EngineSettings {
             mode,
             manifests: args.manifests.clone(),
@@ -86,11 +116,20 @@ impl EngineSettings {
             cluster_cidrs,
             nodeport_addresses,
             masquerade_all,
-            backend: svcplane_dataplane::BackendOptions {
-                ebpf: args.ebpf.options()?,
-            },
+            iptables_dispatch,
+            ipvs,
+            ebpf: args.ebpf.options()?,
             file,
         })
+    }
+
+    /// The backend's mode-specific options.
+    pub fn backend_options(&self) -> BackendOptions {
+        BackendOptions {
+            iptables_dispatch: self.iptables_dispatch,
+            ipvs: self.ipvs.clone(),
+            ebpf: self.ebpf.clone(),
+        }
     }
 
     pub fn engine_config(&self) -> EngineConfig {

@@ -276,6 +276,7 @@ fn a_proxy_that_reaches_the_api_only_through_a_cluster_ip_it_programs_is_stuck()
                 log: Some(log_a.clone()),
                 env: pod_env.clone(),
                 no_wait: true,
+                ..ProxyLaunch::default()
             },
         )
         .expect("svcplane proxy via the ClusterIP");
@@ -338,7 +339,7 @@ fn a_proxy_that_reaches_the_api_only_through_a_cluster_ip_it_programs_is_stuck()
             &ProxyLaunch {
                 log: Some(log_b.clone()),
                 env: pod_env.clone(),
-                no_wait: false,
+                ..ProxyLaunch::default()
             },
         )
         .expect("svcplane proxy with the real address becomes ready");
@@ -369,7 +370,7 @@ fn a_proxy_that_reaches_the_api_only_through_a_cluster_ip_it_programs_is_stuck()
             &ProxyLaunch {
                 log: Some(log_c.clone()),
                 env: pod_env,
-                no_wait: false,
+                ..ProxyLaunch::default()
             },
         )
         .expect("the ClusterIP configuration syncs once the rules exist");

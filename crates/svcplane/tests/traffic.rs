@@ -1,399 +1,125 @@
-//! Real traffic through `svcplane proxy --proxy-mode nftables` (root): a two-node
-//! virtual cluster from the test kit, echo servers in every pod, the proxy on node-a,
-//! requests from a pod on node-a and from the external client.
+//! The scenario table: real traffic through `svcplane proxy` (root), every scenario in
+//! every mode the binary has and in both families. Each cell builds its own two-node
+//! virtual cluster from the test kit (echo servers in every pod, the proxy on node-a in
+//! the cell's mode, the external client outside), so cells run in parallel.
 //!
-//! Adding a scenario: add its Service (and pods, if it needs new ones) to [`SERVICES`]
-//! / [`Env::start`], then a `#[test]` that calls `Env::start()` and sends requests.
-//! Each test builds its own cluster, so they run in parallel without sharing state.
+//! Test names are `MODE::FAMILY::SCENARIO`; run one cell with e.g.
+//! `cargo test -p svcplane --test traffic nftables::v6::hairpin_is_masqueraded`.
+//!
+//! Adding a scenario: write `fn name(cell: Cell)` below, starting with
+//! `let Some(env) = Env::start(cell) else { return };` (it returns `None` when the test
+//! must skip: not root). Address everything through `env` (`env.at(MANY, 80)`,
+//! `env.pod_ip(..)`, `env.node_at(..)`): addresses come in both families from
+//! `traffic/env.rs` (a new Service goes into its `SERVICES`, its addresses into
+//! `ADDRESSES`). Then add `name` to `scenarios` in [`scenario_table!`] below. If a mode
+//! or family cannot meet it, mark the cell there, `name { iptables/v6: "why" }` (`_` for
+//! every mode or family): the cell prints `SKIP mode/family/name: why` instead of running,
+//! and the README's "Scenario table" must list the mark (a test checks).
+//!
+//! Adding a mode: add it to `modes` below, and its tools and how to wreck its rules in
+//! `traffic/modes.rs`. A test fails while the binary implements a mode the list lacks.
+//!
+//! Scenarios assert on traffic and on svcplane's HTTP endpoints, never on a mode's rule
+//! text: checks of what a backend programs belong to that backend's own tests.
 
-use std::collections::BTreeSet;
+// A test crate's root resolves modules beside it, so the directory is named.
+#[macro_use]
+#[path = "traffic/table.rs"]
+mod table;
+#[path = "traffic/env.rs"]
+mod env;
+#[path = "traffic/modes.rs"]
+mod modes;
+
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use svcplane_testkit::{
-    Cluster, EchoReply, Manifests, PodSpec, Proto, ProxyHandle, RequestError, parse_echo,
-    skip_unless_root,
-};
+use svcplane_testkit::{PodSpec, Proto, RequestError, parse_echo};
 
-/// Per-request timeout: only bounds how long a broken test hangs.
-const T: Duration = Duration::from_secs(3);
-/// Requests sent to see every endpoint of a multi-endpoint service. With random
-/// choice between 2 endpoints, missing one in 64 tries has probability 2^-63.
-const SPREAD_TRIES: usize = 64;
+use env::*;
 
-const SERVICES: &str = r#"
-# One endpoint (one-a on node-a), dual-stack, port 80 -> targetPort 8080.
-apiVersion: v1
-kind: Service
-metadata: {name: one, namespace: default}
-spec:
-  selector: {app: one}
-  ipFamilyPolicy: RequireDualStack
-  ipFamilies: [IPv4, IPv6]
-  clusterIP: 10.96.1.1
-  clusterIPs: [10.96.1.1, "fd00:96::1:1"]
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-# Two endpoints, one per node.
-apiVersion: v1
-kind: Service
-metadata: {name: many, namespace: default}
-spec:
-  selector: {app: many}
-  clusterIP: 10.96.1.2
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-# TCP and UDP on the same port number, mapped to different target ports so the echo
-# reply proves which rule each protocol went through.
-apiVersion: v1
-kind: Service
-metadata: {name: dns, namespace: default}
-spec:
-  selector: {app: dns}
-  clusterIP: 10.96.1.3
-  ports:
-    - {name: dns-tcp, port: 53, protocol: TCP, targetPort: 5353}
-    - {name: dns-udp, port: 53, protocol: UDP, targetPort: 5354}
----
-# NodePort over the two "many" pods.
-apiVersion: v1
-kind: Service
-metadata: {name: np, namespace: default}
-spec:
-  type: NodePort
-  selector: {app: many}
-  clusterIP: 10.96.1.4
-  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
----
-# Selects nothing: no endpoints.
-apiVersion: v1
-kind: Service
-metadata: {name: empty, namespace: default}
-spec:
-  selector: {app: nobody}
-  clusterIP: 10.96.1.5
-  ports: [{name: http, port: 80}]
----
-# LoadBalancer with source ranges: only 203.0.113.0/24 may use the LB IP.
-apiVersion: v1
-kind: Service
-metadata: {name: lb, namespace: default}
-spec:
-  type: LoadBalancer
-  selector: {app: many}
-  clusterIP: 10.96.1.6
-  loadBalancerSourceRanges: [203.0.113.0/24]
-  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081}]
-status:
-  loadBalancer:
-    ingress: [{ip: 192.0.2.10}]
----
-# An external IP.
-apiVersion: v1
-kind: Service
-metadata: {name: ext, namespace: default}
-spec:
-  selector: {app: one}
-  clusterIP: 10.96.1.7
-  externalIPs: [192.0.2.20]
-  ports: [{name: http, port: 8000, targetPort: 8080}]
----
-# externalTrafficPolicy Local; its only endpoint (one-a) is on node-a.
-apiVersion: v1
-kind: Service
-metadata: {name: local, namespace: default}
-spec:
-  type: NodePort
-  externalTrafficPolicy: Local
-  selector: {app: one}
-  clusterIP: 10.96.1.8
-  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30083}]
----
-# ClientIP session affinity over the two "many" pods.
-apiVersion: v1
-kind: Service
-metadata: {name: sticky, namespace: default}
-spec:
-  selector: {app: many}
-  clusterIP: 10.96.1.9
-  sessionAffinity: ClientIP
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-# internalTrafficPolicy Local over the two "many" pods (one per node).
-apiVersion: v1
-kind: Service
-metadata: {name: itp, namespace: default}
-spec:
-  selector: {app: many}
-  clusterIP: 10.96.1.10
-  internalTrafficPolicy: Local
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-# externalTrafficPolicy Local, dual-stack, an externalIP and a LoadBalancer IP per family;
-# its only endpoint (remote-b) is on node-b, so node-a has no local endpoint.
-apiVersion: v1
-kind: Service
-metadata: {name: local-remote, namespace: default}
-spec:
-  type: LoadBalancer
-  externalTrafficPolicy: Local
-  selector: {app: remote}
-  ipFamilyPolicy: RequireDualStack
-  ipFamilies: [IPv4, IPv6]
-  clusterIP: 10.96.1.11
-  clusterIPs: [10.96.1.11, "fd00:96::1:11"]
-  externalIPs: [192.0.2.30, "2001:db8::30"]
-  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30084}]
-status:
-  loadBalancer:
-    ingress: [{ip: 192.0.2.40}, {ip: "2001:db8::40"}]
----
-# NodePorts outside the API server's default range (30000-32767), which clusters widen.
-apiVersion: v1
-kind: Service
-metadata: {name: np-wide, namespace: default}
-spec:
-  type: NodePort
-  selector: {app: many}
-  clusterIP: 10.96.1.12
-  ports:
-    - {name: low, port: 80, targetPort: 8080, nodePort: 3001}
-    - {name: web, port: 81, targetPort: 8080, nodePort: 80}
-"#;
-
-/// Requests that must all reach the same endpoint; with 2 endpoints chosen at random,
-/// all landing on one by chance has probability 2^-31.
-const STICKY_TRIES: usize = 32;
-
-/// The client's extra source address, inside the `lb` service's source ranges.
-const ALLOWED_SRC: &str = "203.0.113.10";
-
-/// The standard cluster, its manifests and the proxy on node-a. Field order is drop
-/// order: the proxy stops before the cluster's namespaces go away.
-struct Env {
-    proxy: Option<ProxyHandle>,
-    manifests: Manifests,
-    cluster: Cluster,
+scenario_table! {
+    modes: [nftables, iptables, ipvs];
+    scenarios: [
+        cluster_ip_one_endpoint_with_target_port_from_a_pod,
+        cluster_ip_many_endpoints_spread_from_a_pod,
+        cluster_ip_from_the_external_client_is_masqueraded,
+        tcp_and_udp_on_the_same_port_number,
+        node_port_from_the_external_client,
+        node_ports_outside_the_default_range,
+        udp_to_a_tcp_only_port_is_rejected,
+        service_without_endpoints_is_rejected,
+        load_balancer_source_ranges_allow_and_block_but_not_the_node_port,
+        external_ip_from_the_external_client,
+        external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints,
+        external_traffic_policy_local_from_the_node_itself {
+            ipvs/_: "IPVS chooses real servers by destination only: the node's own traffic \
+                to an eTP Local address gets that address's local-only real servers, not the \
+                cluster-wide endpoints (as in kube-proxy's IPVS mode)",
+        },
+        hairpin_is_masqueraded,
+        session_affinity_client_ip_is_sticky,
+        internal_traffic_policy_local_stays_on_the_node,
+        topology_hints_keep_traffic_in_the_zone,
+        terminating_endpoints_serve_only_when_no_endpoint_is_ready,
+        udp_conntrack_cleared,
+        a_manifest_change_reaches_the_kernel,
+        a_malformed_file_leaves_working_services_alone,
+        wrecked_rules_are_repaired_by_the_periodic_check,
+        a_restart_fails_no_connection,
+        healthz_and_livez_answer_after_the_first_sync,
+        metrics_through_the_binary,
+        metrics_listen_on_loopback_only_by_default,
+        health_check_node_port,
+    ];
 }
 
-impl Env {
-    /// `None` when the test must skip (not root, tools missing).
-    fn start() -> Option<Env> {
-        Env::start_with(&[])
-    }
-
-    /// [`Env::start`] with extra `svcplane proxy` flags.
-    fn start_with(proxy_args: &[&str]) -> Option<Env> {
-        if skip_unless_root(&["ip", "nft", "sysctl"]) {
-            return None;
-        }
-        let cluster = Cluster::builder()
-            .node("node-a", "zone-a")
-            .node("node-b", "zone-b")
-            // A pod without labels: the in-cluster client on node-a.
-            .pod(PodSpec::new("client-a", "node-a"))
-            .pod(
-                PodSpec::new("one-a", "node-a")
-                    .label("app", "one")
-                    .tcp(&[8080]),
-            )
-            .pod(
-                PodSpec::new("many-a", "node-a")
-                    .label("app", "many")
-                    .tcp(&[8080]),
-            )
-            .pod(
-                PodSpec::new("many-b", "node-b")
-                    .label("app", "many")
-                    .tcp(&[8080]),
-            )
-            .pod(
-                PodSpec::new("remote-b", "node-b")
-                    .label("app", "remote")
-                    .tcp(&[8080]),
-            )
-            .pod(
-                PodSpec::new("dns-b", "node-b")
-                    .label("app", "dns")
-                    .tcp(&[5353])
-                    .udp(&[5354]),
-            )
-            .client_address(ALLOWED_SRC.parse().expect("address"))
-            .build()
-            .expect("virtual cluster");
-        // LoadBalancer and external IPs reach node-a, as an upstream router would send them.
-        cluster
-            .route_client_via("192.0.2.0/24", "node-a")
-            .expect("client route");
-        let manifests = cluster.manifests().expect("manifests");
-        manifests
-            .write("services.yaml", SERVICES)
-            .expect("services.yaml");
-        let proxy = cluster
-            .run_proxy(
-                env!("CARGO_BIN_EXE_svcplane"),
-                "node-a",
-                manifests.path(),
-                proxy_args,
-            )
-            .expect("svcplane proxy on node-a");
-        Some(Env {
-            proxy: Some(proxy),
-            manifests,
-            cluster,
-        })
-    }
-
-    /// `svcplane proxy` on `node` over this test's manifests (default flags).
-    fn run_proxy_on(&self, node: &str) -> ProxyHandle {
-        self.cluster
-            .run_proxy(
-                env!("CARGO_BIN_EXE_svcplane"),
-                node,
-                self.manifests.path(),
-                &[],
-            )
-            .unwrap_or_else(|e| panic!("svcplane proxy on {node}: {e}"))
-    }
-
-    /// `nft ARGS` in node-a's namespace: its stdout, or `None` when nft failed.
-    fn nft_on_node_a(&self, args: &[&str]) -> Option<String> {
-        let node = self.cluster.node("node-a").expect("node");
-        let out = node.netns().command("nft", args).output().expect("run nft");
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn pod_ip(&self, pod: &str) -> IpAddr {
-        IpAddr::V4(self.cluster.pod(pod).expect("pod").ipv4())
-    }
-
-    fn node_ip(&self, node: &str) -> IpAddr {
-        IpAddr::V4(self.cluster.node(node).expect("node").ipv4())
-    }
-
-    /// TCP from the named pod, or from the external client for `"client"` (its own
-    /// address) and `"client-allowed"` (from [`ALLOWED_SRC`]).
-    fn tcp(&self, from: &str, dst: &str) -> EchoReply {
-        let reply = self
-            .try_tcp(from, dst)
-            .unwrap_or_else(|e| panic!("TCP {from} -> {dst}: {e}"));
-        parse_echo(&reply).expect("echo reply")
-    }
-
-    fn udp(&self, from: &str, dst: &str) -> EchoReply {
-        let reply = self
-            .try_udp(from, dst)
-            .unwrap_or_else(|e| panic!("UDP {from} -> {dst}: {e}"));
-        parse_echo(&reply).expect("echo reply")
-    }
-
-    fn try_tcp(&self, from: &str, dst: &str) -> Result<String, RequestError> {
-        let dst: SocketAddr = dst.parse().expect("address");
-        if from == "client-allowed" {
-            let src = ALLOWED_SRC.parse().expect("address");
-            self.cluster
-                .tcp_request_from(self.cluster.client(), src, dst, T)
-        } else if from == "client" {
-            self.cluster.tcp_request(self.cluster.client(), dst, T)
-        } else {
-            let pod = self.cluster.pod(from).expect("pod");
-            self.cluster.tcp_request(pod, dst, T)
-        }
-    }
-
-    fn try_udp(&self, from: &str, dst: &str) -> Result<String, RequestError> {
-        let dst: SocketAddr = dst.parse().expect("address");
-        if from == "client" {
-            self.cluster.udp_request(self.cluster.client(), dst, T)
-        } else {
-            let pod = self.cluster.pod(from).expect("pod");
-            self.cluster.udp_request(pod, dst, T)
-        }
-    }
-
-    /// Send TCP requests until every pod in `want` answered (bounded), and return the
-    /// replies; asserts nothing outside `want` answered.
-    fn spread(&self, from: &str, dst: &str, want: &[&str]) -> Vec<EchoReply> {
-        let want: BTreeSet<IpAddr> = want.iter().map(|p| self.pod_ip(p)).collect();
-        let mut seen = BTreeSet::new();
-        let mut replies = Vec::new();
-        for _ in 0..SPREAD_TRIES {
-            let reply = self.tcp(from, dst);
-            assert!(want.contains(&reply.pod), "unexpected endpoint: {reply:?}");
-            seen.insert(reply.pod);
-            replies.push(reply);
-            if seen == want {
-                break;
-            }
-        }
-        assert_eq!(
-            seen, want,
-            "not every endpoint answered in {SPREAD_TRIES} tries"
-        );
-        replies
-    }
-}
-
-#[test]
-fn cluster_ip_one_endpoint_with_target_port_from_a_pod() {
-    let Some(env) = Env::start() else { return };
-    let reply = env.tcp("client-a", "10.96.1.1:80");
+fn cluster_ip_one_endpoint_with_target_port_from_a_pod(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
+    let reply = env.tcp("client-a", env.at(ONE, 80));
     assert_eq!(reply.pod, env.pod_ip("one-a"));
     assert_eq!((reply.proto, reply.port), (Proto::Tcp, 8080));
     // A pod in the cluster CIDR is not masqueraded.
     assert_eq!(reply.peer.ip(), env.pod_ip("client-a"));
 }
 
-#[test]
-fn cluster_ip_ipv6_from_a_pod() {
-    let Some(env) = Env::start() else { return };
-    let reply = env.tcp("client-a", "[fd00:96::1:1]:80");
-    let one = env.cluster.pod("one-a").expect("pod");
-    let client = env.cluster.pod("client-a").expect("pod");
-    assert_eq!(reply.pod, IpAddr::V6(one.ipv6()));
-    assert_eq!(reply.port, 8080);
-    assert_eq!(reply.peer.ip(), IpAddr::V6(client.ipv6()));
-}
-
-#[test]
-fn cluster_ip_many_endpoints_spread_from_a_pod() {
-    let Some(env) = Env::start() else { return };
+fn cluster_ip_many_endpoints_spread_from_a_pod(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
     let client = env.pod_ip("client-a");
-    for reply in env.spread("client-a", "10.96.1.2:80", &["many-a", "many-b"]) {
+    for reply in env.spread("client-a", env.at(MANY, 80), &["many-a", "many-b"]) {
         assert_eq!(reply.port, 8080);
         assert_eq!(reply.peer.ip(), client, "pod traffic must keep its source");
     }
 }
 
-#[test]
-fn cluster_ip_from_the_external_client_is_masqueraded() {
-    let Some(env) = Env::start() else { return };
+fn cluster_ip_from_the_external_client_is_masqueraded(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
     let node_a = env.node_ip("node-a");
-    for reply in env.spread("client", "10.96.1.2:80", &["many-a", "many-b"]) {
+    for reply in env.spread("client", env.at(MANY, 80), &["many-a", "many-b"]) {
         // Not from the cluster CIDR: masqueraded to node-a, so replies come back to it.
         assert_eq!(reply.peer.ip(), node_a, "{reply:?}");
     }
 }
 
-#[test]
-fn tcp_and_udp_on_the_same_port_number() {
-    let Some(env) = Env::start() else { return };
+fn tcp_and_udp_on_the_same_port_number(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
     let dns = env.pod_ip("dns-b");
     for from in ["client-a", "client"] {
-        let tcp = env.tcp(from, "10.96.1.3:53");
+        let tcp = env.tcp(from, env.at(DNS, 53));
         assert_eq!((tcp.pod, tcp.proto, tcp.port), (dns, Proto::Tcp, 5353));
-        let udp = env.udp(from, "10.96.1.3:53");
+        let udp = env.udp(from, env.at(DNS, 53));
         assert_eq!((udp.pod, udp.proto, udp.port), (dns, Proto::Udp, 5354));
     }
 }
 
-#[test]
-fn node_port_from_the_external_client() {
-    let Some(env) = Env::start() else { return };
+fn node_port_from_the_external_client(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
     let node_a = env.node_ip("node-a");
-    for reply in env.spread("client", "10.0.0.11:30080", &["many-a", "many-b"]) {
+    for reply in env.spread(
+        "client",
+        env.node_at("node-a", 30080),
+        &["many-a", "many-b"],
+    ) {
         assert_eq!(reply.port, 8080);
         // externalTrafficPolicy Cluster: masqueraded to the node.
         assert_eq!(reply.peer.ip(), node_a, "{reply:?}");
@@ -402,11 +128,11 @@ fn node_port_from_the_external_client() {
 
 /// kube-proxy programs whatever nodePort a Service carries: the range is the API
 /// server's `--service-node-port-range`, which many clusters widen.
-#[test]
-fn node_ports_outside_the_default_range() {
-    let Some(env) = Env::start() else { return };
+fn node_ports_outside_the_default_range(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
     let node_a = env.node_ip("node-a");
-    for target in ["10.0.0.11:3001", "10.0.0.11:80"] {
+    for port in [3001, 80] {
+        let target = env.node_at("node-a", port);
         for reply in env.spread("client", target, &["many-a", "many-b"]) {
             assert_eq!(reply.port, 8080);
             assert_eq!(reply.peer.ip(), node_a, "{target}: {reply:?}");
@@ -414,29 +140,26 @@ fn node_ports_outside_the_default_range() {
     }
 }
 
-#[test]
-fn udp_to_a_tcp_only_port_is_rejected() {
-    let Some(env) = Env::start() else { return };
+fn udp_to_a_tcp_only_port_is_rejected(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
     for from in ["client-a", "client"] {
-        let got = env.try_udp(from, "10.96.1.2:80");
+        let got = env.try_udp(from, env.at(MANY, 80));
         assert!(matches!(got, Err(RequestError::Refused)), "{from}: {got:?}");
     }
 }
 
-#[test]
-fn service_without_endpoints_is_rejected() {
-    let Some(env) = Env::start() else { return };
+fn service_without_endpoints_is_rejected(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
     for from in ["client-a", "client"] {
-        let got = env.try_tcp(from, "10.96.1.5:80");
+        let got = env.try_tcp(from, env.at(EMPTY, 80));
         assert!(matches!(got, Err(RequestError::Refused)), "{from}: {got:?}");
     }
 }
 
-#[test]
-fn load_balancer_source_ranges_allow_and_block_but_not_the_node_port() {
-    let Some(env) = Env::start() else { return };
+fn load_balancer_source_ranges_allow_and_block_but_not_the_node_port(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
     let node_a = env.node_ip("node-a");
-    for reply in env.spread("client-allowed", "192.0.2.10:80", &["many-a", "many-b"]) {
+    for reply in env.spread("client-allowed", env.at(LB_IP, 80), &["many-a", "many-b"]) {
         assert_eq!(reply.port, 8080);
         assert_eq!(
             reply.peer.ip(),
@@ -445,71 +168,47 @@ fn load_balancer_source_ranges_allow_and_block_but_not_the_node_port() {
         );
     }
     // Outside the source ranges: dropped (no answer at all).
-    let got = env.try_tcp("client", "192.0.2.10:80");
+    let got = env.try_tcp("client", env.at(LB_IP, 80));
     assert!(matches!(got, Err(RequestError::Timeout)), "{got:?}");
     // The same service's NodePort is not subject to the source ranges.
-    env.spread("client", "10.0.0.11:30081", &["many-a", "many-b"]);
+    env.spread(
+        "client",
+        env.node_at("node-a", 30081),
+        &["many-a", "many-b"],
+    );
 }
 
-#[test]
-fn external_ip_from_the_external_client() {
-    let Some(env) = Env::start() else { return };
-    let reply = env.tcp("client", "192.0.2.20:8000");
+fn external_ip_from_the_external_client(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
+    let reply = env.tcp("client", env.at(EXTERNAL_IP, 8000));
     assert_eq!((reply.pod, reply.port), (env.pod_ip("one-a"), 8080));
 }
 
-#[test]
-fn external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints() {
-    let Some(env) = Env::start() else { return };
-    let reply = env.tcp("client", "10.0.0.11:30083");
+fn external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
+    let reply = env.tcp("client", env.node_at("node-a", 30083));
     assert_eq!(reply.pod, env.pod_ip("one-a"));
-    assert_eq!(reply.peer.ip(), IpAddr::V4(svcplane_testkit::CLIENT_V4));
+    assert_eq!(reply.peer.ip(), env.client_ip());
     // node-b has no local endpoint for it: dropped there, not forwarded to node-a.
     let _proxy_b = env.run_proxy_on("node-b");
-    let got = env.try_tcp("client", "10.0.0.12:30083");
+    let got = env.try_tcp("client", env.node_at("node-b", 30083));
     assert!(matches!(got, Err(RequestError::Timeout)), "{got:?}");
 }
 
 /// eTP Local, node-a without a local endpoint (`local-remote`): traffic that starts on
 /// node-a (its own network namespace, or a pod) to the externalIP, the LoadBalancer IP or
 /// node-a's NodePort still reaches the cluster-wide endpoint, the node's own masqueraded
-/// to node-a's address; the external client's gets no answer. Both families. `mode` is
-/// the proxy mode.
-fn external_traffic_policy_local_from_the_node_itself(mode: &str) {
-    let Some(env) = Env::start_with(&["--proxy-mode", mode]) else {
-        return;
-    };
-    env.cluster
-        .route_client_via("2001:db8::/64", "node-a")
-        .expect("client route");
-    let node = env.cluster.node("node-a").expect("node");
-    let pod = env.cluster.pod("client-a").expect("pod");
-    let remote = env.cluster.pod("remote-b").expect("pod");
-    let v4 = (
-        IpAddr::V4(node.ipv4()),
-        IpAddr::V4(pod.ipv4()),
-        IpAddr::V4(remote.ipv4()),
-    );
-    let v6 = (
-        IpAddr::V6(node.ipv6()),
-        IpAddr::V6(pod.ipv6()),
-        IpAddr::V6(remote.ipv6()),
-    );
-    let targets: Vec<(SocketAddr, _)> = [
-        ("192.0.2.30:80".parse().expect("address"), v4),
-        ("192.0.2.40:80".parse().expect("address"), v4),
-        (SocketAddr::new(v4.0, 30084), v4),
-        ("[2001:db8::30]:80".parse().expect("address"), v6),
-        ("[2001:db8::40]:80".parse().expect("address"), v6),
-        (SocketAddr::new(v6.0, 30084), v6),
-    ]
-    .into();
-    for &(dst, (node_ip, pod_ip, endpoint)) in &targets {
-        let reply = env
-            .cluster
-            .tcp_request(node, dst, T)
-            .unwrap_or_else(|e| panic!("TCP node-a -> {dst}: {e}"));
-        let reply = parse_echo(&reply).expect("echo reply");
+/// to node-a's address; the external client's gets no answer.
+fn external_traffic_policy_local_from_the_node_itself(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
+    let endpoint = env.pod_ip("remote-b");
+    let targets = [
+        env.at(LOCAL_REMOTE_EXTERNAL_IP, 80),
+        env.at(LOCAL_REMOTE_LB_IP, 80),
+        env.node_at("node-a", 30084),
+    ];
+    for dst in targets {
+        let reply = env.tcp("node-a", dst);
         assert_eq!(
             (reply.pod, reply.port),
             (endpoint, 8080),
@@ -517,27 +216,23 @@ fn external_traffic_policy_local_from_the_node_itself(mode: &str) {
         );
         assert_eq!(
             reply.peer.ip(),
-            node_ip,
+            env.node_ip("node-a"),
             "node-a -> {dst} masqueraded: {reply:?}"
         );
-        let reply = env
-            .cluster
-            .tcp_request(pod, dst, T)
-            .unwrap_or_else(|e| panic!("TCP client-a -> {dst}: {e}"));
-        let reply = parse_echo(&reply).expect("echo reply");
+        let reply = env.tcp("client-a", dst);
         assert_eq!(reply.pod, endpoint, "{dst}: {reply:?}");
-        assert_eq!(reply.peer.ip(), pod_ip, "client-a -> {dst}: {reply:?}");
+        assert_eq!(
+            reply.peer.ip(),
+            env.pod_ip("client-a"),
+            "client-a -> {dst}: {reply:?}"
+        );
     }
     // From outside: dropped (all at once: each waits out the timeout).
-    let client = env.cluster.client().netns().name();
     std::thread::scope(|scope| {
+        let env = &env;
         let waits: Vec<_> = targets
-            .iter()
-            .map(|&(dst, _)| {
-                let got = scope.spawn(move || svcplane_testkit::tcp_request(client, None, dst, T));
-                (dst, got)
-            })
-            .collect();
+            .map(|dst| (dst, scope.spawn(move || env.try_tcp("client", dst))))
+            .into();
         for (dst, got) in waits {
             let got = got.join().expect("request thread");
             assert!(
@@ -548,16 +243,10 @@ fn external_traffic_policy_local_from_the_node_itself(mode: &str) {
     });
 }
 
-#[test]
-fn external_traffic_policy_local_from_the_node_itself_nftables() {
-    external_traffic_policy_local_from_the_node_itself("nftables");
-}
-
-#[test]
-fn hairpin_is_masqueraded() {
-    let Some(env) = Env::start() else { return };
+fn hairpin_is_masqueraded(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
     let me = env.pod_ip("many-a");
-    for reply in env.spread("many-a", "10.96.1.2:80", &["many-a", "many-b"]) {
+    for reply in env.spread("many-a", env.at(MANY, 80), &["many-a", "many-b"]) {
         if reply.pod == me {
             // To itself: masqueraded, or the reply would bypass the node's conntrack.
             assert_ne!(reply.peer.ip(), me, "hairpin not masqueraded: {reply:?}");
@@ -567,186 +256,37 @@ fn hairpin_is_masqueraded() {
     }
 }
 
-#[test]
-fn session_affinity_client_ip_is_sticky() {
-    let Some(env) = Env::start() else { return };
-    let first = env.tcp("client-a", "10.96.1.9:80").pod;
+fn session_affinity_client_ip_is_sticky(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
+    let first = env.tcp("client-a", env.at(STICKY, 80)).pod;
     for _ in 0..STICKY_TRIES {
-        assert_eq!(env.tcp("client-a", "10.96.1.9:80").pod, first);
+        assert_eq!(env.tcp("client-a", env.at(STICKY, 80)).pod, first);
     }
 }
 
-#[test]
-fn internal_traffic_policy_local_stays_on_the_node() {
-    let Some(env) = Env::start() else { return };
+fn internal_traffic_policy_local_stays_on_the_node(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
     let local = env.pod_ip("many-a");
     for _ in 0..STICKY_TRIES {
-        assert_eq!(env.tcp("client-a", "10.96.1.10:80").pod, local);
+        assert_eq!(env.tcp("client-a", env.at(ITP, 80)).pod, local);
     }
 }
 
-#[test]
-fn a_manifest_change_reaches_the_kernel_within_a_second() {
-    let Some(env) = Env::start() else { return };
-    env.manifests
-        .write(
-            "new.yaml",
-            r#"
-apiVersion: v1
-kind: Service
-metadata: {name: new, namespace: default}
-spec:
-  selector: {app: one}
-  clusterIP: 10.96.1.50
-  ports: [{name: http, port: 80, targetPort: 8080}]
-"#,
-        )
-        .expect("new.yaml");
-    // The issue's bound for file change -> kernel (debounce + sync), read from nft itself.
-    let programmed = svcplane_testkit::wait_until(Duration::from_secs(1), || {
-        env.nft_on_node_a(&["list", "map", "ip", "svcplane", "service-ips"])
-            .is_some_and(|m| m.contains("10.96.1.50 . tcp . 80"))
-    });
-    assert!(programmed, "10.96.1.50 not in service-ips within 1 s");
-    let reply = env.tcp("client-a", "10.96.1.50:80");
-    assert_eq!(reply.pod, env.pod_ip("one-a"));
-}
-
-#[test]
-fn nft_flush_ruleset_is_repaired_by_the_next_sync() {
-    let Some(env) = Env::start_with(&["--sync-period", "1s"]) else {
-        return;
-    };
-    env.tcp("client-a", "10.96.1.1:80");
-    // The periodic syncs are cheap checks, not full rewrites (those are hourly).
-    let proxy = env.proxy.as_ref().expect("proxy");
-    let count = |series: &str| {
-        proxy
-            .metrics()
-            .ok()
-            .and_then(|t| svcplane_testkit::metric_value(&t, series))
-            .unwrap_or(0.0)
-    };
-    const FULL: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds_count";
-    const PARTIAL: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_count";
-    let checked = svcplane_testkit::wait_until(Duration::from_secs(5), || count(PARTIAL) >= 2.0);
-    assert!(checked, "no periodic check within 5 s at --sync-period 1s");
-    assert_eq!(
-        count(FULL),
-        1.0,
-        "periodic syncs must not rewrite everything"
-    );
-    env.nft_on_node_a(&["flush", "ruleset"])
-        .expect("nft flush ruleset");
-    assert!(
-        env.nft_on_node_a(&["list", "table", "ip", "svcplane"])
-            .is_none(),
-        "the flush left svcplane's table"
-    );
-    let repaired = svcplane_testkit::wait_until(Duration::from_secs(15), || {
-        env.try_tcp("client-a", "10.96.1.1:80").is_ok()
-    });
-    assert!(
-        repaired,
-        "service not answering again after nft flush ruleset"
-    );
-    let reply = env.tcp("client-a", "10.96.1.1:80");
-    assert_eq!(reply.pod, env.pod_ip("one-a"));
-    // Repaired by a full sync, which the check triggered.
-    assert!(count(FULL) >= 2.0);
-}
-
-#[test]
-fn a_malformed_file_leaves_working_services_alone() {
-    let Some(env) = Env::start() else { return };
-    // A file that does not parse, and the services file itself broken mid-document.
-    env.manifests
-        .write("broken.yaml", "kind: Service\nmetadata: {name: [unclosed\n")
-        .expect("broken.yaml");
-    let broken = SERVICES.replacen("clusterIP: 10.96.1.2", "clusterIP: [10.96.1.2", 1);
-    env.manifests
-        .write("services.yaml", &broken)
-        .expect("services.yaml");
-    // A valid service in another file is still programmed...
-    env.manifests
-        .write(
-            "later.yaml",
-            r#"
-apiVersion: v1
-kind: Service
-metadata: {name: later, namespace: default}
-spec:
-  selector: {app: one}
-  clusterIP: 10.96.1.51
-  ports: [{name: http, port: 80, targetPort: 8080}]
-"#,
-        )
-        .expect("later.yaml");
-    let programmed = svcplane_testkit::wait_until(Duration::from_secs(10), || {
-        env.try_tcp("client-a", "10.96.1.51:80").is_ok()
-    });
-    assert!(
-        programmed,
-        "the valid service in later.yaml was not programmed"
-    );
-    // ...and the services of the broken files keep answering.
-    assert_eq!(env.tcp("client-a", "10.96.1.1:80").pod, env.pod_ip("one-a"));
-    env.spread("client-a", "10.96.1.2:80", &["many-a", "many-b"]);
-}
-
-#[test]
-fn a_restart_fails_no_connection() {
-    let Some(mut env) = Env::start() else { return };
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let old = env.proxy.take().expect("proxy");
-    let (sent, failures) = std::thread::scope(|scope| {
-        let env = &env;
-        let stop = &stop;
-        let load = scope.spawn(move || {
-            let (mut sent, mut failures) = (0usize, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                sent += 1;
-                if let Err(e) = env.try_tcp("client-a", "10.96.1.2:80") {
-                    failures.push(e);
-                }
-            }
-            (sent, failures)
-        });
-        // Old process stops (leaving its rules), the new one adopts and replaces the table.
-        let status = old.terminate().expect("stop the proxy");
-        assert!(status.success(), "old proxy exited with {status}");
-        let new = env.run_proxy_on("node-a");
-        // Keep the load on past the new process's first sync.
-        std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let result = load.join().expect("load thread");
-        drop(new);
-        result
-    });
-    assert!(sent > 5, "too few requests during the restart: {sent}");
-    assert!(
-        failures.is_empty(),
-        "{} of {sent} failed: {failures:?}",
-        failures.len()
-    );
-}
-
-/// Services without selectors whose EndpointSlices the test writes, over many-a (node-a,
-/// zone-a) and many-b (node-b, zone-b): `hinted` (zone hints), `term` (only a terminating
-/// but serving endpoint) and `mixed` (one ready, one terminating).
+/// Services without selectors whose EndpointSlices (in the cell's family) the test
+/// writes, over many-a (node-a, zone-a) and many-b (node-b, zone-b): `hinted` (zone
+/// hints), `term` (only a terminating but serving endpoint) and `mixed` (one ready, one
+/// terminating).
 fn explicit_slices(env: &Env) -> String {
     let (a, b) = (env.pod_ip("many-a"), env.pod_ip("many-b"));
-    let service = |name: &str, ip: &str| {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
-             spec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n"
-        )
+    let service = |name: &str, ips: &str| {
+        service_head(name, ips) + "  ports: [{name: http, port: 80, targetPort: 8080}]\n---\n"
     };
     let slice = |name: &str, endpoints: &str| {
         format!(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
              metadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{endpoints}---\n"
+             addressType: {}\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{endpoints}---\n",
+            env.address_type()
         )
     };
     let ep = |ip: IpAddr, node: &str, zone: &str, ready: bool, extra: &str| {
@@ -758,124 +298,108 @@ fn explicit_slices(env: &Env) -> String {
     };
     let hint = |zone: &str| format!("    hints: {{forZones: [{{name: {zone}}}]}}\n");
     let mut out = String::new();
-    out += &service("hinted", "10.96.1.60");
+    out += &service("hinted", "HINTED");
     out += &slice(
         "hinted",
         &(ep(a, "node-a", "zone-a", true, &hint("zone-a"))
             + &ep(b, "node-b", "zone-b", true, &hint("zone-b"))),
     );
-    out += &service("term", "10.96.1.61");
+    out += &service("term", "TERM");
     out += &slice("term", &ep(b, "node-b", "zone-b", false, ""));
-    out += &service("mixed", "10.96.1.62");
+    out += &service("mixed", "MIXED");
     out += &slice(
         "mixed",
         &(ep(a, "node-a", "zone-a", true, "") + &ep(b, "node-b", "zone-b", false, "")),
     );
-    out
+    dual_stack(&out)
 }
 
 /// Start the standard environment with [`explicit_slices`] programmed.
-fn start_with_slices() -> Option<Env> {
-    let env = Env::start()?;
+fn start_with_slices(cell: Cell) -> Option<Env> {
+    let env = Env::start(cell)?;
     env.manifests
         .write("slices.yaml", &explicit_slices(&env))
         .expect("slices.yaml");
-    let programmed = svcplane_testkit::wait_until(Duration::from_secs(10), || {
-        env.nft_on_node_a(&["list", "map", "ip", "svcplane", "service-ips"])
-            .is_some_and(|m| {
-                ["10.96.1.60", "10.96.1.61", "10.96.1.62"]
-                    .iter()
-                    .all(|ip| m.contains(ip))
-            })
-    });
-    assert!(programmed, "slices.yaml services not programmed");
+    for ip in [HINTED, TERM, MIXED] {
+        let dst = env.at(ip, 80);
+        assert!(env.wait_answering("client-a", dst), "{dst} not programmed");
+    }
     Some(env)
 }
 
-#[test]
-fn topology_hints_keep_traffic_in_the_zone() {
-    let Some(env) = start_with_slices() else {
+fn topology_hints_keep_traffic_in_the_zone(cell: Cell) {
+    let Some(env) = start_with_slices(cell) else {
         return;
     };
     for _ in 0..STICKY_TRIES {
         assert_eq!(
-            env.tcp("client-a", "10.96.1.60:80").pod,
+            env.tcp("client-a", env.at(HINTED, 80)).pod,
             env.pod_ip("many-a")
         );
     }
 }
 
-#[test]
-fn terminating_endpoints_serve_only_when_no_endpoint_is_ready() {
-    let Some(env) = start_with_slices() else {
+fn terminating_endpoints_serve_only_when_no_endpoint_is_ready(cell: Cell) {
+    let Some(env) = start_with_slices(cell) else {
         return;
     };
     // Only a terminating, serving endpoint: kube-proxy falls back to it.
     assert_eq!(
-        env.tcp("client-a", "10.96.1.61:80").pod,
+        env.tcp("client-a", env.at(TERM, 80)).pod,
         env.pod_ip("many-b")
     );
     // A ready endpoint exists: the terminating one gets no new connections.
     for _ in 0..STICKY_TRIES {
         assert_eq!(
-            env.tcp("client-a", "10.96.1.62:80").pod,
+            env.tcp("client-a", env.at(MIXED, 80)).pod,
             env.pod_ip("many-a")
         );
     }
 }
 
-#[test]
-fn healthz_and_livez_answer_after_the_first_sync() {
-    let Some(env) = Env::start() else { return };
-    let proxy = env.proxy.as_ref().expect("proxy");
-    // run_proxy already waited for /healthz 200; the body is kube-proxy's JSON.
-    let (status, body) = proxy.get("/healthz").expect("GET /healthz");
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("lastUpdated"), "{body}");
-    let (status, body) = proxy.get("/livez").expect("GET /livez");
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(proxy.get("/nothing").expect("GET /nothing").0, 404);
-}
-
-/// A UDP Service without selector over `endpoint` (an IPv4 pod address), port 53 ->
-/// 5300, with its EndpointSlice.
-fn udp_service_over(endpoint: IpAddr) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: udp, namespace: default}}\n\
-         spec:\n  clusterIP: 10.96.1.70\n  ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 5300}}]\n---\n\
+/// A UDP Service without selector over `endpoint` (a pod address in the cell's family),
+/// port 53 -> 5300, with its EndpointSlice.
+fn udp_service_over(env: &Env, endpoint: IpAddr) -> String {
+    dual_stack(&format!(
+        "{}  ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 5300}}]\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
          metadata:\n  name: udp-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: udp}}\n\
-         addressType: IPv4\nports: [{{name: dns, port: 5300, protocol: UDP}}]\n\
-         endpoints:\n  - addresses: [\"{endpoint}\"]\n    conditions: {{ready: true}}\n"
-    )
+         addressType: {}\nports: [{{name: dns, port: 5300, protocol: UDP}}]\n\
+         endpoints:\n  - addresses: [\"{endpoint}\"]\n    conditions: {{ready: true}}\n",
+        service_head("udp", "UDP"),
+        env.address_type()
+    ))
 }
 
-#[test]
-fn udp_conntrack_cleared() {
-    let Some(mut env) = Env::start() else { return };
+fn udp_conntrack_cleared(cell: Cell) {
+    let Some(mut env) = Env::start(cell) else {
+        return;
+    };
     for (name, node) in [("udp-a", "node-a"), ("udp-b", "node-b")] {
         env.cluster
             .add_pod(PodSpec::new(name, node).udp(&[5300]))
             .expect("pod");
     }
     let (a, b) = (env.pod_ip("udp-a"), env.pod_ip("udp-b"));
-    env.manifests
-        .write("udp.yaml", &udp_service_over(a))
-        .expect("udp.yaml");
-    let programmed = |ip: IpAddr| {
+    let dst = env.at(UDP, 53);
+    let client = env.cluster.pod("client-a").expect("pod");
+    // From a fresh source port each time: answered by `endpoint` once the rules are there.
+    let programmed = |endpoint: IpAddr| {
         svcplane_testkit::wait_until(Duration::from_secs(10), || {
-            env.nft_on_node_a(&["list", "table", "ip", "svcplane"])
-                .is_some_and(|t| t.contains("10.96.1.70") && t.contains(&ip.to_string()))
+            env.cluster
+                .udp_request(client, dst, PROBE)
+                .is_ok_and(|r| parse_echo(&r).is_ok_and(|r| r.pod == endpoint))
         })
     };
+    env.manifests
+        .write("udp.yaml", &udp_service_over(&env, a))
+        .expect("udp.yaml");
     assert!(
         programmed(a),
         "the udp service over udp-a was not programmed"
     );
 
     // One 5-tuple throughout, as a DNS client reusing its source port.
-    let client = env.cluster.pod("client-a").expect("pod");
-    let dst: SocketAddr = "10.96.1.70:53".parse().expect("address");
     let ask = || {
         env.cluster
             .udp_request_from_port(client, 40053, dst, Duration::from_secs(1))
@@ -890,7 +414,7 @@ fn udp_conntrack_cleared() {
 
     // udp-a leaves the service (its pod keeps answering), udp-b joins.
     env.manifests
-        .write("udp.yaml", &udp_service_over(b))
+        .write("udp.yaml", &udp_service_over(&env, b))
         .expect("udp.yaml");
     assert!(
         programmed(b),
@@ -913,18 +437,167 @@ fn udp_conntrack_cleared() {
 
     // Counted when the sync that deleted the entry returns, which may be just after the
     // answer above.
-    let proxy = env.proxy.as_ref().expect("proxy");
+    let series = format!(
+        "kubeproxy_conntrack_reconciler_deleted_entries_total{{ip_family=\"{}\"}}",
+        match env.family() {
+            Family::V4 => "4",
+            Family::V6 => "6",
+        }
+    );
     let mut deleted = None;
     let counted = svcplane_testkit::wait_until(Duration::from_secs(5), || {
-        deleted = proxy.metrics().ok().and_then(|text| {
-            svcplane_testkit::metric_value(
-                &text,
-                "kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family=\"4\"}",
-            )
-        });
+        deleted = env
+            .proxy()
+            .metrics()
+            .ok()
+            .and_then(|text| svcplane_testkit::metric_value(&text, &series));
         deleted.is_some_and(|n| n >= 1.0)
     });
     assert!(counted, "deleted entries not counted: {deleted:?}");
+}
+
+/// A Service over one-a at `ips` (a name of `env::ADDRESSES`).
+fn service_over_one(name: &str, ips: &str) -> String {
+    dual_stack(
+        &(service_head(name, ips)
+            + "  selector: {app: one}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n"),
+    )
+}
+
+fn a_manifest_change_reaches_the_kernel(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
+    env.manifests
+        .write("new.yaml", &service_over_one("new", "NEW"))
+        .expect("new.yaml");
+    // How fast is measured by `svcplane bench sync`; here only that it arrives.
+    let dst = env.at(NEW, 80);
+    assert!(env.wait_answering("client-a", dst), "{dst} never answered");
+    assert_eq!(env.tcp("client-a", dst).pod, env.pod_ip("one-a"));
+}
+
+fn a_malformed_file_leaves_working_services_alone(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
+    // A file that does not parse, and the services file itself broken mid-document.
+    env.manifests
+        .write("broken.yaml", "kind: Service\nmetadata: {name: [unclosed\n")
+        .expect("broken.yaml");
+    let broken = SERVICES.replacen("clusterIPs: ${MANY}", "clusterIPs: [${MANY}", 1);
+    assert_ne!(broken, SERVICES, "nothing was broken");
+    env.manifests
+        .write("services.yaml", &dual_stack(&broken))
+        .expect("services.yaml");
+    // A valid service in another file is still programmed...
+    env.manifests
+        .write("later.yaml", &service_over_one("later", "LATER"))
+        .expect("later.yaml");
+    let dst = env.at(LATER, 80);
+    assert!(
+        env.wait_answering("client-a", dst),
+        "the valid service in later.yaml was not programmed"
+    );
+    // ...and the services of the broken files keep answering.
+    assert_eq!(
+        env.tcp("client-a", env.at(ONE, 80)).pod,
+        env.pod_ip("one-a")
+    );
+    env.spread("client-a", env.at(MANY, 80), &["many-a", "many-b"]);
+}
+
+fn wrecked_rules_are_repaired_by_the_periodic_check(cell: Cell) {
+    let Some(env) = Env::start_with(cell, &["--sync-period", "1s"]) else {
+        return;
+    };
+    let dst = env.at(ONE, 80);
+    env.tcp("client-a", dst);
+    // The periodic syncs are cheap checks, not full rewrites (those are hourly).
+    let count = |series: &str| {
+        env.proxy()
+            .metrics()
+            .ok()
+            .and_then(|t| svcplane_testkit::metric_value(&t, series))
+            .unwrap_or(0.0)
+    };
+    const FULL: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds_count";
+    const PARTIAL: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_count";
+    let checked = svcplane_testkit::wait_until(Duration::from_secs(5), || count(PARTIAL) >= 2.0);
+    assert!(checked, "no periodic check within 5 s at --sync-period 1s");
+    assert_eq!(
+        count(FULL),
+        1.0,
+        "periodic syncs must not rewrite everything"
+    );
+    modes::wreck_rules(&env);
+    assert!(
+        env.wait_answering("client-a", dst),
+        "{dst} not answering again after its rules were removed"
+    );
+    assert_eq!(env.tcp("client-a", dst).pod, env.pod_ip("one-a"));
+    // Repaired by a full sync, which the check triggered (counted when that sync returns,
+    // which may be just after the traffic above got through).
+    let full = svcplane_testkit::wait_until(Duration::from_secs(5), || count(FULL) >= 2.0);
+    assert!(
+        full,
+        "not repaired by a full sync: {} full syncs",
+        count(FULL)
+    );
+}
+
+fn a_restart_fails_no_connection(cell: Cell) {
+    let Some(mut env) = Env::start(cell) else {
+        return;
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let old = env.proxy.take().expect("proxy");
+    let dst = env.at(MANY, 80);
+    let (sent, failures) = std::thread::scope(|scope| {
+        let env = &env;
+        let stop = &stop;
+        let load = scope.spawn(move || {
+            let (mut sent, mut failures) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                if let Err(e) = env.try_tcp("client-a", dst) {
+                    failures.push(e);
+                }
+            }
+            (sent, failures)
+        });
+        // Old process stops (leaving its rules), the new one adopts and replaces them.
+        let status = old.terminate().expect("stop the proxy");
+        assert!(status.success(), "old proxy exited with {status}");
+        let new = env.run_proxy_on("node-a");
+        // Keep the load on past the new process's first sync.
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let result = load.join().expect("load thread");
+        drop(new);
+        result
+    });
+    assert!(sent > 5, "too few requests during the restart: {sent}");
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} failed: {failures:?}",
+        failures.len()
+    );
+}
+
+fn healthz_and_livez_answer_after_the_first_sync(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
+    // run_proxy already waited for /healthz 200 on loopback. The default bind address,
+    // 0.0.0.0:10256, serves both families (as Go's listener does for kube-proxy), so a
+    // load balancer or kubelet reaches it on the node's address of either family.
+    let at = env.node_at("node-a", 10256);
+    let get = |path: &str| {
+        svcplane_testkit::http_get(env.cluster.client().netns().name(), at, path, T)
+            .unwrap_or_else(|e| panic!("GET {at}{path}: {e}"))
+    };
+    let (status, body) = get("/healthz");
+    assert_eq!(status, 200, "{body}");
+    // kube-proxy's JSON.
+    assert!(body.contains("lastUpdated"), "{body}");
+    let (status, body) = get("/livez");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(get("/nothing").0, 404);
 }
 
 /// Every sample line of `text` whose series starts with `prefix`, as (series, value).
@@ -944,17 +617,22 @@ fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{text}"))
 }
 
-#[test]
-fn metrics_through_the_binary() {
-    // Bound to node-a's own address, so the flag is seen to take effect.
-    let Some(env) = Env::start_with(&["--metrics-bind-address", "10.0.0.11:10249"]) else {
+fn metrics_through_the_binary(cell: Cell) {
+    // Bound to node-a's own address (in the cell's family), so the flag is seen to take
+    // effect.
+    let bind: SocketAddr = match cell.family {
+        Family::V4 => "10.0.0.11:10249",
+        Family::V6 => "[fd00:10::11]:10249",
+    }
+    .parse()
+    .expect("address");
+    let bind_arg = bind.to_string();
+    let Some(env) = Env::start_with(cell, &["--metrics-bind-address", &bind_arg]) else {
         return;
     };
-    let proxy = env.proxy.as_ref().expect("proxy");
-    assert_eq!(
-        proxy.metrics_addr(),
-        Some("10.0.0.11:10249".parse().unwrap())
-    );
+    assert_eq!(bind, env.node_at("node-a", 10249), "node-a's address moved");
+    let proxy = env.proxy();
+    assert_eq!(proxy.metrics_addr(), Some(bind));
     let text = proxy.metrics().expect("GET /metrics on node-a");
 
     // kube-proxy's sync histogram: exponential from 1 ms by 2, 15 buckets, then +Inf.
@@ -1003,17 +681,12 @@ fn metrics_through_the_binary() {
 
     // A manifest change (one more service) and a malformed object (port out of range).
     env.manifests
-        .write(
-            "more.yaml",
-            "apiVersion: v1\nkind: Service\nmetadata: {name: more, namespace: default}\n\
-             spec:\n  selector: {app: one}\n  clusterIP: 10.96.1.52\n  ports: [{port: 80, targetPort: 8080}]\n",
-        )
+        .write("more.yaml", &service_over_one("more", "MORE"))
         .expect("more.yaml");
     env.manifests
         .write(
             "bad.yaml",
-            "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: default}\n\
-             spec:\n  clusterIP: 10.96.1.53\n  ports: [{port: 70000}]\n",
+            &dual_stack(&(service_head("bad", "BAD") + "  ports: [{port: 70000}]\n")),
         )
         .expect("bad.yaml");
     let mut text = String::new();
@@ -1026,49 +699,38 @@ fn metrics_through_the_binary() {
             && metric(&text, "svcplane_invalid_objects_total") >= 1.0
     });
     assert!(seen, "the change was not observed:\n{text}");
-    assert!(
-        metric(
-            &text,
-            "kubeproxy_network_programming_duration_seconds_count"
-        ) >= 1.0
-    );
     assert_eq!(metric(&text, "svcplane_invalid_objects_total"), 1.0);
     assert!(
         metric(&text, "kubeproxy_sync_proxy_rules_service_changes_total") > service_changes,
         "the new service is a service change:\n{text}"
     );
     // The external client reaches it too: the flag, not the default, decided the address.
-    let (status, _) = svcplane_testkit::http_get(
-        env.cluster.client().netns().name(),
-        "10.0.0.11:10249".parse().unwrap(),
-        "/metrics",
-        T,
-    )
-    .expect("GET /metrics from the client");
+    let (status, _) =
+        svcplane_testkit::http_get(env.cluster.client().netns().name(), bind, "/metrics", T)
+            .expect("GET /metrics from the client");
     assert_eq!(status, 200);
 }
 
-#[test]
-fn metrics_listen_on_loopback_only_by_default() {
-    let Some(env) = Env::start() else { return };
-    let proxy = env.proxy.as_ref().expect("proxy");
+fn metrics_listen_on_loopback_only_by_default(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
+    let proxy = env.proxy();
     // kube-proxy's default: 127.0.0.1:10249.
     assert_eq!(
         proxy.metrics_addr(),
-        Some("127.0.0.1:10249".parse().unwrap())
+        Some("127.0.0.1:10249".parse().expect("address"))
     );
     let text = proxy.metrics().expect("GET /metrics on 127.0.0.1");
     assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count"));
+    let own = env.node_at("node-a", 10249);
     let node_ns = env.cluster.node("node-a").expect("node").netns().name();
     for (from, who) in [
         (node_ns, "node-a"),
         (env.cluster.client().netns().name(), "client"),
     ] {
-        let got =
-            svcplane_testkit::http_get(from, "10.0.0.11:10249".parse().unwrap(), "/metrics", T);
+        let got = svcplane_testkit::http_get(from, own, "/metrics", T);
         assert!(
             matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
-            "{who} -> node-a's own address must be refused: {got:?}"
+            "{who} -> node-a's own address {own} must be refused: {got:?}"
         );
     }
 }
@@ -1077,16 +739,17 @@ fn metrics_listen_on_loopback_only_by_default() {
 const HC_PORT: u16 = 32000;
 
 /// A LoadBalancer Service with eTP Local and healthCheckNodePort [`HC_PORT`], and its
-/// EndpointSlice with `endpoints` (pod, node).
+/// EndpointSlice (in the cell's family) with `endpoints` (pod, node).
 fn hc_manifests(env: &Env, endpoints: &[(&str, &str)]) -> String {
-    let mut out = String::from(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: hc, namespace: default}\n\
-         spec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  \
-         clusterIP: 10.96.1.70\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30090}]\n\
-         status: {loadBalancer: {ingress: [{ip: 192.0.2.30}]}}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata:\n  name: hc-1\n  namespace: default\n  labels: {kubernetes.io/service-name: hc}\n\
-         addressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:",
+    let mut out = service_head("hc", "HC")
+        + "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  \
+           ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30090}]\n\
+           status: {loadBalancer: {ingress: ${HC_LB_IP.ingress}}}\n---\n";
+    out += &format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata:\n  name: hc-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: hc}}\n\
+         addressType: {}\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:",
+        env.address_type()
     );
     if endpoints.is_empty() {
         out += " []\n";
@@ -1099,15 +762,15 @@ fn hc_manifests(env: &Env, endpoints: &[(&str, &str)]) -> String {
             env.pod_ip(pod)
         );
     }
-    out
+    dual_stack(&out)
 }
 
-/// GET / on `node_ip`'s healthCheckNodePort from the external client: the status, the
-/// JSON body, or `None` when nothing answers (yet).
-fn hc_get(env: &Env, node_ip: IpAddr) -> Option<(u16, serde_json::Value)> {
+/// GET / on `node`'s healthCheckNodePort (its address in the cell's family) from the
+/// external client: the status, the JSON body, or `None` when nothing answers (yet).
+fn hc_get(env: &Env, node: &str) -> Option<(u16, serde_json::Value)> {
     let (status, body) = svcplane_testkit::http_get(
         env.cluster.client().netns().name(),
-        SocketAddr::new(node_ip, HC_PORT),
+        env.node_at(node, HC_PORT),
         "/",
         T,
     )
@@ -1116,15 +779,15 @@ fn hc_get(env: &Env, node_ip: IpAddr) -> Option<(u16, serde_json::Value)> {
     Some((status, json))
 }
 
-/// Wait (bounded by `timeout`) until `node_ip` answers `status`; the last answer.
-fn hc_wait(env: &Env, node_ip: IpAddr, status: u16, timeout: Duration) -> (u16, serde_json::Value) {
+/// Wait (bounded by `timeout`) until `node` answers `status`; the last answer.
+fn hc_wait(env: &Env, node: &str, status: u16, timeout: Duration) -> (u16, serde_json::Value) {
     let mut last = None;
     svcplane_testkit::wait_until(timeout, || {
-        last = hc_get(env, node_ip);
+        last = hc_get(env, node);
         last.as_ref().is_some_and(|(s, _)| *s == status)
     });
-    let last = last.unwrap_or_else(|| panic!("nothing answers on {node_ip}:{HC_PORT}"));
-    assert_eq!(last.0, status, "{node_ip}:{HC_PORT} answered {last:?}");
+    let last = last.unwrap_or_else(|| panic!("nothing answers on {node}:{HC_PORT}"));
+    assert_eq!(last.0, status, "{node}:{HC_PORT} answered {last:?}");
     last
 }
 
@@ -1137,31 +800,112 @@ fn assert_hc_body(body: &serde_json::Value, local_endpoints: u64) {
     assert_eq!(body["localEndpoints"], local_endpoints, "{body}");
 }
 
-#[test]
-fn health_check_node_port() {
-    let Some(env) = Env::start() else { return };
+fn health_check_node_port(cell: Cell) {
+    let Some(env) = Env::start(cell) else { return };
     env.manifests
         .write("hc.yaml", &hc_manifests(&env, &[("one-a", "node-a")]))
         .expect("hc.yaml");
     let _proxy_b = env.run_proxy_on("node-b");
-    let (node_a, node_b) = (env.node_ip("node-a"), env.node_ip("node-b"));
     // The servers start with the sync that programs hc.yaml; the bound is not the point.
-    let (_, body) = hc_wait(&env, node_a, 200, Duration::from_secs(10));
+    let (_, body) = hc_wait(&env, "node-a", 200, Duration::from_secs(10));
     assert_hc_body(&body, 1);
-    let (_, body) = hc_wait(&env, node_b, 503, Duration::from_secs(10));
+    let (_, body) = hc_wait(&env, "node-b", 503, Duration::from_secs(10));
     assert_hc_body(&body, 0);
-    // kube-proxy's server listens on every address of both families.
-    let node_a_v6 = IpAddr::V6(env.cluster.node("node-a").expect("node").ipv6());
-    let (status, body) = hc_get(&env, node_a_v6).expect("healthCheckNodePort over IPv6");
-    assert_eq!(status, 200, "{body}");
 
     // The endpoint moves from node-a to node-b: node-a's load balancer must stop
     // sending traffic there promptly.
     env.manifests
         .write("hc.yaml", &hc_manifests(&env, &[("many-b", "node-b")]))
         .expect("hc.yaml");
-    let (_, body) = hc_wait(&env, node_a, 503, Duration::from_secs(2));
+    let (_, body) = hc_wait(&env, "node-a", 503, Duration::from_secs(2));
     assert_hc_body(&body, 0);
-    let (_, body) = hc_wait(&env, node_b, 200, Duration::from_secs(2));
+    let (_, body) = hc_wait(&env, "node-b", 200, Duration::from_secs(2));
     assert_hc_body(&body, 1);
+}
+
+/// Checks of the table itself (no root needed).
+mod the_table {
+    use std::collections::BTreeSet;
+
+    use svcplane_dataplane::ProxyMode;
+
+    use crate::{MODES, TABLE};
+
+    /// Every mode the binary implements is in `MODES`, and `MODES` has nothing else:
+    /// a new backend cannot skip the table silently. Asks `svcplane render` itself.
+    #[test]
+    fn has_every_mode_the_binary_implements() {
+        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/cluster");
+        for mode in ProxyMode::ALL {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_svcplane"))
+                .args(["render", "--proxy-mode", mode.as_str()])
+                .args(["--manifests", examples, "--hostname-override", "node-a"])
+                .output()
+                .expect("run svcplane render");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let implemented = if out.status.success() {
+                true
+            } else if stderr.contains("not implemented yet") {
+                false
+            } else {
+                panic!("svcplane render --proxy-mode {mode} failed: {stderr}");
+            };
+            assert_eq!(
+                MODES.contains(&mode.as_str()),
+                implemented,
+                "--proxy-mode {mode} is {}implemented but {}in the table's modes {MODES:?}",
+                if implemented { "" } else { "not " },
+                if implemented { "not " } else { "" },
+            );
+        }
+    }
+
+    /// Marks name scenarios' cells of known modes.
+    #[test]
+    fn marks_name_known_modes() {
+        for scenario in TABLE {
+            for mark in scenario.marks {
+                if let Some(mode) = mark.mode {
+                    assert!(
+                        mode.parse::<ProxyMode>().is_ok(),
+                        "{}: mark for unknown mode {mode}",
+                        scenario.name
+                    );
+                }
+                assert!(
+                    !mark.reason.trim().is_empty(),
+                    "{}: a mark needs a reason",
+                    scenario.name
+                );
+            }
+        }
+    }
+
+    /// The README's "Scenario table" section lists exactly the marked cells, as
+    /// ``- `mode/family/scenario`: reason`` lines (`*` for every mode or family).
+    #[test]
+    fn readme_lists_every_mark() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+                .expect("README.md");
+        let section = readme
+            .split("\n### Scenario table\n")
+            .nth(1)
+            .expect("README has a `### Scenario table` section");
+        let section = section.split("\n#").next().unwrap_or(section);
+        let listed: BTreeSet<String> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("- `")?.split_once('`'))
+            .map(|(cell, _)| cell.to_string())
+            .collect();
+        let marked: BTreeSet<String> = TABLE
+            .iter()
+            .flat_map(|s| {
+                s.marks
+                    .iter()
+                    .map(move |m| format!("{}/{}", m.cells(), s.name))
+            })
+            .collect();
+        assert_eq!(listed, marked, "README's marked cells vs the table's");
+    }
 }

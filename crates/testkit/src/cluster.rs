@@ -53,7 +53,8 @@ pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 /// See [`CLIENT_V4`].
 pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x100);
 
-/// How long [`Cluster::run_proxy`] waits for the proxy to become ready.
+/// How long [`Cluster::run_proxy`] waits for the proxy to become ready (see
+/// [`Cluster::run_proxy_logged_within`] for more).
 const PROXY_READY_WAIT: Duration = Duration::from_secs(30);
 
 /// A pod to create: name, node, labels, and the ports its echo server listens on.
@@ -895,7 +896,8 @@ impl Cluster {
             return Ok(handle);
         }
         let mut exited = false;
-        let ready = wait_until(PROXY_READY_WAIT, || {
+        let ready_wait = launch.ready_wait.unwrap_or(PROXY_READY_WAIT);
+        let ready = wait_until(ready_wait, || {
             exited = !handle.daemon.is_running();
             exited || handle.is_ready()
         });
@@ -906,7 +908,7 @@ impl Cluster {
         }
         if !ready {
             return Err(io::Error::other(format!(
-                "svcplane proxy on {node} not ready after {PROXY_READY_WAIT:?}"
+                "svcplane proxy on {node} not ready after {ready_wait:?}"
             )));
         }
         Ok(handle)
@@ -954,6 +956,9 @@ pub struct ProxyLaunch {
     /// Return as soon as it is started instead of waiting until it is ready (for a
     /// proxy expected to stay unready).
     pub no_wait: bool,
+    /// How long to wait until it is ready (default 30 s): a first sync of tens of
+    /// thousands of services takes longer.
+    pub ready_wait: Option<Duration>,
 }
 
 /// A running `svcplane proxy` in a node namespace; killed on drop.

@@ -2,9 +2,9 @@
 //! kube-proxy's nftables mode lays out `kube-proxy`. See [`render`](render::render) for the
 //! transaction's shape.
 
-mod names;
+pub(crate) mod names;
 mod netlink;
-mod render;
+pub(crate) mod render;
 mod rule;
 
 use std::collections::HashSet;

@@ -6,8 +6,6 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use data_encoding::BASE32;
-use sha2::{Digest, Sha256};
 use svcplane_model::ServicePortName;
 use svcplane_proxy::DataplaneError;
 
@@ -59,10 +57,8 @@ fn unsafe_name(spn: &ServicePortName, what: &str) -> DataplaneError {
 
 /// `HASH-name`, truncated (kube-proxy's `hashAndTruncate`). `name` is ASCII here.
 fn hash_and_truncate(name: &str) -> String {
-    let digest = Sha256::digest(name.as_bytes());
-    let encoded = BASE32.encode(&digest);
     let mut out = String::with_capacity(9 + name.len());
-    out.push_str(&encoded[..8]);
+    out.push_str(&crate::hash::base32_sha256(name.as_bytes(), 8));
     out.push('-');
     out.push_str(name);
     if out.len() > BASE_LENGTH_MAX {
@@ -136,6 +132,8 @@ pub fn join(prefix: &str, base: &str) -> Result<String, DataplaneError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use data_encoding::BASE32;
+    use sha2::{Digest, Sha256};
     use svcplane_model::{NamespacedName, Protocol};
 
     fn spn(ns: &str, name: &str, port: &str) -> ServicePortName {

@@ -245,7 +245,7 @@ impl fmt::Display for NetSet<'_> {
 }
 
 /// This family's networks, merged: nft rejects overlapping intervals in a set.
-fn family_nets(family: IpFamily, nets: &[IpNet]) -> Vec<IpNet> {
+pub(crate) fn family_nets(family: IpFamily, nets: &[IpNet]) -> Vec<IpNet> {
     let own: Vec<IpNet> = nets
         .iter()
         .filter(|n| IpFamily::of_net(n) == family)

@@ -1,0 +1,355 @@
+//! IPVS mode's packet-filter part: tables `ip svcplane-ipvs` and `ip6 svcplane-ipvs`
+//! doing what kube-proxy's IPVS mode does with iptables and ipsets: masquerade marks
+//! (ClusterIPs from outside the cluster CIDRs, external addresses of eTP Cluster
+//! services), hairpin masquerade, loadBalancerSourceRanges, REJECT for service
+//! addresses without endpoints, DROP for eTP Local without local endpoints, and REJECT
+//! for ports of a service address that no service uses.
+//!
+//! Every per-service fact is a set element (as kube-proxy's ipsets), so the rules are a
+//! fixed handful and a sync that changes only endpoints or services changes only
+//! elements ([`FilterState::delta`]), except for one chain per service with source
+//! ranges.
+//!
+//! Hooks: the marks run in prerouting and output at priority -100 (dstnat; nft 1.0.6
+//! refuses the name on filter chains), before IPVS
+//! (LOCAL_OUT at -98 for the node's own traffic, LOCAL_IN at 98 otherwise); the verdicts
+//! run in input at priority filter (0), before IPVS takes the packet in LOCAL_IN; the
+//! masquerade in postrouting (srcnat), where IPVS's masquerade-forwarded packets pass
+//! with their conntrack entry (`net.ipv4.vs.conntrack=1`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use svcplane_model::IpFamily;
+use svcplane_proxy::{ClusterIpMasquerade, DataplaneError, EmptyVerdict, FamilyState};
+
+use super::plan::{Frontend, Wanted};
+use crate::nftables::MASQUERADE_MARK;
+use crate::nftables::names::{FIREWALL_PREFIX, join, service_base};
+use crate::nftables::render::family_nets;
+
+/// The tables' name (in families `ip` and `ip6`).
+pub const TABLE: &str = "svcplane-ipvs";
+
+/// The chain setting the masquerade mark (the nftables backend's name for it).
+const MARK: &str = "mark-for-masquerade";
+
+/// The sets of one family's table, by name, each with its elements as nft text.
+const SETS: [(&str, &str, &str); 7] = [
+    (
+        "cluster-ips",
+        "addr . inet_proto . inet_service",
+        "ClusterIP frontends (masquerade from outside the cluster CIDRs)",
+    ),
+    (
+        "external-masq",
+        "addr . inet_proto . inet_service",
+        "external frontends of eTP Cluster services (masquerade)",
+    ),
+    (
+        "no-endpoints",
+        "addr . inet_proto . inet_service",
+        "frontends without endpoints (reject)",
+    ),
+    (
+        "no-local-endpoints",
+        "addr . inet_proto . inet_service",
+        "eTP Local frontends without local endpoints (drop)",
+    ),
+    ("service-ips", "addr", "addresses on the dummy interface"),
+    (
+        "service-ports",
+        "addr . inet_proto . inet_service",
+        "frontends on the dummy interface's addresses",
+    ),
+    (
+        "hairpin",
+        "addr . addr",
+        "endpoint . itself (hairpin masquerade)",
+    ),
+];
+
+/// One family's filter state: set elements, source-range chains, globals.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FilterState {
+    pub sets: BTreeMap<&'static str, BTreeSet<String>>,
+    /// Per LoadBalancer frontend with source ranges: (frontend element, chain name).
+    pub firewall: BTreeMap<String, String>,
+    /// Chain name → allowed source ranges.
+    pub firewall_chains: BTreeMap<String, Vec<IpNet>>,
+    pub masquerade: Option<ClusterIpMasquerade>,
+}
+
+fn ip_word(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
+    }
+}
+
+fn addr_type(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ipv4_addr",
+        IpFamily::V6 => "ipv6_addr",
+    }
+}
+
+fn element(addr: IpAddr, w: &Wanted) -> String {
+    format!(
+        "{addr} . {} . {}",
+        w.service.protocol.as_lower(),
+        w.vs.key.port
+    )
+}
+
+impl FilterState {
+    /// The filter state of `fam` for its virtual servers `wanted` (of this family) and
+    /// the dummy interface's addresses `vips`. A service whose name cannot be a chain
+    /// name is an error naming it.
+    pub fn build<'a>(
+        fam: &FamilyState,
+        wanted: impl Iterator<Item = &'a Wanted>,
+        vips: &BTreeSet<IpAddr>,
+    ) -> Result<FilterState, DataplaneError> {
+        let v4 = fam.family == IpFamily::V4;
+        let mut st = FilterState {
+            masquerade: Some(fam.cluster_ip_masquerade.clone()),
+            ..FilterState::default()
+        };
+        for (name, _, _) in SETS {
+            st.sets.insert(name, BTreeSet::new());
+        }
+        let mut add = |set: &'static str, e: String| {
+            st.sets.entry(set).or_default().insert(e);
+        };
+        for ip in vips.iter().filter(|ip| ip.is_ipv4() == v4) {
+            add("service-ips", ip.to_string());
+        }
+        let mut firewall = Vec::new();
+        for w in wanted {
+            let addr = w.vs.key.addr;
+            if addr.is_ipv4() != v4 {
+                continue;
+            }
+            let Some(svc) = fam.services.get(&w.service) else {
+                continue;
+            };
+            let e = element(addr, w);
+            if w.frontend != Frontend::NodePort {
+                add("service-ports", e.clone());
+            }
+            let target = if w.frontend.external() {
+                &svc.external
+            } else {
+                &svc.internal
+            };
+            match target.verdict_when_empty() {
+                Some(EmptyVerdict::Reject) => add("no-endpoints", e.clone()),
+                Some(EmptyVerdict::Drop) => add("no-local-endpoints", e.clone()),
+                None => {}
+            }
+            match w.frontend {
+                Frontend::ClusterIp => add("cluster-ips", e.clone()),
+                _ if matches!(svc.external_policy, svcplane_proxy::ExternalPolicy::Cluster) => {
+                    add("external-masq", e.clone())
+                }
+                _ => {}
+            }
+            if w.frontend == Frontend::LoadBalancer && !svc.load_balancer_source_ranges.is_empty() {
+                firewall.push((
+                    e,
+                    w.service.clone(),
+                    svc.load_balancer_source_ranges.clone(),
+                ));
+            }
+            for r in &w.reals {
+                add("hairpin", format!("{} . {}", r.addr, r.addr));
+            }
+        }
+        for (e, spn, ranges) in firewall {
+            let chain = join(FIREWALL_PREFIX, &service_base(&spn)?)?;
+            st.firewall.insert(e, chain.clone());
+            st.firewall_chains
+                .insert(chain, family_nets(fam.family, &ranges));
+        }
+        Ok(st)
+    }
+
+    /// The whole table as one `nft -f` transaction that replaces what it holds.
+    pub fn render(&self, family: IpFamily) -> String {
+        let t = format!("{} {TABLE}", ip_word(family));
+        let ipx = ip_word(family);
+        let at = addr_type(family);
+        let mut o = String::new();
+        // Delete and recreate in one transaction: the table holds no state worth keeping
+        // (no affinity sets), and whatever an earlier run left goes with it.
+        let _ = writeln!(o, "add table {t}");
+        let _ = writeln!(o, "delete table {t}");
+        let _ = writeln!(o, "add table {t} {{ comment \"svcplane IPVS mode\" ; }}");
+        for chain in self.firewall_chains.keys() {
+            let _ = writeln!(o, "add chain {t} {chain}");
+        }
+        let _ = writeln!(o, "add chain {t} {MARK}");
+        for (name, key, comment) in SETS {
+            let key = key.replace("addr", at);
+            let _ = writeln!(
+                o,
+                "add set {t} {name} {{ type {key} ; comment \"{comment}\" ; }}"
+            );
+        }
+        let _ = writeln!(
+            o,
+            "add set {t} cluster-cidrs {{ type {at} ; flags interval ; comment \"--cluster-cidr\" ; }}"
+        );
+        let _ = writeln!(
+            o,
+            "add map {t} firewall {{ type {at} . inet_proto . inet_service : verdict ; comment \"LoadBalancer frontends with source ranges\" ; }}"
+        );
+        for (name, elems) in &self.sets {
+            push_elements(&mut o, &t, name, elems.iter().map(String::as_str));
+        }
+        if let Some(ClusterIpMasquerade::FromOutside(cidrs)) = &self.masquerade {
+            let nets: Vec<String> = family_nets(family, cidrs)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            push_elements(&mut o, &t, "cluster-cidrs", nets.iter().map(String::as_str));
+        }
+        let fw: Vec<String> = self
+            .firewall
+            .iter()
+            .map(|(e, c)| format!("{e} : jump {c}"))
+            .collect();
+        push_elements(&mut o, &t, "firewall", fw.iter().map(String::as_str));
+        for (chain, ranges) in &self.firewall_chains {
+            if !ranges.is_empty() {
+                let list: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+                let _ = writeln!(
+                    o,
+                    "add rule {t} {chain} {ipx} saddr {{ {} }} return",
+                    list.join(", ")
+                );
+            }
+            let _ = writeln!(o, "add rule {t} {chain} drop");
+        }
+        let mark = format!("meta mark set meta mark or {MASQUERADE_MARK:#010x}");
+        let frontend = format!("{ipx} daddr . meta l4proto . th dport");
+        match &self.masquerade {
+            Some(ClusterIpMasquerade::All) => {
+                let _ = writeln!(o, "add rule {t} {MARK} {frontend} @cluster-ips {mark}");
+            }
+            Some(ClusterIpMasquerade::FromOutside(_)) => {
+                let _ = writeln!(
+                    o,
+                    "add rule {t} {MARK} {ipx} saddr != @cluster-cidrs {frontend} @cluster-ips {mark}"
+                );
+            }
+            // No cluster CIDR known: the node's own connections to a ClusterIP leave
+            // from that ClusterIP (the dummy holds it); masquerade them to the node's
+            // address so the endpoint's answer comes back (kube-proxy does the same).
+            Some(ClusterIpMasquerade::None) | None => {
+                let _ = writeln!(
+                    o,
+                    "add rule {t} {MARK} {ipx} saddr @service-ips {frontend} @cluster-ips {mark}"
+                );
+            }
+        }
+        let _ = writeln!(o, "add rule {t} {MARK} {frontend} @external-masq {mark}");
+        let _ = writeln!(
+            o,
+            "add chain {t} prerouting {{ type filter hook prerouting priority -100 ; policy accept ; }}"
+        );
+        let _ = writeln!(o, "add rule {t} prerouting jump {MARK}");
+        let _ = writeln!(
+            o,
+            "add chain {t} output {{ type filter hook output priority -100 ; policy accept ; }}"
+        );
+        let _ = writeln!(o, "add rule {t} output jump {MARK}");
+        let _ = writeln!(
+            o,
+            "add chain {t} input {{ type filter hook input priority filter ; policy accept ; }}"
+        );
+        let _ = writeln!(o, "add rule {t} input {frontend} vmap @firewall");
+        let _ = writeln!(o, "add rule {t} input {frontend} @no-endpoints reject");
+        let _ = writeln!(o, "add rule {t} input {frontend} @no-local-endpoints drop");
+        let _ = writeln!(
+            o,
+            "add rule {t} input ct state new {ipx} daddr @service-ips {frontend} != @service-ports reject"
+        );
+        let _ = writeln!(
+            o,
+            "add chain {t} postrouting {{ type nat hook postrouting priority srcnat ; policy accept ; }}"
+        );
+        let _ = writeln!(
+            o,
+            "add rule {t} postrouting {ipx} saddr . {ipx} daddr @hairpin masquerade"
+        );
+        let _ = writeln!(
+            o,
+            "add rule {t} postrouting meta mark & {MASQUERADE_MARK:#010x} == 0 return"
+        );
+        let _ = writeln!(
+            o,
+            "add rule {t} postrouting meta mark set meta mark xor {MASQUERADE_MARK:#010x}"
+        );
+        let _ = writeln!(o, "add rule {t} postrouting masquerade fully-random");
+        o
+    }
+
+    /// The element changes from `old` to `self`, as an nft script; `None` when more than
+    /// elements changed (chains, masquerade mode, cluster CIDRs): render in full then.
+    pub fn delta(&self, old: &FilterState, family: IpFamily) -> Option<String> {
+        if self.firewall_chains != old.firewall_chains || self.masquerade != old.masquerade {
+            return None;
+        }
+        let t = format!("{} {TABLE}", ip_word(family));
+        let mut o = String::new();
+        for (name, new) in &self.sets {
+            let empty = BTreeSet::new();
+            let before = old.sets.get(name).unwrap_or(&empty);
+            let gone: Vec<&str> = before.difference(new).map(String::as_str).collect();
+            let came: Vec<&str> = new.difference(before).map(String::as_str).collect();
+            if !gone.is_empty() {
+                let _ = writeln!(o, "delete element {t} {name} {{ {} }}", gone.join(", "));
+            }
+            if !came.is_empty() {
+                let _ = writeln!(o, "add element {t} {name} {{ {} }}", came.join(", "));
+            }
+        }
+        let gone: Vec<String> = old
+            .firewall
+            .iter()
+            .filter(|(e, c)| self.firewall.get(*e) != Some(c))
+            .map(|(e, _)| e.clone())
+            .collect();
+        let came: Vec<String> = self
+            .firewall
+            .iter()
+            .filter(|(e, c)| old.firewall.get(*e) != Some(c))
+            .map(|(e, c)| format!("{e} : jump {c}"))
+            .collect();
+        if !gone.is_empty() {
+            let _ = writeln!(o, "delete element {t} firewall {{ {} }}", gone.join(", "));
+        }
+        if !came.is_empty() {
+            let _ = writeln!(o, "add element {t} firewall {{ {} }}", came.join(", "));
+        }
+        Some(o)
+    }
+}
+
+/// An nft script that does nothing while both tables exist and fails when either is
+/// missing (`add chain` of an existing chain is a no-op).
+pub fn tables_present_probe() -> String {
+    format!("add chain ip {TABLE} {MARK}\nadd chain ip6 {TABLE} {MARK}\n")
+}
+
+fn push_elements<'a>(o: &mut String, t: &str, set: &str, elems: impl Iterator<Item = &'a str>) {
+    let elems: Vec<&str> = elems.collect();
+    // nft refuses `{ }`; and one line per 1000 keeps lines bounded at 50k services.
+    for chunk in elems.chunks(1000) {
+        let _ = writeln!(o, "add element {t} {set} {{ {} }}", chunk.join(", "));
+    }
+}

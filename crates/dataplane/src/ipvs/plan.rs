@@ -1,0 +1,337 @@
+//! What IPVS should hold for a desired state ([`virtual_servers`]), and the operations
+//! that bring the kernel's virtual servers there ([`plan`]), graceful termination
+//! included. Pure: no kernel, so every decision is unit-tested.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use svcplane_model::{Protocol, ServicePortName};
+use svcplane_proxy::{DesiredState, FamilyState, NodePortAddresses, ServicePortState};
+
+use super::genl::DestStatus;
+
+/// A virtual server's identity: address, protocol, port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VsKey {
+    pub addr: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A virtual server's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtualServer {
+    pub key: VsKey,
+    pub scheduler: String,
+    /// ClientIP affinity: persistence timeout in seconds (the kernel's netmask is /32 or /128).
+    pub persistence: Option<u32>,
+}
+
+/// A real server (masquerade forwarding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RealServer {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+}
+
+impl RealServer {
+    fn id(&self) -> (IpAddr, u16) {
+        (self.addr, self.port)
+    }
+}
+
+/// Which address of a service a virtual server is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Frontend {
+    ClusterIp,
+    ExternalIp,
+    LoadBalancer,
+    NodePort,
+}
+
+impl Frontend {
+    pub fn external(self) -> bool {
+        self != Frontend::ClusterIp
+    }
+}
+
+/// One virtual server svcplane wants, with its real servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    pub vs: VirtualServer,
+    /// Sorted by address and port.
+    pub reals: Vec<RealServer>,
+    pub service: ServicePortName,
+    pub frontend: Frontend,
+}
+
+/// Where NodePort virtual servers go in `state`'s family: the node's addresses `local`
+/// (the kernel's, or for `render` the Node object's) within `--nodeport-addresses`;
+/// loopback and IPv6 link-local addresses never, nor the service addresses on the dummy
+/// interface (`vips`).
+pub fn nodeport_addresses(
+    state: &FamilyState,
+    local: &[IpAddr],
+    vips: &BTreeSet<IpAddr>,
+) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = local
+        .iter()
+        .copied()
+        .filter(|ip| ip.is_ipv4() == matches!(state.family, svcplane_model::IpFamily::V4))
+        .filter(|ip| !ip.is_loopback() && !vips.contains(ip))
+        .filter(|ip| match ip {
+            IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+            IpAddr::V4(_) => true,
+        })
+        .filter(|ip| match &state.nodeport_addresses {
+            NodePortAddresses::AllLocal => true,
+            NodePortAddresses::Cidrs(cidrs) => cidrs.iter().any(|c| c.contains(ip)),
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Every address the dummy interface holds: ClusterIPs, externalIPs, LoadBalancer IPs.
+pub fn service_addresses(desired: &DesiredState) -> BTreeSet<IpAddr> {
+    desired
+        .families()
+        .into_iter()
+        .flat_map(|f| f.services.values())
+        .flat_map(|s| {
+            s.cluster_ip
+                .into_iter()
+                .chain(s.external_ips.iter().copied())
+                .chain(s.load_balancer_ips.iter().copied())
+        })
+        .collect()
+}
+
+fn reals(svc: &ServicePortState, external: bool) -> Vec<RealServer> {
+    let target = if external {
+        &svc.external
+    } else {
+        &svc.internal
+    };
+    let mut out: Vec<RealServer> = svc
+        .target_endpoints(target)
+        .map(|e| RealServer {
+            addr: e.ip,
+            port: e.port,
+            weight: 1,
+        })
+        .collect();
+    out.sort();
+    out.dedup_by_key(|r| r.id());
+    out
+}
+
+/// The frontends of one service port: (frontend, address, port).
+pub fn frontends(svc: &ServicePortState, node_addrs: &[IpAddr]) -> Vec<(Frontend, IpAddr, u16)> {
+    let mut out = Vec::new();
+    out.extend(svc.cluster_ip.map(|ip| (Frontend::ClusterIp, ip, svc.port)));
+    out.extend(
+        svc.external_ips
+            .iter()
+            .map(|&ip| (Frontend::ExternalIp, ip, svc.port)),
+    );
+    out.extend(
+        svc.load_balancer_ips
+            .iter()
+            .map(|&ip| (Frontend::LoadBalancer, ip, svc.port)),
+    );
+    if let Some(np) = svc.node_port {
+        out.extend(node_addrs.iter().map(|&ip| (Frontend::NodePort, ip, np)));
+    }
+    out
+}
+
+/// The virtual servers for `desired`: one per frontend address, port and protocol, with
+/// the internal target's endpoints on the ClusterIP and the external target's on the
+/// others. `node_addrs` are both families' NodePort addresses ([`nodeport_addresses`]).
+/// Two services claiming the same address:port:protocol: the first (by name) keeps it.
+pub fn virtual_servers(
+    desired: &DesiredState,
+    scheduler: &str,
+    node_addrs: &[IpAddr],
+) -> BTreeMap<VsKey, Wanted> {
+    let mut out = BTreeMap::new();
+    for fam in desired.families() {
+        for (name, svc) in &fam.services {
+            for (frontend, addr, port) in frontends(svc, node_addrs) {
+                if addr.is_ipv4() != matches!(fam.family, svcplane_model::IpFamily::V4) {
+                    continue;
+                }
+                let key = VsKey {
+                    addr,
+                    protocol: svc.protocol,
+                    port,
+                };
+                out.entry(key).or_insert_with(|| Wanted {
+                    vs: VirtualServer {
+                        key,
+                        scheduler: scheduler.to_owned(),
+                        persistence: svc.affinity_timeout_seconds,
+                    },
+                    reals: reals(svc, frontend.external()),
+                    service: name.clone(),
+                    frontend,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A virtual server as the kernel holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Current {
+    pub vs: VirtualServer,
+    pub dests: Vec<DestStatus>,
+}
+
+/// One change to IPVS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    AddService(VirtualServer),
+    EditService(VirtualServer),
+    DelService(VsKey),
+    AddDest(VsKey, RealServer),
+    EditDest(VsKey, RealServer),
+    DelDest(VsKey, RealServer),
+}
+
+/// The operations of one sync, and the virtual servers left with draining real servers
+/// (to look at again at the next sync).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    pub draining: BTreeSet<VsKey>,
+}
+
+/// Whether a removed real server drains (weight 0 until its connections are gone) rather
+/// than going at once: kube-proxy's `IsRsGracefulTerminationNeeded`, everything but UDP.
+/// (A UDP real server goes at once; its conntrack entries are deleted after the sync.)
+pub fn drains(protocol: Protocol) -> bool {
+    protocol != Protocol::Udp
+}
+
+/// The operations taking `current` (the kernel's virtual servers svcplane owns, among
+/// those `in_scope`) to `wanted` (likewise restricted to `in_scope`).
+pub fn plan(
+    wanted: &BTreeMap<VsKey, Wanted>,
+    current: &BTreeMap<VsKey, Current>,
+    in_scope: impl Fn(&VsKey) -> bool,
+) -> Plan {
+    let mut p = Plan::default();
+    for key in current.keys() {
+        if in_scope(key) && !wanted.contains_key(key) {
+            // As kube-proxy: a Service's virtual server goes at once with the Service.
+            p.ops.push(Op::DelService(*key));
+        }
+    }
+    for (key, w) in wanted {
+        if !in_scope(key) {
+            continue;
+        }
+        let Some(cur) = current.get(key) else {
+            p.ops.push(Op::AddService(w.vs.clone()));
+            p.ops.extend(w.reals.iter().map(|r| Op::AddDest(*key, *r)));
+            continue;
+        };
+        if cur.vs != w.vs {
+            p.ops.push(Op::EditService(w.vs.clone()));
+        }
+        let have: BTreeMap<(IpAddr, u16), &DestStatus> =
+            cur.dests.iter().map(|d| (d.server.id(), d)).collect();
+        let want: BTreeSet<(IpAddr, u16)> = w.reals.iter().map(RealServer::id).collect();
+        for r in &w.reals {
+            match have.get(&r.id()) {
+                None => p.ops.push(Op::AddDest(*key, *r)),
+                Some(d) if d.server.weight != r.weight || d.foreign_forwarding => {
+                    p.ops.push(Op::EditDest(*key, *r))
+                }
+                Some(_) => {}
+            }
+        }
+        for d in &cur.dests {
+            if want.contains(&d.server.id()) {
+                continue;
+            }
+            if drains(key.protocol) && d.active + d.inactive > 0 {
+                if d.server.weight != 0 {
+                    p.ops.push(Op::EditDest(
+                        *key,
+                        RealServer {
+                            weight: 0,
+                            ..d.server
+                        },
+                    ));
+                }
+                p.draining.insert(*key);
+            } else {
+                p.ops.push(Op::DelDest(*key, d.server));
+            }
+        }
+    }
+    p
+}
+
+/// `[addr]:port` for IPv6, `addr:port` for IPv4, as ipvsadm prints them.
+fn addr_port(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+        Protocol::Sctp => "SCTP",
+    }
+}
+
+/// The header `ipvsadm -L -n` prints after its version line.
+pub const IPVSADM_HEADER: &str = "Prot LocalAddress:Port Scheduler Flags\n  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n";
+
+/// One virtual server in `ipvsadm -L -n`'s layout (ipvsadm's `print_service_entry`),
+/// connection counts included (0 for a render).
+pub fn ipvsadm_entry(vs: &VirtualServer, dests: &[(RealServer, u32, u32)]) -> String {
+    let mut out = format!(
+        "{}  {} {}",
+        proto_name(vs.key.protocol),
+        addr_port(vs.key.addr, vs.key.port),
+        vs.scheduler
+    );
+    if let Some(t) = vs.persistence {
+        let _ = write!(out, " persistent {t}");
+    }
+    out.push('\n');
+    for (r, active, inactive) in dests {
+        let _ = writeln!(
+            out,
+            "  -> {:<28} {:<7} {:<6} {:<10} {:<10}",
+            addr_port(r.addr, r.port),
+            "Masq",
+            r.weight,
+            active,
+            inactive
+        );
+    }
+    out
+}
+
+/// Every wanted virtual server in `ipvsadm -L -n`'s layout (sorted, as `--sort`).
+pub fn ipvsadm_listing(wanted: &BTreeMap<VsKey, Wanted>) -> String {
+    let mut out = String::from(IPVSADM_HEADER);
+    for w in wanted.values() {
+        let dests: Vec<_> = w.reals.iter().map(|r| (*r, 0, 0)).collect();
+        out.push_str(&ipvsadm_entry(&w.vs, &dests));
+    }
+    out
+}

@@ -1,0 +1,132 @@
+//! Root test (no IPVS needed): IPVS mode's filter tables, as rendered, are accepted by the
+//! real `nft` in a scratch namespace (twice: the full form replaces itself), an
+//! element-only delta applies on top and leaves exactly the new elements, and the probe
+//! of partial syncs fails once the tables are gone.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use svcplane_dataplane::ipvs::filter::{FilterState, tables_present_probe};
+use svcplane_dataplane::ipvs::plan;
+use svcplane_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
+use svcplane_proxy::{
+    ClusterIpMasquerade, DesiredState, EmptyVerdict, EndpointState, ExternalPolicy, FamilyState,
+    ServicePortState, TrafficTarget,
+};
+use svcplane_testkit::{Netns, run_checked, skip_unless_root};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn service(name: &str, cip: &str, eps: &[&str]) -> ServicePortState {
+    let all: Vec<usize> = (0..eps.len()).collect();
+    let target = |if_empty| TrafficTarget {
+        endpoints: all.clone(),
+        if_empty,
+    };
+    ServicePortState {
+        name: ServicePortName {
+            service: NamespacedName::new("demo", name),
+            port: "http".into(),
+            protocol: Protocol::Tcp,
+        },
+        protocol: Protocol::Tcp,
+        port: 80,
+        cluster_ip: Some(ip(cip)),
+        node_port: Some(30080),
+        external_ips: vec![],
+        load_balancer_ips: vec![ip("192.0.2.7")],
+        load_balancer_source_ranges: vec!["203.0.113.0/24".parse().unwrap()],
+        affinity_timeout_seconds: None,
+        endpoints: eps
+            .iter()
+            .map(|e| EndpointState::ready(ip(e), 8080, false))
+            .collect(),
+        internal: target(EmptyVerdict::Reject),
+        external: target(EmptyVerdict::Reject),
+        external_policy: ExternalPolicy::Cluster,
+        health_check_node_port: None,
+    }
+}
+
+fn state(services: Vec<ServicePortState>) -> DesiredState {
+    let mut v4 = FamilyState::empty(IpFamily::V4);
+    v4.cluster_ip_masquerade =
+        ClusterIpMasquerade::FromOutside(vec!["10.244.0.0/16".parse().unwrap()]);
+    v4.services = services
+        .into_iter()
+        .map(|s| (s.name.clone(), Arc::new(s)))
+        .collect::<BTreeMap<_, _>>();
+    DesiredState {
+        node_name: "node-a".into(),
+        node_zone: None,
+        v4,
+        v6: FamilyState::empty(IpFamily::V6),
+        health_checks: BTreeMap::new(),
+    }
+}
+
+fn filters(st: &DesiredState) -> [FilterState; 2] {
+    let wanted = plan::virtual_servers(st, "rr", &[ip("10.0.0.11")]);
+    let vips = plan::service_addresses(st);
+    [&st.v4, &st.v6].map(|f| FilterState::build(f, wanted.values(), &vips).unwrap())
+}
+
+fn nft(ns: &Netns, script: &str) -> Result<(), String> {
+    let path = std::env::temp_dir().join(format!("{}.nft", ns.name()));
+    std::fs::write(&path, script).unwrap();
+    let out = ns
+        .command("nft", &["-f", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn ipvs_filter_tables_apply_and_take_deltas() {
+    if skip_unless_root(&["nft", "ip"]) {
+        return;
+    }
+    let ns = Netns::new("svcplane-ipvsf").unwrap();
+    assert!(
+        nft(&ns, &tables_present_probe()).is_err(),
+        "probe passed without tables"
+    );
+
+    let a = state(vec![service("web", "10.96.0.10", &["10.244.1.2"])]);
+    let [fa4, fa6] = filters(&a);
+    let full = fa4.render(IpFamily::V4) + &fa6.render(IpFamily::V6);
+    nft(&ns, &full).expect("full render");
+    nft(&ns, &full).expect("full render, again");
+    nft(&ns, &tables_present_probe()).expect("probe with the tables there");
+
+    let b = state(vec![
+        service("web", "10.96.0.10", &["10.244.1.3"]),
+        // No source ranges: no new chain, so the change is elements only.
+        ServicePortState {
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            ..service("empty", "10.96.0.11", &[])
+        },
+    ]);
+    let [fb4, fb6] = filters(&b);
+    let delta = fb4.delta(&fa4, IpFamily::V4).expect("elements only")
+        + &fb6.delta(&fa6, IpFamily::V6).expect("elements only");
+    nft(&ns, &(tables_present_probe() + &delta)).expect("delta");
+    let out =
+        run_checked(&mut ns.command("nft", &["list", "table", "ip", "svcplane-ipvs"])).unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("10.244.1.3 . 10.244.1.3"), "{listing}");
+    assert!(!listing.contains("10.244.1.2"), "{listing}");
+    assert!(listing.contains("10.96.0.11 . tcp . 80"), "{listing}");
+
+    run_checked(&mut ns.command("nft", &["flush", "ruleset"])).unwrap();
+    assert!(nft(&ns, &(tables_present_probe() + &delta)).is_err());
+}

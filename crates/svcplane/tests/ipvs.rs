@@ -1,0 +1,451 @@
+//! `svcplane proxy --proxy-mode ipvs` against a real IPVS kernel (root): a two-node
+//! virtual cluster from the test kit, the proxy on node-a, traffic through the virtual
+//! servers, and the seed's check: `ipvsadm -L -n` on the node lists exactly what
+//! `svcplane render --proxy-mode ipvs` says it programs. Then cleanup removes it all.
+//!
+//! This machine's kernel has no IPVS: the tests print `SKIP` with the reason there, and
+//! `make test-ipvs` runs them in a VM with Debian's stock kernel.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use svcplane_testkit::{
+    Cluster, EchoReply, Manifests, PodSpec, Proto, ProxyHandle, RequestError, parse_echo,
+    run_checked, skip_unless_root, wait_until,
+};
+
+const T: Duration = Duration::from_secs(3);
+const WAIT: Duration = Duration::from_secs(30);
+
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIP: 10.96.7.1
+  clusterIPs: [10.96.7.1, "fd00:96::7:1"]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: default}
+spec:
+  selector: {app: dns}
+  clusterIP: 10.96.7.3
+  ports:
+    - {name: dns-tcp, port: 53, protocol: TCP, targetPort: 5353}
+    - {name: dns-udp, port: 53, protocol: UDP, targetPort: 5354}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  selector: {app: web}
+  clusterIP: 10.96.7.4
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 300}}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  selector: {app: nothing}
+  clusterIP: 10.96.7.9
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#;
+
+/// Why IPVS tests cannot run here, or `None` when they can (root, tools, and a kernel
+/// with IPVS: `modprobe ip_vs` succeeds, or it is built in).
+fn skip_reason() -> Option<String> {
+    if skip_unless_root(&["ip", "nft", "ipvsadm"]) {
+        return Some("not root, or a tool is missing (see above)".into());
+    }
+    for module in ["ip_vs", "dummy"] {
+        let _ = Command::new("modprobe")
+            .arg(module)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    if !std::path::Path::new("/proc/net/ip_vs").exists() {
+        return Some(
+            "this kernel has no IPVS (modprobe ip_vs failed, no /proc/net/ip_vs); \
+             `make test-ipvs` runs these tests in a VM with Debian's kernel"
+                .into(),
+        );
+    }
+    None
+}
+
+fn skip(name: &str) -> bool {
+    match skip_reason() {
+        None => false,
+        Some(why) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "SKIP ipvs/{name}: {why}");
+            true
+        }
+    }
+}
+
+struct Env {
+    proxy: Option<ProxyHandle>,
+    manifests: Manifests,
+    cluster: Cluster,
+}
+
+impl Env {
+    fn start(extra: &[&str]) -> Env {
+        let cluster = Cluster::builder()
+            .node("node-a", "zone-a")
+            .node("node-b", "zone-b")
+            .pod(PodSpec::new("client-a", "node-a"))
+            .pod(
+                PodSpec::new("web-a", "node-a")
+                    .label("app", "web")
+                    .tcp(&[8080]),
+            )
+            .pod(
+                PodSpec::new("web-b", "node-b")
+                    .label("app", "web")
+                    .tcp(&[8080]),
+            )
+            .pod(
+                PodSpec::new("dns-b", "node-b")
+                    .label("app", "dns")
+                    .tcp(&[5353])
+                    .udp(&[5354]),
+            )
+            .build()
+            .expect("virtual cluster");
+        let manifests = cluster.manifests().expect("manifests");
+        manifests
+            .write("services.yaml", SERVICES)
+            .expect("services");
+        let mut args = vec!["--proxy-mode", "ipvs"];
+        args.extend_from_slice(extra);
+        let proxy = cluster
+            .run_proxy(
+                env!("CARGO_BIN_EXE_svcplane"),
+                "node-a",
+                manifests.path(),
+                &args,
+            )
+            .expect("svcplane proxy --proxy-mode ipvs on node-a");
+        Env {
+            proxy: Some(proxy),
+            manifests,
+            cluster,
+        }
+    }
+
+    fn on_node_a(&self, program: &str, args: &[&str]) -> String {
+        let node = self.cluster.node("node-a").expect("node");
+        let out = run_checked(&mut node.netns().command(program, args))
+            .unwrap_or_else(|e| panic!("{program} {args:?} on node-a: {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn pod_ip(&self, pod: &str) -> IpAddr {
+        IpAddr::V4(self.cluster.pod(pod).expect("pod").ipv4())
+    }
+
+    fn try_tcp(&self, from: &str, dst: &str) -> Result<String, RequestError> {
+        let dst: SocketAddr = dst.parse().expect("address");
+        if from == "client" {
+            self.cluster.tcp_request(self.cluster.client(), dst, T)
+        } else {
+            self.cluster
+                .tcp_request(self.cluster.pod(from).expect("pod"), dst, T)
+        }
+    }
+
+    fn tcp(&self, from: &str, dst: &str) -> EchoReply {
+        let r = self
+            .try_tcp(from, dst)
+            .unwrap_or_else(|e| panic!("TCP {from} -> {dst}: {e}"));
+        parse_echo(&r).expect("echo reply")
+    }
+
+    /// Requests until both web pods answered (rr alternates, so a handful suffice).
+    fn spread(&self, from: &str, dst: &str) -> Vec<EchoReply> {
+        let want: BTreeSet<IpAddr> = [self.pod_ip("web-a"), self.pod_ip("web-b")].into();
+        let mut seen = BTreeSet::new();
+        let mut replies = Vec::new();
+        for _ in 0..16 {
+            let r = self.tcp(from, dst);
+            assert!(want.contains(&r.pod), "unexpected endpoint {r:?}");
+            seen.insert(r.pod);
+            replies.push(r);
+            if seen == want {
+                break;
+            }
+        }
+        assert_eq!(seen, want, "not every endpoint answered");
+        replies
+    }
+
+    /// The virtual-server lines of `ipvsadm -L -n` (connection counters cut off), sorted.
+    fn ipvsadm(&self) -> BTreeSet<String> {
+        normalize(&self.on_node_a("ipvsadm", &["-L", "-n"]))
+    }
+}
+
+/// Service and real-server lines of an `ipvsadm -L -n` listing, without the version
+/// line, the header and the counters (which a render cannot know).
+fn normalize(listing: &str) -> BTreeSet<String> {
+    listing
+        .lines()
+        .filter(|l| {
+            !(l.starts_with("IP Virtual Server")
+                || l.starts_with("Prot ")
+                || l.starts_with("  -> RemoteAddress"))
+        })
+        .filter(|l| {
+            l.starts_with("TCP")
+                || l.starts_with("UDP")
+                || l.starts_with("SCTP")
+                || l.starts_with("  ->")
+        })
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            if l.starts_with("  ->") {
+                // -> addr Forward Weight (ActiveConn InActConn dropped)
+                words[..words.len().min(4)].join(" ")
+            } else {
+                words.join(" ")
+            }
+        })
+        .collect()
+}
+
+/// The virtual-server part of `svcplane render --proxy-mode ipvs` for node-a.
+fn rendered(env: &Env) -> BTreeSet<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_svcplane"))
+        .args([
+            "render",
+            "--proxy-mode",
+            "ipvs",
+            "--hostname-override",
+            "node-a",
+        ])
+        .args(["--cluster-cidr", svcplane_testkit::CLUSTER_CIDR])
+        .arg("--manifests")
+        .arg(env.manifests.path())
+        .output()
+        .expect("svcplane render");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let listing = text.split("# addresses on").next().unwrap_or("");
+    normalize(listing)
+}
+
+#[test]
+fn ipvs_mode_programs_serves_follows_changes_and_cleans_up() {
+    if skip("ipvs_mode_programs_serves_follows_changes_and_cleans_up") {
+        return;
+    }
+    let mut env = Env::start(&["--sync-period", "2s"]);
+    // The seed's check: ipvsadm lists exactly what svcplane says it programs.
+    let want = rendered(&env);
+    assert!(
+        want.iter().any(|l| l.starts_with("TCP 10.96.7.1:80 rr")),
+        "render: {want:?}"
+    );
+    assert!(
+        wait_until(WAIT, || env.ipvsadm() == want),
+        "ipvsadm -L -n:\n{:?}\nrender:\n{want:?}",
+        env.ipvsadm()
+    );
+    let dummy = env.on_node_a("ip", &["-o", "addr", "show", "dev", "svcplane-ipvs0"]);
+    for vip in ["10.96.7.1/32", "fd00:96::7:1/128", "10.96.7.9/32"] {
+        assert!(dummy.contains(vip), "{vip} not on svcplane-ipvs0: {dummy}");
+    }
+
+    // Traffic: a pod (source kept), the external client through the NodePort
+    // (masqueraded to node-a), TCP and UDP on one port, the v6 ClusterIP.
+    let client_a = env.pod_ip("client-a");
+    for r in env.spread("client-a", "10.96.7.1:80") {
+        assert_eq!(r.port, 8080);
+        assert_eq!(r.peer.ip(), client_a, "pod traffic keeps its source: {r:?}");
+    }
+    let node_a = IpAddr::V4(env.cluster.node("node-a").expect("node").ipv4());
+    for r in env.spread("client", &format!("{node_a}:30080")) {
+        assert_eq!(
+            r.peer.ip(),
+            node_a,
+            "NodePort traffic is masqueraded: {r:?}"
+        );
+    }
+    let six = env
+        .cluster
+        .tcp_request(
+            env.cluster.pod("client-a").expect("pod"),
+            "[fd00:96::7:1]:80".parse().expect("addr"),
+            T,
+        )
+        .expect("v6 ClusterIP");
+    assert!(parse_echo(&six).is_ok(), "{six}");
+    let dns = env.pod_ip("dns-b");
+    let tcp = env.tcp("client-a", "10.96.7.3:53");
+    assert_eq!((tcp.pod, tcp.proto, tcp.port), (dns, Proto::Tcp, 5353));
+    let udp = env
+        .cluster
+        .udp_request(
+            env.cluster.pod("client-a").expect("pod"),
+            "10.96.7.3:53".parse().expect("addr"),
+            T,
+        )
+        .expect("UDP through IPVS");
+    let udp = parse_echo(&udp).expect("echo");
+    assert_eq!((udp.pod, udp.proto, udp.port), (dns, Proto::Udp, 5354));
+    // ClientIP affinity: IPVS persistence keeps one endpoint.
+    let first = env.tcp("client-a", "10.96.7.4:80").pod;
+    for _ in 0..6 {
+        assert_eq!(env.tcp("client-a", "10.96.7.4:80").pod, first);
+    }
+    // No endpoints: rejected at once. A port no service uses on a ClusterIP: rejected.
+    assert!(
+        matches!(
+            env.try_tcp("client-a", "10.96.7.9:80"),
+            Err(RequestError::Refused)
+        ),
+        "a service without endpoints must be rejected"
+    );
+    assert!(
+        matches!(
+            env.try_tcp("client-a", "10.96.7.1:22"),
+            Err(RequestError::Refused)
+        ),
+        "an unused port of a ClusterIP must be rejected"
+    );
+
+    // A change: web loses web-b (not ready). Only that real server goes.
+    let pods = std::fs::read_to_string(env.manifests.path().join("pods.yaml")).expect("pods");
+    let marker = "name: \"web-b\"";
+    let at = pods.find(marker).expect("web-b in pods.yaml");
+    let (head, tail) = pods.split_at(at);
+    let tail = tail.replacen("status: \"True\"", "status: \"False\"", 1);
+    env.manifests
+        .write("pods.yaml", &format!("{head}{tail}"))
+        .expect("pods.yaml");
+    // Graceful termination: web-b had TCP connections (in TIME_WAIT now), so its real
+    // servers stay at weight 0, taking no new connection, until those are gone (minutes:
+    // IPVS's TIME_WAIT timeout); with none it would be deleted at once.
+    let pod_b = env.cluster.pod("web-b").expect("pod");
+    let web_b = [
+        format!("-> {}:8080", pod_b.ipv4()),
+        format!("-> [{}]:8080", pod_b.ipv6()),
+    ];
+    let is_web_b = |l: &String| web_b.iter().any(|w| l.starts_with(w.as_str()));
+    let drained = |l: &String| !is_web_b(l) || l.ends_with(" 0");
+    assert!(
+        wait_until(WAIT, || env.ipvsadm().iter().all(drained)),
+        "web-b still takes connections: {:?}",
+        env.ipvsadm()
+    );
+    let listed: BTreeSet<String> = env.ipvsadm().into_iter().filter(|l| !is_web_b(l)).collect();
+    assert_eq!(listed, rendered(&env));
+    for _ in 0..4 {
+        assert_eq!(env.tcp("client-a", "10.96.7.1:80").pod, env.pod_ip("web-a"));
+    }
+
+    // Wrecked behind the proxy's back: the dummy interface and the filter tables come back.
+    env.on_node_a("ip", &["link", "del", "svcplane-ipvs0"]);
+    env.on_node_a("nft", &["flush", "ruleset"]);
+    assert!(
+        wait_until(WAIT, || env.try_tcp("client-a", "10.96.7.1:80").is_ok()),
+        "not repaired by the periodic check"
+    );
+
+    // SIGTERM leaves the rules; cleanup removes them all.
+    let status = env
+        .proxy
+        .take()
+        .expect("proxy")
+        .terminate()
+        .expect("terminate");
+    assert!(status.success(), "proxy exited with {status}");
+    assert!(!env.ipvsadm().is_empty());
+    env.on_node_a(
+        env!("CARGO_BIN_EXE_svcplane"),
+        &["cleanup", "--proxy-mode", "ipvs"],
+    );
+    assert!(env.ipvsadm().is_empty(), "left: {:?}", env.ipvsadm());
+    let node = env.cluster.node("node-a").expect("node");
+    let link = node
+        .netns()
+        .command("ip", &["link", "show", "svcplane-ipvs0"])
+        .output()
+        .expect("ip link");
+    assert!(!link.status.success(), "svcplane-ipvs0 is still there");
+    let tables = env.on_node_a("nft", &["list", "tables"]);
+    assert!(!tables.contains("svcplane-ipvs"), "{tables}");
+}
+
+#[test]
+fn scheduler_flag_reaches_the_kernel() {
+    if skip("scheduler_flag_reaches_the_kernel") {
+        return;
+    }
+    let env = Env::start(&["--ipvs-scheduler", "lc", "--sync-period", "2s"]);
+    assert!(
+        wait_until(WAIT, || env
+            .ipvsadm()
+            .iter()
+            .any(|l| l == "TCP 10.96.7.1:80 lc")),
+        "{:?}",
+        env.ipvsadm()
+    );
+    assert!(
+        env.ipvsadm()
+            .iter()
+            .any(|l| l == "TCP 10.96.7.4:80 lc persistent 300"),
+        "{:?}",
+        env.ipvsadm()
+    );
+}
+
+#[test]
+fn another_mode_removes_ipvs_leftovers_at_startup() {
+    if skip("another_mode_removes_ipvs_leftovers_at_startup") {
+        return;
+    }
+    let mut env = Env::start(&[]);
+    assert!(
+        wait_until(WAIT, || !env.ipvsadm().is_empty()),
+        "nothing programmed"
+    );
+    let status = env
+        .proxy
+        .take()
+        .expect("proxy")
+        .terminate()
+        .expect("terminate");
+    assert!(status.success());
+    let nft = env
+        .cluster
+        .run_proxy(
+            env!("CARGO_BIN_EXE_svcplane"),
+            "node-a",
+            env.manifests.path(),
+            &["--proxy-mode", "nftables"],
+        )
+        .expect("svcplane proxy --proxy-mode nftables");
+    assert!(env.ipvsadm().is_empty(), "left: {:?}", env.ipvsadm());
+    let tables = env.on_node_a("nft", &["list", "tables"]);
+    assert!(!tables.contains("svcplane-ipvs"), "{tables}");
+    // And the nftables mode serves the same Service.
+    assert_eq!(env.tcp("client-a", "10.96.7.3:53").port, 5353);
+    drop(nft);
+}

@@ -1,0 +1,90 @@
+//! What differs between modes, in one place: the tools a mode needs on the node, and how
+//! to wreck its rules the way an administrator or a firewall reload would. A new mode
+//! adds its arm here; scenarios never match on the mode themselves.
+
+use svcplane_testkit::run_checked;
+
+use crate::env::Env;
+
+/// Tools the mode's proxy (and [`wreck_rules`]) runs, besides `ip` and `sysctl`.
+pub fn tools(mode: &str) -> &'static [&'static str] {
+    match mode {
+        "nftables" => &["nft"],
+        "iptables" => &[
+            "iptables",
+            "ip6tables",
+            "iptables-restore",
+            "ip6tables-restore",
+            "iptables-save",
+            "ip6tables-save",
+        ],
+        "ipvs" => &["nft"],
+        other => panic!("no tools listed for mode {other}: add them in traffic/modes.rs"),
+    }
+}
+
+/// Why this machine cannot run the mode at all (its kernel lacks a feature), or `None`.
+/// The cells then print `SKIP` with this reason; `make test-ipvs` runs the ipvs cells in
+/// a VM whose kernel has IPVS.
+pub fn unavailable(mode: &str) -> Option<String> {
+    match mode {
+        "ipvs" => {
+            for module in ["ip_vs", "dummy"] {
+                let _ = std::process::Command::new("modprobe")
+                    .arg(module)
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+            (!std::path::Path::new("/proc/net/ip_vs").exists()).then(|| {
+                "this kernel has no IPVS (modprobe ip_vs failed, no /proc/net/ip_vs); \
+                 `make test-ipvs` runs the ipvs cells in a VM with Debian's kernel"
+                    .to_string()
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Remove everything the mode programmed on node-a, behind the proxy's back, and check
+/// it is gone: the proxy must notice on its own and put it back.
+pub fn wreck_rules(env: &Env) {
+    let node = env.cluster.node("node-a").expect("node");
+    let run = |program: &str, args: &[&str]| {
+        run_checked(&mut node.netns().command(program, args))
+            .unwrap_or_else(|e| panic!("{program} {args:?} on node-a: {e}"))
+    };
+    match env.cell.mode {
+        "nftables" => {
+            run("nft", &["flush", "ruleset"]);
+            let out = run("nft", &["list", "tables"]);
+            let left = String::from_utf8_lossy(&out.stdout);
+            assert!(!left.contains("svcplane"), "nft flush ruleset left: {left}");
+        }
+        "iptables" => {
+            // A firewall reload: every rule and every non-builtin chain of the tables
+            // kube-proxy's iptables mode uses, both families.
+            for program in ["iptables", "ip6tables"] {
+                for table in ["mangle", "nat", "filter"] {
+                    run(program, &["-t", table, "-F"]);
+                    run(program, &["-t", table, "-X"]);
+                }
+                let out = run(&format!("{program}-save"), &[]);
+                let left = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    !left.contains("SVCP-"),
+                    "{program} flush left svcplane's chains:\n{left}"
+                );
+            }
+        }
+        "ipvs" => {
+            // The dummy interface (and with it the service addresses) and the filter
+            // tables; the virtual servers stay, unreachable without their addresses.
+            run("ip", &["link", "del", "svcplane-ipvs0"]);
+            run("nft", &["flush", "ruleset"]);
+            let out = run("nft", &["list", "tables"]);
+            let left = String::from_utf8_lossy(&out.stdout);
+            assert!(!left.contains("svcplane"), "nft flush ruleset left: {left}");
+        }
+        other => panic!("no way to wreck mode {other}'s rules: add it in traffic/modes.rs"),
+    }
+}
