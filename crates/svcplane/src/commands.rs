@@ -479,17 +479,9 @@ mod tests {
 
     fn engine(manifests: Option<&str>) -> EngineSettings {
         EngineSettings::resolve(&EngineArgs {
-            ebpf: Default::default(),
-            proxy_mode: None,
             manifests: manifests.map(Into::into),
             hostname_override: Some("node-a".into()),
-            cluster_cidr: None,
-            nodeport_addresses: None,
-            masquerade_all: None,
-            config: None,
-            iptables_dispatch: None,
-            ipvs_scheduler: None,
-            ipvs_strict_arp: None,
+            ..EngineArgs::default()
         })
         .unwrap()
     }

@@ -36,17 +36,11 @@ const T: Duration = Duration::from_secs(1);
 pub fn run(args: LabArgs) -> Result<()> {
     let dir = args.manifests.clone();
     let settings = EngineSettings::resolve(&EngineArgs {
-        ebpf: Default::default(),
         proxy_mode: Some("nftables".into()),
         manifests: Some(dir.clone()),
         hostname_override: Some(args.node.clone()),
         cluster_cidr: Some(args.cluster_cidr.clone()),
-        nodeport_addresses: None,
-        masquerade_all: None,
-        config: None,
-        iptables_dispatch: None,
-        ipvs_scheduler: None,
-        ipvs_strict_arp: None,
+        ..EngineArgs::default()
     })?;
     render_excerpt(&settings, &dir)?;
 
