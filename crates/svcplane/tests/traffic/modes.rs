@@ -91,9 +91,8 @@ pub fn wreck_rules(env: &Env) {
             assert!(!left.contains("svcplane"), "nft flush ruleset left: {left}");
         }
         "ebpf" => {
-            // Detach the programs (unpin their links) and remove the maps' pins. The
-            // proxy still holds the links' fds, so traffic keeps flowing; what must come
-            // back is the pinned state, checked by the proxy's periodic full sync.
+            // Unpin the programs' links and the maps: the periodic check finds the pins
+            // gone and runs a full sync that puts them back (the scenario asserts it).
             let hooks = env.hooks("node-a").expect("node-a's eBPF hooks");
             let _ = std::fs::remove_dir_all(&hooks.pins);
             assert!(!hooks.pins.exists(), "{} still there", hooks.pins.display());
