@@ -1,9 +1,9 @@
 //! Dataplane backends: each translates svcplane's desired state into the kernel.
 //!
-//! [`backend`] builds the backend of a [`ProxyMode`]. nftables, iptables and ipvs exist
-//! so far; the other modes render and sync as [`DataplaneError::NotImplemented`].
+//! [`backend`] builds the backend of a [`ProxyMode`]: nftables, iptables, ipvs and ebpf.
 
 pub mod conntrack;
+pub mod ebpf;
 mod hash;
 pub mod iptables;
 pub mod ipvs;
@@ -13,13 +13,13 @@ pub mod nftables;
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 
+pub use ebpf::{EbpfBackend, EbpfOptions};
 pub use iptables::IptablesBackend;
 pub use ipvs::{IpvsBackend, IpvsOptions};
 pub use netlink::NetlinkError;
 pub use nftables::NftablesBackend;
-use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
+use svcplane_proxy::Dataplane;
 
 /// A dataplane mode, named as kube-proxy's `--proxy-mode` names them (plus `ebpf`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -77,6 +77,8 @@ pub struct BackendOptions {
     pub iptables_dispatch: iptables::Dispatch,
     /// `--ipvs-scheduler`, `--ipvs-strict-arp`.
     pub ipvs: IpvsOptions,
+    /// `--bpf-pin-path`, `--cgroup-path`, `--bpf-*-map-max`.
+    pub ebpf: EbpfOptions,
 }
 
 /// The backend for `mode`.
@@ -92,15 +94,29 @@ pub fn backend_with(mode: ProxyMode, options: BackendOptions) -> Box<dyn Datapla
             Box::new(IptablesBackend::new().with_dispatch(options.iptables_dispatch))
         }
         ProxyMode::Ipvs => Box::new(IpvsBackend::new(options.ipvs)),
-        other => Box::new(NotImplementedBackend { mode: other }),
+        ProxyMode::Ebpf => Box::new(EbpfBackend::new(options.ebpf)),
     }
 }
 
 /// kube-proxy's `CleanupLeftovers` at startup: a proxy starting in `mode` removes what
 /// svcplane's other modes left on this host, so two sets of Service rules never fight.
 /// Returns one line per mode whose rules were found, for the log (removed, or why not).
-pub fn remove_other_modes(mode: ProxyMode) -> Vec<String> {
+pub fn remove_other_modes(mode: ProxyMode, options: &BackendOptions) -> Vec<String> {
     let mut said = Vec::new();
+    if mode != ProxyMode::Ebpf {
+        let mut ebpf = EbpfBackend::new(options.ebpf.clone());
+        if ebpf.is_present() {
+            let dir = options.ebpf.pin_path.display();
+            said.push(match ebpf.cleanup() {
+                Ok(()) => format!(
+                    "removed svcplane's eBPF programs and maps pinned under {dir} by ebpf mode"
+                ),
+                Err(e) => {
+                    format!("cannot remove svcplane's eBPF pins under {dir} left by ebpf mode: {e}")
+                }
+            });
+        }
+    }
     if mode != ProxyMode::Nftables && nftables_present() {
         match NftablesBackend::new().cleanup() {
             Ok(()) => said.push(
@@ -148,47 +164,11 @@ fn nftables_present() -> bool {
         })
 }
 
-/// A mode that exists in the CLI but is not built yet: it programs nothing, so its
-/// cleanup has nothing to remove.
-#[derive(Debug, Clone, Copy)]
-struct NotImplementedBackend {
-    mode: ProxyMode,
-}
-
-impl NotImplementedBackend {
-    fn error(&self) -> DataplaneError {
-        DataplaneError::NotImplemented {
-            mode: self.mode.as_str(),
-        }
-    }
-}
-
-impl Dataplane for NotImplementedBackend {
-    fn mode(&self) -> &'static str {
-        self.mode.as_str()
-    }
-
-    fn sync(
-        &mut self,
-        _desired: &Arc<DesiredState>,
-        _diff: &Diff,
-    ) -> Result<SyncReport, DataplaneError> {
-        Err(self.error())
-    }
-
-    fn render(&self, _desired: &DesiredState) -> Result<String, DataplaneError> {
-        Err(self.error())
-    }
-
-    fn cleanup(&mut self) -> Result<(), DataplaneError> {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use svcplane_model::IpFamily;
+    use svcplane_proxy::DesiredState;
     use svcplane_proxy::FamilyState;
 
     fn empty_state() -> DesiredState {
@@ -218,6 +198,9 @@ mod tests {
         let nft = backend(ProxyMode::Nftables);
         assert_eq!(nft.mode(), "nftables");
         assert!(nft.render(&state).unwrap().contains("table ip svcplane"));
+        let ebpf = backend(ProxyMode::Ebpf);
+        assert_eq!(ebpf.mode(), "ebpf");
+        assert!(ebpf.render(&state).unwrap().contains("FRONTEND"));
         let ipt = backend(ProxyMode::Iptables);
         assert_eq!(ipt.mode(), "iptables");
         assert!(
@@ -232,18 +215,5 @@ mod tests {
                 .unwrap()
                 .contains("table ip svcplane-ipvs")
         );
-        let mode = ProxyMode::Ebpf;
-        let mut b = backend(mode);
-        assert_eq!(b.mode(), mode.as_str());
-        match b.render(&state) {
-            Err(DataplaneError::NotImplemented { mode: m }) => assert_eq!(m, mode.as_str()),
-            other => panic!("{mode}: expected NotImplemented, got {other:?}"),
-        }
-        let diff = Diff::between(None, &state, true);
-        assert!(matches!(
-            b.sync(&Arc::new(state.clone()), &diff),
-            Err(DataplaneError::NotImplemented { .. })
-        ));
-        assert!(b.cleanup().is_ok());
     }
 }

@@ -377,7 +377,10 @@ fn starting_in_one_mode_removes_the_others_leftovers() {
     assert!(tables(&ns).contains("table ip svcplane"));
     // iptables mode starts: it removes the nftables tables and says so.
     let said = svcplane_testkit::in_netns(ns.name(), || {
-        svcplane_dataplane::remove_other_modes(svcplane_dataplane::ProxyMode::Iptables)
+        svcplane_dataplane::remove_other_modes(
+            svcplane_dataplane::ProxyMode::Iptables,
+            &Default::default(),
+        )
     })
     .expect("in netns");
     assert_eq!(said.len(), 1, "{said:?}");
@@ -389,13 +392,19 @@ fn starting_in_one_mode_removes_the_others_leftovers() {
     full(&mut IptablesBackend::in_netns(ns.name()), &state);
     // Nothing of another mode left: nothing said.
     let said = svcplane_testkit::in_netns(ns.name(), || {
-        svcplane_dataplane::remove_other_modes(svcplane_dataplane::ProxyMode::Iptables)
+        svcplane_dataplane::remove_other_modes(
+            svcplane_dataplane::ProxyMode::Iptables,
+            &Default::default(),
+        )
     })
     .expect("in netns");
     assert!(said.is_empty(), "{said:?}");
     // Back to nftables mode: svcplane's iptables chains go, with the jumps to them.
     let said = svcplane_testkit::in_netns(ns.name(), || {
-        svcplane_dataplane::remove_other_modes(svcplane_dataplane::ProxyMode::Nftables)
+        svcplane_dataplane::remove_other_modes(
+            svcplane_dataplane::ProxyMode::Nftables,
+            &Default::default(),
+        )
     })
     .expect("in netns");
     assert!(said.len() == 1 && said[0].contains("SVCP-"), "{said:?}");

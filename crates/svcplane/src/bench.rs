@@ -48,18 +48,28 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the svcplane binary")?;
     // The proxy is this very binary, run inside the namespace.
     let mut cmd = std::process::Command::new("ip");
-    cmd.args(["netns", "exec", ns.name()])
-        .arg(&exe)
-        .args([
-            "proxy",
-            "--proxy-mode",
-            &args.proxy_mode,
-            "--iptables-dispatch",
-            &args.iptables_dispatch,
-            "--hostname-override",
-            "bench-node",
-        ])
-        .args(["--cluster-cidr", "10.128.0.0/9", "--min-sync-period", "0s"])
+    cmd.args(["netns", "exec", ns.name()]).arg(&exe).args([
+        "proxy",
+        "--proxy-mode",
+        &args.proxy_mode,
+        "--iptables-dispatch",
+        &args.iptables_dispatch,
+        "--hostname-override",
+        "bench-node",
+    ]);
+    // ebpf: its own pins and cgroup (removed at the end), as the tests do.
+    let mut ebpf_scratch = None;
+    if args.proxy_mode == "ebpf" {
+        let (bpffs, _) = svcplane_testkit::bpf_test_mounts().context("bpffs for the bench")?;
+        let pins = bpffs.join(format!("bench-{}", std::process::id()));
+        let cgroup = svcplane_testkit::Cgroup::new("svcplane-bench")?;
+        cmd.arg("--bpf-pin-path")
+            .arg(&pins)
+            .arg("--cgroup-path")
+            .arg(cgroup.path());
+        ebpf_scratch = Some((pins, cgroup));
+    }
+    cmd.args(["--cluster-cidr", "10.128.0.0/9", "--min-sync-period", "0s"])
         .args(["--sync-period", "1h", "--metrics-bind-address", METRICS])
         .args(["--healthz-bind-address", HEALTHZ, "--manifests"])
         .arg(dir.path())
@@ -122,6 +132,12 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
         syncs.push(sum(&after, PS) - sum(&before, PS));
     }
     let _ = proxy.terminate();
+    if let Some((pins, _cgroup)) = &ebpf_scratch {
+        let _ = std::process::Command::new(&exe)
+            .args(["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-path"])
+            .arg(pins)
+            .status();
+    }
     let mut out = String::new();
     let _ = writeln!(
         out,

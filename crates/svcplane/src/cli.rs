@@ -123,7 +123,9 @@ pub struct BenchSyncArgs {
     /// How many times one EndpointSlice is changed.
     #[arg(long, default_value_t = 20)]
     pub rounds: u32,
-    /// The mode to measure (nftables, iptables or ipvs).
+    /// The mode to measure (nftables, iptables, ipvs or ebpf; ebpf pins under
+    /// /run/svcplane-test-bpf and attaches to a scratch cgroup, so the host's services are
+    /// untouched).
     #[arg(long, default_value = "nftables", value_name = "MODE")]
     pub proxy_mode: String,
     /// iptables mode's dispatch (tree or linear).
@@ -176,6 +178,72 @@ pub struct EngineArgs {
     /// IPVS mode: set arp_ignore=1 and arp_announce=2 (for MetalLB-style L2 announcements).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub ipvs_strict_arp: Option<bool>,
+
+    #[command(flatten)]
+    pub ebpf: EbpfArgs,
+}
+
+/// eBPF mode's settings (`--proxy-mode ebpf`; other modes ignore them).
+#[derive(Debug, Args, Clone, Default)]
+pub struct EbpfArgs {
+    /// bpffs directory of eBPF mode's pinned maps and program links (default /sys/fs/bpf/svcplane).
+    #[arg(long, value_name = "DIR")]
+    pub bpf_pin_path: Option<PathBuf>,
+    /// cgroup v2 directory the socket load balancer attaches to (default: the cgroup2 root).
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_path: Option<PathBuf>,
+    /// Service map entries: one per frontend plus one per backend slot (default 327680).
+    #[arg(long, value_name = "N")]
+    pub bpf_lb_map_max: Option<u32>,
+    /// Backend map entries (default 262144).
+    #[arg(long, value_name = "N")]
+    pub bpf_backend_map_max: Option<u32>,
+    /// Reverse-NAT map entries, one per translated socket and backend (LRU, default 262144).
+    #[arg(long, value_name = "N")]
+    pub bpf_revnat_map_max: Option<u32>,
+    /// Session affinity map entries (LRU, default 65536).
+    #[arg(long, value_name = "N")]
+    pub bpf_affinity_map_max: Option<u32>,
+}
+
+impl EbpfArgs {
+    /// The backend options; a zero size is refused, naming the flag.
+    pub fn options(&self) -> anyhow::Result<svcplane_dataplane::EbpfOptions> {
+        let mut o = svcplane_dataplane::EbpfOptions::default();
+        if let Some(p) = &self.bpf_pin_path {
+            o.pin_path = p.clone();
+        }
+        o.cgroup_path = self.cgroup_path.clone();
+        for (flag, value, slot) in [
+            (
+                "--bpf-lb-map-max",
+                self.bpf_lb_map_max,
+                &mut o.service_map_max,
+            ),
+            (
+                "--bpf-backend-map-max",
+                self.bpf_backend_map_max,
+                &mut o.backend_map_max,
+            ),
+            (
+                "--bpf-revnat-map-max",
+                self.bpf_revnat_map_max,
+                &mut o.revnat_map_max,
+            ),
+            (
+                "--bpf-affinity-map-max",
+                self.bpf_affinity_map_max,
+                &mut o.affinity_map_max,
+            ),
+        ] {
+            match value {
+                Some(0) => anyhow::bail!("{flag}: 0 is not a map size"),
+                Some(n) => *slot = n,
+                None => {}
+            }
+        }
+        Ok(o)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -301,6 +369,10 @@ pub struct CleanupArgs {
     /// chains and the jumps to them, IPVS virtual servers); svcplane's rules stay.
     #[arg(long)]
     pub kube_proxy: bool,
+
+    /// Where eBPF mode's pins are (default /sys/fs/bpf/svcplane).
+    #[arg(long, value_name = "DIR")]
+    pub bpf_pin_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -26,6 +26,7 @@ pub fn run(cli: Cli) -> Result<()> {
     let every_mode = CleanupArgs {
         proxy_mode: None,
         kube_proxy: false,
+        bpf_pin_path: None,
     };
     let Some(command) = cli.command else {
         if cli.cleanup {
@@ -106,10 +107,10 @@ fn proxy(args: ProxyArgs) -> Result<()> {
     let settings = ProxySettings::resolve(&args)?;
     if !matches!(
         settings.engine.mode,
-        ProxyMode::Nftables | ProxyMode::Iptables | ProxyMode::Ipvs
+        ProxyMode::Nftables | ProxyMode::Iptables | ProxyMode::Ipvs | ProxyMode::Ebpf
     ) {
         bail!(
-            "proxy mode {} is not implemented yet; available: nftables, iptables, ipvs",
+            "proxy mode {} is not implemented yet; available: nftables, iptables, ipvs, ebpf",
             settings.engine.mode
         );
     }
@@ -206,8 +207,11 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         let engine = Engine::new(settings.engine.engine_config());
         // kube-proxy's CleanupLeftovers: the other modes' rules would fight this one's.
         let mode = settings.engine.mode;
-        for line in tokio::task::spawn_blocking(move || svcplane_dataplane::remove_other_modes(mode))
-            .await
+        let options = settings.engine.backend_options();
+        for line in tokio::task::spawn_blocking(move || {
+            svcplane_dataplane::remove_other_modes(mode, &options)
+        })
+        .await
             .unwrap_or_default()
         {
             tracing::info!("switching to {mode} mode: {line}");
@@ -425,9 +429,13 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
         ],
         None => ProxyMode::ALL.to_vec(),
     };
+    let mut options = svcplane_dataplane::BackendOptions::default();
+    if let Some(p) = &args.bpf_pin_path {
+        options.ebpf.pin_path = p.clone();
+    }
     let mut failed = Vec::new();
     for mode in modes {
-        match svcplane_dataplane::backend(mode).cleanup() {
+        match svcplane_dataplane::backend_with(mode, options.clone()).cleanup() {
             Ok(()) => tracing::info!("cleaned up {mode} rules"),
             Err(err) => {
                 eprintln!("error: cleanup of {mode} failed: {err}");
@@ -471,16 +479,9 @@ mod tests {
 
     fn engine(manifests: Option<&str>) -> EngineSettings {
         EngineSettings::resolve(&EngineArgs {
-            proxy_mode: None,
             manifests: manifests.map(Into::into),
             hostname_override: Some("node-a".into()),
-            cluster_cidr: None,
-            nodeport_addresses: None,
-            masquerade_all: None,
-            config: None,
-            iptables_dispatch: None,
-            ipvs_scheduler: None,
-            ipvs_strict_arp: None,
+            ..EngineArgs::default()
         })
         .unwrap()
     }

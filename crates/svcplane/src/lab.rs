@@ -40,12 +40,7 @@ pub fn run(args: LabArgs) -> Result<()> {
         manifests: Some(dir.clone()),
         hostname_override: Some(args.node.clone()),
         cluster_cidr: Some(args.cluster_cidr.clone()),
-        nodeport_addresses: None,
-        masquerade_all: None,
-        config: None,
-        iptables_dispatch: None,
-        ipvs_scheduler: None,
-        ipvs_strict_arp: None,
+        ..EngineArgs::default()
     })?;
     render_excerpt(&settings, &dir)?;
 

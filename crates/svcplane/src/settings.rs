@@ -33,6 +33,8 @@ pub struct EngineSettings {
     pub iptables_dispatch: Dispatch,
     /// IPVS mode's scheduler and strict ARP.
     pub ipvs: svcplane_dataplane::IpvsOptions,
+    /// eBPF mode's pin path, cgroup and map sizes.
+    pub ebpf: svcplane_dataplane::EbpfOptions,
     /// What the --config file said (for the proxy-only settings).
     pub file: FileConfig,
 }
@@ -116,6 +118,7 @@ impl EngineSettings {
             masquerade_all,
             iptables_dispatch,
             ipvs,
+            ebpf: args.ebpf.options()?,
             file,
         })
     }
@@ -125,6 +128,7 @@ impl EngineSettings {
         BackendOptions {
             iptables_dispatch: self.iptables_dispatch,
             ipvs: self.ipvs.clone(),
+            ebpf: self.ebpf.clone(),
         }
     }
 

@@ -9,10 +9,12 @@
 //! - [`tcp_request`] / [`udp_request`] / [`udp_request_bound`] / [`EchoServer`]: sockets
 //!   inside any namespace.
 
+mod cgroup;
 mod cluster;
 pub mod fake_apiserver;
 mod net;
 
+pub use cgroup::{Cgroup, bpf_test_mounts, cgroup2_mount, in_cgroup};
 pub use cluster::{
     CLIENT_V4, CLIENT_V6, CLUSTER_CIDR, Client, Cluster, ClusterBuilder, Manifests, Node, Pod,
     PodSpec, ProxyHandle, ProxyLaunch, SERVICE_CIDRS, metric_value, parse_echo,

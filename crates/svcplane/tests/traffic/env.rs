@@ -1,14 +1,15 @@
 //! The scenarios' world: the standard two-node cluster, its Services, the proxy on
 //! node-a in the cell's mode, and every address in the cell's family.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use svcplane_testkit::{
     CLIENT_V4, CLIENT_V6, Cluster, EchoReply, Manifests, PodSpec, ProxyHandle, RequestError,
-    parse_echo, skip_unless_root,
+    in_cgroup, parse_echo, skip_unless_root,
 };
 
 use crate::modes;
@@ -331,6 +332,9 @@ spec:
 /// order is drop order: the proxy stops before the cluster's namespaces go away.
 pub struct Env {
     pub proxy: Option<ProxyHandle>,
+    /// Per node with a proxy: the mode's hooks (ebpf's cgroup and pins), after the proxy
+    /// in drop order so the proxy stops first.
+    hooks: Mutex<BTreeMap<String, Arc<modes::NodeHooks>>>,
     pub manifests: Manifests,
     pub cluster: Cluster,
     pub cell: Cell,
@@ -404,6 +408,7 @@ impl Env {
             .expect("services.yaml");
         let mut env = Env {
             proxy: None,
+            hooks: Mutex::default(),
             manifests,
             cluster,
             cell,
@@ -418,13 +423,27 @@ impl Env {
     }
 
     fn run_proxy_with(&self, node: &str, extra: &[&str]) -> ProxyHandle {
-        let args = [&["--proxy-mode", self.cell.mode], extra].concat();
+        let mut args: Vec<String> = ["--proxy-mode", self.cell.mode]
+            .iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .collect();
+        // A restarted proxy on the same node reuses its hooks (pins, cgroup).
+        let hooks = self.hooks(node).or_else(|| {
+            let hooks = Arc::new(modes::NodeHooks::for_mode(self.cell.mode)?);
+            let mut all = self.hooks.lock().expect("hooks");
+            all.insert(node.to_string(), hooks.clone());
+            Some(hooks)
+        });
+        if let Some(hooks) = hooks {
+            args.extend(hooks.proxy_args());
+        }
         self.cluster
             .run_proxy(
                 env!("CARGO_BIN_EXE_svcplane"),
                 node,
                 self.manifests.path(),
-                &args,
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
             )
             .unwrap_or_else(|e| {
                 panic!(
@@ -436,6 +455,54 @@ impl Env {
 
     pub fn family(&self) -> Family {
         self.cell.family
+    }
+
+    /// `node`'s mode-specific hooks (ebpf), once a proxy ran there.
+    pub fn hooks(&self, node: &str) -> Option<Arc<modes::NodeHooks>> {
+        self.hooks.lock().expect("hooks").get(node).cloned()
+    }
+
+    /// Run `request` (which opens its socket inside namespace `netns`) from `node`: in
+    /// eBPF mode inside that node's cgroup, where the socket load balancer sees it.
+    fn on_node(
+        &self,
+        node: &str,
+        netns: &str,
+        request: impl Fn(&str) -> Result<String, RequestError>,
+    ) -> Result<String, RequestError> {
+        let Some(hooks) = self.hooks(node) else {
+            return request(netns);
+        };
+        // The forked child can only hand back a string: the outcome, then the reply.
+        let out = in_cgroup(hooks.cgroup.path(), netns, || match request(netns) {
+            Ok(reply) => format!("ok\n{reply}"),
+            Err(RequestError::Refused) => "refused\n".into(),
+            Err(RequestError::Timeout) => "timeout\n".into(),
+            Err(RequestError::Unreachable(e)) => format!("unreachable\n{e}"),
+            Err(RequestError::Other(e)) => format!("other\n{e}"),
+        })
+        .map_err(RequestError::Other)?;
+        let (outcome, rest) = out.split_once('\n').unwrap_or((out.as_str(), ""));
+        match outcome {
+            "ok" => Ok(rest.to_string()),
+            "refused" => Err(RequestError::Refused),
+            "timeout" => Err(RequestError::Timeout),
+            "unreachable" => Err(RequestError::Unreachable(std::io::Error::other(
+                rest.to_string(),
+            ))),
+            _ => Err(RequestError::Other(std::io::Error::other(out.clone()))),
+        }
+    }
+
+    /// The node of `from` (a node or a pod) and its namespace.
+    fn whereabouts(&self, from: &str) -> (String, String) {
+        match self.cluster.node(from) {
+            Ok(node) => (from.to_string(), node.netns().name().to_string()),
+            Err(_) => {
+                let pod = self.cluster.pod(from).expect("pod");
+                (pod.node().to_string(), pod.netns().name().to_string())
+            }
+        }
     }
 
     /// The cell's family's address of `dual`.
@@ -517,19 +584,54 @@ impl Env {
             // Its own address explicitly: for IPv6 the kernel would pick ALLOWED_SRC, the
             // longer prefix match with the 2001:db8:: destinations.
             "client" => c.tcp_request_from(c.client(), self.client_ip(), dst, timeout),
-            _ => match c.node(from) {
-                Ok(node) => c.tcp_request(node, dst, timeout),
-                Err(_) => c.tcp_request(c.pod(from).expect("pod"), dst, timeout),
-            },
+            _ => {
+                let (node, netns) = self.whereabouts(from);
+                self.on_node(&node, &netns, |ns| {
+                    svcplane_testkit::tcp_request(ns, None, dst, timeout)
+                })
+            }
         }
     }
 
     pub fn try_udp(&self, from: &str, dst: SocketAddr) -> Result<String, RequestError> {
+        self.try_udp_within(from, dst, T)
+    }
+
+    /// [`Env::try_udp`] with its own timeout (a fresh source port each time).
+    pub fn try_udp_within(
+        &self,
+        from: &str,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<String, RequestError> {
         let c = &self.cluster;
         match from {
-            "client" => c.udp_request_from(c.client(), self.client_ip(), dst, T),
-            _ => c.udp_request(c.pod(from).expect("pod"), dst, T),
+            "client" => c.udp_request_from(c.client(), self.client_ip(), dst, timeout),
+            _ => {
+                let (node, netns) = self.whereabouts(from);
+                self.on_node(&node, &netns, |ns| {
+                    svcplane_testkit::udp_request(ns, None, dst, timeout)
+                })
+            }
         }
+    }
+
+    /// UDP from pod `from`'s fixed source port `src_port`: the same 5-tuple every call.
+    pub fn try_udp_from_port(
+        &self,
+        from: &str,
+        src_port: u16,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<String, RequestError> {
+        let any = match dst {
+            SocketAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            SocketAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        };
+        let (node, netns) = self.whereabouts(from);
+        self.on_node(&node, &netns, |ns| {
+            svcplane_testkit::udp_request_bound(ns, SocketAddr::new(any, src_port), dst, timeout)
+        })
     }
 
     /// Wait (bounded; the bound only limits how long a broken test hangs) until `dst`

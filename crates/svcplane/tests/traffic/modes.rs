@@ -2,7 +2,10 @@
 //! to wreck its rules the way an administrator or a firewall reload would. A new mode
 //! adds its arm here; scenarios never match on the mode themselves.
 
-use svcplane_testkit::run_checked;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use svcplane_testkit::{Cgroup, bpf_test_mounts, run_checked};
 
 use crate::env::Env;
 
@@ -19,6 +22,8 @@ pub fn tools(mode: &str) -> &'static [&'static str] {
             "ip6tables-save",
         ],
         "ipvs" => &["nft"],
+        // Startup removes the other modes' leftovers with nft (none here, per namespace).
+        "ebpf" => &["nft"],
         other => panic!("no tools listed for mode {other}: add them in traffic/modes.rs"),
     }
 }
@@ -85,6 +90,64 @@ pub fn wreck_rules(env: &Env) {
             let left = String::from_utf8_lossy(&out.stdout);
             assert!(!left.contains("svcplane"), "nft flush ruleset left: {left}");
         }
+        "ebpf" => {
+            // Unpin the programs' links and the maps: the periodic check finds the pins
+            // gone and runs a full sync that puts them back (the scenario asserts it).
+            let hooks = env.hooks("node-a").expect("node-a's eBPF hooks");
+            let _ = std::fs::remove_dir_all(&hooks.pins);
+            assert!(!hooks.pins.exists(), "{} still there", hooks.pins.display());
+        }
         other => panic!("no way to wreck mode {other}'s rules: add it in traffic/modes.rs"),
+    }
+}
+
+/// A node's eBPF-mode scratch: its proxy attaches the socket load balancer to a cgroup of
+/// its own and pins under a directory of its own (parallel cells never share them), and
+/// the cell's requests from that node and its pods run inside the cgroup
+/// ([`svcplane_testkit::in_cgroup`]): that is where the socket-LB sees them.
+#[derive(Debug)]
+pub struct NodeHooks {
+    pub cgroup: Cgroup,
+    pub pins: PathBuf,
+}
+
+static PINS: AtomicUsize = AtomicUsize::new(0);
+
+impl NodeHooks {
+    /// The hooks of `mode`'s proxy on a node: `Some` for ebpf only.
+    pub fn for_mode(mode: &str) -> Option<NodeHooks> {
+        if mode != "ebpf" {
+            return None;
+        }
+        let cgroup = Cgroup::new("svcp-traffic").expect("scratch cgroup");
+        let (bpffs, _) = bpf_test_mounts().expect("bpffs");
+        let pins = bpffs.join(format!(
+            "traffic-{}-{}",
+            std::process::id(),
+            PINS.fetch_add(1, Ordering::Relaxed)
+        ));
+        Some(NodeHooks { cgroup, pins })
+    }
+
+    /// The `svcplane proxy` flags naming them.
+    pub fn proxy_args(&self) -> Vec<String> {
+        let path = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
+        vec![
+            "--bpf-pin-path".into(),
+            path(&self.pins),
+            "--cgroup-path".into(),
+            path(self.cgroup.path()),
+        ]
+    }
+}
+
+impl Drop for NodeHooks {
+    fn drop(&mut self) {
+        // The proxies are stopped by now; their pins outlive them by design.
+        let _ = run_checked(
+            std::process::Command::new(env!("CARGO_BIN_EXE_svcplane"))
+                .args(["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-path"])
+                .arg(&self.pins),
+        );
     }
 }

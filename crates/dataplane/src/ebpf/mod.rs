@@ -1,0 +1,553 @@
+//! eBPF mode: socket-level load balancing (Cilium's socket-LB). cgroup v2 sock_addr programs
+//! (crates/ebpf-programs, embedded here) translate a Service address to a backend at
+//! connect/sendmsg and back at recvmsg/getpeername; this backend fills their maps from the
+//! desired state. Maps and program links are pinned under `--bpf-pin-path`, so a restart or
+//! a crash of svcplane keeps every connection working; `cleanup` unpins (which detaches).
+
+pub mod plan;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
+use aya::{Ebpf, EbpfLoader};
+use svcplane_ebpf_common::{
+    Backend, MAP_AFFINITY, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAPS, PROGRAMS, ServiceKey,
+    ServiceValue, VERSION,
+};
+use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
+
+use plan::{FrontEntry, IdPool, Image, Op, Owned, Owner, Scope};
+
+/// The programs, built by build.rs for bpfel-unknown-none. Aligned copy at load time.
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/svcplane-sock"));
+
+/// Default pin directory.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/svcplane";
+
+/// `--bpf-*` / `--cgroup-path` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EbpfOptions {
+    pub pin_path: PathBuf,
+    /// cgroup v2 directory the programs attach to; `None`: the cgroup2 mount's root.
+    pub cgroup_path: Option<PathBuf>,
+    /// Service map entries: frontends plus one per backend slot.
+    pub service_map_max: u32,
+    pub backend_map_max: u32,
+    pub revnat_map_max: u32,
+    pub affinity_map_max: u32,
+}
+
+impl Default for EbpfOptions {
+    fn default() -> Self {
+        EbpfOptions {
+            pin_path: PathBuf::from(DEFAULT_PIN_PATH),
+            cgroup_path: None,
+            // 64k service ports plus 256k backend slots.
+            service_map_max: 65_536 + 262_144,
+            backend_map_max: 262_144,
+            revnat_map_max: 262_144,
+            affinity_map_max: 65_536,
+        }
+    }
+}
+
+fn err(what: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::Tool {
+        tool: "ebpf".into(),
+        message: what.to_string(),
+    }
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo (cgroup2 is `/sys/fs/cgroup` on a
+/// unified host, `/sys/fs/cgroup/unified` on a hybrid one).
+pub fn cgroup2_root() -> Result<PathBuf, DataplaneError> {
+    let info = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| err(format!("reading /proc/self/mountinfo: {e}")))?;
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .ok_or_else(|| err("no cgroup2 file system is mounted (needed for --proxy-mode ebpf)"))
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct; the path is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Mount bpffs on /sys/fs/bpf when the pin path is under it and nothing is mounted there
+/// (as Cilium's agent does). A lock file serialises concurrent proxies, which would
+/// otherwise stack two mounts and hide each other's pins.
+fn ensure_bpffs(pin: &Path) -> Result<(), DataplaneError> {
+    let base = Path::new("/sys/fs/bpf");
+    if !pin.starts_with(base) {
+        // Elsewhere the caller mounted bpffs: check it, since pins on another file system
+        // fail with a less helpful error.
+        let existing = pin.ancestors().find(|p| p.exists()).unwrap_or(pin);
+        if !is_bpffs(existing) {
+            return Err(err(format!(
+                "--bpf-pin-path {}: {} is not on a bpf file system",
+                pin.display(),
+                existing.display()
+            )));
+        }
+        return Ok(());
+    }
+    if is_bpffs(base) {
+        return Ok(());
+    }
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/svcplane-bpffs.lock")
+        .map_err(|e| err(format!("/run/svcplane-bpffs.lock: {e}")))?;
+    // SAFETY: flock on an fd we own; released when `lock` closes.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    if is_bpffs(base) {
+        return Ok(());
+    }
+    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
+    let (src, dst, ty) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
+    // SAFETY: valid C strings, no data argument.
+    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), ty.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(err(format!(
+            "mounting bpffs on /sys/fs/bpf: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// An error and its sources (aya's Display leaves out the errno).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn pin_dir_join(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+fn link_pin(pin: &Path, prog: &str) -> PathBuf {
+    pin.join(format!("link_v{VERSION}_{prog}"))
+}
+
+/// What is loaded: the maps this process writes.
+struct Loaded {
+    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    backends: BpfHashMap<MapData, u32, Backend>,
+    _ebpf: Ebpf,
+}
+
+/// The eBPF backend.
+pub struct EbpfBackend {
+    options: EbpfOptions,
+    loaded: Option<Loaded>,
+    /// What the maps hold (read back from the pins at startup).
+    image: Image,
+    owned: HashMap<Owner, Owned>,
+    svc_ids: IdPool,
+    backend_ids: IdPool,
+}
+
+impl EbpfBackend {
+    pub fn new(options: EbpfOptions) -> Self {
+        EbpfBackend {
+            options,
+            loaded: None,
+            image: Image::default(),
+            owned: HashMap::new(),
+            svc_ids: IdPool::default(),
+            backend_ids: IdPool::default(),
+        }
+    }
+
+    pub fn options(&self) -> &EbpfOptions {
+        &self.options
+    }
+
+    /// Whether anything of this mode is pinned (for other modes' startup cleanup).
+    pub fn is_present(&self) -> bool {
+        fs::read_dir(&self.options.pin_path)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    }
+
+    /// Load the programs (reusing pinned maps), attach them to the cgroup, pin the links
+    /// (replacing a previous run's, which detaches them only once the new ones are in place)
+    /// and read the maps' contents.
+    fn load(&mut self) -> Result<(), DataplaneError> {
+        let o = &self.options;
+        ensure_bpffs(&o.pin_path)?;
+        fs::create_dir_all(&o.pin_path)
+            .map_err(|e| err(format!("{}: {e}", o.pin_path.display())))?;
+        let cgroup_path = match &o.cgroup_path {
+            Some(p) => p.clone(),
+            None => cgroup2_root()?,
+        };
+        let cgroup = fs::File::open(&cgroup_path)
+            .map_err(|e| err(format!("cgroup {}: {e}", cgroup_path.display())))?;
+        // include_bytes! gives 1-byte alignment; the ELF parser wants 8.
+        let mut aligned: Vec<u64> = vec![0; OBJECT.len().div_ceil(8)];
+        // SAFETY: the u64 buffer is at least OBJECT.len() bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast::<u8>(), OBJECT.len())
+        };
+        bytes.copy_from_slice(OBJECT);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&o.pin_path)
+            .map_max_entries(MAP_SERVICES, o.service_map_max)
+            .map_max_entries(MAP_BACKENDS, o.backend_map_max)
+            .map_max_entries(MAP_REVNAT, o.revnat_map_max)
+            .map_max_entries(MAP_AFFINITY, o.affinity_map_max)
+            .load(bytes)
+            .map_err(|e| err(format!("loading the programs: {}", chain(&e))))?;
+        for name in PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| err(format!("program {name} missing from the object")))?
+                .try_into()
+                .map_err(|e| err(format!("{name}: {e}")))?;
+            prog.load()
+                .map_err(|e| err(format!("verifying {name}: {}", chain(&e))))?;
+            // A bpf_link (kernel >= 5.7) is always attached as with BPF_F_ALLOW_MULTI and
+            // link_create refuses any flag: Single means "no flags" here. So the previous
+            // run's links and these run side by side until the rename below.
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|e| {
+                    err(format!(
+                        "attaching {name} to {}: {}",
+                        cgroup_path.display(),
+                        chain(&e)
+                    ))
+                })?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| err(format!("{name}: {e}")))?
+                .try_into()
+                .map_err(|e| err(format!("{name}: {e}")))?;
+            let path = link_pin(&o.pin_path, name);
+            // bpffs refuses names with a dot.
+            let tmp = pin_dir_join(&o.pin_path, &format!("link_v{VERSION}_{name}_new"));
+            let _ = fs::remove_file(&tmp);
+            let pinned = link
+                .pin(&tmp)
+                .map_err(|e| err(format!("pinning {}: {e}", tmp.display())))?;
+            // Atomic replace: the previous link (if any) loses its pin and detaches.
+            fs::rename(&tmp, &path).map_err(|e| err(format!("pinning {}: {e}", path.display())))?;
+            drop(pinned);
+        }
+        let services: BpfHashMap<MapData, ServiceKey, ServiceValue> = ebpf
+            .take_map(MAP_SERVICES)
+            .ok_or_else(|| err("services map missing"))?
+            .try_into()
+            .map_err(|e| err(format!("{MAP_SERVICES}: {e}")))?;
+        let backends: BpfHashMap<MapData, u32, Backend> = ebpf
+            .take_map(MAP_BACKENDS)
+            .ok_or_else(|| err("backends map missing"))?
+            .try_into()
+            .map_err(|e| err(format!("{MAP_BACKENDS}: {e}")))?;
+        self.image = read_image(&services, &backends);
+        self.owned.clear();
+        self.svc_ids = IdPool::default();
+        self.backend_ids = IdPool::default();
+        for e in self.image.frontends.values() {
+            self.svc_ids.reserve(e.value.svc_id);
+        }
+        for id in self.image.backends.keys() {
+            self.backend_ids.reserve(*id);
+        }
+        self.loaded = Some(Loaded {
+            services,
+            backends,
+            _ebpf: ebpf,
+        });
+        Ok(())
+    }
+
+    /// Recompute the owners of the service ports the diff touches (all with `full`) into
+    /// `new`; returns the keys and backend ids to diff: theirs, old and new, and on a full
+    /// sync every key and id the maps hold (so entries nobody owns go).
+    fn recompute(
+        &mut self,
+        desired: &DesiredState,
+        diff: &Diff,
+        new: &mut Image,
+    ) -> (BTreeSet<ServiceKey>, BTreeSet<u32>) {
+        let mut keys = BTreeSet::new();
+        let mut ids = BTreeSet::new();
+        let full = diff.full;
+        if full {
+            keys.extend(self.image.frontends.keys().copied());
+            ids.extend(self.image.backends.keys().copied());
+        }
+        for fam in desired.families() {
+            let f = fam.family;
+            let fd = diff.family(f);
+            let touched: BTreeSet<_> = if full {
+                fam.services
+                    .keys()
+                    .cloned()
+                    .chain(
+                        self.owned
+                            .keys()
+                            .filter(|(_, of, _)| *of == f)
+                            .map(|(n, _, _)| n.clone()),
+                    )
+                    .collect()
+            } else {
+                fd.added
+                    .iter()
+                    .chain(&fd.changed)
+                    .chain(&fd.removed)
+                    .cloned()
+                    .collect()
+            };
+            for name in touched {
+                let plans = fam
+                    .services
+                    .get(&name)
+                    .map(|s| plan::plan_service(s, fam))
+                    .unwrap_or_default();
+                for scope in [Scope::ClusterIp, Scope::External] {
+                    let owner = (name.clone(), f, scope);
+                    let previous = self.owned.remove(&owner);
+                    if let Some(p) = &previous {
+                        keys.extend(p.frontends.iter().copied());
+                        ids.extend(p.backends.values().copied());
+                    }
+                    match plans.iter().find(|p| p.scope == scope) {
+                        Some(sp) => {
+                            let owned = plan::build_owned(
+                                sp,
+                                previous.as_ref(),
+                                &mut self.svc_ids,
+                                &mut self.backend_ids,
+                                new,
+                            );
+                            keys.extend(owned.frontends.iter().copied());
+                            ids.extend(owned.backends.values().copied());
+                            if let Some(p) = &previous {
+                                for (ep, id) in &p.backends {
+                                    if !owned.backends.contains_key(ep) {
+                                        self.backend_ids.release(*id);
+                                    }
+                                }
+                            }
+                            self.owned.insert(owner, owned);
+                        }
+                        None => {
+                            if let Some(p) = previous {
+                                self.svc_ids.release(p.svc_id);
+                                for id in p.backends.values() {
+                                    self.backend_ids.release(*id);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (keys, ids)
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Result<(), DataplaneError> {
+        let l = self
+            .loaded
+            .as_mut()
+            .ok_or_else(|| err("programs not loaded"))?;
+        for op in ops {
+            let r = match op {
+                Op::PutBackend(id, b) => l.backends.insert(id, b, 0),
+                Op::DelBackend(id) => l.backends.remove(id),
+                Op::PutService(k, v) => l.services.insert(k, v, 0),
+                Op::DelService(k) => l.services.remove(k),
+            };
+            match (op, r) {
+                (_, Ok(())) => {}
+                // Deleting what is already gone is what was wanted.
+                (Op::DelBackend(_) | Op::DelService(_), Err(_)) => {}
+                (op, Err(e)) => return Err(err(format!("{op:?}: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
+    fn names(&self) -> BTreeMap<u32, String> {
+        self.owned
+            .iter()
+            .map(|((n, _, scope), o)| {
+                let s = match scope {
+                    Scope::ClusterIp => "ClusterIP",
+                    Scope::External => "External",
+                };
+                (o.svc_id, format!("{n} {s}"))
+            })
+            .collect()
+    }
+}
+
+/// The maps' contents, slots grouped under their frontend.
+fn read_image(
+    services: &BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    backends: &BpfHashMap<MapData, u32, Backend>,
+) -> Image {
+    let mut img = Image::default();
+    let mut slots: BTreeMap<ServiceKey, BTreeMap<u16, u32>> = BTreeMap::new();
+    for (k, v) in services.iter().flatten() {
+        let front = ServiceKey { slot: 0, ..k };
+        if k.slot == 0 {
+            img.frontends.insert(
+                front,
+                FrontEntry {
+                    value: v,
+                    slots: Vec::new(),
+                },
+            );
+        } else {
+            slots.entry(front).or_default().insert(k.slot, v.backend_id);
+        }
+    }
+    for (front, s) in slots {
+        let max = s.keys().copied().max().unwrap_or(0);
+        let e = img.frontends.entry(front).or_insert(FrontEntry {
+            value: ServiceValue::default(),
+            slots: Vec::new(),
+        });
+        e.slots = (1..=max).map(|i| s.get(&i).copied().unwrap_or(0)).collect();
+    }
+    for (id, b) in backends.iter().flatten() {
+        img.backends.insert(id, b);
+    }
+    img
+}
+
+impl Dataplane for EbpfBackend {
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn sync(
+        &mut self,
+        desired: &Arc<DesiredState>,
+        diff: &Diff,
+    ) -> Result<SyncReport, DataplaneError> {
+        let mut diff = diff.clone();
+        if self.loaded.is_none() {
+            self.load()?;
+            diff.full = true;
+        }
+        // The periodic check: the pins must still be there, else reload and sync in full.
+        if diff.is_empty() {
+            let intact = PROGRAMS
+                .iter()
+                .all(|p| link_pin(&self.options.pin_path, p).exists())
+                && MAPS.iter().all(|m| self.options.pin_path.join(m).exists());
+            if intact {
+                return Ok(SyncReport::default());
+            }
+            self.loaded = None;
+            self.load()?;
+            diff.full = true;
+        }
+        // `new` holds only the recomputed owners' entries (everything on a full sync), so a
+        // partial sync costs what changed, not the size of the maps.
+        let mut new = Image::default();
+        let (keys, ids) = self.recompute(desired, &diff, &mut new);
+        let ops = plan::image_ops(&self.image, &new, &keys, &ids);
+        let result = self.apply(&ops);
+        if result.is_err() {
+            // What the kernel holds is unknown now: read it back on the next (full) sync.
+            self.loaded = None;
+        }
+        result?;
+        for k in &keys {
+            match new.frontends.remove(k) {
+                Some(e) => self.image.frontends.insert(*k, e),
+                None => self.image.frontends.remove(k),
+            };
+        }
+        for id in &ids {
+            match new.backends.remove(id) {
+                Some(b) => self.image.backends.insert(*id, b),
+                None => self.image.backends.remove(id),
+            };
+        }
+        Ok(SyncReport {
+            full: diff.full,
+            size: ops.len(),
+            ..SyncReport::default()
+        })
+    }
+
+    fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {
+        let mut b = EbpfBackend::new(self.options.clone());
+        let mut new = Image::default();
+        let diff = Diff::between(None, desired, true);
+        b.recompute(desired, &diff, &mut new);
+        let mut out = format!(
+            "# eBPF socket-LB maps under {} (services {}, backends {})\n",
+            self.options.pin_path.display(),
+            new.frontends.len(),
+            new.backends.len()
+        );
+        out.push_str(&plan::render_table(&new, &b.names()));
+        Ok(out)
+    }
+
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        self.loaded = None;
+        self.image = Image::default();
+        self.owned.clear();
+        let dir = &self.options.pin_path;
+        let entries = match fs::read_dir(dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(err(format!("{}: {e}", dir.display()))),
+        };
+        // Links first (removing the last reference detaches the programs), then maps; every
+        // version's names, so an upgrade's cleanup also removes what an older svcplane left.
+        let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        files.sort_by_key(|p| {
+            !p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("link_"))
+        });
+        for f in files {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name.starts_with("link_") || name.starts_with("SVCP_") {
+                fs::remove_file(&f).map_err(|e| err(format!("{}: {e}", f.display())))?;
+            }
+        }
+        match fs::remove_dir(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(err(format!(
+                "{} (left in place: not empty?): {e}",
+                dir.display()
+            ))),
+        }
+    }
+}

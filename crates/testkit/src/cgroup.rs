@@ -1,0 +1,149 @@
+//! cgroup v2 for eBPF-mode tests: a scratch cgroup (the socket-LB programs attach to it, so
+//! only processes placed in it are translated) and [`in_cgroup`], which runs a client in a
+//! child process inside that cgroup and a network namespace. cgroup membership is per
+//! process, and tests share one process: a forked child is the unit that can join.
+
+use std::io::{self, Read as _, Write as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// The cgroup2 mount point (from /proc/self/mountinfo).
+pub fn cgroup2_mount() -> io::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .ok_or_else(|| io::Error::other("no cgroup2 file system is mounted"))
+}
+
+/// Where eBPF-mode tests keep their pins and cgroups: a bpffs and a cgroup2 mount under
+/// /run, made once per boot (under a lock, as tests and proxies run in parallel). Not
+/// /sys: `ip netns exec`, which starts the test kit's proxies, remounts /sys, hiding the
+/// host's /sys/fs/bpf and /sys/fs/cgroup; /run stays visible, and a cgroup2 mount shows the
+/// one cgroup2 hierarchy wherever it is mounted.
+pub fn bpf_test_mounts() -> io::Result<(PathBuf, PathBuf)> {
+    let base = Path::new("/run/svcplane-test-bpf");
+    let (bpffs, cgroup2) = (base.join("bpffs"), base.join("cgroup2"));
+    std::fs::create_dir_all(&bpffs)?;
+    std::fs::create_dir_all(&cgroup2)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(base.join("lock"))?;
+    // SAFETY: flock on an fd we own; released when `lock` closes.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    for (dir, fstype, magic) in [
+        (&bpffs, "bpf", 0xcafe_4a11_i64),
+        (&cgroup2, "cgroup2", 0x6367_7270),
+    ] {
+        if fs_magic(dir)? != magic {
+            crate::run_checked(
+                std::process::Command::new("mount")
+                    .args(["-t", fstype, fstype])
+                    .arg(dir),
+            )?;
+        }
+    }
+    Ok((bpffs, cgroup2))
+}
+
+fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statfs fills the zeroed struct; the path is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+/// A scratch cgroup (under [`bpf_test_mounts`]'s cgroup2 mount), removed on drop.
+#[derive(Debug)]
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    /// Create `<root>/<prefix>-<pid>-<n>`.
+    pub fn new(prefix: &str) -> io::Result<Cgroup> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let (_, root) = bpf_test_mounts()?;
+        let path = root.join(format!("{prefix}-{}-{n}", std::process::id()));
+        std::fs::create_dir(&path)?;
+        Ok(Cgroup { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Children were reaped, so it is empty; attached programs go with it.
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Run `f` in a forked child that first joins `cgroup`, then enters network namespace
+/// `netns` (a name under /run/netns); returns the string `f` returned. Sockets `f` opens
+/// belong to the cgroup, so programs attached there see them.
+pub fn in_cgroup(cgroup: &Path, netns: &str, f: impl FnOnce() -> String) -> io::Result<String> {
+    let procs = std::ffi::CString::new(
+        cgroup
+            .join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .map_err(io::Error::other)?;
+    let ns = std::fs::File::open(format!("/run/netns/{netns}"))?;
+    let mut fds = [0; 2];
+    // SAFETY: pipe fills two fds.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the child only joins the cgroup and namespace, runs `f` (sockets and
+    // allocation: glibc's malloc is fork-safe), writes the pipe and _exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        unsafe {
+            libc::close(fds[0]);
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            let ok = fd >= 0
+                && libc::write(fd, b"0\n".as_ptr().cast(), 2) == 2
+                && libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) == 0;
+            let out = if ok {
+                f()
+            } else {
+                format!("in_cgroup: {}", io::Error::last_os_error())
+            };
+            let mut pipe = std::fs::File::from_raw_fd(fds[1]);
+            let _ = pipe.write_all(out.as_bytes());
+            libc::_exit(if ok { 0 } else { 1 });
+        }
+    }
+    // SAFETY: we own the read end.
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    unsafe { libc::close(fds[1]) };
+    let mut out = String::new();
+    let read = pipe.read_to_string(&mut out);
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    read?;
+    if status != 0 {
+        return Err(io::Error::other(out));
+    }
+    Ok(out)
+}
