@@ -23,7 +23,6 @@ pub mod render;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
@@ -33,9 +32,6 @@ use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 use crate::conntrack::{ConntrackScope, Reconciler};
 pub use dispatch::Dispatch;
 use render::{Chain, FamilyRules, JUMPS, Jump, Options, Select, TABLES};
-
-/// How many lines of a tool's complaint an error carries.
-const ERROR_LINES: usize = 6;
 
 /// The iptables binaries of one backend, per family (`[v4, v6]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,50 +103,7 @@ impl Runner {
         args: &[&str],
         input: Option<&str>,
     ) -> Result<String, DataplaneError> {
-        let tool_error = |message: String| DataplaneError::Tool {
-            tool: program.to_owned(),
-            message,
-        };
-        let mut child = self
-            .command(program, args)
-            .stdin(if input.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| tool_error(format!("cannot run: {e}")))?;
-        let (output, written) = std::thread::scope(|scope| {
-            // Fed from another thread so a large input cannot deadlock against the
-            // tool's output pipes.
-            let writer = child
-                .stdin
-                .take()
-                .zip(input)
-                .map(|(mut stdin, text)| scope.spawn(move || stdin.write_all(text.as_bytes())));
-            let output = child.wait_with_output();
-            (output, writer.map(|w| w.join()))
-        });
-        let output = output.map_err(|e| tool_error(format!("waiting for it: {e}")))?;
-        if output.status.success() {
-            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
-        }
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let mut message: String = stderr
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .take(ERROR_LINES)
-            .collect::<Vec<_>>()
-            .join("\n");
-        if message.is_empty() {
-            message = format!("exited with {}", output.status);
-            if let Some(Ok(Err(e))) = written {
-                message.push_str(&format!(" (writing its input failed: {e})"));
-            }
-        }
-        Err(tool_error(message))
+        crate::tool::run(self.command(program, args), program, input)
     }
 
     fn exists(&self, program: &str) -> bool {

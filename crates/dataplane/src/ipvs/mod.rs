@@ -20,7 +20,6 @@ pub mod link;
 pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -667,53 +666,13 @@ pub fn render(desired: &DesiredState, options: &IpvsOptions) -> Result<String, D
 
 /// Run nft (`cmd` is the program and leading arguments) with `args`, feeding `input`.
 fn run_nft(cmd: &[String], args: &[&str], input: Option<&str>) -> Result<String, DataplaneError> {
-    let tool = |message: String| DataplaneError::Tool {
+    let (program, lead) = cmd.split_first().ok_or_else(|| DataplaneError::Tool {
         tool: "nft".to_owned(),
-        message,
-    };
-    let (program, lead) = cmd
-        .split_first()
-        .ok_or_else(|| tool("empty nft command".into()))?;
-    let mut child = Command::new(program)
-        .args(lead)
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| tool(format!("cannot run {program:?}: {e}")))?;
-    let output = std::thread::scope(|scope| {
-        // Feed stdin from another thread so a large script cannot deadlock on the pipes.
-        let writer = child
-            .stdin
-            .take()
-            .zip(input)
-            .map(|(mut stdin, text)| scope.spawn(move || stdin.write_all(text.as_bytes())));
-        let output = child.wait_with_output();
-        if let Some(w) = writer {
-            let _ = w.join();
-        }
-        output
-    })
-    .map_err(|e| tool(format!("waiting for nft: {e}")))?;
-    if output.status.success() {
-        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
-    }
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let message: Vec<&str> = stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .take(6)
-        .collect();
-    Err(tool(if message.is_empty() {
-        format!("exited with {}", output.status)
-    } else {
-        message.join("\n")
-    }))
+        message: "empty nft command".into(),
+    })?;
+    let mut command = Command::new(program);
+    command.args(lead).args(args);
+    crate::tool::run(command, "nft", input)
 }
 
 /// Whether this kernel has IPVS (the generic netlink family resolves, loading `ip_vs`

@@ -8,8 +8,7 @@ pub(crate) mod render;
 mod rule;
 
 use std::collections::HashSet;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
@@ -18,9 +17,6 @@ use crate::conntrack::{ConntrackScope, Reconciler};
 
 pub use names::nft_identifier_safe;
 pub use render::{MASQUERADE_MARK, TABLE, render};
-
-/// How many lines of nft's complaint an error carries.
-const ERROR_LINES: usize = 6;
 
 /// The nftables dataplane. The first sync, every `diff.full` one and every one after a
 /// failure is a full, atomic `nft -f -` transaction (which replaces a table left by an
@@ -228,48 +224,7 @@ impl NftablesBackend {
 
     /// Run nft with `args`, feeding `input` on stdin; its stdout on success.
     fn run(&self, args: &[&str], input: Option<&str>) -> Result<String, DataplaneError> {
-        let mut cmd = self.command(args);
-        cmd.stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| tool_error(format!("cannot run {:?}: {e}", self.nft[0])))?;
-        let output = std::thread::scope(|scope| {
-            // Feed stdin from another thread so a large script cannot deadlock against
-            // nft's output pipes.
-            let writer = child
-                .stdin
-                .take()
-                .zip(input)
-                .map(|(mut stdin, text)| scope.spawn(move || stdin.write_all(text.as_bytes())));
-            let output = child.wait_with_output();
-            let written = writer.map(|w| w.join());
-            (output, written)
-        });
-        let (output, written) = output;
-        let output = output.map_err(|e| tool_error(format!("waiting for nft: {e}")))?;
-        if output.status.success() {
-            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
-        }
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let mut message: String = stderr
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .take(ERROR_LINES)
-            .collect::<Vec<_>>()
-            .join("\n");
-        if message.is_empty() {
-            message = format!("exited with {}", output.status);
-            if let Some(Ok(Err(e))) = written {
-                message.push_str(&format!(" (writing its input failed: {e})"));
-            }
-        }
-        Err(tool_error(message))
+        crate::tool::run(self.command(args), "nft", input)
     }
 
     /// Names of the chains, sets and maps currently in `<family> svcplane`, or `None`
@@ -391,13 +346,6 @@ impl NftablesBackend {
             },
             full_next,
         )))
-    }
-}
-
-fn tool_error(message: String) -> DataplaneError {
-    DataplaneError::Tool {
-        tool: "nft".to_owned(),
-        message,
     }
 }
 
