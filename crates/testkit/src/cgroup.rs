@@ -93,9 +93,17 @@ impl Drop for Cgroup {
     }
 }
 
+/// How long [`in_cgroup`] waits for its child before killing it: a client that hangs
+/// must fail its test, not stall the suite.
+pub const IN_CGROUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Run `f` in a forked child that first joins `cgroup`, then enters network namespace
 /// `netns` (a name under /run/netns); returns the string `f` returned. Sockets `f` opens
 /// belong to the cgroup, so programs attached there see them.
+///
+/// The result pipe is close-on-exec: without it, a process another test thread spawns
+/// meanwhile (a proxy) inherits the write end and the read below never sees EOF until
+/// that process exits (CI hung 85 minutes on exactly that). The read has a deadline too.
 pub fn in_cgroup(cgroup: &Path, netns: &str, f: impl FnOnce() -> String) -> io::Result<String> {
     let procs = std::ffi::CString::new(
         cgroup
@@ -106,12 +114,13 @@ pub fn in_cgroup(cgroup: &Path, netns: &str, f: impl FnOnce() -> String) -> io::
     .map_err(io::Error::other)?;
     let ns = std::fs::File::open(format!("/run/netns/{netns}"))?;
     let mut fds = [0; 2];
-    // SAFETY: pipe fills two fds.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+    // SAFETY: pipe2 fills two fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the child only joins the cgroup and namespace, runs `f` (sockets and
-    // allocation: glibc's malloc is fork-safe), writes the pipe and _exits.
+    // allocation: glibc's malloc is fork-safe), writes the pipe and _exits; a panic in `f`
+    // is caught so it never unwinds into the test harness' code in the child.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(io::Error::last_os_error());
@@ -123,10 +132,13 @@ pub fn in_cgroup(cgroup: &Path, netns: &str, f: impl FnOnce() -> String) -> io::
             let ok = fd >= 0
                 && libc::write(fd, b"0\n".as_ptr().cast(), 2) == 2
                 && libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) == 0;
-            let out = if ok {
-                f()
+            let (out, ok) = if ok {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+                    Ok(out) => (out, true),
+                    Err(_) => ("in_cgroup: the client panicked".to_owned(), false),
+                }
             } else {
-                format!("in_cgroup: {}", io::Error::last_os_error())
+                (format!("in_cgroup: {}", io::Error::last_os_error()), false)
             };
             let mut pipe = std::fs::File::from_raw_fd(fds[1]);
             let _ = pipe.write_all(out.as_bytes());
@@ -134,16 +146,54 @@ pub fn in_cgroup(cgroup: &Path, netns: &str, f: impl FnOnce() -> String) -> io::
         }
     }
     // SAFETY: we own the read end.
-    let mut pipe = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    let pipe = unsafe { std::fs::File::from_raw_fd(fds[0]) };
     unsafe { libc::close(fds[1]) };
-    let mut out = String::new();
-    let read = pipe.read_to_string(&mut out);
+    let read = read_until_eof(pipe, IN_CGROUP_DEADLINE);
+    if read.is_err() {
+        // SAFETY: our own child; it is reaped below.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
     let mut status = 0;
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    read?;
+    let out = read?;
     if status != 0 {
         return Err(io::Error::other(out));
     }
     Ok(out)
+}
+
+/// Read `pipe` to EOF, giving up after `deadline`.
+fn read_until_eof(mut pipe: std::fs::File, deadline: std::time::Duration) -> io::Result<String> {
+    let until = std::time::Instant::now() + deadline;
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: pipe.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own.
+        let ready =
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if ready < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if ready == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("in_cgroup: the client gave no answer within {deadline:?}"),
+            ));
+        }
+        match pipe.read(&mut buf)? {
+            0 => return String::from_utf8(bytes).map_err(io::Error::other),
+            n => bytes.extend_from_slice(&buf[..n]),
+        }
+    }
 }
