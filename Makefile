@@ -21,8 +21,9 @@ fmt:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# A hung test fails the run within 40 minutes (build included) instead of stalling CI.
 unit:
-	$(CARGO) test --workspace
+	timeout --kill-after=30 2400 $(CARGO) test --workspace
 
 # IPVS needs a kernel this machine lacks: Debian's stock kernel under QEMU (README: Development).
 test-ipvs: deps

@@ -45,8 +45,7 @@ pub fn run_cell(table: &[Scenario], mode: &'static str, family: Family, name: &s
         .marks
         .iter()
         .find(|m| m.covers(mode, family))
-        .map(|m| m.reason)
-        .or_else(|| opt_in_missing(mode));
+        .map(|m| m.reason);
     if let Some(reason) = reason {
         // Straight to stderr, not through `eprintln!`, which the test harness captures
         // and hides for a passing test.
@@ -55,21 +54,6 @@ pub fn run_cell(table: &[Scenario], mode: &'static str, family: Family, name: &s
         return;
     }
     (scenario.run)(Cell { mode, family });
-}
-
-/// Set to run the ebpf cells.
-pub const EBPF_OPT_IN: &str = "SVCPLANE_EBPF_TABLE";
-
-/// Why a mode's cells do not run by default, if they don't. The ebpf cells' clients
-/// join the proxy's cgroup from a child forked off this multithreaded test process; one
-/// such cell hung once in three runs, and a hang would stall the whole suite. They run
-/// with `SVCPLANE_EBPF_TABLE=1` until the clients are spawned as processes instead.
-fn opt_in_missing(mode: &str) -> Option<&'static str> {
-    (mode == "ebpf" && std::env::var_os(EBPF_OPT_IN).is_none()).then_some(
-        "ebpf cells run only with SVCPLANE_EBPF_TABLE=1: their clients are forked off the \
-         multithreaded test process to join the proxy's cgroup, which hung once in three \
-         runs (to be replaced by spawned client processes)",
-    )
 }
 
 /// `scenario_table! { modes: [m1, m2]; scenarios: [s1, s2 { mode/family: "why" }, ...] }`
