@@ -444,7 +444,7 @@ fn udp_conntrack_cleared(cell: Cell) {
     // this 5-tuple to udp-a until it expires (120 s while traffic flows). The bound is
     // generous: the entry is deleted in the same sync that changed the rules.
     let mut answers = Vec::new();
-    let moved = svcplane_testkit::wait_until(Duration::from_secs(2), || {
+    let moved = svcplane_testkit::wait_until(Duration::from_secs(10), || {
         let reply = ask();
         let done = matches!(&reply, Ok(r) if r.pod == b);
         answers.push(reply);
@@ -452,7 +452,7 @@ fn udp_conntrack_cleared(cell: Cell) {
     });
     assert!(
         moved,
-        "the same 5-tuple was not answered by udp-b within 2 s: {answers:?}"
+        "the same 5-tuple was not answered by udp-b within 10 s: {answers:?}"
     );
 
     // Counted when the sync that deleted the entry returns, which may be just after the
@@ -833,13 +833,14 @@ fn health_check_node_port(cell: Cell) {
     assert_hc_body(&body, 0);
 
     // The endpoint moves from node-a to node-b: node-a's load balancer must stop
-    // sending traffic there promptly.
+    // sending traffic there. The deadline is generous (a loaded CI machine, the IPVS
+    // cells under QEMU's TCG); how fast is the bench's business, not this test's.
     env.manifests
         .write("hc.yaml", &hc_manifests(&env, &[("many-b", "node-b")]))
         .expect("hc.yaml");
-    let (_, body) = hc_wait(&env, "node-a", 503, Duration::from_secs(2));
+    let (_, body) = hc_wait(&env, "node-a", 503, Duration::from_secs(10));
     assert_hc_body(&body, 0);
-    let (_, body) = hc_wait(&env, "node-b", 200, Duration::from_secs(2));
+    let (_, body) = hc_wait(&env, "node-b", 200, Duration::from_secs(10));
     assert_hc_body(&body, 1);
 }
 

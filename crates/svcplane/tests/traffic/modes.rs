@@ -85,10 +85,10 @@ pub fn wreck_rules(env: &Env) {
             // The dummy interface (and with it the service addresses) and the filter
             // tables; the virtual servers stay, unreachable without their addresses.
             run("ip", &["link", "del", "svcplane-ipvs0"]);
+            // No check that the tables are gone: between the two commands the proxy's
+            // periodic check may already have put everything back (seen under QEMU's
+            // TCG on a loaded machine). The scenario asserts the repair itself.
             run("nft", &["flush", "ruleset"]);
-            let out = run("nft", &["list", "tables"]);
-            let left = String::from_utf8_lossy(&out.stdout);
-            assert!(!left.contains("svcplane"), "nft flush ruleset left: {left}");
         }
         "ebpf" => {
             // Unpin the programs' links and the maps: the periodic check finds the pins
