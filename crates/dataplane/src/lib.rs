@@ -9,6 +9,7 @@ pub mod iptables;
 pub mod ipvs;
 pub mod kube_proxy;
 mod netlink;
+pub mod objects;
 pub mod nftables;
 mod tool;
 

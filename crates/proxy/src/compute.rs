@@ -12,7 +12,8 @@ use svcplane_model::{
 };
 
 use crate::desired::{
-    EmptyVerdict, EndpointState, ExternalPolicy, ServicePortState, TrafficTarget,
+    Category, EmptyVerdict, EndpointState, Exclusion, ExternalPolicy, PortSelection,
+    ServicePortState, TopologyChoice, TrafficTarget,
 };
 
 /// Label kube-proxy's informers exclude (`!service.kubernetes.io/headless`).
@@ -322,6 +323,137 @@ fn external_policy_local(svc: &Service) -> bool {
     externally_typed && svc.external_traffic_policy == TrafficPolicy::Local
 }
 
+/// Which of `CategorizeEndpoints`' lists a port uses, from its policies.
+#[derive(Debug, Clone, Copy)]
+struct PortPolicy {
+    internal_local: bool,
+    external_local: bool,
+    uses_cluster: bool,
+    uses_local: bool,
+}
+
+impl PortPolicy {
+    /// `externally_accessible`: kube-proxy's `ServicePort.ExternallyAccessible`, per port
+    /// and family, by what is actually exposed (nodePort, LB IPs or externalIPs).
+    fn new(svc: &Service, externally_accessible: bool) -> PortPolicy {
+        let internal_local = svc.internal_traffic_policy == TrafficPolicy::Local;
+        let external_local = external_policy_local(svc) && externally_accessible;
+        PortPolicy {
+            internal_local,
+            external_local,
+            uses_cluster: !internal_local || externally_accessible,
+            uses_local: internal_local || external_local,
+        }
+    }
+}
+
+/// The merged endpoints of one service port, in (ip, port) order.
+fn raw_endpoints<'a>(merged: &MergedEndpoints<'a>, port: &ServicePort) -> Vec<RawEndpoint<'a>> {
+    merged
+        .get(&(port.name.clone(), port.protocol))
+        .map(|set| set.values().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Why each port of `svc` got its endpoints: the same categorization as
+/// [`compute_service`], with the reasons kept (`svcplane trace`).
+pub(crate) fn explain_service(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    ctx: &NodeContext<'_>,
+) -> Vec<PortSelection> {
+    let mut out = Vec::new();
+    if should_skip(svc) {
+        return out;
+    }
+    let states = compute_service(svc, slices, ctx);
+    for family in [IpFamily::V4, IpFamily::V6] {
+        if cluster_ip_of(svc, family).is_none() {
+            continue;
+        }
+        let merged = merge_slices(slices, family, ctx.node_name);
+        let computed = match family {
+            IpFamily::V4 => &states.v4,
+            IpFamily::V6 => &states.v6,
+        };
+        for (port, state) in svc.ports.iter().zip(computed) {
+            let policy = PortPolicy::new(svc, state.has_external());
+            let raw = raw_endpoints(&merged, port);
+            let cat = categorize(&raw, policy.uses_cluster, policy.uses_local, ctx);
+            let cluster = policy.uses_cluster.then(|| {
+                let mode = topology_mode(&raw, ctx);
+                let fallback = !raw
+                    .iter()
+                    .any(|e| e.state.ready && available_for_topology(e, mode, ctx));
+                let excluded = excluded(&raw, &cat.cluster, |e| {
+                    if e.state.ready {
+                        Exclusion::Topology
+                    } else if e.state.serving && e.state.terminating && !fallback {
+                        Exclusion::TerminatingWhileReadyExist
+                    } else {
+                        Exclusion::NotReady
+                    }
+                });
+                Category {
+                    chosen: cat.cluster.clone(),
+                    topology: match mode {
+                        TopologyMode::None => TopologyChoice::None,
+                        TopologyMode::PreferSameNode => {
+                            TopologyChoice::SameNode(ctx.node_name.to_string())
+                        }
+                        TopologyMode::PreferSameZone => {
+                            TopologyChoice::SameZone(ctx.zone.unwrap_or("").to_string())
+                        }
+                    },
+                    terminating_fallback: fallback && !cat.cluster.is_empty(),
+                    excluded,
+                }
+            });
+            let local = policy.uses_local.then(|| {
+                let fallback = !raw.iter().any(|e| e.state.is_local && e.state.ready);
+                let excluded = excluded(&raw, &cat.local, |e| {
+                    if !e.state.is_local {
+                        Exclusion::NotLocal
+                    } else if e.state.serving && e.state.terminating && !fallback {
+                        Exclusion::TerminatingWhileReadyExist
+                    } else {
+                        Exclusion::NotReady
+                    }
+                });
+                Category {
+                    chosen: cat.local.clone(),
+                    topology: TopologyChoice::None,
+                    terminating_fallback: fallback && !cat.local.is_empty(),
+                    excluded,
+                }
+            });
+            out.push(PortSelection {
+                name: state.name.clone(),
+                family,
+                endpoints: raw.iter().map(|e| e.state.clone()).collect(),
+                internal_local: policy.internal_local,
+                external_local: policy.external_local,
+                cluster,
+                local,
+            });
+        }
+    }
+    out
+}
+
+/// The endpoints of `raw` not in `chosen`, each with `why`.
+fn excluded(
+    raw: &[RawEndpoint<'_>],
+    chosen: &[usize],
+    why: impl Fn(&RawEndpoint<'_>) -> Exclusion,
+) -> Vec<(usize, Exclusion)> {
+    raw.iter()
+        .enumerate()
+        .filter(|(i, _)| !chosen.contains(i))
+        .map(|(i, e)| (i, why(e)))
+        .collect()
+}
+
 fn compute_port(
     svc: &Service,
     port: &ServicePort,
@@ -361,19 +493,14 @@ fn compute_port(
             .extend(load_balancer_ips.iter().map(|&ip| ipnet::IpNet::from(ip)));
     }
 
-    // ServicePort.ExternallyAccessible: per port and family, by what is actually exposed.
-    let externally_accessible =
-        node_port.is_some() || !load_balancer_ips.is_empty() || !external_ips.is_empty();
-    let internal_local = svc.internal_traffic_policy == TrafficPolicy::Local;
-    let external_local = external_policy_local(svc) && externally_accessible;
-    let uses_cluster = !internal_local || externally_accessible;
-    let uses_local = internal_local || external_local;
-
-    let raw: Vec<RawEndpoint<'_>> = merged
-        .get(&(port.name.clone(), port.protocol))
-        .map(|set| set.values().cloned().collect())
-        .unwrap_or_default();
-    let cat = categorize(&raw, uses_cluster, uses_local, ctx);
+    let policy = PortPolicy::new(
+        svc,
+        node_port.is_some() || !load_balancer_ips.is_empty() || !external_ips.is_empty(),
+    );
+    let internal_local = policy.internal_local;
+    let external_local = policy.external_local;
+    let raw = raw_endpoints(merged, port);
+    let cat = categorize(&raw, policy.uses_cluster, policy.uses_local, ctx);
 
     // Keep only endpoints some target uses (kube-proxy's allReachableEndpoints), re-indexed.
     let used: BTreeSet<usize> = cat.cluster.iter().chain(&cat.local).copied().collect();
