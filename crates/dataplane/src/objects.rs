@@ -58,7 +58,8 @@ fn added_lines(base: &str, with: &str) -> Vec<ObjectLine> {
     }
     // Open blocks: (opening line, shared with base).
     let mut blocks: Vec<(&str, bool)> = Vec::new();
-    let mut section: Option<&str> = None;
+    // The last section header, and whether it is shared (an added one is shown itself).
+    let mut section: Option<(&str, bool)> = None;
     let mut out = Vec::new();
     for line in with.lines() {
         let l = line.trim();
@@ -69,11 +70,13 @@ fn added_lines(base: &str, with: &str) -> Vec<ObjectLine> {
             }
             _ => false,
         };
-        if !is_shared && !l.is_empty() {
+        // A lone brace says nothing, and the multiset cannot tell which block's it is.
+        let only_braces = l.chars().all(|c| matches!(c, '{' | '}' | ';'));
+        if !is_shared && !only_braces {
             let context = match blocks.last() {
                 Some((open, true)) => Some(*open),
                 Some((_, false)) => None,
-                None => section,
+                None => section.and_then(|(h, shared)| shared.then_some(h)),
             };
             out.push(ObjectLine {
                 context: context.map(str::to_owned),
@@ -86,7 +89,7 @@ fn added_lines(base: &str, with: &str) -> Vec<ObjectLine> {
         if l.ends_with('{') {
             blocks.push((l, is_shared));
         } else if blocks.is_empty() && (l.starts_with('*') || l.starts_with('#')) {
-            section = Some(l);
+            section = Some((l, is_shared));
         }
     }
     out
@@ -112,7 +115,6 @@ mod tests {
                 // An added block shows its own first line, so its lines need no context.
                 ("chain s {", Some("table ip t {")),
                 ("dnat", None),
-                ("}", None),
             ]
         );
         let got = added_lines("*nat\n:A\nCOMMIT\n", "*nat\n:A\n-A A -j B\nCOMMIT\n");
