@@ -9,8 +9,8 @@ pub mod iptables;
 pub mod ipvs;
 pub mod kube_proxy;
 mod netlink;
-pub mod objects;
 pub mod nftables;
+pub mod objects;
 mod tool;
 
 use std::fmt;

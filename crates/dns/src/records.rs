@@ -271,12 +271,11 @@ impl Zone {
     /// queries: for tools that follow a name the way a pod's lookup would (`svcplane
     /// trace NAME`). `name` is taken as absolute.
     pub fn resolve(&self, name: &str) -> Result<Resolution, ZoneError> {
-        let mut parsed = Name::from_ascii(name.trim_end_matches('.')).map_err(|e| {
-            ZoneError::Name {
+        let mut parsed =
+            Name::from_ascii(name.trim_end_matches('.')).map_err(|e| ZoneError::Name {
                 name: name.to_string(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         parsed.set_fqdn(true);
         let qname = LowerName::new(&parsed);
         let mut addresses = Vec::new();

@@ -10,8 +10,8 @@ use svcplane_model::{
 
 use crate::compute::{NodeContext, compute_service, explain_service};
 use crate::desired::{
-    ClusterIpMasquerade, DesiredState, FamilyState, HealthCheck, NodePortAddresses,
-    PortSelection, ServicePortState,
+    ClusterIpMasquerade, DesiredState, FamilyState, HealthCheck, NodePortAddresses, PortSelection,
+    ServicePortState,
 };
 
 /// Node-level settings of the engine (kube-proxy's flags).

@@ -372,7 +372,11 @@ pub struct RenderArgs {
 pub struct TraceArgs {
     /// A Service name to resolve as the cluster DNS does (`NAME.NS.svc.cluster.local`),
     /// optionally with the Service port (`:PORT`, needed when it has several).
-    #[arg(value_name = "NAME[:PORT]", conflicts_with = "to", required_unless_present = "to")]
+    #[arg(
+        value_name = "NAME[:PORT]",
+        conflicts_with = "to",
+        required_unless_present = "to"
+    )]
     pub name: Option<String>,
 
     /// The destination: a ClusterIP, externalIP or LoadBalancer IP with the Service port,

@@ -16,9 +16,8 @@ use svcplane_dataplane::{BackendOptions, ProxyMode};
 use svcplane_dns::records::{Resolution, Zone, ZoneConfig};
 use svcplane_model::{Change, IpFamily, Object, Protocol};
 use svcplane_proxy::{
-    Category, ClusterIpMasquerade, DesiredState, EmptyVerdict, Engine, ExternalPolicy,
-    FamilyState, NodePortAddresses, PortSelection, ServicePortState, TopologyChoice,
-    TrafficTarget,
+    Category, ClusterIpMasquerade, DesiredState, EmptyVerdict, Engine, ExternalPolicy, FamilyState,
+    NodePortAddresses, PortSelection, ServicePortState, TopologyChoice, TrafficTarget,
 };
 
 /// One connection to trace.
@@ -265,7 +264,8 @@ pub fn trace(world: &World, req: &Request) -> Result<Trace, TraceError> {
         req.to,
         sp.name,
         sp.port,
-        sp.node_port.map_or(String::new(), |p| format!(", nodePort {p}"))
+        sp.node_port
+            .map_or(String::new(), |p| format!(", nodePort {p}"))
     ));
     let ebpf = world.mode == ProxyMode::Ebpf;
     // eBPF mode translates in the sockets of this node's pods and processes only.
@@ -290,17 +290,23 @@ pub fn trace(world: &World, req: &Request) -> Result<Trace, TraceError> {
             return Ok(t);
         }
         match req.from {
-            Some(from) if !sp.load_balancer_source_ranges.iter().any(|r| r.contains(&from)) => {
-                t.steps
-                    .push(format!("loadBalancerSourceRanges {ranges}: {from} is outside"));
+            Some(from)
+                if !sp
+                    .load_balancer_source_ranges
+                    .iter()
+                    .any(|r| r.contains(&from)) =>
+            {
+                t.steps.push(format!(
+                    "loadBalancerSourceRanges {ranges}: {from} is outside"
+                ));
                 t.outcome = Outcome::Drop;
                 t.reason = format!("source {from} not in loadBalancerSourceRanges → DROP");
                 t.kernel = kernel_lines(world, family, sp, req, frontend)?;
                 return Ok(t);
             }
-            Some(from) => t
-                .steps
-                .push(format!("loadBalancerSourceRanges {ranges}: {from} is allowed")),
+            Some(from) => t.steps.push(format!(
+                "loadBalancerSourceRanges {ranges}: {from} is allowed"
+            )),
             None => t.steps.push(format!(
                 "loadBalancerSourceRanges {ranges}: other sources are dropped"
             )),
@@ -317,9 +323,13 @@ pub fn trace(world: &World, req: &Request) -> Result<Trace, TraceError> {
                 "internalTrafficPolicy Cluster: endpoints on every node".into()
             });
             let (m, why) = cluster_ip_masquerade(fam, req.from);
-            let category = selection
-                .as_ref()
-                .and_then(|s| if local { s.local.clone() } else { s.cluster.clone() });
+            let category = selection.as_ref().and_then(|s| {
+                if local {
+                    s.local.clone()
+                } else {
+                    s.cluster.clone()
+                }
+            });
             (sp.internal.clone(), category, m, why)
         }
         _ => external_target(world, sp, selection.as_ref(), source, &mut t.steps),
@@ -482,7 +492,10 @@ fn external_target(
                         .into(),
                 );
                 let masq = if source == Source::Node {
-                    (Masq::Yes, "traffic from the node itself is masqueraded".into())
+                    (
+                        Masq::Yes,
+                        "traffic from the node itself is masqueraded".into(),
+                    )
                 } else {
                     (Masq::No, "a pod's source is kept".into())
                 };
@@ -583,9 +596,7 @@ fn describe_category(cat: &Category, steps: &mut Vec<String>) {
         )),
     }
     if cat.terminating_fallback {
-        steps.push(
-            "no ready endpoint: falling back to the serving terminating ones".to_string(),
-        );
+        steps.push("no ready endpoint: falling back to the serving terminating ones".to_string());
     }
 }
 
@@ -622,9 +633,7 @@ fn find_port<'a>(fam: &'a FamilyState, req: &Request) -> Option<(&'a ServicePort
             NodePortAddresses::AllLocal => true,
             NodePortAddresses::Cidrs(cidrs) => cidrs.iter().any(|c| c.contains(&ip)),
         };
-    if accepts_node_ports
-        && let Some(sp) = ports().find(|s| s.node_port == Some(port))
-    {
+    if accepts_node_ports && let Some(sp) = ports().find(|s| s.node_port == Some(port)) {
         return Some((sp, Frontend::NodePort));
     }
     None
@@ -712,7 +721,9 @@ pub fn trace_name(
             world.zone.origin()
         ),
         Resolution::NxDomain => {
-            bail!("{name}: no such name in the cluster DNS (NXDOMAIN): no Service or endpoint has it")
+            bail!(
+                "{name}: no such name in the cluster DNS (NXDOMAIN): no Service or endpoint has it"
+            )
         }
         Resolution::Cname { target, addresses } => {
             report.cname = Some(target);
