@@ -917,6 +917,75 @@ mod tests {
         assert_eq!(ips(&sp, &sp.internal), ["10.0.0.1"]);
     }
 
+    /// The reasons come from the same categorization: what `compute_service` chose is
+    /// exactly what `explain_service` calls chosen, and the rest has a reason.
+    #[test]
+    fn explain_gives_the_reasons_of_the_same_choice() {
+        let mut svc = lb_service("ns", "web", &["10.96.0.10"]);
+        svc.external_traffic_policy = TrafficPolicy::Local;
+        let slices = one_slice(vec![
+            hinted("10.0.0.1", NODE, &["zone-a"]),
+            hinted("10.0.0.2", "node-b", &["zone-b"]),
+            not_ready(ep("10.0.0.3", NODE)),
+            terminating(ep("10.0.0.4", NODE), true),
+        ]);
+        let refs: Vec<&EndpointSlice> = slices.iter().collect();
+        let ctx = NodeContext {
+            node_name: NODE,
+            zone: Some("zone-a"),
+            node_ips: &[],
+        };
+        let sel = explain_service(&svc, &refs, &ctx).remove(0);
+        let sp = compute(&svc, &slices, Some("zone-a")).v4.remove(0);
+        let chosen = |c: &Category| -> Vec<String> {
+            c.chosen
+                .iter()
+                .map(|&i| sel.endpoints[i].ip.to_string())
+                .collect()
+        };
+        let cluster = sel.cluster.as_ref().unwrap();
+        let local = sel.local.as_ref().unwrap();
+        assert!(sel.external_local && !sel.internal_local);
+        assert_eq!(chosen(cluster), ips(&sp, &sp.internal));
+        assert_eq!(chosen(local), ips(&sp, &sp.external));
+        assert_eq!(cluster.topology, TopologyChoice::SameZone("zone-a".into()));
+        let why = |c: &Category| -> Vec<(String, Exclusion)> {
+            c.excluded
+                .iter()
+                .map(|&(i, e)| (sel.endpoints[i].ip.to_string(), e))
+                .collect()
+        };
+        assert_eq!(
+            why(cluster),
+            [
+                ("10.0.0.2".into(), Exclusion::Topology),
+                ("10.0.0.3".into(), Exclusion::NotReady),
+                ("10.0.0.4".into(), Exclusion::TerminatingWhileReadyExist),
+            ]
+        );
+        assert_eq!(
+            why(local),
+            [
+                ("10.0.0.2".into(), Exclusion::NotLocal),
+                ("10.0.0.3".into(), Exclusion::NotReady),
+                ("10.0.0.4".into(), Exclusion::TerminatingWhileReadyExist),
+            ]
+        );
+        assert!(!cluster.terminating_fallback && !local.terminating_fallback);
+
+        // Nothing ready: the fallback, said so.
+        let slices = one_slice(vec![
+            terminating(ep("10.0.0.4", NODE), true),
+            terminating(ep("10.0.0.5", NODE), false),
+        ]);
+        let refs: Vec<&EndpointSlice> = slices.iter().collect();
+        let sel = explain_service(&svc, &refs, &ctx).remove(0);
+        let cluster = sel.cluster.unwrap();
+        assert!(cluster.terminating_fallback);
+        assert_eq!(cluster.chosen, [0]);
+        assert_eq!(cluster.excluded, [(1, Exclusion::NotReady)]);
+    }
+
     #[test]
     fn terminating_fallback_ignores_topology() {
         let svc = service("ns", "web", &["10.96.0.10"]);

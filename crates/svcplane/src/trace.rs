@@ -1043,3 +1043,274 @@ fn load_changes(
 
 /// How long `trace --kubeconfig` waits for the initial lists.
 const API_LIST_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use svcplane_model::{Format, parse_manifest};
+    use svcplane_proxy::EngineConfig;
+
+    const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}
+status: {addresses: [{type: InternalIP, address: 10.0.0.11}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - {addresses: [10.244.1.10], nodeName: node-a, conditions: {ready: true}}
+  - {addresses: [10.244.2.10], nodeName: node-b, conditions: {ready: true}}
+  - {addresses: [10.244.2.11], nodeName: node-b, conditions: {ready: false}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: demo}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalTrafficPolicy: Local
+  loadBalancerSourceRanges: [203.0.113.0/24]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 192.0.2.1}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, namespace: demo, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+  - {addresses: [10.244.2.20], nodeName: node-b, conditions: {ready: true}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: demo}
+spec:
+  clusterIP: 10.96.0.30
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: zonal, namespace: demo}
+spec:
+  clusterIP: 10.96.0.40
+  sessionAffinity: ClientIP
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: zonal-1, namespace: demo, labels: {kubernetes.io/service-name: zonal}}
+addressType: IPv4
+ports: [{port: 80, protocol: TCP}]
+endpoints:
+  - {addresses: [10.244.1.40], zone: zone-a, conditions: {ready: true}, hints: {forZones: [{name: zone-a}]}}
+  - {addresses: [10.244.2.40], zone: zone-b, conditions: {ready: true}, hints: {forZones: [{name: zone-b}]}}
+  - {addresses: [10.244.2.41], zone: zone-b, conditions: {ready: false, serving: true, terminating: true}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: docs, namespace: demo}
+spec: {type: ExternalName, externalName: docs.example.com}
+"#;
+
+    fn world(mode: ProxyMode) -> World {
+        let parsed = parse_manifest(OBJECTS, Format::Yaml).expect("manifests");
+        assert!(parsed.invalid.is_empty(), "{:?}", parsed.invalid);
+        let changes = parsed.objects.into_iter().map(Change::Apply).collect();
+        let engine = Engine::new(EngineConfig {
+            node_name: "node-a".into(),
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            ..EngineConfig::default()
+        });
+        let zone = ZoneConfig::new("cluster.local", 5).unwrap();
+        World::new(engine, changes, &zone, mode, BackendOptions::default())
+    }
+
+    fn go(w: &World, to: &str, from: Option<&str>) -> Trace {
+        trace(
+            w,
+            &Request {
+                to: to.parse().unwrap(),
+                from: from.map(|f| f.parse().unwrap()),
+                protocol: Protocol::Tcp,
+            },
+        )
+        .unwrap()
+    }
+
+    fn ips(t: &Trace) -> Vec<String> {
+        t.endpoints
+            .iter()
+            .map(|c| SocketAddr::new(c.ip, c.port).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_cluster_ip_from_a_pod_and_from_outside() {
+        let w = world(ProxyMode::Nftables);
+        let t = go(&w, "10.96.0.10:80", Some("10.244.9.9"));
+        assert_eq!(t.service.as_deref(), Some("demo/web:http/TCP"));
+        assert_eq!(
+            (t.frontend, t.source, t.outcome),
+            (Frontend::ClusterIP, Source::Pod, Outcome::Forward)
+        );
+        assert_eq!(ips(&t), ["10.244.1.10:8080", "10.244.2.10:8080"]);
+        assert!(t.endpoints.iter().all(|c| c.probability == 0.5));
+        assert_eq!(t.masquerade, Masq::No);
+        assert_eq!(t.excluded.len(), 1);
+        assert_eq!(t.excluded[0].reason, "not ready");
+        // The mode's objects: the dispatch element names the ClusterIP.
+        assert!(
+            t.kernel
+                .iter()
+                .any(|l| l.matches && l.line.contains("10.96.0.10 . tcp . 80 : goto service-")),
+            "{:#?}",
+            t.kernel
+        );
+        let t = go(&w, "10.96.0.10:80", Some("192.0.2.99"));
+        assert_eq!((t.source, t.masquerade), (Source::External, Masq::Yes));
+        let t = go(&w, "10.96.0.10:80", None);
+        assert_eq!(t.masquerade, Masq::Depends);
+        // A pod reaching itself: hairpin.
+        let t = go(&w, "10.96.0.10:80", Some("10.244.1.10"));
+        assert!(t.endpoints[0].hairpin && t.masquerade_why.contains("hairpin"));
+    }
+
+    #[test]
+    fn etp_local_drops_outside_traffic_without_a_local_endpoint_but_not_the_nodes() {
+        let w = world(ProxyMode::Nftables);
+        let t = go(&w, "10.0.0.11:30080", Some("192.0.2.99"));
+        assert_eq!((t.frontend, t.outcome), (Frontend::NodePort, Outcome::Drop));
+        assert_eq!(t.reason, "eTP Local and no local endpoint → DROP");
+        assert_eq!(
+            t.excluded[0].reason,
+            "on another node (traffic policy Local)"
+        );
+        let t = go(&w, "10.0.0.11:30080", Some("10.0.0.11"));
+        assert_eq!(
+            (t.source, t.outcome, t.masquerade),
+            (Source::Node, Outcome::Forward, Masq::Yes)
+        );
+        assert_eq!(ips(&t), ["10.244.2.20:8080"]);
+        let t = go(&w, "10.0.0.11:30080", Some("10.244.1.5"));
+        assert_eq!((t.outcome, t.masquerade), (Outcome::Forward, Masq::No));
+        // IPVS chooses by destination only: the node's own traffic meets the DROP too.
+        let t = go(
+            &world(ProxyMode::Ipvs),
+            "10.0.0.11:30080",
+            Some("10.0.0.11"),
+        );
+        assert_eq!(t.outcome, Outcome::Drop);
+    }
+
+    #[test]
+    fn source_ranges_drop_before_anything_else() {
+        let w = world(ProxyMode::Nftables);
+        let t = go(&w, "192.0.2.1:80", Some("192.0.2.99"));
+        assert_eq!(
+            (t.frontend, t.outcome),
+            (Frontend::LoadBalancerIp, Outcome::Drop)
+        );
+        assert!(
+            t.reason.contains("loadBalancerSourceRanges"),
+            "{}",
+            t.reason
+        );
+        let t = go(&w, "192.0.2.1:80", Some("203.0.113.5"));
+        assert_eq!(
+            t.outcome,
+            Outcome::Drop,
+            "allowed, then eTP Local without local endpoint"
+        );
+        assert_eq!(t.reason, "eTP Local and no local endpoint → DROP");
+        assert_eq!(
+            go(&world(ProxyMode::Ebpf), "192.0.2.1:80", Some("10.244.1.5")).outcome,
+            Outcome::Untranslated
+        );
+    }
+
+    #[test]
+    fn rejects_and_unknown_addresses() {
+        let w = world(ProxyMode::Nftables);
+        let t = go(&w, "10.96.0.30:80", None);
+        assert_eq!(
+            (t.outcome, t.reason.as_str()),
+            (Outcome::Reject, "no endpoints → REJECT")
+        );
+        let t = go(&w, "10.96.0.10:81", None);
+        assert_eq!((t.outcome, t.service.as_deref()), (Outcome::Reject, None));
+        let ebpf = world(ProxyMode::Ebpf);
+        assert_eq!(
+            go(&ebpf, "10.96.0.10:81", None).outcome,
+            Outcome::Untranslated
+        );
+        assert_eq!(
+            go(&ebpf, "10.96.0.10:80", Some("192.0.2.99")).outcome,
+            Outcome::Untranslated
+        );
+        let err = trace(
+            &w,
+            &Request {
+                to: "10.1.2.3:80".parse().unwrap(),
+                from: None,
+                protocol: Protocol::Tcp,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no Service at 10.1.2.3:80/TCP on node node-a: not a ClusterIP, externalIP or \
+             LoadBalancer IP port, nor a NodePort on one of the node's addresses (10.0.0.11)"
+        );
+    }
+
+    #[test]
+    fn topology_and_affinity_are_explained() {
+        let w = world(ProxyMode::Iptables);
+        let t = go(&w, "10.96.0.40:80", Some("10.244.1.5"));
+        assert_eq!(ips(&t), ["10.244.1.40:80"]);
+        assert!(
+            t.steps.iter().any(|s| s.contains("zone zone-a")),
+            "{:?}",
+            t.steps
+        );
+        assert_eq!(t.affinity_seconds, Some(10800));
+        let reasons: Vec<&str> = t.excluded.iter().map(|e| e.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "topology hints for another node or zone",
+                "terminating, and ready endpoints exist"
+            ]
+        );
+        assert!(t.kernel.iter().any(|l| l.line.contains("SVCP-SVC-")));
+    }
+
+    #[test]
+    fn names_resolve_through_the_dns_zone() {
+        let w = world(ProxyMode::Nftables);
+        let r = trace_name(&w, "web.demo.svc.cluster.local", None, None, Protocol::Tcp).unwrap();
+        assert_eq!(r.traces.len(), 1);
+        assert_eq!(r.traces[0].to, "10.96.0.10:80".parse().unwrap());
+        let r = trace_name(&w, "docs.demo.svc.cluster.local", None, None, Protocol::Tcp).unwrap();
+        assert_eq!(r.cname.as_deref(), Some("docs.example.com."));
+        assert!(r.traces.is_empty());
+        assert!(render_text(&r).contains("ExternalName"));
+        let err = trace_name(&w, "nope.demo.svc.cluster.local", None, None, Protocol::Tcp)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("NXDOMAIN"), "{err}");
+        assert!(split_port("web.demo.svc.cluster.local:99999").is_err());
+        assert_eq!(split_port("a.b:53").unwrap(), ("a.b", Some(53)));
+    }
+}
