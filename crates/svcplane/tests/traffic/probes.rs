@@ -310,7 +310,10 @@ pub fn trace_disagreement(
         proto.into(),
     ];
     let what = format!("svcplane {}", args.join(" "));
-    let out = match std::process::Command::new(env!("CARGO_BIN_EXE_svcplane"))
+    // Bounded, so a stuck trace fails the test instead of hanging it.
+    let out = match std::process::Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_svcplane"))
         .args(&args)
         .output()
     {
