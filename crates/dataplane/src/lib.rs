@@ -10,6 +10,7 @@ pub mod ipvs;
 pub mod kube_proxy;
 mod netlink;
 pub mod nftables;
+pub mod objects;
 mod tool;
 
 use std::fmt;

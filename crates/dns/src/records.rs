@@ -22,6 +22,25 @@ pub const DEFAULT_TTL: u32 = 5;
 pub enum ZoneError {
     #[error("invalid cluster domain {domain:?}: {message}")]
     Domain { domain: String, message: String },
+    #[error("invalid DNS name {name:?}: {message}")]
+    Name { name: String, message: String },
+}
+
+/// What a name resolves to in a [`Zone`] ([`Zone::resolve`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// A/AAAA records (empty: the name exists without addresses, e.g. a headless
+    /// Service without ready endpoints has NXDOMAIN, an empty non-terminal none).
+    Addresses(Vec<IpAddr>),
+    /// An ExternalName: the CNAME target, and its addresses when it is in the zone.
+    Cname {
+        target: String,
+        addresses: Vec<IpAddr>,
+    },
+    /// No such name in the zone.
+    NxDomain,
+    /// Not a name of the cluster domain.
+    Outside,
 }
 
 /// What the zone is built with.
@@ -246,6 +265,42 @@ impl Zone {
             }),
             Some(node) => Lookup::Answer(self.answer_node(node, qtype, &self.soa)),
         }
+    }
+
+    /// What `name` resolves to here, as this zone answers its A, AAAA (and CNAME)
+    /// queries: for tools that follow a name the way a pod's lookup would (`svcplane
+    /// trace NAME`). `name` is taken as absolute.
+    pub fn resolve(&self, name: &str) -> Result<Resolution, ZoneError> {
+        let mut parsed =
+            Name::from_ascii(name.trim_end_matches('.')).map_err(|e| ZoneError::Name {
+                name: name.to_string(),
+                message: e.to_string(),
+            })?;
+        parsed.set_fqdn(true);
+        let qname = LowerName::new(&parsed);
+        let mut addresses = Vec::new();
+        let mut cname = None;
+        let mut nxdomain = false;
+        for qtype in [RecordType::A, RecordType::AAAA] {
+            let Lookup::Answer(answer) = self.lookup(&qname, qtype) else {
+                return Ok(Resolution::Outside);
+            };
+            nxdomain |= answer.rcode == ResponseCode::NXDomain;
+            for record in answer.answers {
+                match &record.data {
+                    RData::A(A(ip)) => addresses.push(IpAddr::V4(*ip)),
+                    RData::AAAA(AAAA(ip)) => addresses.push(IpAddr::V6(*ip)),
+                    RData::CNAME(CNAME(target)) => cname = Some(target.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        addresses.dedup();
+        Ok(match cname {
+            Some(target) => Resolution::Cname { target, addresses },
+            None if nxdomain => Resolution::NxDomain,
+            None => Resolution::Addresses(addresses),
+        })
     }
 
     fn answer_node<'a>(&'a self, node: &'a Node, qtype: RecordType, soa: &'a Record) -> Answer<'a> {

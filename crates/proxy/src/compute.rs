@@ -12,7 +12,8 @@ use svcplane_model::{
 };
 
 use crate::desired::{
-    EmptyVerdict, EndpointState, ExternalPolicy, ServicePortState, TrafficTarget,
+    Category, EmptyVerdict, EndpointState, Exclusion, ExternalPolicy, PortSelection,
+    ServicePortState, TopologyChoice, TrafficTarget,
 };
 
 /// Label kube-proxy's informers exclude (`!service.kubernetes.io/headless`).
@@ -322,6 +323,137 @@ fn external_policy_local(svc: &Service) -> bool {
     externally_typed && svc.external_traffic_policy == TrafficPolicy::Local
 }
 
+/// Which of `CategorizeEndpoints`' lists a port uses, from its policies.
+#[derive(Debug, Clone, Copy)]
+struct PortPolicy {
+    internal_local: bool,
+    external_local: bool,
+    uses_cluster: bool,
+    uses_local: bool,
+}
+
+impl PortPolicy {
+    /// `externally_accessible`: kube-proxy's `ServicePort.ExternallyAccessible`, per port
+    /// and family, by what is actually exposed (nodePort, LB IPs or externalIPs).
+    fn new(svc: &Service, externally_accessible: bool) -> PortPolicy {
+        let internal_local = svc.internal_traffic_policy == TrafficPolicy::Local;
+        let external_local = external_policy_local(svc) && externally_accessible;
+        PortPolicy {
+            internal_local,
+            external_local,
+            uses_cluster: !internal_local || externally_accessible,
+            uses_local: internal_local || external_local,
+        }
+    }
+}
+
+/// The merged endpoints of one service port, in (ip, port) order.
+fn raw_endpoints<'a>(merged: &MergedEndpoints<'a>, port: &ServicePort) -> Vec<RawEndpoint<'a>> {
+    merged
+        .get(&(port.name.clone(), port.protocol))
+        .map(|set| set.values().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Why each port of `svc` got its endpoints: the same categorization as
+/// [`compute_service`], with the reasons kept (`svcplane trace`).
+pub(crate) fn explain_service(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    ctx: &NodeContext<'_>,
+) -> Vec<PortSelection> {
+    let mut out = Vec::new();
+    if should_skip(svc) {
+        return out;
+    }
+    let states = compute_service(svc, slices, ctx);
+    for family in [IpFamily::V4, IpFamily::V6] {
+        if cluster_ip_of(svc, family).is_none() {
+            continue;
+        }
+        let merged = merge_slices(slices, family, ctx.node_name);
+        let computed = match family {
+            IpFamily::V4 => &states.v4,
+            IpFamily::V6 => &states.v6,
+        };
+        for (port, state) in svc.ports.iter().zip(computed) {
+            let policy = PortPolicy::new(svc, state.has_external());
+            let raw = raw_endpoints(&merged, port);
+            let cat = categorize(&raw, policy.uses_cluster, policy.uses_local, ctx);
+            let cluster = policy.uses_cluster.then(|| {
+                let mode = topology_mode(&raw, ctx);
+                let fallback = !raw
+                    .iter()
+                    .any(|e| e.state.ready && available_for_topology(e, mode, ctx));
+                let excluded = excluded(&raw, &cat.cluster, |e| {
+                    if e.state.ready {
+                        Exclusion::Topology
+                    } else if e.state.serving && e.state.terminating && !fallback {
+                        Exclusion::TerminatingWhileReadyExist
+                    } else {
+                        Exclusion::NotReady
+                    }
+                });
+                Category {
+                    chosen: cat.cluster.clone(),
+                    topology: match mode {
+                        TopologyMode::None => TopologyChoice::None,
+                        TopologyMode::PreferSameNode => {
+                            TopologyChoice::SameNode(ctx.node_name.to_string())
+                        }
+                        TopologyMode::PreferSameZone => {
+                            TopologyChoice::SameZone(ctx.zone.unwrap_or("").to_string())
+                        }
+                    },
+                    terminating_fallback: fallback && !cat.cluster.is_empty(),
+                    excluded,
+                }
+            });
+            let local = policy.uses_local.then(|| {
+                let fallback = !raw.iter().any(|e| e.state.is_local && e.state.ready);
+                let excluded = excluded(&raw, &cat.local, |e| {
+                    if !e.state.is_local {
+                        Exclusion::NotLocal
+                    } else if e.state.serving && e.state.terminating && !fallback {
+                        Exclusion::TerminatingWhileReadyExist
+                    } else {
+                        Exclusion::NotReady
+                    }
+                });
+                Category {
+                    chosen: cat.local.clone(),
+                    topology: TopologyChoice::None,
+                    terminating_fallback: fallback && !cat.local.is_empty(),
+                    excluded,
+                }
+            });
+            out.push(PortSelection {
+                name: state.name.clone(),
+                family,
+                endpoints: raw.iter().map(|e| e.state.clone()).collect(),
+                internal_local: policy.internal_local,
+                external_local: policy.external_local,
+                cluster,
+                local,
+            });
+        }
+    }
+    out
+}
+
+/// The endpoints of `raw` not in `chosen`, each with `why`.
+fn excluded(
+    raw: &[RawEndpoint<'_>],
+    chosen: &[usize],
+    why: impl Fn(&RawEndpoint<'_>) -> Exclusion,
+) -> Vec<(usize, Exclusion)> {
+    raw.iter()
+        .enumerate()
+        .filter(|(i, _)| !chosen.contains(i))
+        .map(|(i, e)| (i, why(e)))
+        .collect()
+}
+
 fn compute_port(
     svc: &Service,
     port: &ServicePort,
@@ -361,19 +493,14 @@ fn compute_port(
             .extend(load_balancer_ips.iter().map(|&ip| ipnet::IpNet::from(ip)));
     }
 
-    // ServicePort.ExternallyAccessible: per port and family, by what is actually exposed.
-    let externally_accessible =
-        node_port.is_some() || !load_balancer_ips.is_empty() || !external_ips.is_empty();
-    let internal_local = svc.internal_traffic_policy == TrafficPolicy::Local;
-    let external_local = external_policy_local(svc) && externally_accessible;
-    let uses_cluster = !internal_local || externally_accessible;
-    let uses_local = internal_local || external_local;
-
-    let raw: Vec<RawEndpoint<'_>> = merged
-        .get(&(port.name.clone(), port.protocol))
-        .map(|set| set.values().cloned().collect())
-        .unwrap_or_default();
-    let cat = categorize(&raw, uses_cluster, uses_local, ctx);
+    let policy = PortPolicy::new(
+        svc,
+        node_port.is_some() || !load_balancer_ips.is_empty() || !external_ips.is_empty(),
+    );
+    let internal_local = policy.internal_local;
+    let external_local = policy.external_local;
+    let raw = raw_endpoints(merged, port);
+    let cat = categorize(&raw, policy.uses_cluster, policy.uses_local, ctx);
 
     // Keep only endpoints some target uses (kube-proxy's allReachableEndpoints), re-indexed.
     let used: BTreeSet<usize> = cat.cluster.iter().chain(&cat.local).copied().collect();
@@ -788,6 +915,75 @@ mod tests {
         ]);
         let sp = compute(&svc, &slices, Some("zone-a")).v4.remove(0);
         assert_eq!(ips(&sp, &sp.internal), ["10.0.0.1"]);
+    }
+
+    /// The reasons come from the same categorization: what `compute_service` chose is
+    /// exactly what `explain_service` calls chosen, and the rest has a reason.
+    #[test]
+    fn explain_gives_the_reasons_of_the_same_choice() {
+        let mut svc = lb_service("ns", "web", &["10.96.0.10"]);
+        svc.external_traffic_policy = TrafficPolicy::Local;
+        let slices = one_slice(vec![
+            hinted("10.0.0.1", NODE, &["zone-a"]),
+            hinted("10.0.0.2", "node-b", &["zone-b"]),
+            not_ready(ep("10.0.0.3", NODE)),
+            terminating(ep("10.0.0.4", NODE), true),
+        ]);
+        let refs: Vec<&EndpointSlice> = slices.iter().collect();
+        let ctx = NodeContext {
+            node_name: NODE,
+            zone: Some("zone-a"),
+            node_ips: &[],
+        };
+        let sel = explain_service(&svc, &refs, &ctx).remove(0);
+        let sp = compute(&svc, &slices, Some("zone-a")).v4.remove(0);
+        let chosen = |c: &Category| -> Vec<String> {
+            c.chosen
+                .iter()
+                .map(|&i| sel.endpoints[i].ip.to_string())
+                .collect()
+        };
+        let cluster = sel.cluster.as_ref().unwrap();
+        let local = sel.local.as_ref().unwrap();
+        assert!(sel.external_local && !sel.internal_local);
+        assert_eq!(chosen(cluster), ips(&sp, &sp.internal));
+        assert_eq!(chosen(local), ips(&sp, &sp.external));
+        assert_eq!(cluster.topology, TopologyChoice::SameZone("zone-a".into()));
+        let why = |c: &Category| -> Vec<(String, Exclusion)> {
+            c.excluded
+                .iter()
+                .map(|&(i, e)| (sel.endpoints[i].ip.to_string(), e))
+                .collect()
+        };
+        assert_eq!(
+            why(cluster),
+            [
+                ("10.0.0.2".into(), Exclusion::Topology),
+                ("10.0.0.3".into(), Exclusion::NotReady),
+                ("10.0.0.4".into(), Exclusion::TerminatingWhileReadyExist),
+            ]
+        );
+        assert_eq!(
+            why(local),
+            [
+                ("10.0.0.2".into(), Exclusion::NotLocal),
+                ("10.0.0.3".into(), Exclusion::NotReady),
+                ("10.0.0.4".into(), Exclusion::TerminatingWhileReadyExist),
+            ]
+        );
+        assert!(!cluster.terminating_fallback && !local.terminating_fallback);
+
+        // Nothing ready: the fallback, said so.
+        let slices = one_slice(vec![
+            terminating(ep("10.0.0.4", NODE), true),
+            terminating(ep("10.0.0.5", NODE), false),
+        ]);
+        let refs: Vec<&EndpointSlice> = slices.iter().collect();
+        let sel = explain_service(&svc, &refs, &ctx).remove(0);
+        let cluster = sel.cluster.unwrap();
+        assert!(cluster.terminating_fallback);
+        assert_eq!(cluster.chosen, [0]);
+        assert_eq!(cluster.excluded, [(1, Exclusion::NotReady)]);
     }
 
     #[test]

@@ -311,3 +311,72 @@ impl Diff {
         }
     }
 }
+
+/// Why the engine chose a service port's endpoints as it did: what `svcplane trace`
+/// explains. Computed on demand ([`crate::Engine::explain`]) by the same code that
+/// computes the [`ServicePortState`], never kept in the desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSelection {
+    pub name: ServicePortName,
+    pub family: IpFamily,
+    /// Every endpoint the EndpointSlices give this port (merged, deduplicated), used or not.
+    pub endpoints: Vec<EndpointState>,
+    /// internalTrafficPolicy Local.
+    pub internal_local: bool,
+    /// externalTrafficPolicy Local, and the port is externally accessible in this family.
+    pub external_local: bool,
+    /// kube-proxy's cluster-policy endpoints (ClusterIP with iTP Cluster, external
+    /// addresses with eTP Cluster, eTP Local's short-circuit); `None` when unused.
+    pub cluster: Option<Category>,
+    /// kube-proxy's local-policy endpoints (iTP or eTP Local); `None` when unused.
+    pub local: Option<Category>,
+}
+
+/// One of `CategorizeEndpoints`' two lists, with the reasons behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Category {
+    /// Indices into [`PortSelection::endpoints`] of the chosen endpoints.
+    pub chosen: Vec<usize>,
+    /// Topology applied (cluster list only; the local list ignores hints).
+    pub topology: TopologyChoice,
+    /// No ready endpoint qualified, so serving terminating ones were taken.
+    pub terminating_fallback: bool,
+    /// Every other endpoint, with the reason it was left out.
+    pub excluded: Vec<(usize, Exclusion)>,
+}
+
+/// Which topology hints the cluster list followed (kube-proxy's `topologyModeFromHints`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopologyChoice {
+    /// Hints ignored: not every ready endpoint has one, none names this node/zone, or
+    /// there are none.
+    None,
+    /// `hints.forNodes` naming this node.
+    SameNode(String),
+    /// `hints.forZones` naming this node's zone.
+    SameZone(String),
+}
+
+/// Why an endpoint is not among a category's chosen ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exclusion {
+    /// Not ready, and not serving while terminating.
+    NotReady,
+    /// Serving but terminating, while ready endpoints exist.
+    TerminatingWhileReadyExist,
+    /// Its hints are for another node or zone (the topology choice).
+    Topology,
+    /// On another node, and the policy is Local.
+    NotLocal,
+}
+
+impl std::fmt::Display for Exclusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Exclusion::NotReady => "not ready",
+            Exclusion::TerminatingWhileReadyExist => "terminating, and ready endpoints exist",
+            Exclusion::Topology => "topology hints for another node or zone",
+            Exclusion::NotLocal => "on another node (traffic policy Local)",
+        })
+    }
+}

@@ -8,9 +8,9 @@ use svcplane_model::{
     ServicePortName,
 };
 
-use crate::compute::{NodeContext, compute_service};
+use crate::compute::{NodeContext, compute_service, explain_service};
 use crate::desired::{
-    ClusterIpMasquerade, DesiredState, FamilyState, HealthCheck, NodePortAddresses,
+    ClusterIpMasquerade, DesiredState, FamilyState, HealthCheck, NodePortAddresses, PortSelection,
     ServicePortState,
 };
 
@@ -288,6 +288,33 @@ impl Engine {
         state
     }
 
+    /// Why the ports of Service `name` got their endpoints (every family), computed now
+    /// from the cached objects by the same code as [`Engine::desired`]; empty for an
+    /// unknown or skipped Service. For `svcplane trace`.
+    pub fn explain(&self, name: &NamespacedName) -> Vec<PortSelection> {
+        let Some(svc) = self.services.get(name) else {
+            return Vec::new();
+        };
+        let slices = self.slices_of(name);
+        let this_node = self.nodes.get(&self.config.node_name);
+        let ctx = NodeContext {
+            node_name: &self.config.node_name,
+            zone: this_node.and_then(|n| n.zone.as_deref()),
+            node_ips: this_node.map_or(&[], |n| n.addresses.as_slice()),
+        };
+        explain_service(svc, &slices, &ctx)
+    }
+
+    /// The Service's EndpointSlices, in slice-name order.
+    fn slices_of(&self, name: &NamespacedName) -> Vec<&EndpointSlice> {
+        self.slices_by_service
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| self.slices.get(s))
+            .collect()
+    }
+
     /// Replace everything `name` contributed with a fresh computation.
     fn recompute(&mut self, name: &NamespacedName) {
         let old = self.entries.remove(name).unwrap_or_default();
@@ -306,13 +333,7 @@ impl Engine {
         let Some(svc) = self.services.get(name) else {
             return;
         };
-        let slices: Vec<&EndpointSlice> = self
-            .slices_by_service
-            .get(name)
-            .into_iter()
-            .flatten()
-            .filter_map(|s| self.slices.get(s))
-            .collect();
+        let slices = self.slices_of(name);
         let this_node = self.nodes.get(&self.config.node_name);
         let ctx = NodeContext {
             node_name: &self.config.node_name,

@@ -59,6 +59,10 @@ pub enum Command {
     /// The bundled example live: render it, then (as root) build a virtual cluster of network
     /// namespaces, run `svcplane proxy` on a node, send traffic down each Service path, tear down.
     Lab(LabArgs),
+    /// Explain what happens to one connection on a node: which Service port it hits, the
+    /// policy and topology decisions, the candidate endpoints, masquerade, DROP or REJECT,
+    /// and the kernel objects of the mode that carry it. Read-only: no root, no kernel.
+    Trace(TraceArgs),
     /// Measure svcplane at scale (as root, in a scratch network namespace).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -357,6 +361,56 @@ pub struct DnsArgs {
 pub struct RenderArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    svcplane trace --manifests examples/cluster --hostname-override node-a --cluster-cidr 10.244.0.0/16 --to 10.96.0.10:80\n  \
+    svcplane trace --manifests examples/cluster --node node-a --to 10.0.0.11:30080 --from 192.0.2.7\n  \
+    svcplane trace --manifests examples/cluster --proxy-mode iptables web.demo.svc.cluster.local:80 --from 10.244.1.20\n  \
+    svcplane trace --kubeconfig ~/.kube/config --node worker-1 --to 10.96.0.10:53 --proto udp --json")]
+pub struct TraceArgs {
+    /// A Service name to resolve as the cluster DNS does (`NAME.NS.svc.cluster.local`),
+    /// optionally with the Service port (`:PORT`, needed when it has several).
+    #[arg(
+        value_name = "NAME[:PORT]",
+        conflicts_with = "to",
+        required_unless_present = "to"
+    )]
+    pub name: Option<String>,
+
+    /// The destination: a ClusterIP, externalIP or LoadBalancer IP with the Service port,
+    /// or one of the node's addresses with a NodePort.
+    #[arg(long, value_name = "IP:PORT")]
+    pub to: Option<std::net::SocketAddr>,
+
+    /// The source address: a pod (in --cluster-cidr; taken to be on the node), the node
+    /// itself, or anything else (outside the node). Without it, source-dependent
+    /// decisions are given for each kind of source.
+    #[arg(long, value_name = "IP")]
+    pub from: Option<std::net::IpAddr>,
+
+    /// The protocol: tcp, udp or sctp.
+    #[arg(long, value_name = "PROTO", default_value = "tcp")]
+    pub proto: String,
+
+    /// The node the connection arrives at (the proxy's --hostname-override there).
+    #[arg(long, value_name = "NODE", conflicts_with = "hostname_override")]
+    pub node: Option<String>,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The cluster domain the names are in.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 #[derive(Debug, Args)]

@@ -42,6 +42,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cleanup(args) => cleanup(args),
         Command::Dns(args) => crate::dns::run(args),
         Command::Lab(args) => crate::lab::run(args),
+        Command::Trace(args) => crate::trace::run(args),
         Command::Bench(crate::cli::BenchCommand::Sync(args)) => crate::bench::sync(args),
         Command::Bench(crate::cli::BenchCommand::Datapath(args)) => crate::bench::datapath(args),
     }

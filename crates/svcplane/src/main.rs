@@ -11,6 +11,7 @@ mod dns;
 mod duration;
 mod lab;
 mod settings;
+mod trace;
 
 use clap::Parser;
 

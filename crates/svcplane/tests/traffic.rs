@@ -30,63 +30,66 @@ mod table;
 mod env;
 #[path = "traffic/modes.rs"]
 mod modes;
+#[path = "traffic/probes.rs"]
+mod probes;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use svcplane_testkit::{PodSpec, Proto, RequestError, parse_echo};
+use svcplane_testkit::{PodSpec, parse_echo};
 
 use env::*;
+use probes::*;
 
 scenario_table! {
     modes: [nftables, iptables, ipvs, ebpf];
     scenarios: [
-        cluster_ip_one_endpoint_with_target_port_from_a_pod,
-        cluster_ip_many_endpoints_spread_from_a_pod,
-        cluster_ip_from_the_external_client_is_masqueraded {
+        cluster_ip_one_endpoint_with_target_port_from_a_pod = ONE_FROM_A_POD,
+        cluster_ip_many_endpoints_spread_from_a_pod = MANY_FROM_A_POD,
+        cluster_ip_from_the_external_client_is_masqueraded = MANY_FROM_OUTSIDE {
             ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
         },
-        tcp_and_udp_on_the_same_port_number {
+        tcp_and_udp_on_the_same_port_number = TCP_AND_UDP {
             ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet (the ClusterIP part from pods passes)",
         },
-        node_port_from_the_external_client {
+        node_port_from_the_external_client = NODE_PORT {
             ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
         },
-        node_ports_outside_the_default_range {
+        node_ports_outside_the_default_range = NODE_PORTS_WIDE {
             ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
         },
-        udp_to_a_tcp_only_port_is_rejected {
+        udp_to_a_tcp_only_port_is_rejected = UDP_TO_TCP_ONLY {
             ebpf/_: "eBPF mode does not reject a ClusterIP's unused ports yet: a datagram to a port the Service lacks is not translated and goes unanswered instead of getting port unreachable",
         },
-        service_without_endpoints_is_rejected {
+        service_without_endpoints_is_rejected = NO_ENDPOINTS {
             ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet (from a pod the connect is refused, as required)",
         },
-        load_balancer_source_ranges_allow_and_block_but_not_the_node_port {
+        load_balancer_source_ranges_allow_and_block_but_not_the_node_port = SOURCE_RANGES {
             ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet; no source ranges either",
         },
-        external_ip_from_the_external_client {
+        external_ip_from_the_external_client = EXTERNAL_IP_PROBES {
             ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
         },
-        external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints {
+        external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints = ETP_LOCAL {
             ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
         },
-        external_traffic_policy_local_from_the_node_itself {
+        external_traffic_policy_local_from_the_node_itself = ETP_LOCAL_FROM_THE_NODE {
             ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet (the node's own traffic passes; the external client's NodePort is not dropped)",
             ipvs/_: "IPVS chooses real servers by destination only: the node's own traffic \
                 to an eTP Local address gets that address's local-only real servers, not the \
                 cluster-wide endpoints (as in kube-proxy's IPVS mode)",
         },
-        hairpin_is_masqueraded {
+        hairpin_is_masqueraded = HAIRPIN {
             ebpf/_: "the socket load balancer connects the pod's socket straight to the endpoint, so a pod reaching itself keeps its own address: no reply crosses a NAT, nothing to masquerade (as Cilium's socket-LB)",
         },
-        session_affinity_client_ip_is_sticky,
-        internal_traffic_policy_local_stays_on_the_node,
-        topology_hints_keep_traffic_in_the_zone,
-        terminating_endpoints_serve_only_when_no_endpoint_is_ready,
+        session_affinity_client_ip_is_sticky = AFFINITY,
+        internal_traffic_policy_local_stays_on_the_node = ITP_LOCAL,
+        topology_hints_keep_traffic_in_the_zone = TOPOLOGY,
+        terminating_endpoints_serve_only_when_no_endpoint_is_ready = TERMINATING,
         udp_conntrack_cleared {
             ebpf/_: "the socket load balancer creates no conntrack entry for the ClusterIP (the socket is connected to the endpoint), so there is none to delete; the traffic part (a fixed 5-tuple moves to the new endpoint) passes",
         },
-        a_manifest_change_reaches_the_kernel,
+        a_manifest_change_reaches_the_kernel = MANIFEST_CHANGE,
         a_malformed_file_leaves_working_services_alone,
         wrecked_rules_are_repaired_by_the_periodic_check,
         a_restart_fails_no_connection,
@@ -97,209 +100,225 @@ scenario_table! {
     ];
 }
 
+/// A scenario that is its probes: start the standard cell, check them.
+fn check(cell: Cell, probes: &Probes) {
+    let Some(env) = Env::start(cell) else { return };
+    env.check_all(probes);
+}
+
+/// Probes without extra manifests.
+const fn probes(list: &'static [Probe]) -> Probes {
+    Probes { setup: None, list }
+}
+
+const fn answered(by: &'static [&'static str], port: u16, seen: Seen) -> Expect {
+    Expect::Answered { by, port, seen }
+}
+
+const MANY_PODS: &[&str] = &["many-a", "many-b"];
+
+const ONE_FROM_A_POD: Probes = probes(&[
+    // Port 80 -> targetPort 8080; a pod in the cluster CIDR is not masqueraded.
+    tcp(
+        "client-a",
+        To::Svc(ONE, 80),
+        answered(&["one-a"], 8080, Seen::Own),
+    ),
+]);
 fn cluster_ip_one_endpoint_with_target_port_from_a_pod(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let reply = env.tcp("client-a", env.at(ONE, 80));
-    assert_eq!(reply.pod, env.pod_ip("one-a"));
-    assert_eq!((reply.proto, reply.port), (Proto::Tcp, 8080));
-    // A pod in the cluster CIDR is not masqueraded.
-    assert_eq!(reply.peer.ip(), env.pod_ip("client-a"));
+    check(cell, &ONE_FROM_A_POD);
 }
 
+const MANY_FROM_A_POD: Probes = probes(&[tcp(
+    "client-a",
+    To::Svc(MANY, 80),
+    answered(MANY_PODS, 8080, Seen::Own),
+)]);
 fn cluster_ip_many_endpoints_spread_from_a_pod(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let client = env.pod_ip("client-a");
-    for reply in env.spread("client-a", env.at(MANY, 80), &["many-a", "many-b"]) {
-        assert_eq!(reply.port, 8080);
-        assert_eq!(reply.peer.ip(), client, "pod traffic must keep its source");
-    }
+    check(cell, &MANY_FROM_A_POD);
 }
 
+/// Not from the cluster CIDR: masqueraded to node-a, so replies come back to it.
+const MANY_FROM_OUTSIDE: Probes = probes(&[tcp(
+    "client",
+    To::Svc(MANY, 80),
+    answered(MANY_PODS, 8080, Seen::Node),
+)]);
 fn cluster_ip_from_the_external_client_is_masqueraded(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let node_a = env.node_ip("node-a");
-    for reply in env.spread("client", env.at(MANY, 80), &["many-a", "many-b"]) {
-        // Not from the cluster CIDR: masqueraded to node-a, so replies come back to it.
-        assert_eq!(reply.peer.ip(), node_a, "{reply:?}");
-    }
+    check(cell, &MANY_FROM_OUTSIDE);
 }
 
-fn tcp_and_udp_on_the_same_port_number(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let dns = env.pod_ip("dns-b");
-    for from in ["client-a", "client"] {
-        let tcp = env.tcp(from, env.at(DNS, 53));
-        assert_eq!((tcp.pod, tcp.proto, tcp.port), (dns, Proto::Tcp, 5353));
-        let udp = env.udp(from, env.at(DNS, 53));
-        assert_eq!((udp.pod, udp.proto, udp.port), (dns, Proto::Udp, 5354));
-    }
-}
-
-fn node_port_from_the_external_client(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let node_a = env.node_ip("node-a");
-    for reply in env.spread(
+/// Different target ports per protocol: the echo reply proves which rule each went through.
+const TCP_AND_UDP: Probes = probes(&[
+    tcp(
+        "client-a",
+        To::Svc(DNS, 53),
+        answered(&["dns-b"], 5353, Seen::Any),
+    ),
+    udp(
+        "client-a",
+        To::Svc(DNS, 53),
+        answered(&["dns-b"], 5354, Seen::Any),
+    ),
+    tcp(
         "client",
-        env.node_at("node-a", 30080),
-        &["many-a", "many-b"],
-    ) {
-        assert_eq!(reply.port, 8080);
-        // externalTrafficPolicy Cluster: masqueraded to the node.
-        assert_eq!(reply.peer.ip(), node_a, "{reply:?}");
-    }
+        To::Svc(DNS, 53),
+        answered(&["dns-b"], 5353, Seen::Any),
+    ),
+    udp(
+        "client",
+        To::Svc(DNS, 53),
+        answered(&["dns-b"], 5354, Seen::Any),
+    ),
+]);
+fn tcp_and_udp_on_the_same_port_number(cell: Cell) {
+    check(cell, &TCP_AND_UDP);
+}
+
+/// externalTrafficPolicy Cluster: masqueraded to the node.
+const NODE_PORT: Probes = probes(&[tcp(
+    "client",
+    To::Node("node-a", 30080),
+    answered(MANY_PODS, 8080, Seen::Node),
+)]);
+fn node_port_from_the_external_client(cell: Cell) {
+    check(cell, &NODE_PORT);
 }
 
 /// kube-proxy programs whatever nodePort a Service carries: the range is the API
 /// server's `--service-node-port-range`, which many clusters widen.
-fn node_ports_outside_the_default_range(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let node_a = env.node_ip("node-a");
-    for port in [3001, 80] {
-        let target = env.node_at("node-a", port);
-        for reply in env.spread("client", target, &["many-a", "many-b"]) {
-            assert_eq!(reply.port, 8080);
-            assert_eq!(reply.peer.ip(), node_a, "{target}: {reply:?}");
-        }
-    }
-}
-
-fn udp_to_a_tcp_only_port_is_rejected(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    for from in ["client-a", "client"] {
-        let got = env.try_udp(from, env.at(MANY, 80));
-        assert!(matches!(got, Err(RequestError::Refused)), "{from}: {got:?}");
-    }
-}
-
-fn service_without_endpoints_is_rejected(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    for from in ["client-a", "client"] {
-        let got = env.try_tcp(from, env.at(EMPTY, 80));
-        assert!(matches!(got, Err(RequestError::Refused)), "{from}: {got:?}");
-    }
-}
-
-fn load_balancer_source_ranges_allow_and_block_but_not_the_node_port(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let node_a = env.node_ip("node-a");
-    for reply in env.spread("client-allowed", env.at(LB_IP, 80), &["many-a", "many-b"]) {
-        assert_eq!(reply.port, 8080);
-        assert_eq!(
-            reply.peer.ip(),
-            node_a,
-            "eTP Cluster masquerades: {reply:?}"
-        );
-    }
-    // Outside the source ranges: dropped (no answer at all).
-    let got = env.try_tcp("client", env.at(LB_IP, 80));
-    assert!(matches!(got, Err(RequestError::Timeout)), "{got:?}");
-    // The same service's NodePort is not subject to the source ranges.
-    env.spread(
+const NODE_PORTS_WIDE: Probes = probes(&[
+    tcp(
         "client",
-        env.node_at("node-a", 30081),
-        &["many-a", "many-b"],
-    );
+        To::Node("node-a", 3001),
+        answered(MANY_PODS, 8080, Seen::Node),
+    ),
+    tcp(
+        "client",
+        To::Node("node-a", 80),
+        answered(MANY_PODS, 8080, Seen::Node),
+    ),
+]);
+fn node_ports_outside_the_default_range(cell: Cell) {
+    check(cell, &NODE_PORTS_WIDE);
 }
 
+const UDP_TO_TCP_ONLY: Probes = probes(&[
+    udp("client-a", To::Svc(MANY, 80), Expect::Rejected),
+    udp("client", To::Svc(MANY, 80), Expect::Rejected),
+]);
+fn udp_to_a_tcp_only_port_is_rejected(cell: Cell) {
+    check(cell, &UDP_TO_TCP_ONLY);
+}
+
+const NO_ENDPOINTS: Probes = probes(&[
+    tcp("client-a", To::Svc(EMPTY, 80), Expect::Rejected),
+    tcp("client", To::Svc(EMPTY, 80), Expect::Rejected),
+]);
+fn service_without_endpoints_is_rejected(cell: Cell) {
+    check(cell, &NO_ENDPOINTS);
+}
+
+const SOURCE_RANGES: Probes = probes(&[
+    // eTP Cluster masquerades.
+    tcp(
+        "client-allowed",
+        To::Svc(LB_IP, 80),
+        answered(MANY_PODS, 8080, Seen::Node),
+    ),
+    // Outside the source ranges: dropped (no answer at all).
+    tcp("client", To::Svc(LB_IP, 80), Expect::Dropped),
+    // The same service's NodePort is not subject to the source ranges.
+    tcp(
+        "client",
+        To::Node("node-a", 30081),
+        answered(MANY_PODS, 8080, Seen::Any),
+    ),
+]);
+fn load_balancer_source_ranges_allow_and_block_but_not_the_node_port(cell: Cell) {
+    check(cell, &SOURCE_RANGES);
+}
+
+const EXTERNAL_IP_PROBES: Probes = probes(&[tcp(
+    "client",
+    To::Svc(EXTERNAL_IP, 8000),
+    answered(&["one-a"], 8080, Seen::Any),
+)]);
 fn external_ip_from_the_external_client(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let reply = env.tcp("client", env.at(EXTERNAL_IP, 8000));
-    assert_eq!((reply.pod, reply.port), (env.pod_ip("one-a"), 8080));
+    check(cell, &EXTERNAL_IP_PROBES);
 }
 
-fn external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let reply = env.tcp("client", env.node_at("node-a", 30083));
-    assert_eq!(reply.pod, env.pod_ip("one-a"));
-    assert_eq!(reply.peer.ip(), env.client_ip());
+const ETP_LOCAL: Probes = probes(&[
+    tcp(
+        "client",
+        To::Node("node-a", 30083),
+        answered(&["one-a"], 8080, Seen::Own),
+    ),
     // node-b has no local endpoint for it: dropped there, not forwarded to node-a.
-    let _proxy_b = env.run_proxy_on("node-b");
-    let got = env.try_tcp("client", env.node_at("node-b", 30083));
-    assert!(matches!(got, Err(RequestError::Timeout)), "{got:?}");
+    tcp("client", To::Node("node-b", 30083), Expect::Dropped).on("node-b"),
+]);
+fn external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints(cell: Cell) {
+    check(cell, &ETP_LOCAL);
 }
 
 /// eTP Local, node-a without a local endpoint (`local-remote`): traffic that starts on
 /// node-a (its own network namespace, or a pod) to the externalIP, the LoadBalancer IP or
 /// node-a's NodePort still reaches the cluster-wide endpoint, the node's own masqueraded
 /// to node-a's address; the external client's gets no answer.
+const ETP_LOCAL_FROM_THE_NODE: Probes = {
+    const EXT: To = To::Svc(LOCAL_REMOTE_EXTERNAL_IP, 80);
+    const LB: To = To::Svc(LOCAL_REMOTE_LB_IP, 80);
+    const NP: To = To::Node("node-a", 30084);
+    const REMOTE: &[&str] = &["remote-b"];
+    probes(&[
+        tcp("node-a", EXT, answered(REMOTE, 8080, Seen::Node)),
+        tcp("node-a", LB, answered(REMOTE, 8080, Seen::Node)),
+        tcp("node-a", NP, answered(REMOTE, 8080, Seen::Node)),
+        tcp("client-a", EXT, answered(REMOTE, 8080, Seen::Own)),
+        tcp("client-a", LB, answered(REMOTE, 8080, Seen::Own)),
+        tcp("client-a", NP, answered(REMOTE, 8080, Seen::Own)),
+        tcp("client", EXT, Expect::Dropped),
+        tcp("client", LB, Expect::Dropped),
+        tcp("client", NP, Expect::Dropped),
+    ])
+};
 fn external_traffic_policy_local_from_the_node_itself(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let endpoint = env.pod_ip("remote-b");
-    let targets = [
-        env.at(LOCAL_REMOTE_EXTERNAL_IP, 80),
-        env.at(LOCAL_REMOTE_LB_IP, 80),
-        env.node_at("node-a", 30084),
-    ];
-    for dst in targets {
-        let reply = env.tcp("node-a", dst);
-        assert_eq!(
-            (reply.pod, reply.port),
-            (endpoint, 8080),
-            "{dst}: {reply:?}"
-        );
-        assert_eq!(
-            reply.peer.ip(),
-            env.node_ip("node-a"),
-            "node-a -> {dst} masqueraded: {reply:?}"
-        );
-        let reply = env.tcp("client-a", dst);
-        assert_eq!(reply.pod, endpoint, "{dst}: {reply:?}");
-        assert_eq!(
-            reply.peer.ip(),
-            env.pod_ip("client-a"),
-            "client-a -> {dst}: {reply:?}"
-        );
-    }
-    // From outside: dropped (all at once: each waits out the timeout).
-    std::thread::scope(|scope| {
-        let env = &env;
-        let waits: Vec<_> = targets
-            .map(|dst| (dst, scope.spawn(move || env.try_tcp("client", dst))))
-            .into();
-        for (dst, got) in waits {
-            let got = got.join().expect("request thread");
-            assert!(
-                matches!(got, Err(RequestError::Timeout)),
-                "client -> {dst} must be dropped: {got:?}"
-            );
-        }
-    });
+    check(cell, &ETP_LOCAL_FROM_THE_NODE);
 }
 
+/// To itself: masqueraded, or the reply would bypass the node's conntrack.
+const HAIRPIN: Probes = probes(&[tcp(
+    "many-a",
+    To::Svc(MANY, 80),
+    answered(MANY_PODS, 8080, Seen::OwnUnlessHairpin),
+)]);
 fn hairpin_is_masqueraded(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let me = env.pod_ip("many-a");
-    for reply in env.spread("many-a", env.at(MANY, 80), &["many-a", "many-b"]) {
-        if reply.pod == me {
-            // To itself: masqueraded, or the reply would bypass the node's conntrack.
-            assert_ne!(reply.peer.ip(), me, "hairpin not masqueraded: {reply:?}");
-        } else {
-            assert_eq!(reply.peer.ip(), me, "{reply:?}");
-        }
-    }
+    check(cell, &HAIRPIN);
 }
 
+const AFFINITY: Probes = probes(&[tcp(
+    "client-a",
+    To::Svc(STICKY, 80),
+    Expect::Sticky { by: MANY_PODS },
+)]);
 fn session_affinity_client_ip_is_sticky(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let first = env.tcp("client-a", env.at(STICKY, 80)).pod;
-    for _ in 0..STICKY_TRIES {
-        assert_eq!(env.tcp("client-a", env.at(STICKY, 80)).pod, first);
-    }
+    check(cell, &AFFINITY);
 }
 
+const ITP_LOCAL: Probes = probes(&[tcp(
+    "client-a",
+    To::Svc(ITP, 80),
+    answered(&["many-a"], 8080, Seen::Own),
+)]);
 fn internal_traffic_policy_local_stays_on_the_node(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    let local = env.pod_ip("many-a");
-    for _ in 0..STICKY_TRIES {
-        assert_eq!(env.tcp("client-a", env.at(ITP, 80)).pod, local);
-    }
+    check(cell, &ITP_LOCAL);
 }
 
 /// Services without selectors whose EndpointSlices (in the cell's family) the test
 /// writes, over many-a (node-a, zone-a) and many-b (node-b, zone-b): `hinted` (zone
 /// hints), `term` (only a terminating but serving endpoint) and `mixed` (one ready, one
 /// terminating).
-fn explicit_slices(env: &Env) -> String {
+fn explicit_slices(env: &dyn Place) -> Vec<(&'static str, String)> {
     let (a, b) = (env.pod_ip("many-a"), env.pod_ip("many-b"));
     let service = |name: &str, ips: &str| {
         service_head(name, ips) + "  ports: [{name: http, port: 80, targetPort: 8080}]\n---\n"
@@ -334,50 +353,40 @@ fn explicit_slices(env: &Env) -> String {
         "mixed",
         &(ep(a, "node-a", "zone-a", true, "") + &ep(b, "node-b", "zone-b", false, "")),
     );
-    dual_stack(&out)
+    vec![("slices.yaml", dual_stack(&out))]
 }
 
-/// Start the standard environment with [`explicit_slices`] programmed.
-fn start_with_slices(cell: Cell) -> Option<Env> {
-    let env = Env::start(cell)?;
-    env.manifests
-        .write("slices.yaml", &explicit_slices(&env))
-        .expect("slices.yaml");
-    for ip in [HINTED, TERM, MIXED] {
-        let dst = env.at(ip, 80);
-        assert!(env.wait_answering("client-a", dst), "{dst} not programmed");
-    }
-    Some(env)
-}
-
+const TOPOLOGY: Probes = Probes {
+    setup: Some(explicit_slices),
+    list: &[tcp(
+        "client-a",
+        To::Svc(HINTED, 80),
+        answered(&["many-a"], 8080, Seen::Own),
+    )],
+};
 fn topology_hints_keep_traffic_in_the_zone(cell: Cell) {
-    let Some(env) = start_with_slices(cell) else {
-        return;
-    };
-    for _ in 0..STICKY_TRIES {
-        assert_eq!(
-            env.tcp("client-a", env.at(HINTED, 80)).pod,
-            env.pod_ip("many-a")
-        );
-    }
+    check(cell, &TOPOLOGY);
 }
 
+const TERMINATING: Probes = Probes {
+    setup: Some(explicit_slices),
+    list: &[
+        // Only a terminating, serving endpoint: kube-proxy falls back to it.
+        tcp(
+            "client-a",
+            To::Svc(TERM, 80),
+            answered(&["many-b"], 8080, Seen::Own),
+        ),
+        // A ready endpoint exists: the terminating one gets no new connections.
+        tcp(
+            "client-a",
+            To::Svc(MIXED, 80),
+            answered(&["many-a"], 8080, Seen::Own),
+        ),
+    ],
+};
 fn terminating_endpoints_serve_only_when_no_endpoint_is_ready(cell: Cell) {
-    let Some(env) = start_with_slices(cell) else {
-        return;
-    };
-    // Only a terminating, serving endpoint: kube-proxy falls back to it.
-    assert_eq!(
-        env.tcp("client-a", env.at(TERM, 80)).pod,
-        env.pod_ip("many-b")
-    );
-    // A ready endpoint exists: the terminating one gets no new connections.
-    for _ in 0..STICKY_TRIES {
-        assert_eq!(
-            env.tcp("client-a", env.at(MIXED, 80)).pod,
-            env.pod_ip("many-a")
-        );
-    }
+    check(cell, &TERMINATING);
 }
 
 /// A UDP Service without selector over `endpoint` (a pod address in the cell's family),
@@ -484,15 +493,18 @@ fn service_over_one(name: &str, ips: &str) -> String {
     )
 }
 
+/// A new Service in a new file: how fast is measured by `svcplane bench sync`; here only
+/// that it arrives.
+const MANIFEST_CHANGE: Probes = Probes {
+    setup: Some(|_| vec![("new.yaml", service_over_one("new", "NEW"))]),
+    list: &[tcp(
+        "client-a",
+        To::Svc(NEW, 80),
+        answered(&["one-a"], 8080, Seen::Own),
+    )],
+};
 fn a_manifest_change_reaches_the_kernel(cell: Cell) {
-    let Some(env) = Env::start(cell) else { return };
-    env.manifests
-        .write("new.yaml", &service_over_one("new", "NEW"))
-        .expect("new.yaml");
-    // How fast is measured by `svcplane bench sync`; here only that it arrives.
-    let dst = env.at(NEW, 80);
-    assert!(env.wait_answering("client-a", dst), "{dst} never answered");
-    assert_eq!(env.tcp("client-a", dst).pod, env.pod_ip("one-a"));
+    check(cell, &MANIFEST_CHANGE);
 }
 
 fn a_malformed_file_leaves_working_services_alone(cell: Cell) {
@@ -844,13 +856,130 @@ fn health_check_node_port(cell: Cell) {
     assert_hc_body(&body, 1);
 }
 
+/// Scenarios without probes, and why `svcplane trace` has nothing to say about them.
+const UNTRACED: &[(&str, &str)] = &[
+    (
+        "udp_conntrack_cleared",
+        "about a conntrack entry outliving a rule change; trace explains rules, not kernel state",
+    ),
+    (
+        "a_malformed_file_leaves_working_services_alone",
+        "about a watching proxy keeping a file's objects after it stops parsing; a one-shot \
+         trace never loaded them",
+    ),
+    (
+        "wrecked_rules_are_repaired_by_the_periodic_check",
+        "about the proxy process repairing rules",
+    ),
+    (
+        "a_restart_fails_no_connection",
+        "about the proxy process restarting",
+    ),
+    (
+        "healthz_and_livez_answer_after_the_first_sync",
+        "the proxy's own HTTP server, not a Service path",
+    ),
+    (
+        "metrics_through_the_binary",
+        "the proxy's own HTTP server, not a Service path",
+    ),
+    (
+        "metrics_listen_on_loopback_only_by_default",
+        "the proxy's own HTTP server, not a Service path",
+    ),
+    (
+        "health_check_node_port",
+        "the proxy's healthCheckNodePort server, not a Service path",
+    ),
+];
+
 /// Checks of the table itself (no root needed).
 mod the_table {
     use std::collections::BTreeSet;
 
     use svcplane_dataplane::ProxyMode;
 
-    use crate::{MODES, TABLE};
+    use crate::env::{Family, SERVICES, dual_stack, standard_cluster};
+    use crate::probes::{Planned, trace_disagreement};
+    use crate::{MODES, TABLE, UNTRACED};
+
+    /// Every scenario has probes or says why `svcplane trace` cannot follow it.
+    #[test]
+    fn every_scenario_is_traced_or_says_why() {
+        for scenario in TABLE {
+            let untraced = UNTRACED.iter().any(|(name, _)| *name == scenario.name);
+            assert!(
+                scenario.probes.is_some() != untraced,
+                "{}: give it probes, or list it in UNTRACED with the reason (not both)",
+                scenario.name
+            );
+        }
+        for (name, _) in UNTRACED {
+            assert!(
+                TABLE.iter().any(|s| s.name == *name),
+                "UNTRACED names {name}"
+            );
+        }
+    }
+
+    /// `svcplane trace` on each cell's manifests agrees with every probe of every cell
+    /// the traffic runs (marked cells run no traffic, so there is nothing to agree with).
+    /// No kernel: the cluster is only planned.
+    #[test]
+    fn trace_agrees_with_the_traffic_of_every_cell() {
+        let plan = standard_cluster().plan().expect("plan");
+        let mut checked = 0;
+        let mut disagreements = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            let place = Planned {
+                plan: &plan,
+                family,
+            };
+            for scenario in TABLE {
+                let Some(probes) = scenario.probes else {
+                    continue;
+                };
+                let manifests = plan.manifests().expect("manifests");
+                manifests
+                    .write("services.yaml", &dual_stack(SERVICES))
+                    .expect("services.yaml");
+                if let Some(setup) = probes.setup {
+                    for (file, yaml) in setup(&place) {
+                        manifests.write(file, &yaml).expect(file);
+                    }
+                }
+                let cells: Vec<&str> = MODES
+                    .iter()
+                    .copied()
+                    .filter(|m| scenario.marked(m, family).is_none())
+                    .collect();
+                std::thread::scope(|scope| {
+                    let runs: Vec<_> = cells
+                        .iter()
+                        .flat_map(|mode| probes.list.iter().map(move |p| (*mode, p)))
+                        .map(|(mode, probe)| {
+                            let (place, path) = (&place, manifests.path());
+                            scope.spawn(move || {
+                                trace_disagreement(place, path, mode, probe)
+                                    .map(|d| format!("{mode}/{family}/{}: {d}", scenario.name))
+                            })
+                        })
+                        .collect();
+                    for run in runs {
+                        checked += 1;
+                        disagreements.extend(run.join().expect("trace thread"));
+                    }
+                });
+            }
+        }
+        assert!(checked > 100, "only {checked} probes were traced");
+        assert!(
+            disagreements.is_empty(),
+            "{} of {checked} traced probes disagree with the traffic's expectations:\n{}",
+            disagreements.len(),
+            disagreements.join("\n\n")
+        );
+    }
 
     /// Every mode the binary implements is in `MODES`, and `MODES` has nothing else:
     /// a new backend cannot skip the table silently. Asks `svcplane render` itself.

@@ -160,6 +160,33 @@ impl ClusterBuilder {
         self
     }
 
+    /// The cluster's names and addresses as [`ClusterBuilder::build`] would assign them,
+    /// without creating anything (no root needed): for checks that only need the
+    /// manifests, e.g. `svcplane trace` on the same objects a live cluster's proxy reads.
+    pub fn plan(&self) -> io::Result<ClusterPlan> {
+        let mut plan = ClusterPlan {
+            nodes: self
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, (name, zone))| {
+                    let (v4, v6) = node_addresses(i);
+                    PlannedNode {
+                        name: name.clone(),
+                        zone: zone.clone(),
+                        v4,
+                        v6,
+                    }
+                })
+                .collect(),
+            pods: Vec::new(),
+        };
+        for spec in &self.pods {
+            plan.add_pod(spec.clone())?;
+        }
+        Ok(plan)
+    }
+
     /// Create every namespace, link, address and route, and start the echo servers.
     /// On error, whatever was created is torn down again.
     pub fn build(self) -> io::Result<Cluster> {
@@ -198,13 +225,13 @@ impl ClusterBuilder {
                 return Err(io::Error::other(format!("node {name} added twice")));
             }
             let netns = cluster_netns(&format!("svk-{name}"))?;
-            let n = i as u8 + 11;
+            let (v4, v6) = node_addresses(i);
             let node = Node {
                 name: name.clone(),
                 zone: zone.clone(),
                 index: i,
-                v4: Ipv4Addr::new(10, 0, 0, n),
-                v6: format!("fd00:10::{n}").parse().map_err(io::Error::other)?,
+                v4,
+                v6,
                 netns,
                 pods: 0,
             };
@@ -581,14 +608,7 @@ impl Cluster {
         if j > 200 {
             return Err(io::Error::other("at most 200 pods per node"));
         }
-        let (subnet, host) = (node.index as u8 + 1, j as u8 + 10);
-        let v4 = spec.v4.unwrap_or(Ipv4Addr::new(10, 244, subnet, host));
-        let v6: Ipv6Addr = match spec.v6 {
-            Some(v6) => v6,
-            None => format!("fd00:244:0:{subnet}::{host}")
-                .parse()
-                .map_err(io::Error::other)?,
-        };
+        let (v4, v6) = pod_addresses(node.index, j, &spec);
         if let Some(other) = self.pods.iter().find(|p| p.v4 == v4 || p.v6 == v6) {
             return Err(io::Error::other(format!(
                 "pod {}: address {v4} or {v6} already used by pod {}",
@@ -763,50 +783,15 @@ impl Cluster {
     }
 
     fn nodes_yaml(&self) -> String {
-        let mut out = String::new();
-        for node in &self.nodes {
-            out += &format!(
-                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {:?}\n  labels: {{topology.kubernetes.io/zone: {:?}}}\nstatus:\n  addresses:\n    - {{type: InternalIP, address: \"{}\"}}\n    - {{type: InternalIP, address: \"{}\"}}\n    - {{type: Hostname, address: {:?}}}\n",
-                node.name, node.zone, node.v4, node.v6, node.name
-            );
-        }
-        out
+        nodes_yaml(
+            self.nodes
+                .iter()
+                .map(|n| (n.name.as_str(), n.zone.as_str(), n.v4, n.v6)),
+        )
     }
 
     fn pods_yaml(&self) -> String {
-        let mut out = String::new();
-        for pod in &self.pods {
-            let labels: Vec<String> = pod
-                .spec
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k:?}: {v:?}"))
-                .collect();
-            let ports: Vec<String> = pod
-                .spec
-                .tcp_ports
-                .iter()
-                .map(|p| format!("{{containerPort: {p}, protocol: TCP}}"))
-                .chain(
-                    pod.spec
-                        .udp_ports
-                        .iter()
-                        .map(|p| format!("{{containerPort: {p}, protocol: UDP}}")),
-                )
-                .collect();
-            out += &format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {:?}\n  namespace: default\n  labels: {{{}}}\nspec:\n  nodeName: {:?}\n  containers:\n    - name: echo\n      image: echo\n      ports: [{}]\nstatus:\n  podIP: \"{}\"\n  podIPs: [{{ip: \"{}\"}}, {{ip: \"{}\"}}]\n  conditions: [{{type: Ready, status: \"{}\"}}]\n",
-                pod.spec.name,
-                labels.join(", "),
-                pod.spec.node,
-                ports.join(", "),
-                pod.v4,
-                pod.v4,
-                pod.v6,
-                if pod.spec.ready { "True" } else { "False" },
-            );
-        }
-        out
+        pods_yaml(self.pods.iter().map(|p| (&p.spec, p.v4, p.v6)))
     }
 
     /// Spawn `svcplane proxy` (the binary at `bin`, e.g. `env!("CARGO_BIN_EXE_svcplane")`)
@@ -1044,6 +1029,171 @@ impl ProxyHandle {
     /// SIGTERM, then wait for the exit status.
     pub fn terminate(self) -> io::Result<std::process::ExitStatus> {
         self.daemon.terminate()
+    }
+}
+
+/// Node `i`'s addresses on the bridge (see the module docs).
+fn node_addresses(i: usize) -> (Ipv4Addr, Ipv6Addr) {
+    let n = i as u8 + 11;
+    (
+        Ipv4Addr::new(10, 0, 0, n),
+        Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, decimal_as_hex(n)),
+    )
+}
+
+/// `n`'s decimal digits read as a hex group, so that node 11 is `fd00:10::11`.
+fn decimal_as_hex(n: u8) -> u16 {
+    let d = u16::from(n);
+    (d / 100) * 0x100 + (d / 10 % 10) * 0x10 + d % 10
+}
+
+/// Pod `j` of node `node_index`: the spec's own addresses, else 10.244.(i+1).(10+j) and
+/// fd00:244:0:(i+1)::(10+j).
+fn pod_addresses(node_index: usize, j: usize, spec: &PodSpec) -> (Ipv4Addr, Ipv6Addr) {
+    let (subnet, host) = (node_index as u8 + 1, j as u8 + 10);
+    (
+        spec.v4.unwrap_or(Ipv4Addr::new(10, 244, subnet, host)),
+        spec.v6.unwrap_or(Ipv6Addr::new(
+            0xfd00,
+            0x244,
+            0,
+            decimal_as_hex(subnet),
+            0,
+            0,
+            0,
+            decimal_as_hex(host),
+        )),
+    )
+}
+
+/// `nodes.yaml`: (name, zone, IPv4, IPv6) per node.
+fn nodes_yaml<'a>(nodes: impl Iterator<Item = (&'a str, &'a str, Ipv4Addr, Ipv6Addr)>) -> String {
+    let mut out = String::new();
+    for (name, zone, v4, v6) in nodes {
+        out += &format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {:?}\n  labels: {{topology.kubernetes.io/zone: {:?}}}\nstatus:\n  addresses:\n    - {{type: InternalIP, address: \"{}\"}}\n    - {{type: InternalIP, address: \"{}\"}}\n    - {{type: Hostname, address: {:?}}}\n",
+            name, zone, v4, v6, name
+        );
+    }
+    out
+}
+
+/// `pods.yaml`: each pod's spec and addresses.
+fn pods_yaml<'a>(pods: impl Iterator<Item = (&'a PodSpec, Ipv4Addr, Ipv6Addr)>) -> String {
+    let mut out = String::new();
+    for (spec, v4, v6) in pods {
+        let labels: Vec<String> = spec
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k:?}: {v:?}"))
+            .collect();
+        let ports: Vec<String> = spec
+            .tcp_ports
+            .iter()
+            .map(|p| format!("{{containerPort: {p}, protocol: TCP}}"))
+            .chain(
+                spec.udp_ports
+                    .iter()
+                    .map(|p| format!("{{containerPort: {p}, protocol: UDP}}")),
+            )
+            .collect();
+        out += &format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {:?}\n  namespace: default\n  labels: {{{}}}\nspec:\n  nodeName: {:?}\n  containers:\n    - name: echo\n      image: echo\n      ports: [{}]\nstatus:\n  podIP: \"{}\"\n  podIPs: [{{ip: \"{}\"}}, {{ip: \"{}\"}}]\n  conditions: [{{type: Ready, status: \"{}\"}}]\n",
+            spec.name,
+            labels.join(", "),
+            spec.node,
+            ports.join(", "),
+            v4,
+            v4,
+            v6,
+            if spec.ready { "True" } else { "False" },
+        );
+    }
+    out
+}
+
+/// A node of a [`ClusterPlan`].
+#[derive(Debug, Clone)]
+pub struct PlannedNode {
+    pub name: String,
+    pub zone: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+}
+
+/// A pod of a [`ClusterPlan`].
+#[derive(Debug, Clone)]
+pub struct PlannedPod {
+    pub name: String,
+    pub node: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    spec: PodSpec,
+}
+
+/// A cluster's names and addresses without namespaces ([`ClusterBuilder::plan`]): the
+/// same addresses and manifests a built [`Cluster`] has.
+#[derive(Debug, Clone)]
+pub struct ClusterPlan {
+    pub nodes: Vec<PlannedNode>,
+    pub pods: Vec<PlannedPod>,
+}
+
+impl ClusterPlan {
+    /// Add a pod as [`Cluster::add_pod`] would (the next address of its node).
+    pub fn add_pod(&mut self, spec: PodSpec) -> io::Result<&PlannedPod> {
+        if self.pods.iter().any(|p| p.name == spec.name) {
+            return Err(io::Error::other(format!("pod {} added twice", spec.name)));
+        }
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| n.name == spec.node)
+            .ok_or_else(|| io::Error::other(format!("pod {}: no node {}", spec.name, spec.node)))?;
+        let j = self.pods.iter().filter(|p| p.node == spec.node).count();
+        let (v4, v6) = pod_addresses(index, j, &spec);
+        self.pods.push(PlannedPod {
+            name: spec.name.clone(),
+            node: spec.node.clone(),
+            v4,
+            v6,
+            spec,
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    pub fn node(&self, name: &str) -> io::Result<&PlannedNode> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| io::Error::other(format!("no node {name} in the plan")))
+    }
+
+    pub fn pod(&self, name: &str) -> io::Result<&PlannedPod> {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| io::Error::other(format!("no pod {name} in the plan")))
+    }
+
+    /// A new temporary manifests directory with `nodes.yaml` and `pods.yaml`, as
+    /// [`Cluster::manifests`] writes them.
+    pub fn manifests(&self) -> io::Result<Manifests> {
+        let dir = tempfile::Builder::new().prefix("svk-manifests").tempdir()?;
+        let manifests = Manifests { dir };
+        manifests.write(
+            "nodes.yaml",
+            &nodes_yaml(
+                self.nodes
+                    .iter()
+                    .map(|n| (n.name.as_str(), n.zone.as_str(), n.v4, n.v6)),
+            ),
+        )?;
+        manifests.write(
+            "pods.yaml",
+            &pods_yaml(self.pods.iter().map(|p| (&p.spec, p.v4, p.v6))),
+        )?;
+        Ok(manifests)
     }
 }
 

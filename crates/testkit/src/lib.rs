@@ -16,8 +16,9 @@ mod net;
 
 pub use cgroup::{Cgroup, bpf_test_mounts, cgroup2_mount, in_cgroup};
 pub use cluster::{
-    CLIENT_V4, CLIENT_V6, CLUSTER_CIDR, Client, Cluster, ClusterBuilder, Manifests, Node, Pod,
-    PodSpec, ProxyHandle, ProxyLaunch, SERVICE_CIDRS, metric_value, parse_echo,
+    CLIENT_V4, CLIENT_V6, CLUSTER_CIDR, Client, Cluster, ClusterBuilder, ClusterPlan, Manifests,
+    Node, PlannedNode, PlannedPod, Pod, PodSpec, ProxyHandle, ProxyLaunch, SERVICE_CIDRS,
+    metric_value, parse_echo,
 };
 pub use fake_apiserver::{ApiRequest, ApiResource, FakeApiServer};
 pub use net::{

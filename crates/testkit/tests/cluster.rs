@@ -158,3 +158,44 @@ fn an_address_used_twice_is_an_error() {
         .unwrap_err();
     assert!(err.to_string().contains("already used by pod a1"), "{err}");
 }
+
+/// The plan (no root) has the built cluster's addresses and writes the same manifests.
+#[test]
+fn the_plan_is_what_gets_built() {
+    if skip_unless_root(&["ip", "sysctl"]) {
+        return;
+    }
+    let builder = || {
+        Cluster::builder()
+            .node("node-a", "zone-a")
+            .node("node-b", "zone-b")
+            .pod(PodSpec::new("a1", "node-a").label("app", "x").tcp(&[80]))
+            .pod(PodSpec::new("a2", "node-a").udp(&[53]).ready(false))
+            .pod(PodSpec::new("b1", "node-b").ipv4("10.9.9.9".parse().unwrap()))
+    };
+    let plan = builder().plan().unwrap();
+    let mut cluster = builder().build().unwrap();
+    let mut plan = plan;
+    cluster.add_pod(PodSpec::new("b2", "node-b")).unwrap();
+    plan.add_pod(PodSpec::new("b2", "node-b")).unwrap();
+    for node in cluster.nodes() {
+        let planned = plan.node(node.name()).unwrap();
+        assert_eq!((planned.v4, planned.v6), (node.ipv4(), node.ipv6()));
+    }
+    assert_eq!(plan.pods.len(), cluster.pods().len());
+    for pod in cluster.pods() {
+        let planned = plan.pod(pod.name()).unwrap();
+        assert_eq!(
+            (planned.v4, planned.v6),
+            (pod.ipv4(), pod.ipv6()),
+            "{}",
+            pod.name()
+        );
+    }
+    let (live, planned) = (cluster.manifests().unwrap(), plan.manifests().unwrap());
+    for file in ["nodes.yaml", "pods.yaml"] {
+        let read =
+            |m: &svcplane_testkit::Manifests| std::fs::read_to_string(m.path().join(file)).unwrap();
+        assert_eq!(read(&live), read(&planned), "{file}");
+    }
+}

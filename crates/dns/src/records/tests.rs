@@ -545,3 +545,43 @@ endpoints: [{addresses: [10.0.0.9]}]
     // A slice of a Service that does not exist serves nothing.
     assert_nxdomain(&z, "other.ns.svc.cluster.local.", RecordType::A);
 }
+
+#[test]
+fn resolve_follows_a_name_as_a_lookup_would() {
+    let z = zone();
+    let ips = |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|s| s.parse().unwrap()).collect() };
+    assert_eq!(
+        z.resolve("web.demo.svc.cluster.local").unwrap(),
+        Resolution::Addresses(ips(&["10.96.0.10", "fd00:96::10"]))
+    );
+    // Case and a trailing dot do not matter.
+    assert_eq!(
+        z.resolve("WEB.demo.svc.cluster.local.").unwrap(),
+        Resolution::Addresses(ips(&["10.96.0.10", "fd00:96::10"]))
+    );
+    // Headless: the ready endpoints.
+    assert_eq!(
+        z.resolve("db.demo.svc.cluster.local").unwrap(),
+        Resolution::Addresses(ips(&["10.244.1.5", "10.244.2.6"]))
+    );
+    assert_eq!(
+        z.resolve("docs.demo.svc.cluster.local").unwrap(),
+        Resolution::Cname {
+            target: "docs.example.com.".into(),
+            addresses: Vec::new()
+        }
+    );
+    assert_eq!(
+        z.resolve("alias.demo.svc.cluster.local").unwrap(),
+        Resolution::Cname {
+            target: "web.demo.svc.cluster.local.".into(),
+            addresses: ips(&["10.96.0.10", "fd00:96::10"])
+        }
+    );
+    assert_eq!(
+        z.resolve("nope.demo.svc.cluster.local").unwrap(),
+        Resolution::NxDomain
+    );
+    assert_eq!(z.resolve("example.com").unwrap(), Resolution::Outside);
+    assert!(z.resolve("a..b").is_err());
+}

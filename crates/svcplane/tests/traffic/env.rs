@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use svcplane_testkit::{
-    CLIENT_V4, CLIENT_V6, Cluster, EchoReply, Manifests, PodSpec, ProxyHandle, RequestError,
-    in_cgroup, parse_echo, skip_unless_root,
+    Cluster, ClusterBuilder, EchoReply, Manifests, PodSpec, ProxyHandle, RequestError, in_cgroup,
+    parse_echo, skip_unless_root,
 };
 
 use crate::modes;
+use crate::probes::Place;
 
 /// Per-request timeout: only bounds how long a broken test hangs.
 pub const T: Duration = Duration::from_secs(3);
@@ -328,6 +329,45 @@ spec:
     - {name: web, port: 81, targetPort: 8080, nodePort: 80}
 "#;
 
+/// The standard cluster of every cell: node-a (zone-a) and node-b (zone-b), the pods the
+/// Services select, and the external client with its extra address. Built by
+/// [`Env::start_with`]; planned (no kernel) by the trace agreement check.
+pub fn standard_cluster() -> ClusterBuilder {
+    Cluster::builder()
+        .node("node-a", "zone-a")
+        .node("node-b", "zone-b")
+        // A pod without labels: the in-cluster client on node-a.
+        .pod(PodSpec::new("client-a", "node-a"))
+        .pod(
+            PodSpec::new("one-a", "node-a")
+                .label("app", "one")
+                .tcp(&[8080]),
+        )
+        .pod(
+            PodSpec::new("many-a", "node-a")
+                .label("app", "many")
+                .tcp(&[8080]),
+        )
+        .pod(
+            PodSpec::new("many-b", "node-b")
+                .label("app", "many")
+                .tcp(&[8080]),
+        )
+        .pod(
+            PodSpec::new("remote-b", "node-b")
+                .label("app", "remote")
+                .tcp(&[8080]),
+        )
+        .pod(
+            PodSpec::new("dns-b", "node-b")
+                .label("app", "dns")
+                .tcp(&[5353])
+                .udp(&[5354]),
+        )
+        .client_address(parse_ip(ALLOWED_SRC.v4))
+        .client_address(parse_ip(ALLOWED_SRC.v6))
+}
+
 /// The standard cluster, its manifests and the proxy on node-a, for one cell. Field
 /// order is drop order: the proxy stops before the cluster's namespaces go away.
 pub struct Env {
@@ -362,41 +402,7 @@ impl Env {
             let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
             return None;
         }
-        let cluster = Cluster::builder()
-            .node("node-a", "zone-a")
-            .node("node-b", "zone-b")
-            // A pod without labels: the in-cluster client on node-a.
-            .pod(PodSpec::new("client-a", "node-a"))
-            .pod(
-                PodSpec::new("one-a", "node-a")
-                    .label("app", "one")
-                    .tcp(&[8080]),
-            )
-            .pod(
-                PodSpec::new("many-a", "node-a")
-                    .label("app", "many")
-                    .tcp(&[8080]),
-            )
-            .pod(
-                PodSpec::new("many-b", "node-b")
-                    .label("app", "many")
-                    .tcp(&[8080]),
-            )
-            .pod(
-                PodSpec::new("remote-b", "node-b")
-                    .label("app", "remote")
-                    .tcp(&[8080]),
-            )
-            .pod(
-                PodSpec::new("dns-b", "node-b")
-                    .label("app", "dns")
-                    .tcp(&[5353])
-                    .udp(&[5354]),
-            )
-            .client_address(parse_ip(ALLOWED_SRC.v4))
-            .client_address(parse_ip(ALLOWED_SRC.v6))
-            .build()
-            .expect("virtual cluster");
+        let cluster = standard_cluster().build().expect("virtual cluster");
         for family in [Family::V4, Family::V6] {
             cluster
                 .route_client_via(EXTERNAL_NET.get(family), "node-a")
@@ -505,11 +511,6 @@ impl Env {
         }
     }
 
-    /// The cell's family's address of `dual`.
-    pub fn ip(&self, dual: Dual) -> IpAddr {
-        parse_ip(dual.get(self.family()))
-    }
-
     /// `dual`'s address in the cell's family, at `port`.
     pub fn at(&self, dual: Dual, port: u16) -> SocketAddr {
         SocketAddr::new(self.ip(dual), port)
@@ -536,35 +537,12 @@ impl Env {
         }
     }
 
-    /// The external client's own address.
-    pub fn client_ip(&self) -> IpAddr {
-        match self.family() {
-            Family::V4 => IpAddr::V4(CLIENT_V4),
-            Family::V6 => IpAddr::V6(CLIENT_V6),
-        }
-    }
-
-    /// The cell's EndpointSlice `addressType`.
-    pub fn address_type(&self) -> &'static str {
-        match self.family() {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        }
-    }
-
     /// TCP from `from`: a pod, a node (its own namespace), `"client"` (the external
     /// client, from its own address) or `"client-allowed"` (from [`ALLOWED_SRC`]).
     pub fn tcp(&self, from: &str, dst: SocketAddr) -> EchoReply {
         let reply = self
             .try_tcp(from, dst)
             .unwrap_or_else(|e| panic!("TCP {from} -> {dst}: {e}"));
-        parse_echo(&reply).expect("echo reply")
-    }
-
-    pub fn udp(&self, from: &str, dst: SocketAddr) -> EchoReply {
-        let reply = self
-            .try_udp(from, dst)
-            .unwrap_or_else(|e| panic!("UDP {from} -> {dst}: {e}"));
         parse_echo(&reply).expect("echo reply")
     }
 
@@ -668,6 +646,18 @@ impl Env {
     /// The proxy on node-a.
     pub fn proxy(&self) -> &ProxyHandle {
         self.proxy.as_ref().expect("proxy")
+    }
+}
+
+impl Place for Env {
+    fn family(&self) -> Family {
+        self.cell.family
+    }
+    fn pod_ip(&self, pod: &str) -> IpAddr {
+        Env::pod_ip(self, pod)
+    }
+    fn node_ip(&self, node: &str) -> IpAddr {
+        Env::node_ip(self, node)
     }
 }
 

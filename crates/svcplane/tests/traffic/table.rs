@@ -32,6 +32,19 @@ pub struct Scenario {
     pub name: &'static str,
     pub run: fn(Cell),
     pub marks: &'static [Mark],
+    /// Its expected outcomes as data, when it is about Service paths: the cells check
+    /// them with traffic, and `svcplane trace` must agree with them.
+    pub probes: Option<&'static crate::probes::Probes>,
+}
+
+impl Scenario {
+    /// Why `(mode, family)` is not run, if a mark says so.
+    pub fn marked(&self, mode: &str, family: Family) -> Option<&'static str> {
+        self.marks
+            .iter()
+            .find(|m| m.covers(mode, family))
+            .map(|m| m.reason)
+    }
 }
 
 /// Run `name` of `table` in (`mode`, `family`), unless a mark covers that cell: then say
@@ -41,12 +54,7 @@ pub fn run_cell(table: &[Scenario], mode: &'static str, family: Family, name: &s
         .iter()
         .find(|s| s.name == name)
         .unwrap_or_else(|| panic!("scenario {name} is not in the table"));
-    let reason = scenario
-        .marks
-        .iter()
-        .find(|m| m.covers(mode, family))
-        .map(|m| m.reason);
-    if let Some(reason) = reason {
+    if let Some(reason) = scenario.marked(mode, family) {
         // Straight to stderr, not through `eprintln!`, which the test harness captures
         // and hides for a passing test.
         use std::io::Write as _;
@@ -56,11 +64,12 @@ pub fn run_cell(table: &[Scenario], mode: &'static str, family: Family, name: &s
     (scenario.run)(Cell { mode, family });
 }
 
-/// `scenario_table! { modes: [m1, m2]; scenarios: [s1, s2 { mode/family: "why" }, ...] }`
+/// `scenario_table! { modes: [m1, m2]; scenarios: [s1 = S1_PROBES, s2 { mode/family: "why" }, ...] }`
 /// defines `MODES`, `TABLE` and a module per mode with `v4` and `v6` test modules. A
-/// mark's mode or family may be `_` (every one).
+/// mark's mode or family may be `_` (every one); `= PROBES` names the scenario's
+/// [`crate::probes::Probes`].
 macro_rules! scenario_table {
-    (@table [$($name:ident $({$($mode:tt / $family:tt : $reason:literal),* $(,)?})?),* $(,)?]) => {
+    (@table [$($name:ident $(= $probes:ident)? $({$($mode:tt / $family:tt : $reason:literal),* $(,)?})?),* $(,)?]) => {
         &[$($crate::table::Scenario {
             name: stringify!($name),
             run: $name,
@@ -69,14 +78,17 @@ macro_rules! scenario_table {
                 family: scenario_table!(@family $family),
                 reason: $reason,
             }),*)?],
+            probes: scenario_table!(@probes $($probes)?),
         }),*]
     };
+    (@probes) => { None };
+    (@probes $probes:ident) => { Some(&$probes) };
     (@mode _) => { None };
     (@mode $mode:ident) => { Some(stringify!($mode)) };
     (@family _) => { None };
     (@family v4) => { Some($crate::env::Family::V4) };
     (@family v6) => { Some($crate::env::Family::V6) };
-    (@tests $mode:ident $family:ident [$($name:ident $({$($mark:tt)*})?),* $(,)?]) => {
+    (@tests $mode:ident $family:ident [$($name:ident $(= $probes:ident)? $({$($mark:tt)*})?),* $(,)?]) => {
         $(
             #[test]
             fn $name() {
