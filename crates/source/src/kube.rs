@@ -488,8 +488,22 @@ fn not_for_this_proxy<K: ResourceExt>(k: &K) -> bool {
 
 fn convert_service(s: &core::Service) -> Converted {
     let key = namespaced_key(Kind::Service, s);
-    let converted =
-        (!not_for_this_proxy(s)).then(|| service_from_k8s(s).map(|c| c.map(Object::Service)));
+    let converted = (!not_for_this_proxy(s)).then(|| {
+        service_from_k8s(s).and_then(|c| {
+            // The API server allocates it before anyone sees the Service; only a
+            // manifest (the standalone allocator's input) may lack it.
+            if c.object.needs_cluster_ip() {
+                return Err(InvalidObject {
+                    kind: Kind::Service,
+                    object: c.object.name.to_string(),
+                    field: "spec.clusterIP".into(),
+                    value: String::new(),
+                    reason: "must be set (the API server allocates it)".into(),
+                });
+            }
+            Ok(c.map(Object::Service))
+        })
+    });
     Converted::new(key, converted)
 }
 

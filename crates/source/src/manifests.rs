@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use svcplane_model::{
-    Change, EndpointSlice, Format, Kind, Node, Object, ObjectKey, Pod, Service, SourceEvent,
-    parse_manifest,
+    Change, EndpointSlice, Format, Kind, NamespacedName, Node, Object, ObjectKey, Pod, Service,
+    SourceEvent, parse_manifest,
 };
 
+use crate::allocator::{self, AllocatorConfig, Outcome};
 use crate::endpointslice_controller::derive_endpoint_slices;
 use crate::{IGNORED, Problem, ProblemSink, Source, SourceError, SourceFuture};
 
@@ -131,6 +132,10 @@ pub struct ManifestSource {
     emitted: BTreeMap<ObjectKey, Arc<Object>>,
     /// Conflicts already reported, so an unchanged conflict is not reported on every reload.
     reported_conflicts: BTreeSet<String>,
+    /// What a Service without clusterIP or nodePort is given (the API server's job).
+    allocator: AllocatorConfig,
+    /// What was allocated per Service, to log each allocation once (and when it moves).
+    allocated: BTreeMap<NamespacedName, String>,
 }
 
 impl ManifestSource {
@@ -141,7 +146,16 @@ impl ManifestSource {
             files: BTreeMap::new(),
             emitted: BTreeMap::new(),
             reported_conflicts: BTreeSet::new(),
+            allocator: AllocatorConfig::default(),
+            allocated: BTreeMap::new(),
         }
+    }
+
+    /// The ranges ClusterIPs and nodePorts are allocated from (default: no ClusterIP
+    /// range, kube-apiserver's node-port range).
+    pub fn allocator(mut self, config: AllocatorConfig) -> Self {
+        self.allocator = config;
+        self
     }
 
     /// How long to collect file events before reloading.
@@ -176,7 +190,8 @@ impl ManifestSource {
             load_file(&path, version, state, problems);
         }
         let mut conflicts = Vec::new();
-        let desired = self.merged_objects(&mut conflicts);
+        let mut desired = self.merged_objects(&mut conflicts);
+        self.allocate(&mut desired, &mut conflicts);
         // Report a conflict when it appears, not again on every later reload.
         let current: BTreeSet<String> = conflicts.iter().map(|p| p.to_string()).collect();
         problems.extend(
@@ -245,6 +260,60 @@ impl ManifestSource {
             out.insert(key, Arc::new(obj));
         }
         out
+    }
+
+    /// Fill in what the manifests left to the API server (see [`crate::allocator`]);
+    /// a Service that cannot get it is dropped and reported. Each allocation is logged
+    /// once, and again when it changes.
+    fn allocate(
+        &mut self,
+        desired: &mut BTreeMap<ObjectKey, Arc<Object>>,
+        problems: &mut Vec<Problem>,
+    ) {
+        let services: Vec<&Service> = desired
+            .values()
+            .filter_map(|o| match o.as_ref() {
+                Object::Service(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let outcomes = allocator::allocate(&self.allocator, &services);
+        let mut allocated = BTreeMap::new();
+        for (name, outcome) in outcomes {
+            let key = ObjectKey {
+                kind: Kind::Service,
+                name: name.clone(),
+            };
+            let (service, notes) = match outcome {
+                Outcome::Allocated(s, notes) => (s, notes),
+                Outcome::Partial(s, notes, e) => {
+                    problems.push(Problem {
+                        file: None,
+                        message: format!("{e}; {IGNORED}"),
+                    });
+                    (s, notes)
+                }
+                Outcome::Failed(e) => {
+                    problems.push(Problem {
+                        file: None,
+                        message: format!("{e}; skipped"),
+                    });
+                    desired.remove(&key);
+                    continue;
+                }
+            };
+            if !notes.is_empty() && self.allocated.get(&name) != Some(&notes) {
+                let verb = if self.allocated.contains_key(&name) {
+                    "reallocated"
+                } else {
+                    "allocated"
+                };
+                tracing::info!("Service {name}: {verb} {notes}");
+            }
+            allocated.insert(name, notes);
+            desired.insert(key, Arc::new(Object::Service(*service)));
+        }
+        self.allocated = allocated;
     }
 
     fn diff_against_emitted(&mut self, desired: BTreeMap<ObjectKey, Arc<Object>>) -> Vec<Change> {
@@ -484,6 +553,14 @@ fn load_file(
                 "{key} is defined twice in this file; the later document wins"
             )));
         }
+    }
+    // Kinds the proxy does not read (a Deployment next to its Service, as people keep
+    // them): a note, not a problem, so they count as no invalid object.
+    for kind in &parsed.ignored {
+        tracing::info!(
+            "{}: {kind}: not a kind svcplane reads (Services, EndpointSlices, Nodes, Pods); skipped",
+            path.display()
+        );
     }
     for warning in parsed.warnings {
         problems.push(problem(format!("{warning}; {IGNORED}")));

@@ -181,6 +181,44 @@ pub struct EngineArgs {
 
     #[command(flatten)]
     pub ebpf: EbpfArgs,
+
+    #[command(flatten)]
+    pub allocation: AllocationArgs,
+}
+
+/// What the standalone mode allocates for a manifest that leaves it to the API server
+/// (kube-apiserver's flags and defaults).
+#[derive(Debug, Args, Clone, Default)]
+pub struct AllocationArgs {
+    /// --manifests: ClusterIPs for Services without one come from these ranges (one per
+    /// family, the primary first), as kube-apiserver allocates them. Without it such a
+    /// Service is reported and skipped.
+    #[arg(long, value_name = "CIDR[,CIDR]")]
+    pub service_cluster_ip_range: Option<String>,
+    /// --manifests: nodePorts (and healthCheckNodePorts) for Services without one come
+    /// from this range (default 30000-32767).
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub service_node_port_range: Option<String>,
+}
+
+impl AllocationArgs {
+    pub fn config(&self) -> anyhow::Result<svcplane_source::AllocatorConfig> {
+        use anyhow::Context;
+        let mut config = svcplane_source::AllocatorConfig::default();
+        if let Some(s) = &self.service_cluster_ip_range {
+            config.cluster_ip_ranges =
+                svcplane_source::allocator::parse_service_cluster_ip_range(s)
+                    .map_err(anyhow::Error::msg)
+                    .context("--service-cluster-ip-range")?;
+        }
+        if let Some(s) = &self.service_node_port_range {
+            config.node_ports = s
+                .parse()
+                .map_err(anyhow::Error::msg)
+                .context("--service-node-port-range")?;
+        }
+        Ok(config)
+    }
 }
 
 /// eBPF mode's settings (`--proxy-mode ebpf`; other modes ignore them).
@@ -348,6 +386,9 @@ pub struct DnsArgs {
     /// Address for /metrics (svcplane_dns_*); off when not given.
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_bind_address: Option<String>,
+
+    #[command(flatten)]
+    pub allocation: AllocationArgs,
 
     #[command(flatten)]
     pub dns: DnsOptions,
