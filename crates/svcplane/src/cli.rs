@@ -418,9 +418,23 @@ pub struct CleanupArgs {
 
 #[derive(Debug, Args)]
 pub struct LabArgs {
-    /// The example's manifests (its probes are written for examples/cluster).
-    #[arg(long, value_name = "DIR", default_value = "examples/cluster")]
+    /// The manifests: with a Deployment (examples/lab), the DNS → VIP → Pod walk per mode;
+    /// without (examples/cluster), that example's Service-path probes in nftables mode.
+    #[arg(long, value_name = "DIR", default_value = "examples/lab")]
     pub manifests: PathBuf,
+
+    /// A mode to walk (repeatable or comma-separated; default: every mode, those this
+    /// kernel cannot run are reported as such).
+    #[arg(long = "proxy-mode", value_name = "MODE", value_delimiter = ',')]
+    pub proxy_modes: Vec<String>,
+
+    /// Keep the (last mode's) cluster until Ctrl-C, to look around.
+    #[arg(long)]
+    pub keep: bool,
+
+    /// Print the result as JSON on stdout (the walk goes to stderr).
+    #[arg(long)]
+    pub json: bool,
 
     /// The node that runs the proxy.
     #[arg(
