@@ -267,6 +267,11 @@ fn table(style: &Style, runs: &[&ModeRun]) {
     );
 }
 
+/// One hop of the walk.
+type Step<'a> = &'a dyn Fn(&mut ModeRun) -> Result<Hop>;
+/// A Pod the lab makes for a Deployment: the test kit's spec, its name, its labels.
+type LabPod = (PodSpec, NamespacedName, BTreeMap<String, String>);
+
 /// The manifests directory: its files as written, and the Deployments in them.
 struct Lab {
     /// File name → text.
@@ -470,7 +475,7 @@ impl Lab {
 
     /// The Pods of every Deployment (`scaled`: one fewer of the first), round-robin over
     /// the nodes, and the client pod.
-    fn pods(&self, scaled: bool) -> Vec<(PodSpec, NamespacedName, BTreeMap<String, String>)> {
+    fn pods(&self, scaled: bool) -> Vec<LabPod> {
         let mut out = Vec::new();
         let mut k = 0;
         for (d, dep) in self.deployments.iter().enumerate() {
@@ -646,7 +651,7 @@ impl Lab {
             client_ns: &client_ns,
             web: &web,
         };
-        let steps: [&dyn Fn(&mut ModeRun) -> Result<Hop>; 5] = [
+        let steps: [Step; 5] = [
             &|_| ctx.dns(svc, headless, external),
             &|run| ctx.carried(mode, svc, run),
             &|_| ctx.spread(svc),
@@ -682,7 +687,7 @@ impl Lab {
     fn pods_yaml(
         &self,
         cluster: &Cluster,
-        pods: &[(PodSpec, NamespacedName, BTreeMap<String, String>)],
+        pods: &[LabPod],
     ) -> Result<String> {
         let mut out = String::new();
         let dep_ports = |name: &NamespacedName| {
