@@ -643,6 +643,70 @@ mod tests {
         );
     }
 
+    /// As `kubectl expose` writes them: allocated (ClusterIP from the given range, a
+    /// nodePort from the default one), the same on a second source (a restart); a Service
+    /// that cannot be allocated is reported once and skipped, the others stay; other
+    /// kinds are skipped without a problem.
+    #[test]
+    fn services_without_cluster_ip_or_node_port_are_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let exposed = |name: &str, extra: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\n\
+                 spec:\n  selector: {{app: web}}\n  ports: [{{port: 80, targetPort: 8080}}]\n{extra}"
+            )
+        };
+        let text = exposed("web", "")
+            + &exposed("np", "  type: NodePort\n")
+            + &exposed("v6", "  ipFamilies: [IPv6]\n")
+            + "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: demo}\n";
+        std::fs::write(dir.path().join("svc.yaml"), text).unwrap();
+        let config = AllocatorConfig {
+            cluster_ip_ranges: allocator::parse_service_cluster_ip_range("10.96.0.0/16").unwrap(),
+            ..AllocatorConfig::default()
+        };
+        let load = || {
+            ManifestSource::new(dir.path())
+                .allocator(config.clone())
+                .load_once()
+                .unwrap()
+        };
+        let (changes, problems) = load();
+        let services: BTreeMap<String, Service> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Apply(Object::Service(s)) => Some((s.name.name.clone(), s.clone())),
+                _ => None,
+            })
+            .collect();
+        let net: ipnet::IpNet = "10.96.0.0/16".parse().unwrap();
+        assert!(net.contains(&services["web"].cluster_ips[0]));
+        assert_ne!(services["web"].cluster_ips, services["np"].cluster_ips);
+        let node_port = services["np"].ports[0].node_port.unwrap();
+        assert!((30000..=32767).contains(&node_port));
+        // No IPv6 range: that one is reported and skipped, once.
+        assert!(!services.contains_key("v6"));
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(text.len(), 1, "{text:?}");
+        assert!(
+            text[0].starts_with("Service demo/v6: spec.ipFamilies[0]")
+                && text[0].ends_with("skipped"),
+            "{text:?}"
+        );
+        // A restart allocates the same.
+        let (again, _) = load();
+        assert_eq!(again, changes);
+        // Without a range: every Service lacking a clusterIP is reported, none applied.
+        let (changes, problems) = ManifestSource::new(dir.path()).load_once().unwrap();
+        assert!(
+            changes
+                .iter()
+                .all(|c| !matches!(c, Change::Apply(Object::Service(_)))),
+            "{changes:?}"
+        );
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
     /// Any nodePort (the node-port range is the API server's policy), and a value
     /// kube-proxy would ignore costs only that value, reported by object and field.
     #[test]

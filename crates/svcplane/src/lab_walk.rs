@@ -684,11 +684,7 @@ impl Lab {
         Ok(())
     }
 
-    fn pods_yaml(
-        &self,
-        cluster: &Cluster,
-        pods: &[LabPod],
-    ) -> Result<String> {
+    fn pods_yaml(&self, cluster: &Cluster, pods: &[LabPod]) -> Result<String> {
         let mut out = String::new();
         let dep_ports = |name: &NamespacedName| {
             self.deployments
