@@ -673,6 +673,29 @@ fn describe_error(err: &watcher::Error) -> String {
 mod tests {
     use super::ClusterIpDependency as D;
 
+    /// No API server sends a Service without its clusterIP; allocating one is only the
+    /// manifests source's job, so here it is an invalid object, not an unaddressed Service.
+    #[test]
+    fn a_service_without_cluster_ip_from_the_api_is_invalid() {
+        let svc: super::core::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "demo"},
+            "spec": {"ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        let converted = super::convert_service(&svc);
+        let e = converted.object.unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.object.as_str()),
+            ("spec.clusterIP", "demo/web")
+        );
+        let headless: super::core::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "h", "namespace": "demo"},
+            "spec": {"clusterIP": "None"}
+        }))
+        .unwrap();
+        assert!(super::convert_service(&headless).object.is_ok());
+    }
+
     #[test]
     fn an_api_address_behind_a_cluster_ip_is_recognised() {
         let env = Some("10.96.0.1");
