@@ -987,7 +987,27 @@ impl Ctx<'_> {
         let mut out = vec![format!(
             "svcplane render --proxy-mode {mode}: the lines for {vip} (and the chains they lead to)"
         )];
-        out.extend(lines.into_iter().take(24));
+        out.extend(lines.iter().take(24).cloned());
+        if mode == "iptables" {
+            // The proxy runs the tree dispatch; kube-proxy's flat list is one flag away.
+            let linear = EngineSettings {
+                iptables_dispatch: "linear".parse().map_err(|e: String| anyhow!("{e}"))?,
+                ..settings
+            };
+            let (script, _) = crate::commands::render_script(&linear)?;
+            let total = script
+                .lines()
+                .filter(|l| l.starts_with("-A SVCP-SERVICES "))
+                .count();
+            out.push(format!(
+                "with --iptables-dispatch linear (kube-proxy's layout): SVCP-SERVICES holds {total} rules, walked in order by every new connection; the ones for {vip}:"
+            ));
+            out.extend(
+                carrying_lines(&script, &vip)
+                    .into_iter()
+                    .filter(|l| l.starts_with("-A SVCP-SERVICES ")),
+            );
+        }
         Ok(Hop {
             name: "what carries the ClusterIP",
             ok: Some(ok),
@@ -1360,11 +1380,34 @@ fn carrying_lines(script: &str, vip: &str) -> Vec<String> {
     };
     let mut out: Vec<String> = Vec::new();
     let mut chains = BTreeSet::new();
-    for line in script.lines().filter(|l| mentions(l)) {
-        out.push(line.trim().to_string());
+    // The set or map an nftables element line belongs to (`add element ip svcplane X {`).
+    let mut set: Option<&str> = None;
+    for line in script.lines() {
+        let trimmed = line.trim();
+        if let Some(rest) = trimmed.strip_prefix("add element ") {
+            set = rest.split_whitespace().nth(2);
+        }
+        if !mentions(line) {
+            if trimmed.starts_with('}') {
+                set = None;
+            }
+            continue;
+        }
+        match set {
+            Some(name) if !trimmed.starts_with("add ") => out.push(format!(
+                "element of {name}: {}",
+                trimmed.trim_end_matches(',')
+            )),
+            _ => out.push(trimmed.to_string()),
+        }
+        if trimmed.ends_with('}') {
+            set = None;
+        }
         let words: Vec<&str> = line.split_whitespace().collect();
         for w in words.windows(2) {
-            if matches!(w[0], "goto" | "jump" | "-j") && !w[1].starts_with("KUBE-MARK") {
+            // The masquerade mark's chain says nothing about where the packet goes.
+            let mark = w[1].to_lowercase().contains("mark");
+            if matches!(w[0], "goto" | "jump" | "-j") && !mark {
                 chains.insert(w[1].trim_end_matches(',').to_string());
             }
         }
@@ -1383,6 +1426,9 @@ fn carrying_lines(script: &str, vip: &str) -> Vec<String> {
             ),
         }
     }
+    // Both families' scripts may hold the same line.
+    let mut seen = BTreeSet::new();
+    out.retain(|l| seen.insert(l.clone()));
     out
 }
 
@@ -1493,5 +1539,11 @@ mod tests {
             "{lines:?}"
         );
         assert!(carrying_lines(script, "10.96.1.20").is_empty());
+        // An element inside a set block is named with its set.
+        let set = "add element ip svcplane cluster-ips {\n\t10.96.1.1,\n\t10.96.1.2\n}\n";
+        assert_eq!(
+            carrying_lines(set, "10.96.1.2"),
+            ["element of cluster-ips: 10.96.1.2"]
+        );
     }
 }
