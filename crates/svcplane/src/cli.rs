@@ -56,8 +56,9 @@ pub enum Command {
     Cleanup(CleanupArgs),
     /// Serve cluster DNS (Kubernetes DNS spec 1.1.0) from the manifests, without a dataplane.
     Dns(DnsArgs),
-    /// The bundled example live: render it, then (as root) build a virtual cluster of network
-    /// namespaces, run `svcplane proxy` on a node, send traffic down each Service path, tear down.
+    /// examples/lab live (as root) in every mode: a virtual cluster of network namespaces,
+    /// `svcplane proxy` on a node, DNS → ClusterIP → rules → Pod, a NodePort, a scale-down,
+    /// the modes side by side; then everything torn down.
     Lab(LabArgs),
     /// Measure svcplane at scale (as root, in a scratch network namespace).
     #[command(subcommand)]
@@ -436,7 +437,7 @@ pub struct LabArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// The node that runs the proxy.
+    /// examples/cluster's probes: the node that runs the proxy.
     #[arg(
         long = "hostname-override",
         value_name = "NODE",
@@ -444,7 +445,7 @@ pub struct LabArgs {
     )]
     pub node: String,
 
-    /// The pod network (covers the example's pods).
+    /// examples/cluster's probes: the pod network (covers the example's pods).
     #[arg(
         long,
         value_name = "CIDR[,CIDR]",
