@@ -419,7 +419,10 @@ struct Hooks {
 impl Drop for Hooks {
     fn drop(&mut self) {
         if let Ok(exe) = std::env::current_exe() {
-            let _ = std::process::Command::new(exe)
+            // Bounded: teardown must not hang on a stuck child.
+            let _ = std::process::Command::new("timeout")
+                .arg("30")
+                .arg(exe)
                 .args(["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-path"])
                 .arg(&self.pins)
                 .stdout(std::process::Stdio::null())
