@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use serde_json::Value;
+use svcplane_dataplane::ProxyMode;
 use svcplane_model::{Change, Format, IpFamily, NamespacedName, Object, Service, ServiceType};
 use svcplane_source::{AllocatorConfig, ManifestSource};
 use svcplane_testkit::{
@@ -38,8 +39,6 @@ use crate::cli::{EngineArgs, LabArgs};
 use crate::lab::check;
 use crate::settings::EngineSettings;
 
-/// Every mode `svcplane proxy` has, in the order the lab runs them.
-pub const MODES: [&str; 4] = ["nftables", "iptables", "ipvs", "ebpf"];
 const NODES: [&str; 2] = ["node-a", "node-b"];
 const PROXY_NODE: &str = "node-a";
 const CLIENT: &str = "client";
@@ -155,16 +154,18 @@ pub fn run(args: &LabArgs) -> Result<()> {
         },
         json: args.json,
     };
+    // Every mode the binary has (a new one joins without a change here).
+    let all: Vec<&str> = ProxyMode::ALL.iter().map(|m| m.as_str()).collect();
     let modes: Vec<String> = if args.proxy_modes.is_empty() {
-        MODES.iter().map(|m| m.to_string()).collect()
+        all.iter().map(|m| m.to_string()).collect()
     } else {
         args.proxy_modes.clone()
     };
     for mode in &modes {
-        if !MODES.contains(&mode.as_str()) {
+        if !all.contains(&mode.as_str()) {
             bail!(
                 "--proxy-mode {mode}: not a mode (one of {})",
-                MODES.join(", ")
+                all.join(", ")
             );
         }
     }

@@ -329,7 +329,11 @@ fn lab_walks_examples_lab_in_every_mode_and_leaves_nothing() {
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("--json is JSON");
     let modes = report["modes"].as_array().expect("modes");
     let names: Vec<&str> = modes.iter().filter_map(|m| m["mode"].as_str()).collect();
-    assert_eq!(names, ["nftables", "iptables", "ipvs", "ebpf"]);
+    let all: Vec<&str> = svcplane_dataplane::ProxyMode::ALL
+        .iter()
+        .map(|m| m.as_str())
+        .collect();
+    assert_eq!(names, all, "every mode the binary has");
     for m in modes {
         let mode = m["mode"].as_str().unwrap_or_default();
         if let Some(why) = m["skipped"].as_str() {
