@@ -1,4 +1,4 @@
-# svcplane: `make lab` runs the bundled example as a live virtual cluster; `make test` runs every check.
+# svcplane: `make lab` walks examples/lab live in every proxy mode; `make test` runs every check.
 .PHONY: lab test deps fmt clippy unit test-ipvs build release
 
 CARGO ?= cargo
@@ -7,7 +7,7 @@ deps:
 	@scripts/install-deps.sh
 
 lab: deps
-	@scripts/lab.sh
+	@scripts/lab.sh $(ARGS)
 
 build:
 	$(CARGO) build --workspace --all-targets

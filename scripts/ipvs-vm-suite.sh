@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs inside the VM of scripts/test-ipvs.sh (as PID 1's child, root, Debian's kernel):
-#   ipvs-vm-suite.sh CLUSTER_TEST_BINARY TRAFFIC_TEST_BINARY TRAFFIC_FILTER [IPVS_TEST_BINARY]
+#   ipvs-vm-suite.sh CLUSTER_TEST_BINARY TRAFFIC_TEST_BINARY TRAFFIC_FILTER [IPVS_TEST_BINARY
+#                    [SVCPLANE LAB_MANIFESTS]]
 # Prints a result line per step and exits non-zero when any step failed.
 set -u
 cluster_bin="$1" traffic_bin="$2" filter="$3" ipvs_bin="${4:-}"
+svcplane_bin="${5:-}" lab_manifests="${6:-}"
 results=()
 failed=0
 step() { echo; echo "=== ipvs-vm step: $1"; }
@@ -58,6 +60,14 @@ if [ -n "$ipvs_bin" ]; then
   rc=${PIPESTATUS[0]}
   if grep -q '^SKIP ipvs/' /tmp/ipvs.log; then rc=1; fi
   record "svcplane --proxy-mode ipvs ($(grep -o '[0-9]* passed; [0-9]* failed' /tmp/ipvs.log | tail -1))" "$rc"
+fi
+
+if [ -n "$svcplane_bin" ] && [ -n "$lab_manifests" ]; then
+  step "svcplane lab --proxy-mode ipvs: the DNS → VIP → Pod walk"
+  # `ip netns exec` bind-mounts a namespace's resolv.conf over this file: it must exist.
+  [ -e /etc/resolv.conf ] || : > /etc/resolv.conf
+  "$svcplane_bin" lab --manifests "$lab_manifests" --proxy-mode ipvs
+  record "svcplane lab --proxy-mode ipvs" $?
 fi
 
 echo

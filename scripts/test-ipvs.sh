@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make test-ipvs`: builds svcplane and its test binaries, then runs in one VM with
 # Debian's stock kernel (scripts/ipvs-vm.sh) the checks this machine's kernel cannot
-# host: the seed's IPVS check, the test kit's own tests, and the traffic tests that
-# match IPVS_VM_TESTS (a `cargo test` filter; a filter matching no test fails).
+# host: the seed's IPVS check, the test kit's own tests, the traffic tests that
+# match IPVS_VM_TESTS (a `cargo test` filter; a filter matching no test fails), and
+# `svcplane lab --proxy-mode ipvs` on examples/lab.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
@@ -31,7 +32,13 @@ cluster="$(test_binary svcplane-testkit cluster)"
 traffic="$(test_binary svcplane traffic)"
 ipvs="$(test_binary svcplane ipvs)"
 
+# The lab's manifests, and the tools it runs besides the test kit's (dig in the client pod).
+lab_files=()
+for f in "$root"/examples/lab/*.yaml; do lab_files+=(--file "$f"); done
+
 exec scripts/ipvs-vm.sh --mem 2G --timeout "${IPVS_VM_TIMEOUT:-1800}" \
   --bin "$svcplane" --bin "$cluster" --bin "$traffic" --bin "$ipvs" --file "$root/scripts/ipvs-vm-suite.sh" \
+  --bin "$(command -v dig)" --bin "$(command -v timeout)" "${lab_files[@]}" \
   --cwd "$root/crates/svcplane" \
-  -- bash "$root/scripts/ipvs-vm-suite.sh" "$cluster" "$traffic" "$filter" "$ipvs"
+  -- bash "$root/scripts/ipvs-vm-suite.sh" "$cluster" "$traffic" "$filter" "$ipvs" \
+  "$svcplane" "$root/examples/lab"

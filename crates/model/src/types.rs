@@ -201,6 +201,39 @@ pub struct Service {
     /// Label `service.kubernetes.io/service-proxy-name`: when set, kube-proxy (and svcplane) ignore the Service.
     pub service_proxy_name: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// What the API server would allocate from this Service's spec; only the standalone
+    /// mode's allocator reads it (a Service from the API server has been allocated).
+    pub allocation: AllocationRequest,
+}
+
+impl Service {
+    /// Neither a ClusterIP nor headless nor ExternalName: the manifest left the cluster IP
+    /// to the API server (as `kubectl expose` does), so it still has to be allocated.
+    pub fn needs_cluster_ip(&self) -> bool {
+        !self.headless
+            && self.service_type != ServiceType::ExternalName
+            && self.cluster_ips.is_empty()
+    }
+}
+
+/// spec.ipFamilyPolicy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IpFamilyPolicy {
+    /// Also what an absent policy means.
+    #[default]
+    SingleStack,
+    PreferDualStack,
+    RequireDualStack,
+}
+
+/// The fields that steer the API server's allocation, as written.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AllocationRequest {
+    pub ip_family_policy: IpFamilyPolicy,
+    /// spec.ipFamilies as written (validated, no duplicates).
+    pub ip_families: Vec<IpFamily>,
+    /// spec.allocateLoadBalancerNodePorts: false (the default, true, allocates them).
+    pub no_load_balancer_node_ports: bool,
 }
 
 /// Topology hints of one endpoint (`hints.forZones`, `hints.forNodes`).

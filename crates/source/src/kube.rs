@@ -488,8 +488,22 @@ fn not_for_this_proxy<K: ResourceExt>(k: &K) -> bool {
 
 fn convert_service(s: &core::Service) -> Converted {
     let key = namespaced_key(Kind::Service, s);
-    let converted =
-        (!not_for_this_proxy(s)).then(|| service_from_k8s(s).map(|c| c.map(Object::Service)));
+    let converted = (!not_for_this_proxy(s)).then(|| {
+        service_from_k8s(s).and_then(|c| {
+            // The API server allocates it before anyone sees the Service; only a
+            // manifest (the standalone allocator's input) may lack it.
+            if c.object.needs_cluster_ip() {
+                return Err(InvalidObject {
+                    kind: Kind::Service,
+                    object: c.object.name.to_string(),
+                    field: "spec.clusterIP".into(),
+                    value: String::new(),
+                    reason: "must be set (the API server allocates it)".into(),
+                });
+            }
+            Ok(c.map(Object::Service))
+        })
+    });
     Converted::new(key, converted)
 }
 
@@ -658,6 +672,29 @@ fn describe_error(err: &watcher::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::ClusterIpDependency as D;
+
+    /// No API server sends a Service without its clusterIP; allocating one is only the
+    /// manifests source's job, so here it is an invalid object, not an unaddressed Service.
+    #[test]
+    fn a_service_without_cluster_ip_from_the_api_is_invalid() {
+        let svc: super::core::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "demo"},
+            "spec": {"ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        let converted = super::convert_service(&svc);
+        let e = converted.object.unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.object.as_str()),
+            ("spec.clusterIP", "demo/web")
+        );
+        let headless: super::core::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "h", "namespace": "demo"},
+            "spec": {"clusterIP": "None"}
+        }))
+        .unwrap();
+        assert!(super::convert_service(&headless).object.is_ok());
+    }
 
     #[test]
     fn an_api_address_behind_a_cluster_ip_is_recognised() {

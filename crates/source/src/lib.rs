@@ -4,6 +4,7 @@
 //! the whole initial state, then [`SourceEvent::Synced`], then changes as they happen.
 //! The engine cannot tell which source it is fed by.
 
+pub mod allocator;
 pub mod endpointslice_controller;
 pub mod kube;
 mod manifests;
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub use allocator::{AllocatorConfig, NodePortRange};
 pub use kube::{
     ApiClientOptions, ApiSourceStatus, ClusterIpDependency, KubeSource, api_client, api_config,
     client_from_config,

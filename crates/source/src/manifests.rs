@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use svcplane_model::{
-    Change, EndpointSlice, Format, Kind, Node, Object, ObjectKey, Pod, Service, SourceEvent,
-    parse_manifest,
+    Change, EndpointSlice, Format, Kind, NamespacedName, Node, Object, ObjectKey, Pod, Service,
+    SourceEvent, parse_manifest,
 };
 
+use crate::allocator::{self, AllocatorConfig, Outcome};
 use crate::endpointslice_controller::derive_endpoint_slices;
 use crate::{IGNORED, Problem, ProblemSink, Source, SourceError, SourceFuture};
 
@@ -131,6 +132,10 @@ pub struct ManifestSource {
     emitted: BTreeMap<ObjectKey, Arc<Object>>,
     /// Conflicts already reported, so an unchanged conflict is not reported on every reload.
     reported_conflicts: BTreeSet<String>,
+    /// What a Service without clusterIP or nodePort is given (the API server's job).
+    allocator: AllocatorConfig,
+    /// What was allocated per Service, to log each allocation once (and when it moves).
+    allocated: BTreeMap<NamespacedName, String>,
 }
 
 impl ManifestSource {
@@ -141,7 +146,16 @@ impl ManifestSource {
             files: BTreeMap::new(),
             emitted: BTreeMap::new(),
             reported_conflicts: BTreeSet::new(),
+            allocator: AllocatorConfig::default(),
+            allocated: BTreeMap::new(),
         }
+    }
+
+    /// The ranges ClusterIPs and nodePorts are allocated from (default: no ClusterIP
+    /// range, kube-apiserver's node-port range).
+    pub fn allocator(mut self, config: AllocatorConfig) -> Self {
+        self.allocator = config;
+        self
     }
 
     /// How long to collect file events before reloading.
@@ -176,7 +190,8 @@ impl ManifestSource {
             load_file(&path, version, state, problems);
         }
         let mut conflicts = Vec::new();
-        let desired = self.merged_objects(&mut conflicts);
+        let mut desired = self.merged_objects(&mut conflicts);
+        self.allocate(&mut desired, &mut conflicts);
         // Report a conflict when it appears, not again on every later reload.
         let current: BTreeSet<String> = conflicts.iter().map(|p| p.to_string()).collect();
         problems.extend(
@@ -245,6 +260,60 @@ impl ManifestSource {
             out.insert(key, Arc::new(obj));
         }
         out
+    }
+
+    /// Fill in what the manifests left to the API server (see [`crate::allocator`]);
+    /// a Service that cannot get it is dropped and reported. Each allocation is logged
+    /// once, and again when it changes.
+    fn allocate(
+        &mut self,
+        desired: &mut BTreeMap<ObjectKey, Arc<Object>>,
+        problems: &mut Vec<Problem>,
+    ) {
+        let services: Vec<&Service> = desired
+            .values()
+            .filter_map(|o| match o.as_ref() {
+                Object::Service(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let outcomes = allocator::allocate(&self.allocator, &services);
+        let mut allocated = BTreeMap::new();
+        for (name, outcome) in outcomes {
+            let key = ObjectKey {
+                kind: Kind::Service,
+                name: name.clone(),
+            };
+            let (service, notes) = match outcome {
+                Outcome::Allocated(s, notes) => (s, notes),
+                Outcome::Partial(s, notes, e) => {
+                    problems.push(Problem {
+                        file: None,
+                        message: format!("{e}; {IGNORED}"),
+                    });
+                    (s, notes)
+                }
+                Outcome::Failed(e) => {
+                    problems.push(Problem {
+                        file: None,
+                        message: format!("{e}; skipped"),
+                    });
+                    desired.remove(&key);
+                    continue;
+                }
+            };
+            if !notes.is_empty() && self.allocated.get(&name) != Some(&notes) {
+                let verb = if self.allocated.contains_key(&name) {
+                    "reallocated"
+                } else {
+                    "allocated"
+                };
+                tracing::info!("Service {name}: {verb} {notes}");
+            }
+            allocated.insert(name, notes);
+            desired.insert(key, Arc::new(Object::Service(*service)));
+        }
+        self.allocated = allocated;
     }
 
     fn diff_against_emitted(&mut self, desired: BTreeMap<ObjectKey, Arc<Object>>) -> Vec<Change> {
@@ -485,6 +554,14 @@ fn load_file(
             )));
         }
     }
+    // Kinds the proxy does not read (a Deployment next to its Service, as people keep
+    // them): a note, not a problem, so they count as no invalid object.
+    for kind in &parsed.ignored {
+        tracing::info!(
+            "{}: {kind}: not a kind svcplane reads (Services, EndpointSlices, Nodes, Pods); skipped",
+            path.display()
+        );
+    }
     for warning in parsed.warnings {
         problems.push(problem(format!("{warning}; {IGNORED}")));
     }
@@ -564,6 +641,70 @@ mod tests {
                 .any(|p| p.contains("broken.json") && p.contains("line 1")),
             "{text:?}"
         );
+    }
+
+    /// As `kubectl expose` writes them: allocated (ClusterIP from the given range, a
+    /// nodePort from the default one), the same on a second source (a restart); a Service
+    /// that cannot be allocated is reported once and skipped, the others stay; other
+    /// kinds are skipped without a problem.
+    #[test]
+    fn services_without_cluster_ip_or_node_port_are_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let exposed = |name: &str, extra: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\n\
+                 spec:\n  selector: {{app: web}}\n  ports: [{{port: 80, targetPort: 8080}}]\n{extra}"
+            )
+        };
+        let text = exposed("web", "")
+            + &exposed("np", "  type: NodePort\n")
+            + &exposed("v6", "  ipFamilies: [IPv6]\n")
+            + "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: demo}\n";
+        std::fs::write(dir.path().join("svc.yaml"), text).unwrap();
+        let config = AllocatorConfig {
+            cluster_ip_ranges: allocator::parse_service_cluster_ip_range("10.96.0.0/16").unwrap(),
+            ..AllocatorConfig::default()
+        };
+        let load = || {
+            ManifestSource::new(dir.path())
+                .allocator(config.clone())
+                .load_once()
+                .unwrap()
+        };
+        let (changes, problems) = load();
+        let services: BTreeMap<String, Service> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Apply(Object::Service(s)) => Some((s.name.name.clone(), s.clone())),
+                _ => None,
+            })
+            .collect();
+        let net: ipnet::IpNet = "10.96.0.0/16".parse().unwrap();
+        assert!(net.contains(&services["web"].cluster_ips[0]));
+        assert_ne!(services["web"].cluster_ips, services["np"].cluster_ips);
+        let node_port = services["np"].ports[0].node_port.unwrap();
+        assert!((30000..=32767).contains(&node_port));
+        // No IPv6 range: that one is reported and skipped, once.
+        assert!(!services.contains_key("v6"));
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(text.len(), 1, "{text:?}");
+        assert!(
+            text[0].starts_with("Service demo/v6: spec.ipFamilies[0]")
+                && text[0].ends_with("skipped"),
+            "{text:?}"
+        );
+        // A restart allocates the same.
+        let (again, _) = load();
+        assert_eq!(again, changes);
+        // Without a range: every Service lacking a clusterIP is reported, none applied.
+        let (changes, problems) = ManifestSource::new(dir.path()).load_once().unwrap();
+        assert!(
+            changes
+                .iter()
+                .all(|c| !matches!(c, Change::Apply(Object::Service(_)))),
+            "{changes:?}"
+        );
+        assert_eq!(problems.len(), 3, "{problems:?}");
     }
 
     /// Any nodePort (the node-port range is the API server's policy), and a value

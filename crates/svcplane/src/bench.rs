@@ -18,7 +18,7 @@ use svcplane_testkit::{Daemon, Netns, metric_value};
 
 use crate::cli::BenchSyncArgs;
 
-mod datapath;
+pub(crate) mod datapath;
 pub use datapath::datapath;
 
 const METRICS: &str = "127.0.0.1:10249";

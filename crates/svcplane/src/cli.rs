@@ -56,8 +56,9 @@ pub enum Command {
     Cleanup(CleanupArgs),
     /// Serve cluster DNS (Kubernetes DNS spec 1.1.0) from the manifests, without a dataplane.
     Dns(DnsArgs),
-    /// The bundled example live: render it, then (as root) build a virtual cluster of network
-    /// namespaces, run `svcplane proxy` on a node, send traffic down each Service path, tear down.
+    /// examples/lab live (as root) in every mode: a virtual cluster of network namespaces,
+    /// `svcplane proxy` on a node, DNS → ClusterIP → rules → Pod, a NodePort, a scale-down,
+    /// the modes side by side; then everything torn down.
     Lab(LabArgs),
     /// Explain what happens to one connection on a node: which Service port it hits, the
     /// policy and topology decisions, the candidate endpoints, masquerade, DROP or REJECT,
@@ -185,6 +186,44 @@ pub struct EngineArgs {
 
     #[command(flatten)]
     pub ebpf: EbpfArgs,
+
+    #[command(flatten)]
+    pub allocation: AllocationArgs,
+}
+
+/// What the standalone mode allocates for a manifest that leaves it to the API server
+/// (kube-apiserver's flags and defaults).
+#[derive(Debug, Args, Clone, Default)]
+pub struct AllocationArgs {
+    /// --manifests: ClusterIPs for Services without one come from these ranges (one per
+    /// family, the primary first), as kube-apiserver allocates them. Without it such a
+    /// Service is reported and skipped.
+    #[arg(long, value_name = "CIDR[,CIDR]")]
+    pub service_cluster_ip_range: Option<String>,
+    /// --manifests: nodePorts (and healthCheckNodePorts) for Services without one come
+    /// from this range (default 30000-32767).
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub service_node_port_range: Option<String>,
+}
+
+impl AllocationArgs {
+    pub fn config(&self) -> anyhow::Result<svcplane_source::AllocatorConfig> {
+        use anyhow::Context;
+        let mut config = svcplane_source::AllocatorConfig::default();
+        if let Some(s) = &self.service_cluster_ip_range {
+            config.cluster_ip_ranges =
+                svcplane_source::allocator::parse_service_cluster_ip_range(s)
+                    .map_err(anyhow::Error::msg)
+                    .context("--service-cluster-ip-range")?;
+        }
+        if let Some(s) = &self.service_node_port_range {
+            config.node_ports = s
+                .parse()
+                .map_err(anyhow::Error::msg)
+                .context("--service-node-port-range")?;
+        }
+        Ok(config)
+    }
 }
 
 /// eBPF mode's settings (`--proxy-mode ebpf`; other modes ignore them).
@@ -354,6 +393,9 @@ pub struct DnsArgs {
     pub metrics_bind_address: Option<String>,
 
     #[command(flatten)]
+    pub allocation: AllocationArgs,
+
+    #[command(flatten)]
     pub dns: DnsOptions,
 }
 
@@ -431,11 +473,25 @@ pub struct CleanupArgs {
 
 #[derive(Debug, Args)]
 pub struct LabArgs {
-    /// The example's manifests (its probes are written for examples/cluster).
-    #[arg(long, value_name = "DIR", default_value = "examples/cluster")]
+    /// The manifests: with a Deployment (examples/lab), the DNS → VIP → Pod walk per mode;
+    /// without (examples/cluster), that example's Service-path probes in nftables mode.
+    #[arg(long, value_name = "DIR", default_value = "examples/lab")]
     pub manifests: PathBuf,
 
-    /// The node that runs the proxy.
+    /// A mode to walk (repeatable or comma-separated; default: every mode, those this
+    /// kernel cannot run are reported as such).
+    #[arg(long = "proxy-mode", value_name = "MODE", value_delimiter = ',')]
+    pub proxy_modes: Vec<String>,
+
+    /// Keep the (last mode's) cluster until Ctrl-C, to look around.
+    #[arg(long)]
+    pub keep: bool,
+
+    /// Print the result as JSON on stdout (the walk goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+
+    /// examples/cluster's probes: the node that runs the proxy.
     #[arg(
         long = "hostname-override",
         value_name = "NODE",
@@ -443,7 +499,7 @@ pub struct LabArgs {
     )]
     pub node: String,
 
-    /// The pod network (covers the example's pods).
+    /// examples/cluster's probes: the pod network (covers the example's pods).
     #[arg(
         long,
         value_name = "CIDR[,CIDR]",

@@ -91,7 +91,7 @@ fn render(args: RenderArgs) -> Result<()> {
 /// What `render` prints: the mode's script for the manifests, and the problems found.
 pub(crate) fn render_script(settings: &EngineSettings) -> Result<(String, Vec<Problem>)> {
     let dir = manifests_dir(settings)?;
-    let mut source = ManifestSource::new(&dir);
+    let mut source = ManifestSource::new(&dir).allocator(settings.allocator.clone());
     let (changes, problems) = source.load_once()?;
     warn_if_node_missing(&changes, &settings.node_name);
     let mut engine = Engine::new(settings.engine_config());
@@ -147,7 +147,9 @@ fn proxy(args: ProxyArgs) -> Result<()> {
         let (status_tx, status_rx) = tokio::sync::watch::channel(SyncStatus::default());
         let mut health = ProxyHealth::new(status_rx, settings.sync_period);
         let source: Box<dyn Source> = match &source_kind {
-            ObjectSource::Manifests(dir) => Box::new(ManifestSource::new(dir)),
+            ObjectSource::Manifests(dir) => Box::new(
+                ManifestSource::new(dir).allocator(settings.engine.allocator.clone()),
+            ),
             ObjectSource::Api(options) => {
                 let config = api_config(options).await?;
                 let service_host = std::env::var("KUBERNETES_SERVICE_HOST").ok();

@@ -168,7 +168,8 @@ pub fn run(args: DnsArgs) -> Result<()> {
         let dns = start(&settings, metrics)?;
         let (tx, rx) = mpsc::channel(64);
         let problems: ProblemSink = Arc::new(|_| {});
-        let source: Box<dyn Source> = Box::new(ManifestSource::new(&args.manifests));
+        let source: Box<dyn Source> =
+            Box::new(ManifestSource::new(&args.manifests).allocator(args.allocation.config()?));
         let source_task = tokio::spawn(source.run(tx, problems));
         let follower = tokio::spawn(svcplane_dns::follow(dns.store, rx, None));
         tokio::select! {

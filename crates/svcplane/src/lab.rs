@@ -34,6 +34,9 @@ const CLIENT_ALLOWED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const T: Duration = Duration::from_secs(1);
 
 pub fn run(args: LabArgs) -> Result<()> {
+    if crate::lab_walk::has_deployment(&args.manifests) {
+        return crate::lab_walk::run(&args);
+    }
     let dir = args.manifests.clone();
     let settings = EngineSettings::resolve(&EngineArgs {
         proxy_mode: Some("nftables".into()),
@@ -123,7 +126,7 @@ fn print_block(script: &str, start: impl Fn(&str) -> bool) {
 
 /// The first block whose opening line matches `start`, up to the closing brace at its
 /// own indentation (at most 20 lines), with that indentation removed.
-fn block(script: &str, start: impl Fn(&str) -> bool) -> Option<Vec<&str>> {
+pub(crate) fn block(script: &str, start: impl Fn(&str) -> bool) -> Option<Vec<&str>> {
     let mut lines = script.lines().skip_while(|l| !start(l));
     let first = lines.next()?;
     let indent = first.len() - first.trim_start().len();
@@ -137,7 +140,7 @@ fn block(script: &str, start: impl Fn(&str) -> bool) -> Option<Vec<&str>> {
     Some(out)
 }
 
-fn on_path(tool: &str) -> bool {
+pub(crate) fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
 }
@@ -504,7 +507,7 @@ fn proxy_log(path: &Path) -> String {
 }
 
 /// The log's colour codes (`ESC [ ... m`), removed.
-fn strip_ansi(line: &str) -> String {
+pub(crate) fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars();
     while let Some(c) = chars.next() {

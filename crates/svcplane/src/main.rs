@@ -10,6 +10,7 @@ mod deploy_tests;
 mod dns;
 mod duration;
 mod lab;
+mod lab_walk;
 mod settings;
 mod trace;
 
@@ -17,7 +18,10 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    init_logging(cli.verbosity());
+    // The lab prints its own walk (with the proxy's log lines that matter); its own
+    // renders' info lines would only repeat them.
+    let quiet = matches!(cli.command, Some(cli::Command::Lab(_))) && cli.verbosity() == 0;
+    init_logging(if quiet { None } else { Some(cli.verbosity()) });
     match commands::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
@@ -28,11 +32,13 @@ fn main() -> std::process::ExitCode {
 }
 
 /// kube-proxy's `-v N`: 0–1 info, 2–3 debug, 4+ trace. `RUST_LOG` overrides.
-fn init_logging(verbosity: u8) {
+/// `None`: warnings only.
+fn init_logging(verbosity: Option<u8>) {
     let level = match verbosity {
-        0 | 1 => "info",
-        2 | 3 => "debug",
-        _ => "trace",
+        None => "warn",
+        Some(0 | 1) => "info",
+        Some(2 | 3) => "debug",
+        Some(_) => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!("{level},hickory_server=warn"))

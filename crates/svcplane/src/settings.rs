@@ -35,6 +35,8 @@ pub struct EngineSettings {
     pub ipvs: svcplane_dataplane::IpvsOptions,
     /// eBPF mode's pin path, cgroup and map sizes.
     pub ebpf: svcplane_dataplane::EbpfOptions,
+    /// What the manifests source allocates (--service-cluster-ip-range, --service-node-port-range).
+    pub allocator: svcplane_source::AllocatorConfig,
     /// What the --config file said (for the proxy-only settings).
     pub file: FileConfig,
 }
@@ -119,6 +121,7 @@ impl EngineSettings {
             iptables_dispatch,
             ipvs,
             ebpf: args.ebpf.options()?,
+            allocator: args.allocation.config()?,
             file,
         })
     }

@@ -218,3 +218,253 @@ fn which(tool: &str) -> Result<PathBuf, ()> {
         .find(|p| p.is_file())
         .ok_or(())
 }
+
+// ---- `svcplane lab` on examples/lab: the DNS → VIP → Pod walk, every mode ----
+
+fn lab_example_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/lab")
+}
+
+/// `svcplane lab --manifests DIR ARGS` (wait for it with [`finish`]).
+fn walk(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_svcplane"));
+    cmd.arg("lab")
+        .arg("--manifests")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// How long a lab run may take before the test kills it and fails (it takes seconds).
+const LAB_DEADLINE: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// Its output once it exits; killed and failed after [`LAB_DEADLINE`] (a hung lab fails
+/// the test instead of stalling the suite).
+fn finish(mut child: std::process::Child) -> std::process::Output {
+    // Read by threads, so a full pipe never blocks the lab (whichever the caller took).
+    let read = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = read(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = read(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = std::time::Instant::now() + LAB_DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for svcplane lab") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("svcplane lab still running after {LAB_DEADLINE:?}; killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// What a lab run by `pid` could leave behind besides namespaces: its pods' resolv.conf
+/// files, eBPF pins and cgroups (the test kit's scratch mounts).
+fn other_leftovers(pid: u32) -> Vec<String> {
+    let tag = format!("-{pid}-");
+    let mut left = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("svk-") && name.contains(&tag) {
+                left.push(format!("/etc/netns/{name}"));
+            }
+        }
+    }
+    if let Ok((bpffs, cgroup2)) = svcplane_testkit::bpf_test_mounts() {
+        let pins = bpffs.join(format!("lab-{pid}"));
+        if pins.exists() {
+            left.push(pins.display().to_string());
+        }
+        for e in std::fs::read_dir(cgroup2).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("svcp-lab-{pid}-")) {
+                left.push(name);
+            }
+        }
+    }
+    left
+}
+
+#[test]
+fn lab_walks_examples_lab_in_every_mode_and_leaves_nothing() {
+    if skip_unless_root(&["ip", "nft", "sysctl", "dig"]) {
+        return;
+    }
+    let child = walk(&lab_example_dir(), &["--json"])
+        .spawn()
+        .expect("run svcplane lab");
+    let pid = child.id();
+    let out = finish(child);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("--json is JSON");
+    let modes = report["modes"].as_array().expect("modes");
+    let names: Vec<&str> = modes.iter().filter_map(|m| m["mode"].as_str()).collect();
+    let all: Vec<&str> = svcplane_dataplane::ProxyMode::ALL
+        .iter()
+        .map(|m| m.as_str())
+        .collect();
+    assert_eq!(names, all, "every mode the binary has");
+    for m in modes {
+        let mode = m["mode"].as_str().unwrap_or_default();
+        if let Some(why) = m["skipped"].as_str() {
+            // Only a kernel without IPVS may skip a mode, and it says where it runs.
+            assert_eq!(mode, "ipvs", "{why}");
+            assert!(why.contains("make test-ipvs"), "{why}");
+            continue;
+        }
+        assert!(m["error"].is_null(), "{mode}: {}", m["error"]);
+        let hops = m["hops"].as_array().expect("hops");
+        assert_eq!(hops.len(), 5, "{mode}: {hops:?}");
+        for hop in hops {
+            assert_ne!(hop["ok"], false, "{mode}: {hop}");
+        }
+        let text = |i: usize| hops[i]["lines"].to_string();
+        // DNS: the short name and the FQDN give the allocated ClusterIP, the headless
+        // name the three Pods, the ExternalName its CNAME.
+        assert!(text(0).contains("✓ web → A 10.96."), "{mode}: {}", text(0));
+        assert!(
+            text(0).contains("✓ docs → CNAME kubernetes.io"),
+            "{}",
+            text(0)
+        );
+        // The NodePort hop ran, except in eBPF mode (east-west only), which says why.
+        if mode == "ebpf" {
+            assert!(
+                hops[3]["ok"].is_null() && text(3).contains("eBPF"),
+                "{}",
+                text(3)
+            );
+        } else {
+            assert_eq!(hops[3]["ok"], true, "{mode}: {}", text(3));
+        }
+        assert!(m["change_to_kernel_s"].as_f64().is_some(), "{mode}: {m}");
+        assert!(
+            m["latency_cluster_ip_p50_us"].as_f64().is_some(),
+            "{mode}: {m}"
+        );
+    }
+    assert_eq!(report["left_behind"], serde_json::json!([]));
+    assert!(stderr.contains("== side by side"), "{stderr}");
+    assert_eq!(namespaces_of(pid), Vec::<String>::new());
+    assert_eq!(other_leftovers(pid), Vec::<String>::new());
+}
+
+#[test]
+fn lab_exits_non_zero_when_a_hop_goes_otherwise() {
+    if skip_unless_root(&["ip", "nft", "sysctl", "dig"]) {
+        return;
+    }
+    // The Service's targetPort points where no container listens: the requests to its
+    // name are refused, which is not what the walk predicts.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(lab_example_dir()).expect("examples/lab") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("read");
+        let text = text.replace("targetPort: 8080", "targetPort: 8081");
+        std::fs::write(dir.path().join(path.file_name().expect("name")), text).expect("write");
+    }
+    let child = walk(dir.path(), &["--proxy-mode", "nftables"])
+        .spawn()
+        .expect("run svcplane lab");
+    let pid = child.id();
+    let out = finish(child);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("!! 30 requests to the name"), "{stdout}");
+    assert!(stderr.contains("did not behave as predicted"), "{stderr}");
+    assert!(stdout.contains("== torn down"), "{stdout}");
+    assert_eq!(namespaces_of(pid), Vec::<String>::new());
+    assert_eq!(other_leftovers(pid), Vec::<String>::new());
+}
+
+#[test]
+fn lab_walk_tears_down_on_ctrl_c() {
+    if skip_unless_root(&["ip", "nft", "sysctl", "dig"]) {
+        return;
+    }
+    // eBPF mode: the most to tear down (cgroup and pins besides namespaces).
+    let mut child = walk(&lab_example_dir(), &["--proxy-mode", "ebpf", "--keep"])
+        .process_group(0)
+        .spawn()
+        .expect("run svcplane lab");
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut transcript = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("no --keep line ({e}):\n{transcript}"));
+        transcript += &line;
+        transcript.push('\n');
+        if line.starts_with("-- --keep") {
+            break;
+        }
+    }
+    assert!(!namespaces_of(pid).is_empty(), "the cluster should be up");
+    // The whole group, as a terminal's Ctrl-C: the lab and the proxy it runs.
+    let status = Command::new("kill")
+        .args(["-s", "INT", "--", &format!("-{pid}")])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        transcript += &line;
+        transcript.push('\n');
+    }
+    let _ = reader.join();
+    let out = finish(child);
+    let status = out.status;
+    assert!(
+        !status.success(),
+        "an interrupted lab must fail:\n{transcript}"
+    );
+    assert!(
+        transcript.contains("== torn down: no namespace"),
+        "{transcript}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    assert_eq!(namespaces_of(pid), Vec::<String>::new());
+    assert_eq!(other_leftovers(pid), Vec::<String>::new());
+}

@@ -258,3 +258,50 @@ fn node_name_comes_from_node_name_env_when_no_override() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// examples/lab is written as kubectl writes it (no clusterIP, no nodePort): with
+/// `--service-cluster-ip-range` the ClusterIPs and the nodePort are allocated, the same on
+/// every run; without, each such Service is reported naming the flag and skipped.
+#[test]
+fn manifests_without_cluster_ips_render_with_allocated_ones() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/lab");
+    let ranges = ["--service-cluster-ip-range", "10.96.0.0/16"];
+    let out = render(&dir, &ranges);
+    let script = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // No Pods in the directory: both ClusterIPs (inside the range) and the allocated
+    // nodePort (inside the default node-port range) are rejected, as without endpoints.
+    let vips: Vec<&str> = script
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("10.96.") && l.contains(". tcp . 80 : goto reject-chain"))
+        .collect();
+    assert_eq!(vips.len(), 2, "{script}");
+    let node_port: u16 = script
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("tcp . ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no nodePort element:\n{script}"));
+    assert!((30000..=32767).contains(&node_port), "{node_port}");
+    assert_eq!(
+        String::from_utf8_lossy(&render(&dir, &ranges).stdout),
+        script,
+        "a second run allocates the same"
+    );
+
+    let out = render(&dir, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Service lab/web: spec.clusterIP")
+            && stderr.contains("--service-cluster-ip-range"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("goto reject-chain"));
+}

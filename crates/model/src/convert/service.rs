@@ -10,7 +10,10 @@ use super::{
     Ctx, DNS1123_LABEL_REASON, DNS1123_SUBDOMAIN_REASON, NameRule, namespaced, parse_cidr_sloppy,
 };
 use crate::error::{Converted, InvalidObject};
-use crate::types::{IpFamily, Kind, Service, ServicePort, ServiceType, TargetPort, TrafficPolicy};
+use crate::types::{
+    AllocationRequest, IpFamily, IpFamilyPolicy, Kind, Service, ServicePort, ServiceType,
+    TargetPort, TrafficPolicy,
+};
 use crate::validate::{is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name};
 
 /// Label that hands a Service to another proxy implementation.
@@ -39,7 +42,7 @@ pub fn service_from_k8s(svc: &k8s::Service) -> Result<Converted<Service>, Invali
         _ => None,
     };
     let (cluster_ips, headless) = cluster_ips(&ctx, spec, service_type)?;
-    let ip_families = ip_families(&ctx, spec, service_type, &cluster_ips, headless)?;
+    let (ip_families, allocation) = ip_families(&ctx, spec, service_type, &cluster_ips, headless)?;
     if !headless
         && service_type != ServiceType::ExternalName
         && spec.ports.as_deref().unwrap_or_default().is_empty()
@@ -118,6 +121,7 @@ pub fn service_from_k8s(svc: &k8s::Service) -> Result<Converted<Service>, Invali
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
         service_proxy_name,
         labels,
+        allocation,
     }))
 }
 
@@ -197,11 +201,9 @@ fn cluster_ips(
     };
 
     match texts.first() {
-        None => Err(ctx.err(
-            "spec.clusterIP",
-            "",
-            "must be set: the standalone mode cannot allocate cluster IPs (use \"None\" for a headless Service)",
-        )),
+        // Left to the API server, as `kubectl expose` writes it: the standalone mode's
+        // allocator fills it in (see `Service::needs_cluster_ip`).
+        None => Ok((Vec::new(), false)),
         Some(&CLUSTER_IP_NONE) => {
             if texts.len() > 1 {
                 return Err(ctx.err(
@@ -250,19 +252,18 @@ fn cluster_ips(
     }
 }
 
-/// spec.ipFamilies, checked against the cluster IPs. For a non-headless Service
-/// the result is exactly the families of its cluster IPs: families listed beyond
-/// them would need an IP the standalone mode cannot allocate (PreferDualStack
-/// with one IP is single-stack).
+/// spec.ipFamilies, checked against the cluster IPs, and what steers allocation. For a
+/// non-headless Service the families are exactly those of its cluster IPs (none before
+/// the standalone allocator ran): ipFamilies and ipFamilyPolicy only ask for IPs.
 fn ip_families(
     ctx: &Ctx,
     spec: &k8s::ServiceSpec,
     service_type: ServiceType,
     cluster_ips: &[IpAddr],
     headless: bool,
-) -> Result<Vec<IpFamily>, InvalidObject> {
+) -> Result<(Vec<IpFamily>, AllocationRequest), InvalidObject> {
     if service_type == ServiceType::ExternalName {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), AllocationRequest::default()));
     }
     let mut families = Vec::new();
     for (i, text) in spec.ip_families.iter().flatten().enumerate() {
@@ -289,10 +290,13 @@ fn ip_families(
         families.push(family);
     }
 
-    // ipFamilyPolicy tells the API server what to allocate; kube-proxy never reads it
-    // and programs the cluster IPs there are. A policy they contradict is only reported.
-    match spec.ip_family_policy.as_deref() {
-        None | Some("PreferDualStack") => {}
+    // ipFamilyPolicy tells the API server what to allocate (the standalone allocator
+    // follows it); kube-proxy never reads it and programs the cluster IPs there are. A
+    // policy they contradict is only reported.
+    let policy = match spec.ip_family_policy.as_deref() {
+        // The API server defaults an absent policy from what is given.
+        None if cluster_ips.len() > 1 || families.len() > 1 => IpFamilyPolicy::RequireDualStack,
+        None => IpFamilyPolicy::SingleStack,
         Some("SingleStack") => {
             if cluster_ips.len() > 1 || families.len() > 1 {
                 ctx.warn(
@@ -301,28 +305,30 @@ fn ip_families(
                     "contradicts the dual-stack spec.clusterIPs/ipFamilies, which are programmed",
                 );
             }
+            IpFamilyPolicy::SingleStack
         }
-        Some("RequireDualStack") => {
-            if !headless && cluster_ips.len() < 2 {
-                ctx.warn(
-                    "spec.ipFamilyPolicy",
-                    "RequireDualStack",
-                    "needs one cluster IP of each family, and the standalone mode cannot allocate one: only the given family is programmed",
-                );
-            }
+        Some("PreferDualStack") => IpFamilyPolicy::PreferDualStack,
+        Some("RequireDualStack") => IpFamilyPolicy::RequireDualStack,
+        Some(other) => {
+            ctx.warn(
+                "spec.ipFamilyPolicy",
+                other,
+                "supported values: \"PreferDualStack\", \"RequireDualStack\", \"SingleStack\"",
+            );
+            IpFamilyPolicy::SingleStack
         }
-        Some(other) => ctx.warn(
-            "spec.ipFamilyPolicy",
-            other,
-            "supported values: \"PreferDualStack\", \"RequireDualStack\", \"SingleStack\"",
-        ),
-    }
+    };
+    let request = AllocationRequest {
+        ip_family_policy: policy,
+        ip_families: families.clone(),
+        no_load_balancer_node_ports: spec.allocate_load_balancer_node_ports == Some(false),
+    };
 
     if headless {
-        return Ok(families);
+        return Ok((families, request));
     }
     // The cluster IPs decide; ipFamilies has been checked to agree with them.
-    Ok(cluster_ips.iter().map(IpFamily::of).collect())
+    Ok((cluster_ips.iter().map(IpFamily::of).collect(), request))
 }
 
 fn ports(
@@ -695,18 +701,27 @@ mod tests {
     }
 
     #[test]
-    fn cluster_ip_required_for_standalone() {
-        let e = err(k8s::ServiceSpec {
-            cluster_ip: None,
-            ..base()
-        });
-        assert_eq!(e.field, "spec.clusterIP");
-        assert!(e.reason.contains("standalone"), "{}", e.reason);
-        let e = err(k8s::ServiceSpec {
-            cluster_ip: Some(String::new()),
-            ..base()
-        });
-        assert_eq!(e.field, "spec.clusterIP");
+    fn a_missing_cluster_ip_is_left_to_allocate() {
+        for cluster_ip in [None, Some(String::new())] {
+            let s = ok(k8s::ServiceSpec {
+                cluster_ip,
+                ip_family_policy: Some("PreferDualStack".into()),
+                ip_families: Some(vec!["IPv6".into()]),
+                allocate_load_balancer_node_ports: Some(false),
+                ..base()
+            });
+            assert!(s.needs_cluster_ip());
+            assert!(s.cluster_ips.is_empty() && s.ip_families.is_empty());
+            assert_eq!(
+                s.allocation,
+                AllocationRequest {
+                    ip_family_policy: IpFamilyPolicy::PreferDualStack,
+                    ip_families: vec![IpFamily::V6],
+                    no_load_balancer_node_ports: true,
+                }
+            );
+        }
+        assert!(!ok(base()).needs_cluster_ip());
     }
 
     #[test]
@@ -823,12 +838,17 @@ mod tests {
     /// The cluster IPs there are are programmed, and a contradiction is reported.
     #[test]
     fn ip_family_policy_is_only_reported() {
+        // Asking for a second family is the allocator's business, not a warning.
         let (s, warnings) = warned(k8s::ServiceSpec {
             ip_family_policy: Some("RequireDualStack".into()),
             ..base()
         });
-        assert_eq!(warnings, ["spec.ipFamilyPolicy"]);
+        assert!(warnings.is_empty());
         assert_eq!(s.cluster_ips, vec![ip("10.96.0.10")]);
+        assert_eq!(
+            s.allocation.ip_family_policy,
+            IpFamilyPolicy::RequireDualStack
+        );
 
         let (s, warnings) = warned(k8s::ServiceSpec {
             cluster_ip: None,

@@ -170,14 +170,14 @@ impl Row {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Percentiles {
-    p50: Duration,
-    p99: Duration,
+pub(crate) struct Percentiles {
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
 }
 
 impl Percentiles {
     /// Nearest-rank percentiles; `None` without samples.
-    fn of(mut samples: Vec<Duration>) -> Option<Percentiles> {
+    pub(crate) fn of(mut samples: Vec<Duration>) -> Option<Percentiles> {
         samples.sort_unstable();
         let rank = |p: f64| {
             let i = (p * samples.len() as f64).ceil() as usize;
@@ -292,18 +292,18 @@ fn first_full_sync(metrics: &str) -> Option<f64> {
 }
 
 /// One measured path (route): from which pod to which address, and its samples.
-struct Route {
+pub(crate) struct Route {
     what: &'static str,
     /// The client pod's namespace: its sockets are created there.
     netns: String,
     dst: SocketAddr,
     /// Sockets made in advance, a batch at a time (see [`new_sockets`]).
     spare: Vec<Socket>,
-    samples: Vec<Duration>,
+    pub(crate) samples: Vec<Duration>,
 }
 
 impl Route {
-    fn new(what: &'static str, from: &Pod, dst: SocketAddr) -> Route {
+    pub(crate) fn new(what: &'static str, from: &Pod, dst: SocketAddr) -> Route {
         Route {
             what,
             netns: from.netns().name().to_owned(),
@@ -333,7 +333,7 @@ impl Route {
 
 /// R rounds of one request per path (after a warm-up), rotating which path goes first so
 /// that none always follows the same other one.
-fn measure(paths: &mut [Route], requests: u32, stop: &AtomicBool) -> Result<()> {
+pub(crate) fn measure(paths: &mut [Route], requests: u32, stop: &AtomicBool) -> Result<()> {
     for i in 0..WARMUP.min(requests) {
         check(stop)?;
         for path in paths.iter_mut() {
@@ -392,14 +392,14 @@ fn request(sock: Socket, dst: SocketAddr) -> io::Result<Duration> {
 /// part of the exchange.) One thread serves every pod's listener, so no path gets a server
 /// thread that the scheduler treats differently. Each listener is created inside its pod's
 /// namespace and stays there; the serving thread needs no namespace of its own.
-struct PingServer {
+pub(crate) struct PingServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl PingServer {
     /// Listen on each `(netns, address)`; returns once every listener is bound.
-    fn start(listen: &[(&str, SocketAddr)]) -> io::Result<PingServer> {
+    pub(crate) fn start(listen: &[(&str, SocketAddr)]) -> io::Result<PingServer> {
         let mut listeners = Vec::new();
         for &(netns, addr) in listen {
             let sock = svcplane_testkit::in_netns(netns, || -> io::Result<Socket> {
