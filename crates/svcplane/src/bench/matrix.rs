@@ -17,14 +17,14 @@ use crate::cli::BenchRunArgs;
 const MAX_CHANGES: u32 = 1000;
 
 pub fn run(args: BenchRunArgs) -> Result<()> {
-    if !svcplane_testkit::is_root() {
-        bail!("`svcplane bench` needs root (network namespaces and the proxies' rules)");
-    }
     check_sizes(&args.services, args.endpoints, args.requests)?;
     if args.changes > MAX_CHANGES {
         bail!("--changes {}: must be 0..={MAX_CHANGES}", args.changes);
     }
     let chosen = choose(&args.modes)?;
+    if !svcplane_testkit::is_root() {
+        bail!("`svcplane bench` needs root (network namespaces and the proxies' rules)");
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("--out {}: cannot create it", args.out.display()))?;
     let setup = Setup {
