@@ -163,7 +163,7 @@ fn summary(r: &Record) -> String {
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
     format!(
         "{} {} svc: ClusterIP p50 {:.0} µs p99 {:.0} µs | pod IP p50 {:.0} µs p99 {:.0} µs | \
-         ratio p50 {:.2} p99 {:.2} | {} req/s via ClusterIP, {} to the pod | full sync {} s | \
+         ratio p50 {:.2} p99 {:.2} | ÷ no rules p50 {:.2} | {} req/s via ClusterIP, {} to the pod | full sync {} s | \
          one change {} ms (sync {} ms) | RSS {} MiB",
         r.series,
         r.services,
@@ -173,6 +173,7 @@ fn summary(r: &Record) -> String {
         r.direct_p99_us,
         r.ratio_p50(),
         r.ratio_p99(),
+        r.ratio_reference_p50(),
         opt(r.rps_via, 0),
         opt(r.rps_direct, 0),
         opt(r.full_sync_s, 3),

@@ -89,6 +89,11 @@ impl Record {
         self.via_p99_us / self.direct_p99_us
     }
 
+    /// Through the ClusterIP ÷ pod to pod on a node without rules, p50.
+    pub(super) fn ratio_reference_p50(&self) -> f64 {
+        self.via_p50_us / self.reference_p50_us
+    }
+
     /// Every column, in order: the CSV header and the JSON keys.
     pub(super) fn fields(&self) -> Vec<(&'static str, Value)> {
         let round = |v: f64, digits: i32| {
@@ -108,6 +113,7 @@ impl Record {
             ("ratio_p50", round(self.ratio_p50(), 3)),
             ("ratio_p99", round(self.ratio_p99(), 3)),
             ("reference_p50_us", round(self.reference_p50_us, 1)),
+            ("ratio_reference_p50", round(self.ratio_reference_p50(), 3)),
             ("reference_p99_us", round(self.reference_p99_us, 1)),
             ("rps_via", opt(self.rps_via, 0)),
             ("rps_direct", opt(self.rps_direct, 0)),
@@ -210,13 +216,14 @@ pub(super) fn table(records: &[Record]) -> String {
         "ClusterIP p50/p99 µs",
         "pod IP p50/p99 µs",
         "ratio p50/p99",
+        "÷ no rules p50",
         "req/s ClusterIP/pod",
         "full sync s",
         "1 change ms (sync)",
         "RSS MiB",
     ];
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
-    let rows: Vec<[String; 9]> = records
+    let rows: Vec<[String; 10]> = records
         .iter()
         .map(|r| {
             [
@@ -225,6 +232,7 @@ pub(super) fn table(records: &[Record]) -> String {
                 format!("{:.0} / {:.0}", r.via_p50_us, r.via_p99_us),
                 format!("{:.0} / {:.0}", r.direct_p50_us, r.direct_p99_us),
                 format!("{:.2} / {:.2}", r.ratio_p50(), r.ratio_p99()),
+                format!("{:.2}", r.ratio_reference_p50()),
                 format!("{} / {}", opt(r.rps_via, 0), opt(r.rps_direct, 0)),
                 opt(r.full_sync_s, 2),
                 format!(
@@ -286,37 +294,43 @@ const COLOURS: [&str; 8] = [
     "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
 ];
 
-/// Two panels side by side, Services on a log x axis: the ClusterIP ÷ pod IP latency ratio
-/// (p50, linear y) and the full sync time (log y); one line per series.
+/// Panels side by side, Services on a log x axis, one line per series: connect latency
+/// through the ClusterIP ÷ straight to the pod IP (p50), the same ÷ pod to pod on a node
+/// without rules (p50: in a linear dispatch the pod IP path walks every rule too, so only
+/// this ratio shows the rules' cost), and the full sync time (log y).
 pub(super) fn svg(records: &[Record]) -> String {
     const W: f64 = 460.0;
     const H: f64 = 320.0;
     let names = series(records);
     let legend_h = 20.0 * names.len() as f64 + 10.0;
+    type Value = fn(&Record) -> Option<f64>;
+    let panels: [(&str, Value, bool); 3] = [
+        (
+            "connect latency: ClusterIP ÷ pod IP (p50)",
+            |r| Some(r.ratio_p50()),
+            false,
+        ),
+        (
+            "ClusterIP ÷ pod IP on a node without rules (p50)",
+            |r| Some(r.ratio_reference_p50()),
+            false,
+        ),
+        ("full sync (s, log scale)", |r| r.full_sync_s, true),
+    ];
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" \
          font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
-        2.0 * W,
+        W * panels.len() as f64,
         H + legend_h
     );
-    let ratio: Vec<(&str, u32, Option<f64>)> = records
-        .iter()
-        .map(|r| (r.series.as_str(), r.services, Some(r.ratio_p50())))
-        .collect();
-    let sync: Vec<(&str, u32, Option<f64>)> = records
-        .iter()
-        .map(|r| (r.series.as_str(), r.services, r.full_sync_s))
-        .collect();
-    panel(
-        &mut out,
-        0.0,
-        "connect latency: ClusterIP ÷ pod IP (p50)",
-        &names,
-        &ratio,
-        false,
-    );
-    panel(&mut out, W, "full sync (s, log scale)", &names, &sync, true);
+    for (i, (title, value, log_y)) in panels.iter().enumerate() {
+        let points: Vec<(&str, u32, Option<f64>)> = records
+            .iter()
+            .map(|r| (r.series.as_str(), r.services, value(r)))
+            .collect();
+        panel(&mut out, W * i as f64, title, &names, &points, *log_y);
+    }
     for (i, name) in names.iter().enumerate() {
         let y = H + 15.0 + 20.0 * i as f64;
         let colour = COLOURS[i % COLOURS.len()];
@@ -540,14 +554,14 @@ mod tests {
         ];
         let text = svg(&records);
         assert!(text.starts_with("<svg ") && text.trim_end().ends_with("</svg>"));
-        assert_eq!(text.matches("<polyline").count(), 4);
+        assert_eq!(text.matches("<polyline").count(), 6);
         assert_eq!(
             text.matches("data-series=\"iptables-linear\"").count(),
-            2,
+            3,
             "{text}"
         );
         // The missing sync time leaves one point out of that line.
-        assert_eq!(text.matches("<circle").count(), 7);
+        assert_eq!(text.matches("<circle").count(), 11);
         assert!(!text.contains("NaN") && !text.contains("inf"), "{text}");
     }
 
