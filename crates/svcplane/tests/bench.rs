@@ -361,12 +361,13 @@ fn bench_runs_every_mode_and_writes_csv_json_and_svg() {
     assert_eq!(svg.matches("<svg").count(), 1);
     let series: BTreeSet<&str> = expected.iter().map(|(s, _)| s.as_str()).collect();
     for name in &series {
-        // A line in each panel (latency ratio, sync time), each through both sizes.
+        // A line in each panel (ClusterIP ÷ pod IP, ÷ node without rules, sync time),
+        // each through both sizes.
         let lines: Vec<&str> = svg
             .lines()
             .filter(|l| l.contains(&format!("data-series=\"{name}\"")))
             .collect();
-        assert_eq!(lines.len(), 2, "{name}: {svg}");
+        assert_eq!(lines.len(), 3, "{name}: {svg}");
         for line in lines {
             let points = line
                 .split("points=\"")
