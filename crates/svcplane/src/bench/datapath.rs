@@ -19,6 +19,11 @@
 //! Every connection is new (the first packet of a flow is what the rules see; later
 //! packets follow conntrack) and the client closes with SO_LINGER 0, so no TIME_WAIT
 //! piles up and ports never run out.
+//!
+//! The cluster is built once ([`Rig`]); each run writes its Services and starts its own
+//! proxy there, so `svcplane bench` (every mode × every size) measures with this same code.
+//! A socket-level mode (ebpf) translates only sockets made inside the cgroup it attached
+//! to, so for it the bench process joins that cgroup while it sends traffic.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
