@@ -51,6 +51,66 @@ impl ProxyMode {
     }
 }
 
+/// One configuration of a mode worth comparing side by side with the others (benchmarks,
+/// the lab): a name, and the `svcplane proxy` flags that select it beside `--proxy-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flavour {
+    /// `nftables`, `iptables`, `iptables-linear`, …: unique across every mode.
+    pub name: &'static str,
+    pub mode: ProxyMode,
+    /// Besides `--proxy-mode <mode>`.
+    pub proxy_args: &'static [&'static str],
+    /// The mode attaches programs to a cgroup (`--cgroup-path`) and pins them
+    /// (`--bpf-pin-path`): only sockets of processes inside that cgroup are translated, so
+    /// a client must run there.
+    pub cgroup: bool,
+}
+
+impl ProxyMode {
+    /// Its flavours: the default first, then the variants kept for comparison (the
+    /// iptables linear dispatch is kube-proxy's own layout, the baseline the tree beats).
+    pub fn flavours(self) -> &'static [Flavour] {
+        const fn plain(name: &'static str, mode: ProxyMode) -> Flavour {
+            Flavour {
+                name,
+                mode,
+                proxy_args: &[],
+                cgroup: false,
+            }
+        }
+        const NFTABLES: &[Flavour] = &[plain("nftables", ProxyMode::Nftables)];
+        const IPTABLES: &[Flavour] = &[
+            Flavour {
+                proxy_args: &["--iptables-dispatch", "tree"],
+                ..plain("iptables", ProxyMode::Iptables)
+            },
+            Flavour {
+                proxy_args: &["--iptables-dispatch", "linear"],
+                ..plain("iptables-linear", ProxyMode::Iptables)
+            },
+        ];
+        const IPVS: &[Flavour] = &[plain("ipvs", ProxyMode::Ipvs)];
+        const EBPF: &[Flavour] = &[Flavour {
+            cgroup: true,
+            ..plain("ebpf", ProxyMode::Ebpf)
+        }];
+        match self {
+            ProxyMode::Nftables => NFTABLES,
+            ProxyMode::Iptables => IPTABLES,
+            ProxyMode::Ipvs => IPVS,
+            ProxyMode::Ebpf => EBPF,
+        }
+    }
+
+    /// Whether this kernel can run the mode: `Err` says why not (e.g. no IPVS).
+    pub fn kernel_support(self) -> Result<(), String> {
+        match self {
+            ProxyMode::Ipvs => ipvs::kernel_has_ipvs(None),
+            ProxyMode::Nftables | ProxyMode::Iptables | ProxyMode::Ebpf => Ok(()),
+        }
+    }
+}
+
 impl fmt::Display for ProxyMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -192,6 +252,20 @@ mod tests {
         assert!("userspace".parse::<ProxyMode>().is_err());
         assert!("NFTABLES".parse::<ProxyMode>().is_err());
         assert!("".parse::<ProxyMode>().is_err());
+    }
+
+    #[test]
+    fn flavours_have_unique_names_and_their_own_mode() {
+        let mut names = std::collections::BTreeSet::new();
+        for mode in ProxyMode::ALL {
+            let flavours = mode.flavours();
+            assert_eq!(flavours.first().map(|f| f.name), Some(mode.as_str()));
+            for f in flavours {
+                assert_eq!(f.mode, mode, "{}", f.name);
+                assert!(names.insert(f.name), "{} twice", f.name);
+            }
+        }
+        assert!(names.contains("iptables-linear"));
     }
 
     #[test]

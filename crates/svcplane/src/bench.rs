@@ -19,7 +19,11 @@ use svcplane_testkit::{Daemon, Netns, metric_value};
 use crate::cli::BenchSyncArgs;
 
 pub(crate) mod datapath;
+mod matrix;
+mod progress;
+mod report;
 pub use datapath::datapath;
+pub use matrix::run;
 
 const METRICS: &str = "127.0.0.1:10249";
 const HEALTHZ: &str = "127.0.0.1:10256";
@@ -99,38 +103,12 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
         full
     );
 
-    let mut e2e = Vec::new();
-    let mut programming = Vec::new();
-    let mut syncs = Vec::new();
-    for round in 1..=args.rounds {
-        let before = get_metrics(&ns, metrics_addr)?;
-        let count = |t: &str| {
-            metric_value(
-                t,
-                "kubeproxy_sync_partial_proxy_rules_duration_seconds_count",
-            )
-            .unwrap_or(0.0)
-        };
-        let sum = |t: &str, name: &str| metric_value(t, name).unwrap_or(0.0);
-        let partials = count(&before);
-        let changed_at = SystemTime::now();
-        write_changing_slice(dir.path(), args.endpoints, round)?;
-        let mut after = String::new();
-        let done = svcplane_testkit::wait_until(CHANGE_WAIT, || {
-            after = get_metrics(&ns, metrics_addr).unwrap_or_default();
-            count(&after) > partials
-        });
-        if !done {
-            bail!("round {round}: the change did not reach the kernel within {CHANGE_WAIT:?}");
-        }
-        let synced_at = sum(&after, "kubeproxy_sync_proxy_rules_last_timestamp_seconds");
-        let changed = changed_at.duration_since(UNIX_EPOCH)?.as_secs_f64();
-        e2e.push(synced_at - changed);
-        const NP: &str = "kubeproxy_network_programming_duration_seconds_sum";
-        programming.push(sum(&after, NP) - sum(&before, NP));
-        const PS: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds_sum";
-        syncs.push(sum(&after, PS) - sum(&before, PS));
-    }
+    let mut stats = change_rounds(
+        args.rounds,
+        || get_metrics(&ns, metrics_addr),
+        |round| write_changing_slice(dir.path(), args.endpoints, round),
+        || Ok(()),
+    )?;
     let _ = proxy.terminate();
     if let Some((pins, _cgroup)) = &ebpf_scratch {
         let _ = std::process::Command::new(&exe)
@@ -145,12 +123,15 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
         args.services, args.rounds
     );
     for (what, v) in [
-        ("file written → rules in the kernel", &mut e2e),
+        ("file written → rules in the kernel", &mut stats.e2e),
         (
             "change queued → rules in the kernel (network programming)",
-            &mut programming,
+            &mut stats.programming,
         ),
-        ("the sync alone (render + apply + conntrack)", &mut syncs),
+        (
+            "the sync alone (render + apply + conntrack)",
+            &mut stats.syncs,
+        ),
     ] {
         let _ = writeln!(out, "   {what}: {}", summary(v));
     }
@@ -160,6 +141,57 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
     );
     print!("{out}");
     Ok(())
+}
+
+/// One-change rounds, each measured from the proxy's own metrics, in seconds.
+#[derive(Debug, Default)]
+pub(crate) struct ChangeStats {
+    /// File written → the sync that applied it finished.
+    pub e2e: Vec<f64>,
+    /// `kubeproxy_network_programming_duration_seconds`: change queued → in the kernel.
+    pub programming: Vec<f64>,
+    /// The sync alone (render + apply + conntrack).
+    pub syncs: Vec<f64>,
+}
+
+/// `rounds` times: `write(round)` one change, then wait until the proxy's metrics (from
+/// `metrics`) show a sync after it. `between` runs before each round (progress, Ctrl-C).
+/// Every sync counts (the change's is partial where the mode has partial syncs).
+pub(crate) fn change_rounds(
+    rounds: u32,
+    metrics: impl Fn() -> Result<String>,
+    write: impl Fn(u32) -> Result<()>,
+    mut between: impl FnMut() -> Result<()>,
+) -> Result<ChangeStats> {
+    const SYNCS: &str = "kubeproxy_sync_proxy_rules_duration_seconds_count";
+    const SYNC_TIME: &str = "kubeproxy_sync_proxy_rules_duration_seconds_sum";
+    const NP: &str = "kubeproxy_network_programming_duration_seconds_sum";
+    const LAST: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
+    let value = |t: &str, name: &str| metric_value(t, name).unwrap_or(0.0);
+    let mut stats = ChangeStats::default();
+    for round in 1..=rounds {
+        between()?;
+        let before = metrics()?;
+        let changed_at = SystemTime::now();
+        write(round)?;
+        let mut after = String::new();
+        let done = svcplane_testkit::wait_until(CHANGE_WAIT, || {
+            after = metrics().unwrap_or_default();
+            value(&after, SYNCS) > value(&before, SYNCS)
+        });
+        if !done {
+            bail!("round {round}: the change did not reach the kernel within {CHANGE_WAIT:?}");
+        }
+        let changed = changed_at.duration_since(UNIX_EPOCH)?.as_secs_f64();
+        stats.e2e.push(value(&after, LAST) - changed);
+        stats
+            .programming
+            .push(value(&after, NP) - value(&before, NP));
+        stats
+            .syncs
+            .push(value(&after, SYNC_TIME) - value(&before, SYNC_TIME));
+    }
+    Ok(stats)
 }
 
 fn get_metrics(ns: &Netns, addr: SocketAddr) -> Result<String> {
@@ -234,16 +266,21 @@ fn write_manifests(dir: &Path, services: u32, endpoints: u32) -> Result<()> {
     write_changing_slice(dir, endpoints, 0)
 }
 
-/// Service 0's slice; each round moves its endpoint window by one address, so one
-/// endpoint leaves and one arrives.
+/// The changing slice's endpoints in round `round` (as indexes for [`endpoint_ip`]): each
+/// round moves the window by one address, so one endpoint leaves and one arrives. Above
+/// every other service's endpoints.
+fn changing_window(endpoints: u32, round: u32) -> std::ops::Range<u32> {
+    let first = 0x0070_0000 + round;
+    first..first + endpoints
+}
+
+/// Service 0's slice in round `round` (see [`changing_window`]).
 fn write_changing_slice(dir: &Path, endpoints: u32, round: u32) -> Result<()> {
     let mut out = String::new();
-    // Above every other service's endpoints.
-    let first = 0x0070_0000 + round;
     slice_yaml(
         &mut out,
         "svc-0",
-        (first..first + endpoints).map(endpoint_ip),
+        changing_window(endpoints, round).map(endpoint_ip),
     );
     let tmp = dir.join(".changing.yaml.tmp");
     std::fs::write(&tmp, out).context("writing the changed slice")?;

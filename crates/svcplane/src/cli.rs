@@ -64,9 +64,57 @@ pub enum Command {
     /// policy and topology decisions, the candidate endpoints, masquerade, DROP or REJECT,
     /// and the kernel objects of the mode that carry it. Read-only: no root, no kernel.
     Trace(TraceArgs),
-    /// Measure svcplane at scale (as root, in a scratch network namespace).
+    /// Measure svcplane at scale (as root, in a virtual cluster): every mode side by side, or
+    /// one aspect with `bench sync` / `bench datapath`.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Example:\n  \
+                  svcplane bench --services 1,1000,10000,30000 --out bench-results\n  \
+                  svcplane bench --modes nftables,iptables-linear --services 1,1000 --requests 500"
+)]
+pub struct BenchArgs {
     #[command(subcommand)]
-    Bench(BenchCommand),
+    pub command: Option<BenchCommand>,
+    #[command(flatten)]
+    pub run: BenchRunArgs,
+}
+
+/// `svcplane bench` without a subcommand: every series × every number of Services.
+#[derive(Debug, Args)]
+pub struct BenchRunArgs {
+    /// Series to measure, comma-separated: a mode (its default settings) or a variant such
+    /// as iptables-linear. Default: every series of every mode this binary implements
+    /// (those this kernel cannot run are reported and skipped).
+    #[arg(long, value_name = "SERIES[,SERIES...]", value_delimiter = ',')]
+    pub modes: Vec<String>,
+    /// Numbers of ClusterIP Services, comma-separated: one run per series and number.
+    #[arg(
+        long,
+        value_name = "N[,N...]",
+        value_delimiter = ',',
+        default_value = "1,1000,10000,30000"
+    )]
+    pub services: Vec<u32>,
+    /// New connections per path for the latencies, and again per path for requests per
+    /// second.
+    #[arg(long, value_name = "R", default_value_t = 2000)]
+    pub requests: u32,
+    /// Endpoints of each other Service (addresses that need not exist).
+    #[arg(long, value_name = "E", default_value_t = 1)]
+    pub endpoints: u32,
+    /// One-change rounds per run (one EndpointSlice rewritten, timed to the kernel).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub changes: u32,
+    /// Where the results go: bench.csv, bench.json and bench.svg (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "bench-results")]
+    pub out: PathBuf,
+    /// How long to wait for the proxy's first sync per run (Go duration).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::duration::parse_go_duration)]
+    pub first_sync_wait: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]

@@ -43,8 +43,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Dns(args) => crate::dns::run(args),
         Command::Lab(args) => crate::lab::run(args),
         Command::Trace(args) => crate::trace::run(args),
-        Command::Bench(crate::cli::BenchCommand::Sync(args)) => crate::bench::sync(args),
-        Command::Bench(crate::cli::BenchCommand::Datapath(args)) => crate::bench::datapath(args),
+        Command::Bench(bench) => match bench.command {
+            Some(crate::cli::BenchCommand::Sync(args)) => crate::bench::sync(args),
+            Some(crate::cli::BenchCommand::Datapath(args)) => crate::bench::datapath(args),
+            None => crate::bench::run(bench.run),
+        },
     }
 }
 

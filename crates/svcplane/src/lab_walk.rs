@@ -1309,8 +1309,12 @@ impl Ctx<'_> {
         let direct = SocketAddr::new(ping.ipv4().into(), PING_PORT);
         let _server = PingServer::start(&[(ping.netns().name(), direct)])?;
         let mut paths = [
-            Route::new("through the ClusterIP", client, SocketAddr::new(vip, 80)),
-            Route::new("straight to the pod at", client, direct),
+            Route::new(
+                "through the ClusterIP",
+                client.netns().name(),
+                SocketAddr::new(vip, 80),
+            ),
+            Route::new("straight to the pod at", client.netns().name(), direct),
         ];
         let samples: Vec<Vec<Duration>> = match &self.live.hooks {
             None => {

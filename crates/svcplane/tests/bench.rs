@@ -241,3 +241,169 @@ fn bench_datapath_interrupted_leaves_no_namespace() {
     assert_eq!(ours(), Vec::<String>::new(), "namespaces left behind");
     drop(lines);
 }
+
+/// `svcplane bench` at a tiny size: every series of every mode this binary implements on
+/// one virtual cluster, and the results as CSV, JSON and SVG with a row (a point) per
+/// (series, number of Services). A mode this kernel cannot run is listed as skipped.
+#[test]
+fn bench_runs_every_mode_and_writes_csv_json_and_svg() {
+    use std::collections::BTreeSet;
+    use svcplane_dataplane::ProxyMode;
+    if skip_unless_root(&["ip", "nft", "iptables-restore", "timeout"]) {
+        return;
+    }
+    let out_dir = tempfile::tempdir().expect("an output directory");
+    // A deadline: a hung bench fails the test instead of stalling the suite (SIGTERM
+    // makes the bench tear its cluster down).
+    let out = Command::new("timeout")
+        .args(["--kill-after=20", "240"])
+        .arg(env!("CARGO_BIN_EXE_svcplane"))
+        .args(["bench", "--services", "1,50", "--requests", "40"])
+        .args(["--changes", "2", "--out"])
+        .arg(out_dir.path())
+        .output()
+        .expect("run svcplane bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |name: &str| {
+        std::fs::read_to_string(out_dir.path().join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{stdout}"))
+    };
+
+    // What must have run: every flavour of every mode this kernel supports.
+    let mut expected = BTreeSet::new();
+    let mut unsupported = BTreeSet::new();
+    for mode in ProxyMode::ALL {
+        for flavour in mode.flavours() {
+            if mode.kernel_support().is_ok() {
+                for services in [1, 50] {
+                    expected.insert((flavour.name.to_owned(), services));
+                }
+            } else {
+                unsupported.insert(flavour.name.to_owned());
+            }
+        }
+    }
+    assert!(
+        expected.contains(&("iptables-linear".to_owned(), 50)),
+        "{expected:?}"
+    );
+
+    let csv = read("bench.csv");
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().expect("a header").split(',').collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no column {name} in {header:?}"))
+    };
+    let mut from_csv = BTreeSet::new();
+    for line in lines {
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells.len(), header.len(), "{line}");
+        let services: u32 = cells[col("services")].parse().expect("services");
+        from_csv.insert((cells[col("series")].to_owned(), services));
+        // Every measurement is there and positive (a ClusterIP that did not reach the pod
+        // fails the bench: every request must be answered).
+        for name in [
+            "via_p50_us",
+            "via_p99_us",
+            "direct_p50_us",
+            "ratio_p50",
+            "rps_via",
+            "rps_direct",
+            "full_sync_s",
+            "change_p50_ms",
+            "change_sync_p50_ms",
+            "rss_mib",
+        ] {
+            let v: f64 = cells[col(name)]
+                .parse()
+                .unwrap_or_else(|_| panic!("{name} in {line}"));
+            assert!(v > 0.0 && v.is_finite(), "{name} in {line}");
+        }
+    }
+    assert_eq!(from_csv, expected, "{csv}");
+
+    let json: serde_json::Value = serde_json::from_str(&read("bench.json")).expect("JSON");
+    let results = json["results"].as_array().expect("results");
+    let from_json: BTreeSet<(String, u32)> = results
+        .iter()
+        .map(|r| {
+            let series = r["series"].as_str().expect("series").to_owned();
+            let services = r["services"].as_u64().expect("services");
+            (series, u32::try_from(services).expect("u32"))
+        })
+        .collect();
+    assert_eq!(from_json, expected);
+    assert_eq!(results.len(), expected.len());
+    let skipped: BTreeSet<String> = json["skipped"]
+        .as_array()
+        .expect("skipped")
+        .iter()
+        .map(|s| s["series"].as_str().expect("series").to_owned())
+        .collect();
+    assert_eq!(skipped, unsupported);
+    for series in &unsupported {
+        assert!(
+            stdout.contains(&format!("== {series}: skipped: this kernel cannot run it")),
+            "{stdout}"
+        );
+    }
+
+    let svg = read("bench.svg");
+    assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<svg").count(), 1);
+    let series: BTreeSet<&str> = expected.iter().map(|(s, _)| s.as_str()).collect();
+    for name in &series {
+        // A line in each panel (ClusterIP ÷ pod IP, ÷ node without rules, sync time),
+        // each through both sizes.
+        let lines: Vec<&str> = svg
+            .lines()
+            .filter(|l| l.contains(&format!("data-series=\"{name}\"")))
+            .collect();
+        assert_eq!(lines.len(), 3, "{name}: {svg}");
+        for line in lines {
+            let points = line
+                .split("points=\"")
+                .nth(1)
+                .and_then(|p| p.split('"').next())
+                .unwrap_or_default();
+            assert_eq!(points.split_whitespace().count(), 2, "{line}");
+        }
+    }
+
+    // The terminal table (after the per-run lines): a row per run.
+    let (_, table) = stdout
+        .split_once("\nseries ")
+        .unwrap_or_else(|| panic!("no table in:\n{stdout}"));
+    for (series, services) in &expected {
+        assert!(
+            table.lines().any(|l| {
+                let mut cells = l.split_whitespace();
+                cells.next() == Some(series.as_str())
+                    && cells.next() == Some(services.to_string().as_str())
+            }),
+            "no table row for {series} {services}:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn bench_rejects_an_unknown_mode() {
+    let out = Command::new(env!("CARGO_BIN_EXE_svcplane"))
+        .args(["bench", "--modes", "nftables,userspace"])
+        .output()
+        .expect("run svcplane bench");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--modes userspace: no such series") && stderr.contains("iptables-linear"),
+        "{stderr}"
+    );
+}

@@ -86,6 +86,41 @@ impl Cgroup {
     }
 }
 
+impl Cgroup {
+    /// Move this whole process (every thread) into the cgroup until the returned guard is
+    /// dropped, which moves it back. For a program of its own such as `svcplane bench`,
+    /// whose sockets must be translated; never in a test (tests share one process: use
+    /// [`in_cgroup`]).
+    pub fn enter(&self) -> io::Result<CgroupMember<'_>> {
+        let (_, root) = bpf_test_mounts()?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        // cgroup v2: the line `0::/path`.
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| io::Error::other("this process is in no cgroup v2 cgroup"))?;
+        let back = root.join(rel.trim_start_matches('/'));
+        std::fs::write(self.path.join("cgroup.procs"), "0\n")?;
+        Ok(CgroupMember {
+            _cgroup: self,
+            back,
+        })
+    }
+}
+
+/// This process inside a [`Cgroup`] (see [`Cgroup::enter`]); back where it was on drop.
+#[derive(Debug)]
+pub struct CgroupMember<'a> {
+    _cgroup: &'a Cgroup,
+    back: PathBuf,
+}
+
+impl Drop for CgroupMember<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.back.join("cgroup.procs"), "0\n");
+    }
+}
+
 impl Drop for Cgroup {
     fn drop(&mut self) {
         // Children were reaped, so it is empty; attached programs go with it.

@@ -1026,6 +1026,11 @@ impl ProxyHandle {
         self.daemon.is_running()
     }
 
+    /// The proxy's process id (`ip netns exec` execs the proxy in its own place).
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.id()
+    }
+
     /// SIGTERM, then wait for the exit status.
     pub fn terminate(self) -> io::Result<std::process::ExitStatus> {
         self.daemon.terminate()

@@ -14,7 +14,7 @@ mod cluster;
 pub mod fake_apiserver;
 mod net;
 
-pub use cgroup::{Cgroup, bpf_test_mounts, cgroup2_mount, in_cgroup};
+pub use cgroup::{Cgroup, CgroupMember, bpf_test_mounts, cgroup2_mount, in_cgroup};
 pub use cluster::{
     CLIENT_V4, CLIENT_V6, CLUSTER_CIDR, Client, Cluster, ClusterBuilder, ClusterPlan, Manifests,
     Node, PlannedNode, PlannedPod, Pod, PodSpec, ProxyHandle, ProxyLaunch, SERVICE_CIDRS,

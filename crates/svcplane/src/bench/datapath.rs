@@ -19,12 +19,17 @@
 //! Every connection is new (the first packet of a flow is what the rules see; later
 //! packets follow conntrack) and the client closes with SO_LINGER 0, so no TIME_WAIT
 //! piles up and ports never run out.
+//!
+//! The cluster is built once ([`Rig`]); each run writes its Services and starts its own
+//! proxy there, so `svcplane bench` (every mode × every size) measures with this same code.
+//! A socket-level mode (ebpf) translates only sockets made inside the cgroup it attached
+//! to, so for it the bench process joins that cgroup while it sends traffic.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -32,9 +37,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use svcplane_testkit::{Cluster, Manifests, Pod, PodSpec, ProxyLaunch, metric_value};
+use svcplane_dataplane::ProxyMode;
+use svcplane_testkit::{Cluster, Manifests, Pod, PodSpec, ProxyHandle, ProxyLaunch, metric_value};
 
-use super::{cluster_ip, endpoint_ip, service_yaml, slice_yaml};
+use super::progress::Progress;
+use super::{ChangeStats, change_rounds, cluster_ip, endpoint_ip, service_yaml, slice_yaml};
 use crate::cli::BenchDatapathArgs;
 use crate::lab::check;
 
@@ -51,36 +58,21 @@ const SERVICE_PORT: u16 = 80;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pairs sent before measuring (neighbour entries, caches, the server thread waking up).
 const WARMUP: u32 = 100;
-const MAX_SERVICES: u32 = 500_000;
+pub(super) const MAX_SERVICES: u32 = 500_000;
 /// Dummy endpoints come from 10.128.0.0/9; stay below the virtual cluster's pods (10.244/16).
 const MAX_DUMMY_ENDPOINTS: u64 = 4 << 20;
 /// Each connection leaves a conntrack entry for 10 s (CLOSE state); stay far from the table's limit.
-const MAX_REQUESTS: u32 = 100_000;
+pub(super) const MAX_REQUESTS: u32 = 100_000;
+/// Concurrent clients of the requests-per-second step.
+const RPS_CLIENTS: usize = 4;
+/// The Service whose EndpointSlice the one-change rounds rewrite (in `changing.yaml`).
+const CHANGING: &str = "svc-000000";
 
 pub fn datapath(args: BenchDatapathArgs) -> Result<()> {
     if !svcplane_testkit::is_root() {
         bail!("`svcplane bench datapath` needs root (network namespaces and the proxy's rules)");
     }
-    if args.endpoints == 0 {
-        bail!("--endpoints 0: must be at least 1");
-    }
-    if args.services.is_empty() {
-        bail!("--services: give at least one number of services");
-    }
-    for &n in &args.services {
-        if n == 0 || n > MAX_SERVICES {
-            bail!("--services {n}: must be 1..={MAX_SERVICES}");
-        }
-        if u64::from(n) * u64::from(args.endpoints) > MAX_DUMMY_ENDPOINTS {
-            bail!(
-                "--services {n} × --endpoints {}: at most {MAX_DUMMY_ENDPOINTS} endpoints in all",
-                args.endpoints
-            );
-        }
-    }
-    if args.requests == 0 || args.requests > MAX_REQUESTS {
-        bail!("--requests {}: must be 1..={MAX_REQUESTS}", args.requests);
-    }
+    check_sizes(&args.services, args.endpoints, args.requests)?;
     let proxy_args: Vec<String> = args
         .proxy_args
         .iter()
@@ -90,6 +82,14 @@ pub fn datapath(args: BenchDatapathArgs) -> Result<()> {
     if has_flag(&proxy_args, "--proxy-mode") {
         bail!("give the mode as `bench datapath --proxy-mode MODE`, not as a proxy argument");
     }
+    // The mode's needs (a cgroup for its clients) come from the dataplane's description.
+    let cgroup = args
+        .proxy_mode
+        .parse::<ProxyMode>()
+        .map_err(|e| anyhow!("--proxy-mode: {e}"))?
+        .flavours()
+        .iter()
+        .any(|f| f.cgroup);
     let label = std::iter::once(args.proxy_mode.as_str())
         .chain(proxy_args.iter().map(String::as_str))
         .collect::<Vec<_>>()
@@ -102,17 +102,34 @@ pub fn datapath(args: BenchDatapathArgs) -> Result<()> {
     );
     // Registered before any namespace exists; checked between steps and requests.
     let stop = crate::lab::watch_signals()?;
+    let interrupted = |e: anyhow::Error| {
+        // Whatever failed after the signal (the proxy got it too) is its consequence; the
+        // cluster is torn down on the way out.
+        if stop.load(Ordering::SeqCst) {
+            anyhow!("interrupted")
+        } else {
+            e
+        }
+    };
+    let rig = Rig::new(&stop).map_err(interrupted)?;
     let mut rows = Vec::new();
     for &services in &args.services {
-        let row = match measure_size(&args, services, &proxy_args, &stop) {
-            Ok(row) => row,
-            // Whatever failed after the signal (the proxy got it too) is its consequence;
-            // the cluster is torn down by now.
-            Err(_) if stop.load(Ordering::SeqCst) => bail!("interrupted"),
-            Err(e) => return Err(e.context(format!("at {services} services"))),
+        let spec = RunSpec {
+            mode: &args.proxy_mode,
+            proxy_args: &proxy_args,
+            cgroup,
+            services,
+            endpoints: args.endpoints,
+            requests: args.requests,
+            first_sync_wait: args.first_sync_wait,
+            rps: false,
+            changes: 0,
         };
-        println!("{}", row.line(&label));
-        rows.push(row);
+        let run = rig
+            .run(&spec, &stop)
+            .map_err(|e| interrupted(e.context(format!("at {services} services"))))?;
+        println!("{}", run.row.line(&label));
+        rows.push(run.row);
     }
     if rows.len() > 1 {
         println!("== summary");
@@ -123,14 +140,38 @@ pub fn datapath(args: BenchDatapathArgs) -> Result<()> {
     Ok(())
 }
 
-/// One size's result.
-struct Row {
-    services: u32,
-    via: Percentiles,
-    direct: Percentiles,
+/// The sizes every datapath measurement accepts.
+pub(super) fn check_sizes(services: &[u32], endpoints: u32, requests: u32) -> Result<()> {
+    if endpoints == 0 {
+        bail!("--endpoints 0: must be at least 1");
+    }
+    if services.is_empty() {
+        bail!("--services: give at least one number of services");
+    }
+    for &n in services {
+        if n == 0 || n > MAX_SERVICES {
+            bail!("--services {n}: must be 1..={MAX_SERVICES}");
+        }
+        if u64::from(n) * u64::from(endpoints) > MAX_DUMMY_ENDPOINTS {
+            bail!(
+                "--services {n} × --endpoints {endpoints}: at most {MAX_DUMMY_ENDPOINTS} endpoints in all"
+            );
+        }
+    }
+    if requests == 0 || requests > MAX_REQUESTS {
+        bail!("--requests {requests}: must be 1..={MAX_REQUESTS}");
+    }
+    Ok(())
+}
+
+/// One size's latency result.
+pub(super) struct Row {
+    pub services: u32,
+    pub via: Percentiles,
+    pub direct: Percentiles,
     /// Pod to pod on a node without any rules.
-    reference: Percentiles,
-    full_sync: Option<f64>,
+    pub reference: Percentiles,
+    pub full_sync: Option<f64>,
 }
 
 impl Row {
@@ -190,96 +231,303 @@ impl Percentiles {
     }
 }
 
-fn measure_size(
-    args: &BenchDatapathArgs,
-    services: u32,
-    proxy_args: &[String],
-    stop: &AtomicBool,
-) -> Result<Row> {
-    let cluster = Cluster::builder()
-        .node(NODE, "bench-zone")
-        .node(REF_NODE, "bench-zone")
-        .pod(PodSpec::new("client", NODE))
-        .pod(PodSpec::new("server", NODE))
-        .pod(PodSpec::new("ref-client", REF_NODE))
-        .pod(PodSpec::new("ref-server", REF_NODE))
-        .build()
-        .context("cannot build the virtual cluster")?;
-    let client = cluster.pod("client")?;
-    let server = cluster.pod("server")?;
-    let ref_client = cluster.pod("ref-client")?;
-    let ref_server = cluster.pod("ref-server")?;
-    let manifests = cluster.manifests()?;
-    check(stop)?;
-    let written = Instant::now();
-    let target = write_services(&manifests, services, args.endpoints, server.ipv4())?;
-    println!(
-        "== {services} ClusterIP services written in {:.1} s; measured: bench/{} {}:{SERVICE_PORT} → {}:{POD_PORT} (sorts last)",
-        written.elapsed().as_secs_f64(),
-        target.name,
-        target.cluster_ip,
-        server.ipv4(),
-    );
+/// What one run measures: a proxy in `mode` with `proxy_args` on `services` Services.
+pub(super) struct RunSpec<'a> {
+    pub mode: &'a str,
+    pub proxy_args: &'a [String],
+    /// The mode attaches to a cgroup: give it a scratch one (and pins), and measure from
+    /// inside it.
+    pub cgroup: bool,
+    pub services: u32,
+    pub endpoints: u32,
+    /// New connections per path.
+    pub requests: u32,
+    pub first_sync_wait: Duration,
+    /// Also requests per second ([`RPS_CLIENTS`] concurrent clients, `requests` per path).
+    pub rps: bool,
+    /// Also this many one-change rounds (after the traffic).
+    pub changes: u32,
+}
 
-    let mut argv: Vec<&str> = vec!["--proxy-mode", &args.proxy_mode];
-    // No periodic check in the middle of a measurement (it probes the kernel's tables).
-    if !has_flag(proxy_args, "--sync-period") {
-        argv.extend(["--sync-period", "1h"]);
+/// One run's results.
+pub(super) struct RunResult {
+    pub row: Row,
+    /// Requests per second through the ClusterIP and straight to the pod.
+    pub rps: Option<(f64, f64)>,
+    pub changes: Option<ChangeStats>,
+    /// The proxy's resident set at the end of the run, and its peak, in bytes.
+    pub rss: Option<(u64, u64)>,
+}
+
+/// The virtual cluster every run of a bench shares: a node for the proxy with a client
+/// and a server pod, a node without rules with its own pair, the servers answering. Each
+/// run writes its Services and starts (and stops) its own proxy on it.
+pub(super) struct Rig {
+    // Dropped in this order: the servers, the manifests, then the cluster.
+    _server: PingServer,
+    manifests: Manifests,
+    logs: tempfile::TempDir,
+    exe: PathBuf,
+    client: String,
+    server: Ipv4Addr,
+    ref_client: String,
+    ref_server: Ipv4Addr,
+    cluster: Cluster,
+}
+
+impl Rig {
+    pub(super) fn new(stop: &AtomicBool) -> Result<Rig> {
+        let cluster = Cluster::builder()
+            .node(NODE, "bench-zone")
+            .node(REF_NODE, "bench-zone")
+            .pod(PodSpec::new("client", NODE))
+            .pod(PodSpec::new("server", NODE))
+            .pod(PodSpec::new("ref-client", REF_NODE))
+            .pod(PodSpec::new("ref-server", REF_NODE))
+            .build()
+            .context("cannot build the virtual cluster")?;
+        check(stop)?;
+        let netns = |pod: &Pod| pod.netns().name().to_owned();
+        let (client, server) = (cluster.pod("client")?, cluster.pod("server")?);
+        let (ref_client, ref_server) = (cluster.pod("ref-client")?, cluster.pod("ref-server")?);
+        let direct = SocketAddr::new(server.ipv4().into(), POD_PORT);
+        let reference = SocketAddr::new(ref_server.ipv4().into(), POD_PORT);
+        let ping = PingServer::start(&[
+            (server.netns().name(), direct),
+            (ref_server.netns().name(), reference),
+        ])
+        .context("cannot start the servers in the server pods")?;
+        Ok(Rig {
+            _server: ping,
+            manifests: cluster.manifests()?,
+            logs: tempfile::tempdir().context("cannot create a directory for the proxy's log")?,
+            exe: std::env::current_exe().context("cannot find the svcplane binary")?,
+            client: netns(client),
+            server: server.ipv4(),
+            ref_client: netns(ref_client),
+            ref_server: ref_server.ipv4(),
+            cluster,
+        })
     }
-    argv.extend(proxy_args.iter().map(String::as_str));
-    let logs = tempfile::tempdir().context("cannot create a directory for the proxy's log")?;
-    let log = logs.path().join("proxy.log");
-    let exe = std::env::current_exe().context("cannot find the svcplane binary")?;
-    let started = Instant::now();
-    let proxy = cluster
-        .launch_proxy(
-            &exe,
-            NODE,
-            manifests.path(),
-            &argv,
-            &ProxyLaunch {
-                log: Some(log.clone()),
-                ready_wait: Some(args.first_sync_wait),
-                ..ProxyLaunch::default()
-            },
-        )
-        .map_err(|e| anyhow!("{e}; the proxy's log ends with:\n{}", log_tail(&log)))?;
-    check(stop)?;
-    let metrics = proxy.metrics().context("reading the proxy's metrics")?;
-    let full_sync = first_full_sync(&metrics);
-    println!(
-        "== svcplane proxy {}: ready (read the manifests, first full sync) after {:.2} s; the sync itself {}",
-        argv.join(" "),
-        started.elapsed().as_secs_f64(),
-        full_sync.map_or("not reported".to_owned(), |s| format!("{s:.2} s")),
-    );
 
-    let direct = SocketAddr::new(server.ipv4().into(), POD_PORT);
-    let reference = SocketAddr::new(ref_server.ipv4().into(), POD_PORT);
-    let _server = PingServer::start(&[
-        (server.netns().name(), direct),
-        (ref_server.netns().name(), reference),
-    ])
-    .context("cannot start the servers in the server pods")?;
-    let mut paths = [
-        Route::new(
-            "through the ClusterIP",
-            client,
-            SocketAddr::new(target.cluster_ip.into(), SERVICE_PORT),
-        ),
-        Route::new("straight to the pod at", client, direct),
-        Route::new("on the node without rules to", ref_client, reference),
-    ];
-    measure(&mut paths, args.requests, stop)?;
-    let _ = proxy.terminate();
-    let [via, direct, reference] = paths.map(|p| Percentiles::of(p.samples));
-    Ok(Row {
-        services,
-        via: via.context("no samples")?,
-        direct: direct.context("no samples")?,
-        reference: reference.context("no samples")?,
-        full_sync,
-    })
+    /// Write the Services, start the proxy, measure, stop it and remove what it programmed.
+    pub(super) fn run(&self, spec: &RunSpec<'_>, stop: &AtomicBool) -> Result<RunResult> {
+        let services = spec.services;
+        let written = Instant::now();
+        let (yaml, changing, target) = services_yaml(services, spec.endpoints, self.server);
+        self.manifests
+            .write("services.yaml", &yaml)
+            .context("writing services.yaml")?;
+        self.manifests
+            .write("changing.yaml", &changing)
+            .context("writing changing.yaml")?;
+        println!(
+            "== {services} ClusterIP services written in {:.1} s; measured: bench/{} {}:{SERVICE_PORT} → {}:{POD_PORT} (sorts last)",
+            written.elapsed().as_secs_f64(),
+            target.name,
+            target.cluster_ip,
+            self.server,
+        );
+        let scratch = spec.cgroup.then(EbpfScratch::new).transpose()?;
+        let mut argv: Vec<String> = vec!["--proxy-mode".into(), spec.mode.into()];
+        // No periodic check in the middle of a measurement (it probes the kernel's tables).
+        if !has_flag(spec.proxy_args, "--sync-period") {
+            argv.extend(["--sync-period".into(), "1h".into()]);
+        }
+        if let Some(s) = &scratch {
+            argv.extend(s.proxy_args());
+        }
+        argv.extend(spec.proxy_args.iter().cloned());
+        let result = self.run_proxy(spec, &argv, &target, scratch.as_ref(), stop);
+        // Whatever happened, the next run starts from a node without this mode's rules.
+        let cleaned = self.cleanup(spec.mode, scratch.as_ref());
+        let result = result?;
+        cleaned?;
+        Ok(result)
+    }
+
+    fn run_proxy(
+        &self,
+        spec: &RunSpec<'_>,
+        argv: &[String],
+        target: &Target,
+        scratch: Option<&EbpfScratch>,
+        stop: &AtomicBool,
+    ) -> Result<RunResult> {
+        let log = self.logs.path().join("proxy.log");
+        let started = Instant::now();
+        let argv_str: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let mut proxy = self
+            .cluster
+            .launch_proxy(
+                &self.exe,
+                NODE,
+                self.manifests.path(),
+                &argv_str,
+                &ProxyLaunch {
+                    log: Some(log.clone()),
+                    no_wait: true,
+                    ..ProxyLaunch::default()
+                },
+            )
+            .context("cannot start svcplane proxy")?;
+        wait_ready(&mut proxy, spec, stop)
+            .map_err(|e| anyhow!("{e}; the proxy's log ends with:\n{}", log_tail(&log)))?;
+        let metrics = proxy.metrics().context("reading the proxy's metrics")?;
+        let full_sync = first_full_sync(&metrics);
+        println!(
+            "== svcplane proxy {}: ready (read the manifests, first full sync) after {:.2} s; the sync itself {}",
+            argv.join(" "),
+            started.elapsed().as_secs_f64(),
+            full_sync.map_or("not reported".to_owned(), |s| format!("{s:.2} s")),
+        );
+
+        // A socket-level mode translates only sockets made inside its cgroup: this whole
+        // process joins it for the traffic (every path alike, as every pod's would).
+        let member = scratch
+            .map(|s| s.cgroup.enter())
+            .transpose()
+            .context("cannot join the proxy's cgroup")?;
+        let direct = SocketAddr::new(self.server.into(), POD_PORT);
+        let via = SocketAddr::new(target.cluster_ip.into(), SERVICE_PORT);
+        let reference = SocketAddr::new(self.ref_server.into(), POD_PORT);
+        let mut paths = [
+            Route::new("through the ClusterIP", &self.client, via),
+            Route::new("straight to the pod at", &self.client, direct),
+            Route::new("on the node without rules to", &self.ref_client, reference),
+        ];
+        measure(&mut paths, spec.requests, stop)?;
+        let [via_p, direct_p, reference_p] = paths.map(|p| Percentiles::of(p.samples));
+        let rps = if spec.rps {
+            let mut progress = Progress::new("requests per second", 2 * u64::from(spec.requests));
+            let through = rps(&self.client, via, spec.requests, &mut progress, stop)?;
+            let straight = rps(&self.client, direct, spec.requests, &mut progress, stop)?;
+            Some((through, straight))
+        } else {
+            None
+        };
+        drop(member);
+        let changes = if spec.changes > 0 {
+            let mut progress = Progress::new("one-change rounds", u64::from(spec.changes));
+            let stats = change_rounds(
+                spec.changes,
+                || proxy.metrics().map_err(Into::into),
+                |round| write_changing_slice(&self.manifests, spec.endpoints, round),
+                || {
+                    progress.inc();
+                    check(stop)
+                },
+            )?;
+            Some(stats)
+        } else {
+            None
+        };
+        let rss = proxy.pid().and_then(rss_of);
+        if !proxy.is_running() {
+            bail!("the proxy exited during the measurement");
+        }
+        let _ = proxy.terminate();
+        Ok(RunResult {
+            row: Row {
+                services: spec.services,
+                via: via_p.context("no samples")?,
+                direct: direct_p.context("no samples")?,
+                reference: reference_p.context("no samples")?,
+                full_sync,
+            },
+            rps,
+            changes,
+            rss,
+        })
+    }
+
+    /// `svcplane cleanup --proxy-mode MODE` on the proxy's node.
+    fn cleanup(&self, mode: &str, scratch: Option<&EbpfScratch>) -> Result<()> {
+        let node = self.cluster.node(NODE)?;
+        let mut args = vec!["cleanup", "--proxy-mode", mode];
+        let pins = scratch.map(|s| s.pins.to_string_lossy().into_owned());
+        if let Some(p) = &pins {
+            args.extend(["--bpf-pin-path", p]);
+        }
+        let exe = self.exe.to_string_lossy();
+        svcplane_testkit::run_checked(&mut node.netns().command(&exe, &args))
+            .with_context(|| format!("svcplane {} on {NODE}", args.join(" ")))?;
+        Ok(())
+    }
+}
+
+/// Wait (with a spinner) until the proxy is ready, has exited, or the wait is over.
+fn wait_ready(proxy: &mut ProxyHandle, spec: &RunSpec<'_>, stop: &AtomicBool) -> Result<()> {
+    let mut spinner = Progress::spinner(format!(
+        "{} on {} services: waiting for the first sync",
+        spec.mode, spec.services
+    ));
+    let mut exited = false;
+    let ready = svcplane_testkit::wait_until(spec.first_sync_wait, || {
+        spinner.draw();
+        exited = !proxy.is_running();
+        exited || stop.load(Ordering::SeqCst) || proxy.is_ready()
+    });
+    check(stop)?;
+    if exited {
+        bail!("svcplane proxy on {NODE} exited before it was ready");
+    }
+    if !ready {
+        bail!(
+            "svcplane proxy on {NODE} not ready after {:?}",
+            spec.first_sync_wait
+        );
+    }
+    Ok(())
+}
+
+/// A socket-level mode's scratch: a cgroup of its own to attach to and a pin directory
+/// of its own (the host's pins and services are untouched); removed on drop.
+struct EbpfScratch {
+    cgroup: svcplane_testkit::Cgroup,
+    pins: PathBuf,
+}
+
+impl EbpfScratch {
+    fn new() -> Result<EbpfScratch> {
+        let (bpffs, _) = svcplane_testkit::bpf_test_mounts().context("bpffs for the bench")?;
+        Ok(EbpfScratch {
+            cgroup: svcplane_testkit::Cgroup::new("svcplane-bench")
+                .context("a scratch cgroup for the bench")?,
+            pins: bpffs.join(format!("bench-{}", std::process::id())),
+        })
+    }
+
+    fn proxy_args(&self) -> [String; 4] {
+        [
+            "--bpf-pin-path".into(),
+            self.pins.to_string_lossy().into_owned(),
+            "--cgroup-path".into(),
+            self.cgroup.path().to_string_lossy().into_owned(),
+        ]
+    }
+}
+
+impl Drop for EbpfScratch {
+    fn drop(&mut self) {
+        // Rig::cleanup unpinned everything; the directory itself may be left.
+        let _ = std::fs::remove_dir_all(&self.pins);
+    }
+}
+
+/// VmRSS and VmHWM of process `pid`, in bytes.
+fn rss_of(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |field: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((kib("VmRSS:")? * 1024, kib("VmHWM:")? * 1024))
 }
 
 /// The first full sync's duration from the proxy's metrics (as `bench sync` reads it).
@@ -303,10 +551,10 @@ pub(crate) struct Route {
 }
 
 impl Route {
-    pub(crate) fn new(what: &'static str, from: &Pod, dst: SocketAddr) -> Route {
+    pub(crate) fn new(what: &'static str, netns: &str, dst: SocketAddr) -> Route {
         Route {
             what,
-            netns: from.netns().name().to_owned(),
+            netns: netns.to_owned(),
             dst,
             spare: Vec::new(),
             samples: Vec::new(),
@@ -334,11 +582,17 @@ impl Route {
 /// R rounds of one request per path (after a warm-up), rotating which path goes first so
 /// that none always follows the same other one.
 pub(crate) fn measure(paths: &mut [Route], requests: u32, stop: &AtomicBool) -> Result<()> {
-    for i in 0..WARMUP.min(requests) {
+    let warmup = WARMUP.min(requests);
+    let mut progress = Progress::new(
+        "connect + request + close, per path",
+        u64::from(warmup + requests),
+    );
+    for i in 0..warmup {
         check(stop)?;
         for path in paths.iter_mut() {
             path.request(i, false)?;
         }
+        progress.inc();
     }
     let n = paths.len();
     for i in 0..requests {
@@ -346,8 +600,66 @@ pub(crate) fn measure(paths: &mut [Route], requests: u32, stop: &AtomicBool) -> 
         for k in 0..n {
             paths[(i as usize + k) % n].request(i, true)?;
         }
+        progress.inc();
     }
     Ok(())
+}
+
+/// Requests per second to `dst` from pod `netns`: `requests` new connections (connect,
+/// request, reply, close) from [`RPS_CLIENTS`] concurrent clients, over the time from
+/// their start to the last one's end.
+fn rps(
+    netns: &str,
+    dst: SocketAddr,
+    requests: u32,
+    progress: &mut Progress,
+    stop: &AtomicBool,
+) -> Result<f64> {
+    let done = std::sync::atomic::AtomicU32::new(0);
+    let share = |k: usize| {
+        let (k, n) = (k as u32, RPS_CLIENTS as u32);
+        requests / n + u32::from(k < requests % n)
+    };
+    let started = Instant::now();
+    let ended = std::thread::scope(|scope| -> Result<Instant> {
+        let workers: Vec<_> = (0..RPS_CLIENTS)
+            .map(|k| {
+                let done = &done;
+                scope.spawn(move || -> Result<Instant> {
+                    let mut route = Route::new("(requests per second) to", netns, dst);
+                    for i in 0..share(k) {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        route.request(i, false)?;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Instant::now())
+                })
+            })
+            .collect();
+        // The bar follows the workers; they never wait on it, and their own clocks say
+        // when they finished.
+        let mut shown = 0;
+        while workers.iter().any(|w| !w.is_finished()) {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = done.load(Ordering::Relaxed);
+            for _ in shown..now {
+                progress.inc();
+            }
+            shown = now;
+        }
+        let mut last = started;
+        for w in workers {
+            let end = w
+                .join()
+                .map_err(|_| anyhow!("a requests-per-second client panicked"))??;
+            last = last.max(end);
+        }
+        Ok(last)
+    })?;
+    check(stop)?;
+    Ok(f64::from(requests) / (ended - started).as_secs_f64())
 }
 
 /// `n` TCP sockets for `dst`, made inside `netns` (a socket stays in the namespace it was
@@ -480,40 +792,41 @@ struct Target {
 
 /// `services` ClusterIP Services in namespace `bench`, `svc-000000` … (zero-padded so that
 /// name order is index order); each but the last has `endpoints` dummy endpoints, the last
-/// has the server pod.
-fn write_services(
-    manifests: &Manifests,
-    services: u32,
-    endpoints: u32,
-    pod: Ipv4Addr,
-) -> Result<Target> {
-    let (yaml, target) = services_yaml(services, endpoints, pod);
-    manifests
-        .write("services.yaml", &yaml)
-        .context("writing services.yaml")?;
-    Ok(target)
-}
-
-fn services_yaml(services: u32, endpoints: u32, pod: Ipv4Addr) -> (String, Target) {
+/// has the server pod. Returns every object but `svc-000000`'s EndpointSlice, that slice
+/// (`changing.yaml`: the one-change rounds rewrite it, after the traffic, so with a single
+/// Service they may take the pod away), and the measured Service.
+fn services_yaml(services: u32, endpoints: u32, pod: Ipv4Addr) -> (String, String, Target) {
     let mut out = String::with_capacity(services as usize * (400 + 60 * endpoints as usize));
+    let mut changing = String::new();
     let name = |i: u32| format!("svc-{i:06}");
     let last = services.saturating_sub(1);
-    for i in 0..last {
+    for i in 0..services {
         service_yaml(&mut out, &name(i), cluster_ip(i));
-        let first = i * endpoints;
-        slice_yaml(
-            &mut out,
-            &name(i),
-            (first..first + endpoints).map(endpoint_ip),
-        );
+        let slice = if i == 0 { &mut changing } else { &mut out };
+        if i == last {
+            slice_yaml(slice, &name(i), [pod]);
+        } else {
+            let first = i * endpoints;
+            slice_yaml(slice, &name(i), (first..first + endpoints).map(endpoint_ip));
+        }
     }
     let target = Target {
         name: name(last),
         cluster_ip: cluster_ip(last),
     };
-    service_yaml(&mut out, &target.name, target.cluster_ip);
-    slice_yaml(&mut out, &target.name, [pod]);
-    (out, target)
+    (out, changing, target)
+}
+
+/// Round `round` of the one-change rounds: [`CHANGING`]'s slice with its endpoint window
+/// moved by one address (one endpoint leaves, one arrives).
+fn write_changing_slice(manifests: &Manifests, endpoints: u32, round: u32) -> Result<()> {
+    let mut out = String::new();
+    let window = super::changing_window(endpoints, round).map(endpoint_ip);
+    slice_yaml(&mut out, CHANGING, window);
+    manifests
+        .write("changing.yaml", &out)
+        .context("writing the changed slice")?;
+    Ok(())
 }
 
 /// `FLAG` given as `FLAG VALUE` or `FLAG=VALUE`.
@@ -549,7 +862,8 @@ mod tests {
     #[test]
     fn the_measured_service_sorts_last_and_has_the_pod() {
         let pod = Ipv4Addr::new(10, 244, 1, 11);
-        let (yaml, target) = services_yaml(12, 2, pod);
+        let (main, changing, target) = services_yaml(12, 2, pod);
+        let yaml = format!("{main}{changing}");
         let names: Vec<&str> = yaml
             .lines()
             .filter_map(|l| l.strip_prefix("metadata: {name: "))
@@ -561,10 +875,27 @@ mod tests {
         assert_eq!(target.name, "svc-000011");
         assert_eq!(target.cluster_ip, cluster_ip(11));
         // The pod is the last service's only endpoint, and nobody else's.
-        let (_, last_slice) = yaml.rsplit_once("name: svc-000011-1").unwrap();
+        let (_, last_slice) = main.rsplit_once("name: svc-000011-1").unwrap();
         assert!(last_slice.contains(&format!("[\"{pod}\"]")), "{last_slice}");
         assert_eq!(yaml.matches(&pod.to_string()).count(), 1);
         assert_eq!(yaml.matches("addresses:").count(), 11 * 2 + 1);
+        // The changing slice is svc-000000's, and only there.
+        assert!(
+            changing.contains(&format!("name: {CHANGING}-1,")),
+            "{changing}"
+        );
+        assert!(!main.contains(&format!("name: {CHANGING}-1,")));
+        assert_eq!(changing.matches("addresses:").count(), 2);
+    }
+
+    #[test]
+    fn a_single_service_is_measured_and_changed() {
+        let pod = Ipv4Addr::new(10, 244, 1, 11);
+        let (main, changing, target) = services_yaml(1, 3, pod);
+        assert_eq!(target.name, CHANGING);
+        assert!(main.contains("kind: Service\n"), "{main}");
+        assert!(!main.contains("EndpointSlice"), "{main}");
+        assert!(changing.contains(&format!("[\"{pod}\"]")), "{changing}");
     }
 
     #[test]
