@@ -50,8 +50,10 @@ pub fn unavailable(mode: &str) -> Option<String> {
     }
 }
 
-/// Remove everything the mode programmed on node-a, behind the proxy's back, and check
-/// it is gone: the proxy must notice on its own and put it back.
+/// Remove everything the mode programmed on node-a, behind the proxy's back: the proxy
+/// must notice on its own and put it back. Each command's success is checked, not the
+/// absence afterwards: at `--sync-period 1s` the proxy may already have repaired it (seen
+/// under load). The scenario proves the wreck was noticed: the full-sync count rises.
 pub fn wreck_rules(env: &Env) {
     let node = env.cluster.node("node-a").expect("node");
     let run = |program: &str, args: &[&str]| {
@@ -61,9 +63,6 @@ pub fn wreck_rules(env: &Env) {
     match env.cell.mode {
         "nftables" => {
             run("nft", &["flush", "ruleset"]);
-            let out = run("nft", &["list", "tables"]);
-            let left = String::from_utf8_lossy(&out.stdout);
-            assert!(!left.contains("svcplane"), "nft flush ruleset left: {left}");
         }
         "iptables" => {
             // A firewall reload: every rule and every non-builtin chain of the tables
@@ -73,29 +72,20 @@ pub fn wreck_rules(env: &Env) {
                     run(program, &["-t", table, "-F"]);
                     run(program, &["-t", table, "-X"]);
                 }
-                let out = run(&format!("{program}-save"), &[]);
-                let left = String::from_utf8_lossy(&out.stdout);
-                assert!(
-                    !left.contains("SVCP-"),
-                    "{program} flush left svcplane's chains:\n{left}"
-                );
             }
         }
         "ipvs" => {
             // The dummy interface (and with it the service addresses) and the filter
             // tables; the virtual servers stay, unreachable without their addresses.
             run("ip", &["link", "del", "svcplane-ipvs0"]);
-            // No check that the tables are gone: between the two commands the proxy's
-            // periodic check may already have put everything back (seen under QEMU's
-            // TCG on a loaded machine). The scenario asserts the repair itself.
             run("nft", &["flush", "ruleset"]);
         }
         "ebpf" => {
             // Unpin the programs' links and the maps: the periodic check finds the pins
             // gone and runs a full sync that puts them back (the scenario asserts it).
             let hooks = env.hooks("node-a").expect("node-a's eBPF hooks");
-            let _ = std::fs::remove_dir_all(&hooks.pins);
-            assert!(!hooks.pins.exists(), "{} still there", hooks.pins.display());
+            std::fs::remove_dir_all(&hooks.pins)
+                .unwrap_or_else(|e| panic!("remove {}: {e}", hooks.pins.display()));
         }
         other => panic!("no way to wreck mode {other}'s rules: add it in traffic/modes.rs"),
     }
