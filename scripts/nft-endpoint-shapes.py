@@ -22,6 +22,10 @@ SHAPE (N ClusterIP services × 10 endpoints; every set and map named, hairpin ma
   svcmap  one named data map per service: `dnat ip to numgen random mod N map @svc-eps-S`
   concat  one map for all services (kubernetes PR #140362): `dnat ip addr . port to
           ip daddr . tcp dport . numgen random mod N map @endpoints-tcp`
+  concatk concat, but the dnat rule lives once per endpoint count N in a shared chain
+          `endpoints-mod-N` and a service chain ends in `goto endpoints-mod-N`: the map is
+          bound by a handful of rules instead of one per service
+  concatpre concat with the map's elements added before the rules that bind it
 """
 import argparse
 import os
@@ -33,7 +37,8 @@ import tempfile
 import time
 
 E = 10
-SHAPES = ["flat", "vmap", "vmapanon", "svcmap", "concat"]
+SHAPES = ["flat", "vmap", "vmapanon", "svcmap", "concat", "concatk", "concatpre"]
+MAX_K = 16  # concatk: shared endpoints-mod-N chains for N = 1..MAX_K
 ENDPOINT_CHAINS = ("vmap", "vmapanon")
 TIMEOUT = 900  # seconds for any one nft run: nothing here waits without a deadline
 
@@ -69,10 +74,16 @@ def svc_rules(shape, s, eps):
             n, ", ".join("%d : goto ep-%d-%s" % (i, s, a.replace(".", "-")) for i, a in enumerate(eps)))]
     if shape == "svcmap":
         return ["meta l4proto tcp dnat ip to numgen random mod %d map @svc-eps-%d" % (n, s)]
-    if shape == "concat":
-        return ["meta l4proto tcp dnat ip addr . port to ip daddr . tcp dport . numgen random mod %d "
-                "map @endpoints-tcp" % n]
+    if shape in ("concat", "concatpre"):
+        return [concat_rule(n)]
+    if shape == "concatk":
+        return ["goto endpoints-mod-%d" % n]
     raise SystemExit("unknown shape " + shape)
+
+
+def concat_rule(n):
+    return ("meta l4proto tcp dnat ip addr . port to ip daddr . tcp dport . numgen random mod %d "
+            "map @endpoints-tcp" % n)
 
 
 def ep_chain(s, a):
@@ -89,7 +100,7 @@ def elements(shape, s, eps, idx=None):
         return [("svc-eps-%d" % s, "%d : goto %s" % (i, ep_chain(s, eps[i])[0])) for i in idx]
     if shape == "svcmap":
         return [("svc-eps-%d" % s, "%d : %s . 8080" % (i, eps[i])) for i in idx]
-    if shape == "concat":
+    if shape.startswith("concat"):
         return [("endpoints-tcp", "%s . 80 . %d : %s . 8080" % (vip(s), i, eps[i])) for i in idx]
     return []
 
@@ -114,9 +125,14 @@ def full_script(shape, n):
               "add rule ip t nat-postrouting ct status dnat ip saddr . ip daddr @hairpin jump mark-for-masquerade"]
     o += ["add rule ip t nat-postrouting meta mark & 0x4000 == 0 return",
           "add rule ip t nat-postrouting masquerade fully-random"]
-    if shape == "concat":
+    if shape.startswith("concat"):
         o.append("add map ip t endpoints-tcp { typeof ip daddr . tcp dport . numgen random mod 1 : "
                  "ip daddr . tcp dport ; }")
+    if shape == "concatk":
+        for k in range(1, MAX_K + 1):
+            o += ["add chain ip t endpoints-mod-%d" % k, "add rule ip t endpoints-mod-%d %s" % (k, concat_rule(k))]
+    if shape == "concatpre":
+        o += add_elements([e for s in range(n) for e in elements(shape, s, endpoints(s))])
     elems, svc_elems, hairpin = [], [], []
     for s in range(n):
         eps = endpoints(s)
@@ -135,8 +151,10 @@ def full_script(shape, n):
                  "jump mark-for-masquerade" % (s, vip(s)))
         o += ["add rule ip t service-%d %s" % (s, r) for r in svc_rules(shape, s, eps)]
         svc_elems.append("%s . tcp . 80 : goto service-%d" % (vip(s), s))
-    # Elements after every rule that references their map, as a render would order them.
-    o += add_elements(elems)
+    # Elements after every rule that references their map, as a render would order them
+    # (concatpre: before, above).
+    if shape != "concatpre":
+        o += add_elements(elems)
     o.append("add element ip t service-ips { %s }" % ", ".join(svc_elems))
     if hairpin:
         o.append("add element ip t hairpin { %s }" % ", ".join(hairpin))
@@ -168,7 +186,7 @@ def change_script(shape, s, kind):
         for a in came:
             o += ep_chain(s, a)[1]
     changed = [i for i in range(len(new)) if i >= len(old) or new[i] != old[i]]
-    if shape in ("vmap", "svcmap", "concat"):
+    if shape in ("vmap", "svcmap") or shape.startswith("concat"):
         if kind == "swap":
             o += add_elements(elements(shape, s, old, changed), "delete")
         o += add_elements(elements(shape, s, new, changed))
@@ -234,7 +252,7 @@ def main():
     ap.add_argument("--changes", type=int, default=5)
     ap.add_argument("--vmapanon-max", type=int, default=1000,
                     help="largest N for vmapanon (kube-proxy's anonymous maps: 179 s at 10k)")
-    ap.add_argument("shapes", nargs="*", default=["flat", "vmap", "vmapanon", "svcmap", "concat"])
+    ap.add_argument("shapes", nargs="*", default=SHAPES)
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces, nftables)")

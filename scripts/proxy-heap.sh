@@ -66,7 +66,7 @@ for _ in $(seq 1200); do
     kill -0 "$pid" 2>/dev/null || { echo "proxy exited"; cat "$work/proxy.log"; exit 1; }
     sleep 0.5
 done
-echo "== first sync done after $(( $(date +%s) - start )) s${plain:- (under heaptrack)}"
+echo "== first sync done after $(( $(date +%s) - start )) s$([[ -n $plain ]] || echo " (under heaptrack)")"
 sleep 2
 grep -E '^(Rss|Pss_Anon|Pss_File|Anonymous)' "/proc/$pid/smaps_rollup"
 ip netns exec "$ns" curl -s -m 2 http://127.0.0.1:10249/metrics | grep -E '^kubeproxy_sync_full_proxy_rules_duration_seconds_sum' || true
