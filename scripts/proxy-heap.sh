@@ -85,7 +85,8 @@ heaptrack_print -f "$f" -p 0 -a 0 -T 0 2>/dev/null | grep -E '^(calls to|peak he
 here=$(dirname "$0")
 for cost in leaked peak; do
     heaptrack_print -f "$f" -p 0 -a 0 -T 0 -F "$work/$cost.stacks" --flamegraph-cost-type "$cost" >/dev/null 2>&1
-    echo "== $cost (live after the first sync for leaked), by innermost svcplane function:"
+    what=$([[ $cost == leaked ]] && echo "live after the first sync" || echo "at the heap's peak")
+    echo "== bytes $what, by innermost svcplane function:"
     python3 "$here/heaptrack-by-frame.py" "$work/$cost.stacks" 15
     rm -f "$work/$cost.stacks"
 done
