@@ -3,7 +3,7 @@
 //! on the test kit's two-node virtual cluster:
 //!
 //! 1. DNS from a client pod with a pod's resolv.conf through `svcplane proxy --dns-listen`;
-//! 2. what carries the web Service's ClusterIP in that mode (`svcplane render`'s lines);
+//! 2. what carries the web Service's ClusterIP in that mode (`svcplane trace` of its name);
 //! 3. 30 requests to the name, with the spread over the Deployment's Pods;
 //! 4. a NodePort request from the external client, with the source the Pod saw;
 //! 5. the Deployment scaled down by one (the manifest edited, its Pod gone): how long until
@@ -27,7 +27,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use serde_json::Value;
 use svcplane_dataplane::ProxyMode;
-use svcplane_model::{Change, Format, IpFamily, NamespacedName, Object, Service, ServiceType};
+use svcplane_model::{
+    Change, Format, IpFamily, NamespacedName, Object, Protocol, Service, ServiceType,
+};
 use svcplane_source::{AllocatorConfig, ManifestSource};
 use svcplane_testkit::{
     CLUSTER_CIDR, Cgroup, Cluster, EchoReply, PodSpec, ProxyHandle, ProxyLaunch, bpf_test_mounts,
@@ -986,12 +988,26 @@ impl Ctx<'_> {
         })?;
         let (script, _) = crate::commands::render_script(&settings)?;
         run.programmed_lines = Some(script.lines().filter(|l| !l.trim().is_empty()).count());
-        let lines = carrying_lines(&script, &vip);
-        let ok = !lines.is_empty();
+        // `svcplane trace` from the client pod to the Service's name: the engine's
+        // decisions and the mode's objects that carry the VIP (one explanation, trace's).
+        let world = crate::trace::load_world(&settings, &crate::cli::ApiArgs::default(), DOMAIN)?;
+        let port = svc.ports.first().map(|p| p.port);
+        let name = format!("{}.{}.svc.{DOMAIN}", svc.name.name, svc.name.namespace);
+        let client: IpAddr = self.cluster().pod(CLIENT)?.ipv4().into();
+        let report = crate::trace::trace_name(&world, &name, port, Some(client), Protocol::Tcp)?;
+        let ok = !report.traces.is_empty()
+            && report.traces.iter().all(|t| {
+                t.outcome == crate::trace::Outcome::Forward && t.kernel.iter().any(|k| k.matches)
+            });
         let mut out = vec![format!(
-            "svcplane render --proxy-mode {mode}: the lines for {vip} (and the chains they lead to)"
+            "svcplane trace {name}:{} --from {client} --proxy-mode {mode}",
+            port.map_or_else(|| "?".to_string(), |p| p.to_string())
         )];
-        out.extend(lines.iter().take(24).cloned());
+        out.extend(
+            crate::trace::render_text(&report)
+                .lines()
+                .map(str::to_string),
+        );
         if mode == "iptables" {
             // The proxy runs the tree dispatch; kube-proxy's flat list is one flag away.
             let linear = EngineSettings {

@@ -931,16 +931,7 @@ pub fn run(args: crate::cli::TraceArgs) -> Result<()> {
         "sctp" => Protocol::Sctp,
         other => bail!("--proto: unknown protocol {other:?} (expected tcp, udp or sctp)"),
     };
-    let zone = ZoneConfig::new(&args.cluster_domain, svcplane_dns::records::DEFAULT_TTL)
-        .context("--cluster-domain")?;
-    let changes = load_changes(&settings, &args.api)?;
-    let world = World::new(
-        Engine::new(settings.engine_config()),
-        changes,
-        &zone,
-        settings.mode,
-        settings.backend_options(),
-    );
+    let world = load_world(&settings, &args.api, &args.cluster_domain)?;
     let report = match (&args.name, args.to) {
         (Some(name), _) => {
             let (name, port) = split_port(name)?;
@@ -973,6 +964,25 @@ pub fn run(args: crate::cli::TraceArgs) -> Result<()> {
     Ok(())
 }
 
+/// The node's world as `proxy` would start from it: the source's initial state through
+/// a fresh engine, and the DNS zone of the same objects (also the lab's hop 2).
+pub fn load_world(
+    settings: &crate::settings::EngineSettings,
+    api: &crate::cli::ApiArgs,
+    cluster_domain: &str,
+) -> Result<World> {
+    let zone = ZoneConfig::new(cluster_domain, svcplane_dns::records::DEFAULT_TTL)
+        .context("--cluster-domain")?;
+    let changes = load_changes(settings, api)?;
+    Ok(World::new(
+        Engine::new(settings.engine_config()),
+        changes,
+        &zone,
+        settings.mode,
+        settings.backend_options(),
+    ))
+}
+
 /// `NAME[:PORT]`.
 fn split_port(arg: &str) -> Result<(&str, Option<u16>)> {
     match arg.rsplit_once(':') {
@@ -996,7 +1006,9 @@ fn load_changes(
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|h| !h.is_empty());
     match crate::commands::object_source_with(settings, api, in_cluster)? {
         crate::commands::ObjectSource::Manifests(dir) => {
-            let (changes, problems) = ManifestSource::new(&dir).load_once()?;
+            let (changes, problems) = ManifestSource::new(&dir)
+                .allocator(settings.allocator.clone())
+                .load_once()?;
             for problem in &problems {
                 eprintln!("warning: {problem}");
             }
