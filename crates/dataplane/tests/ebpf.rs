@@ -46,6 +46,8 @@ fn options(cgroup: &Cgroup) -> EbpfOptions {
         backend_map_max: 1024,
         revnat_map_max: 1024,
         affinity_map_max: 1024,
+        // This process runs in the host's network namespace: no nftables table here.
+        north_south: false,
     }
 }
 

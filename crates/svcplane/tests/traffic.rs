@@ -43,35 +43,18 @@ scenario_table! {
     scenarios: [
         cluster_ip_one_endpoint_with_target_port_from_a_pod,
         cluster_ip_many_endpoints_spread_from_a_pod,
-        cluster_ip_from_the_external_client_is_masqueraded {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
-        },
-        tcp_and_udp_on_the_same_port_number {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet (the ClusterIP part from pods passes)",
-        },
-        node_port_from_the_external_client {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
-        },
-        node_ports_outside_the_default_range {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
-        },
+        cluster_ip_from_the_external_client_is_masqueraded,
+        tcp_and_udp_on_the_same_port_number,
+        node_port_from_the_external_client,
+        node_ports_outside_the_default_range,
         udp_to_a_tcp_only_port_is_rejected {
             ebpf/_: "eBPF mode does not reject a ClusterIP's unused ports yet: a datagram to a port the Service lacks is not translated and goes unanswered instead of getting port unreachable",
         },
-        service_without_endpoints_is_rejected {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet (from a pod the connect is refused, as required)",
-        },
-        load_balancer_source_ranges_allow_and_block_but_not_the_node_port {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet; no source ranges either",
-        },
-        external_ip_from_the_external_client {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
-        },
-        external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
-        },
+        service_without_endpoints_is_rejected,
+        load_balancer_source_ranges_allow_and_block_but_not_the_node_port,
+        external_ip_from_the_external_client,
+        external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints,
         external_traffic_policy_local_from_the_node_itself {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet (the node's own traffic passes; the external client's NodePort is not dropped)",
             ipvs/_: "IPVS chooses real servers by destination only: the node's own traffic \
                 to an eTP Local address gets that address's local-only real servers, not the \
                 cluster-wide endpoints (as in kube-proxy's IPVS mode)",

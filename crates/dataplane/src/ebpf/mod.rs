@@ -3,6 +3,11 @@
 //! connect/sendmsg and back at recvmsg/getpeername; this backend fills their maps from the
 //! desired state. Maps and program links are pinned under `--bpf-pin-path`, so a restart or
 //! a crash of svcplane keeps every connection working; `cleanup` unpins (which detaches).
+//!
+//! North-south traffic (NodePorts, LoadBalancer IPs and externalIPs reached from outside the
+//! node, source ranges, eTP, masquerade) is not seen by socket hooks: it is served by the
+//! nftables backend's rules from the same desired state, in table `svcplane-ns` and on the
+//! prerouting side only ([`Layout::NORTH_SOUTH`]).
 
 pub mod plan;
 
@@ -20,6 +25,8 @@ use svcplane_ebpf_common::{
     ServiceValue, VERSION,
 };
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
+
+use crate::nftables::{Layout, NftablesBackend};
 
 use plan::{FrontEntry, IdPool, Image, Op, Owned, Owner, Scope};
 
@@ -40,6 +47,9 @@ pub struct EbpfOptions {
     pub backend_map_max: u32,
     pub revnat_map_max: u32,
     pub affinity_map_max: u32,
+    /// Program the north-south nftables table too (`false`: the socket load balancer alone,
+    /// for tests of it that run in their own process's network namespace).
+    pub north_south: bool,
 }
 
 impl Default for EbpfOptions {
@@ -52,6 +62,7 @@ impl Default for EbpfOptions {
             backend_map_max: 262_144,
             revnat_map_max: 262_144,
             affinity_map_max: 65_536,
+            north_south: true,
         }
     }
 }
@@ -169,11 +180,16 @@ pub struct EbpfBackend {
     owned: HashMap<Owner, Owned>,
     svc_ids: IdPool,
     backend_ids: IdPool,
+    /// The north-south table (`None` with `north_south: false`).
+    north_south: Option<NftablesBackend>,
 }
 
 impl EbpfBackend {
     pub fn new(options: EbpfOptions) -> Self {
         EbpfBackend {
+            north_south: options
+                .north_south
+                .then(|| NftablesBackend::new().with_layout(Layout::NORTH_SOUTH)),
             options,
             loaded: None,
             image: Image::default(),
@@ -187,11 +203,13 @@ impl EbpfBackend {
         &self.options
     }
 
-    /// Whether anything of this mode is pinned (for other modes' startup cleanup).
+    /// Whether anything of this mode is pinned, or its north-south table exists (for other
+    /// modes' startup cleanup).
     pub fn is_present(&self) -> bool {
         fs::read_dir(&self.options.pin_path)
             .map(|mut d| d.next().is_some())
             .unwrap_or(false)
+            || self.north_south.as_ref().is_some_and(|n| n.is_present())
     }
 
     /// Load the programs (reusing pinned maps), attach them to the cgroup, pin the links
@@ -444,12 +462,9 @@ fn read_image(
     img
 }
 
-impl Dataplane for EbpfBackend {
-    fn mode(&self) -> &'static str {
-        "ebpf"
-    }
-
-    fn sync(
+impl EbpfBackend {
+    /// The socket load balancer's half of a sync: the maps.
+    fn sync_maps(
         &mut self,
         desired: &Arc<DesiredState>,
         diff: &Diff,
@@ -501,6 +516,30 @@ impl Dataplane for EbpfBackend {
             ..SyncReport::default()
         })
     }
+}
+
+impl Dataplane for EbpfBackend {
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn sync(
+        &mut self,
+        desired: &Arc<DesiredState>,
+        diff: &Diff,
+    ) -> Result<SyncReport, DataplaneError> {
+        let maps = self.sync_maps(desired, diff)?;
+        let Some(ns) = self.north_south.as_mut() else {
+            return Ok(maps);
+        };
+        // Its own full/partial decision and periodic check (an empty diff probes the table).
+        let ns = ns.sync(desired, diff)?;
+        Ok(SyncReport {
+            full: maps.full || ns.full,
+            size: maps.size + ns.size,
+            ..ns
+        })
+    }
 
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {
         let mut b = EbpfBackend::new(self.options.clone());
@@ -514,10 +553,20 @@ impl Dataplane for EbpfBackend {
             new.backends.len()
         );
         out.push_str(&plan::render_table(&new, &b.names()));
+        if let Some(ns) = &self.north_south {
+            out.push_str(&format!(
+                "\n# North-south (from outside the node): nftables table {}, prerouting side only\n",
+                ns.table()
+            ));
+            out.push_str(&ns.render(desired)?);
+        }
         Ok(out)
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        if let Some(ns) = self.north_south.as_mut() {
+            ns.cleanup()?;
+        }
         self.loaded = None;
         self.image = Image::default();
         self.owned.clear();

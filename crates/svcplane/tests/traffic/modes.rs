@@ -93,9 +93,14 @@ pub fn wreck_rules(env: &Env) {
         "ebpf" => {
             // Unpin the programs' links and the maps: the periodic check finds the pins
             // gone and runs a full sync that puts them back (the scenario asserts it).
+            // And the north-south nftables table, as nftables mode's.
             let hooks = env.hooks("node-a").expect("node-a's eBPF hooks");
             let _ = std::fs::remove_dir_all(&hooks.pins);
             assert!(!hooks.pins.exists(), "{} still there", hooks.pins.display());
+            run("nft", &["flush", "ruleset"]);
+            let out = run("nft", &["list", "tables"]);
+            let left = String::from_utf8_lossy(&out.stdout);
+            assert!(!left.contains("svcplane"), "nft flush ruleset left: {left}");
         }
         other => panic!("no way to wreck mode {other}'s rules: add it in traffic/modes.rs"),
     }
