@@ -50,6 +50,12 @@ pub const FLAG_DROP_WHEN_EMPTY: u8 = 1;
 /// [`ServiceValue::flags`]: ClientIP session affinity, timeout in `affinity_timeout`.
 pub const FLAG_AFFINITY: u8 = 2;
 
+/// [`ServiceKey::port`] and [`ServiceKey::proto`] of a ClusterIP's wildcard entry (slot 0,
+/// count 0): a connect or sendmsg to that address on a port and protocol no Service has
+/// fails with ECONNREFUSED, as the other modes reject it (kube-proxy's `cluster-ips-check`).
+pub const WILDCARD_PORT: u16 = 0;
+pub const WILDCARD_PROTO: u8 = 0;
+
 /// A service frontend (address, port, protocol) and a slot: slot 0 is the service itself
 /// (count, flags), slots 1..=count hold its backends' ids.
 #[repr(C)]

@@ -176,7 +176,17 @@ mod prog {
             pad: [0; 3],
         };
         let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
-            return PROCEED;
+            // Not a frontend: a ClusterIP's other ports are refused (its wildcard entry,
+            // count 0, no flags), anything else is not ours.
+            let wild = ServiceKey {
+                port: WILDCARD_PORT,
+                proto: WILDCARD_PROTO,
+                ..key
+            };
+            return match unsafe { SERVICES.get(&wild) } {
+                Some(w) => refuse(w),
+                None => PROCEED,
+            };
         };
         let svc = *svc;
         if svc.count == 0 {

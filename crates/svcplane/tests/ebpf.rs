@@ -247,10 +247,30 @@ fn ebpf_proxy_balances_at_the_socket_and_restarts_without_losing_connections() {
     assert!(ok > 0);
     eprintln!("restart under load: {ok} connections, none failed");
 
-    // cleanup detaches and unpins.
-    cleanup(&pins);
+    // cleanup (on the node, as an administrator runs it) detaches, unpins and removes the
+    // north-south table; the kernel frees unpinned links in a deferred work item, hence the
+    // wait. From a pod, the ClusterIP is then neither translated at the socket nor DNATed
+    // by the north-south table on the node.
+    let node_a = cluster.node("node-a").expect("node-a");
+    run_checked(&mut node_a.netns().command(
+        env!("CARGO_BIN_EXE_svcplane"),
+        &[
+            "cleanup",
+            "--proxy-mode",
+            "ebpf",
+            "--bpf-pin-path",
+            &pins_arg,
+        ],
+    ))
+    .expect("svcplane cleanup --proxy-mode ebpf on node-a");
     assert!(!pins.exists());
-    assert!(echo(&run(&|| tcp("10.96.1.2:80".parse().expect("addr")))).is_none());
+    let out = run_checked(&mut node_a.netns().command("nft", &["list", "tables"])).expect("nft");
+    let tables = String::from_utf8_lossy(&out.stdout);
+    assert!(!tables.contains("svcplane"), "cleanup left {tables}");
+    let untranslated = svcplane_testkit::wait_until(Duration::from_secs(5), || {
+        echo(&run(&|| tcp("10.96.1.2:80".parse().expect("addr")))).is_none()
+    });
+    assert!(untranslated, "10.96.1.2:80 still answers after cleanup");
 
     // Switching modes: nftables mode removes ebpf's pins at startup (and serves the
     // ClusterIP itself).

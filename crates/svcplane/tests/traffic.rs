@@ -47,9 +47,7 @@ scenario_table! {
         tcp_and_udp_on_the_same_port_number,
         node_port_from_the_external_client,
         node_ports_outside_the_default_range,
-        udp_to_a_tcp_only_port_is_rejected {
-            ebpf/_: "eBPF mode does not reject a ClusterIP's unused ports yet: a datagram to a port the Service lacks is not translated and goes unanswered instead of getting port unreachable",
-        },
+        udp_to_a_tcp_only_port_is_rejected,
         service_without_endpoints_is_rejected,
         load_balancer_source_ranges_allow_and_block_but_not_the_node_port,
         external_ip_from_the_external_client,

@@ -180,6 +180,10 @@ pub struct EbpfBackend {
     owned: HashMap<Owner, Owned>,
     svc_ids: IdPool,
     backend_ids: IdPool,
+    /// ClusterIPs' wildcard entries and how many service ports (any protocol) have each.
+    vips: HashMap<ServiceKey, u32>,
+    /// The wildcard key each service port counts in `vips`.
+    vip_of: HashMap<(svcplane_model::ServicePortName, svcplane_model::IpFamily), ServiceKey>,
     /// The north-south table (`None` with `north_south: false`).
     north_south: Option<NftablesBackend>,
 }
@@ -196,6 +200,8 @@ impl EbpfBackend {
             owned: HashMap::new(),
             svc_ids: IdPool::default(),
             backend_ids: IdPool::default(),
+            vips: HashMap::new(),
+            vip_of: HashMap::new(),
         }
     }
 
@@ -289,6 +295,8 @@ impl EbpfBackend {
             .map_err(|e| err(format!("{MAP_BACKENDS}: {e}")))?;
         self.image = read_image(&services, &backends);
         self.owned.clear();
+        self.vips.clear();
+        self.vip_of.clear();
         self.svc_ids = IdPool::default();
         self.backend_ids = IdPool::default();
         for e in self.image.frontends.values() {
@@ -321,6 +329,8 @@ impl EbpfBackend {
             keys.extend(self.image.frontends.keys().copied());
             ids.extend(self.image.backends.keys().copied());
         }
+        // Wildcard entries whose count may have crossed zero (every one on a full sync).
+        let mut vips_touched: BTreeSet<ServiceKey> = BTreeSet::new();
         for fam in desired.families() {
             let f = fam.family;
             let fd = diff.family(f);
@@ -344,11 +354,28 @@ impl EbpfBackend {
                     .collect()
             };
             for name in touched {
-                let plans = fam
-                    .services
-                    .get(&name)
-                    .map(|s| plan::plan_service(s, fam))
-                    .unwrap_or_default();
+                let sps = fam.services.get(&name);
+                // Any protocol's ClusterIP counts (an SCTP-only Service's address rejects
+                // TCP and UDP too, as the other modes' cluster-ips check does).
+                let vip = sps.and_then(|s| s.cluster_ip).map(plan::wildcard_key);
+                let vip_owner = (name.clone(), f);
+                let old_vip = self.vip_of.remove(&vip_owner);
+                if old_vip != vip {
+                    if let Some(k) = old_vip
+                        && let Some(n) = self.vips.get_mut(&k)
+                    {
+                        *n = n.saturating_sub(1);
+                        vips_touched.insert(k);
+                    }
+                    if let Some(k) = vip {
+                        *self.vips.entry(k).or_default() += 1;
+                        vips_touched.insert(k);
+                    }
+                }
+                if let Some(k) = vip {
+                    self.vip_of.insert(vip_owner, k);
+                }
+                let plans = sps.map(|s| plan::plan_service(s, fam)).unwrap_or_default();
                 for scope in [Scope::ClusterIp, Scope::External] {
                     let owner = (name.clone(), f, scope);
                     let previous = self.owned.remove(&owner);
@@ -385,6 +412,20 @@ impl EbpfBackend {
                             }
                         }
                     }
+                }
+            }
+        }
+        if full {
+            vips_touched.extend(self.vips.keys().copied());
+        }
+        for k in vips_touched {
+            keys.insert(k);
+            match self.vips.get(&k) {
+                Some(&n) if n > 0 => {
+                    new.frontends.insert(k, plan::wildcard_entry());
+                }
+                _ => {
+                    self.vips.remove(&k);
                 }
             }
         }
@@ -570,6 +611,8 @@ impl Dataplane for EbpfBackend {
         self.loaded = None;
         self.image = Image::default();
         self.owned.clear();
+        self.vips.clear();
+        self.vip_of.clear();
         let dir = &self.options.pin_path;
         let entries = match fs::read_dir(dir) {
             Ok(d) => d,
