@@ -16,6 +16,11 @@
 //! matched against: the worst case. kube-proxy writes them in Go map order, so there
 //! "last" is random; a map or tree dispatch does not care.
 //!
+//! In ebpf mode the proxy attaches to a scratch cgroup (pins in a scratch directory, as the
+//! tests do) and this process joins that cgroup once the proxy is ready, so the measuring
+//! sockets are the ones the socket load balancer sees; all three paths then run its
+//! connect hook (a lookup that misses, for the two direct ones).
+//!
 //! Every connection is new (the first packet of a flow is what the rules see; later
 //! packets follow conntrack) and the client closes with SO_LINGER 0, so no TIME_WAIT
 //! piles up and ports never run out.
@@ -221,7 +226,15 @@ fn measure_size(
         server.ipv4(),
     );
 
+    let ebpf = (args.proxy_mode == "ebpf")
+        .then(EbpfScratch::new)
+        .transpose()?;
+    let ebpf_args = ebpf
+        .as_ref()
+        .map(EbpfScratch::proxy_args)
+        .unwrap_or_default();
     let mut argv: Vec<&str> = vec!["--proxy-mode", &args.proxy_mode];
+    argv.extend(ebpf_args.iter().map(String::as_str));
     // No periodic check in the middle of a measurement (it probes the kernel's tables).
     if !has_flag(proxy_args, "--sync-period") {
         argv.extend(["--sync-period", "1h"]);
@@ -254,6 +267,10 @@ fn measure_size(
         full_sync.map_or("not reported".to_owned(), |s| format!("{s:.2} s")),
     );
 
+    let _joined = match &ebpf {
+        Some(e) => Some(e.join()?),
+        None => None,
+    };
     let direct = SocketAddr::new(server.ipv4().into(), POD_PORT);
     let reference = SocketAddr::new(ref_server.ipv4().into(), POD_PORT);
     let _server = PingServer::start(&[
@@ -280,6 +297,78 @@ fn measure_size(
         reference: reference.context("no samples")?,
         full_sync,
     })
+}
+
+/// ebpf mode's scratch: the proxy's pin directory and cgroup, unpinned and removed on drop.
+struct EbpfScratch {
+    pins: std::path::PathBuf,
+    cgroup: svcplane_testkit::Cgroup,
+}
+
+impl EbpfScratch {
+    fn new() -> Result<EbpfScratch> {
+        let (bpffs, _) = svcplane_testkit::bpf_test_mounts().context("bpffs for the bench")?;
+        let pins = bpffs.join(format!("bench-datapath-{}", std::process::id()));
+        let cgroup = svcplane_testkit::Cgroup::new("svcplane-bench-datapath")
+            .context("a scratch cgroup for the bench")?;
+        Ok(EbpfScratch { pins, cgroup })
+    }
+
+    fn proxy_args(&self) -> Vec<String> {
+        vec![
+            "--bpf-pin-path".into(),
+            self.pins.display().to_string(),
+            "--cgroup-path".into(),
+            self.cgroup.path().display().to_string(),
+        ]
+    }
+
+    /// Move this process (every thread) into the cgroup until the guard drops: sockets
+    /// made meanwhile belong to it.
+    fn join(&self) -> Result<CgroupGuard> {
+        let (_, root) = svcplane_testkit::bpf_test_mounts()?;
+        // cgroup v2: the one line `0::/path`, relative to the hierarchy's root.
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("no cgroup v2 line in /proc/self/cgroup")?;
+        let back = root.join(rel.trim_start_matches('/'));
+        write_pid(self.cgroup.path())?;
+        Ok(CgroupGuard { back })
+    }
+}
+
+impl Drop for EbpfScratch {
+    fn drop(&mut self) {
+        if let Ok(exe) = std::env::current_exe() {
+            let _ = std::process::Command::new(exe)
+                .args(["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-path"])
+                .arg(&self.pins)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Moves this process back to its own cgroup on drop (so the scratch one can be removed).
+struct CgroupGuard {
+    back: std::path::PathBuf,
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if let Err(e) = write_pid(&self.back) {
+            eprintln!("cannot move back to cgroup {}: {e}", self.back.display());
+        }
+    }
+}
+
+fn write_pid(cgroup: &Path) -> Result<()> {
+    let procs = cgroup.join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string())
+        .with_context(|| format!("writing {}", procs.display()))
 }
 
 /// The first full sync's duration from the proxy's metrics (as `bench sync` reads it).
