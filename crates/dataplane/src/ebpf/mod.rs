@@ -10,6 +10,7 @@
 //! prerouting side only ([`Layout::NORTH_SOUTH`]).
 
 pub mod plan;
+pub mod sockdestroy;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -21,8 +22,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use aya::{Ebpf, EbpfLoader};
 use svcplane_ebpf_common::{
-    Backend, MAP_AFFINITY, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAPS, PROGRAMS, ServiceKey,
-    ServiceValue, VERSION,
+    Backend, MAP_AFFINITY, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAPS, PROGRAMS, PROTO_UDP,
+    RevNatKey, RevNatValue, ServiceKey, ServiceValue, VERSION,
 };
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 
@@ -168,6 +169,8 @@ fn link_pin(pin: &Path, prog: &str) -> PathBuf {
 struct Loaded {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend>,
+    /// Read only: which backend a connected socket was translated to (for SOCK_DESTROY).
+    revnat: BpfHashMap<MapData, RevNatKey, RevNatValue>,
     _ebpf: Ebpf,
 }
 
@@ -293,6 +296,11 @@ impl EbpfBackend {
             .ok_or_else(|| err("backends map missing"))?
             .try_into()
             .map_err(|e| err(format!("{MAP_BACKENDS}: {e}")))?;
+        let revnat: BpfHashMap<MapData, RevNatKey, RevNatValue> = ebpf
+            .take_map(MAP_REVNAT)
+            .ok_or_else(|| err("reverse NAT map missing"))?
+            .try_into()
+            .map_err(|e| err(format!("{MAP_REVNAT}: {e}")))?;
         self.image = read_image(&services, &backends);
         self.owned.clear();
         self.vips.clear();
@@ -308,6 +316,7 @@ impl EbpfBackend {
         self.loaded = Some(Loaded {
             services,
             backends,
+            revnat,
             _ebpf: ebpf,
         });
         Ok(())
@@ -315,12 +324,14 @@ impl EbpfBackend {
 
     /// Recompute the owners of the service ports the diff touches (all with `full`) into
     /// `new`; returns the keys and backend ids to diff: theirs, old and new, and on a full
-    /// sync every key and id the maps hold (so entries nobody owns go).
+    /// sync every key and id the maps hold (so entries nobody owns go). `stale` gets the
+    /// backends UDP services lost (their connected sockets are destroyed after the sync).
     fn recompute(
         &mut self,
         desired: &DesiredState,
         diff: &Diff,
         new: &mut Image,
+        stale: &mut BTreeSet<sockdestroy::Stale>,
     ) -> (BTreeSet<ServiceKey>, BTreeSet<u32>) {
         let mut keys = BTreeSet::new();
         let mut ids = BTreeSet::new();
@@ -383,7 +394,18 @@ impl EbpfBackend {
                         keys.extend(p.frontends.iter().copied());
                         ids.extend(p.backends.values().copied());
                     }
-                    match plans.iter().find(|p| p.scope == scope) {
+                    let new_plan = plans.iter().find(|p| p.scope == scope);
+                    if let Some(p) = &previous
+                        && p.frontends.iter().any(|k| k.proto == PROTO_UDP)
+                    {
+                        for &(ip, port) in p.backends.keys() {
+                            let kept = new_plan.is_some_and(|n| n.backends.contains(&(ip, port)));
+                            if !kept {
+                                stale.insert((p.svc_id, ip, port));
+                            }
+                        }
+                    }
+                    match new_plan {
                         Some(sp) => {
                             let owned = plan::build_owned(
                                 sp,
@@ -531,7 +553,8 @@ impl EbpfBackend {
         // `new` holds only the recomputed owners' entries (everything on a full sync), so a
         // partial sync costs what changed, not the size of the maps.
         let mut new = Image::default();
-        let (keys, ids) = self.recompute(desired, &diff, &mut new);
+        let mut stale = BTreeSet::new();
+        let (keys, ids) = self.recompute(desired, &diff, &mut new, &mut stale);
         let ops = plan::image_ops(&self.image, &new, &keys, &ids);
         let result = self.apply(&ops);
         if result.is_err() {
@@ -551,11 +574,39 @@ impl EbpfBackend {
                 None => self.image.backends.remove(id),
             };
         }
+        self.destroy_stale_udp(&stale);
         Ok(SyncReport {
             full: diff.full,
             size: ops.len(),
             ..SyncReport::default()
         })
+    }
+
+    /// Destroy the connected UDP sockets translated to a backend their Service lost. Never
+    /// fails the sync (the maps are written): failures are logged.
+    fn destroy_stale_udp(&self, stale: &BTreeSet<sockdestroy::Stale>) {
+        let Some(l) = self.loaded.as_ref().filter(|_| !stale.is_empty()) else {
+            return;
+        };
+        let translated = |cookie: u64, ip: std::net::IpAddr, port: u16| {
+            let key = RevNatKey {
+                cookie,
+                addr: plan::addr_words(ip),
+                port: port.to_be(),
+                pad: [0; 6],
+            };
+            l.revnat.get(&key, 0).ok().map(|v| v.svc_id)
+        };
+        let outcome = sockdestroy::destroy(stale, &translated);
+        if outcome.destroyed > 0 {
+            tracing::info!(
+                sockets = outcome.destroyed,
+                "destroyed connected UDP sockets whose backend was removed"
+            );
+        }
+        for e in &outcome.errors {
+            tracing::warn!(error = %e, "cannot destroy connected UDP sockets of a removed backend");
+        }
     }
 }
 
@@ -586,7 +637,7 @@ impl Dataplane for EbpfBackend {
         let mut b = EbpfBackend::new(self.options.clone());
         let mut new = Image::default();
         let diff = Diff::between(None, desired, true);
-        b.recompute(desired, &diff, &mut new);
+        b.recompute(desired, &diff, &mut new, &mut BTreeSet::new());
         let mut out = format!(
             "# eBPF socket-LB maps under {} (services {}, backends {})\n",
             self.options.pin_path.display(),
