@@ -49,6 +49,7 @@ fn options(cgroup: &Cgroup) -> EbpfOptions {
         affinity_map_max: 1024,
         // This process runs in the host's network namespace: no nftables table here.
         north_south: false,
+        hostns_only: false,
     }
 }
 

@@ -213,6 +213,10 @@ pub struct EbpfArgs {
     /// else (default true).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub ebpf_north_south: Option<bool>,
+    /// Translate only the host network namespace's sockets (Cilium's
+    /// bpf-lb-sock-hostns-only, for service meshes); pods go through the north-south table.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub ebpf_socket_lb_hostns_only: Option<bool>,
 }
 
 impl EbpfArgs {
@@ -225,6 +229,9 @@ impl EbpfArgs {
         o.cgroup_path = self.cgroup_path.clone();
         if let Some(ns) = self.ebpf_north_south {
             o.north_south = ns;
+        }
+        if let Some(h) = self.ebpf_socket_lb_hostns_only {
+            o.hostns_only = h;
         }
         for (flag, value, slot) in [
             (

@@ -22,8 +22,9 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use aya::{Ebpf, EbpfLoader};
 use svcplane_ebpf_common::{
-    Backend, MAP_AFFINITY, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAPS, PROGRAMS, PROTO_UDP,
-    RevNatKey, RevNatValue, ServiceKey, ServiceValue, VERSION,
+    Backend, CONFIG_HOSTNS_ONLY, Config, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_REVNAT,
+    MAP_SERVICES, MAPS, PROGRAMS, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+    VERSION,
 };
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 
@@ -51,6 +52,9 @@ pub struct EbpfOptions {
     /// Program the north-south nftables table too (`false`: the socket load balancer alone,
     /// for tests of it that run in their own process's network namespace).
     pub north_south: bool,
+    /// `--ebpf-socket-lb-hostns-only`: translate only sockets of svcplane's own network
+    /// namespace; pods' connections go through the north-south table.
+    pub hostns_only: bool,
 }
 
 impl Default for EbpfOptions {
@@ -64,6 +68,7 @@ impl Default for EbpfOptions {
             revnat_map_max: 262_144,
             affinity_map_max: 65_536,
             north_south: true,
+            hostns_only: false,
         }
     }
 }
@@ -301,6 +306,19 @@ impl EbpfBackend {
             .ok_or_else(|| err("reverse NAT map missing"))?
             .try_into()
             .map_err(|e| err(format!("{MAP_REVNAT}: {e}")))?;
+        let mut config: aya::maps::Array<MapData, Config> = ebpf
+            .take_map(MAP_CONFIG)
+            .ok_or_else(|| err("config map missing"))?
+            .try_into()
+            .map_err(|e| err(format!("{MAP_CONFIG}: {e}")))?;
+        let value = Config {
+            host_netns_cookie: own_netns_cookie()?,
+            flags: if o.hostns_only { CONFIG_HOSTNS_ONLY } else { 0 },
+            pad: 0,
+        };
+        config
+            .set(0, value, 0)
+            .map_err(|e| err(format!("{MAP_CONFIG}: {e}")))?;
         self.image = read_image(&services, &backends);
         self.owned.clear();
         self.vips.clear();
@@ -490,6 +508,39 @@ impl EbpfBackend {
     }
 }
 
+/// This process's network namespace cookie (`SO_NETNS_COOKIE`, kernel 5.14+), what
+/// `bpf_get_netns_cookie` gives for its sockets.
+fn own_netns_cookie() -> Result<u64, DataplaneError> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err(format!(
+            "a socket for the netns cookie: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is a valid u64 buffer of `len` bytes; `fd` is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: `fd` is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err(format!("SO_NETNS_COOKIE (kernel 5.14 or later): {e}")));
+    }
+    Ok(cookie)
+}
+
 /// The maps' contents, slots grouped under their frontend.
 fn read_image(
     services: &BpfHashMap<MapData, ServiceKey, ServiceValue>,
@@ -620,8 +671,25 @@ impl Dataplane for EbpfBackend {
         desired: &Arc<DesiredState>,
         diff: &Diff,
     ) -> Result<SyncReport, DataplaneError> {
+        let first = self.loaded.is_none();
         let maps = self.sync_maps(desired, diff)?;
         let Some(ns) = self.north_south.as_mut() else {
+            if first {
+                // Started with --ebpf-north-south=false: a table an earlier run left would
+                // keep serving what this one was told to leave alone.
+                let mut old = NftablesBackend::new().with_layout(Layout::NORTH_SOUTH);
+                if old.is_present() {
+                    match old.cleanup() {
+                        Ok(()) => tracing::info!(
+                            table = old.table(),
+                            "removed the north-south table an earlier run left (--ebpf-north-south=false)"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot remove the north-south table an earlier run left")
+                        }
+                    }
+                }
+            }
             return Ok(maps);
         };
         // Its own full/partial decision and periodic check (an empty diff probes the table).
