@@ -179,15 +179,18 @@ pub fn remove_other_modes(mode: ProxyMode, options: &BackendOptions) -> Vec<Stri
             });
         }
     }
-    if mode != ProxyMode::Nftables && nftables_present() {
-        match NftablesBackend::new().cleanup() {
-            Ok(()) => said.push(
-                "removed svcplane's nftables tables (ip/ip6 svcplane) left by nftables mode"
-                    .to_owned(),
-            ),
-            Err(e) => said.push(format!(
-                "cannot remove svcplane's nftables tables left by nftables mode: {e}"
-            )),
+    if mode != ProxyMode::Nftables {
+        let mut nft = NftablesBackend::new();
+        if nft.is_present() {
+            said.push(match nft.cleanup() {
+                Ok(()) => {
+                    "removed svcplane's nftables tables (ip/ip6 svcplane) left by nftables mode"
+                        .to_owned()
+                }
+                Err(e) => {
+                    format!("cannot remove svcplane's nftables tables left by nftables mode: {e}")
+                }
+            });
         }
     }
     if mode != ProxyMode::Iptables {
@@ -209,21 +212,6 @@ pub fn remove_other_modes(mode: ProxyMode, options: &BackendOptions) -> Vec<Stri
         said.push(line);
     }
     said
-}
-
-/// Whether `ip svcplane` or `ip6 svcplane` exists (`nft list tables` lists names only).
-fn nftables_present() -> bool {
-    std::process::Command::new("nft")
-        .args(["list", "tables"])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .is_ok_and(|o| {
-            String::from_utf8_lossy(&o.stdout).lines().any(|l| {
-                let l = l.trim();
-                l == format!("table ip {}", nftables::TABLE)
-                    || l == format!("table ip6 {}", nftables::TABLE)
-            })
-        })
 }
 
 #[cfg(test)]

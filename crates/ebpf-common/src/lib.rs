@@ -25,8 +25,30 @@ pub const MAP_BACKENDS: &str = "SVCP_BE_V1";
 pub const MAP_REVNAT: &str = "SVCP_RNAT_V1";
 /// ClientIP affinity (LRU hash): [`AffinityKey`] → [`AffinityValue`].
 pub const MAP_AFFINITY: &str = "SVCP_AFF_V1";
+/// Settings (array of one [`Config`]), written by user space at every start.
+pub const MAP_CONFIG: &str = "SVCP_CFG_V1";
 /// Every map, for pin cleanup.
-pub const MAPS: [&str; 4] = [MAP_SERVICES, MAP_BACKENDS, MAP_REVNAT, MAP_AFFINITY];
+pub const MAPS: [&str; 5] = [
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_REVNAT,
+    MAP_AFFINITY,
+    MAP_CONFIG,
+];
+
+/// [`Config::flags`]: translate only sockets of the host network namespace (Cilium's
+/// `bpf-lb-sock-hostns-only`); pods' connections then leave with the Service address.
+pub const CONFIG_HOSTNS_ONLY: u32 = 1;
+
+/// The programs' settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The cookie of the network namespace svcplane runs in (`SO_NETNS_COOKIE`).
+    pub host_netns_cookie: u64,
+    pub flags: u32,
+    pub pad: u32,
+}
 
 /// The programs (function names in the object) and the hook each is attached to.
 pub const PROGRAMS: [&str; 8] = [
@@ -49,6 +71,12 @@ pub const PROTO_UDP: u8 = 17;
 pub const FLAG_DROP_WHEN_EMPTY: u8 = 1;
 /// [`ServiceValue::flags`]: ClientIP session affinity, timeout in `affinity_timeout`.
 pub const FLAG_AFFINITY: u8 = 2;
+
+/// [`ServiceKey::port`] and [`ServiceKey::proto`] of a ClusterIP's wildcard entry (slot 0,
+/// count 0): a connect or sendmsg to that address on a port and protocol no Service has
+/// fails with ECONNREFUSED, as the other modes reject it (kube-proxy's `cluster-ips-check`).
+pub const WILDCARD_PORT: u16 = 0;
+pub const WILDCARD_PROTO: u8 = 0;
 
 /// A service frontend (address, port, protocol) and a slot: slot 0 is the service itself
 /// (count, flags), slots 1..=count hold its backends' ids.
@@ -139,6 +167,7 @@ mod user {
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for Config {}
 }
 
 // The layouts are ABI between two compilations: pin their sizes.
@@ -149,3 +178,4 @@ const _: () = assert!(core::mem::size_of::<RevNatKey>() == 32);
 const _: () = assert!(core::mem::size_of::<RevNatValue>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);

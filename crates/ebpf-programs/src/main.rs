@@ -20,7 +20,7 @@ mod prog {
         bpf_set_retval,
     };
     use aya_ebpf::macros::{cgroup_sock_addr, map};
-    use aya_ebpf::maps::{HashMap, LruHashMap};
+    use aya_ebpf::maps::{Array, HashMap, LruHashMap};
     use aya_ebpf::programs::SockAddrContext;
     use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
     use svcplane_ebpf_common::*;
@@ -34,6 +34,8 @@ mod prog {
     static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(1024, 0);
     #[map(name = "SVCP_AFF_V1")]
     static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(1024, 0);
+    #[map(name = "SVCP_CFG_V1")]
+    static CONFIG: Array<Config> = Array::pinned(1, 0);
 
     const ECONNREFUSED: i32 = 111;
     const ETIMEDOUT: i32 = 110;
@@ -167,6 +169,14 @@ mod prog {
         let Some(proto) = protocol(sa) else {
             return PROCEED;
         };
+        if let Some(c) = CONFIG.get(0)
+            && c.flags & CONFIG_HOSTNS_ONLY != 0
+            && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != c.host_netns_cookie
+        {
+            // hostns-only: a pod's socket keeps the Service address (its sidecar sees it);
+            // the node's north-south path serves it.
+            return PROCEED;
+        }
         let (addr, port) = user_dest(sa, v6);
         let key = ServiceKey {
             addr,
@@ -176,7 +186,17 @@ mod prog {
             pad: [0; 3],
         };
         let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
-            return PROCEED;
+            // Not a frontend: a ClusterIP's other ports are refused (its wildcard entry,
+            // count 0, no flags), anything else is not ours.
+            let wild = ServiceKey {
+                port: WILDCARD_PORT,
+                proto: WILDCARD_PROTO,
+                ..key
+            };
+            return match unsafe { SERVICES.get(&wild) } {
+                Some(w) => refuse(w),
+                None => PROCEED,
+            };
         };
         let svc = *svc;
         if svc.count == 0 {

@@ -73,6 +73,7 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
             .arg(cgroup.path());
         ebpf_scratch = Some((pins, cgroup));
     }
+    cmd.args(&args.proxy_args);
     cmd.args(["--cluster-cidr", "10.128.0.0/9", "--min-sync-period", "0s"])
         .args(["--sync-period", "1h", "--metrics-bind-address", METRICS])
         .args(["--healthz-bind-address", HEALTHZ, "--manifests"])

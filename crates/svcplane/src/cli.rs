@@ -184,6 +184,10 @@ pub struct BenchSyncArgs {
     /// iptables mode's dispatch (tree or linear).
     #[arg(long, default_value = "tree", value_name = "tree|linear")]
     pub iptables_dispatch: String,
+    /// One more argument for `svcplane proxy` (repeatable), e.g.
+    /// `--proxy-arg=--ebpf-north-south=false`.
+    #[arg(long = "proxy-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub proxy_args: Vec<String>,
 }
 
 /// Flags shared by `proxy` and `render`: where objects come from and how the node is configured.
@@ -295,6 +299,15 @@ pub struct EbpfArgs {
     /// Session affinity map entries (LRU, default 65536).
     #[arg(long, value_name = "N")]
     pub bpf_affinity_map_max: Option<u32>,
+    /// Also program the north-south nftables table (NodePorts, LoadBalancer IPs and
+    /// externalIPs reached from outside the node); false leaves that traffic to something
+    /// else (default true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub ebpf_north_south: Option<bool>,
+    /// Translate only the host network namespace's sockets (Cilium's
+    /// bpf-lb-sock-hostns-only, for service meshes); pods go through the north-south table.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub ebpf_socket_lb_hostns_only: Option<bool>,
 }
 
 impl EbpfArgs {
@@ -305,6 +318,12 @@ impl EbpfArgs {
             o.pin_path = p.clone();
         }
         o.cgroup_path = self.cgroup_path.clone();
+        if let Some(ns) = self.ebpf_north_south {
+            o.north_south = ns;
+        }
+        if let Some(h) = self.ebpf_socket_lb_hostns_only {
+            o.hostns_only = h;
+        }
         for (flag, value, slot) in [
             (
                 "--bpf-lb-map-max",

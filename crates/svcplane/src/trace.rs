@@ -267,15 +267,16 @@ pub fn trace(world: &World, req: &Request) -> Result<Trace, TraceError> {
         sp.node_port
             .map_or(String::new(), |p| format!(", nodePort {p}"))
     ));
-    let ebpf = world.mode == ProxyMode::Ebpf;
-    // eBPF mode translates in the sockets of this node's pods and processes only.
-    if ebpf && source == Source::External {
-        t.outcome = Outcome::Untranslated;
-        t.reason = "eBPF mode serves connections made on this node (its pods and processes) \
-                    only: traffic arriving from outside is not translated yet"
-            .into();
-        t.kernel = kernel_lines(world, family, sp, req, frontend)?;
-        return Ok(t);
+    // eBPF mode: the socket load balancer translates connections made on this node (in
+    // its pods, or only in its own network namespace with --ebpf-socket-lb-hostns-only);
+    // the rest meets the north-south nftables table, which behaves as nftables mode.
+    let ebpf = socket_lb(world, source);
+    if world.mode == ProxyMode::Ebpf && !ebpf {
+        t.steps.push(
+            "eBPF mode: not one of the sockets the socket load balancer translates, so the \
+             north-south nftables table (svcplane-ns) handles it, as nftables mode would"
+                .into(),
+        );
     }
     // loadBalancerSourceRanges: checked before anything else.
     if frontend == Frontend::LoadBalancerIp && !sp.load_balancer_source_ranges.is_empty() {
@@ -283,8 +284,9 @@ pub fn trace(world: &World, req: &Request) -> Result<Trace, TraceError> {
         if ebpf {
             t.outcome = Outcome::Untranslated;
             t.reason = format!(
-                "eBPF mode does not translate LoadBalancer IPs with loadBalancerSourceRanges \
-                 ({ranges}): the source is not known at connect"
+                "eBPF mode's socket load balancer does not translate LoadBalancer IPs with \
+                 loadBalancerSourceRanges ({ranges}): the source is not known at connect, \
+                 and the north-south table sees only traffic arriving from outside"
             );
             t.kernel = kernel_lines(world, family, sp, req, frontend)?;
             return Ok(t);
@@ -421,9 +423,9 @@ pub fn trace(world: &World, req: &Request) -> Result<Trace, TraceError> {
     Ok(t)
 }
 
-/// A ClusterIP without the traced port: kube-proxy rejects it (eBPF mode leaves it).
+/// A ClusterIP without the traced port: rejected (in eBPF mode the connect is refused).
 fn unknown_cluster_ip_port(world: &World, req: &Request, source: Source) -> Trace {
-    let ebpf = world.mode == ProxyMode::Ebpf;
+    let ebpf = socket_lb(world, source);
     Trace {
         node: world.desired.node_name.clone(),
         mode: world.mode.to_string(),
@@ -439,13 +441,9 @@ fn unknown_cluster_ip_port(world: &World, req: &Request, source: Source) -> Trac
             req.to.port(),
             req.protocol.as_k8s()
         )],
-        outcome: if ebpf {
-            Outcome::Untranslated
-        } else {
-            Outcome::Reject
-        },
+        outcome: Outcome::Reject,
         reason: if ebpf {
-            "eBPF mode does not reject a ClusterIP's unused ports: not translated".into()
+            "a port no Service has on a ClusterIP → the connect fails with ECONNREFUSED".into()
         } else {
             "a port no Service has on a ClusterIP → REJECT".into()
         },
@@ -456,6 +454,17 @@ fn unknown_cluster_ip_port(world: &World, req: &Request, source: Source) -> Trac
         affinity_seconds: None,
         kernel: Vec::new(),
     }
+}
+
+/// Whether eBPF mode's socket load balancer (rather than its north-south nftables table)
+/// handles a connection from `source`.
+fn socket_lb(world: &World, source: Source) -> bool {
+    world.mode == ProxyMode::Ebpf
+        && match source {
+            Source::External => false,
+            Source::Pod => !world.options.ebpf.hostns_only,
+            Source::Node | Source::Unknown => true,
+        }
 }
 
 /// The target of external traffic (NodePort, externalIP, LoadBalancer IP), as the
@@ -469,7 +478,7 @@ fn external_target(
 ) -> (TrafficTarget, Option<Category>, Masq, String) {
     let cluster = || selection.and_then(|s| s.cluster.clone());
     let local = || selection.and_then(|s| s.local.clone());
-    let ebpf = world.mode == ProxyMode::Ebpf;
+    let ebpf = socket_lb(world, source);
     match &sp.external_policy {
         ExternalPolicy::Cluster => {
             steps.push("externalTrafficPolicy Cluster: endpoints on every node".into());
@@ -1262,14 +1271,17 @@ spec: {type: ExternalName, externalName: docs.example.com}
         let t = go(&w, "10.96.0.10:81", None);
         assert_eq!((t.outcome, t.service.as_deref()), (Outcome::Reject, None));
         let ebpf = world(ProxyMode::Ebpf);
+        let t = go(&ebpf, "10.96.0.10:81", None);
         assert_eq!(
-            go(&ebpf, "10.96.0.10:81", None).outcome,
-            Outcome::Untranslated
+            (t.outcome, t.reason.as_str()),
+            (
+                Outcome::Reject,
+                "a port no Service has on a ClusterIP → the connect fails with ECONNREFUSED"
+            )
         );
-        assert_eq!(
-            go(&ebpf, "10.96.0.10:80", Some("192.0.2.99")).outcome,
-            Outcome::Untranslated
-        );
+        // From outside the node: the north-south table, as nftables mode.
+        let t = go(&ebpf, "10.96.0.10:80", Some("192.0.2.99"));
+        assert_eq!((t.outcome, t.masquerade), (Outcome::Forward, Masq::Yes));
         let err = trace(
             &w,
             &Request {

@@ -5,7 +5,8 @@
 //! NAT at all), a Service without endpoints refuses at once, and a restart of the proxy
 //! under a steady connection load loses no connection (the pinned maps and links keep
 //! translating while no svcplane runs). `cleanup --proxy-mode ebpf` removes everything, and
-//! a proxy starting in nftables mode removes ebpf's pins.
+//! a proxy starting in nftables mode removes ebpf's pins. `--ebpf-socket-lb-hostns-only`
+//! translates the node's sockets and leaves the pods' to the north-south table.
 
 use std::collections::BTreeSet;
 use std::io::Read as _;
@@ -247,10 +248,30 @@ fn ebpf_proxy_balances_at_the_socket_and_restarts_without_losing_connections() {
     assert!(ok > 0);
     eprintln!("restart under load: {ok} connections, none failed");
 
-    // cleanup detaches and unpins.
-    cleanup(&pins);
+    // cleanup (on the node, as an administrator runs it) detaches, unpins and removes the
+    // north-south table; the kernel frees unpinned links in a deferred work item, hence the
+    // wait. From a pod, the ClusterIP is then neither translated at the socket nor DNATed
+    // by the north-south table on the node.
+    let node_a = cluster.node("node-a").expect("node-a");
+    run_checked(&mut node_a.netns().command(
+        env!("CARGO_BIN_EXE_svcplane"),
+        &[
+            "cleanup",
+            "--proxy-mode",
+            "ebpf",
+            "--bpf-pin-path",
+            &pins_arg,
+        ],
+    ))
+    .expect("svcplane cleanup --proxy-mode ebpf on node-a");
     assert!(!pins.exists());
-    assert!(echo(&run(&|| tcp("10.96.1.2:80".parse().expect("addr")))).is_none());
+    let out = run_checked(&mut node_a.netns().command("nft", &["list", "tables"])).expect("nft");
+    let tables = String::from_utf8_lossy(&out.stdout);
+    assert!(!tables.contains("svcplane"), "cleanup left {tables}");
+    let untranslated = svcplane_testkit::wait_until(Duration::from_secs(5), || {
+        echo(&run(&|| tcp("10.96.1.2:80".parse().expect("addr")))).is_none()
+    });
+    assert!(untranslated, "10.96.1.2:80 still answers after cleanup");
 
     // Switching modes: nftables mode removes ebpf's pins at startup (and serves the
     // ClusterIP itself).
@@ -268,4 +289,110 @@ fn ebpf_proxy_balances_at_the_socket_and_restarts_without_losing_connections() {
     let out = run(&|| tcp("10.96.1.2:80".parse().expect("addr")));
     assert!(echo(&out).is_some(), "through nftables: {out}");
     drop(nft);
+}
+
+/// `--ebpf-socket-lb-hostns-only`: the node's own sockets are translated at connect, a
+/// pod's are not (it keeps the Service address, as a mesh sidecar needs): without the
+/// north-south table nothing serves the pod, with it the table DNATs its connection.
+#[test]
+fn hostns_only_translates_the_node_and_leaves_pods_to_the_north_south_table() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let cluster = Cluster::builder()
+        .node("node-a", "zone-a")
+        .node("node-b", "zone-b")
+        .pod(PodSpec::new("client-a", "node-a"))
+        .pod(
+            PodSpec::new("many-a", "node-a")
+                .label("app", "many")
+                .tcp(&[8080]),
+        )
+        .pod(
+            PodSpec::new("many-b", "node-b")
+                .label("app", "many")
+                .tcp(&[8080]),
+        )
+        .build()
+        .expect("virtual cluster");
+    let manifests = cluster.manifests().expect("manifests");
+    manifests
+        .write("services.yaml", SERVICES)
+        .expect("services");
+    let cgroup = Cgroup::new("svcp-ebpf-hostns").expect("cgroup");
+    let (bpffs, _) = bpf_test_mounts().expect("bpffs");
+    let pins = bpffs.join(format!(
+        "hostns-{}-{}",
+        std::process::id(),
+        PINS.fetch_add(1, Ordering::Relaxed)
+    ));
+    struct Unpin<'a>(&'a Path);
+    impl Drop for Unpin<'_> {
+        fn drop(&mut self) {
+            cleanup(self.0);
+        }
+    }
+    let _unpin = Unpin(&pins);
+    let pins_arg = pins.to_str().expect("utf-8 path").to_owned();
+    let cgroup_arg = cgroup.path().to_str().expect("utf-8 path").to_owned();
+    let start = |north_south: &str| {
+        cluster
+            .run_proxy(
+                env!("CARGO_BIN_EXE_svcplane"),
+                "node-a",
+                manifests.path(),
+                &[
+                    "--proxy-mode",
+                    "ebpf",
+                    "--bpf-pin-path",
+                    &pins_arg,
+                    "--cgroup-path",
+                    &cgroup_arg,
+                    "--cluster-cidr",
+                    "10.244.0.0/16",
+                    "--ebpf-socket-lb-hostns-only",
+                    &format!("--ebpf-north-south={north_south}"),
+                ],
+            )
+            .expect("svcplane proxy --proxy-mode ebpf --ebpf-socket-lb-hostns-only")
+    };
+    let node_ns = cluster
+        .node("node-a")
+        .expect("node")
+        .netns()
+        .name()
+        .to_owned();
+    let pod_ns = cluster
+        .pod("client-a")
+        .expect("pod")
+        .netns()
+        .name()
+        .to_owned();
+    let from = |ns: &str| {
+        in_cgroup(cgroup.path(), ns, || {
+            tcp("10.96.1.2:80".parse().expect("addr"))
+        })
+        .expect("client")
+    };
+
+    let proxy = start("false");
+    // The first sync may still be under way right after readiness.
+    let node_served =
+        svcplane_testkit::wait_until(Duration::from_secs(10), || echo(&from(&node_ns)).is_some());
+    assert!(node_served, "the node's own connection: {}", from(&node_ns));
+    let out = from(&pod_ns);
+    assert!(
+        echo(&out).is_none(),
+        "a pod's connection was translated: {out}"
+    );
+    drop(proxy);
+
+    let proxy = start("true");
+    let out = from(&pod_ns);
+    let (reply, peer) =
+        echo(&out).unwrap_or_else(|| panic!("through the north-south table: {out}"));
+    assert_eq!(reply.port, 8080);
+    assert_eq!(peer, "10.96.1.2:80");
+    assert!(echo(&from(&node_ns)).is_some());
+    drop(proxy);
 }

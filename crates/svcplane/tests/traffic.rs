@@ -46,35 +46,16 @@ scenario_table! {
     scenarios: [
         cluster_ip_one_endpoint_with_target_port_from_a_pod = ONE_FROM_A_POD,
         cluster_ip_many_endpoints_spread_from_a_pod = MANY_FROM_A_POD,
-        cluster_ip_from_the_external_client_is_masqueraded = MANY_FROM_OUTSIDE {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
-        },
-        tcp_and_udp_on_the_same_port_number = TCP_AND_UDP {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet (the ClusterIP part from pods passes)",
-        },
-        node_port_from_the_external_client = NODE_PORT {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
-        },
-        node_ports_outside_the_default_range = NODE_PORTS_WIDE {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
-        },
-        udp_to_a_tcp_only_port_is_rejected = UDP_TO_TCP_ONLY {
-            ebpf/_: "eBPF mode does not reject a ClusterIP's unused ports yet: a datagram to a port the Service lacks is not translated and goes unanswered instead of getting port unreachable",
-        },
-        service_without_endpoints_is_rejected = NO_ENDPOINTS {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet (from a pod the connect is refused, as required)",
-        },
-        load_balancer_source_ranges_allow_and_block_but_not_the_node_port = SOURCE_RANGES {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet; no source ranges either",
-        },
-        external_ip_from_the_external_client = EXTERNAL_IP_PROBES {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
-        },
-        external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints = ETP_LOCAL {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet",
-        },
+        cluster_ip_from_the_external_client_is_masqueraded = MANY_FROM_OUTSIDE,
+        tcp_and_udp_on_the_same_port_number = TCP_AND_UDP,
+        node_port_from_the_external_client = NODE_PORT,
+        node_ports_outside_the_default_range = NODE_PORTS_WIDE,
+        udp_to_a_tcp_only_port_is_rejected = UDP_TO_TCP_ONLY,
+        service_without_endpoints_is_rejected = NO_ENDPOINTS,
+        load_balancer_source_ranges_allow_and_block_but_not_the_node_port = SOURCE_RANGES,
+        external_ip_from_the_external_client = EXTERNAL_IP_PROBES,
+        external_traffic_policy_local_keeps_the_client_ip_and_drops_without_local_endpoints = ETP_LOCAL,
         external_traffic_policy_local_from_the_node_itself = ETP_LOCAL_FROM_THE_NODE {
-            ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet (the node's own traffic passes; the external client's NodePort is not dropped)",
             ipvs/_: "IPVS chooses real servers by destination only: the node's own traffic \
                 to an eTP Local address gets that address's local-only real servers, not the \
                 cluster-wide endpoints (as in kube-proxy's IPVS mode)",

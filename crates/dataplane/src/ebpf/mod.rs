@@ -3,8 +3,14 @@
 //! connect/sendmsg and back at recvmsg/getpeername; this backend fills their maps from the
 //! desired state. Maps and program links are pinned under `--bpf-pin-path`, so a restart or
 //! a crash of svcplane keeps every connection working; `cleanup` unpins (which detaches).
+//!
+//! North-south traffic (NodePorts, LoadBalancer IPs and externalIPs reached from outside the
+//! node, source ranges, eTP, masquerade) is not seen by socket hooks: it is served by the
+//! nftables backend's rules from the same desired state, in table `svcplane-ns` and on the
+//! prerouting side only ([`Layout::NORTH_SOUTH`]).
 
 pub mod plan;
+pub mod sockdestroy;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -16,10 +22,13 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use aya::{Ebpf, EbpfLoader};
 use svcplane_ebpf_common::{
-    Backend, MAP_AFFINITY, MAP_BACKENDS, MAP_REVNAT, MAP_SERVICES, MAPS, PROGRAMS, ServiceKey,
-    ServiceValue, VERSION,
+    Backend, CONFIG_HOSTNS_ONLY, Config, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_REVNAT,
+    MAP_SERVICES, MAPS, PROGRAMS, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+    VERSION,
 };
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
+
+use crate::nftables::{Layout, NftablesBackend};
 
 use plan::{FrontEntry, IdPool, Image, Op, Owned, Owner, Scope};
 
@@ -40,6 +49,12 @@ pub struct EbpfOptions {
     pub backend_map_max: u32,
     pub revnat_map_max: u32,
     pub affinity_map_max: u32,
+    /// Program the north-south nftables table too (`false`: the socket load balancer alone,
+    /// for tests of it that run in their own process's network namespace).
+    pub north_south: bool,
+    /// `--ebpf-socket-lb-hostns-only`: translate only sockets of svcplane's own network
+    /// namespace; pods' connections go through the north-south table.
+    pub hostns_only: bool,
 }
 
 impl Default for EbpfOptions {
@@ -52,6 +67,8 @@ impl Default for EbpfOptions {
             backend_map_max: 262_144,
             revnat_map_max: 262_144,
             affinity_map_max: 65_536,
+            north_south: true,
+            hostns_only: false,
         }
     }
 }
@@ -157,6 +174,8 @@ fn link_pin(pin: &Path, prog: &str) -> PathBuf {
 struct Loaded {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend>,
+    /// Read only: which backend a connected socket was translated to (for SOCK_DESTROY).
+    revnat: BpfHashMap<MapData, RevNatKey, RevNatValue>,
     _ebpf: Ebpf,
 }
 
@@ -169,17 +188,28 @@ pub struct EbpfBackend {
     owned: HashMap<Owner, Owned>,
     svc_ids: IdPool,
     backend_ids: IdPool,
+    /// ClusterIPs' wildcard entries and how many service ports (any protocol) have each.
+    vips: HashMap<ServiceKey, u32>,
+    /// The wildcard key each service port counts in `vips`.
+    vip_of: HashMap<(svcplane_model::ServicePortName, svcplane_model::IpFamily), ServiceKey>,
+    /// The north-south table (`None` with `north_south: false`).
+    north_south: Option<NftablesBackend>,
 }
 
 impl EbpfBackend {
     pub fn new(options: EbpfOptions) -> Self {
         EbpfBackend {
+            north_south: options
+                .north_south
+                .then(|| NftablesBackend::new().with_layout(Layout::NORTH_SOUTH)),
             options,
             loaded: None,
             image: Image::default(),
             owned: HashMap::new(),
             svc_ids: IdPool::default(),
             backend_ids: IdPool::default(),
+            vips: HashMap::new(),
+            vip_of: HashMap::new(),
         }
     }
 
@@ -187,11 +217,13 @@ impl EbpfBackend {
         &self.options
     }
 
-    /// Whether anything of this mode is pinned (for other modes' startup cleanup).
+    /// Whether anything of this mode is pinned, or its north-south table exists (for other
+    /// modes' startup cleanup).
     pub fn is_present(&self) -> bool {
         fs::read_dir(&self.options.pin_path)
             .map(|mut d| d.next().is_some())
             .unwrap_or(false)
+            || self.north_south.as_ref().is_some_and(|n| n.is_present())
     }
 
     /// Load the programs (reusing pinned maps), attach them to the cgroup, pin the links
@@ -269,8 +301,28 @@ impl EbpfBackend {
             .ok_or_else(|| err("backends map missing"))?
             .try_into()
             .map_err(|e| err(format!("{MAP_BACKENDS}: {e}")))?;
+        let revnat: BpfHashMap<MapData, RevNatKey, RevNatValue> = ebpf
+            .take_map(MAP_REVNAT)
+            .ok_or_else(|| err("reverse NAT map missing"))?
+            .try_into()
+            .map_err(|e| err(format!("{MAP_REVNAT}: {e}")))?;
+        let mut config: aya::maps::Array<MapData, Config> = ebpf
+            .take_map(MAP_CONFIG)
+            .ok_or_else(|| err("config map missing"))?
+            .try_into()
+            .map_err(|e| err(format!("{MAP_CONFIG}: {e}")))?;
+        let value = Config {
+            host_netns_cookie: own_netns_cookie()?,
+            flags: if o.hostns_only { CONFIG_HOSTNS_ONLY } else { 0 },
+            pad: 0,
+        };
+        config
+            .set(0, value, 0)
+            .map_err(|e| err(format!("{MAP_CONFIG}: {e}")))?;
         self.image = read_image(&services, &backends);
         self.owned.clear();
+        self.vips.clear();
+        self.vip_of.clear();
         self.svc_ids = IdPool::default();
         self.backend_ids = IdPool::default();
         for e in self.image.frontends.values() {
@@ -282,6 +334,7 @@ impl EbpfBackend {
         self.loaded = Some(Loaded {
             services,
             backends,
+            revnat,
             _ebpf: ebpf,
         });
         Ok(())
@@ -289,12 +342,14 @@ impl EbpfBackend {
 
     /// Recompute the owners of the service ports the diff touches (all with `full`) into
     /// `new`; returns the keys and backend ids to diff: theirs, old and new, and on a full
-    /// sync every key and id the maps hold (so entries nobody owns go).
+    /// sync every key and id the maps hold (so entries nobody owns go). `stale` gets the
+    /// backends UDP services lost (their connected sockets are destroyed after the sync).
     fn recompute(
         &mut self,
         desired: &DesiredState,
         diff: &Diff,
         new: &mut Image,
+        stale: &mut BTreeSet<sockdestroy::Stale>,
     ) -> (BTreeSet<ServiceKey>, BTreeSet<u32>) {
         let mut keys = BTreeSet::new();
         let mut ids = BTreeSet::new();
@@ -303,6 +358,8 @@ impl EbpfBackend {
             keys.extend(self.image.frontends.keys().copied());
             ids.extend(self.image.backends.keys().copied());
         }
+        // Wildcard entries whose count may have crossed zero (every one on a full sync).
+        let mut vips_touched: BTreeSet<ServiceKey> = BTreeSet::new();
         for fam in desired.families() {
             let f = fam.family;
             let fd = diff.family(f);
@@ -326,11 +383,28 @@ impl EbpfBackend {
                     .collect()
             };
             for name in touched {
-                let plans = fam
-                    .services
-                    .get(&name)
-                    .map(|s| plan::plan_service(s, fam))
-                    .unwrap_or_default();
+                let sps = fam.services.get(&name);
+                // Any protocol's ClusterIP counts (an SCTP-only Service's address rejects
+                // TCP and UDP too, as the other modes' cluster-ips check does).
+                let vip = sps.and_then(|s| s.cluster_ip).map(plan::wildcard_key);
+                let vip_owner = (name.clone(), f);
+                let old_vip = self.vip_of.remove(&vip_owner);
+                if old_vip != vip {
+                    if let Some(k) = old_vip
+                        && let Some(n) = self.vips.get_mut(&k)
+                    {
+                        *n = n.saturating_sub(1);
+                        vips_touched.insert(k);
+                    }
+                    if let Some(k) = vip {
+                        *self.vips.entry(k).or_default() += 1;
+                        vips_touched.insert(k);
+                    }
+                }
+                if let Some(k) = vip {
+                    self.vip_of.insert(vip_owner, k);
+                }
+                let plans = sps.map(|s| plan::plan_service(s, fam)).unwrap_or_default();
                 for scope in [Scope::ClusterIp, Scope::External] {
                     let owner = (name.clone(), f, scope);
                     let previous = self.owned.remove(&owner);
@@ -338,7 +412,18 @@ impl EbpfBackend {
                         keys.extend(p.frontends.iter().copied());
                         ids.extend(p.backends.values().copied());
                     }
-                    match plans.iter().find(|p| p.scope == scope) {
+                    let new_plan = plans.iter().find(|p| p.scope == scope);
+                    if let Some(p) = &previous
+                        && p.frontends.iter().any(|k| k.proto == PROTO_UDP)
+                    {
+                        for &(ip, port) in p.backends.keys() {
+                            let kept = new_plan.is_some_and(|n| n.backends.contains(&(ip, port)));
+                            if !kept {
+                                stale.insert((p.svc_id, ip, port));
+                            }
+                        }
+                    }
+                    match new_plan {
                         Some(sp) => {
                             let owned = plan::build_owned(
                                 sp,
@@ -367,6 +452,20 @@ impl EbpfBackend {
                             }
                         }
                     }
+                }
+            }
+        }
+        if full {
+            vips_touched.extend(self.vips.keys().copied());
+        }
+        for k in vips_touched {
+            keys.insert(k);
+            match self.vips.get(&k) {
+                Some(&n) if n > 0 => {
+                    new.frontends.insert(k, plan::wildcard_entry());
+                }
+                _ => {
+                    self.vips.remove(&k);
                 }
             }
         }
@@ -409,6 +508,39 @@ impl EbpfBackend {
     }
 }
 
+/// This process's network namespace cookie (`SO_NETNS_COOKIE`, kernel 5.14+), what
+/// `bpf_get_netns_cookie` gives for its sockets.
+fn own_netns_cookie() -> Result<u64, DataplaneError> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err(format!(
+            "a socket for the netns cookie: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is a valid u64 buffer of `len` bytes; `fd` is open.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: `fd` is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err(format!("SO_NETNS_COOKIE (kernel 5.14 or later): {e}")));
+    }
+    Ok(cookie)
+}
+
 /// The maps' contents, slots grouped under their frontend.
 fn read_image(
     services: &BpfHashMap<MapData, ServiceKey, ServiceValue>,
@@ -444,12 +576,9 @@ fn read_image(
     img
 }
 
-impl Dataplane for EbpfBackend {
-    fn mode(&self) -> &'static str {
-        "ebpf"
-    }
-
-    fn sync(
+impl EbpfBackend {
+    /// The socket load balancer's half of a sync: the maps.
+    fn sync_maps(
         &mut self,
         desired: &Arc<DesiredState>,
         diff: &Diff,
@@ -475,7 +604,8 @@ impl Dataplane for EbpfBackend {
         // `new` holds only the recomputed owners' entries (everything on a full sync), so a
         // partial sync costs what changed, not the size of the maps.
         let mut new = Image::default();
-        let (keys, ids) = self.recompute(desired, &diff, &mut new);
+        let mut stale = BTreeSet::new();
+        let (keys, ids) = self.recompute(desired, &diff, &mut new, &mut stale);
         let ops = plan::image_ops(&self.image, &new, &keys, &ids);
         let result = self.apply(&ops);
         if result.is_err() {
@@ -495,6 +625,7 @@ impl Dataplane for EbpfBackend {
                 None => self.image.backends.remove(id),
             };
         }
+        self.destroy_stale_udp(&stale);
         Ok(SyncReport {
             full: diff.full,
             size: ops.len(),
@@ -502,11 +633,79 @@ impl Dataplane for EbpfBackend {
         })
     }
 
+    /// Destroy the connected UDP sockets translated to a backend their Service lost. Never
+    /// fails the sync (the maps are written): failures are logged.
+    fn destroy_stale_udp(&self, stale: &BTreeSet<sockdestroy::Stale>) {
+        let Some(l) = self.loaded.as_ref().filter(|_| !stale.is_empty()) else {
+            return;
+        };
+        let translated = |cookie: u64, ip: std::net::IpAddr, port: u16| {
+            let key = RevNatKey {
+                cookie,
+                addr: plan::addr_words(ip),
+                port: port.to_be(),
+                pad: [0; 6],
+            };
+            l.revnat.get(&key, 0).ok().map(|v| v.svc_id)
+        };
+        let outcome = sockdestroy::destroy(stale, &translated);
+        if outcome.destroyed > 0 {
+            tracing::info!(
+                sockets = outcome.destroyed,
+                "destroyed connected UDP sockets whose backend was removed"
+            );
+        }
+        for e in &outcome.errors {
+            tracing::warn!(error = %e, "cannot destroy connected UDP sockets of a removed backend");
+        }
+    }
+}
+
+impl Dataplane for EbpfBackend {
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn sync(
+        &mut self,
+        desired: &Arc<DesiredState>,
+        diff: &Diff,
+    ) -> Result<SyncReport, DataplaneError> {
+        let first = self.loaded.is_none();
+        let maps = self.sync_maps(desired, diff)?;
+        let Some(ns) = self.north_south.as_mut() else {
+            if first {
+                // Started with --ebpf-north-south=false: a table an earlier run left would
+                // keep serving what this one was told to leave alone.
+                let mut old = NftablesBackend::new().with_layout(Layout::NORTH_SOUTH);
+                if old.is_present() {
+                    match old.cleanup() {
+                        Ok(()) => tracing::info!(
+                            table = old.table(),
+                            "removed the north-south table an earlier run left (--ebpf-north-south=false)"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot remove the north-south table an earlier run left")
+                        }
+                    }
+                }
+            }
+            return Ok(maps);
+        };
+        // Its own full/partial decision and periodic check (an empty diff probes the table).
+        let ns = ns.sync(desired, diff)?;
+        Ok(SyncReport {
+            full: maps.full || ns.full,
+            size: maps.size + ns.size,
+            ..ns
+        })
+    }
+
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {
         let mut b = EbpfBackend::new(self.options.clone());
         let mut new = Image::default();
         let diff = Diff::between(None, desired, true);
-        b.recompute(desired, &diff, &mut new);
+        b.recompute(desired, &diff, &mut new, &mut BTreeSet::new());
         let mut out = format!(
             "# eBPF socket-LB maps under {} (services {}, backends {})\n",
             self.options.pin_path.display(),
@@ -514,13 +713,25 @@ impl Dataplane for EbpfBackend {
             new.backends.len()
         );
         out.push_str(&plan::render_table(&new, &b.names()));
+        if let Some(ns) = &self.north_south {
+            out.push_str(&format!(
+                "\n# North-south (from outside the node): nftables table {}, prerouting side only\n",
+                ns.table()
+            ));
+            out.push_str(&ns.render(desired)?);
+        }
         Ok(out)
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        if let Some(ns) = self.north_south.as_mut() {
+            ns.cleanup()?;
+        }
         self.loaded = None;
         self.image = Image::default();
         self.owned.clear();
+        self.vips.clear();
+        self.vip_of.clear();
         let dir = &self.options.pin_path;
         let entries = match fs::read_dir(dir) {
             Ok(d) => d,

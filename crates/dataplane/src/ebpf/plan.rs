@@ -8,6 +8,7 @@ use std::net::IpAddr;
 
 use svcplane_ebpf_common::{
     Backend, FLAG_AFFINITY, FLAG_DROP_WHEN_EMPTY, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue,
+    WILDCARD_PORT, WILDCARD_PROTO,
 };
 use svcplane_model::{IpFamily, Protocol, ServicePortName};
 use svcplane_proxy::{
@@ -141,6 +142,29 @@ pub fn frontend_key(ip: IpAddr, port: u16, proto: u8) -> ServiceKey {
     }
 }
 
+/// A ClusterIP's wildcard key: its ports no Service has are refused.
+pub fn wildcard_key(ip: IpAddr) -> ServiceKey {
+    ServiceKey {
+        addr: addr_words(ip),
+        port: WILDCARD_PORT,
+        slot: 0,
+        proto: WILDCARD_PROTO,
+        pad: [0; 3],
+    }
+}
+
+pub fn is_wildcard(key: &ServiceKey) -> bool {
+    key.port == WILDCARD_PORT && key.proto == WILDCARD_PROTO
+}
+
+/// The wildcard entry: no backends, no flags (so: reject).
+pub fn wildcard_entry() -> FrontEntry {
+    FrontEntry {
+        value: ServiceValue::default(),
+        slots: Vec::new(),
+    }
+}
+
 pub fn backend_value(ip: IpAddr, port: u16) -> Backend {
     Backend {
         addr: addr_words(ip),
@@ -228,8 +252,9 @@ pub fn frontend_ops(
 
 /// The writes from `old` to `new` for the frontends in `keys` and the backends in
 /// `backend_ids` (both: the union of what either side holds for the services being
-/// synced). New backends first, then each frontend's slots and count, then the backends
-/// no longer used.
+/// synced). New backends first, then each frontend's slots and count, then the ClusterIPs'
+/// wildcard entries (a new Service's ports exist before its other ports are refused), then
+/// the backends no longer used.
 pub fn image_ops(
     old: &Image,
     new: &Image,
@@ -244,7 +269,9 @@ pub fn image_ops(
             ops.push(Op::PutBackend(*id, *b));
         }
     }
-    for key in keys {
+    let (wild, exact): (Vec<&ServiceKey>, Vec<&ServiceKey>) =
+        keys.iter().partition(|k| is_wildcard(k));
+    for key in exact.into_iter().chain(wild) {
         frontend_ops(
             &mut ops,
             key,
@@ -360,6 +387,16 @@ pub fn render_table(image: &Image, names: &BTreeMap<u32, String>) -> String {
         "ID", "FRONTEND", "SERVICE"
     );
     for (key, entry) in &image.frontends {
+        if is_wildcard(key) {
+            let _ = writeln!(
+                out,
+                "{:<6} {:<46} {:<40} none: reject (no Service has this port; connect fails with ECONNREFUSED)",
+                "-",
+                format!("{}:*/*", words_addr(&key.addr)),
+                "ClusterIP, other ports"
+            );
+            continue;
+        }
         let proto = match key.proto {
             PROTO_TCP => "TCP",
             PROTO_UDP => "UDP",
@@ -488,6 +525,25 @@ mod tests {
         assert_eq!(
             kinds(&image_ops(&one, &empty, &BTreeSet::from([key()]), &ids)),
             ["-svc", "-s1", "-b7"]
+        );
+    }
+
+    #[test]
+    fn wildcards_are_written_after_the_ports() {
+        let w = wildcard_key("10.96.0.1".parse().unwrap());
+        assert!(w < key(), "sorts first, so the order must be explicit");
+        let mut new = image(&[7]);
+        new.frontends.insert(w, wildcard_entry());
+        let keys = BTreeSet::from([key(), w]);
+        let ops = image_ops(&Image::default(), &new, &keys, &BTreeSet::from([7]));
+        assert_eq!(
+            kinds(&ops),
+            ["+b7", "+s1=7", "+count1", "+count0"],
+            "{ops:?}"
+        );
+        assert_eq!(
+            ops.last(),
+            Some(&Op::PutService(w, ServiceValue::default()))
         );
     }
 

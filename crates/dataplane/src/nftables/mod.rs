@@ -16,7 +16,7 @@ use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 use crate::conntrack::{ConntrackScope, Reconciler};
 
 pub use names::nft_identifier_safe;
-pub use render::{MASQUERADE_MARK, TABLE, render};
+pub use render::{Layout, MASQUERADE_MARK, NORTH_SOUTH_TABLE, TABLE, render, render_layout};
 
 /// The nftables dataplane. The first sync, every `diff.full` one and every one after a
 /// failure is a full, atomic `nft -f -` transaction (which replaces a table left by an
@@ -52,6 +52,8 @@ pub struct NftablesBackend {
     netlink: NetlinkTransport,
     /// Partial syncs sent over netlink so far (for tests and logs).
     netlink_partials: u64,
+    /// Which table and hooks (nftables mode's, or ebpf mode's north-south table).
+    layout: Layout,
 }
 
 /// Why a netlink batch was not applied.
@@ -101,6 +103,7 @@ impl NftablesBackend {
                 socket: None,
             },
             netlink_partials: 0,
+            layout: Layout::FULL,
         }
     }
 
@@ -118,6 +121,7 @@ impl NftablesBackend {
                 socket: None,
             },
             netlink_partials: 0,
+            layout: Layout::FULL,
         }
     }
 
@@ -140,6 +144,7 @@ impl NftablesBackend {
                 conntrack: Reconciler::new(ConntrackScope::Disabled),
                 netlink: NetlinkTransport::Off,
                 netlink_partials: 0,
+                layout: Layout::FULL,
             }
         }
     }
@@ -162,6 +167,29 @@ impl NftablesBackend {
         report.conntrack_deleted_v6 = ct.v6.deleted;
         report.conntrack_failures = ct.failures();
         report
+    }
+
+    /// Program `layout`'s table and hooks instead of nftables mode's.
+    pub fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// The table this backend programs (in both families).
+    pub fn table(&self) -> &'static str {
+        self.layout.table
+    }
+
+    /// Whether `ip <table>` or `ip6 <table>` exists (`nft list tables` lists names only).
+    pub fn is_present(&self) -> bool {
+        self.run(&["list", "tables"], None).is_ok_and(|out| {
+            out.lines().any(|l| {
+                let mut w = l.split_whitespace();
+                w.next() == Some("table")
+                    && matches!(w.next(), Some("ip" | "ip6"))
+                    && w.next() == Some(self.layout.table)
+            })
+        })
     }
 
     /// Send partial syncs through nft only (`false`), or over netlink where possible.
@@ -197,14 +225,15 @@ impl NftablesBackend {
         let Some(sock) = socket.as_mut() else {
             return Err(NetlinkFailure::Unavailable);
         };
+        let table = self.layout.table;
         let mut batch = sock.batch();
         if probe {
             for op in &render::tables_present_probe_ops() {
-                batch.op(TABLE, op);
+                batch.op(table, op);
             }
         }
         for op in ops {
-            batch.op(TABLE, op);
+            batch.op(table, op);
         }
         let result = sock
             .commit(batch)
@@ -235,12 +264,13 @@ impl NftablesBackend {
     fn existing_objects(&self, family: &str) -> Result<Vec<(ObjectKind, String)>, DataplaneError> {
         let script = format!("list chains {family}\nlist sets {family}\nlist maps {family}\n");
         let listing = self.run(&["-t", "-f", "-"], Some(&script))?;
-        Ok(parse_listing(&listing))
+        Ok(parse_listing(&listing, self.layout.table))
     }
 
     /// Delete what the last transaction left empty and unreferenced (objects of an
     /// earlier state). Best effort: a failure only delays the cleanup to the next sync.
     fn delete_stale(&self, declared: &[HashSet<String>; 2]) {
+        let table = self.layout.table;
         let mut script = String::new();
         for (family, names) in ["ip", "ip6"].into_iter().zip(declared) {
             let objects = match self.existing_objects(family) {
@@ -256,9 +286,9 @@ impl NftablesBackend {
                     if *k == kind && !names.contains(name) && nft_identifier_safe(name) {
                         let word = kind.word();
                         if kind == ObjectKind::Chain {
-                            script.push_str(&format!("flush chain {family} {TABLE} {name}\n"));
+                            script.push_str(&format!("flush chain {family} {table} {name}\n"));
                         }
-                        script.push_str(&format!("delete {word} {family} {TABLE} {name}\n"));
+                        script.push_str(&format!("delete {word} {family} {table} {name}\n"));
                     }
                 }
             }
@@ -281,7 +311,8 @@ impl NftablesBackend {
         desired: &DesiredState,
         diff: &Diff,
     ) -> Result<Option<(SyncReport, bool)>, DataplaneError> {
-        let Some(partial) = render::render_partial(previous, desired, diff)? else {
+        let Some(partial) = render::render_partial(previous, desired, diff, self.layout.table)?
+        else {
             return Ok(None);
         };
         let netlink_plan = partial
@@ -324,7 +355,7 @@ impl NftablesBackend {
         &self,
         partial: &render::Partial,
     ) -> Result<Option<(SyncReport, bool)>, DataplaneError> {
-        let script = render::tables_present_probe() + &partial.script;
+        let script = render::tables_present_probe(self.layout.table) + &partial.script;
         if let Err(e) = self.run(&["-f", "-"], Some(&script)) {
             tracing::warn!(error = %e, "partial nftables sync failed (tables missing or altered?); retrying in full");
             return Ok(None);
@@ -372,7 +403,7 @@ impl ObjectKind {
 
 /// The chains, sets and maps of svcplane's table in an `nft -t list chains|sets|maps`
 /// listing (which groups them under `table <family> <name> {` headers, per table).
-fn parse_listing(listing: &str) -> Vec<(ObjectKind, String)> {
+fn parse_listing(listing: &str, table: &str) -> Vec<(ObjectKind, String)> {
     let mut ours = false;
     listing
         .lines()
@@ -380,7 +411,7 @@ fn parse_listing(listing: &str) -> Vec<(ObjectKind, String)> {
             let mut words = line.split_whitespace();
             let kind = match words.next()? {
                 "table" => {
-                    ours = words.nth(1) == Some(TABLE);
+                    ours = words.nth(1) == Some(table);
                     return None;
                 }
                 "chain" => ObjectKind::Chain,
@@ -416,7 +447,7 @@ impl Dataplane for NftablesBackend {
             }
         }
         self.needs_full = true;
-        let (script, declared) = render::render_declared(desired)?;
+        let (script, declared) = render::render_declared(desired, self.layout)?;
         self.run(&["-f", "-"], Some(&script))?;
         self.delete_stale(&declared);
         self.needs_full = false;
@@ -429,13 +460,13 @@ impl Dataplane for NftablesBackend {
     }
 
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {
-        render::render(desired)
+        render::render_layout(desired, self.layout)
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         let mut first_error = None;
         for family in ["ip", "ip6"] {
-            match self.run(&["delete", "table", family, TABLE], None) {
+            match self.run(&["delete", "table", family, self.layout.table], None) {
                 Ok(_) => {}
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => {

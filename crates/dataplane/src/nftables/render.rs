@@ -53,10 +53,43 @@ pub(crate) struct ChainRules {
 /// The table, in both the `ip` and the `ip6` family. Nothing outside it is touched.
 pub const TABLE: &str = "svcplane";
 
+/// eBPF mode's north-south table (see [`Layout::NORTH_SOUTH`]).
+pub const NORTH_SOUTH_TABLE: &str = "svcplane-ns";
+
+/// Which table the rules go into and which traffic they see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub table: &'static str,
+    /// Whether the output hook is used: the node's own connections are translated too.
+    pub output: bool,
+}
+
+impl Layout {
+    /// nftables mode: every path, table `svcplane`.
+    pub const FULL: Layout = Layout {
+        table: TABLE,
+        output: true,
+    };
+    /// eBPF mode's north-south path: the same rules from the same desired state, but only
+    /// on the prerouting/input/forward/postrouting hooks, so they see what arrives from
+    /// outside the node (and pod traffic the socket load balancer left alone). Local
+    /// sockets are translated at connect by the socket load balancer: no output hook.
+    pub const NORTH_SOUTH: Layout = Layout {
+        table: NORTH_SOUTH_TABLE,
+        output: false,
+    };
+
+    fn base_chains(self) -> impl Iterator<Item = &'static BaseChain> {
+        BASE_CHAINS
+            .iter()
+            .filter(move |bc| self.output || bc.hook != "output")
+    }
+}
+
 /// Fails a transaction when either table is missing, changes nothing otherwise (`add`
 /// of an existing chain is a no-op; `add chain` into a missing table is an error).
-pub(crate) fn tables_present_probe() -> String {
-    format!("add chain ip {TABLE} {SERVICES}\nadd chain ip6 {TABLE} {SERVICES}\n")
+pub(crate) fn tables_present_probe(table: &str) -> String {
+    format!("add chain ip {table} {SERVICES}\nadd chain ip6 {table} {SERVICES}\n")
 }
 
 /// [`tables_present_probe`] as netlink operations.
@@ -336,9 +369,14 @@ impl Declared<'_> {
 
 /// The full transaction for `desired`: both families, deterministic.
 pub fn render(desired: &DesiredState) -> Result<String, DataplaneError> {
+    render_layout(desired, Layout::FULL)
+}
+
+/// [`render`] into `layout`'s table and hooks.
+pub fn render_layout(desired: &DesiredState, layout: Layout) -> Result<String, DataplaneError> {
     let mut out = String::with_capacity(estimate(desired));
     for fam in desired.families() {
-        render_family(&mut out, fam, Declared(None))?;
+        render_family(&mut out, fam, layout, Declared(None))?;
     }
     Ok(out)
 }
@@ -346,11 +384,12 @@ pub fn render(desired: &DesiredState) -> Result<String, DataplaneError> {
 /// Like [`render`], also returning the chain/set/map names declared per family (v4, v6).
 pub(crate) fn render_declared(
     desired: &DesiredState,
+    layout: Layout,
 ) -> Result<(String, [HashSet<String>; 2]), DataplaneError> {
     let mut out = String::with_capacity(estimate(desired));
     let mut declared = [HashSet::new(), HashSet::new()];
     for (fam, names) in desired.families().into_iter().zip(declared.iter_mut()) {
-        render_family(&mut out, fam, Declared(Some(names)))?;
+        render_family(&mut out, fam, layout, Declared(Some(names)))?;
     }
     Ok((out, declared))
 }
@@ -372,21 +411,23 @@ fn estimate(desired: &DesiredState) -> usize {
 fn render_family(
     out: &mut String,
     fam: &FamilyState,
+    layout: Layout,
     mut declared: Declared<'_>,
 ) -> Result<(), DataplaneError> {
     let sp = Spell::of(fam.family);
     let t = sp.ipx;
     let at = sp.addr_type;
+    let table = layout.table;
 
     // 1-3: table, flush, base chains re-created, shared maps/sets emptied.
     wl!(
         out,
-        "add table {t} {TABLE} {{ comment \"rules for svcplane\" ; }}"
+        "add table {t} {table} {{ comment \"rules for svcplane\" ; }}"
     );
-    wl!(out, "flush table {t} {TABLE}");
-    for bc in BASE_CHAINS {
-        wl!(out, "add chain {t} {TABLE} {}", bc.name);
-        wl!(out, "delete chain {t} {TABLE} {}", bc.name);
+    wl!(out, "flush table {t} {table}");
+    for bc in layout.base_chains() {
+        wl!(out, "add chain {t} {table} {}", bc.name);
+        wl!(out, "delete chain {t} {table} {}", bc.name);
     }
     let sets: [(&str, &str, &str); 2] = [
         (CLUSTER_IPS, "", "Active ClusterIPs"),
@@ -399,22 +440,22 @@ fn render_family(
     for (name, flags, comment) in sets {
         wl!(
             out,
-            "add set {t} {TABLE} {name} {{ type {at} ;{flags} comment \"{comment}\" ; }}"
+            "add set {t} {table} {name} {{ type {at} ;{flags} comment \"{comment}\" ; }}"
         );
         // kube-proxy: with AllLocal the nodeport-ips set must not exist (add+delete
         // rather than delete, which would fail when it is absent).
         if name == NODEPORT_IPS && fam.nodeport_addresses == NodePortAddresses::AllLocal {
-            wl!(out, "delete set {t} {TABLE} {name}");
+            wl!(out, "delete set {t} {table} {name}");
         } else {
-            wl!(out, "flush set {t} {TABLE} {name}");
+            wl!(out, "flush set {t} {table} {name}");
             declared.add(name);
         }
     }
     wl!(
         out,
-        "add set {t} {TABLE} {HAIRPIN} {{ type {at} . {at} ; comment \"endpoint . itself, for hairpin masquerade\" ; }}"
+        "add set {t} {table} {HAIRPIN} {{ type {at} . {at} ; comment \"endpoint . itself, for hairpin masquerade\" ; }}"
     );
-    wl!(out, "flush set {t} {TABLE} {HAIRPIN}");
+    wl!(out, "flush set {t} {table} {HAIRPIN}");
     declared.add(HAIRPIN);
     let ip_map = format!("{at} . inet_proto . inet_service : verdict");
     let port_map = "inet_proto . inet_service : verdict";
@@ -444,15 +485,15 @@ fn render_family(
     for (name, ty, comment) in maps {
         wl!(
             out,
-            "add map {t} {TABLE} {name} {{ type {ty} ; comment \"{comment}\" ; }}"
+            "add map {t} {table} {name} {{ type {ty} ; comment \"{comment}\" ; }}"
         );
-        wl!(out, "flush map {t} {TABLE} {name}");
+        wl!(out, "flush map {t} {table} {name}");
         declared.add(name);
     }
 
     // 4: the chains.
-    wl!(out, "table {t} {TABLE} {{");
-    for bc in BASE_CHAINS {
+    wl!(out, "table {t} {table} {{");
+    for bc in layout.base_chains() {
         declared.add(bc.name);
         wl!(out, "\tchain {} {{", bc.name);
         wl!(
@@ -475,7 +516,7 @@ fn render_family(
         render_service(out, &ctx, svc, &mut elements, &mut declared, None)?;
     }
     wl!(out, "}}");
-    write_family_elements(out, fam, &elements);
+    write_family_elements(out, fam, table, &elements);
     Ok(())
 }
 
@@ -503,8 +544,10 @@ fn family_ctx(fam: &FamilyState) -> FamilyCtx {
 }
 
 /// Step 5: map and set elements, after every chain they name exists.
-fn write_family_elements(out: &mut String, fam: &FamilyState, elements: &Elements) {
+fn write_family_elements(out: &mut String, fam: &FamilyState, table: &str, elements: &Elements) {
     let t = Spell::of(fam.family).ipx;
+    // `<family> <table>`, as every element statement names it.
+    let t = &format!("{t} {table}");
     let sp = Spell::of(fam.family);
     if let NodePortAddresses::Cidrs(cidrs) = &fam.nodeport_addresses {
         let nets = family_nets(sp.family, cidrs);
@@ -555,7 +598,7 @@ fn hairpin_elem(out: &mut String, ip: &IpAddr) {
     w!(out, "{ip} . {ip}")
 }
 
-/// `add element <t> svcplane <name> { e1, e2, … }`, one element a line; nothing when empty
+/// `add element <t> <name> { e1, e2, … }` (`t`: family and table), one element a line; nothing when empty
 /// (nft rejects `{ }`).
 fn write_elements<I, T>(
     out: &mut String,
@@ -569,7 +612,7 @@ fn write_elements<I, T>(
     element_op(out, "add", t, name, items, each);
 }
 
-/// `<verb> element <t> svcplane <name> { … }` (`add` or `delete`); nothing when empty.
+/// `<verb> element <t> <name> { … }` (`add` or `delete`); nothing when empty.
 fn element_op<I, T>(
     out: &mut String,
     verb: &str,
@@ -583,7 +626,7 @@ fn element_op<I, T>(
     let mut first = true;
     for item in items {
         if first {
-            wl!(out, "{verb} element {t} {TABLE} {name} {{");
+            wl!(out, "{verb} element {t} {name} {{");
             first = false;
         } else {
             out.push_str(",\n");
@@ -1201,7 +1244,8 @@ struct PartialWriter<'a> {
     out: &'a mut String,
     /// `None` once something was met that only the text form expresses.
     ops: Option<Vec<Op>>,
-    t: &'static str,
+    /// `<family> <table>`.
+    t: &'a str,
     family: u8,
 }
 
@@ -1236,7 +1280,7 @@ impl PartialWriter<'_> {
     }
 
     fn flush_chain(&mut self, name: &str) {
-        wl!(self.out, "flush chain {} {TABLE} {name}", self.t);
+        wl!(self.out, "flush chain {} {name}", self.t);
         if let Some(ops) = &mut self.ops {
             ops.push(Op::FlushChain {
                 family: self.family,
@@ -1262,6 +1306,7 @@ pub(crate) fn render_partial(
     prev: &DesiredState,
     next: &DesiredState,
     diff: &Diff,
+    table: &str,
 ) -> Result<Option<Partial>, DataplaneError> {
     let mut partial = Partial::default();
     let mut nl = Some(NetlinkPartial::default());
@@ -1275,7 +1320,7 @@ pub(crate) fn render_partial(
         }
         let (old_fam, new_fam) = (prev.family(family), next.family(family));
         let (old_ctx, new_ctx) = (family_ctx(old_fam), family_ctx(new_fam));
-        let t = new_ctx.sp.ipx;
+        let t = &format!("{} {table}", new_ctx.sp.ipx);
         let nl_family = netlink::family_code(family == IpFamily::V6);
         let mut old = Elements::default();
         let mut new = Elements::default();
@@ -1419,17 +1464,17 @@ pub(crate) fn render_partial(
             w.flush_chain(name);
         }
         if !block.is_empty() {
-            wl!(w.out, "table {t} {TABLE} {{");
+            wl!(w.out, "table {t} {{");
             w.out.push_str(&block);
             wl!(w.out, "}}");
         }
         w.out.push_str(&adds);
         // Chains first: a stale endpoint chain is what referenced a stale affinity set.
         for name in stale.iter().filter(|n| !is_set(n)) {
-            wl!(partial.stale, "delete chain {t} {TABLE} {name}");
+            wl!(partial.stale, "delete chain {t} {name}");
         }
         for name in stale.iter().filter(|n| is_set(n)) {
-            wl!(partial.stale, "delete set {t} {TABLE} {name}");
+            wl!(partial.stale, "delete set {t} {name}");
         }
 
         // The netlink form: the same operations in the same order (the chains of the

@@ -13,7 +13,7 @@ use svcplane_proxy::{
 };
 
 use super::names::{endpoint_base, service_base};
-use super::{ObjectKind, parse_listing, render};
+use super::{ObjectKind, TABLE, parse_listing, render};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -731,7 +731,7 @@ fn out_of_range_endpoint_indices_are_ignored() {
 fn listing_is_parsed() {
     let listing = "table ip svcplane {\n\tcomment \"x\"\n\tset affinity-A-ns/a {\n\t\ttype ipv4_addr\n\t}\n\tmap service-ips {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t}\n\tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\t}\n}\ntable ip kube-proxy {\n\tchain services {\n\t}\n\tset cluster-ips {\n\t}\n}\n";
     assert_eq!(
-        parse_listing(listing),
+        parse_listing(listing, TABLE),
         vec![
             (ObjectKind::Set, "affinity-A-ns/a".to_owned()),
             (ObjectKind::Map, "service-ips".to_owned()),
@@ -780,7 +780,7 @@ mod partial {
 
     fn partial(prev: &DesiredState, next: &DesiredState) -> Option<Partial> {
         let diff = Diff::between(Some(Arc::new(prev.clone())), next, false);
-        render_partial(prev, next, &diff).expect("render_partial")
+        render_partial(prev, next, &diff, TABLE).expect("render_partial")
     }
 
     fn base() -> DesiredState {
@@ -1084,5 +1084,43 @@ mod partial {
         let mut next = base();
         next.v6.node_ips = vec![ip("fd00::1")];
         assert_eq!(partial(&prev, &next), None);
+    }
+}
+
+/// eBPF mode's north-south table: nftables mode's rules for the same state, in table
+/// `svcplane-ns`, without the output hook (local sockets are translated at connect).
+#[test]
+fn north_south_layout_has_the_same_rules_without_the_output_hook() {
+    use super::render::{Layout, render_layout};
+    let svc = cluster_ip_service("web", "10.96.0.10", &["10.244.1.5"]);
+    let desired = state(vec![svc.clone()], vec![]);
+    let full = render(&desired).unwrap();
+    let ns = render_layout(&desired, Layout::NORTH_SOUTH).unwrap();
+    assert!(ns.contains("add table ip svcplane-ns "), "{ns}");
+    assert!(
+        !ns.contains(" svcplane "),
+        "nftables mode's table named: {ns}"
+    );
+    assert!(!ns.contains("hook output"), "{ns}");
+    for chain in [
+        "nat-prerouting",
+        "filter-prerouting-pre-dnat",
+        "filter-input",
+    ] {
+        assert!(chain_body(&ns, chain).is_some(), "{chain} missing: {ns}");
+    }
+    for chain in ["filter-forward", "nat-postrouting"] {
+        assert!(chain_body(&ns, chain).is_some(), "{chain} missing: {ns}");
+    }
+    // Everything else is nftables mode's text with the other table name.
+    let svc_chain = chain_name("service-", &svc);
+    assert_eq!(chain_body(&ns, &svc_chain), chain_body(&full, &svc_chain));
+    let renamed = ns.replace(" svcplane-ns ", " svcplane ");
+    for map in ["service-ips", "cluster-ips", "hairpin"] {
+        assert_eq!(
+            elements(&full, "ip", map),
+            elements(&renamed, "ip", map),
+            "{map}"
+        );
     }
 }

@@ -83,9 +83,11 @@ pub fn wreck_rules(env: &Env) {
         "ebpf" => {
             // Unpin the programs' links and the maps: the periodic check finds the pins
             // gone and runs a full sync that puts them back (the scenario asserts it).
+            // And the north-south nftables table, as nftables mode's.
             let hooks = env.hooks("node-a").expect("node-a's eBPF hooks");
             std::fs::remove_dir_all(&hooks.pins)
                 .unwrap_or_else(|e| panic!("remove {}: {e}", hooks.pins.display()));
+            run("nft", &["flush", "ruleset"]);
         }
         other => panic!("no way to wreck mode {other}'s rules: add it in traffic/modes.rs"),
     }

@@ -365,7 +365,9 @@ pub fn trace_disagreement(
             }
             let ok = match seen {
                 Seen::Own => masq == "no" && !hairpin,
-                Seen::Node => masq == "yes",
+                // The node's own connection keeps the node's address unmasqueraded
+                // (eBPF mode connects its socket straight to the endpoint).
+                Seen::Node => masq == "yes" || (masq == "no" && t["source"] == "node"),
                 Seen::OwnUnlessHairpin => masq == "no" && hairpin,
                 Seen::Any => true,
             };
