@@ -661,7 +661,7 @@ impl Lab {
             &|_| ctx.dns(svc, headless, external),
             &|run| ctx.carried(mode, svc, run),
             &|_| ctx.spread(svc),
-            &|_| ctx.node_port(mode, node_port),
+            &|_| ctx.node_port(node_port),
             &|run| ctx.scale_down(self, svc, run),
         ];
         for step in steps {
@@ -1132,7 +1132,7 @@ impl Ctx<'_> {
         })
     }
 
-    fn node_port(&self, mode: &str, svc: &Service) -> Result<Hop> {
+    fn node_port(&self, svc: &Service) -> Result<Hop> {
         let port = svc
             .ports
             .iter()
@@ -1140,16 +1140,6 @@ impl Ctx<'_> {
             .context("no nodePort")?;
         let node_ip = self.cluster().node(PROXY_NODE)?.ipv4();
         let dst = SocketAddr::new(node_ip.into(), port);
-        if mode == "ebpf" {
-            return Ok(Hop {
-                name: "NodePort from the external client",
-                ok: None,
-                lines: vec![format!(
-                    "{dst} ({}): not in eBPF mode, which balances east-west traffic at the socket only (README: eBPF mode)",
-                    svc.name
-                )],
-            });
-        }
         let client = self.cluster().client().netns().name().to_string();
         let replies: Vec<_> = (0..10)
             .map(

@@ -357,16 +357,8 @@ fn lab_walks_examples_lab_in_every_mode_and_leaves_nothing() {
             "{}",
             text(0)
         );
-        // The NodePort hop ran, except in eBPF mode (east-west only), which says why.
-        if mode == "ebpf" {
-            assert!(
-                hops[3]["ok"].is_null() && text(3).contains("eBPF"),
-                "{}",
-                text(3)
-            );
-        } else {
-            assert_eq!(hops[3]["ok"], true, "{mode}: {}", text(3));
-        }
+        // The NodePort hop ran (in eBPF mode through its north-south table).
+        assert_eq!(hops[3]["ok"], true, "{mode}: {}", text(3));
         assert!(m["change_to_kernel_s"].as_f64().is_some(), "{mode}: {m}");
         assert!(
             m["latency_cluster_ip_p50_us"].as_f64().is_some(),
