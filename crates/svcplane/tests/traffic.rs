@@ -441,10 +441,11 @@ fn udp_conntrack_cleared(cell: Cell) {
         "the udp service over udp-b was not programmed"
     );
     // The rules moved; without the reconciler the old conntrack entry would keep sending
-    // this 5-tuple to udp-a until it expires (120 s while traffic flows). The bound is
-    // generous: the entry is deleted in the same sync that changed the rules.
+    // this 5-tuple to udp-a until it expires (120 s while traffic flows), so any bound
+    // well under that tells the two apart: the entry is deleted in the same sync that
+    // changed the rules.
     let mut answers = Vec::new();
-    let moved = svcplane_testkit::wait_until(Duration::from_secs(2), || {
+    let moved = svcplane_testkit::wait_until(SETTLE, || {
         let reply = ask();
         let done = matches!(&reply, Ok(r) if r.pod == b);
         answers.push(reply);
@@ -452,7 +453,7 @@ fn udp_conntrack_cleared(cell: Cell) {
     });
     assert!(
         moved,
-        "the same 5-tuple was not answered by udp-b within 2 s: {answers:?}"
+        "the same 5-tuple was not answered by udp-b within {SETTLE:?}: {answers:?}"
     );
 
     // Counted when the sync that deleted the entry returns, which may be just after the
@@ -833,13 +834,14 @@ fn health_check_node_port(cell: Cell) {
     assert_hc_body(&body, 0);
 
     // The endpoint moves from node-a to node-b: node-a's load balancer must stop
-    // sending traffic there promptly.
+    // sending traffic there (the servers follow the sync that applies the change; how
+    // fast that is, is the benchmarks' business: a fixed 2 s bound failed under TCG).
     env.manifests
         .write("hc.yaml", &hc_manifests(&env, &[("many-b", "node-b")]))
         .expect("hc.yaml");
-    let (_, body) = hc_wait(&env, "node-a", 503, Duration::from_secs(2));
+    let (_, body) = hc_wait(&env, "node-a", 503, SETTLE);
     assert_hc_body(&body, 0);
-    let (_, body) = hc_wait(&env, "node-b", 200, Duration::from_secs(2));
+    let (_, body) = hc_wait(&env, "node-b", 200, SETTLE);
     assert_hc_body(&body, 1);
 }
 
