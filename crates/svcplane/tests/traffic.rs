@@ -72,9 +72,6 @@ scenario_table! {
         },
         external_traffic_policy_local_from_the_node_itself {
             ebpf/_: "eBPF mode serves east-west only: NodePort, LoadBalancer and external IPs, and ClusterIPs reached from outside the node, are not translated yet (the node's own traffic passes; the external client's NodePort is not dropped)",
-            ipvs/_: "IPVS chooses real servers by destination only: the node's own traffic \
-                to an eTP Local address gets that address's local-only real servers, not the \
-                cluster-wide endpoints (as in kube-proxy's IPVS mode)",
         },
         hairpin_is_masqueraded {
             ebpf/_: "the socket load balancer connects the pod's socket straight to the endpoint, so a pod reaching itself keeps its own address: no reply crosses a NAT, nothing to masquerade (as Cilium's socket-LB)",

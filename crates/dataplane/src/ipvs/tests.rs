@@ -343,7 +343,8 @@ fn render_lists_virtual_servers_as_ipvsadm_does() {
     let v6 = svc("six", Protocol::Tcp, "fd00::10", 443, &["fd00:244::5"]);
     let mut st = state(vec![web, empty], vec![v6]);
     st.v4.node_ips = vec![ip("10.0.0.11")];
-    st.v4.cluster_ip_masquerade = ClusterIpMasquerade::FromOutside(vec![net("10.244.0.0/16")]);
+    st.v4.cluster_cidrs = vec![net("10.244.0.0/16")];
+    st.v4.cluster_ip_masquerade = ClusterIpMasquerade::FromOutside(st.v4.cluster_cidrs.clone());
     let out = render(&st, &IpvsOptions::default()).unwrap();
     let listing = out.split("# addresses on").next().unwrap();
     assert_eq!(
@@ -401,8 +402,21 @@ fn filter_verdicts_and_source_ranges() {
             .into()
     );
     assert!(f.sets["no-endpoints"].is_empty());
-    // eTP Local: no masquerade of external frontends.
+    // eTP Local: no masquerade of external frontends, except the node's own traffic.
     assert!(f.sets["external-masq"].is_empty());
+    assert_eq!(f.sets["external-local"], f.sets["no-local-endpoints"]);
+    // No local endpoint: the cluster-wide ones serve the node and its pods (kube-proxy's
+    // IPVS mode, kubernetes#97081); the filter drops everyone else.
+    for addr in ["198.51.100.7", "10.0.0.11"] {
+        let port = if addr == "10.0.0.11" { 30000 } else { 80 };
+        let key = VsKey {
+            addr: ip(addr),
+            protocol: Protocol::Tcp,
+            port,
+        };
+        let reals: Vec<IpAddr> = wanted[&key].reals.iter().map(|r| r.addr).collect();
+        assert_eq!(reals, [ip("10.244.1.2")], "{addr}");
+    }
     assert_eq!(f.firewall.len(), 1);
     let text = f.render(IpFamily::V4);
     let chain = f.firewall.values().next().unwrap();
@@ -413,6 +427,12 @@ fn filter_verdicts_and_source_ranges() {
     assert!(text.contains(&format!(
         "add element ip svcplane-ipvs firewall {{ 198.51.100.7 . tcp . 80 : jump {chain} }}"
     )));
+    assert!(text.contains(
+        "add rule ip svcplane-ipvs input fib saddr type != local ip saddr != @cluster-cidrs ip daddr . meta l4proto . th dport @no-local-endpoints drop\n"
+    ));
+    assert!(text.contains(
+        "add rule ip svcplane-ipvs output ip daddr . meta l4proto . th dport @external-local meta mark set meta mark or 0x00004000\n"
+    ));
 }
 
 #[test]
