@@ -187,7 +187,12 @@ pub fn virtual_servers(
                 out.entry(key).or_insert_with(|| Wanted {
                     vs: VirtualServer {
                         key,
-                        scheduler: scheduler.to_owned(),
+                        // The Service's annotation, else `--ipvs-scheduler`.
+                        scheduler: svc
+                            .ipvs_scheduler
+                            .as_deref()
+                            .unwrap_or(scheduler)
+                            .to_owned(),
                         persistence: svc.affinity_timeout_seconds,
                     },
                     reals: reals(svc, frontend.external()),

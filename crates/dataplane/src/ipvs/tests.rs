@@ -51,6 +51,7 @@ fn svc(name: &str, protocol: Protocol, cip: &str, port: u16, eps: &[&str]) -> Se
         load_balancer_ips: vec![],
         load_balancer_source_ranges: vec![],
         affinity_timeout_seconds: None,
+        ipvs_scheduler: None,
         endpoints: eps
             .iter()
             .map(|e| EndpointState::ready(ip(e), 8080, false))
@@ -332,6 +333,49 @@ fn removed_tcp_real_servers_drain_udp_ones_go_at_once() {
     let pu = plan::plan(&wu, &cu, |_| true);
     assert_eq!(pu.ops, vec![Op::DelDest(ku, rs("10.244.0.7", 1))]);
     assert!(pu.draining.is_empty());
+}
+
+#[test]
+fn a_service_scheduler_overrides_the_flag() {
+    let mut web = svc("web", Protocol::Tcp, "10.96.0.10", 80, &["10.244.1.2"]);
+    web.ipvs_scheduler = Some("sh".into());
+    web.node_port = Some(30080);
+    let other = svc("other", Protocol::Tcp, "10.96.0.11", 80, &["10.244.1.3"]);
+    let st = state(vec![web, other], vec![]);
+    let wanted = plan::virtual_servers(&st, "lc", &[ip("10.0.0.11")]);
+    let sched = |addr: &str, port| {
+        wanted[&key(addr, Protocol::Tcp, port)]
+            .vs
+            .scheduler
+            .as_str()
+    };
+    // Every frontend of the annotated Service, the flag's for the others.
+    assert_eq!(sched("10.96.0.10", 80), "sh");
+    assert_eq!(sched("10.0.0.11", 30080), "sh");
+    assert_eq!(sched("10.96.0.11", 80), "lc");
+    // A changed scheduler is an edit of the virtual server, not a re-creation.
+    let k = key("10.96.0.11", Protocol::Tcp, 80);
+    let mut cur_vs = wanted[&k].vs.clone();
+    cur_vs.scheduler = "rr".into();
+    let cur: BTreeMap<VsKey, Current> = [(
+        k,
+        Current {
+            vs: cur_vs,
+            dests: vec![],
+        },
+    )]
+    .into();
+    let p = plan::plan(&wanted, &cur, |x| *x == k);
+    assert!(
+        p.ops.contains(&Op::EditService(wanted[&k].vs.clone())),
+        "{:?}",
+        p.ops
+    );
+    assert!(
+        !p.ops.iter().any(|o| matches!(o, Op::DelService(_))),
+        "{:?}",
+        p.ops
+    );
 }
 
 #[test]
