@@ -31,7 +31,10 @@ cluster="$(test_binary svcplane-testkit cluster)"
 traffic="$(test_binary svcplane traffic)"
 ipvs="$(test_binary svcplane ipvs)"
 
-exec scripts/ipvs-vm.sh --mem 2G --timeout "${IPVS_VM_TIMEOUT:-1800}" \
+# 2 vCPUs, so 2 cells at a time (libtest's default). 4 was tried: on a loaded host a
+# dozen cells then failed. The timeout only bounds a hang: all 52 cells took 27 min on
+# this 2-core host while 4 other VMs and builds ran (load 15-19).
+exec scripts/ipvs-vm.sh --smp "${IPVS_VM_SMP:-2}" --mem 2G --timeout "${IPVS_VM_TIMEOUT:-2700}" \
   --bin "$svcplane" --bin "$cluster" --bin "$traffic" --bin "$ipvs" --file "$root/scripts/ipvs-vm-suite.sh" \
   --cwd "$root/crates/svcplane" \
   -- bash "$root/scripts/ipvs-vm-suite.sh" "$cluster" "$traffic" "$filter" "$ipvs"
