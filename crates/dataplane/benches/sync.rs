@@ -50,6 +50,7 @@ fn service(id: u32, first_endpoint: u32) -> ServicePortState {
         load_balancer_ips: vec![],
         load_balancer_source_ranges: vec![],
         affinity_timeout_seconds: None,
+        ipvs_scheduler: None,
         endpoints,
         internal: target.clone(),
         external: target,

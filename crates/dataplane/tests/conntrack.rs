@@ -181,6 +181,7 @@ fn dns_state(endpoint: &str) -> Arc<DesiredState> {
         load_balancer_ips: Vec::new(),
         load_balancer_source_ranges: Vec::new(),
         affinity_timeout_seconds: None,
+        ipvs_scheduler: None,
         endpoints: vec![EndpointState::ready(ip(endpoint), 5353, false)],
         internal: all.clone(),
         external: all,

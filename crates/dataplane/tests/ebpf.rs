@@ -91,6 +91,7 @@ fn port_state(
         load_balancer_ips: Vec::new(),
         load_balancer_source_ranges: Vec::new(),
         affinity_timeout_seconds: None,
+        ipvs_scheduler: None,
         endpoints: endpoints
             .iter()
             .map(|&(a, p)| EndpointState::ready(ip(a), p, true))

@@ -103,6 +103,7 @@ fn random_service(rng: &mut Rng, v6: bool, id: u32) -> ServicePortState {
             vec![]
         },
         affinity_timeout_seconds: (rng.below(3) == 0).then_some(600),
+        ipvs_scheduler: None,
         internal: target(&all, EmptyVerdict::Reject),
         external: if etp_local {
             target(

@@ -40,6 +40,7 @@ fn service(name: &str, cip: &str, eps: &[&str]) -> ServicePortState {
         load_balancer_ips: vec![ip("192.0.2.7")],
         load_balancer_source_ranges: vec!["203.0.113.0/24".parse().unwrap()],
         affinity_timeout_seconds: None,
+        ipvs_scheduler: None,
         endpoints: eps
             .iter()
             .map(|e| EndpointState::ready(ip(e), 8080, false))

@@ -59,6 +59,7 @@ fn service(
         load_balancer_ips: vec![],
         load_balancer_source_ranges: vec![],
         affinity_timeout_seconds: None,
+        ipvs_scheduler: None,
         endpoints: eps.iter().map(|(a, p, l)| endpoint(a, *p, *l)).collect(),
         internal: target(&all, EmptyVerdict::Reject),
         external: target(&all, EmptyVerdict::Reject),

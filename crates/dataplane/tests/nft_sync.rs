@@ -71,6 +71,7 @@ fn service(v6: bool, id: u32, eps: &[u32], sticky: bool, node_port: bool) -> Ser
         load_balancer_ips: vec![],
         load_balancer_source_ranges: vec![],
         affinity_timeout_seconds: sticky.then_some(600),
+        ipvs_scheduler: None,
         endpoints,
         internal: target(EmptyVerdict::Reject),
         external: target(EmptyVerdict::Drop),

@@ -463,6 +463,7 @@ pub(crate) mod fixtures {
             load_balancer_ips: Vec::new(),
             load_balancer_source_ranges: Vec::new(),
             affinity_timeout_seconds: None,
+            ipvs_scheduler: None,
             endpoints: Vec::new(),
             internal,
             external,

@@ -10,9 +10,10 @@ mod types;
 pub mod validate;
 
 pub use convert::{
-    DEFAULT_NAMESPACE, DEFAULT_SESSION_AFFINITY_TIMEOUT, LAST_CHANGE_TRIGGER_TIME_ANNOTATION,
-    MAX_SESSION_AFFINITY_TIMEOUT, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL,
-    endpoint_slice_from_k8s, node_from_k8s, pod_from_k8s, service_from_k8s,
+    DEFAULT_NAMESPACE, DEFAULT_SESSION_AFFINITY_TIMEOUT, IPVS_SCHEDULER_ANNOTATION,
+    IPVS_SCHEDULERS, LAST_CHANGE_TRIGGER_TIME_ANNOTATION, MAX_SESSION_AFFINITY_TIMEOUT,
+    SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL, endpoint_slice_from_k8s,
+    node_from_k8s, pod_from_k8s, service_from_k8s,
 };
 pub use error::{Converted, InvalidObject, ParseError};
 pub use types::*;

@@ -201,6 +201,9 @@ pub struct Service {
     /// Label `service.kubernetes.io/service-proxy-name`: when set, kube-proxy (and svcplane) ignore the Service.
     pub service_proxy_name: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// Annotation `kube-router.io/service.scheduler` (IPVS mode), when it names a known
+    /// scheduler.
+    pub ipvs_scheduler: Option<String>,
     /// What the API server would allocate from this Service's spec; only the standalone
     /// mode's allocator reads it (a Service from the API server has been allocated).
     pub allocation: AllocationRequest,

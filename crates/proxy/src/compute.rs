@@ -554,6 +554,7 @@ fn compute_port(
         load_balancer_ips,
         load_balancer_source_ranges,
         affinity_timeout_seconds: svc.session_affinity_timeout,
+        ipvs_scheduler: svc.ipvs_scheduler.clone(),
         endpoints,
         internal,
         external,
@@ -1308,6 +1309,17 @@ mod tests {
             compute(&svc, &[], None).v4[0].affinity_timeout_seconds,
             Some(600)
         );
+    }
+
+    #[test]
+    fn ipvs_scheduler_copied_to_every_family() {
+        let mut svc = service("ns", "web", &["10.96.0.10", "fd00::10"]);
+        let none = compute(&svc, &[], None);
+        assert_eq!(none.v4[0].ipvs_scheduler, None);
+        svc.ipvs_scheduler = Some("sh".into());
+        let st = compute(&svc, &[], None);
+        assert_eq!(st.v4[0].ipvs_scheduler.as_deref(), Some("sh"));
+        assert_eq!(st.v6[0].ipvs_scheduler.as_deref(), Some("sh"));
     }
 
     #[test]

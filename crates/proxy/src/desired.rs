@@ -187,6 +187,9 @@ pub struct ServicePortState {
     pub load_balancer_source_ranges: Vec<IpNet>,
     /// ClientIP session affinity timeout, seconds.
     pub affinity_timeout_seconds: Option<u32>,
+    /// The Service's own IPVS scheduler (its annotation); `None`: the proxy's
+    /// `--ipvs-scheduler`. Only IPVS mode reads it.
+    pub ipvs_scheduler: Option<String>,
     /// Every endpoint either target uses, sorted and deduplicated (by ip, port).
     pub endpoints: Vec<EndpointState>,
     /// Traffic to the ClusterIP (iTP applied, topology, terminating fallback).

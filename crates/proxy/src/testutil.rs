@@ -44,6 +44,7 @@ pub fn service(ns: &str, name: &str, cluster_ips: &[&str]) -> Service {
         health_check_node_port: None,
         selector: Some(BTreeMap::new()),
         publish_not_ready_addresses: false,
+        ipvs_scheduler: None,
         allocation: Default::default(),
         service_proxy_name: None,
         labels: BTreeMap::new(),

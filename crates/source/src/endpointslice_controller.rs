@@ -245,6 +245,7 @@ mod tests {
             health_check_node_port: None,
             selector: Some([("app".to_string(), "web".to_string())].into()),
             publish_not_ready_addresses: false,
+            ipvs_scheduler: None,
             allocation: Default::default(),
             service_proxy_name: None,
             labels: Default::default(),

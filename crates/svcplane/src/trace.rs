@@ -495,11 +495,6 @@ fn external_target(
             // IPVS picks real servers by destination only: every source gets the
             // address's local-only servers.
             if world.mode == ProxyMode::Ipvs && matches!(source, Source::Pod | Source::Node) {
-                steps.push(
-                    "externalTrafficPolicy Local; IPVS chooses real servers by destination \
-                     only, so this node's own traffic gets the local endpoints too"
-                        .into(),
-                );
                 let masq = if source == Source::Node {
                     (
                         Masq::Yes,
@@ -508,6 +503,22 @@ fn external_target(
                 } else {
                     (Masq::No, "a pod's source is kept".into())
                 };
+                // No local endpoint: the real servers are the cluster-wide endpoints
+                // (kube-proxy #97081), which only this node's own traffic gets through.
+                if sp.external.endpoints.is_empty() {
+                    steps.push(
+                        "externalTrafficPolicy Local without a local endpoint: IPVS's real \
+                         servers are the cluster-wide endpoints, which this node's own \
+                         traffic uses"
+                            .into(),
+                    );
+                    return (local_origin.clone(), cluster(), masq.0, masq.1);
+                }
+                steps.push(
+                    "externalTrafficPolicy Local; IPVS chooses real servers by destination \
+                     only, so this node's own traffic gets the local endpoints too"
+                        .into(),
+                );
                 return (sp.external.clone(), local(), masq.0, masq.1);
             }
             match source {
@@ -1225,13 +1236,14 @@ spec: {type: ExternalName, externalName: docs.example.com}
         assert_eq!(ips(&t), ["10.244.2.20:8080"]);
         let t = go(&w, "10.0.0.11:30080", Some("10.244.1.5"));
         assert_eq!((t.outcome, t.masquerade), (Outcome::Forward, Masq::No));
-        // IPVS chooses by destination only: the node's own traffic meets the DROP too.
+        // IPVS without a local endpoint: the real servers are the cluster-wide endpoints
+        // (kube-proxy #97081), so the node's own traffic is served, masqueraded.
         let t = go(
             &world(ProxyMode::Ipvs),
             "10.0.0.11:30080",
             Some("10.0.0.11"),
         );
-        assert_eq!(t.outcome, Outcome::Drop);
+        assert_eq!((t.outcome, t.masquerade), (Outcome::Forward, Masq::Yes));
     }
 
     #[test]

@@ -393,9 +393,23 @@ fn ipvs_mode_programs_serves_follows_changes_and_cleans_up() {
     assert!(!tables.contains("svcplane-ipvs"), "{tables}");
 }
 
+/// Services over the web pods with the scheduler annotation: `sched` with `scheduler`,
+/// `bad-sched` with one the kernel does not have.
+fn annotated(scheduler: &str) -> String {
+    let one = |name: &str, ip: &str, scheduler: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n  \
+             annotations: {{kube-router.io/service.scheduler: \"{scheduler}\"}}\n\
+             spec:\n  selector: {{app: web}}\n  clusterIP: {ip}\n  \
+             ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n"
+        )
+    };
+    one("sched", "10.96.7.5", scheduler) + &one("bad-sched", "10.96.7.6", "fancy")
+}
+
 #[test]
-fn scheduler_flag_reaches_the_kernel() {
-    if skip("scheduler_flag_reaches_the_kernel") {
+fn scheduler_flag_and_annotation_reach_the_kernel() {
+    if skip("scheduler_flag_and_annotation_reach_the_kernel") {
         return;
     }
     let env = Env::start(&["--ipvs-scheduler", "lc", "--sync-period", "2s"]);
@@ -414,6 +428,40 @@ fn scheduler_flag_reaches_the_kernel() {
         "{:?}",
         env.ipvsadm()
     );
+
+    // The annotation picks a Service's scheduler; an unknown one falls back to the
+    // flag's (with a warning, checked by the model's tests).
+    env.manifests
+        .write("annotated.yaml", &annotated("sh"))
+        .expect("annotated.yaml");
+    let has = |line: &str| env.ipvsadm().contains(line);
+    assert!(
+        wait_until(WAIT, || has("TCP 10.96.7.5:80 sh")
+            && has("TCP 10.96.7.6:80 lc")),
+        "{:?}",
+        env.ipvsadm()
+    );
+    // Source hashing: one client, one endpoint (rr or lc would alternate between the
+    // two idle web pods).
+    let first = env.tcp("client-a", "10.96.7.5:80").pod;
+    for _ in 0..8 {
+        assert_eq!(
+            env.tcp("client-a", "10.96.7.5:80").pod,
+            first,
+            "sh must stick"
+        );
+    }
+    // Changed in place: the virtual server is edited, not re-created.
+    env.manifests
+        .write("annotated.yaml", &annotated("wrr"))
+        .expect("annotated.yaml");
+    assert!(
+        wait_until(WAIT, || has("TCP 10.96.7.5:80 wrr")),
+        "{:?}",
+        env.ipvsadm()
+    );
+    assert!(has("TCP 10.96.7.1:80 lc"), "{:?}", env.ipvsadm());
+    env.spread("client-a", "10.96.7.5:80");
 }
 
 #[test]

@@ -49,6 +49,7 @@ fn svc(name: &str, protocol: Protocol, cluster_ip: &str, eps: &[(&str, u16)]) ->
         load_balancer_ips: Vec::new(),
         load_balancer_source_ranges: Vec::new(),
         affinity_timeout_seconds: None,
+        ipvs_scheduler: None,
         internal: target(endpoints.len()),
         external: target(endpoints.len()),
         endpoints,

@@ -42,6 +42,7 @@ fn service(ns: &str, name: &str, port: &str, cip: &str, eps: &[&str]) -> Service
         load_balancer_ips: vec![],
         load_balancer_source_ranges: vec![],
         affinity_timeout_seconds: None,
+        ipvs_scheduler: None,
         endpoints: eps
             .iter()
             .map(|e| EndpointState::ready(ip(e), 80, false))

@@ -37,7 +37,7 @@ pub const TABLE: &str = "svcplane-ipvs";
 const MARK: &str = "mark-for-masquerade";
 
 /// The sets of one family's table, by name, each with its elements as nft text.
-const SETS: [(&str, &str, &str); 7] = [
+const SETS: [(&str, &str, &str); 8] = [
     (
         "cluster-ips",
         "addr . inet_proto . inet_service",
@@ -56,7 +56,12 @@ const SETS: [(&str, &str, &str); 7] = [
     (
         "no-local-endpoints",
         "addr . inet_proto . inet_service",
-        "eTP Local frontends without local endpoints (drop)",
+        "eTP Local frontends without local endpoints (drop unless from the node or a pod)",
+    ),
+    (
+        "external-local",
+        "addr . inet_proto . inet_service",
+        "external frontends of eTP Local services (the node's own traffic is masqueraded)",
     ),
     ("service-ips", "addr", "addresses on the dummy interface"),
     (
@@ -80,6 +85,8 @@ pub struct FilterState {
     /// Chain name → allowed source ranges.
     pub firewall_chains: BTreeMap<String, Vec<IpNet>>,
     pub masquerade: Option<ClusterIpMasquerade>,
+    /// `--cluster-cidr` of this family: pod sources.
+    pub cluster_cidrs: Vec<IpNet>,
 }
 
 fn ip_word(family: IpFamily) -> &'static str {
@@ -116,6 +123,7 @@ impl FilterState {
         let v4 = fam.family == IpFamily::V4;
         let mut st = FilterState {
             masquerade: Some(fam.cluster_ip_masquerade.clone()),
+            cluster_cidrs: family_nets(fam.family, &fam.cluster_cidrs),
             ..FilterState::default()
         };
         for (name, _, _) in SETS {
@@ -150,12 +158,12 @@ impl FilterState {
                 Some(EmptyVerdict::Drop) => add("no-local-endpoints", e.clone()),
                 None => {}
             }
-            match w.frontend {
-                Frontend::ClusterIp => add("cluster-ips", e.clone()),
-                _ if matches!(svc.external_policy, svcplane_proxy::ExternalPolicy::Cluster) => {
-                    add("external-masq", e.clone())
+            match (w.frontend, &svc.external_policy) {
+                (Frontend::ClusterIp, _) => add("cluster-ips", e.clone()),
+                (_, svcplane_proxy::ExternalPolicy::Cluster) => add("external-masq", e.clone()),
+                (_, svcplane_proxy::ExternalPolicy::Local { .. }) => {
+                    add("external-local", e.clone())
                 }
-                _ => {}
             }
             if w.frontend == Frontend::LoadBalancer && !svc.load_balancer_source_ranges.is_empty() {
                 firewall.push((
@@ -210,13 +218,8 @@ impl FilterState {
         for (name, elems) in &self.sets {
             push_elements(&mut o, &t, name, elems.iter().map(String::as_str));
         }
-        if let Some(ClusterIpMasquerade::FromOutside(cidrs)) = &self.masquerade {
-            let nets: Vec<String> = family_nets(family, cidrs)
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            push_elements(&mut o, &t, "cluster-cidrs", nets.iter().map(String::as_str));
-        }
+        let nets: Vec<String> = self.cluster_cidrs.iter().map(ToString::to_string).collect();
+        push_elements(&mut o, &t, "cluster-cidrs", nets.iter().map(String::as_str));
         let fw: Vec<String> = self
             .firewall
             .iter()
@@ -267,13 +270,22 @@ impl FilterState {
             "add chain {t} output {{ type filter hook output priority -100 ; policy accept ; }}"
         );
         let _ = writeln!(o, "add rule {t} output jump {MARK}");
+        // The node's own connections to an eTP Local external frontend may go to another
+        // node's endpoint (see `plan::real_server_target`) and leave from the frontend's
+        // address: masquerade them, as for eTP Cluster.
+        let _ = writeln!(o, "add rule {t} output {frontend} @external-local {mark}");
         let _ = writeln!(
             o,
             "add chain {t} input {{ type filter hook input priority filter ; policy accept ; }}"
         );
         let _ = writeln!(o, "add rule {t} input {frontend} vmap @firewall");
         let _ = writeln!(o, "add rule {t} input {frontend} @no-endpoints reject");
-        let _ = writeln!(o, "add rule {t} input {frontend} @no-local-endpoints drop");
+        // Drop only what comes from elsewhere: the node's own and its pods' traffic is
+        // served by the cluster-wide real servers.
+        let _ = writeln!(
+            o,
+            "add rule {t} input fib saddr type != local {ipx} saddr != @cluster-cidrs {frontend} @no-local-endpoints drop"
+        );
         let _ = writeln!(
             o,
             "add rule {t} input ct state new {ipx} daddr @service-ips {frontend} != @service-ports reject"
@@ -301,7 +313,10 @@ impl FilterState {
     /// The element changes from `old` to `self`, as an nft script; `None` when more than
     /// elements changed (chains, masquerade mode, cluster CIDRs): render in full then.
     pub fn delta(&self, old: &FilterState, family: IpFamily) -> Option<String> {
-        if self.firewall_chains != old.firewall_chains || self.masquerade != old.masquerade {
+        if self.firewall_chains != old.firewall_chains
+            || self.masquerade != old.masquerade
+            || self.cluster_cidrs != old.cluster_cidrs
+        {
             return None;
         }
         let t = format!("{} {TABLE}", ip_word(family));

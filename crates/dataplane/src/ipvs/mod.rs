@@ -37,9 +37,9 @@ use plan::{Current, Op, VsKey, Wanted};
 /// svcplane's dummy interface (kube-proxy's is `kube-ipvs0`).
 pub const DUMMY: &str = "svcplane-ipvs0";
 
-/// The schedulers `--ipvs-scheduler` accepts (kube-proxy's list; the kernel must have
-/// the `ip_vs_<name>` module).
-pub const SCHEDULERS: [&str; 5] = ["rr", "wrr", "lc", "sh", "mh"];
+/// The schedulers `--ipvs-scheduler` and the per-Service annotation accept (kube-proxy's
+/// list; the kernel must have the `ip_vs_<name>` module).
+pub use svcplane_model::IPVS_SCHEDULERS as SCHEDULERS;
 
 /// IPVS mode's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,9 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use svcplane_model::{Protocol, ServicePortName};
-use svcplane_proxy::{DesiredState, FamilyState, NodePortAddresses, ServicePortState};
+use svcplane_proxy::{
+    DesiredState, ExternalPolicy, FamilyState, NodePortAddresses, ServicePortState, TrafficTarget,
+};
 
 use super::genl::DestStatus;
 
@@ -110,12 +112,24 @@ pub fn service_addresses(desired: &DesiredState) -> BTreeSet<IpAddr> {
         .collect()
 }
 
+/// The traffic target whose endpoints are a frontend's real servers: the internal one
+/// on the ClusterIP, the external one elsewhere, except that an eTP Local frontend
+/// without local endpoints gets the cluster-wide ones (`local_origin`), as kube-proxy's
+/// IPVS mode does (kubernetes#97081): IPVS chooses by destination only, so this is how
+/// the node's own and its pods' traffic is served; the filter drops what comes from
+/// anywhere else (the `no-local-endpoints` set).
+pub fn real_server_target(svc: &ServicePortState, external: bool) -> &TrafficTarget {
+    if !external {
+        return &svc.internal;
+    }
+    match &svc.external_policy {
+        ExternalPolicy::Local { local_origin } if svc.external.endpoints.is_empty() => local_origin,
+        _ => &svc.external,
+    }
+}
+
 fn reals(svc: &ServicePortState, external: bool) -> Vec<RealServer> {
-    let target = if external {
-        &svc.external
-    } else {
-        &svc.internal
-    };
+    let target = real_server_target(svc, external);
     let mut out: Vec<RealServer> = svc
         .target_endpoints(target)
         .map(|e| RealServer {
@@ -173,7 +187,12 @@ pub fn virtual_servers(
                 out.entry(key).or_insert_with(|| Wanted {
                     vs: VirtualServer {
                         key,
-                        scheduler: scheduler.to_owned(),
+                        // The Service's annotation, else `--ipvs-scheduler`.
+                        scheduler: svc
+                            .ipvs_scheduler
+                            .as_deref()
+                            .unwrap_or(scheduler)
+                            .to_owned(),
                         persistence: svc.affinity_timeout_seconds,
                     },
                     reals: reals(svc, frontend.external()),

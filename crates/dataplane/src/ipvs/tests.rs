@@ -51,6 +51,7 @@ fn svc(name: &str, protocol: Protocol, cip: &str, port: u16, eps: &[&str]) -> Se
         load_balancer_ips: vec![],
         load_balancer_source_ranges: vec![],
         affinity_timeout_seconds: None,
+        ipvs_scheduler: None,
         endpoints: eps
             .iter()
             .map(|e| EndpointState::ready(ip(e), 8080, false))
@@ -335,6 +336,49 @@ fn removed_tcp_real_servers_drain_udp_ones_go_at_once() {
 }
 
 #[test]
+fn a_service_scheduler_overrides_the_flag() {
+    let mut web = svc("web", Protocol::Tcp, "10.96.0.10", 80, &["10.244.1.2"]);
+    web.ipvs_scheduler = Some("sh".into());
+    web.node_port = Some(30080);
+    let other = svc("other", Protocol::Tcp, "10.96.0.11", 80, &["10.244.1.3"]);
+    let st = state(vec![web, other], vec![]);
+    let wanted = plan::virtual_servers(&st, "lc", &[ip("10.0.0.11")]);
+    let sched = |addr: &str, port| {
+        wanted[&key(addr, Protocol::Tcp, port)]
+            .vs
+            .scheduler
+            .as_str()
+    };
+    // Every frontend of the annotated Service, the flag's for the others.
+    assert_eq!(sched("10.96.0.10", 80), "sh");
+    assert_eq!(sched("10.0.0.11", 30080), "sh");
+    assert_eq!(sched("10.96.0.11", 80), "lc");
+    // A changed scheduler is an edit of the virtual server, not a re-creation.
+    let k = key("10.96.0.11", Protocol::Tcp, 80);
+    let mut cur_vs = wanted[&k].vs.clone();
+    cur_vs.scheduler = "rr".into();
+    let cur: BTreeMap<VsKey, Current> = [(
+        k,
+        Current {
+            vs: cur_vs,
+            dests: vec![],
+        },
+    )]
+    .into();
+    let p = plan::plan(&wanted, &cur, |x| *x == k);
+    assert!(
+        p.ops.contains(&Op::EditService(wanted[&k].vs.clone())),
+        "{:?}",
+        p.ops
+    );
+    assert!(
+        !p.ops.iter().any(|o| matches!(o, Op::DelService(_))),
+        "{:?}",
+        p.ops
+    );
+}
+
+#[test]
 fn render_lists_virtual_servers_as_ipvsadm_does() {
     let mut web = svc("web", Protocol::Tcp, "10.96.0.10", 80, &["10.244.1.2"]);
     web.affinity_timeout_seconds = Some(10800);
@@ -343,7 +387,8 @@ fn render_lists_virtual_servers_as_ipvsadm_does() {
     let v6 = svc("six", Protocol::Tcp, "fd00::10", 443, &["fd00:244::5"]);
     let mut st = state(vec![web, empty], vec![v6]);
     st.v4.node_ips = vec![ip("10.0.0.11")];
-    st.v4.cluster_ip_masquerade = ClusterIpMasquerade::FromOutside(vec![net("10.244.0.0/16")]);
+    st.v4.cluster_cidrs = vec![net("10.244.0.0/16")];
+    st.v4.cluster_ip_masquerade = ClusterIpMasquerade::FromOutside(st.v4.cluster_cidrs.clone());
     let out = render(&st, &IpvsOptions::default()).unwrap();
     let listing = out.split("# addresses on").next().unwrap();
     assert_eq!(
@@ -401,8 +446,21 @@ fn filter_verdicts_and_source_ranges() {
             .into()
     );
     assert!(f.sets["no-endpoints"].is_empty());
-    // eTP Local: no masquerade of external frontends.
+    // eTP Local: no masquerade of external frontends, except the node's own traffic.
     assert!(f.sets["external-masq"].is_empty());
+    assert_eq!(f.sets["external-local"], f.sets["no-local-endpoints"]);
+    // No local endpoint: the cluster-wide ones serve the node and its pods (kube-proxy's
+    // IPVS mode, kubernetes#97081); the filter drops everyone else.
+    for addr in ["198.51.100.7", "10.0.0.11"] {
+        let port = if addr == "10.0.0.11" { 30000 } else { 80 };
+        let key = VsKey {
+            addr: ip(addr),
+            protocol: Protocol::Tcp,
+            port,
+        };
+        let reals: Vec<IpAddr> = wanted[&key].reals.iter().map(|r| r.addr).collect();
+        assert_eq!(reals, [ip("10.244.1.2")], "{addr}");
+    }
     assert_eq!(f.firewall.len(), 1);
     let text = f.render(IpFamily::V4);
     let chain = f.firewall.values().next().unwrap();
@@ -413,6 +471,12 @@ fn filter_verdicts_and_source_ranges() {
     assert!(text.contains(&format!(
         "add element ip svcplane-ipvs firewall {{ 198.51.100.7 . tcp . 80 : jump {chain} }}"
     )));
+    assert!(text.contains(
+        "add rule ip svcplane-ipvs input fib saddr type != local ip saddr != @cluster-cidrs ip daddr . meta l4proto . th dport @no-local-endpoints drop\n"
+    ));
+    assert!(text.contains(
+        "add rule ip svcplane-ipvs output ip daddr . meta l4proto . th dport @external-local meta mark set meta mark or 0x00004000\n"
+    ));
 }
 
 #[test]

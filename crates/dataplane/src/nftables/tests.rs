@@ -55,6 +55,7 @@ fn cluster_ip_service(name: &str, cip: &str, eps: &[&str]) -> ServicePortState {
         load_balancer_ips: vec![],
         load_balancer_source_ranges: vec![],
         affinity_timeout_seconds: None,
+        ipvs_scheduler: None,
         endpoints: eps.iter().map(|e| endpoint(e, 8080)).collect(),
         internal: target(&all, EmptyVerdict::Reject),
         external: target(&all, EmptyVerdict::Reject),

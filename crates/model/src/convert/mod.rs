@@ -26,8 +26,8 @@ pub use endpoint_slice::{
 pub use node::{ZONE_LABEL, node_from_k8s};
 pub use pod::pod_from_k8s;
 pub use service::{
-    DEFAULT_SESSION_AFFINITY_TIMEOUT, MAX_SESSION_AFFINITY_TIMEOUT, SERVICE_PROXY_NAME_LABEL,
-    service_from_k8s,
+    DEFAULT_SESSION_AFFINITY_TIMEOUT, IPVS_SCHEDULER_ANNOTATION, IPVS_SCHEDULERS,
+    MAX_SESSION_AFFINITY_TIMEOUT, SERVICE_PROXY_NAME_LABEL, service_from_k8s,
 };
 
 use crate::error::{Converted, InvalidObject};

@@ -25,6 +25,14 @@ pub const MAX_SESSION_AFFINITY_TIMEOUT: u32 = 86400;
 
 const CLUSTER_IP_NONE: &str = "None";
 
+/// Per-Service IPVS scheduler. kube-proxy has none; this is kube-router's annotation
+/// (the one IPVS-based Service proxy with a per-Service scheduler), so Services written
+/// for kube-router keep their scheduler, and svcplane invents no name of its own.
+pub const IPVS_SCHEDULER_ANNOTATION: &str = "kube-router.io/service.scheduler";
+/// The IPVS schedulers svcplane accepts, for `--ipvs-scheduler` and the annotation
+/// (kube-proxy's documented list; the kernel loads `ip_vs_<name>`).
+pub const IPVS_SCHEDULERS: [&str; 5] = ["rr", "wrr", "lc", "sh", "mh"];
+
 /// Validate and convert a v1 Service. Rejected whole only when it cannot be programmed
 /// safely; a value kube-proxy would ignore (an unparsable externalIP, an unknown
 /// sessionAffinity) is ignored with a warning. A nodePort may be any port (1–65535):
@@ -101,6 +109,7 @@ pub fn service_from_k8s(svc: &k8s::Service) -> Result<Converted<Service>, Invali
         _ => None,
     };
     let service_proxy_name = labels.get(SERVICE_PROXY_NAME_LABEL).cloned();
+    let ipvs_scheduler = ipvs_scheduler(&ctx, svc.metadata.annotations.as_ref());
 
     Ok(ctx.finish(Service {
         name,
@@ -121,8 +130,34 @@ pub fn service_from_k8s(svc: &k8s::Service) -> Result<Converted<Service>, Invali
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
         service_proxy_name,
         labels,
+        ipvs_scheduler,
         allocation,
     }))
+}
+
+/// The [`IPVS_SCHEDULER_ANNOTATION`]'s scheduler; an unknown one is a warning and `None`
+/// (the proxy's `--ipvs-scheduler` applies), as is an empty one, silently.
+fn ipvs_scheduler(
+    ctx: &Ctx,
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Option<String> {
+    let value = annotations?.get(IPVS_SCHEDULER_ANNOTATION)?;
+    let name = value.trim();
+    if name.is_empty() {
+        return None;
+    }
+    if IPVS_SCHEDULERS.contains(&name) {
+        return Some(name.to_owned());
+    }
+    ctx.warn(
+        format!("metadata.annotations[{IPVS_SCHEDULER_ANNOTATION}]"),
+        value.as_str(),
+        format!(
+            "unknown IPVS scheduler (expected one of {}): --ipvs-scheduler's is used",
+            IPVS_SCHEDULERS.join(", ")
+        ),
+    );
+    None
 }
 
 fn service_type(ctx: &Ctx, type_: Option<&str>) -> Result<ServiceType, InvalidObject> {
@@ -1298,5 +1333,39 @@ mod tests {
             ..base()
         });
         assert!(s.publish_not_ready_addresses);
+    }
+
+    #[test]
+    fn ipvs_scheduler_annotation() {
+        let with = |value: &str| {
+            let mut k = svc(base());
+            k.metadata.annotations = Some(BTreeMap::from([(
+                IPVS_SCHEDULER_ANNOTATION.to_string(),
+                value.to_string(),
+            )]));
+            service_from_k8s(&k).unwrap()
+        };
+        assert_eq!(ok(base()).ipvs_scheduler, None);
+        for name in IPVS_SCHEDULERS {
+            let c = with(name);
+            assert!(c.warnings.is_empty(), "{name}: {:?}", c.warnings);
+            assert_eq!(c.object.ipvs_scheduler.as_deref(), Some(name));
+        }
+        assert_eq!(with(" lc ").object.ipvs_scheduler.as_deref(), Some("lc"));
+        let empty = with("");
+        assert!(empty.warnings.is_empty() && empty.object.ipvs_scheduler.is_none());
+        // Unknown: a warning naming the object, the field and the value; the Service is
+        // kept, without a scheduler of its own.
+        let c = with("fancy");
+        assert_eq!(c.object.ipvs_scheduler, None);
+        assert_eq!(c.object.ports.len(), 1);
+        let [w] = c.warnings.as_slice() else {
+            panic!("one warning expected: {:?}", c.warnings)
+        };
+        assert_eq!(
+            w.to_string(),
+            "Service ns/web: metadata.annotations[kube-router.io/service.scheduler]: invalid value \"fancy\": \
+             unknown IPVS scheduler (expected one of rr, wrr, lc, sh, mh): --ipvs-scheduler's is used"
+        );
     }
 }

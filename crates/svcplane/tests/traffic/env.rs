@@ -20,6 +20,10 @@ pub const T: Duration = Duration::from_secs(3);
 /// Per-request timeout while waiting for a change to be programmed: a packet to a
 /// service that is not programmed yet goes to the default route and is never answered.
 pub const PROBE: Duration = Duration::from_millis(300);
+/// Bound on waiting for a change to take effect: only limits how long a broken test
+/// hangs, never a speed requirement (`svcplane bench sync` measures speed; in the QEMU/TCG
+/// VM of `make test-ipvs`, on a loaded machine, a sync takes seconds).
+pub const SETTLE: Duration = Duration::from_secs(30);
 /// Requests sent to see every endpoint of a multi-endpoint service. With random
 /// choice between 2 endpoints, missing one in 64 tries has probability 2^-63.
 pub const SPREAD_TRIES: usize = 64;
