@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::io::Read as _;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -90,59 +90,90 @@ fn cleanup(pins: &Path) {
     );
 }
 
+/// The two-node cluster with [`SERVICES`], and a cgroup and pin directory of the test's
+/// own for the proxy on node-a; whatever the proxy pinned is removed on drop.
+struct Rig {
+    pins_arg: String,
+    cgroup_arg: String,
+    pins: PathBuf,
+    // Dropped in this order, after the pins are removed.
+    cgroup: Cgroup,
+    manifests: svcplane_testkit::Manifests,
+    cluster: Cluster,
+}
+
+impl Rig {
+    fn new(name: &str) -> Rig {
+        let cluster = Cluster::builder()
+            .node("node-a", "zone-a")
+            .node("node-b", "zone-b")
+            .pod(PodSpec::new("client-a", "node-a"))
+            .pod(
+                PodSpec::new("many-a", "node-a")
+                    .label("app", "many")
+                    .tcp(&[8080]),
+            )
+            .pod(
+                PodSpec::new("many-b", "node-b")
+                    .label("app", "many")
+                    .tcp(&[8080]),
+            )
+            .pod(
+                PodSpec::new("dns-b", "node-b")
+                    .label("app", "dns")
+                    .udp(&[5354]),
+            )
+            .build()
+            .expect("virtual cluster");
+        let manifests = cluster.manifests().expect("manifests");
+        manifests
+            .write("services.yaml", SERVICES)
+            .expect("services");
+        let cgroup = Cgroup::new(&format!("svcp-ebpf-{name}")).expect("cgroup");
+        let (bpffs, _) = bpf_test_mounts().expect("bpffs");
+        let pins = bpffs.join(format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            PINS.fetch_add(1, Ordering::Relaxed)
+        ));
+        Rig {
+            pins_arg: pins.to_str().expect("utf-8 path").to_owned(),
+            cgroup_arg: cgroup.path().to_str().expect("utf-8 path").to_owned(),
+            pins,
+            cgroup,
+            manifests,
+            cluster,
+        }
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        cleanup(&self.pins);
+    }
+}
+
 #[test]
 fn ebpf_proxy_balances_at_the_socket_and_restarts_without_losing_connections() {
     if skip_unless_root(&["ip", "nft"]) {
         return;
     }
-    let cluster = Cluster::builder()
-        .node("node-a", "zone-a")
-        .node("node-b", "zone-b")
-        .pod(PodSpec::new("client-a", "node-a"))
-        .pod(
-            PodSpec::new("many-a", "node-a")
-                .label("app", "many")
-                .tcp(&[8080]),
-        )
-        .pod(
-            PodSpec::new("many-b", "node-b")
-                .label("app", "many")
-                .tcp(&[8080]),
-        )
-        .pod(
-            PodSpec::new("dns-b", "node-b")
-                .label("app", "dns")
-                .udp(&[5354]),
-        )
-        .build()
-        .expect("virtual cluster");
-    let manifests = cluster.manifests().expect("manifests");
-    manifests
-        .write("services.yaml", SERVICES)
-        .expect("services");
-    let cgroup = Cgroup::new("svcp-ebpf-proxy").expect("cgroup");
-    let (bpffs, _) = bpf_test_mounts().expect("bpffs");
-    let pins = bpffs.join(format!(
-        "proxy-{}-{}",
-        std::process::id(),
-        PINS.fetch_add(1, Ordering::Relaxed)
-    ));
-    struct Unpin<'a>(&'a Path);
-    impl Drop for Unpin<'_> {
-        fn drop(&mut self) {
-            cleanup(self.0);
-        }
-    }
-    let _unpin = Unpin(&pins);
-    let pins_arg = pins.to_str().expect("utf-8 path").to_owned();
-    let cgroup_arg = cgroup.path().to_str().expect("utf-8 path").to_owned();
+    let rig = Rig::new("proxy");
+    let Rig {
+        cluster,
+        manifests,
+        cgroup,
+        pins,
+        pins_arg,
+        cgroup_arg,
+    } = &rig;
     let args = [
         "--proxy-mode",
         "ebpf",
         "--bpf-pin-path",
-        &pins_arg,
+        pins_arg,
         "--cgroup-path",
-        &cgroup_arg,
+        cgroup_arg,
         "--bpf-lb-map-max",
         "4096",
         "--bpf-backend-map-max",
@@ -260,7 +291,7 @@ fn ebpf_proxy_balances_at_the_socket_and_restarts_without_losing_connections() {
             "--proxy-mode",
             "ebpf",
             "--bpf-pin-path",
-            &pins_arg,
+            pins_arg,
         ],
     ))
     .expect("svcplane cleanup --proxy-mode ebpf on node-a");
@@ -282,7 +313,7 @@ fn ebpf_proxy_balances_at_the_socket_and_restarts_without_losing_connections() {
             env!("CARGO_BIN_EXE_svcplane"),
             "node-a",
             manifests.path(),
-            &["--proxy-mode", "nftables", "--bpf-pin-path", &pins_arg],
+            &["--proxy-mode", "nftables", "--bpf-pin-path", pins_arg],
         )
         .expect("svcplane proxy --proxy-mode nftables");
     assert!(!pins.exists(), "nftables mode left ebpf's pins");
@@ -299,42 +330,15 @@ fn hostns_only_translates_the_node_and_leaves_pods_to_the_north_south_table() {
     if skip_unless_root(&["ip", "nft"]) {
         return;
     }
-    let cluster = Cluster::builder()
-        .node("node-a", "zone-a")
-        .node("node-b", "zone-b")
-        .pod(PodSpec::new("client-a", "node-a"))
-        .pod(
-            PodSpec::new("many-a", "node-a")
-                .label("app", "many")
-                .tcp(&[8080]),
-        )
-        .pod(
-            PodSpec::new("many-b", "node-b")
-                .label("app", "many")
-                .tcp(&[8080]),
-        )
-        .build()
-        .expect("virtual cluster");
-    let manifests = cluster.manifests().expect("manifests");
-    manifests
-        .write("services.yaml", SERVICES)
-        .expect("services");
-    let cgroup = Cgroup::new("svcp-ebpf-hostns").expect("cgroup");
-    let (bpffs, _) = bpf_test_mounts().expect("bpffs");
-    let pins = bpffs.join(format!(
-        "hostns-{}-{}",
-        std::process::id(),
-        PINS.fetch_add(1, Ordering::Relaxed)
-    ));
-    struct Unpin<'a>(&'a Path);
-    impl Drop for Unpin<'_> {
-        fn drop(&mut self) {
-            cleanup(self.0);
-        }
-    }
-    let _unpin = Unpin(&pins);
-    let pins_arg = pins.to_str().expect("utf-8 path").to_owned();
-    let cgroup_arg = cgroup.path().to_str().expect("utf-8 path").to_owned();
+    let rig = Rig::new("hostns");
+    let Rig {
+        cluster,
+        manifests,
+        cgroup,
+        pins_arg,
+        cgroup_arg,
+        ..
+    } = &rig;
     let start = |north_south: &str| {
         cluster
             .run_proxy(
@@ -345,9 +349,9 @@ fn hostns_only_translates_the_node_and_leaves_pods_to_the_north_south_table() {
                     "--proxy-mode",
                     "ebpf",
                     "--bpf-pin-path",
-                    &pins_arg,
+                    pins_arg,
                     "--cgroup-path",
-                    &cgroup_arg,
+                    cgroup_arg,
                     "--cluster-cidr",
                     "10.244.0.0/16",
                     "--ebpf-socket-lb-hostns-only",
