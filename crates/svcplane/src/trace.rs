@@ -503,9 +503,11 @@ fn external_target(
                 } else {
                     (Masq::No, "a pod's source is kept".into())
                 };
-                // No local endpoint: the real servers are the cluster-wide endpoints
-                // (kube-proxy #97081), which only this node's own traffic gets through.
-                if sp.external.endpoints.is_empty() {
+                // The real servers IPVS mode programs (its own choice, not re-derived
+                // here): without a local endpoint, the cluster-wide ones (kube-proxy
+                // #97081), which only this node's own traffic gets through.
+                let reals = svcplane_dataplane::ipvs::plan::real_server_target(sp, true);
+                if !std::ptr::eq(reals, &sp.external) {
                     steps.push(
                         "externalTrafficPolicy Local without a local endpoint: IPVS's real \
                          servers are the cluster-wide endpoints, which this node's own \
