@@ -1022,11 +1022,7 @@ impl Ctx<'_> {
             out.push(format!(
                 "with --iptables-dispatch linear (kube-proxy's layout): SVCP-SERVICES holds {total} rules, walked in order by every new connection; the ones for {vip}:"
             ));
-            out.extend(
-                carrying_lines(&script, &vip)
-                    .into_iter()
-                    .filter(|l| l.starts_with("-A SVCP-SERVICES ")),
-            );
+            out.extend(dispatch_rules(&script, &vip));
         }
         Ok(Hop {
             name: "what carries the ClusterIP",
@@ -1381,10 +1377,9 @@ fn scale_text(text: &str, replicas: usize) -> Option<String> {
     ))
 }
 
-/// The lines of a rendered script that mention `vip`, and the chains they jump or go to
-/// (an nftables chain block, or an iptables chain's `-A` rules).
-fn carrying_lines(script: &str, vip: &str) -> Vec<String> {
-    // An address is a word of its family's characters (`10.96.0.1:80` names 10.96.0.1).
+/// The rules of iptables' top-level `SVCP-SERVICES` list that match `vip` (an address is
+/// a word of its family's characters: `10.96.0.1/32` names 10.96.0.1, not 10.96.0.10).
+fn dispatch_rules(script: &str, vip: &str) -> Vec<String> {
     let v6 = vip.contains(':');
     let mentions = |l: &str| {
         l.split(|c: char| {
@@ -1392,58 +1387,11 @@ fn carrying_lines(script: &str, vip: &str) -> Vec<String> {
         })
         .any(|w| w == vip)
     };
-    let mut out: Vec<String> = Vec::new();
-    let mut chains = BTreeSet::new();
-    // The set or map an nftables element line belongs to (`add element ip svcplane X {`).
-    let mut set: Option<&str> = None;
-    for line in script.lines() {
-        let trimmed = line.trim();
-        if let Some(rest) = trimmed.strip_prefix("add element ") {
-            set = rest.split_whitespace().nth(2);
-        }
-        if !mentions(line) {
-            if trimmed.starts_with('}') {
-                set = None;
-            }
-            continue;
-        }
-        match set {
-            Some(name) if !trimmed.starts_with("add ") => out.push(format!(
-                "element of {name}: {}",
-                trimmed.trim_end_matches(',')
-            )),
-            _ => out.push(trimmed.to_string()),
-        }
-        if trimmed.ends_with('}') {
-            set = None;
-        }
-        let words: Vec<&str> = line.split_whitespace().collect();
-        for w in words.windows(2) {
-            // The masquerade mark's chain says nothing about where the packet goes.
-            let mark = w[1].to_lowercase().contains("mark");
-            if matches!(w[0], "goto" | "jump" | "-j") && !mark {
-                chains.insert(w[1].trim_end_matches(',').to_string());
-            }
-        }
-    }
-    for chain in chains {
-        let nft = crate::lab::block(script, |l| {
-            l.trim_start().starts_with(&format!("chain {chain} "))
-        });
-        match nft {
-            Some(block) => out.extend(block.iter().map(|l| format!("  {l}"))),
-            None => out.extend(
-                script
-                    .lines()
-                    .filter(|l| l.starts_with(&format!("-A {chain} ")))
-                    .map(|l| format!("  {l}")),
-            ),
-        }
-    }
-    // Both families' scripts may hold the same line.
-    let mut seen = BTreeSet::new();
-    out.retain(|l| seen.insert(l.clone()));
-    out
+    script
+        .lines()
+        .filter(|l| l.starts_with("-A SVCP-SERVICES ") && mentions(l))
+        .map(str::to_string)
+        .collect()
 }
 
 fn unavailable(mode: &str) -> Option<String> {
@@ -1537,27 +1485,14 @@ mod tests {
     }
 
     #[test]
-    fn the_lines_carrying_a_vip_follow_its_chain() {
-        let script = "add element ip svcplane service-ips { 10.96.1.2 . tcp . 80 : goto service-ABC-lab/web/tcp/ }\n\
-                      table ip svcplane {\n\tchain service-ABC-lab/web/tcp/ {\n\t\tdnat to 10.244.1.10\n\t}\n}\n\
-                      -A SVCP-SERVICES -d 10.96.1.2/32 -p tcp --dport 80 -j SVCP-SVC-X\n-A SVCP-SVC-X -j SVCP-SEP-Y\n";
-        let lines = carrying_lines(script, "10.96.1.2");
-        assert!(
-            lines.iter().any(|l| l.contains("dnat to 10.244.1.10")),
-            "{lines:?}"
-        );
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("-A SVCP-SVC-X -j SVCP-SEP-Y")),
-            "{lines:?}"
-        );
-        assert!(carrying_lines(script, "10.96.1.20").is_empty());
-        // An element inside a set block is named with its set.
-        let set = "add element ip svcplane cluster-ips {\n\t10.96.1.1,\n\t10.96.1.2\n}\n";
+    fn the_dispatch_rules_of_a_vip_are_its_own() {
+        let script = "-A SVCP-SERVICES -d 10.96.1.2/32 -p tcp --dport 80 -j SVCP-SVC-X\n\
+                      -A SVCP-SERVICES -d 10.96.1.20/32 -p tcp --dport 80 -j SVCP-SVC-Y\n\
+                      -A SVCP-SVC-X -d 10.96.1.2/32 -j SVCP-SEP-Z\n";
         assert_eq!(
-            carrying_lines(set, "10.96.1.2"),
-            ["element of cluster-ips: 10.96.1.2"]
+            dispatch_rules(script, "10.96.1.2"),
+            ["-A SVCP-SERVICES -d 10.96.1.2/32 -p tcp --dport 80 -j SVCP-SVC-X"]
         );
+        assert!(dispatch_rules(script, "10.96.1.3").is_empty());
     }
 }
