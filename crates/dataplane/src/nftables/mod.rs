@@ -479,4 +479,6 @@ impl Dataplane for NftablesBackend {
 }
 
 #[cfg(test)]
+mod golden;
+#[cfg(test)]
 mod tests;
