@@ -267,7 +267,10 @@ fn rendered_rules_are_accepted_applied_and_cleaned_up() {
         v4.contains("dnat ip to ip daddr . tcp dport . numgen random mod 2 map @endpoints-tcp"),
         "{v4}"
     );
-    assert!(v4.contains("10.96.0.10 . 80 . 0 : 10.244.1.5 . 8080"), "{v4}");
+    assert!(
+        v4.contains("10.96.0.10 . 80 . 0 : 10.244.1.5 . 8080"),
+        "{v4}"
+    );
     assert!(
         v6.contains("fd00:96::10 . 80 . 0 : fd00:244:1::5 . 8080"),
         "{v6}"
