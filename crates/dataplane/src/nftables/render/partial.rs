@@ -542,7 +542,13 @@ fn write_chains(
         w.flush_chain(name);
     }
     // Selection chains the new services need that the previous state did not have.
-    if !new.elements.selection_chains.is_empty() {
+    // (Counts up to PRECREATED_COUNTS always exist: no scan of the old state for them.)
+    if new
+        .elements
+        .selection_chains
+        .iter()
+        .any(|&(_, n)| n > select::PRECREATED_COUNTS)
+    {
         let existing = selection_chains_of(old_fam);
         for &(p, n) in new.elements.selection_chains.difference(&existing) {
             let chain = select::selection_chain(new_fam.family, p, n);
