@@ -130,6 +130,11 @@ impl Key {
         self.0.extend([0, 0]);
         self
     }
+    /// A `numgen` result (host byte order, as the expression writes its register).
+    pub fn bucket(mut self, n: u32) -> Key {
+        self.0.extend(n.to_ne_bytes());
+        self
+    }
 }
 
 /// One operation of a partial sync, in a family's table.
@@ -141,6 +146,14 @@ pub enum Op {
         family: u8,
         set: &'static str,
         items: Vec<(Key, Option<Verdict>)>,
+    },
+    /// `add element` / `delete element` of a map whose values are data (`items`: key,
+    /// value; the value is not sent when deleting).
+    DataElements {
+        delete: bool,
+        family: u8,
+        set: &'static str,
+        items: Vec<(Key, Key)>,
     },
     FlushChain {
         family: u8,
@@ -315,6 +328,12 @@ impl Batch {
                 set,
                 items,
             } => self.elements(*delete, *family, table, set, items),
+            Op::DataElements {
+                delete,
+                family,
+                set,
+                items,
+            } => self.data_elements(*delete, *family, table, set, items),
             Op::FlushChain { family, chain } => self.flush_chain(*family, table, chain),
             Op::AddChain { family, chain } => self.add_chain(*family, table, chain),
             Op::AddRule {
@@ -371,6 +390,36 @@ impl Batch {
             self.data_value(NFTA_SET_ELEM_KEY, &key.0);
             if let Some(v) = data.as_ref().filter(|_| !delete) {
                 self.verdict(NFTA_SET_ELEM_DATA, v);
+            }
+            self.unnest();
+        }
+        self.unnest();
+        self.end_msg();
+    }
+
+    /// [`Batch::elements`] for a map with data values.
+    pub fn data_elements(
+        &mut self,
+        delete: bool,
+        family: u8,
+        table: &str,
+        set: &str,
+        elements: &[(Key, Key)],
+    ) {
+        let (msg, flags) = if delete {
+            (NFT_MSG_DELSETELEM, 0)
+        } else {
+            (NFT_MSG_NEWSETELEM, NLM_F_CREATE)
+        };
+        self.begin(msg, flags, family);
+        self.str_attr(NFTA_SET_ELEM_LIST_TABLE, table);
+        self.str_attr(NFTA_SET_ELEM_LIST_SET, set);
+        self.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+        for (key, data) in elements {
+            self.nest(NFTA_LIST_ELEM);
+            self.data_value(NFTA_SET_ELEM_KEY, &key.0);
+            if !delete {
+                self.data_value(NFTA_SET_ELEM_DATA, &data.0);
             }
             self.unnest();
         }
