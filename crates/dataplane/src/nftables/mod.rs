@@ -479,4 +479,6 @@ impl Dataplane for NftablesBackend {
 }
 
 #[cfg(test)]
+mod netlink_oracle;
+#[cfg(test)]
 mod tests;
