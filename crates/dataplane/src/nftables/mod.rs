@@ -479,6 +479,8 @@ impl Dataplane for NftablesBackend {
 }
 
 #[cfg(test)]
+mod golden;
+#[cfg(test)]
 mod netlink_oracle;
 #[cfg(test)]
 mod tests;

@@ -1,15 +1,34 @@
-//! The rules of balancing chains as values: written as nft text by the renderer and
-//! encoded as netlink expressions for partial syncs, from the same value.
+//! Every rule, chain and set of the table as a value. The renderer builds these; the
+//! text transport spells them with `Display` (exactly what `nft -f` reads), and the
+//! netlink transport encodes them with [`Rule::exprs`] — one value, two spellings.
 
 use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use svcplane_model::Protocol;
+use svcplane_model::{IpFamily, Protocol};
 
 use super::netlink::{Expr, Verdict, exprs};
 
-/// A rule of a balancing chain.
+/// What a rule does when it matches (the verdicts our rules end in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Action {
+    Jump(String),
+    Goto(String),
+    Drop,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::Jump(chain) => write!(f, "jump {chain}"),
+            Action::Goto(chain) => write!(f, "goto {chain}"),
+            Action::Drop => f.write_str("drop"),
+        }
+    }
+}
+
+/// One rule of svcplane's table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Rule {
     /// `<ipx> daddr CIP <proto> dport PORT [<ipx> saddr != NETS] jump <mark chain>`:
@@ -28,10 +47,106 @@ pub(crate) enum Rule {
         addr: IpAddr,
         port: u16,
     },
+    /// `[ct state new] ACTION`: a base chain's dispatch, or an unconditional jump/goto.
+    Always { ct_new: bool, action: Action },
+    /// `meta mark set meta mark or MARK`.
+    SetMark { mark: u32 },
+    /// `meta mark & MARK == 0 return`.
+    ReturnUnlessMarked { mark: u32 },
+    /// `meta mark set meta mark xor MARK` (clears it: only marked packets get here).
+    ClearMark { mark: u32 },
+    /// `masquerade fully-random`.
+    Masquerade,
+    /// `reject`.
+    Reject,
+    /// `ct status dnat <ipx> saddr . <ipx> daddr @SET jump CHAIN`: hairpin traffic
+    /// (an endpoint that reached itself through a service).
+    HairpinJump {
+        family: IpFamily,
+        set: &'static str,
+        chain: &'static str,
+    },
+    /// `<ipx> daddr . meta l4proto . th dport vmap @MAP`.
+    AddrPortVmap { family: IpFamily, map: &'static str },
+    /// `[<ipx> daddr @SET] [fib daddr type local] [<not loopback>] meta l4proto . th dport
+    /// vmap @MAP`: traffic to a node port, by local address.
+    NodePortVmap {
+        family: IpFamily,
+        daddr_in: Option<&'static str>,
+        fib_local: bool,
+        not_loopback: bool,
+        map: &'static str,
+    },
+    /// `<ipx> daddr @SET reject comment "…"`.
+    RejectDaddrIn {
+        family: IpFamily,
+        set: &'static str,
+        comment: &'static str,
+    },
+    /// `<ipx> saddr NETS ACTION comment "…"` (one network, or `{ a, b }`).
+    FromNets {
+        family: IpFamily,
+        nets: Vec<IpNet>,
+        action: Action,
+        comment: &'static str,
+    },
+    /// `fib saddr type local ACTION comment "…"`.
+    FromLocal {
+        action: Action,
+        comment: &'static str,
+    },
+    /// `<ipx> saddr != { NETS } drop` (always a set: it reads the same for one or many).
+    DropUnlessFrom { family: IpFamily, nets: Vec<IpNet> },
+    /// `<ipx> saddr @SET goto CHAIN`: a client stuck to an endpoint (ClientIP affinity).
+    AffinityGoto {
+        family: IpFamily,
+        set: String,
+        chain: String,
+    },
+    /// `update @SET { <ipx> saddr }`: records the client for affinity.
+    AffinityUpdate { family: IpFamily, set: String },
+    /// `numgen random mod N vmap { 0 : goto C0, 1 : goto C1, … }`.
+    NumgenVmap { chains: Vec<String> },
 }
 
 fn ipx(ip: &IpAddr) -> &'static str {
     if ip.is_ipv6() { "ip6" } else { "ip" }
+}
+
+/// The table family and address match keyword (`ip` / `ip6`).
+pub(crate) fn family_word(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
+    }
+}
+
+/// A daddr match excluding loopback (kube-proxy does not support localhost NodePorts).
+fn not_loopback(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ip daddr != 127.0.0.0/8",
+        IpFamily::V6 => "ip6 daddr != ::1",
+    }
+}
+
+fn write_nets(f: &mut fmt::Formatter<'_>, nets: &[IpNet]) -> fmt::Result {
+    for (i, net) in nets.iter().enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        write!(f, "{net}")?;
+    }
+    Ok(())
+}
+
+/// One network, or an anonymous set `{ a, b }` of several.
+fn write_net_or_set(f: &mut fmt::Formatter<'_>, nets: &[IpNet]) -> fmt::Result {
+    if let [one] = nets {
+        return write!(f, "{one}");
+    }
+    f.write_str("{ ")?;
+    write_nets(f, nets)?;
+    f.write_str(" }")
 }
 
 impl fmt::Display for Rule {
@@ -50,19 +165,10 @@ impl fmt::Display for Rule {
                     "{x} daddr {cluster_ip} {} dport {port} ",
                     protocol.as_lower()
                 )?;
-                match unless_from.as_slice() {
-                    [] => {}
-                    [one] => write!(f, "{x} saddr != {one} ")?,
-                    many => {
-                        write!(f, "{x} saddr != {{ ")?;
-                        for (i, net) in many.iter().enumerate() {
-                            if i > 0 {
-                                f.write_str(", ")?;
-                            }
-                            write!(f, "{net}")?;
-                        }
-                        f.write_str(" } ")?;
-                    }
+                if !unless_from.is_empty() {
+                    write!(f, "{x} saddr != ")?;
+                    write_net_or_set(f, unless_from)?;
+                    f.write_str(" ")?;
                 }
                 write!(f, "jump {mark_chain}")
             }
@@ -81,13 +187,97 @@ impl fmt::Display for Rule {
                     IpAddr::V6(a) => write!(f, "[{a}]:{port}"),
                 }
             }
+            Rule::Always { ct_new, action } => {
+                if *ct_new {
+                    f.write_str("ct state new ")?;
+                }
+                write!(f, "{action}")
+            }
+            Rule::SetMark { mark } => write!(f, "meta mark set meta mark or {mark:#010x}"),
+            Rule::ReturnUnlessMarked { mark } => write!(f, "meta mark & {mark:#010x} == 0 return"),
+            Rule::ClearMark { mark } => write!(f, "meta mark set meta mark xor {mark:#010x}"),
+            Rule::Masquerade => f.write_str("masquerade fully-random"),
+            Rule::Reject => f.write_str("reject"),
+            Rule::HairpinJump { family, set, chain } => {
+                let x = family_word(*family);
+                write!(
+                    f,
+                    "ct status dnat {x} saddr . {x} daddr @{set} jump {chain}"
+                )
+            }
+            Rule::AddrPortVmap { family, map } => write!(
+                f,
+                "{} daddr . meta l4proto . th dport vmap @{map}",
+                family_word(*family)
+            ),
+            Rule::NodePortVmap {
+                family,
+                daddr_in,
+                fib_local,
+                not_loopback: no_lo,
+                map,
+            } => {
+                if let Some(set) = daddr_in {
+                    write!(f, "{} daddr @{set} ", family_word(*family))?;
+                }
+                if *fib_local {
+                    f.write_str("fib daddr type local ")?;
+                }
+                if *no_lo {
+                    write!(f, "{} ", not_loopback(*family))?;
+                }
+                write!(f, "meta l4proto . th dport vmap @{map}")
+            }
+            Rule::RejectDaddrIn {
+                family,
+                set,
+                comment,
+            } => write!(
+                f,
+                "{} daddr @{set} reject comment \"{comment}\"",
+                family_word(*family)
+            ),
+            Rule::FromNets {
+                family,
+                nets,
+                action,
+                comment,
+            } => {
+                write!(f, "{} saddr ", family_word(*family))?;
+                write_net_or_set(f, nets)?;
+                write!(f, " {action} comment \"{comment}\"")
+            }
+            Rule::FromLocal { action, comment } => {
+                write!(f, "fib saddr type local {action} comment \"{comment}\"")
+            }
+            Rule::DropUnlessFrom { family, nets } => {
+                write!(f, "{} saddr != {{ ", family_word(*family))?;
+                write_nets(f, nets)?;
+                f.write_str(" } drop")
+            }
+            Rule::AffinityGoto { family, set, chain } => {
+                write!(f, "{} saddr @{set} goto {chain}", family_word(*family))
+            }
+            Rule::AffinityUpdate { family, set } => {
+                write!(f, "update @{set} {{ {} saddr }}", family_word(*family))
+            }
+            Rule::NumgenVmap { chains } => {
+                write!(f, "numgen random mod {} vmap {{ ", chains.len())?;
+                for (n, chain) in chains.iter().enumerate() {
+                    if n > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{n} : goto {chain}")?;
+                }
+                f.write_str(" }")
+            }
         }
     }
 }
 
 impl Rule {
     /// The netlink expressions nft would send for this rule; `None` when the rule needs
-    /// something the netlink path does not encode (an anonymous set of networks).
+    /// something the netlink path does not encode yet (then the text path is used).
     pub(crate) fn exprs(&self) -> Option<Vec<Expr>> {
         let mut out = Vec::with_capacity(10);
         match self {
@@ -121,7 +311,120 @@ impl Rule {
                 out.extend(exprs::l4proto(*protocol));
                 out.extend(exprs::dnat_to(addr, *port));
             }
+            Rule::Always { .. }
+            | Rule::SetMark { .. }
+            | Rule::ReturnUnlessMarked { .. }
+            | Rule::ClearMark { .. }
+            | Rule::Masquerade
+            | Rule::Reject
+            | Rule::HairpinJump { .. }
+            | Rule::AddrPortVmap { .. }
+            | Rule::NodePortVmap { .. }
+            | Rule::RejectDaddrIn { .. }
+            | Rule::FromNets { .. }
+            | Rule::FromLocal { .. }
+            | Rule::DropUnlessFrom { .. }
+            | Rule::AffinityGoto { .. }
+            | Rule::AffinityUpdate { .. }
+            | Rule::NumgenVmap { .. } => return None,
         }
         Some(out)
+    }
+}
+
+/// A base chain's hook. Priorities are numeric because nft before 1.0.7 rejects
+/// `dstnat - 10` on filter hooks; dstnat is -100, srcnat 100 and filter 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hook {
+    /// `filter` or `nat`.
+    pub kind: &'static str,
+    pub hook: &'static str,
+    pub priority: i32,
+}
+
+/// A chain and its rules (a base chain when `hook` is set, with policy accept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Chain {
+    pub name: String,
+    pub hook: Option<Hook>,
+    pub rules: Vec<Rule>,
+}
+
+impl Chain {
+    pub fn new(name: impl Into<String>, rules: Vec<Rule>) -> Chain {
+        Chain {
+            name: name.into(),
+            hook: None,
+            rules,
+        }
+    }
+}
+
+/// `chain NAME { … }` as it stands inside a `table … { }` block (tab-indented).
+impl fmt::Display for Chain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "\tchain {} {{", self.name)?;
+        if let Some(h) = &self.hook {
+            writeln!(
+                f,
+                "\t\ttype {} hook {} priority {} ; policy accept ;",
+                h.kind, h.hook, h.priority
+            )?;
+        }
+        for rule in &self.rules {
+            writeln!(f, "\t\t{rule}")?;
+        }
+        writeln!(f, "\t}}")
+    }
+}
+
+/// A named set or map declaration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SetDecl {
+    pub name: String,
+    /// A map (`add map`, `type K : V`) rather than a set.
+    pub map: bool,
+    /// The key type, and for a map ` : ` and the value type (nft's spelling).
+    pub ty: String,
+    pub flags: Option<&'static str>,
+    pub timeout_seconds: Option<u32>,
+    pub comment: Option<&'static str>,
+}
+
+impl SetDecl {
+    pub fn word(&self) -> &'static str {
+        if self.map { "map" } else { "set" }
+    }
+
+    /// `{ type T ; [flags F ;] [timeout Ns ;] [comment "C" ;] }`.
+    pub fn body(&self) -> SetBody<'_> {
+        SetBody(self)
+    }
+}
+
+/// See [`SetDecl::body`].
+pub(crate) struct SetBody<'a>(&'a SetDecl);
+
+impl fmt::Display for SetBody<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        write!(f, "{{ type {} ;", s.ty)?;
+        if let Some(flags) = s.flags {
+            write!(f, " flags {flags} ;")?;
+        }
+        if let Some(t) = s.timeout_seconds {
+            write!(f, " timeout {t}s ;")?;
+        }
+        if let Some(c) = s.comment {
+            write!(f, " comment \"{c}\" ;")?;
+        }
+        f.write_str(" }")
+    }
+}
+
+/// `set NAME { … }` inside a table block (tab-indented).
+impl fmt::Display for SetDecl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "\t{} {} {}", self.word(), self.name, self.body())
     }
 }

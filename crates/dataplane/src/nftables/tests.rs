@@ -15,15 +15,15 @@ use svcplane_proxy::{
 use super::names::{endpoint_base, service_base};
 use super::{ObjectKind, TABLE, parse_listing, render};
 
-fn ip(s: &str) -> IpAddr {
+pub(super) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn net(s: &str) -> IpNet {
+pub(super) fn net(s: &str) -> IpNet {
     s.parse().unwrap()
 }
 
-fn spn(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortName {
+pub(super) fn spn(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortName {
     ServicePortName {
         service: NamespacedName::new(ns, name),
         port: port.into(),
@@ -35,7 +35,7 @@ fn endpoint(addr: &str, port: u16) -> EndpointState {
     EndpointState::ready(ip(addr), port, false)
 }
 
-fn target(endpoints: &[usize], if_empty: EmptyVerdict) -> TrafficTarget {
+pub(super) fn target(endpoints: &[usize], if_empty: EmptyVerdict) -> TrafficTarget {
     TrafficTarget {
         endpoints: endpoints.to_vec(),
         if_empty,
@@ -43,7 +43,7 @@ fn target(endpoints: &[usize], if_empty: EmptyVerdict) -> TrafficTarget {
 }
 
 /// A ClusterIP service port `ns/name:http` on `cip:80` balanced over `eps` (port 8080).
-fn cluster_ip_service(name: &str, cip: &str, eps: &[&str]) -> ServicePortState {
+pub(super) fn cluster_ip_service(name: &str, cip: &str, eps: &[&str]) -> ServicePortState {
     let all: Vec<usize> = (0..eps.len()).collect();
     ServicePortState {
         name: spn("default", name, "http", Protocol::Tcp),
@@ -73,7 +73,7 @@ fn family(family: IpFamily, services: Vec<ServicePortState>) -> FamilyState {
     f
 }
 
-fn state(v4: Vec<ServicePortState>, v6: Vec<ServicePortState>) -> DesiredState {
+pub(super) fn state(v4: Vec<ServicePortState>, v6: Vec<ServicePortState>) -> DesiredState {
     DesiredState {
         node_name: "node-a".into(),
         node_zone: None,
