@@ -310,6 +310,14 @@ fn restart_adopts_the_existing_table_in_place() {
     if skip_unless_root(&["ip", "nft"]) {
         return;
     }
+    for netlink in [false, true] {
+        restart_adopts_the_existing_table(netlink);
+    }
+}
+
+/// A second process's first (full) sync, through nft or over netlink, keeps the table
+/// and its affinity elements.
+fn restart_adopts_the_existing_table(netlink: bool) {
     let ns = Netns::new("svcplane-ra").expect("netns");
     let mut rng = Rng(0xadd0_0001);
     let mut state = initial(&mut rng);
@@ -321,9 +329,14 @@ fn restart_adopts_the_existing_table_in_place() {
     let arc = Arc::new(state.clone());
     let diff = Diff::between(None, &arc, true);
     let cmd = ["ip", "netns", "exec", ns.name(), "nft"];
-    NftablesBackend::with_nft_command(cmd)
-        .sync(&arc, &diff)
-        .expect("first process");
+    let process = || {
+        if netlink {
+            NftablesBackend::in_netns(ns.name())
+        } else {
+            NftablesBackend::with_nft_command(cmd)
+        }
+    };
+    process().sync(&arc, &diff).expect("first process");
     let set = nft(&ns, &["-a", "list", "table", "ip", "svcplane"])
         .lines()
         .map(str::trim)
@@ -347,15 +360,15 @@ fn restart_adopts_the_existing_table_in_place() {
     let before = handle(&ns);
     // A new process: its first sync is full, and must neither delete the table nor
     // lose the affinity element.
-    let report = NftablesBackend::with_nft_command(cmd)
-        .sync(&arc, &diff)
-        .expect("second process");
+    let mut second = process();
+    let report = second.sync(&arc, &diff).expect("second process");
     assert!(report.full);
+    assert_eq!(second.netlink_fulls(), u64::from(netlink));
     assert_eq!(handle(&ns), before, "the table was re-created");
     let listed = nft(&ns, &["list", "set", "ip", "svcplane", &set]);
     assert!(
         listed.contains("192.0.2.7"),
-        "affinity lost on restart: {listed}"
+        "affinity lost on restart (netlink: {netlink}): {listed}"
     );
 }
 

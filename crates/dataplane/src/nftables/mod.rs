@@ -52,6 +52,8 @@ pub struct NftablesBackend {
     netlink: NetlinkTransport,
     /// Partial syncs sent over netlink so far (for tests and logs).
     netlink_partials: u64,
+    /// Full syncs sent over netlink so far.
+    netlink_fulls: u64,
     /// Which table and hooks (nftables mode's, or ebpf mode's north-south table).
     layout: Layout,
 }
@@ -103,6 +105,7 @@ impl NftablesBackend {
                 socket: None,
             },
             netlink_partials: 0,
+            netlink_fulls: 0,
             layout: Layout::FULL,
         }
     }
@@ -121,6 +124,7 @@ impl NftablesBackend {
                 socket: None,
             },
             netlink_partials: 0,
+            netlink_fulls: 0,
             layout: Layout::FULL,
         }
     }
@@ -144,6 +148,7 @@ impl NftablesBackend {
                 conntrack: Reconciler::new(ConntrackScope::Disabled),
                 netlink: NetlinkTransport::Off,
                 netlink_partials: 0,
+                netlink_fulls: 0,
                 layout: Layout::FULL,
             }
         }
@@ -205,8 +210,19 @@ impl NftablesBackend {
         self.netlink_partials
     }
 
+    /// How many full syncs went over netlink.
+    pub fn netlink_fulls(&self) -> u64 {
+        self.netlink_fulls
+    }
+
     /// Commit `ops` as one batch, preceded by the tables-present probe.
-    fn commit_netlink(&mut self, ops: &[netlink::Op], probe: bool) -> Result<(), NetlinkFailure> {
+    /// Commit `ops` as one batch (preceded by the tables-present probe with `probe`);
+    /// the batch's size in bytes.
+    fn commit_netlink(
+        &mut self,
+        ops: &[netlink::Op],
+        probe: bool,
+    ) -> Result<usize, NetlinkFailure> {
         let NetlinkTransport::On { netns, socket } = &mut self.netlink else {
             return Err(NetlinkFailure::Unavailable);
         };
@@ -235,14 +251,43 @@ impl NftablesBackend {
         for op in ops {
             batch.op(table, op);
         }
+        let size = batch.len();
         let result = sock
             .commit(batch)
+            .map(|()| size)
             .map_err(|e| NetlinkFailure::Refused(e.to_string()));
         if result.is_err() {
             // A socket left with unread replies would confuse the next batch.
             *socket = None;
         }
         result
+    }
+
+    /// The full transaction of `tables` as one netlink batch; its size in bytes.
+    /// `Unavailable` when netlink is off or something in the tables has no netlink
+    /// encoding (the caller then sends the text form).
+    fn full_over_netlink(
+        &mut self,
+        tables: &[render::FamilyTable],
+    ) -> Result<usize, NetlinkFailure> {
+        if matches!(self.netlink, NetlinkTransport::Off) {
+            return Err(NetlinkFailure::Unavailable);
+        }
+        let mut ops = Vec::new();
+        for ft in tables {
+            match render::family_ops(ft) {
+                Some(o) => ops.extend(o),
+                None => {
+                    tracing::debug!(
+                        "the full transaction has a construct netlink does not encode; using nft"
+                    );
+                    return Err(NetlinkFailure::Unavailable);
+                }
+            }
+        }
+        let size = self.commit_netlink(&ops, false)?;
+        self.netlink_fulls += 1;
+        Ok(size)
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -322,7 +367,7 @@ impl NftablesBackend {
         // Even an empty partial sends the probe: that is the periodic check.
         if let Some(plan) = netlink_plan {
             match self.commit_netlink(&plan.ops, true) {
-                Ok(()) => {}
+                Ok(_) => {}
                 // Said when it was found; the text form below does the same sync.
                 Err(NetlinkFailure::Unavailable) => return self.partial_as_text(&partial),
                 Err(NetlinkFailure::Refused(e)) => {
@@ -447,13 +492,25 @@ impl Dataplane for NftablesBackend {
             }
         }
         self.needs_full = true;
-        let (script, declared) = render::render_declared(desired, self.layout)?;
-        self.run(&["-f", "-"], Some(&script))?;
+        let tables = render::family_tables(desired, self.layout)?;
+        let declared = [0, 1].map(|i| tables.get(i).map(|t| t.declared()).unwrap_or_default());
+        let size = match self.full_over_netlink(&tables) {
+            Ok(size) => size,
+            Err(failure) => {
+                if let NetlinkFailure::Refused(e) = failure {
+                    tracing::warn!(error = %e, "full nftables sync over netlink refused; sending it through nft");
+                }
+                let script = render::spell_tables(desired, &tables, self.layout.table);
+                self.run(&["-f", "-"], Some(&script))?;
+                script.len()
+            }
+        };
+        drop(tables);
         self.delete_stale(&declared);
         self.needs_full = false;
         let report = SyncReport {
             full: true,
-            size: script.len(),
+            size,
             ..SyncReport::default()
         };
         Ok(self.reconcile_conntrack(desired, report))

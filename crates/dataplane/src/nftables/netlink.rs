@@ -183,8 +183,8 @@ impl Key {
         self.0.extend([0, 0]);
         self
     }
-    /// A host-order 32-bit integer (`numgen` output, a bucket number).
-    pub fn int(mut self, n: u32) -> Key {
+    /// A `numgen` result (host byte order, as the expression writes its register).
+    pub fn bucket(mut self, n: u32) -> Key {
         self.0.extend(n.to_ne_bytes());
         self
     }
@@ -603,6 +603,14 @@ pub enum Op {
         set: &'static str,
         items: Vec<(Key, Option<Verdict>)>,
     },
+    /// `add element` / `delete element` of a map whose values are data (`items`: key,
+    /// value; the value is not sent when deleting).
+    DataElements {
+        delete: bool,
+        family: u8,
+        set: &'static str,
+        items: Vec<(Key, Key)>,
+    },
     FlushChain {
         family: u8,
         chain: String,
@@ -950,6 +958,25 @@ impl Batch {
                 set,
                 items,
             } => self.elements(*delete, *family, table, set, items),
+            Op::DataElements {
+                delete,
+                family,
+                set,
+                items,
+            } => {
+                let elems: Vec<Elem> = items
+                    .iter()
+                    .map(|(k, v)| match delete {
+                        true => Elem::key(k.clone()),
+                        false => Elem::value(k.clone(), v.clone()),
+                    })
+                    .collect();
+                let (msg, flags) = match delete {
+                    true => (NFT_MSG_DELSETELEM, 0),
+                    false => (NFT_MSG_NEWSETELEM, NLM_F_CREATE),
+                };
+                self.elem_msgs(msg, flags, *family, table, set, None, &elems);
+            }
             Op::FlushChain { family, chain } => self.flush_chain(*family, table, chain),
             Op::AddChain { family, chain } => self.add_chain(*family, table, chain),
             Op::AddRule {
@@ -1725,7 +1752,7 @@ pub mod exprs {
         let elems = verdicts
             .into_iter()
             .enumerate()
-            .map(|(i, v)| Elem::verdict(Key::default().int(i as u32), v))
+            .map(|(i, v)| Elem::verdict(Key::default().bucket(i as u32), v))
             .collect::<Vec<_>>();
         [
             Expr::NumgenRandom {

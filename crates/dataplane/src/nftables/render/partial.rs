@@ -82,7 +82,7 @@ fn map_changes<'a, K: Ord>(
     (gone, came)
 }
 
-fn nl_verdict(v: &Verdict) -> NlVerdict {
+pub(super) fn nl_verdict(v: &Verdict) -> NlVerdict {
     match v {
         Verdict::Goto(chain) => NlVerdict::Goto(chain.clone()),
         Verdict::Drop => NlVerdict::Drop,
@@ -90,11 +90,11 @@ fn nl_verdict(v: &Verdict) -> NlVerdict {
     }
 }
 
-fn ip_key((ip, proto, port): &IpKey) -> Key {
+pub(super) fn ip_key((ip, proto, port): &IpKey) -> Key {
     Key::default().ip(ip).proto(*proto).port(*port)
 }
 
-fn port_key((proto, port): &PortKey) -> Key {
+pub(super) fn port_key((proto, port): &PortKey) -> Key {
     Key::default().proto(*proto).port(*port)
 }
 
@@ -347,15 +347,11 @@ pub(crate) fn render_partial(
                     chain: chain.name.clone(),
                 });
                 for rule in &chain.rules {
-                    let Some(exprs) = rule.exprs() else {
+                    let Some(op) = rule.op(family, &chain.name) else {
                         expressible = false;
                         break 'chains;
                     };
-                    ops.push(Op::AddRule {
-                        family: nl_family,
-                        chain: chain.name.clone(),
-                        exprs,
-                    });
+                    ops.push(op);
                 }
             }
             plan.ops.extend(ops);

@@ -1,0 +1,167 @@
+//! A [`FamilyTable`] as netlink operations: the full transaction of [`super::spell_family`],
+//! step by step in the same order, built from the same values (the netlink transport
+//! of a full sync; the text stays for `render`, as the fallback and as the oracle).
+
+use svcplane_model::IpFamily;
+
+use super::super::netlink::{Elem, Field, Key, Op, SetData, SetSpec, family_code, intervals};
+use super::super::rule::{Chain, SetDecl};
+use super::partial::{ip_key, nl_verdict, port_key};
+use super::{
+    CLUSTER_IPS, Decl, FIREWALL_IPS, FamilyTable, HAIRPIN, NO_ENDPOINT_NODEPORTS,
+    NO_ENDPOINT_SERVICES, NODEPORT_IPS, SERVICE_IPS, SERVICE_NODEPORTS,
+};
+
+/// The operations of `ft`'s full transaction, or `None` when something in it has no
+/// netlink encoding (then the text transaction is sent instead).
+pub(crate) fn family_ops(ft: &FamilyTable) -> Option<Vec<Op>> {
+    let family = family_code(ft.family == IpFamily::V6);
+    let mut ops = Vec::with_capacity(
+        8 + ft.block.len() * 4
+            + ft.elements.service_ips.len() / 64
+            + ft.elements.hairpin.len() / 64,
+    );
+    // 1-3: the table (kept), emptied of rules; base chains re-created; shared sets and
+    // maps declared and flushed (or deleted).
+    ops.push(Op::AddTable {
+        family,
+        comment: Some("rules for svcplane".to_owned()),
+    });
+    ops.push(Op::FlushTable { family });
+    for bc in &ft.base_chains {
+        let chain = bc.name.clone();
+        ops.push(Op::AddChain {
+            family,
+            chain: chain.clone(),
+        });
+        ops.push(Op::DeleteChain { family, chain });
+    }
+    for s in &ft.shared {
+        ops.push(Op::AddSet {
+            family,
+            spec: set_spec(&s.decl, ft.family)?,
+        });
+        let set = s.decl.name.clone();
+        ops.push(if s.absent {
+            Op::DeleteSet { family, set }
+        } else {
+            Op::FlushSet { family, set }
+        });
+    }
+    // 4: the block, as nft sends a `table { }` block: its chains, then its sets, then
+    // the rules chain by chain (so every rule finds what it names).
+    let chains: Vec<&Chain> = ft
+        .base_chains
+        .iter()
+        .chain(ft.block.iter().filter_map(|d| match d {
+            Decl::Chain(c) => Some(c),
+            Decl::Set(_) => None,
+        }))
+        .collect();
+    for c in &chains {
+        ops.push(match &c.hook {
+            Some(h) => Op::AddBaseChain {
+                family,
+                chain: c.name.clone(),
+                kind: h.kind,
+                hook: super::super::netlink::Hook::named(h.hook)?,
+                priority: h.priority,
+            },
+            None => Op::AddChain {
+                family,
+                chain: c.name.clone(),
+            },
+        });
+    }
+    for d in &ft.block {
+        if let Decl::Set(s) = d {
+            ops.push(Op::AddSet {
+                family,
+                spec: set_spec(s, ft.family)?,
+            });
+        }
+    }
+    for c in &chains {
+        for rule in &c.rules {
+            ops.push(rule.op(ft.family, &c.name)?);
+        }
+    }
+    // 5: the elements, after everything they name exists.
+    let e = &ft.elements;
+    let mut add = |set: &str, elems: Vec<Elem>| {
+        if !elems.is_empty() {
+            ops.push(Op::AddElements {
+                family,
+                set: set.to_owned(),
+                elems,
+            });
+        }
+    };
+    add(NODEPORT_IPS, intervals(&ft.nodeport_nets, false));
+    add(
+        CLUSTER_IPS,
+        e.cluster_ips
+            .iter()
+            .map(|ip| Elem::key(Key::default().ip(ip)))
+            .collect(),
+    );
+    add(
+        HAIRPIN,
+        e.hairpin
+            .iter()
+            .map(|ip| Elem::key(Key::default().ip(ip).ip(ip)))
+            .collect(),
+    );
+    let ip_elems = |m: &std::collections::BTreeMap<_, _>| -> Vec<Elem> {
+        m.iter()
+            .map(|(k, v)| Elem::verdict(ip_key(k), nl_verdict(v)))
+            .collect()
+    };
+    let port_elems = |m: &std::collections::BTreeMap<_, _>| -> Vec<Elem> {
+        m.iter()
+            .map(|(k, v)| Elem::verdict(port_key(k), nl_verdict(v)))
+            .collect()
+    };
+    add(NO_ENDPOINT_SERVICES, ip_elems(&e.no_endpoint_services));
+    add(NO_ENDPOINT_NODEPORTS, port_elems(&e.no_endpoint_nodeports));
+    add(FIREWALL_IPS, ip_elems(&e.firewall_ips));
+    add(SERVICE_IPS, ip_elems(&e.service_ips));
+    add(SERVICE_NODEPORTS, port_elems(&e.service_nodeports));
+    Some(ops)
+}
+
+/// A declaration's netlink form: its nft type spelling (`ipv4_addr . inet_proto .
+/// inet_service : verdict`, our own vocabulary) read back into fields. `None` for a
+/// word or flag it does not know.
+fn set_spec(decl: &SetDecl, family: IpFamily) -> Option<SetSpec> {
+    let field = |word: &str| -> Option<Field> {
+        Some(match word {
+            "ipv4_addr" if family == IpFamily::V4 => Field::Addr { v6: false },
+            "ipv6_addr" if family == IpFamily::V6 => Field::Addr { v6: true },
+            "inet_proto" => Field::Proto,
+            "inet_service" => Field::Service,
+            _ => return None,
+        })
+    };
+    let fields = |s: &str| s.split(" . ").map(field).collect::<Option<Vec<_>>>();
+    let (key, data) = match decl.ty.split_once(" : ") {
+        Some((k, "verdict")) if decl.map => (fields(k)?, Some(SetData::Verdict)),
+        Some((k, v)) if decl.map => (fields(k)?, Some(SetData::Fields(fields(v)?))),
+        None if !decl.map => (fields(&decl.ty)?, None),
+        _ => return None,
+    };
+    let (interval, timeout) = match (decl.flags, decl.timeout_seconds) {
+        (None, None) => (false, None),
+        (Some("interval"), None) => (true, None),
+        (Some("dynamic,timeout"), Some(t)) => (false, Some(u64::from(t))),
+        _ => return None,
+    };
+    Some(SetSpec {
+        name: decl.name.clone(),
+        key,
+        data,
+        interval,
+        timeout_secs: timeout,
+        comment: decl.comment.map(str::to_owned),
+    })
+}
