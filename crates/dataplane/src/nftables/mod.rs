@@ -223,6 +223,26 @@ impl NftablesBackend {
         ops: &[netlink::Op],
         probe: bool,
     ) -> Result<usize, NetlinkFailure> {
+        self.commit_batch(|batch, table| {
+            if probe {
+                for op in &render::tables_present_probe_ops() {
+                    batch.op(table, op);
+                }
+            }
+            for op in ops {
+                batch.op(table, op);
+            }
+            Some(())
+        })
+    }
+
+    /// Commit the batch `build` writes (into the layout's table); its size in bytes.
+    /// `build` returning `None` (something it cannot encode) sends nothing:
+    /// `Unavailable`.
+    fn commit_batch(
+        &mut self,
+        build: impl FnOnce(&mut netlink::Batch, &str) -> Option<()>,
+    ) -> Result<usize, NetlinkFailure> {
         let NetlinkTransport::On { netns, socket } = &mut self.netlink else {
             return Err(NetlinkFailure::Unavailable);
         };
@@ -230,9 +250,9 @@ impl NftablesBackend {
             match netlink::Socket::open(netns.as_deref()) {
                 Ok(s) => *socket = Some(s),
                 Err(e) => {
-                    // Not the kernel refusing rules: netlink is unusable here, so partial
-                    // syncs go through nft from now on.
-                    tracing::warn!(error = %e, "no nf_tables netlink socket; partial syncs use nft");
+                    // Not the kernel refusing rules: netlink is unusable here, so syncs
+                    // go through nft from now on.
+                    tracing::warn!(error = %e, "no nf_tables netlink socket; syncs use nft");
                     self.netlink = NetlinkTransport::Off;
                     return Err(NetlinkFailure::Unavailable);
                 }
@@ -241,15 +261,9 @@ impl NftablesBackend {
         let Some(sock) = socket.as_mut() else {
             return Err(NetlinkFailure::Unavailable);
         };
-        let table = self.layout.table;
         let mut batch = sock.batch();
-        if probe {
-            for op in &render::tables_present_probe_ops() {
-                batch.op(table, op);
-            }
-        }
-        for op in ops {
-            batch.op(table, op);
+        if build(&mut batch, self.layout.table).is_none() {
+            return Err(NetlinkFailure::Unavailable);
         }
         let size = batch.len();
         let result = sock
@@ -265,27 +279,24 @@ impl NftablesBackend {
 
     /// The full transaction of `tables` as one netlink batch; its size in bytes.
     /// `Unavailable` when netlink is off or something in the tables has no netlink
-    /// encoding (the caller then sends the text form).
+    /// encoding (the caller then sends the text form). The operations are encoded as
+    /// they are made, never held as a list (a 10k-service table is 200k+ of them).
     fn full_over_netlink(
         &mut self,
         tables: &[render::FamilyTable],
     ) -> Result<usize, NetlinkFailure> {
-        if matches!(self.netlink, NetlinkTransport::Off) {
-            return Err(NetlinkFailure::Unavailable);
-        }
-        let mut ops = Vec::new();
-        for ft in tables {
-            match render::family_ops(ft) {
-                Some(o) => ops.extend(o),
-                None => {
+        let size = self.commit_batch(|batch, table| {
+            for ft in tables {
+                let encoded = render::family_ops(ft, &mut |op| batch.op(table, &op));
+                if encoded.is_none() {
                     tracing::debug!(
                         "the full transaction has a construct netlink does not encode; using nft"
                     );
-                    return Err(NetlinkFailure::Unavailable);
+                    return None;
                 }
             }
-        }
-        let size = self.commit_netlink(&ops, false)?;
+            Some(())
+        })?;
         self.netlink_fulls += 1;
         Ok(size)
     }

@@ -12,37 +12,33 @@ use super::{
     NO_ENDPOINT_SERVICES, NODEPORT_IPS, SERVICE_IPS, SERVICE_NODEPORTS,
 };
 
-/// The operations of `ft`'s full transaction, or `None` when something in it has no
-/// netlink encoding (then the text transaction is sent instead).
-pub(crate) fn family_ops(ft: &FamilyTable) -> Option<Vec<Op>> {
+/// The operations of `ft`'s full transaction, handed to `ops` one by one; `None` when
+/// something in it has no netlink encoding (then the text transaction is sent instead,
+/// and what `ops` got is dropped).
+pub(crate) fn family_ops(ft: &FamilyTable, ops: &mut impl FnMut(Op)) -> Option<()> {
     let family = family_code(ft.family == IpFamily::V6);
-    let mut ops = Vec::with_capacity(
-        8 + ft.block.len() * 4
-            + ft.elements.service_ips.len() / 64
-            + ft.elements.hairpin.len() / 64,
-    );
     // 1-3: the table (kept), emptied of rules; base chains re-created; shared sets and
     // maps declared and flushed (or deleted).
-    ops.push(Op::AddTable {
+    ops(Op::AddTable {
         family,
         comment: Some("rules for svcplane".to_owned()),
     });
-    ops.push(Op::FlushTable { family });
+    ops(Op::FlushTable { family });
     for bc in &ft.base_chains {
         let chain = bc.name.clone();
-        ops.push(Op::AddChain {
+        ops(Op::AddChain {
             family,
             chain: chain.clone(),
         });
-        ops.push(Op::DeleteChain { family, chain });
+        ops(Op::DeleteChain { family, chain });
     }
     for s in &ft.shared {
-        ops.push(Op::AddSet {
+        ops(Op::AddSet {
             family,
             spec: set_spec(&s.decl, ft.family)?,
         });
         let set = s.decl.name.clone();
-        ops.push(if s.absent {
+        ops(if s.absent {
             Op::DeleteSet { family, set }
         } else {
             Op::FlushSet { family, set }
@@ -59,7 +55,7 @@ pub(crate) fn family_ops(ft: &FamilyTable) -> Option<Vec<Op>> {
         }))
         .collect();
     for c in &chains {
-        ops.push(match &c.hook {
+        ops(match &c.hook {
             Some(h) => Op::AddBaseChain {
                 family,
                 chain: c.name.clone(),
@@ -75,7 +71,7 @@ pub(crate) fn family_ops(ft: &FamilyTable) -> Option<Vec<Op>> {
     }
     for d in &ft.block {
         if let Decl::Set(s) = d {
-            ops.push(Op::AddSet {
+            ops(Op::AddSet {
                 family,
                 spec: set_spec(s, ft.family)?,
             });
@@ -83,14 +79,14 @@ pub(crate) fn family_ops(ft: &FamilyTable) -> Option<Vec<Op>> {
     }
     for c in &chains {
         for rule in &c.rules {
-            ops.push(rule.op(ft.family, &c.name)?);
+            ops(rule.op(ft.family, &c.name)?);
         }
     }
     // 5: the elements, after everything they name exists.
     let e = &ft.elements;
     let mut add = |set: &str, elems: Vec<Elem>| {
         if !elems.is_empty() {
-            ops.push(Op::AddElements {
+            ops(Op::AddElements {
                 family,
                 set: set.to_owned(),
                 elems,
@@ -127,7 +123,7 @@ pub(crate) fn family_ops(ft: &FamilyTable) -> Option<Vec<Op>> {
     add(FIREWALL_IPS, ip_elems(&e.firewall_ips));
     add(SERVICE_IPS, ip_elems(&e.service_ips));
     add(SERVICE_NODEPORTS, port_elems(&e.service_nodeports));
-    Some(ops)
+    Some(())
 }
 
 /// A declaration's netlink form: its nft type spelling (`ipv4_addr . inet_proto .
