@@ -94,7 +94,9 @@ fn median(runs: usize, mut f: impl FnMut()) -> Duration {
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     /// `text`: full and partial syncs through `nft -f` only.
-    Nftables { text: bool },
+    Nftables {
+        text: bool,
+    },
     Iptables(Dispatch),
 }
 

@@ -1934,6 +1934,75 @@ impl Socket {
     }
 }
 
+/// A chain, set or map of a table, as [`list_objects`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Chain(String),
+    Set(String),
+    Map(String),
+}
+
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_GETSET: u16 = 10;
+
+/// The chains, named sets and maps of `<family> <table>` (anonymous sets, which go with
+/// their rule, are left out): a dump of each kind, names only. Empty when the table
+/// does not exist. (What `nft list chains|sets|maps` prints, without nft's process.)
+pub fn list_objects(
+    netns: Option<&str>,
+    family: u8,
+    table: &str,
+) -> Result<Vec<Object>, NetlinkError> {
+    use crate::netlink::{NLM_F_DUMP, attrs, cstr, ne_u32, push_attr};
+    let mut sock = crate::netlink::Socket::open(libc::NETLINK_NETFILTER, netns)?;
+    let mut body = vec![family, 0, 0, 0]; // nfgenmsg: family, NFNETLINK_V0, res_id 0
+    push_attr(&mut body, NFTA_CHAIN_TABLE, &cstr(table)); // = NFTA_SET_TABLE: 1
+    let mut out = Vec::new();
+    for (msg, name_attr) in [
+        (NFT_MSG_GETCHAIN, NFTA_CHAIN_NAME),
+        (NFT_MSG_GETSET, NFTA_SET_NAME),
+    ] {
+        let replies = sock
+            .request(
+                (NFNL_SUBSYS_NFTABLES << 8) | msg,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                &body,
+            )
+            .or_else(|e| match e.errno() {
+                // The table (or the family's tables) does not exist.
+                Some(libc::ENOENT) => Ok(Vec::new()),
+                _ => Err(io::Error::other(e.to_string())),
+            })?;
+        for reply in &replies {
+            let Some(payload) = reply.get(4..) else {
+                return Err(NetlinkError::Malformed);
+            };
+            let (mut ours, mut name, mut flags) = (false, None, 0);
+            for (ty, v) in attrs(payload) {
+                let text = || std::str::from_utf8(v.strip_suffix(&[0]).unwrap_or(v)).ok();
+                match ty {
+                    1 => ours = text() == Some(table), // NFTA_CHAIN_TABLE / NFTA_SET_TABLE
+                    t if t == name_attr => name = text().map(str::to_owned),
+                    NFTA_SET_FLAGS if msg == NFT_MSG_GETSET => {
+                        flags = ne_u32(v).map_or(0, u32::from_be);
+                    }
+                    _ => {}
+                }
+            }
+            let Some(name) = name.filter(|_| ours) else {
+                continue;
+            };
+            out.push(match msg {
+                NFT_MSG_GETCHAIN => Object::Chain(name),
+                _ if flags & NFT_SET_ANONYMOUS != 0 => continue,
+                _ if flags & NFT_SET_MAP != 0 => Object::Map(name),
+                _ => Object::Set(name),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Receive one datagram; `dontwait`: `WouldBlock` instead of waiting when none is queued.
 fn recv(fd: &OwnedFd, buf: &mut [u8], dontwait: bool) -> io::Result<usize> {
     let flags = if dontwait { libc::MSG_DONTWAIT } else { 0 };
