@@ -262,8 +262,19 @@ fn rendered_rules_are_accepted_applied_and_cleaned_up() {
     let v4 = nft_in(&ns, &["list", "table", "ip", "svcplane"]);
     let v6 = nft_in(&ns, &["list", "table", "ip6", "svcplane"]);
     assert!(v4.contains("numgen random mod 2 vmap"), "{v4}");
-    assert!(v4.contains("dnat to 10.244.1.5:8080"));
-    assert!(v6.contains("dnat to [fd00:244:1::5]:8080"), "{v6}");
+    // ClusterIP traffic picks its endpoint from the endpoints map (as nft lists it).
+    assert!(
+        v4.contains("dnat ip to ip daddr . tcp dport . numgen random mod 2 map @endpoints-tcp"),
+        "{v4}"
+    );
+    assert!(
+        v4.contains("10.96.0.10 . 80 . 0 : 10.244.1.5 . 8080"),
+        "{v4}"
+    );
+    assert!(
+        v6.contains("fd00:96::10 . 80 . 0 : fd00:244:1::5 . 8080"),
+        "{v6}"
+    );
     assert!(v4.contains("goto reject-chain"));
     assert!(v6.contains("set nodeport-ips"));
     assert!(!v4.contains("set nodeport-ips"));

@@ -200,8 +200,11 @@ fn assert_same(synced: &Netns, fresh: &Netns, state: &DesiredState, step: &str) 
 #[test]
 fn partial_syncs_over_netlink_equal_a_fresh_full_render() {
     let partials = partial_syncs_equal_a_fresh_full_render(true);
-    // Plain ClusterIP changes go over netlink; the others through nft.
-    assert!(partials > 10, "only {partials} partial syncs used netlink");
+    // Every partial sync goes over netlink (40 random steps and one after the repair):
+    // every rule, set and element of the render has a netlink encoding.
+    if partials != u64::MAX {
+        assert_eq!(partials, 41, "partial syncs over netlink");
+    }
 }
 
 #[test]
@@ -210,7 +213,7 @@ fn partial_syncs_through_nft_equal_a_fresh_full_render() {
 }
 
 /// Random partial syncs, each compared with a fresh full render of the same state;
-/// returns how many went over netlink.
+/// returns how many went over netlink (`u64::MAX` when skipped: not root).
 fn partial_syncs_equal_a_fresh_full_render(netlink: bool) -> u64 {
     if skip_unless_root(&["ip", "nft"]) {
         return if netlink { u64::MAX } else { 0 };
@@ -417,4 +420,96 @@ fn first_sync_upgrades_the_earlier_base_chain_layout() {
         .expect("first sync");
     assert!(report.full);
     assert_same(&synced, &fresh, &state, "upgrade");
+}
+
+/// The rules of both tables with their kernel handles: a rule added or rewritten gets a
+/// new handle.
+fn rule_handles(ns: &Netns) -> Vec<String> {
+    ["ip", "ip6"]
+        .into_iter()
+        .flat_map(|f| {
+            nft(ns, &["-a", "list", "table", f, "svcplane"])
+                .lines()
+                .filter(|l| l.contains("# handle") && !l.trim_start().starts_with("chain "))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// An endpoint swap (same count) of a plain ClusterIP service is map element operations
+/// over netlink: no rule of either table changes, and the table still equals a fresh
+/// full render. A count change rewrites only that service's chain.
+#[test]
+fn endpoint_swap_over_netlink_changes_elements_only() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let (synced, fresh) = (
+        Netns::new("svcplane-sw").expect("netns"),
+        Netns::new("svcplane-swref").expect("netns"),
+    );
+    let mut state = initial(&mut Rng(0x5a4b_0001));
+    for (id, v6) in [(60, false), (61, true)] {
+        let s = Arc::new(service(v6, id, &[1, 2, 3], false, false));
+        let fam = if v6 { &mut state.v6 } else { &mut state.v4 };
+        fam.services.insert(s.name.clone(), s);
+    }
+    let mut backend = NftablesBackend::in_netns(synced.name());
+    let first = Arc::new(state.clone());
+    assert!(
+        backend
+            .sync(&first, &Diff::between(None, &first, true))
+            .expect("full sync")
+            .full
+    );
+    let before = rule_handles(&synced);
+    assert!(
+        before
+            .iter()
+            .any(|l| l.contains("goto endpoints-tcp-mod-3"))
+    );
+
+    // Swap endpoint 2 for 5 in both families.
+    let mut next = state.clone();
+    for (id, v6) in [(60, false), (61, true)] {
+        let s = Arc::new(service(v6, id, &[1, 3, 5], false, false));
+        let fam = if v6 { &mut next.v6 } else { &mut next.v4 };
+        fam.services.insert(s.name.clone(), s);
+    }
+    let report = sync(&mut backend, &state, &next);
+    assert!(!report.full);
+    assert_eq!(
+        backend.netlink_partials(),
+        1,
+        "the swap did not go over netlink"
+    );
+    let after = rule_handles(&synced);
+    let changed: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
+    assert!(changed.is_empty(), "rules added for a swap: {changed:?}");
+    assert_eq!(after.len(), before.len(), "rules removed for a swap");
+    assert_same(&synced, &fresh, &next, "after the swap");
+    let map = nft(&synced, &["list", "map", "ip", "svcplane", "endpoints-tcp"]);
+    assert!(map.contains("10.244.0.6 . 8080"), "{map}");
+    state = next;
+
+    // One more endpoint: that service's chain is rewritten (its masquerade rule and its
+    // goto), nothing else.
+    let mut next = state.clone();
+    let s = Arc::new(service(false, 60, &[1, 3, 5, 6], false, false));
+    next.v4.services.insert(s.name.clone(), s);
+    assert!(!sync(&mut backend, &state, &next).full);
+    assert_eq!(backend.netlink_partials(), 2);
+    let after = rule_handles(&synced);
+    let changed: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
+    assert_eq!(changed.len(), 2, "{changed:?}");
+    assert!(
+        changed[0].contains("ip daddr 10.96.0.61 tcp dport 80"),
+        "{changed:?}"
+    );
+    assert!(
+        changed[1].contains("goto endpoints-tcp-mod-4"),
+        "{changed:?}"
+    );
+    assert_same(&synced, &fresh, &next, "after the count change");
 }

@@ -31,11 +31,12 @@ fn udp(mut s: ServicePortState, port: u16, ep_port: u16) -> ServicePortState {
 
 fn v4_services(variant: u8) -> Vec<ServicePortState> {
     let mut out = Vec::new();
-    // Plain ClusterIPs: 1, 3 endpoints; the variant swaps one endpoint or adds one.
+    // Plain ClusterIPs: 1, 3 endpoints; the variant swaps one endpoint (1, 3) or adds
+    // one (2). Variant 3 is variant 0 with that swap alone.
     out.push(cluster_ip_service("one", "10.96.0.1", &["10.244.1.1"]));
     let eps: &[&str] = match variant {
         0 => &["10.244.1.2", "10.244.1.3", "10.244.2.4"],
-        1 => &["10.244.1.2", "10.244.1.9", "10.244.2.4"],
+        1 | 3 => &["10.244.1.2", "10.244.1.9", "10.244.2.4"],
         _ => &["10.244.1.2", "10.244.1.3", "10.244.2.4", "10.244.2.5"],
     };
     out.push(cluster_ip_service("three", "10.96.0.3", eps));
@@ -83,7 +84,7 @@ fn v4_services(variant: u8) -> Vec<ServicePortState> {
     out.push(lb1);
     // ClientIP affinity; the variant changes its endpoints too.
     let sticky_eps: &[&str] = match variant {
-        0 => &["10.244.1.30", "10.244.2.30"],
+        0 | 3 => &["10.244.1.30", "10.244.2.30"],
         _ => &["10.244.1.30", "10.244.2.31"],
     };
     let mut sticky = cluster_ip_service("sticky", "10.96.0.50", sticky_eps);
@@ -121,7 +122,7 @@ fn v4_services(variant: u8) -> Vec<ServicePortState> {
     };
     out.extend([etp, none_local, both_local, origin_empty]);
     // A service only the variant adds, and one it removes.
-    if variant == 0 {
+    if variant == 0 || variant == 3 {
         out.push(cluster_ip_service("gone", "10.96.0.70", &["10.244.1.70"]));
     } else {
         out.push(cluster_ip_service("new", "10.96.0.71", &["10.244.1.71"]));
@@ -130,7 +131,7 @@ fn v4_services(variant: u8) -> Vec<ServicePortState> {
 }
 
 fn v6_services(variant: u8) -> Vec<ServicePortState> {
-    let eps: &[&str] = if variant == 0 {
+    let eps: &[&str] = if variant == 0 || variant == 3 {
         &["fd00:244::5", "fd00:244::6"]
     } else {
         &["fd00:244::5", "fd00:244::7"]
@@ -200,7 +201,7 @@ fn render_everything() -> String {
         st.v4.cluster_ip_masquerade = ClusterIpMasquerade::FromOutside(vec![net("10.244.0.0/16")]);
         st
     };
-    for (a, b) in [(0, 1), (0, 2)] {
+    for (a, b) in [(0, 1), (0, 2), (0, 3)] {
         let (prev, next) = (plain(a), plain(b));
         let diff = Diff::between(Some(Arc::new(prev.clone())), &next, false);
         let p = render_partial(&prev, &next, &diff, Layout::FULL.table)

@@ -32,12 +32,15 @@ pub use render::{Layout, MASQUERADE_MARK, NORTH_SOUTH_TABLE, TABLE, render, rend
 /// list tables`: nft 1.0.6 loads the whole rule set for it, 8 s and 450 MB at 10k
 /// services.)
 ///
-/// Transport: full syncs go through `nft -f -`. A partial sync whose changed services
-/// are all plain ClusterIP services (no affinity, no external addresses, no source
-/// ranges) is sent as one nf_tables netlink batch instead (see `netlink`), with the
-/// same operations in the same order; it falls back to a full sync on any error, as
-/// the text form does. That removes nft's process, parser and cache from the common
-/// endpoint-change path (~90 ms per run at 10k services).
+/// Transport: full syncs go through `nft -f -`. A partial sync whose every rule has a
+/// netlink encoding ([`rule::Rule::exprs`]; today: plain ClusterIP and eTP Cluster
+/// NodePort/external services, not affinity, eTP Local or source ranges) is sent as
+/// one nf_tables netlink batch instead (see `netlink`), with the same operations in
+/// the same order; it falls back to a full sync on any error, as the text form does.
+/// That removes nft's process, parser and cache from the common endpoint-change path
+/// (~90 ms per run at 10k services). An endpoint swap of a ClusterIP is element
+/// operations only (see `render::select`), which the kernel applies without
+/// re-validating the table.
 ///
 /// After every successful sync the conntrack [`Reconciler`] deletes UDP/SCTP entries
 /// still pointing at endpoints that are gone; its failures are logged and counted in the

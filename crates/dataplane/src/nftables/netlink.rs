@@ -188,9 +188,6 @@ impl Key {
         self.0.extend(n.to_ne_bytes());
         self
     }
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
 }
 
 /// One set element: its key, its data (maps) and whether it closes an interval.

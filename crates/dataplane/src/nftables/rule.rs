@@ -107,6 +107,16 @@ pub(crate) enum Rule {
     AffinityUpdate { family: IpFamily, set: String },
     /// `numgen random mod N vmap { 0 : goto C0, 1 : goto C1, … }`.
     NumgenVmap { chains: Vec<String> },
+    /// `dnat <ipx> to <ipx> daddr . <proto> dport . numgen random mod N map @MAP`: the
+    /// endpoint of bucket `numgen` for the packet's own destination, from a map keyed
+    /// `service IP . service port . bucket` (nft adds the `meta l4proto` dependency of
+    /// `<proto> dport` itself, and lists the rule this way).
+    DnatMap {
+        family: IpFamily,
+        protocol: Protocol,
+        modulus: u32,
+        map: &'static str,
+    },
 }
 
 fn ipx(ip: &IpAddr) -> &'static str {
@@ -271,6 +281,18 @@ impl fmt::Display for Rule {
                 }
                 f.write_str(" }")
             }
+            Rule::DnatMap {
+                family,
+                protocol,
+                modulus,
+                map,
+            } => {
+                let (x, p) = (family_word(*family), protocol.as_lower());
+                write!(
+                    f,
+                    "dnat {x} to {x} daddr . {p} dport . numgen random mod {modulus} map @{map}"
+                )
+            }
         }
     }
 }
@@ -417,6 +439,18 @@ impl Rule {
             Rule::NumgenVmap { chains } => out.extend(exprs::numgen_vmap(
                 chains.iter().map(|c| Verdict::Goto(c.clone())).collect(),
             )),
+            // `tcp dport` brings nft's `meta l4proto tcp` dependency first.
+            Rule::DnatMap {
+                family,
+                protocol,
+                modulus,
+                map,
+            } => out.extend(exprs::dnat_map(
+                *family == IpFamily::V6,
+                Some(*protocol),
+                *modulus,
+                map,
+            )),
         }
         Some(out)
     }
@@ -505,14 +539,70 @@ impl fmt::Display for Chain {
     }
 }
 
+/// What a set or map holds (its key, and a map's value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SetKind {
+    /// `type ipv4_addr`.
+    Addrs(IpFamily),
+    /// `type ipv4_addr . ipv4_addr`.
+    AddrPairs(IpFamily),
+    /// `type ipv4_addr . inet_proto . inet_service : verdict` (a map).
+    AddrProtoPortVerdicts(IpFamily),
+    /// `type inet_proto . inet_service : verdict` (a map).
+    ProtoPortVerdicts,
+    /// `typeof ip daddr . tcp dport . numgen random mod 1 : ip daddr . tcp dport` (a
+    /// map): service address . port . bucket → endpoint address . port, for
+    /// [`Rule::DnatMap`]. (`type ipv4_addr . inet_service . integer` is refused by nft
+    /// 1.0.6: "variable sized data types (integer) in concat expressions".)
+    Endpoints(IpFamily, Protocol),
+}
+
+impl SetKind {
+    pub fn is_map(self) -> bool {
+        matches!(
+            self,
+            SetKind::AddrProtoPortVerdicts(_) | SetKind::ProtoPortVerdicts | SetKind::Endpoints(..)
+        )
+    }
+}
+
+fn addr_type(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ipv4_addr",
+        IpFamily::V6 => "ipv6_addr",
+    }
+}
+
+impl fmt::Display for SetKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            SetKind::Addrs(fam) => write!(f, "type {}", addr_type(fam)),
+            SetKind::AddrPairs(fam) => {
+                let at = addr_type(fam);
+                write!(f, "type {at} . {at}")
+            }
+            SetKind::AddrProtoPortVerdicts(fam) => write!(
+                f,
+                "type {} . inet_proto . inet_service : verdict",
+                addr_type(fam)
+            ),
+            SetKind::ProtoPortVerdicts => f.write_str("type inet_proto . inet_service : verdict"),
+            SetKind::Endpoints(fam, proto) => {
+                let (x, p) = (family_word(fam), proto.as_lower());
+                write!(
+                    f,
+                    "typeof {x} daddr . {p} dport . numgen random mod 1 : {x} daddr . {p} dport"
+                )
+            }
+        }
+    }
+}
+
 /// A named set or map declaration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SetDecl {
     pub name: String,
-    /// A map (`add map`, `type K : V`) rather than a set.
-    pub map: bool,
-    /// The key type, and for a map ` : ` and the value type (nft's spelling).
-    pub ty: String,
+    pub kind: SetKind,
     pub flags: Option<&'static str>,
     pub timeout_seconds: Option<u32>,
     pub comment: Option<&'static str>,
@@ -520,7 +610,7 @@ pub(crate) struct SetDecl {
 
 impl SetDecl {
     pub fn word(&self) -> &'static str {
-        if self.map { "map" } else { "set" }
+        if self.kind.is_map() { "map" } else { "set" }
     }
 
     /// `{ type T ; [flags F ;] [timeout Ns ;] [comment "C" ;] }`.
@@ -535,7 +625,7 @@ pub(crate) struct SetBody<'a>(&'a SetDecl);
 impl fmt::Display for SetBody<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0;
-        write!(f, "{{ type {} ;", s.ty)?;
+        write!(f, "{{ {} ;", s.kind)?;
         if let Some(flags) = s.flags {
             write!(f, " flags {flags} ;")?;
         }

@@ -161,20 +161,28 @@ fn cluster_ip_with_two_endpoints() {
     );
     assert_eq!(elements(&script, "ip", "cluster-ips"), vec!["10.96.0.10"]);
     let body = chain_body(&script, &svc_chain).expect("service chain");
-    // The first endpoint with probability 1/2, else the second: DNAT in place.
-    let dnats: Vec<&str> = body
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.contains("dnat"))
-        .collect();
+    // The service chain ends in the shared chain for two endpoints, which picks bucket
+    // `numgen random mod 2` of the endpoints map under the packet's destination.
     assert_eq!(
-        dnats,
-        vec![
-            "numgen random mod 2 == 0 meta l4proto tcp dnat to 10.244.1.5:8080",
-            "meta l4proto tcp dnat to 10.244.2.7:8080",
-        ],
+        body.lines().map(str::trim).next_back(),
+        Some("goto endpoints-tcp-mod-2"),
         "{body}"
     );
+    assert!(!body.contains("dnat"), "{body}");
+    assert_eq!(
+        chain_body(&script, "endpoints-tcp-mod-2").map(str::trim),
+        Some("dnat ip to ip daddr . tcp dport . numgen random mod 2 map @endpoints-tcp")
+    );
+    assert_eq!(
+        elements(&script, "ip", "endpoints-tcp"),
+        vec![
+            "10.96.0.10 . 80 . 0 : 10.244.1.5 . 8080",
+            "10.96.0.10 . 80 . 1 : 10.244.2.7 . 8080",
+        ]
+    );
+    assert!(script.contains(
+        "add map ip svcplane endpoints-tcp { typeof ip daddr . tcp dport . numgen random mod 1 : ip daddr . tcp dport ;"
+    ));
     // No per-endpoint chains without affinity; hairpin through the set instead.
     assert!(chain_body(&script, &endpoint_chain(&svc, "10.244.1.5", 8080)).is_none());
     assert_eq!(
@@ -337,15 +345,20 @@ fn node_port_with_cluster_policy() {
     );
     let body = chain_body(&script, &ext).unwrap();
     let lines: Vec<&str> = body.lines().map(str::trim).collect();
-    // Internal and external lists are equal: one shared balancing chain.
+    // Internal and external lists are equal, but the service chain chooses by the
+    // packet's destination (the ClusterIP): external traffic has its own chain.
+    let policy = chain_name("extpolicy-", &svc);
     assert_eq!(
         lines,
         vec![
             "jump mark-for-masquerade".to_owned(),
-            format!("goto {}", chain_name("service-", &svc)),
+            format!("goto {policy}")
         ]
     );
-    assert!(chain_body(&script, &chain_name("extpolicy-", &svc)).is_none());
+    assert_eq!(
+        chain_body(&script, &policy).unwrap().trim(),
+        "meta l4proto tcp dnat to 10.244.1.9:8080"
+    );
     let services = chain_body(&script, "services").unwrap();
     assert!(services.contains(
         "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"
@@ -492,7 +505,7 @@ fn external_traffic_policy_local() {
     st.v4.cluster_cidrs = vec![net("10.244.0.0/16")];
     let script = render(&st).unwrap();
     let ext = chain_name("external-", &svc);
-    let shared = chain_name("service-", &svc);
+    let origin = chain_name("cluster-", &svc);
     let local = chain_name("extpolicy-", &svc);
     let lines: Vec<String> = chain_body(&script, &ext)
         .unwrap()
@@ -502,16 +515,17 @@ fn external_traffic_policy_local() {
     assert_eq!(
         lines,
         vec![
-            format!("ip saddr 10.244.0.0/16 goto {shared} comment \"short-circuit pod traffic\""),
+            format!("ip saddr 10.244.0.0/16 goto {origin} comment \"short-circuit pod traffic\""),
             "fib saddr type local jump mark-for-masquerade comment \"masquerade local traffic\""
                 .to_owned(),
-            format!("fib saddr type local goto {shared} comment \"short-circuit local traffic\""),
+            format!("fib saddr type local goto {origin} comment \"short-circuit local traffic\""),
             format!("goto {local}"),
         ]
     );
-    // local_origin equals internal, so it shares the service chain; the local-only list
-    // has its own chain over one endpoint.
-    assert!(chain_body(&script, &chain_name("cluster-", &svc)).is_none());
+    // local_origin equals internal, but the service chain chooses by the ClusterIP, so
+    // the short-circuits have their own chain; the local-only list has its own chain
+    // over one endpoint.
+    assert_eq!(chain_body(&script, &origin).unwrap().lines().count(), 2);
     assert_eq!(
         chain_body(&script, &local).unwrap().trim(),
         "meta l4proto tcp dnat to 10.244.1.1:8080"
@@ -549,16 +563,22 @@ fn external_traffic_policy_local() {
     assert_no_orphan_chains(&script);
 
     // iTP Local as well: internal = external = local only, local_origin = both → the
-    // local list is the service chain, local_origin gets a `cluster-` chain.
+    // service chain chooses by ClusterIP among the local endpoints, external traffic
+    // through `extpolicy-`, local_origin through `cluster-`.
     let mut both_local = svc.clone();
     both_local.internal = target(&[0], EmptyVerdict::Drop);
     let script = render(&state(vec![both_local.clone()], vec![])).unwrap();
     assert!(chain_body(&script, &chain_name("cluster-", &both_local)).is_some());
-    assert!(chain_body(&script, &chain_name("extpolicy-", &both_local)).is_none());
     assert!(
         chain_body(&script, &chain_name("external-", &both_local))
             .unwrap()
-            .contains(&format!("goto {}", chain_name("service-", &both_local)))
+            .contains(&format!("goto {}", chain_name("extpolicy-", &both_local)))
+    );
+    assert_eq!(
+        chain_body(&script, &chain_name("service-", &both_local))
+            .unwrap()
+            .trim(),
+        "goto endpoints-tcp-mod-1"
     );
     // No cluster CIDR known: no pod short-circuit rule.
     assert!(!script.contains("short-circuit pod traffic"));
@@ -585,7 +605,24 @@ fn ipv6_syntax() {
     let ep = endpoint_chain(&svc, "fd00:244::5", 5353);
     assert!(ep.contains("__fd00.244..5/5353"), "{ep}");
     let svc_body = chain_body(&script, &chain_name("service-", &svc)).unwrap();
-    assert!(svc_body.contains("meta l4proto udp dnat to [fd00:244::5]:5353"));
+    assert!(
+        svc_body.ends_with("goto endpoints-udp-mod-1\n"),
+        "{svc_body}"
+    );
+    assert_eq!(
+        elements(&script, "ip6", "endpoints-udp"),
+        vec!["fd00:96::10 . 53 . 0 : fd00:244::5 . 5353"]
+    );
+    let v6_part = &script[script.find("add table ip6 svcplane").unwrap()..];
+    assert_eq!(
+        chain_body(v6_part, "endpoints-udp-mod-1").map(str::trim),
+        Some("dnat ip6 to ip6 daddr . udp dport . numgen random mod 1 map @endpoints-udp")
+    );
+    // The NodePort's own chain DNATs in place (bracketed IPv6).
+    assert_eq!(
+        chain_body(&script, &chain_name("extpolicy-", &svc)).map(str::trim),
+        Some("meta l4proto udp dnat to [fd00:244::5]:5353")
+    );
     assert_eq!(
         elements(&script, "ip6", "hairpin"),
         vec!["fd00:244::5 . fd00:244::5"]
@@ -651,7 +688,7 @@ fn cluster_ip_masquerade_modes() {
     let script = render(&st).unwrap();
     let body = chain_body(&script, &svc_chain).unwrap();
     assert!(!body.contains("mark-for-masquerade"), "{body}");
-    assert!(body.contains("dnat to 10.244.1.1:8080"));
+    assert_eq!(body.trim(), "goto endpoints-tcp-mod-1");
 }
 
 #[test]
@@ -724,7 +761,11 @@ fn out_of_range_endpoint_indices_are_ignored() {
         chain_body(&script, &chain_name("service-", &svc))
             .unwrap()
             .trim(),
-        "meta l4proto tcp dnat to 10.244.1.1:8080"
+        "goto endpoints-tcp-mod-1"
+    );
+    assert_eq!(
+        elements(&script, "ip", "endpoints-tcp"),
+        vec!["10.96.0.90 . 80 . 0 : 10.244.1.1 . 8080"]
     );
 }
 
@@ -801,62 +842,151 @@ mod partial {
         assert_eq!(p.netlink, Some(NetlinkPartial::default()));
     }
 
+    /// The netlink operations of `nl`, briefly (`chain` marks the service chain).
+    fn op_kinds(nl: &NetlinkPartial, chain: &str) -> Vec<String> {
+        nl.ops
+            .iter()
+            .map(|op| match op {
+                Op::Elements {
+                    delete, set, items, ..
+                } => format!(
+                    "{} {set} {}",
+                    if *delete { "del" } else { "add" },
+                    items.len()
+                ),
+                Op::DataElements {
+                    delete, set, items, ..
+                } => format!(
+                    "{} {set} {}",
+                    if *delete { "del" } else { "add" },
+                    items.len()
+                ),
+                Op::FlushChain { chain: c, .. } => format!("flush {}", c == chain),
+                Op::AddChain { chain: c, .. } => format!("chain {}", c == chain),
+                Op::AddRule {
+                    chain: c, exprs, ..
+                } => format!("rule {} {}", c == chain, exprs.len()),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
     #[test]
-    fn plain_cluster_ip_changes_have_a_netlink_form_in_the_text_order() {
+    fn an_endpoint_swap_is_element_operations_only() {
         let prev = base();
         let mut next = base();
         let b = cluster_ip_service("b", "10.96.0.2", &["10.244.1.2", "10.244.1.9"]);
         next.v4.services.insert(b.name.clone(), Arc::new(b.clone()));
         let p = partial(&prev, &next).unwrap();
         let nl = p.netlink.expect("a netlink form");
-        let chain = chain_name("service-", &b);
-        let kinds: Vec<String> = nl
-            .ops
-            .iter()
-            .map(|op| match op {
-                Op::Elements {
-                    delete, set, items, ..
-                } => {
-                    format!(
-                        "{} {set} {}",
-                        if *delete { "del" } else { "add" },
-                        items.len()
-                    )
-                }
-                Op::FlushChain { chain: c, .. } => format!("flush {}", *c == chain),
-                Op::AddChain { chain: c, .. } => format!("chain {}", *c == chain),
-                Op::AddRule {
-                    chain: c, exprs, ..
-                } => {
-                    format!("rule {} {}", *c == chain, exprs.len())
-                }
-                other => format!("{other:?}"),
-            })
-            .collect();
-        // As the text: element deletes, flushes, chains with their rules, element adds.
+        // Bucket 1 now holds the new endpoint; the service chain is left alone.
         assert_eq!(
-            kinds,
+            op_kinds(&nl, &chain_name("service-", &b)),
             [
+                "del endpoints-tcp 1",
                 "del hairpin 1",
-                "flush true",
-                "chain true",
-                "rule true 7",
-                "rule true 5",
+                "add endpoints-tcp 1",
                 "add hairpin 1"
             ]
         );
         assert!(nl.stale.is_empty());
+        assert!(!p.script.contains("chain"), "{}", p.script);
+        assert!(
+            p.script
+                .contains("delete element ip svcplane endpoints-tcp {\n\t10.96.0.2 . 80 . 1\n}\n"),
+            "{}",
+            p.script
+        );
+        assert_eq!(
+            elements(&p.script, "ip", "endpoints-tcp"),
+            ["10.96.0.2 . 80 . 1 : 10.244.1.9 . 8080"]
+        );
     }
 
     #[test]
-    fn services_with_text_only_chains_have_no_netlink_form() {
+    fn an_endpoint_count_change_rewrites_the_service_chain_in_the_text_order() {
+        let prev = base();
+        let mut next = base();
+        let b = cluster_ip_service(
+            "b",
+            "10.96.0.2",
+            &["10.244.1.2", "10.244.1.3", "10.244.1.9"],
+        );
+        next.v4.services.insert(b.name.clone(), Arc::new(b.clone()));
+        let p = partial(&prev, &next).unwrap();
+        let chain = chain_name("service-", &b);
+        assert!(
+            p.script
+                .contains(&format!("flush chain ip svcplane {chain}\n"))
+        );
+        assert_eq!(
+            chain_body(&p.script, &chain).map(str::trim),
+            Some("goto endpoints-tcp-mod-3")
+        );
+        // As the text: element deletes, flushes, chains with their rules, element adds.
+        let nl = p.netlink.expect("a netlink form");
+        assert_eq!(
+            op_kinds(&nl, &chain),
+            [
+                "flush true",
+                "chain true",
+                "rule true 1",
+                "add endpoints-tcp 1",
+                "add hairpin 1"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_count_beyond_the_precreated_chains_creates_its_selection_chain() {
+        let prev = base();
+        let mut next = base();
+        let eps: Vec<String> = (1..=17).map(|i| format!("10.244.3.{i}")).collect();
+        let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+        let c = cluster_ip_service("c", "10.96.0.3", &eps);
+        next.v4.services.insert(c.name.clone(), Arc::new(c));
+        let p = partial(&prev, &next).unwrap();
+        assert!(
+            p.script.contains(
+                "add chain ip svcplane endpoints-tcp-mod-17\nflush chain ip svcplane endpoints-tcp-mod-17\n"
+            ),
+            "{}",
+            p.script
+        );
+        assert_eq!(
+            chain_body(&p.script, "endpoints-tcp-mod-17").map(str::trim),
+            Some("dnat ip to ip daddr . tcp dport . numgen random mod 17 map @endpoints-tcp")
+        );
+        assert_eq!(elements(&p.script, "ip", "endpoints-tcp").len(), 17);
+        // Once the previous state has that count, it is not created again.
+        let again = partial(&next, &{
+            let mut n = next.clone();
+            let eps: Vec<String> = (2..=18).map(|i| format!("10.244.3.{i}")).collect();
+            let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+            let c = cluster_ip_service("c", "10.96.0.3", &eps);
+            n.v4.services.insert(c.name.clone(), Arc::new(c));
+            n
+        })
+        .unwrap();
+        assert!(!again.script.contains("chain"), "{}", again.script);
+    }
+
+    /// Every service kind's change has a netlink form (affinity sets, external chains,
+    /// source-range firewalls, anonymous sets of several networks).
+    #[test]
+    fn services_of_every_kind_have_a_netlink_form() {
         let prev = base();
         for change in 0..3 {
             let mut next = base();
             let mut b = cluster_ip_service("b", "10.96.0.2", &["10.244.1.2"]);
             match change {
                 0 => b.affinity_timeout_seconds = Some(60),
-                1 => b.node_port = Some(30002),
+                1 => {
+                    b.node_port = Some(30002);
+                    b.external_policy = ExternalPolicy::Local {
+                        local_origin: target(&[0], EmptyVerdict::Reject),
+                    };
+                }
                 _ => {
                     b.load_balancer_ips = vec![ip("203.0.113.2")];
                     b.load_balancer_source_ranges = vec![net("192.0.2.0/24")];
@@ -865,7 +995,7 @@ mod partial {
             next.v4.services.insert(b.name.clone(), Arc::new(b));
             let p = partial(&prev, &next).unwrap();
             assert!(!p.script.is_empty());
-            assert_eq!(p.netlink, None, "change {change}");
+            assert!(p.netlink.is_some(), "change {change}");
         }
         // Masquerade from outside several cluster CIDRs needs an anonymous set.
         let mut prev = base();
@@ -874,7 +1004,7 @@ mod partial {
         let mut next = prev.clone();
         let c = cluster_ip_service("c", "10.96.0.3", &["10.244.1.4"]);
         next.v4.services.insert(c.name.clone(), Arc::new(c));
-        assert_eq!(partial(&prev, &next).unwrap().netlink, None);
+        assert!(partial(&prev, &next).unwrap().netlink.is_some());
     }
 
     #[test]
@@ -901,37 +1031,6 @@ mod partial {
         let a = &prev.v4.services.values().next().unwrap();
         assert!(!p.script.contains(&service_base(&a.name).unwrap()));
         assert!(p.stale.is_empty());
-    }
-
-    #[test]
-    fn changed_endpoints_rewrite_the_service_chain() {
-        let prev = base();
-        let mut next = base();
-        let b = cluster_ip_service("b", "10.96.0.2", &["10.244.1.2", "10.244.1.9"]);
-        next.v4.services.insert(b.name.clone(), Arc::new(b.clone()));
-        let p = partial(&prev, &next).unwrap();
-        let svc_chain = chain_name("service-", &b);
-        assert!(
-            p.script
-                .contains(&format!("flush chain ip svcplane {svc_chain}\n"))
-        );
-        let body = chain_body(&p.script, &svc_chain).unwrap();
-        assert!(body.contains("dnat to 10.244.1.2:8080"), "{body}");
-        assert!(body.contains("dnat to 10.244.1.9:8080"), "{body}");
-        assert!(!body.contains("10.244.1.3"), "{body}");
-        // The gone endpoint leaves the hairpin set, the new one joins it.
-        assert!(
-            p.script
-                .contains("delete element ip svcplane hairpin {\n\t10.244.1.3 . 10.244.1.3\n}\n")
-        );
-        assert_eq!(
-            elements(&p.script, "ip", "hairpin"),
-            ["10.244.1.9 . 10.244.1.9"]
-        );
-        assert!(p.stale.is_empty(), "{}", p.stale);
-        // The map element still points at the same chain: untouched.
-        assert!(!p.script.contains("service-ips"), "{}", p.script);
-        assert!(!p.script.contains("cluster-ips"), "{}", p.script);
     }
 
     #[test]

@@ -2,15 +2,18 @@
 //! shared sets and dispatch maps, and the `services` chain that looks up a packet's
 //! destination in them.
 
-use svcplane_model::IpFamily;
+use svcplane_model::{IpFamily, Protocol};
 
 use super::super::netlink::{self, Op};
-use super::super::rule::{Action, Chain, Hook, Rule, SetDecl};
+use super::super::rule::{Action, Chain, Hook, Rule, SetDecl, SetKind};
 use super::{
     CLUSTER_IPS, CLUSTER_IPS_CHECK, FIREWALL_CHECK, FIREWALL_IPS, HAIRPIN, MASQUERADING,
     NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES, NODEPORT_ENDPOINTS_CHECK, NODEPORT_IPS,
-    SERVICE_ENDPOINTS_CHECK, SERVICE_IPS, SERVICE_NODEPORTS, SERVICES, addr_type,
+    SERVICE_ENDPOINTS_CHECK, SERVICE_IPS, SERVICE_NODEPORTS, SERVICES, select,
 };
+
+/// Every protocol a service port can have (each has its own endpoints map).
+pub(super) const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 /// The table, in both the `ip` and the `ip6` family. Nothing outside it is touched.
 pub const TABLE: &str = "svcplane";
@@ -150,73 +153,82 @@ pub(crate) struct Shared {
     pub absent: bool,
 }
 
-fn set(name: &str, ty: String, flags: Option<&'static str>, comment: &'static str) -> SetDecl {
+fn decl(name: &str, kind: SetKind, flags: Option<&'static str>, comment: &'static str) -> SetDecl {
     SetDecl {
         name: name.to_owned(),
-        map: false,
-        ty,
+        kind,
         flags,
         timeout_seconds: None,
         comment: Some(comment),
     }
 }
 
-fn map(name: &str, ty: String, comment: &'static str) -> SetDecl {
-    SetDecl {
-        map: true,
-        ..set(name, ty, None, comment)
-    }
-}
-
-/// The shared sets and dispatch maps, in declaration order.
+/// The shared sets and maps, in declaration order.
 pub(crate) fn shared_sets(family: IpFamily, all_local: bool) -> Vec<Shared> {
-    let at = addr_type(family);
-    let ip_map = format!("{at} . inet_proto . inet_service : verdict");
-    let port_map = "inet_proto . inet_service : verdict".to_owned();
     let kept = |decl| Shared {
         decl,
         absent: false,
     };
-    vec![
-        kept(set(CLUSTER_IPS, at.to_owned(), None, "Active ClusterIPs")),
+    let ip_map = SetKind::AddrProtoPortVerdicts(family);
+    let port_map = SetKind::ProtoPortVerdicts;
+    let mut out = vec![
+        kept(decl(
+            CLUSTER_IPS,
+            SetKind::Addrs(family),
+            None,
+            "Active ClusterIPs",
+        )),
         // kube-proxy: with AllLocal the nodeport-ips set must not exist.
         Shared {
-            decl: set(
+            decl: decl(
                 NODEPORT_IPS,
-                at.to_owned(),
+                SetKind::Addrs(family),
                 Some("interval"),
                 "IPs that accept NodePort traffic",
             ),
             absent: all_local,
         },
-        kept(set(
+        kept(decl(
             HAIRPIN,
-            format!("{at} . {at}"),
+            SetKind::AddrPairs(family),
             None,
             "endpoint . itself, for hairpin masquerade",
         )),
-        kept(map(
+        kept(decl(
             NO_ENDPOINT_SERVICES,
-            ip_map.clone(),
+            ip_map,
+            None,
             "vmap to drop or reject packets to services with no endpoints",
         )),
-        kept(map(
+        kept(decl(
             NO_ENDPOINT_NODEPORTS,
-            port_map.clone(),
+            port_map,
+            None,
             "vmap to drop or reject packets to service nodeports with no endpoints",
         )),
-        kept(map(
+        kept(decl(
             FIREWALL_IPS,
-            ip_map.clone(),
+            ip_map,
+            None,
             "destinations that are subject to LoadBalancerSourceRanges",
         )),
-        kept(map(
+        kept(decl(
             SERVICE_IPS,
             ip_map,
+            None,
             "ClusterIP, ExternalIP and LoadBalancer IP traffic",
         )),
-        kept(map(SERVICE_NODEPORTS, port_map, "NodePort traffic")),
-    ]
+        kept(decl(SERVICE_NODEPORTS, port_map, None, "NodePort traffic")),
+    ];
+    out.extend(PROTOCOLS.into_iter().map(|p| {
+        kept(decl(
+            select::endpoints_map(p),
+            SetKind::Endpoints(family, p),
+            None,
+            "service IP . port . bucket : endpoint",
+        ))
+    }));
+    out
 }
 
 /// `services`: a packet's destination looked up in the dispatch maps. NodePorts: any

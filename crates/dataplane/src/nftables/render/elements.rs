@@ -8,6 +8,8 @@ use std::net::IpAddr;
 use svcplane_model::{IpFamily, Protocol, ServicePortName};
 use svcplane_proxy::ServicePortState;
 
+use super::base::PROTOCOLS;
+use super::select::endpoints_map;
 use super::service::Targets;
 use super::{
     CLUSTER_IPS, FIREWALL_IPS, FamilyTable, HAIRPIN, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES,
@@ -33,6 +35,10 @@ impl fmt::Display for Verdict {
 }
 
 pub(super) type IpKey = (IpAddr, Protocol, u16);
+/// An endpoints map key (the map is per protocol): service address, port, bucket.
+pub(super) type EndpointKey = (Protocol, IpAddr, u16, u32);
+/// An endpoints map value: endpoint address and port.
+pub(super) type EndpointValue = (IpAddr, u16);
 pub(super) type PortKey = (Protocol, u16);
 
 /// Map and set elements of one family, sorted by key. The first service (in sorted
@@ -48,13 +54,17 @@ pub(crate) struct Elements {
     pub firewall_ips: BTreeMap<IpKey, Verdict>,
     pub service_nodeports: BTreeMap<PortKey, Verdict>,
     pub no_endpoint_nodeports: BTreeMap<PortKey, Verdict>,
+    /// The endpoints maps (see `select`).
+    pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
+    /// The selection chains the services use: (protocol, endpoint count).
+    pub selection_chains: BTreeSet<(Protocol, u32)>,
 }
 
-fn claim<K: Ord + fmt::Debug>(
-    map: &mut BTreeMap<K, Verdict>,
+fn claim<K: Ord + fmt::Debug, V: PartialEq>(
+    map: &mut BTreeMap<K, V>,
     map_name: &str,
     key: K,
-    value: Verdict,
+    value: V,
     owner: &ServicePortName,
 ) {
     match map.entry(key) {
@@ -89,6 +99,19 @@ impl Elements {
         let (protocol, port) = (svc.protocol, svc.port);
         if let Some(cip) = svc.cluster_ip {
             self.cluster_ips.insert(cip);
+            if let Some(eps) = &targets.internal_keyed {
+                let count = eps.len() as u32;
+                self.selection_chains.insert((protocol, count));
+                // The first service port to claim the address and port keeps all its
+                // buckets (as it keeps the service-ips element).
+                if !self.endpoints.contains_key(&(protocol, cip, port, 0)) {
+                    for (bucket, &i) in (0..count).zip(eps) {
+                        let ep = &svc.endpoints[i];
+                        self.endpoints
+                            .insert((protocol, cip, port, bucket), (ep.ip, ep.port));
+                    }
+                }
+            }
             match &targets.internal {
                 Some(chain) => claim(
                     &mut self.service_ips,
@@ -163,6 +186,10 @@ impl Elements {
     pub fn merge(&mut self, from: Elements) {
         self.cluster_ips.extend(from.cluster_ips);
         self.hairpin.extend(from.hairpin);
+        self.selection_chains.extend(from.selection_chains);
+        for (k, v) in from.endpoints {
+            self.endpoints.entry(k).or_insert(v);
+        }
         for (into, from) in [
             (&mut self.service_ips, from.service_ips),
             (&mut self.no_endpoint_services, from.no_endpoint_services),
@@ -189,6 +216,13 @@ pub(super) fn ip_elem(out: &mut String, ((ip, proto, port), v): (&IpKey, &Verdic
 
 pub(super) fn port_elem(out: &mut String, ((proto, port), v): (&PortKey, &Verdict)) {
     w!(out, "{} . {port} : {v}", proto.as_lower())
+}
+
+pub(super) fn endpoint_elem(
+    out: &mut String,
+    ((_, ip, port, bucket), (ep, ep_port)): (&EndpointKey, &EndpointValue),
+) {
+    w!(out, "{ip} . {port} . {bucket} : {ep} . {ep_port}")
 }
 
 pub(super) fn hairpin_elem(out: &mut String, ip: &IpAddr) {
@@ -242,6 +276,29 @@ pub(super) fn spell(out: &mut String, t: &str, ft: &FamilyTable) {
         e.service_nodeports.iter(),
         port_elem,
     );
+    for p in PROTOCOLS {
+        element_op(
+            out,
+            "add",
+            t,
+            endpoints_map(p),
+            e.endpoints_of(p),
+            endpoint_elem,
+        );
+    }
+}
+
+impl Elements {
+    /// The elements of `protocol`'s endpoints map.
+    pub fn endpoints_of(
+        &self,
+        protocol: Protocol,
+    ) -> impl Iterator<Item = (&EndpointKey, &EndpointValue)> {
+        let from = (protocol, IpAddr::from([0u8; 4]), 0, 0);
+        self.endpoints
+            .range(from..)
+            .take_while(move |((p, ..), _)| *p == protocol)
+    }
 }
 
 /// `<verb> element <t> <name> { … }` (`add` or `delete`), one element a line; nothing

@@ -42,11 +42,11 @@ mod partial;
 mod select;
 mod service;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
 
 use ipnet::IpNet;
-use svcplane_model::IpFamily;
+use svcplane_model::{IpFamily, Protocol};
 use svcplane_proxy::{DataplaneError, DesiredState, FamilyState, NodePortAddresses};
 
 use super::rule::{Chain, SetDecl, family_word};
@@ -95,14 +95,6 @@ pub(crate) fn family_nets(family: IpFamily, nets: &[IpNet]) -> Vec<IpNet> {
         .map(|n| n.trunc())
         .collect();
     IpNet::aggregate(&own)
-}
-
-/// The family's address type in set declarations.
-fn addr_type(family: IpFamily) -> &'static str {
-    match family {
-        IpFamily::V4 => "ipv4_addr",
-        IpFamily::V6 => "ipv6_addr",
-    }
 }
 
 /// What every service of a family renders against (from the family's globals).
@@ -189,11 +181,19 @@ pub(crate) fn family_table(
     .collect();
     let ctx = family_ctx(fam);
     let mut elements = Elements::default();
+    let mut services = Vec::with_capacity(fam.services.len());
     for svc in fam.services.values() {
         let rendered = service::render(&ctx, svc)?;
         elements.claim_service(family, svc, &rendered.targets);
-        block.extend(rendered.decls);
+        services.extend(rendered.decls);
     }
+    // The shared selection chains before the services (nft would resolve them anyway).
+    block.extend(
+        selection_chains(&elements)
+            .into_iter()
+            .map(|(p, n)| Decl::Chain(select::selection_chain(family, p, n))),
+    );
+    block.extend(services);
     let nodeport_nets = match &fam.nodeport_addresses {
         NodePortAddresses::Cidrs(cidrs) => family_nets(family, cidrs),
         NodePortAddresses::AllLocal => Vec::new(),
@@ -206,6 +206,31 @@ pub(crate) fn family_table(
         elements,
         nodeport_nets,
     })
+}
+
+/// The selection chains a full sync declares: every count in use, and
+/// 1..=[`select::PRECREATED_COUNTS`] for every protocol (used or not, so a partial sync
+/// can tell which exist from the previous state alone).
+fn selection_chains(elements: &Elements) -> BTreeSet<(Protocol, u32)> {
+    with_precreated(elements.selection_chains.clone())
+}
+
+/// The selection chains that exist after the last sync of `fam` (a partial sync never
+/// deletes one; the next full sync deletes those no longer used).
+fn selection_chains_of(fam: &FamilyState) -> BTreeSet<(Protocol, u32)> {
+    with_precreated(
+        fam.services
+            .values()
+            .filter_map(|s| select::keyed_selection(s))
+            .collect(),
+    )
+}
+
+fn with_precreated(mut in_use: BTreeSet<(Protocol, u32)>) -> BTreeSet<(Protocol, u32)> {
+    for p in base::PROTOCOLS {
+        in_use.extend((1..=select::PRECREATED_COUNTS).map(|n| (p, n)));
+    }
+    in_use
 }
 
 /// The full transaction for `desired`: both families, deterministic.

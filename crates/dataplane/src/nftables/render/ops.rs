@@ -5,8 +5,10 @@
 use svcplane_model::IpFamily;
 
 use super::super::netlink::{Elem, Field, Key, Op, SetData, SetSpec, family_code, intervals};
-use super::super::rule::{Chain, SetDecl};
+use super::super::rule::{Chain, SetDecl, SetKind};
+use super::base::PROTOCOLS;
 use super::partial::{ip_key, nl_verdict, port_key};
+use super::select::endpoints_map;
 use super::{
     CLUSTER_IPS, Decl, FIREWALL_IPS, FamilyTable, HAIRPIN, NO_ENDPOINT_NODEPORTS,
     NO_ENDPOINT_SERVICES, NODEPORT_IPS, SERVICE_IPS, SERVICE_NODEPORTS,
@@ -35,7 +37,7 @@ pub(crate) fn family_ops(ft: &FamilyTable, ops: &mut impl FnMut(Op)) -> Option<(
     for s in &ft.shared {
         ops(Op::AddSet {
             family,
-            spec: set_spec(&s.decl, ft.family)?,
+            spec: set_spec(&s.decl)?,
         });
         let set = s.decl.name.clone();
         ops(if s.absent {
@@ -73,7 +75,7 @@ pub(crate) fn family_ops(ft: &FamilyTable, ops: &mut impl FnMut(Op)) -> Option<(
         if let Decl::Set(s) = d {
             ops(Op::AddSet {
                 family,
-                spec: set_spec(s, ft.family)?,
+                spec: set_spec(s)?,
             });
         }
     }
@@ -123,28 +125,46 @@ pub(crate) fn family_ops(ft: &FamilyTable, ops: &mut impl FnMut(Op)) -> Option<(
     add(FIREWALL_IPS, ip_elems(&e.firewall_ips));
     add(SERVICE_IPS, ip_elems(&e.service_ips));
     add(SERVICE_NODEPORTS, port_elems(&e.service_nodeports));
+    for p in PROTOCOLS {
+        add(
+            endpoints_map(p),
+            e.endpoints_of(p)
+                .map(|((_, ip, port, bucket), (ep, ep_port))| {
+                    Elem::value(
+                        Key::default().ip(ip).port(*port).bucket(*bucket),
+                        Key::default().ip(ep).port(*ep_port),
+                    )
+                })
+                .collect(),
+        );
+    }
     Some(())
 }
 
-/// A declaration's netlink form: its nft type spelling (`ipv4_addr . inet_proto .
-/// inet_service : verdict`, our own vocabulary) read back into fields. `None` for a
-/// word or flag it does not know.
-fn set_spec(decl: &SetDecl, family: IpFamily) -> Option<SetSpec> {
-    let field = |word: &str| -> Option<Field> {
-        Some(match word {
-            "ipv4_addr" if family == IpFamily::V4 => Field::Addr { v6: false },
-            "ipv6_addr" if family == IpFamily::V6 => Field::Addr { v6: true },
-            "inet_proto" => Field::Proto,
-            "inet_service" => Field::Service,
-            _ => return None,
-        })
+/// A declaration's netlink form. `None` for a flag it does not know.
+pub(super) fn set_spec(decl: &SetDecl) -> Option<SetSpec> {
+    let addr = |fam: IpFamily| Field::Addr {
+        v6: fam == IpFamily::V6,
     };
-    let fields = |s: &str| s.split(" . ").map(field).collect::<Option<Vec<_>>>();
-    let (key, data) = match decl.ty.split_once(" : ") {
-        Some((k, "verdict")) if decl.map => (fields(k)?, Some(SetData::Verdict)),
-        Some((k, v)) if decl.map => (fields(k)?, Some(SetData::Fields(fields(v)?))),
-        None if !decl.map => (fields(&decl.ty)?, None),
-        _ => return None,
+    let (key, data) = match decl.kind {
+        SetKind::Addrs(fam) => (vec![addr(fam)], None),
+        SetKind::AddrPairs(fam) => (vec![addr(fam), addr(fam)], None),
+        SetKind::AddrProtoPortVerdicts(fam) => (
+            vec![addr(fam), Field::Proto, Field::Service],
+            Some(SetData::Verdict),
+        ),
+        SetKind::ProtoPortVerdicts => (vec![Field::Proto, Field::Service], Some(SetData::Verdict)),
+        SetKind::Endpoints(fam, proto) => {
+            let daddr = Field::TypeofAddr {
+                v6: fam == IpFamily::V6,
+                source: false,
+            };
+            let dport = Field::TypeofDport(Some(proto));
+            (
+                vec![daddr, dport, Field::TypeofNumgen],
+                Some(SetData::Fields(vec![daddr, dport])),
+            )
+        }
     };
     let (interval, timeout) = match (decl.flags, decl.timeout_seconds) {
         (None, None) => (false, None),

@@ -1,22 +1,25 @@
 //! Partial syncs: only what a `Diff` changed, as text and (when every rule has an
 //! encoding) as netlink operations, from the same values.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use svcplane_model::IpFamily;
-use svcplane_proxy::{DataplaneError, DesiredState, Diff, ServicePortState};
+use svcplane_model::{IpFamily, ServicePortName};
+use svcplane_proxy::{DataplaneError, DesiredState, Diff, FamilyState};
 
 use super::super::names;
 use super::super::netlink::{self, Key, Op, Verdict as NlVerdict};
 use super::super::rule::{Chain, family_word};
+use super::base::PROTOCOLS;
 use super::elements::{
-    Elements, IpKey, PortKey, Verdict, element_op, hairpin_elem, ip_elem, port_elem,
+    Elements, EndpointKey, EndpointValue, IpKey, PortKey, Verdict, element_op, endpoint_elem,
+    hairpin_elem, ip_elem, port_elem,
 };
+use super::select::{self, endpoints_map};
 use super::{
-    CLUSTER_IPS, Decl, FIREWALL_IPS, FamilyCtx, HAIRPIN, NO_ENDPOINT_NODEPORTS,
-    NO_ENDPOINT_SERVICES, REJECT_CHAIN, SERVICE_IPS, SERVICE_NODEPORTS, family_ctx, service, w, wl,
+    CLUSTER_IPS, Decl, FIREWALL_IPS, HAIRPIN, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES,
+    REJECT_CHAIN, SERVICE_IPS, SERVICE_NODEPORTS, family_ctx, selection_chains_of, service, w, wl,
 };
 
 /// A partial transaction (see [`render_partial`]).
@@ -40,124 +43,18 @@ pub(crate) struct NetlinkPartial {
     pub stale: Vec<Op>,
 }
 
-/// A map's name, its old elements and its new ones.
-type MapPair<'a, K> = (
-    &'static str,
-    &'a BTreeMap<K, Verdict>,
-    &'a BTreeMap<K, Verdict>,
-);
-
-/// What one service port renders to, alone.
-struct ServiceParts {
-    decls: Vec<Decl>,
-    elements: Elements,
-}
-
-fn service_parts(ctx: &FamilyCtx, svc: &ServicePortState) -> Result<ServiceParts, DataplaneError> {
-    let rendered = service::render(ctx, svc)?;
-    let mut elements = Elements::default();
-    elements.claim_service(ctx.family, svc, &rendered.targets);
-    Ok(ServiceParts {
-        decls: rendered.decls,
-        elements,
-    })
-}
-
-/// Borrowed map elements.
-type ElementRefs<'a, K> = Vec<(&'a K, &'a Verdict)>;
-
-/// Elements of `old` not in `new` (with the same value), and of `new` not in `old`.
-fn map_changes<'a, K: Ord>(
-    old: &'a BTreeMap<K, Verdict>,
-    new: &'a BTreeMap<K, Verdict>,
-) -> (ElementRefs<'a, K>, ElementRefs<'a, K>) {
-    let gone = old
-        .iter()
-        .filter(|(k, v)| new.get(*k) != Some(*v))
-        .collect();
-    let came = new
-        .iter()
-        .filter(|(k, v)| old.get(*k) != Some(*v))
-        .collect();
-    (gone, came)
-}
-
-pub(super) fn nl_verdict(v: &Verdict) -> NlVerdict {
-    match v {
-        Verdict::Goto(chain) => NlVerdict::Goto(chain.clone()),
-        Verdict::Drop => NlVerdict::Drop,
-        Verdict::Reject => NlVerdict::Goto(REJECT_CHAIN.to_owned()),
-    }
-}
-
-pub(super) fn ip_key((ip, proto, port): &IpKey) -> Key {
-    Key::default().ip(ip).proto(*proto).port(*port)
-}
-
-pub(super) fn port_key((proto, port): &PortKey) -> Key {
-    Key::default().proto(*proto).port(*port)
-}
-
-/// Both forms of one partial transaction, written side by side so they cannot drift.
-struct PartialWriter<'a> {
-    out: &'a mut String,
-    /// `None` once something was met that only the text form expresses.
-    ops: Option<Vec<Op>>,
-    /// `<family> <table>`.
-    t: &'a str,
-    family: u8,
-}
-
-impl PartialWriter<'_> {
-    /// `<verb> element` in both forms; `value` gives a map element's verdict.
-    fn elements<T: Copy>(
-        &mut self,
-        delete: bool,
-        set: &'static str,
-        items: &[T],
-        spell: impl Fn(&mut String, T),
-        key: impl Fn(T) -> (Key, Option<NlVerdict>),
-    ) {
-        element_op(
-            self.out,
-            if delete { "delete" } else { "add" },
-            self.t,
-            set,
-            items.iter().copied(),
-            spell,
-        );
-        if let Some(ops) = &mut self.ops
-            && !items.is_empty()
-        {
-            ops.push(Op::Elements {
-                delete,
-                family: self.family,
-                set,
-                items: items.iter().map(|&i| key(i)).collect(),
-            });
-        }
-    }
-
-    fn flush_chain(&mut self, name: &str) {
-        wl!(self.out, "flush chain {} {name}", self.t);
-        if let Some(ops) = &mut self.ops {
-            ops.push(Op::FlushChain {
-                family: self.family,
-                chain: name.to_owned(),
-            });
-        }
-    }
-}
-
 /// The partial transaction from `prev` (what was last applied) to `next`, or `None` when
 /// a family's globals changed (those touch the fixed chains: a full sync rewrites them).
 ///
 /// Per family, only the services of `diff` are rendered, old and new: their map
 /// elements are diffed (`delete element` first, so a key whose value changed is
-/// replaced), chains both versions declare are flushed and rewritten, new ones are
-/// added, and chains only the old version declared are flushed here and deleted, with
-/// its affinity sets, by [`Partial::stale`]. Affinity sets both versions use are kept,
-/// with their elements (sticky clients stay sticky).
+/// replaced), chains whose rules changed are flushed and rewritten (unchanged ones are
+/// left alone: an endpoint swap behind a selection chain is element operations only),
+/// new ones are added, and chains only the old version declared are flushed here and
+/// deleted, with its affinity sets, by [`Partial::stale`]. Affinity sets both versions
+/// use are kept, with their elements (sticky clients stay sticky). A selection chain
+/// the new services need and the previous state had not is created (`add` + `flush`,
+/// as it may be left over from an earlier state).
 ///
 /// Limit: a map key claimed by two service ports (an invalid cluster) is resolved as
 /// the full render resolves it only at the next full sync.
@@ -178,201 +75,500 @@ pub(crate) fn render_partial(
             continue;
         }
         let (old_fam, new_fam) = (prev.family(family), next.family(family));
-        let (old_ctx, new_ctx) = (family_ctx(old_fam), family_ctx(new_fam));
+        let old = Side::of(old_fam, fd.changed.iter().chain(&fd.removed))?;
+        let new = Side::of(new_fam, fd.changed.iter().chain(&fd.added))?;
         let t = &format!("{} {table}", family_word(family));
-        let nl_family = netlink::family_code(family == IpFamily::V6);
-        let mut old = Elements::default();
-        let mut new = Elements::default();
-        let mut old_names = HashSet::new();
-        let mut new_names = HashSet::new();
-        let mut block = String::new();
-        let mut new_chains: Vec<Chain> = Vec::new();
-        for name in fd.changed.iter().chain(&fd.removed) {
-            if let Some(svc) = old_fam.services.get(name) {
-                let parts = service_parts(&old_ctx, svc)?;
-                old.merge(parts.elements);
-                old_names.extend(parts.decls.iter().map(|d| d.name().to_owned()));
-            }
-        }
-        for name in fd.changed.iter().chain(&fd.added) {
-            if let Some(svc) = new_fam.services.get(name) {
-                let parts = service_parts(&new_ctx, svc)?;
-                new.merge(parts.elements);
-                for d in parts.decls {
-                    new_names.insert(d.name().to_owned());
-                    match d {
-                        Decl::Set(s) => {
-                            w!(block, "{s}");
-                            // Set declarations have no netlink encoding here.
-                            nl = None;
-                        }
-                        Decl::Chain(c) => {
-                            w!(block, "{c}");
-                            new_chains.push(c);
-                        }
-                    }
-                }
-            }
-        }
-        let mut w = PartialWriter {
-            out: &mut partial.script,
-            ops: nl.as_ref().map(|_| Vec::new()),
-            t,
-            family: nl_family,
+        let mut out = FamilyWriter {
+            text: Text {
+                t,
+                ..Text::default()
+            },
+            nl: nl.as_ref().map(|_| Ops::default()),
+            family: netlink::family_code(family == IpFamily::V6),
+            ip_family: family,
         };
-        let ip_only = |out: &mut String, ((ip, proto, port), _): (&IpKey, &Verdict)| {
-            w!(out, "{ip} . {} . {port}", proto.as_lower())
-        };
-        let port_only = |out: &mut String, ((proto, port), _): (&PortKey, &Verdict)| {
-            w!(out, "{} . {port}", proto.as_lower())
-        };
-        let ip_nl = |(k, v): (&IpKey, &Verdict)| (ip_key(k), Some(nl_verdict(v)));
-        let port_nl = |(k, v): (&PortKey, &Verdict)| (port_key(k), Some(nl_verdict(v)));
-        let addr_nl = |ip: &IpAddr| (Key::default().ip(ip), None);
-        let hairpin_nl = |ip: &IpAddr| (Key::default().ip(ip).ip(ip), None);
-        let ip_maps: [MapPair<'_, IpKey>; 3] = [
-            (SERVICE_IPS, &old.service_ips, &new.service_ips),
-            (
-                NO_ENDPOINT_SERVICES,
-                &old.no_endpoint_services,
-                &new.no_endpoint_services,
-            ),
-            (FIREWALL_IPS, &old.firewall_ips, &new.firewall_ips),
-        ];
-        let port_maps: [MapPair<'_, PortKey>; 2] = [
-            (
-                SERVICE_NODEPORTS,
-                &old.service_nodeports,
-                &new.service_nodeports,
-            ),
-            (
-                NO_ENDPOINT_NODEPORTS,
-                &old.no_endpoint_nodeports,
-                &new.no_endpoint_nodeports,
-            ),
-        ];
-        let mut adds = String::new();
-        let mut add = PartialWriter {
-            out: &mut adds,
-            ops: w.ops.as_ref().map(|_| Vec::new()),
-            t,
-            family: nl_family,
-        };
-        for (map, o, n) in ip_maps {
-            let (gone, came) = map_changes(o, n);
-            w.elements(true, map, &gone, ip_only, ip_nl);
-            add.elements(false, map, &came, ip_elem, ip_nl);
+        write_elements(&mut out, &old.elements, &new.elements, new_fam);
+        write_chains(&mut out, &old, &new, old_fam, new_fam);
+        partial.script.push_str(&out.text.deletes);
+        partial.script.push_str(&out.text.flushes);
+        if !out.text.block.is_empty() {
+            wl!(partial.script, "table {t} {{");
+            partial.script.push_str(&out.text.block);
+            wl!(partial.script, "}}");
         }
-        for (map, o, n) in port_maps {
-            let (gone, came) = map_changes(o, n);
-            w.elements(true, map, &gone, port_only, port_nl);
-            add.elements(false, map, &came, port_elem, port_nl);
-        }
-        // A ClusterIP is shared by the ports of one Service: it leaves the set only
-        // when no port of the new state still has it.
-        let gone_ips: Vec<&IpAddr> = old
-            .cluster_ips
-            .difference(&new.cluster_ips)
-            .filter(|ip| {
-                !new_fam
-                    .services
-                    .values()
-                    .any(|s| s.cluster_ip == Some(**ip))
-            })
-            .collect();
-        w.elements(true, CLUSTER_IPS, &gone_ips, |o, ip| w!(o, "{ip}"), addr_nl);
-        let came_ips: Vec<&IpAddr> = new.cluster_ips.difference(&old.cluster_ips).collect();
-        add.elements(
-            false,
-            CLUSTER_IPS,
-            &came_ips,
-            |o, ip| w!(o, "{ip}"),
-            addr_nl,
-        );
-        // Likewise an endpoint address leaves the hairpin set only when no service
-        // port of the new state still has it.
-        let mut gone_hairpin: BTreeSet<&IpAddr> = old.hairpin.difference(&new.hairpin).collect();
-        if !gone_hairpin.is_empty() {
-            // One pass over every endpoint, without allocating (100k at 10k services).
-            'scan: for svc in new_fam.services.values() {
-                for ep in &svc.endpoints {
-                    gone_hairpin.remove(&ep.ip);
-                    if gone_hairpin.is_empty() {
-                        break 'scan;
-                    }
-                }
+        partial.script.push_str(&out.text.adds);
+        partial.stale.push_str(&out.text.stale);
+        match (nl.as_mut(), out.nl) {
+            (Some(plan), Some(ops)) => {
+                plan.ops.extend(ops.deletes);
+                plan.ops.extend(ops.flushes);
+                plan.ops.extend(ops.block_chains);
+                plan.ops.extend(ops.block_rules);
+                plan.ops.extend(ops.adds);
+                plan.stale.extend(ops.stale);
             }
-        }
-        let gone_hairpin: Vec<&IpAddr> = gone_hairpin.into_iter().collect();
-        w.elements(true, HAIRPIN, &gone_hairpin, hairpin_elem, hairpin_nl);
-        let came_hairpin: Vec<&IpAddr> = new.hairpin.difference(&old.hairpin).collect();
-        add.elements(false, HAIRPIN, &came_hairpin, hairpin_elem, hairpin_nl);
-        let add_ops = add.ops;
-
-        let is_set = |name: &str| name.starts_with(names::AFFINITY_PREFIX);
-        let mut kept: Vec<&String> = new_names
-            .intersection(&old_names)
-            .filter(|n| !is_set(n))
-            .collect();
-        kept.sort();
-        for name in kept {
-            w.flush_chain(name);
-        }
-        let mut stale: Vec<&String> = old_names.difference(&new_names).collect();
-        stale.sort();
-        for name in stale.iter().filter(|n| !is_set(n)) {
-            w.flush_chain(name);
-        }
-        if !block.is_empty() {
-            wl!(w.out, "table {t} {{");
-            w.out.push_str(&block);
-            wl!(w.out, "}}");
-        }
-        w.out.push_str(&adds);
-        // Chains first: a stale endpoint chain is what referenced a stale affinity set.
-        for name in stale.iter().filter(|n| !is_set(n)) {
-            wl!(partial.stale, "delete chain {t} {name}");
-        }
-        for name in stale.iter().filter(|n| is_set(n)) {
-            wl!(partial.stale, "delete set {t} {name}");
-        }
-
-        // The netlink form: the same operations in the same order (the chains of the
-        // text block become chain adds and rule appends).
-        let mut expressible = true;
-        if let (Some(plan), Some(mut ops), Some(add_ops)) = (nl.as_mut(), w.ops, add_ops) {
-            'chains: for chain in new_chains {
-                ops.push(Op::AddChain {
-                    family: nl_family,
-                    chain: chain.name.clone(),
-                });
-                for rule in &chain.rules {
-                    let Some(op) = rule.op(family, &chain.name) else {
-                        expressible = false;
-                        break 'chains;
-                    };
-                    ops.push(op);
-                }
-            }
-            plan.ops.extend(ops);
-            plan.ops.extend(add_ops);
-            for name in stale.iter().filter(|n| !is_set(n)) {
-                plan.stale.push(Op::DeleteChain {
-                    family: nl_family,
-                    chain: (*name).clone(),
-                });
-            }
-            for name in stale.iter().filter(|n| is_set(n)) {
-                plan.stale.push(Op::DeleteSet {
-                    family: nl_family,
-                    set: (*name).clone(),
-                });
-            }
-        }
-        if !expressible {
-            nl = None;
+            _ => nl = None,
         }
     }
     partial.netlink = nl;
     Ok(Some(partial))
+}
+
+/// What one side (old or new) of the changed service ports renders to.
+struct Side {
+    elements: Elements,
+    /// Their chains and sets, in declaration order.
+    decls: Vec<Decl>,
+    /// Index into `decls` by name.
+    by_name: HashMap<String, usize>,
+}
+
+impl Side {
+    fn of<'a>(
+        fam: &FamilyState,
+        names: impl Iterator<Item = &'a ServicePortName>,
+    ) -> Result<Side, DataplaneError> {
+        let ctx = family_ctx(fam);
+        let mut side = Side {
+            elements: Elements::default(),
+            decls: Vec::new(),
+            by_name: HashMap::new(),
+        };
+        for name in names {
+            if let Some(svc) = fam.services.get(name) {
+                let rendered = service::render(&ctx, svc)?;
+                let mut elements = Elements::default();
+                elements.claim_service(fam.family, svc, &rendered.targets);
+                side.elements.merge(elements);
+                for d in rendered.decls {
+                    side.by_name.insert(d.name().to_owned(), side.decls.len());
+                    side.decls.push(d);
+                }
+            }
+        }
+        Ok(side)
+    }
+
+    fn get(&self, name: &str) -> Option<&Decl> {
+        self.by_name.get(name).map(|&i| &self.decls[i])
+    }
+
+    /// Whether `d` is a chain this side declares with the same rules.
+    fn has_same_chain(&self, d: &Decl) -> bool {
+        matches!(
+            (d, self.get(d.name())),
+            (Decl::Chain(c), Some(Decl::Chain(o))) if c.rules == o.rules
+        )
+    }
+}
+
+/// The text of one family's partial transaction, in its sections.
+#[derive(Default)]
+struct Text<'a> {
+    /// `<family> <table>`.
+    t: &'a str,
+    deletes: String,
+    flushes: String,
+    block: String,
+    adds: String,
+    stale: String,
+}
+
+/// The same sections as netlink operations. The block's chains are all added before
+/// its rules: a rule may name a chain declared after it (nft resolves that in a text
+/// block; the kernel does not).
+#[derive(Default)]
+struct Ops {
+    deletes: Vec<Op>,
+    flushes: Vec<Op>,
+    block_chains: Vec<Op>,
+    block_rules: Vec<Op>,
+    adds: Vec<Op>,
+    stale: Vec<Op>,
+}
+
+/// Both forms of one family's partial transaction, written side by side so they cannot
+/// drift. `nl` is `None` once something was met that only the text form expresses.
+struct FamilyWriter<'a> {
+    text: Text<'a>,
+    nl: Option<Ops>,
+    family: u8,
+    ip_family: IpFamily,
+}
+
+impl FamilyWriter<'_> {
+    /// `<verb> element` in both forms: `key` gives an element's netlink op.
+    fn elements<T: Copy>(
+        &mut self,
+        delete: bool,
+        set: &'static str,
+        items: &[T],
+        spell: impl Fn(&mut String, T),
+        op: impl Fn(u8, Vec<T>) -> Op,
+    ) {
+        let (out, verb) = if delete {
+            (&mut self.text.deletes, "delete")
+        } else {
+            (&mut self.text.adds, "add")
+        };
+        element_op(out, verb, self.text.t, set, items.iter().copied(), spell);
+        if let Some(ops) = &mut self.nl
+            && !items.is_empty()
+        {
+            let list = if delete {
+                &mut ops.deletes
+            } else {
+                &mut ops.adds
+            };
+            list.push(op(self.family, items.to_vec()));
+        }
+    }
+
+    fn flush_chain(&mut self, name: &str) {
+        wl!(self.text.flushes, "flush chain {} {name}", self.text.t);
+        if let Some(ops) = &mut self.nl {
+            ops.flushes.push(Op::FlushChain {
+                family: self.family,
+                chain: name.to_owned(),
+            });
+        }
+    }
+
+    /// `add chain` (a no-op when it exists) before the flushes.
+    fn add_chain(&mut self, name: &str) {
+        wl!(self.text.flushes, "add chain {} {name}", self.text.t);
+        if let Some(ops) = &mut self.nl {
+            ops.flushes.push(Op::AddChain {
+                family: self.family,
+                chain: name.to_owned(),
+            });
+        }
+    }
+
+    /// A chain with its rules, in the block.
+    fn chain(&mut self, chain: &Chain) {
+        w!(self.text.block, "{chain}");
+        let Some(ops) = &mut self.nl else {
+            return;
+        };
+        ops.block_chains.push(Op::AddChain {
+            family: self.family,
+            chain: chain.name.clone(),
+        });
+        for rule in &chain.rules {
+            let Some(op) = rule.op(self.ip_family, &chain.name) else {
+                self.nl = None;
+                return;
+            };
+            ops.block_rules.push(op);
+        }
+    }
+
+    fn decl(&mut self, d: &Decl) {
+        match d {
+            Decl::Chain(c) => self.chain(c),
+            Decl::Set(s) => {
+                w!(self.text.block, "{s}");
+                // Declared with the block's chains, before any rule names it.
+                let family = self.family;
+                match (&mut self.nl, super::ops::set_spec(s)) {
+                    (Some(ops), Some(spec)) => ops.block_chains.push(Op::AddSet { family, spec }),
+                    _ => self.nl = None,
+                }
+            }
+        }
+    }
+
+    fn stale(&mut self, word: &str, name: &str) {
+        wl!(self.text.stale, "delete {word} {} {name}", self.text.t);
+        if let Some(ops) = &mut self.nl {
+            ops.stale.push(if word == "set" {
+                Op::DeleteSet {
+                    family: self.family,
+                    set: name.to_owned(),
+                }
+            } else {
+                Op::DeleteChain {
+                    family: self.family,
+                    chain: name.to_owned(),
+                }
+            });
+        }
+    }
+}
+
+/// Borrowed map elements.
+type ElementRefs<'a, K, V> = Vec<(&'a K, &'a V)>;
+
+/// Elements of `old` not in `new` (with the same value), and of `new` not in `old`.
+fn map_changes<'a, K: Ord + 'a, V: PartialEq + 'a>(
+    old: impl Iterator<Item = (&'a K, &'a V)>,
+    new: impl Iterator<Item = (&'a K, &'a V)>,
+    old_get: impl Fn(&K) -> Option<&'a V>,
+    new_get: impl Fn(&K) -> Option<&'a V>,
+) -> (ElementRefs<'a, K, V>, ElementRefs<'a, K, V>) {
+    let gone = old.filter(|(k, v)| new_get(k) != Some(*v)).collect();
+    let came = new.filter(|(k, v)| old_get(k) != Some(*v)).collect();
+    (gone, came)
+}
+
+/// [`map_changes`] of two maps.
+fn btree_changes<'a, K: Ord, V: PartialEq>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+) -> (ElementRefs<'a, K, V>, ElementRefs<'a, K, V>) {
+    map_changes(old.iter(), new.iter(), |k| old.get(k), |k| new.get(k))
+}
+
+pub(super) fn nl_verdict(v: &Verdict) -> NlVerdict {
+    match v {
+        Verdict::Goto(chain) => NlVerdict::Goto(chain.clone()),
+        Verdict::Drop => NlVerdict::Drop,
+        Verdict::Reject => NlVerdict::Goto(REJECT_CHAIN.to_owned()),
+    }
+}
+
+pub(super) fn ip_key((ip, proto, port): &IpKey) -> Key {
+    Key::default().ip(ip).proto(*proto).port(*port)
+}
+
+pub(super) fn port_key((proto, port): &PortKey) -> Key {
+    Key::default().proto(*proto).port(*port)
+}
+
+/// Verdict-map element operations.
+fn verdict_op<'a, K: 'a>(
+    set: &'static str,
+    delete: bool,
+    key: impl Fn(&K) -> Key,
+) -> impl Fn(u8, Vec<(&'a K, &'a Verdict)>) -> Op {
+    move |family, items| Op::Elements {
+        delete,
+        family,
+        set,
+        items: items
+            .into_iter()
+            .map(|(k, v)| (key(k), Some(nl_verdict(v))))
+            .collect(),
+    }
+}
+
+/// Set element operations (keys only).
+fn set_op<'a>(
+    set: &'static str,
+    delete: bool,
+    key: impl Fn(&IpAddr) -> Key,
+) -> impl Fn(u8, Vec<&'a IpAddr>) -> Op {
+    move |family, items| Op::Elements {
+        delete,
+        family,
+        set,
+        items: items.into_iter().map(|ip| (key(ip), None)).collect(),
+    }
+}
+
+/// Endpoints map element operations.
+fn endpoint_op<'a>(
+    set: &'static str,
+    delete: bool,
+) -> impl Fn(u8, Vec<(&'a EndpointKey, &'a EndpointValue)>) -> Op {
+    move |family, items| Op::DataElements {
+        delete,
+        family,
+        set,
+        items: items
+            .into_iter()
+            .map(|((_, ip, port, bucket), (ep, ep_port))| {
+                (
+                    Key::default().ip(ip).port(*port).bucket(*bucket),
+                    Key::default().ip(ep).port(*ep_port),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// The element changes between the old and new versions of the changed services.
+fn write_elements(w: &mut FamilyWriter, old: &Elements, new: &Elements, new_fam: &FamilyState) {
+    let ip_only = |out: &mut String, ((ip, proto, port), _): (&IpKey, &Verdict)| {
+        w!(out, "{ip} . {} . {port}", proto.as_lower())
+    };
+    let port_only = |out: &mut String, ((proto, port), _): (&PortKey, &Verdict)| {
+        w!(out, "{} . {port}", proto.as_lower())
+    };
+    let ip_maps = [
+        (SERVICE_IPS, &old.service_ips, &new.service_ips),
+        (
+            NO_ENDPOINT_SERVICES,
+            &old.no_endpoint_services,
+            &new.no_endpoint_services,
+        ),
+        (FIREWALL_IPS, &old.firewall_ips, &new.firewall_ips),
+    ];
+    for (map, o, n) in ip_maps {
+        let (gone, came) = btree_changes(o, n);
+        w.elements(true, map, &gone, ip_only, verdict_op(map, true, ip_key));
+        w.elements(false, map, &came, ip_elem, verdict_op(map, false, ip_key));
+    }
+    let port_maps = [
+        (
+            SERVICE_NODEPORTS,
+            &old.service_nodeports,
+            &new.service_nodeports,
+        ),
+        (
+            NO_ENDPOINT_NODEPORTS,
+            &old.no_endpoint_nodeports,
+            &new.no_endpoint_nodeports,
+        ),
+    ];
+    for (map, o, n) in port_maps {
+        let (gone, came) = btree_changes(o, n);
+        w.elements(true, map, &gone, port_only, verdict_op(map, true, port_key));
+        w.elements(
+            false,
+            map,
+            &came,
+            port_elem,
+            verdict_op(map, false, port_key),
+        );
+    }
+    let key_only = |out: &mut String,
+                    ((_, ip, port, bucket), _): (&EndpointKey, &EndpointValue)| {
+        w!(out, "{ip} . {port} . {bucket}")
+    };
+    for p in PROTOCOLS {
+        let map = endpoints_map(p);
+        let (gone, came) = map_changes(
+            old.endpoints_of(p),
+            new.endpoints_of(p),
+            |k| old.endpoints.get(k),
+            |k| new.endpoints.get(k),
+        );
+        w.elements(true, map, &gone, key_only, endpoint_op(map, true));
+        w.elements(false, map, &came, endpoint_elem, endpoint_op(map, false));
+    }
+    // A ClusterIP is shared by the ports of one Service: it leaves the set only when no
+    // port of the new state still has it.
+    let gone_ips: Vec<&IpAddr> = old
+        .cluster_ips
+        .difference(&new.cluster_ips)
+        .filter(|ip| {
+            !new_fam
+                .services
+                .values()
+                .any(|s| s.cluster_ip == Some(**ip))
+        })
+        .collect();
+    let addr = |ip: &IpAddr| Key::default().ip(ip);
+    let spell_ip = |o: &mut String, ip: &IpAddr| w!(o, "{ip}");
+    w.elements(
+        true,
+        CLUSTER_IPS,
+        &gone_ips,
+        spell_ip,
+        set_op(CLUSTER_IPS, true, addr),
+    );
+    let came_ips: Vec<&IpAddr> = new.cluster_ips.difference(&old.cluster_ips).collect();
+    w.elements(
+        false,
+        CLUSTER_IPS,
+        &came_ips,
+        spell_ip,
+        set_op(CLUSTER_IPS, false, addr),
+    );
+    // Likewise an endpoint address leaves the hairpin set only when no service port of
+    // the new state still has it.
+    let mut gone_hairpin: BTreeSet<&IpAddr> = old.hairpin.difference(&new.hairpin).collect();
+    if !gone_hairpin.is_empty() {
+        // One pass over every endpoint, without allocating (100k at 10k services).
+        'scan: for svc in new_fam.services.values() {
+            for ep in &svc.endpoints {
+                gone_hairpin.remove(&ep.ip);
+                if gone_hairpin.is_empty() {
+                    break 'scan;
+                }
+            }
+        }
+    }
+    let gone_hairpin: Vec<&IpAddr> = gone_hairpin.into_iter().collect();
+    let pair = |ip: &IpAddr| Key::default().ip(ip).ip(ip);
+    w.elements(
+        true,
+        HAIRPIN,
+        &gone_hairpin,
+        hairpin_elem,
+        set_op(HAIRPIN, true, pair),
+    );
+    let came_hairpin: Vec<&IpAddr> = new.hairpin.difference(&old.hairpin).collect();
+    w.elements(
+        false,
+        HAIRPIN,
+        &came_hairpin,
+        hairpin_elem,
+        set_op(HAIRPIN, false, pair),
+    );
+}
+
+/// The chain and set changes: changed chains flushed and rewritten, new ones added,
+/// gone ones flushed (and deleted by the stale transaction), missing selection chains
+/// created.
+fn write_chains(
+    w: &mut FamilyWriter,
+    old: &Side,
+    new: &Side,
+    old_fam: &FamilyState,
+    new_fam: &FamilyState,
+) {
+    let is_set = |name: &str| name.starts_with(names::AFFINITY_PREFIX);
+    // Chains both versions declare, rewritten only when their rules changed.
+    let mut changed: Vec<&str> = new
+        .decls
+        .iter()
+        .filter(|d| matches!(d, Decl::Chain(_)))
+        .filter(|d| matches!(old.get(d.name()), Some(Decl::Chain(_))) && !old.has_same_chain(d))
+        .map(|d| d.name())
+        .collect();
+    changed.sort();
+    for name in changed {
+        w.flush_chain(name);
+    }
+    let mut stale: Vec<&str> = old
+        .decls
+        .iter()
+        .map(|d| d.name())
+        .filter(|n| new.get(n).is_none())
+        .collect();
+    stale.sort();
+    for name in stale.iter().filter(|n| !is_set(n)) {
+        w.flush_chain(name);
+    }
+    // Selection chains the new services need that the previous state did not have.
+    // (Counts up to PRECREATED_COUNTS always exist: no scan of the old state for them.)
+    if new
+        .elements
+        .selection_chains
+        .iter()
+        .any(|&(_, n)| n > select::PRECREATED_COUNTS)
+    {
+        let existing = selection_chains_of(old_fam);
+        for &(p, n) in new.elements.selection_chains.difference(&existing) {
+            let chain = select::selection_chain(new_fam.family, p, n);
+            w.add_chain(&chain.name);
+            w.flush_chain(&chain.name);
+            w.chain(&chain);
+        }
+    }
+    for d in &new.decls {
+        if !old.has_same_chain(d) {
+            w.decl(d);
+        }
+    }
+    // Chains first: a stale endpoint chain is what referenced a stale affinity set.
+    for name in stale.iter().filter(|n| !is_set(n)) {
+        w.stale("chain", name);
+    }
+    for name in stale.iter().filter(|n| is_set(n)) {
+        w.stale("set", name);
+    }
 }

@@ -1,36 +1,103 @@
-//! Endpoint selection: how a balancing chain picks one of its endpoints, and the
-//! per-endpoint chains and affinity sets of ClientIP-affinity services.
+//! Endpoint selection: how a balancing chain picks one of its endpoints.
+//!
+//! - ClusterIP traffic of a service without affinity (`concatk`, docs/nftables-scale.md):
+//!   the service chain ends in `goto endpoints-<proto>-mod-N`, a chain shared by every
+//!   service with N endpoints, whose one rule DNATs to the endpoint that the map
+//!   `endpoints-<proto>` holds for `daddr . dport . numgen random mod N`. An endpoint
+//!   swap is then map element operations only; a count change rewrites the service
+//!   chain's `goto`. The map is bound by one rule per count in use, not per service
+//!   (the kernel checks every element against every binding).
+//! - Other traffic (external, eTP Local paths), without affinity: `flat` rules in the
+//!   balancing chain, `numgen random mod (k-n) == 0 … dnat` per endpoint.
+//! - ClientIP affinity: kube-proxy's per-endpoint chains and affinity sets.
 
 use std::collections::BTreeSet;
 
-use svcplane_model::IpFamily;
+use svcplane_model::{IpFamily, Protocol};
 use svcplane_proxy::{DataplaneError, ServicePortState};
 
 use super::super::names;
-use super::super::rule::{Chain, Rule, SetDecl};
-use super::addr_type;
+use super::super::rule::{Action, Chain, Rule, SetDecl, SetKind};
+
+/// Endpoint counts that get a selection chain at every full sync, used or not, so a
+/// service growing or shrinking within them never creates one (creating one binds the
+/// endpoints map, which walks all its elements).
+pub(super) const PRECREATED_COUNTS: u32 = 16;
+
+/// The endpoints map of `protocol`.
+pub(super) fn endpoints_map(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "endpoints-tcp",
+        Protocol::Udp => "endpoints-udp",
+        Protocol::Sctp => "endpoints-sctp",
+    }
+}
+
+/// The shared chain choosing among `count` endpoints of `protocol`.
+pub(super) fn selection_chain_name(protocol: Protocol, count: u32) -> String {
+    format!("endpoints-{}-mod-{count}", protocol.as_lower())
+}
+
+/// The shared chain choosing among `count` endpoints: one `dnat … map` rule.
+pub(super) fn selection_chain(family: IpFamily, protocol: Protocol, count: u32) -> Chain {
+    Chain::new(
+        selection_chain_name(protocol, count),
+        vec![Rule::DnatMap {
+            family,
+            protocol,
+            modulus: count,
+            map: endpoints_map(protocol),
+        }],
+    )
+}
+
+/// The selection chain a service port's ClusterIP traffic uses, if it chooses through
+/// the endpoints map: (protocol, endpoint count). Services with ClientIP affinity keep
+/// their per-endpoint chains (their `update @affinity-…` rule comes before DNAT).
+pub(super) fn keyed_selection(svc: &ServicePortState) -> Option<(Protocol, u32)> {
+    if svc.cluster_ip.is_none() || svc.affinity_timeout_seconds.is_some() {
+        return None;
+    }
+    let n = svc
+        .internal
+        .endpoints
+        .iter()
+        .filter(|&&i| i < svc.endpoints.len())
+        .count();
+    (n > 0).then_some((svc.protocol, n as u32))
+}
 
 /// A balancing chain: one choice among endpoints (indices into
 /// `ServicePortState::endpoints`).
 pub(super) struct Balancer {
     pub name: String,
     pub endpoints: Vec<usize>,
+    /// Chooses through the endpoints map, keyed by the packet's destination (so only
+    /// traffic to the service's ClusterIP may use it).
+    pub keyed: bool,
 }
 
-/// The chain balancing `endpoints`: an existing one with the same list, or a new one
-/// named by the service and the first target kind that needs it.
+/// The chain balancing `endpoints`: an existing one with the same list (never a keyed
+/// one, nor when `keyed`), or a new one named by the service and the first target kind
+/// that needs it.
 pub(super) fn balancer_for(
     balancers: &mut Vec<Balancer>,
     prefix: &str,
     base: &str,
     endpoints: Vec<usize>,
+    keyed: bool,
 ) -> Result<usize, DataplaneError> {
-    if let Some(i) = balancers.iter().position(|b| b.endpoints == endpoints) {
+    if !keyed
+        && let Some(i) = balancers
+            .iter()
+            .position(|b| !b.keyed && b.endpoints == endpoints)
+    {
         return Ok(i);
     }
     balancers.push(Balancer {
         name: names::join(prefix, base)?,
         endpoints,
+        keyed,
     });
     Ok(balancers.len() - 1)
 }
@@ -81,8 +148,7 @@ impl Affinity {
         used.iter()
             .map(|&i| SetDecl {
                 name: self.set(i).to_owned(),
-                map: false,
-                ty: addr_type(family).to_owned(),
+                kind: SetKind::Addrs(family),
                 flags: Some("dynamic,timeout"),
                 timeout_seconds: Some(self.timeout_seconds),
                 comment: None,
@@ -127,6 +193,12 @@ pub(super) fn selection_rules(
     b: &Balancer,
     affinity: Option<&Affinity>,
 ) -> Vec<Rule> {
+    if b.keyed {
+        return vec![Rule::Always {
+            ct_new: false,
+            action: Action::Goto(selection_chain_name(svc.protocol, b.endpoints.len() as u32)),
+        }];
+    }
     match affinity {
         // A sticky client goes back to its endpoint; others pick one at random.
         Some(a) => b
@@ -143,8 +215,7 @@ pub(super) fn selection_rules(
             .collect(),
         // Endpoint n of k is taken with probability 1/(k-n) when the earlier ones were
         // not: each equally likely, as kube-proxy's iptables mode's `statistic
-        // --probability` chain. (`numgen random mod k vmap` would need an anonymous set
-        // per service, which the kernel allocates in quadratic time.)
+        // --probability` chain.
         None => {
             let k = b.endpoints.len();
             b.endpoints

@@ -17,6 +17,8 @@ use super::{Decl, FamilyCtx, MARK_MASQ, filter};
 pub(crate) struct Targets {
     /// The balancing chain of internal (ClusterIP) traffic; `None`: no endpoints.
     pub internal: Option<String>,
+    /// Its endpoints by bucket, when it chooses through the endpoints map.
+    pub internal_keyed: Option<Vec<usize>>,
     /// kube-proxy's EXT chain, when external traffic can reach any endpoint.
     pub external: Option<String>,
     /// External traffic has no endpoint (what the short-circuits do not take is
@@ -92,6 +94,7 @@ pub(super) fn render(ctx: &FamilyCtx, svc: &ServicePortState) -> Result<Rendered
             names::SERVICE_PREFIX,
             &base,
             internal,
+            select::keyed_selection(svc).is_some(),
         )?),
         _ => None,
     };
@@ -101,6 +104,7 @@ pub(super) fn render(ctx: &FamilyCtx, svc: &ServicePortState) -> Result<Rendered
             names::CLUSTER_PREFIX,
             &base,
             eps.clone(),
+            false,
         )?),
         _ => None,
     };
@@ -110,6 +114,7 @@ pub(super) fn render(ctx: &FamilyCtx, svc: &ServicePortState) -> Result<Rendered
             names::EXTERNAL_POLICY_PREFIX,
             &base,
             external,
+            false,
         )?)
     } else {
         None
@@ -175,6 +180,9 @@ pub(super) fn render(ctx: &FamilyCtx, svc: &ServicePortState) -> Result<Rendered
         decls,
         targets: Targets {
             internal: internal_chain.map(|i| balancers[i].name.clone()),
+            internal_keyed: internal_chain
+                .filter(|&i| balancers[i].keyed)
+                .map(|i| balancers[i].endpoints.clone()),
             external: external_chain,
             external_empty: external_policy_chain.is_none(),
             firewall: firewall_name,
