@@ -19,8 +19,8 @@ pub use names::nft_identifier_safe;
 pub use render::{Layout, MASQUERADE_MARK, NORTH_SOUTH_TABLE, TABLE, render, render_layout};
 
 /// The nftables dataplane. The first sync, every `diff.full` one and every one after a
-/// failure is a full, atomic `nft -f -` transaction (which replaces a table left by an
-/// earlier process in place, without deleting it: flows and affinity survive a restart).
+/// failure is a full, atomic transaction (which replaces a table left by an earlier
+/// process in place, without deleting it: flows and affinity survive a restart).
 /// Others are partial: only what `diff` changed (see `render::render_partial`).
 ///
 /// Tampering: every partial transaction starts with `add chain <family> svcplane
@@ -32,15 +32,18 @@ pub use render::{Layout, MASQUERADE_MARK, NORTH_SOUTH_TABLE, TABLE, render, rend
 /// list tables`: nft 1.0.6 loads the whole rule set for it, 8 s and 450 MB at 10k
 /// services.)
 ///
-/// Transport: full syncs go through `nft -f -`. A partial sync whose every rule has a
-/// netlink encoding ([`rule::Rule::exprs`]; today: plain ClusterIP and eTP Cluster
-/// NodePort/external services, not affinity, eTP Local or source ranges) is sent as
-/// one nf_tables netlink batch instead (see `netlink`), with the same operations in
-/// the same order; it falls back to a full sync on any error, as the text form does.
-/// That removes nft's process, parser and cache from the common endpoint-change path
-/// (~90 ms per run at 10k services). An endpoint swap of a ClusterIP is element
-/// operations only (see `render::select`), which the kernel applies without
-/// re-validating the table.
+/// Transport: every transaction is one nf_tables netlink batch (see `netlink`), built
+/// from the same values as its text form ([`render::family_ops`] for full syncs, the
+/// partial writer for partial ones) with the same operations in the same order, so the
+/// kernel ends up with what `nft -f` of the text would leave (`netlink_oracle` checks
+/// it). That removes nft's process, parser and cache: a full sync at 10k services
+/// spends its time in the kernel, a partial one costs no ~90 ms of nft reading the
+/// table. The text goes through `nft -f -` instead when netlink is off
+/// ([`NftablesBackend::with_nft_command`], `with_netlink(false)`), the socket cannot be
+/// opened, or something has no netlink encoding (a /0 source range); a refused full
+/// batch is retried as text (which then reports nft's error), a refused partial one as
+/// a full sync. An endpoint swap of a ClusterIP is element operations only (see
+/// `render::select`), which the kernel applies without re-validating the table.
 ///
 /// After every successful sync the conntrack [`Reconciler`] deletes UDP/SCTP entries
 /// still pointing at endpoints that are gone; its failures are logged and counted in the
@@ -70,7 +73,7 @@ enum NetlinkFailure {
     Refused(String),
 }
 
-/// Where partial syncs may go over netlink.
+/// Where transactions may go over netlink.
 enum NetlinkTransport {
     /// Not used (nft runs through a command whose namespace is unknown).
     Off,
@@ -200,7 +203,7 @@ impl NftablesBackend {
         })
     }
 
-    /// Send partial syncs through nft only (`false`), or over netlink where possible.
+    /// Send every transaction through nft (`false`), or over netlink where possible.
     pub fn with_netlink(mut self, on: bool) -> Self {
         if !on {
             self.netlink = NetlinkTransport::Off;

@@ -133,7 +133,6 @@ pub enum Verdict {
     Jump(String),
     Goto(String),
     Drop,
-    Accept,
     Return,
 }
 
@@ -796,7 +795,6 @@ impl Batch {
             Verdict::Jump(c) => (NFT_JUMP, Some(c.as_str())),
             Verdict::Goto(c) => (NFT_GOTO, Some(c.as_str())),
             Verdict::Drop => (NF_DROP, None),
-            Verdict::Accept => (NF_ACCEPT, None),
             Verdict::Return => (NFT_RETURN, None),
         };
         self.attr(NFTA_VERDICT_CODE, &code.to_be_bytes());
@@ -1264,8 +1262,8 @@ impl Batch {
                     self.u32_attr(7, *f); // FLAGS
                 }
             }
-            Expr::Reject { kind, code } => {
-                self.u32_attr(1, *kind as u32); // NFTA_REJECT_TYPE
+            Expr::Reject { code } => {
+                self.u32_attr(1, 0); // NFTA_REJECT_TYPE: NFT_REJECT_ICMP_UNREACH
                 self.attr(2, &[*code]); // ICMP_CODE
             }
             Expr::Masquerade { fully_random } => {
@@ -1273,7 +1271,6 @@ impl Batch {
                     self.u32_attr(1, 0x10); // NFTA_MASQ_FLAGS: NF_NAT_RANGE_PROTO_RANDOM_FULLY
                 }
             }
-            Expr::Counter => {}
         }
         self.unnest();
         self.unnest();
@@ -1316,14 +1313,6 @@ pub enum MetaKey {
 pub enum CtKey {
     State = 0,
     Status = 2,
-}
-
-/// `reject` kinds (NFT_REJECT_*).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectKind {
-    IcmpUnreach = 0,
-    TcpRst = 1,
-    IcmpxUnreach = 2,
 }
 
 /// The expressions our rules are made of (always in nft's register layout: values
@@ -1384,14 +1373,13 @@ pub enum Expr {
         proto_reg: u32,
         flags: Option<u32>,
     },
+    /// `reject with icmp|icmpv6 CODE` (port unreachable: `reject`).
     Reject {
-        kind: RejectKind,
         code: u8,
     },
     Masquerade {
         fully_random: bool,
     },
-    Counter,
 }
 
 impl Expr {
@@ -1410,7 +1398,6 @@ impl Expr {
             Expr::Dnat { .. } => "nat",
             Expr::Reject { .. } => "reject",
             Expr::Masquerade { .. } => "masq",
-            Expr::Counter => "counter",
         }
     }
 }
@@ -1498,11 +1485,6 @@ pub mod exprs {
             out.push(Expr::Cmp { neq, data: addr });
         }
         Some(out)
-    }
-
-    /// `ip saddr != NET`.
-    pub fn saddr_not_in(net: &IpNet) -> Option<Vec<Expr>> {
-        net_match(true, net, true)
     }
 
     /// `ip|ip6 saddr|daddr [!=] { NETS }` as nft writes it: one network is a prefix
@@ -1767,37 +1749,7 @@ pub mod exprs {
     /// `reject` as nft writes it in an `ip`/`ip6` table: ICMP(v6) port unreachable.
     pub fn reject(v6: bool) -> Expr {
         Expr::Reject {
-            kind: RejectKind::IcmpUnreach,
             code: if v6 { 4 } else { 3 },
-        }
-    }
-
-    /// `reject with icmp|icmpv6 admin-prohibited`.
-    pub fn reject_admin_prohibited(v6: bool) -> Expr {
-        Expr::Reject {
-            kind: RejectKind::IcmpUnreach,
-            code: if v6 { 1 } else { 13 },
-        }
-    }
-
-    /// `reject with tcp reset` (nft's dependency `meta l4proto tcp` first).
-    pub fn reject_tcp_reset() -> [Expr; 3] {
-        let [a, b] = l4proto(Protocol::Tcp);
-        [
-            a,
-            b,
-            Expr::Reject {
-                kind: RejectKind::TcpRst,
-                code: 0,
-            },
-        ]
-    }
-
-    /// `reject with icmpx …` (only `inet`, `bridge` and `netdev` tables accept it).
-    pub fn reject_icmpx(code: u8) -> Expr {
-        Expr::Reject {
-            kind: RejectKind::IcmpxUnreach,
-            code,
         }
     }
 
@@ -2104,7 +2056,7 @@ mod tests {
     #[test]
     fn prefixes_match_as_nft_writes_them() {
         // Byte-aligned: load only the prefix bytes, no mask.
-        let e = exprs::saddr_not_in(&"10.244.0.0/16".parse().unwrap()).unwrap();
+        let e = exprs::net_match(true, &"10.244.0.0/16".parse().unwrap(), true).unwrap();
         assert_eq!(e.len(), 2);
         assert!(matches!(
             e[0],
@@ -2115,7 +2067,7 @@ mod tests {
             }
         ));
         // Not aligned: load the address, mask, compare.
-        let e = exprs::saddr_not_in(&"10.128.0.0/9".parse().unwrap()).unwrap();
+        let e = exprs::net_match(true, &"10.128.0.0/9".parse().unwrap(), true).unwrap();
         assert_eq!(
             e[1],
             Expr::Bitwise {
@@ -2123,7 +2075,7 @@ mod tests {
                 xor: vec![0; 4],
             }
         );
-        assert!(exprs::saddr_not_in(&"0.0.0.0/0".parse().unwrap()).is_none());
+        assert!(exprs::net_match(true, &"0.0.0.0/0".parse().unwrap(), true).is_none());
     }
 
     #[test]

@@ -182,6 +182,7 @@ fn table_case(v6: bool) -> Case {
         );
     }
     w.chain("services");
+    w.chain("services-x");
     let first = w.step();
     // A second transaction over the first, as a full sync replaces a table: the
     // table again (no comment change), flush it, flush a set, re-add.
@@ -196,7 +197,7 @@ fn table_case(v6: bool) -> Case {
         let k = |a: &str| Elem::key(Key::default().ip(&ip(a)));
         vec![k("10.0.0.1"), k("10.0.0.2")]
     });
-    w.rule("services", "counter", vec![Expr::Counter]);
+    w.rule("services", "return", vec![exprs::verdict(Verdict::Return)]);
     let second = w.step();
     w.line(
         &format!("add table {t} {{ comment \"rules for svcplane\" ; }}"),
@@ -218,7 +219,11 @@ fn table_case(v6: bool) -> Case {
         "10.0.0.3",
         vec![Elem::key(Key::default().ip(&ip("10.0.0.3")))],
     );
-    w.rule("services", "return", vec![exprs::verdict(Verdict::Return)]);
+    w.rule(
+        "services",
+        "jump services-x",
+        vec![exprs::verdict(Verdict::Jump("services-x".into()))],
+    );
     let third = w.step();
     Case {
         name: "table, base chains, flush table/set",
@@ -564,9 +569,10 @@ fn rules_case(v6: bool) -> Case {
     w.rule(
         "c",
         &format!("reject with {icmp} type admin-prohibited"),
-        vec![exprs::reject_admin_prohibited(v6)],
+        vec![Expr::Reject {
+            code: if v6 { 1 } else { 13 },
+        }],
     );
-    w.rule("c", "reject with tcp reset", v(exprs::reject_tcp_reset()));
     w.commented(
         "c",
         &format!("{x} daddr @cluster-ips reject"),
@@ -578,10 +584,10 @@ fn rules_case(v6: bool) -> Case {
     );
     w.rule(
         "c",
-        &format!("{x} daddr != @cluster-ips accept"),
+        &format!("{x} daddr != @cluster-ips return"),
         cat([
             v(exprs::addr_in_set(false, v6, "cluster-ips", true)),
-            vec![exprs::verdict(Verdict::Accept)],
+            vec![exprs::verdict(Verdict::Return)],
         ]),
     );
     w.rule(
@@ -638,6 +644,12 @@ fn rules_case(v6: bool) -> Case {
             exprs::dnat_map(v6, Some(p), 3, &format!("endpoints-{word}")),
         );
     }
+    // As the render writes it: `tcp dport` brings the `meta l4proto tcp` dependency.
+    w.rule(
+        "c",
+        &format!("dnat {x} to {x} daddr . tcp dport . numgen random mod 16 map @endpoints-tcp"),
+        exprs::dnat_map(v6, Some(Protocol::Tcp), 16, "endpoints-tcp"),
+    );
     let pods = [n("10.244.0.0/16", "fd00:244::/48")];
     let two = [
         n("10.0.0.0/8", "fd00::/64"),
@@ -696,12 +708,11 @@ fn rules_case(v6: bool) -> Case {
             cat([
                 v(exprs::addr_eq(false, &cip)),
                 v(exprs::dport(p, 53)),
-                exprs::saddr_not_in(&from).expect("prefix"),
+                exprs::net_match(true, &from, true).expect("prefix"),
                 jump("t"),
             ]),
         );
     }
-    w.rule("c", "counter", vec![Expr::Counter]);
     w.rule("c", "jump t", jump("t"));
     w.rule("c", "goto t", goto("t"));
     w.rule("c", "drop", vec![exprs::verdict(Verdict::Drop)]);

@@ -247,21 +247,6 @@ pub fn render_layout(desired: &DesiredState, layout: Layout) -> Result<String, D
     Ok(out)
 }
 
-/// Like [`render`], also returning the chain/set/map names declared per family (v4, v6).
-pub(crate) fn render_declared(
-    desired: &DesiredState,
-    layout: Layout,
-) -> Result<(String, [HashSet<String>; 2]), DataplaneError> {
-    let mut out = String::with_capacity(estimate(desired));
-    let mut declared = [HashSet::new(), HashSet::new()];
-    for (fam, names) in desired.families().into_iter().zip(declared.iter_mut()) {
-        let ft = family_table(fam, layout)?;
-        spell_family(&mut out, &ft, layout.table);
-        *names = ft.declared();
-    }
-    Ok((out, declared))
-}
-
 /// Both families' tables (v4, v6): what the netlink transport encodes; the text of the
 /// same transaction is [`spell_tables`].
 pub(crate) fn family_tables(
