@@ -2,8 +2,8 @@
 //! ports × 10 endpoints, and one endpoint change at 10k (a partial sync: render and
 //! apply). The apply part needs root (it runs in a private network namespace).
 //!
-//! `cargo bench -p svcplane-dataplane --bench sync [-- [nftables|iptables|iptables-linear]... 1000 10000]`
-//! (default: nftables).
+//! `cargo bench -p svcplane-dataplane --bench sync [-- [nftables|nftables-text|iptables|iptables-linear]... 1000 10000]`
+//! (default: nftables; `nftables-text` sends everything through `nft -f` instead of netlink).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -93,14 +93,18 @@ fn median(runs: usize, mut f: impl FnMut()) -> Duration {
 /// A mode the bench runs.
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
-    Nftables,
+    /// `text`: full and partial syncs through `nft -f` only.
+    Nftables {
+        text: bool,
+    },
     Iptables(Dispatch),
 }
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
-            Mode::Nftables => "nftables",
+            Mode::Nftables { text: false } => "nftables",
+            Mode::Nftables { text: true } => "nftables-text",
             Mode::Iptables(Dispatch::Tree) => "iptables",
             Mode::Iptables(Dispatch::Linear) => "iptables-linear",
         }
@@ -108,7 +112,7 @@ impl Mode {
 
     fn render(self, desired: &DesiredState) -> usize {
         match self {
-            Mode::Nftables => svcplane_dataplane::nftables::render(desired)
+            Mode::Nftables { .. } => svcplane_dataplane::nftables::render(desired)
                 .map(|s| s.len())
                 .unwrap_or(0),
             Mode::Iptables(dispatch) => svcplane_dataplane::iptables::render::render(
@@ -124,7 +128,7 @@ impl Mode {
 
     fn backend(self, ns: &str) -> Box<dyn Dataplane> {
         match self {
-            Mode::Nftables => Box::new(NftablesBackend::in_netns(ns)),
+            Mode::Nftables { text } => Box::new(NftablesBackend::in_netns(ns).with_netlink(!text)),
             Mode::Iptables(d) => Box::new(IptablesBackend::in_netns(ns).with_dispatch(d)),
         }
     }
@@ -141,14 +145,15 @@ fn main() {
     let mut modes: Vec<Mode> = args
         .iter()
         .filter_map(|a| match a.as_str() {
-            "nftables" => Some(Mode::Nftables),
+            "nftables" => Some(Mode::Nftables { text: false }),
+            "nftables-text" => Some(Mode::Nftables { text: true }),
             "iptables" => Some(Mode::Iptables(Dispatch::Tree)),
             "iptables-linear" => Some(Mode::Iptables(Dispatch::Linear)),
             _ => None,
         })
         .collect();
     if modes.is_empty() {
-        modes.push(Mode::Nftables);
+        modes.push(Mode::Nftables { text: false });
     }
     for mode in modes {
         println!("mode {}", mode.name());

@@ -200,8 +200,11 @@ fn assert_same(synced: &Netns, fresh: &Netns, state: &DesiredState, step: &str) 
 #[test]
 fn partial_syncs_over_netlink_equal_a_fresh_full_render() {
     let partials = partial_syncs_equal_a_fresh_full_render(true);
-    // Plain ClusterIP changes go over netlink; the others through nft.
-    assert!(partials > 10, "only {partials} partial syncs used netlink");
+    // Every partial sync goes over netlink (40 random steps and one after the repair):
+    // every rule, set and element of the render has a netlink encoding.
+    if partials != u64::MAX {
+        assert_eq!(partials, 41, "partial syncs over netlink");
+    }
 }
 
 #[test]
@@ -210,7 +213,7 @@ fn partial_syncs_through_nft_equal_a_fresh_full_render() {
 }
 
 /// Random partial syncs, each compared with a fresh full render of the same state;
-/// returns how many went over netlink.
+/// returns how many went over netlink (`u64::MAX` when skipped: not root).
 fn partial_syncs_equal_a_fresh_full_render(netlink: bool) -> u64 {
     if skip_unless_root(&["ip", "nft"]) {
         return if netlink { u64::MAX } else { 0 };
@@ -310,6 +313,14 @@ fn restart_adopts_the_existing_table_in_place() {
     if skip_unless_root(&["ip", "nft"]) {
         return;
     }
+    for netlink in [false, true] {
+        restart_adopts_the_existing_table(netlink);
+    }
+}
+
+/// A second process's first (full) sync, through nft or over netlink, keeps the table
+/// and its affinity elements.
+fn restart_adopts_the_existing_table(netlink: bool) {
     let ns = Netns::new("svcplane-ra").expect("netns");
     let mut rng = Rng(0xadd0_0001);
     let mut state = initial(&mut rng);
@@ -321,9 +332,14 @@ fn restart_adopts_the_existing_table_in_place() {
     let arc = Arc::new(state.clone());
     let diff = Diff::between(None, &arc, true);
     let cmd = ["ip", "netns", "exec", ns.name(), "nft"];
-    NftablesBackend::with_nft_command(cmd)
-        .sync(&arc, &diff)
-        .expect("first process");
+    let process = || {
+        if netlink {
+            NftablesBackend::in_netns(ns.name())
+        } else {
+            NftablesBackend::with_nft_command(cmd)
+        }
+    };
+    process().sync(&arc, &diff).expect("first process");
     let set = nft(&ns, &["-a", "list", "table", "ip", "svcplane"])
         .lines()
         .map(str::trim)
@@ -347,15 +363,15 @@ fn restart_adopts_the_existing_table_in_place() {
     let before = handle(&ns);
     // A new process: its first sync is full, and must neither delete the table nor
     // lose the affinity element.
-    let report = NftablesBackend::with_nft_command(cmd)
-        .sync(&arc, &diff)
-        .expect("second process");
+    let mut second = process();
+    let report = second.sync(&arc, &diff).expect("second process");
     assert!(report.full);
+    assert_eq!(second.netlink_fulls(), u64::from(netlink));
     assert_eq!(handle(&ns), before, "the table was re-created");
     let listed = nft(&ns, &["list", "set", "ip", "svcplane", &set]);
     assert!(
         listed.contains("192.0.2.7"),
-        "affinity lost on restart: {listed}"
+        "affinity lost on restart (netlink: {netlink}): {listed}"
     );
 }
 

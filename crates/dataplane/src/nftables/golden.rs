@@ -146,7 +146,7 @@ fn v6_services(variant: u8) -> Vec<ServicePortState> {
     vec![dns, sticky, lb]
 }
 
-fn fixture(variant: u8) -> DesiredState {
+pub(super) fn fixture(variant: u8) -> DesiredState {
     let mut st = state(v4_services(variant), v6_services(variant));
     st.v4.cluster_cidrs = vec![net("10.244.0.0/16")];
     st.v4.cluster_ip_masquerade = ClusterIpMasquerade::FromOutside(vec![net("10.244.0.0/16")]);

@@ -19,8 +19,8 @@ pub use names::nft_identifier_safe;
 pub use render::{Layout, MASQUERADE_MARK, NORTH_SOUTH_TABLE, TABLE, render, render_layout};
 
 /// The nftables dataplane. The first sync, every `diff.full` one and every one after a
-/// failure is a full, atomic `nft -f -` transaction (which replaces a table left by an
-/// earlier process in place, without deleting it: flows and affinity survive a restart).
+/// failure is a full, atomic transaction (which replaces a table left by an earlier
+/// process in place, without deleting it: flows and affinity survive a restart).
 /// Others are partial: only what `diff` changed (see `render::render_partial`).
 ///
 /// Tampering: every partial transaction starts with `add chain <family> svcplane
@@ -32,15 +32,18 @@ pub use render::{Layout, MASQUERADE_MARK, NORTH_SOUTH_TABLE, TABLE, render, rend
 /// list tables`: nft 1.0.6 loads the whole rule set for it, 8 s and 450 MB at 10k
 /// services.)
 ///
-/// Transport: full syncs go through `nft -f -`. A partial sync whose every rule has a
-/// netlink encoding ([`rule::Rule::exprs`]; today: plain ClusterIP and eTP Cluster
-/// NodePort/external services, not affinity, eTP Local or source ranges) is sent as
-/// one nf_tables netlink batch instead (see `netlink`), with the same operations in
-/// the same order; it falls back to a full sync on any error, as the text form does.
-/// That removes nft's process, parser and cache from the common endpoint-change path
-/// (~90 ms per run at 10k services). An endpoint swap of a ClusterIP is element
-/// operations only (see `render::select`), which the kernel applies without
-/// re-validating the table.
+/// Transport: every transaction is one nf_tables netlink batch (see `netlink`), built
+/// from the same values as its text form ([`render::family_ops`] for full syncs, the
+/// partial writer for partial ones) with the same operations in the same order, so the
+/// kernel ends up with what `nft -f` of the text would leave (`netlink_oracle` checks
+/// it). That removes nft's process, parser and cache: a full sync at 10k services
+/// spends its time in the kernel, a partial one costs no ~90 ms of nft reading the
+/// table. The text goes through `nft -f -` instead when netlink is off
+/// ([`NftablesBackend::with_nft_command`], `with_netlink(false)`), the socket cannot be
+/// opened, or something has no netlink encoding (a /0 source range); a refused full
+/// batch is retried as text (which then reports nft's error), a refused partial one as
+/// a full sync. An endpoint swap of a ClusterIP is element operations only (see
+/// `render::select`), which the kernel applies without re-validating the table.
 ///
 /// After every successful sync the conntrack [`Reconciler`] deletes UDP/SCTP entries
 /// still pointing at endpoints that are gone; its failures are logged and counted in the
@@ -55,6 +58,8 @@ pub struct NftablesBackend {
     netlink: NetlinkTransport,
     /// Partial syncs sent over netlink so far (for tests and logs).
     netlink_partials: u64,
+    /// Full syncs sent over netlink so far.
+    netlink_fulls: u64,
     /// Which table and hooks (nftables mode's, or ebpf mode's north-south table).
     layout: Layout,
 }
@@ -68,7 +73,7 @@ enum NetlinkFailure {
     Refused(String),
 }
 
-/// Where partial syncs may go over netlink.
+/// Where transactions may go over netlink.
 enum NetlinkTransport {
     /// Not used (nft runs through a command whose namespace is unknown).
     Off,
@@ -106,6 +111,7 @@ impl NftablesBackend {
                 socket: None,
             },
             netlink_partials: 0,
+            netlink_fulls: 0,
             layout: Layout::FULL,
         }
     }
@@ -124,6 +130,7 @@ impl NftablesBackend {
                 socket: None,
             },
             netlink_partials: 0,
+            netlink_fulls: 0,
             layout: Layout::FULL,
         }
     }
@@ -147,6 +154,7 @@ impl NftablesBackend {
                 conntrack: Reconciler::new(ConntrackScope::Disabled),
                 netlink: NetlinkTransport::Off,
                 netlink_partials: 0,
+                netlink_fulls: 0,
                 layout: Layout::FULL,
             }
         }
@@ -195,7 +203,7 @@ impl NftablesBackend {
         })
     }
 
-    /// Send partial syncs through nft only (`false`), or over netlink where possible.
+    /// Send every transaction through nft (`false`), or over netlink where possible.
     pub fn with_netlink(mut self, on: bool) -> Self {
         if !on {
             self.netlink = NetlinkTransport::Off;
@@ -208,8 +216,39 @@ impl NftablesBackend {
         self.netlink_partials
     }
 
+    /// How many full syncs went over netlink.
+    pub fn netlink_fulls(&self) -> u64 {
+        self.netlink_fulls
+    }
+
     /// Commit `ops` as one batch, preceded by the tables-present probe.
-    fn commit_netlink(&mut self, ops: &[netlink::Op], probe: bool) -> Result<(), NetlinkFailure> {
+    /// Commit `ops` as one batch (preceded by the tables-present probe with `probe`);
+    /// the batch's size in bytes.
+    fn commit_netlink(
+        &mut self,
+        ops: &[netlink::Op],
+        probe: bool,
+    ) -> Result<usize, NetlinkFailure> {
+        self.commit_batch(|batch, table| {
+            if probe {
+                for op in &render::tables_present_probe_ops() {
+                    batch.op(table, op);
+                }
+            }
+            for op in ops {
+                batch.op(table, op);
+            }
+            Some(())
+        })
+    }
+
+    /// Commit the batch `build` writes (into the layout's table); its size in bytes.
+    /// `build` returning `None` (something it cannot encode) sends nothing:
+    /// `Unavailable`.
+    fn commit_batch(
+        &mut self,
+        build: impl FnOnce(&mut netlink::Batch, &str) -> Option<()>,
+    ) -> Result<usize, NetlinkFailure> {
         let NetlinkTransport::On { netns, socket } = &mut self.netlink else {
             return Err(NetlinkFailure::Unavailable);
         };
@@ -217,9 +256,9 @@ impl NftablesBackend {
             match netlink::Socket::open(netns.as_deref()) {
                 Ok(s) => *socket = Some(s),
                 Err(e) => {
-                    // Not the kernel refusing rules: netlink is unusable here, so partial
-                    // syncs go through nft from now on.
-                    tracing::warn!(error = %e, "no nf_tables netlink socket; partial syncs use nft");
+                    // Not the kernel refusing rules: netlink is unusable here, so syncs
+                    // go through nft from now on.
+                    tracing::warn!(error = %e, "no nf_tables netlink socket; syncs use nft");
                     self.netlink = NetlinkTransport::Off;
                     return Err(NetlinkFailure::Unavailable);
                 }
@@ -228,24 +267,44 @@ impl NftablesBackend {
         let Some(sock) = socket.as_mut() else {
             return Err(NetlinkFailure::Unavailable);
         };
-        let table = self.layout.table;
         let mut batch = sock.batch();
-        if probe {
-            for op in &render::tables_present_probe_ops() {
-                batch.op(table, op);
-            }
+        if build(&mut batch, self.layout.table).is_none() {
+            return Err(NetlinkFailure::Unavailable);
         }
-        for op in ops {
-            batch.op(table, op);
-        }
+        let size = batch.len();
         let result = sock
             .commit(batch)
+            .map(|()| size)
             .map_err(|e| NetlinkFailure::Refused(e.to_string()));
         if result.is_err() {
             // A socket left with unread replies would confuse the next batch.
             *socket = None;
         }
         result
+    }
+
+    /// The full transaction of `tables` as one netlink batch; its size in bytes.
+    /// `Unavailable` when netlink is off or something in the tables has no netlink
+    /// encoding (the caller then sends the text form). The operations are encoded as
+    /// they are made, never held as a list (a 10k-service table is 200k+ of them).
+    fn full_over_netlink(
+        &mut self,
+        tables: &[render::FamilyTable],
+    ) -> Result<usize, NetlinkFailure> {
+        let size = self.commit_batch(|batch, table| {
+            for ft in tables {
+                let encoded = render::family_ops(ft, &mut |op| batch.op(table, &op));
+                if encoded.is_none() {
+                    tracing::debug!(
+                        "the full transaction has a construct netlink does not encode; using nft"
+                    );
+                    return None;
+                }
+            }
+            Some(())
+        })?;
+        self.netlink_fulls += 1;
+        Ok(size)
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -259,22 +318,43 @@ impl NftablesBackend {
         crate::tool::run(self.command(args), "nft", input)
     }
 
-    /// Names of the chains, sets and maps currently in `<family> svcplane`, or `None`
-    /// when the table does not exist.
+    /// Names of the chains, sets and maps currently in `<family> <table>` (none when the
+    /// table does not exist): over netlink when it is on, else through nft.
     ///
-    /// Not `list table`: nft 1.0.6 fetches every rule for it (9 s and 450 MB at 10k
-    /// services); listing chains, sets and maps fetches only those (40 ms).
+    /// Not `nft list table`: nft 1.0.6 fetches every rule for it (9 s and 450 MB at 10k
+    /// services); listing chains, sets and maps fetches only those (40 ms through nft,
+    /// a few over netlink).
     fn existing_objects(&self, family: &str) -> Result<Vec<(ObjectKind, String)>, DataplaneError> {
+        if let NetlinkTransport::On { netns, .. } = &self.netlink {
+            let code = netlink::family_code(family == "ip6");
+            match netlink::list_objects(netns.as_deref(), code, self.layout.table) {
+                Ok(objects) => {
+                    return Ok(objects
+                        .into_iter()
+                        .map(|o| match o {
+                            netlink::Object::Chain(n) => (ObjectKind::Chain, n),
+                            netlink::Object::Set(n) => (ObjectKind::Set, n),
+                            netlink::Object::Map(n) => (ObjectKind::Map, n),
+                        })
+                        .collect());
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot list nftables objects over netlink; asking nft")
+                }
+            }
+        }
         let script = format!("list chains {family}\nlist sets {family}\nlist maps {family}\n");
         let listing = self.run(&["-t", "-f", "-"], Some(&script))?;
         Ok(parse_listing(&listing, self.layout.table))
     }
 
     /// Delete what the last transaction left empty and unreferenced (objects of an
-    /// earlier state). Best effort: a failure only delays the cleanup to the next sync.
-    fn delete_stale(&self, declared: &[HashSet<String>; 2]) {
+    /// earlier state): one netlink batch, or an nft script when netlink is off or
+    /// refuses. Best effort: a failure only delays the cleanup to the next sync.
+    fn delete_stale(&mut self, declared: &[HashSet<String>; 2]) {
         let table = self.layout.table;
         let mut script = String::new();
+        let mut ops = Vec::new();
         for (family, names) in ["ip", "ip6"].into_iter().zip(declared) {
             let objects = match self.existing_objects(family) {
                 Ok(objects) => objects,
@@ -283,6 +363,7 @@ impl NftablesBackend {
                     continue;
                 }
             };
+            let code = netlink::family_code(family == "ip6");
             // Chains first: a stale chain may still hold rules naming a stale set.
             for kind in [ObjectKind::Chain, ObjectKind::Set, ObjectKind::Map] {
                 for (k, name) in &objects {
@@ -290,6 +371,19 @@ impl NftablesBackend {
                         let word = kind.word();
                         if kind == ObjectKind::Chain {
                             script.push_str(&format!("flush chain {family} {table} {name}\n"));
+                            ops.push(netlink::Op::FlushChain {
+                                family: code,
+                                chain: name.clone(),
+                            });
+                            ops.push(netlink::Op::DeleteChain {
+                                family: code,
+                                chain: name.clone(),
+                            });
+                        } else {
+                            ops.push(netlink::Op::DeleteSet {
+                                family: code,
+                                set: name.clone(),
+                            });
                         }
                         script.push_str(&format!("delete {word} {family} {table} {name}\n"));
                     }
@@ -298,6 +392,13 @@ impl NftablesBackend {
         }
         if script.is_empty() {
             return;
+        }
+        match self.commit_netlink(&ops, false) {
+            Ok(_) => return,
+            Err(NetlinkFailure::Unavailable) => {}
+            Err(NetlinkFailure::Refused(e)) => {
+                tracing::debug!(error = %e, "stale nftables objects not deleted over netlink; asking nft")
+            }
         }
         if let Err(e) = self.run(&["-f", "-"], Some(&script)) {
             tracing::warn!(error = %e, "cannot delete stale nftables objects yet; retrying at the next sync");
@@ -325,7 +426,7 @@ impl NftablesBackend {
         // Even an empty partial sends the probe: that is the periodic check.
         if let Some(plan) = netlink_plan {
             match self.commit_netlink(&plan.ops, true) {
-                Ok(()) => {}
+                Ok(_) => {}
                 // Said when it was found; the text form below does the same sync.
                 Err(NetlinkFailure::Unavailable) => return self.partial_as_text(&partial),
                 Err(NetlinkFailure::Refused(e)) => {
@@ -450,13 +551,25 @@ impl Dataplane for NftablesBackend {
             }
         }
         self.needs_full = true;
-        let (script, declared) = render::render_declared(desired, self.layout)?;
-        self.run(&["-f", "-"], Some(&script))?;
+        let tables = render::family_tables(desired, self.layout)?;
+        let declared = [0, 1].map(|i| tables.get(i).map(|t| t.declared()).unwrap_or_default());
+        let size = match self.full_over_netlink(&tables) {
+            Ok(size) => size,
+            Err(failure) => {
+                if let NetlinkFailure::Refused(e) = failure {
+                    tracing::warn!(error = %e, "full nftables sync over netlink refused; sending it through nft");
+                }
+                let script = render::spell_tables(desired, &tables, self.layout.table);
+                self.run(&["-f", "-"], Some(&script))?;
+                script.len()
+            }
+        };
+        drop(tables);
         self.delete_stale(&declared);
         self.needs_full = false;
         let report = SyncReport {
             full: true,
-            size: script.len(),
+            size,
             ..SyncReport::default()
         };
         Ok(self.reconcile_conntrack(desired, report))
@@ -483,5 +596,7 @@ impl Dataplane for NftablesBackend {
 
 #[cfg(test)]
 mod golden;
+#[cfg(test)]
+mod netlink_oracle;
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use svcplane_model::{IpFamily, Protocol};
 
-use super::netlink::{Expr, Verdict, exprs};
+use super::netlink::{Expr, Op, Verdict, exprs, family_code};
 
 /// What a rule does when it matches (the verdicts our rules end in).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,10 +297,22 @@ impl fmt::Display for Rule {
     }
 }
 
+impl Action {
+    fn verdict(&self) -> Verdict {
+        match self {
+            Action::Jump(c) => Verdict::Jump(c.clone()),
+            Action::Goto(c) => Verdict::Goto(c.clone()),
+            Action::Drop => Verdict::Drop,
+        }
+    }
+}
+
 impl Rule {
-    /// The netlink expressions nft would send for this rule; `None` when the rule needs
-    /// something the netlink path does not encode yet (then the text path is used).
-    pub(crate) fn exprs(&self) -> Option<Vec<Expr>> {
+    /// The netlink expressions nft would send for this rule in a `family` table;
+    /// `None` when the rule needs something the netlink path does not encode (a /0
+    /// network match; then the text path is used). Its comment: [`Rule::comment`].
+    pub(crate) fn exprs(&self, family: IpFamily) -> Option<Vec<Expr>> {
+        let v6 = family == IpFamily::V6;
         let mut out = Vec::with_capacity(10);
         match self {
             Rule::MarkClusterIp {
@@ -312,14 +324,15 @@ impl Rule {
             } => {
                 out.extend(exprs::addr_eq(false, cluster_ip));
                 out.extend(exprs::dport(*protocol, *port));
-                match unless_from.as_slice() {
-                    [] => {}
-                    [one] => out.extend(exprs::saddr_not_in(one)?),
-                    _ => return None,
+                if !unless_from.is_empty() {
+                    out.extend(exprs::nets_match(
+                        true,
+                        cluster_ip.is_ipv6(),
+                        unless_from,
+                        true,
+                    )?);
                 }
-                out.push(Expr::ImmediateVerdict(Verdict::Jump(
-                    (*mark_chain).to_owned(),
-                )));
+                out.push(exprs::verdict(Verdict::Jump((*mark_chain).to_owned())));
             }
             Rule::Dnat {
                 one_in,
@@ -333,34 +346,150 @@ impl Rule {
                 out.extend(exprs::l4proto(*protocol));
                 out.extend(exprs::dnat_to(addr, *port));
             }
-            // A bare verdict (a service chain's `goto endpoints-…-mod-N`).
-            Rule::Always {
-                ct_new: false,
+            Rule::Always { ct_new, action } => {
+                if *ct_new {
+                    out.extend(exprs::ct_state_new());
+                }
+                out.push(exprs::verdict(action.verdict()));
+            }
+            Rule::SetMark { mark } => out.extend(exprs::mark_set(*mark, false)),
+            Rule::ReturnUnlessMarked { mark } => {
+                out.extend(exprs::mark_clear(*mark));
+                out.push(exprs::verdict(Verdict::Return));
+            }
+            Rule::ClearMark { mark } => out.extend(exprs::mark_set(*mark, true)),
+            Rule::Masquerade => out.push(Expr::Masquerade { fully_random: true }),
+            Rule::Reject => out.push(exprs::reject(v6)),
+            Rule::HairpinJump { family, set, chain } => {
+                out.extend(exprs::ct_status_dnat());
+                out.extend(exprs::saddr_daddr_in_set(*family == IpFamily::V6, set));
+                out.push(exprs::verdict(Verdict::Jump((*chain).to_owned())));
+            }
+            Rule::AddrPortVmap { family, map } => {
+                out.extend(exprs::service_vmap(*family == IpFamily::V6, true, map));
+            }
+            Rule::NodePortVmap {
+                family,
+                daddr_in,
+                fib_local,
+                not_loopback: no_lo,
+                map,
+            } => {
+                let v6 = *family == IpFamily::V6;
+                if let Some(set) = daddr_in {
+                    out.extend(exprs::addr_in_set(false, v6, set, false));
+                }
+                if *fib_local {
+                    out.extend(exprs::fib_local(false));
+                }
+                if *no_lo {
+                    out.extend(exprs::net_match(false, &loopback(*family)?, true)?);
+                }
+                out.extend(exprs::service_vmap(v6, false, map));
+            }
+            Rule::RejectDaddrIn { family, set, .. } => {
+                out.extend(exprs::addr_in_set(
+                    false,
+                    *family == IpFamily::V6,
+                    set,
+                    false,
+                ));
+                out.push(exprs::reject(v6));
+            }
+            Rule::FromNets {
+                family,
+                nets,
                 action,
-            } => out.push(Expr::ImmediateVerdict(match action {
-                Action::Jump(c) => Verdict::Jump(c.clone()),
-                Action::Goto(c) => Verdict::Goto(c.clone()),
-                Action::Drop => Verdict::Drop,
-            })),
-            Rule::Always { ct_new: true, .. }
-            | Rule::SetMark { .. }
-            | Rule::ReturnUnlessMarked { .. }
-            | Rule::ClearMark { .. }
-            | Rule::Masquerade
-            | Rule::Reject
-            | Rule::HairpinJump { .. }
-            | Rule::AddrPortVmap { .. }
-            | Rule::NodePortVmap { .. }
-            | Rule::RejectDaddrIn { .. }
-            | Rule::FromNets { .. }
-            | Rule::FromLocal { .. }
-            | Rule::DropUnlessFrom { .. }
-            | Rule::AffinityGoto { .. }
-            | Rule::AffinityUpdate { .. }
-            | Rule::NumgenVmap { .. }
-            | Rule::DnatMap { .. } => return None,
+                ..
+            } => {
+                out.extend(exprs::nets_match(
+                    true,
+                    *family == IpFamily::V6,
+                    nets,
+                    false,
+                )?);
+                out.push(exprs::verdict(action.verdict()));
+            }
+            Rule::FromLocal { action, .. } => {
+                out.extend(exprs::fib_local(true));
+                out.push(exprs::verdict(action.verdict()));
+            }
+            Rule::DropUnlessFrom { family, nets } => {
+                // nft turns a one-element `!= { NET }` into the plain prefix match too.
+                out.extend(exprs::nets_match(
+                    true,
+                    *family == IpFamily::V6,
+                    nets,
+                    true,
+                )?);
+                out.push(exprs::verdict(Verdict::Drop));
+            }
+            Rule::AffinityGoto { family, set, chain } => {
+                out.extend(exprs::addr_in_set(
+                    true,
+                    *family == IpFamily::V6,
+                    set,
+                    false,
+                ));
+                out.push(exprs::verdict(Verdict::Goto(chain.clone())));
+            }
+            Rule::AffinityUpdate { family, set } => {
+                out.extend(exprs::update_saddr(*family == IpFamily::V6, set));
+            }
+            Rule::NumgenVmap { chains } => out.extend(exprs::numgen_vmap(
+                chains.iter().map(|c| Verdict::Goto(c.clone())).collect(),
+            )),
+            // `tcp dport` brings nft's `meta l4proto tcp` dependency first.
+            Rule::DnatMap {
+                family,
+                protocol,
+                modulus,
+                map,
+            } => out.extend(exprs::dnat_map(
+                *family == IpFamily::V6,
+                Some(*protocol),
+                *modulus,
+                map,
+            )),
         }
         Some(out)
+    }
+
+    /// The netlink operation appending this rule to `chain` (see [`Rule::exprs`]).
+    pub(crate) fn op(&self, family: IpFamily, chain: &str) -> Option<Op> {
+        let exprs = self.exprs(family)?;
+        let (family, chain) = (family_code(family == IpFamily::V6), chain.to_owned());
+        Some(match self.comment() {
+            Some(c) => Op::AddCommentedRule {
+                family,
+                chain,
+                exprs,
+                comment: c.to_owned(),
+            },
+            None => Op::AddRule {
+                family,
+                chain,
+                exprs,
+            },
+        })
+    }
+
+    /// The rule's comment (sent as its userdata).
+    pub(crate) fn comment(&self) -> Option<&'static str> {
+        match self {
+            Rule::RejectDaddrIn { comment, .. }
+            | Rule::FromNets { comment, .. }
+            | Rule::FromLocal { comment, .. } => Some(comment),
+            _ => None,
+        }
+    }
+}
+
+/// The loopback network `not_loopback` excludes.
+fn loopback(family: IpFamily) -> Option<IpNet> {
+    match family {
+        IpFamily::V4 => IpNet::new(std::net::Ipv4Addr::new(127, 0, 0, 0).into(), 8).ok(),
+        IpFamily::V6 => Some(IpNet::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST))),
     }
 }
 

@@ -37,6 +37,7 @@ mod base;
 mod elements;
 mod filter;
 mod masq;
+mod ops;
 mod partial;
 mod select;
 mod service;
@@ -54,6 +55,7 @@ pub use base::{Layout, NORTH_SOUTH_TABLE, TABLE};
 pub(crate) use base::{tables_present_probe, tables_present_probe_ops};
 use elements::Elements;
 pub use masq::MASQUERADE_MARK;
+pub(crate) use ops::family_ops;
 #[cfg(test)]
 pub(crate) use partial::NetlinkPartial;
 pub(crate) use partial::{Partial, render_partial};
@@ -142,7 +144,7 @@ pub(crate) struct FamilyTable {
 
 impl FamilyTable {
     /// The names this table declares (for the stale-object cleanup).
-    fn declared(&self) -> HashSet<String> {
+    pub(crate) fn declared(&self) -> HashSet<String> {
         self.base_chains
             .iter()
             .map(|c| c.name.clone())
@@ -245,19 +247,26 @@ pub fn render_layout(desired: &DesiredState, layout: Layout) -> Result<String, D
     Ok(out)
 }
 
-/// Like [`render`], also returning the chain/set/map names declared per family (v4, v6).
-pub(crate) fn render_declared(
+/// Both families' tables (v4, v6): what the netlink transport encodes; the text of the
+/// same transaction is [`spell_tables`].
+pub(crate) fn family_tables(
     desired: &DesiredState,
     layout: Layout,
-) -> Result<(String, [HashSet<String>; 2]), DataplaneError> {
+) -> Result<Vec<FamilyTable>, DataplaneError> {
+    desired
+        .families()
+        .into_iter()
+        .map(|fam| family_table(fam, layout))
+        .collect()
+}
+
+/// The text transaction of `tables` (as [`render_layout`] writes it).
+pub(crate) fn spell_tables(desired: &DesiredState, tables: &[FamilyTable], table: &str) -> String {
     let mut out = String::with_capacity(estimate(desired));
-    let mut declared = [HashSet::new(), HashSet::new()];
-    for (fam, names) in desired.families().into_iter().zip(declared.iter_mut()) {
-        let ft = family_table(fam, layout)?;
-        spell_family(&mut out, &ft, layout.table);
-        *names = ft.declared();
+    for ft in tables {
+        spell_family(&mut out, ft, table);
     }
-    Ok((out, declared))
+    out
 }
 
 fn estimate(desired: &DesiredState) -> usize {

@@ -85,6 +85,7 @@ pub(crate) fn render_partial(
             },
             nl: nl.as_ref().map(|_| Ops::default()),
             family: netlink::family_code(family == IpFamily::V6),
+            ip_family: family,
         };
         write_elements(&mut out, &old.elements, &new.elements, new_fam);
         write_chains(&mut out, &old, &new, old_fam, new_fam);
@@ -192,6 +193,7 @@ struct FamilyWriter<'a> {
     text: Text<'a>,
     nl: Option<Ops>,
     family: u8,
+    ip_family: IpFamily,
 }
 
 impl FamilyWriter<'_> {
@@ -254,15 +256,11 @@ impl FamilyWriter<'_> {
             chain: chain.name.clone(),
         });
         for rule in &chain.rules {
-            let Some(exprs) = rule.exprs() else {
+            let Some(op) = rule.op(self.ip_family, &chain.name) else {
                 self.nl = None;
                 return;
             };
-            ops.block_rules.push(Op::AddRule {
-                family: self.family,
-                chain: chain.name.clone(),
-                exprs,
-            });
+            ops.block_rules.push(op);
         }
     }
 
@@ -271,8 +269,12 @@ impl FamilyWriter<'_> {
             Decl::Chain(c) => self.chain(c),
             Decl::Set(s) => {
                 w!(self.text.block, "{s}");
-                // Set declarations have no netlink encoding here.
-                self.nl = None;
+                // Declared with the block's chains, before any rule names it.
+                let family = self.family;
+                match (&mut self.nl, super::ops::set_spec(s)) {
+                    (Some(ops), Some(spec)) => ops.block_chains.push(Op::AddSet { family, spec }),
+                    _ => self.nl = None,
+                }
             }
         }
     }
@@ -318,7 +320,7 @@ fn btree_changes<'a, K: Ord, V: PartialEq>(
     map_changes(old.iter(), new.iter(), |k| old.get(k), |k| new.get(k))
 }
 
-fn nl_verdict(v: &Verdict) -> NlVerdict {
+pub(super) fn nl_verdict(v: &Verdict) -> NlVerdict {
     match v {
         Verdict::Goto(chain) => NlVerdict::Goto(chain.clone()),
         Verdict::Drop => NlVerdict::Drop,
@@ -326,11 +328,11 @@ fn nl_verdict(v: &Verdict) -> NlVerdict {
     }
 }
 
-fn ip_key((ip, proto, port): &IpKey) -> Key {
+pub(super) fn ip_key((ip, proto, port): &IpKey) -> Key {
     Key::default().ip(ip).proto(*proto).port(*port)
 }
 
-fn port_key((proto, port): &PortKey) -> Key {
+pub(super) fn port_key((proto, port): &PortKey) -> Key {
     Key::default().proto(*proto).port(*port)
 }
 
