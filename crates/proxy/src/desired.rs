@@ -248,7 +248,7 @@ impl FamilyDiff {
 
 /// The difference a backend applies: from `previous` (what it last applied
 /// successfully, `None` at startup) to the new state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diff {
     pub previous: Option<Arc<DesiredState>>,
     /// Rewrite everything (startup, periodic resync, repair after tampering).

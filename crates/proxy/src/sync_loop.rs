@@ -92,6 +92,9 @@ pub struct SyncOutcome {
     pub trigger_times: Vec<SystemTime>,
     /// The state this sync tried to apply (for health-check servers and per-service metrics).
     pub desired: Arc<DesiredState>,
+    /// What changed from the last state applied successfully (`diff.previous`) to `desired`,
+    /// so per-service metrics can follow the changes instead of scanning every service.
+    pub diff: Diff,
 }
 
 impl SyncOutcome {
@@ -249,7 +252,8 @@ impl LoopState {
         let (pending_services, pending_endpoint_slices) = self.engine.pending_changes();
         let trigger_times = self.engine.take_trigger_times();
         let desired = self.engine.desired();
-        let diff = Diff::between(self.last_applied.clone(), &desired, full);
+        // The engine's own record of what changed: no comparison of every service.
+        let diff = self.engine.diff(self.last_applied.clone(), &desired, full);
         if diff.is_empty() && !periodic {
             // Changes that cancel out: nothing to send, and the state is what was applied.
             self.last_applied = Some(desired);
@@ -349,6 +353,7 @@ impl LoopState {
                 queued_since,
                 trigger_times,
                 desired: outcome_state,
+                diff,
             });
         }
         Ok(())
