@@ -8,7 +8,7 @@ use svcplane_model::{
     Service, ServicePortName,
 };
 
-use crate::compute::{NodeContext, ServiceOutput, compute_service, explain_service};
+use crate::compute::{Interner, NodeContext, ServiceOutput, compute_service, explain_service};
 use crate::desired::{
     ClusterIpMasquerade, DesiredState, Diff, FamilyDiff, FamilyState, HealthCheck,
     NodePortAddresses, PortSelection, ServicePortState,
@@ -52,9 +52,12 @@ pub struct Engine {
     config: EngineConfig,
     services: HashMap<NamespacedName, Service>,
     slices: HashMap<NamespacedName, EndpointSlice>,
-    /// Service (namespace/name) → names of the slices labelled with it.
-    slices_by_service: HashMap<NamespacedName, BTreeSet<NamespacedName>>,
+    /// Service (namespace/name) → names of the slices labelled with it, sorted (a `Vec`: a
+    /// service has one slice or a few, and a `BTreeSet` node costs half a kilobyte).
+    slices_by_service: HashMap<NamespacedName, Vec<NamespacedName>>,
     nodes: HashMap<String, Node>,
+    /// Node and zone names of the endpoints, shared.
+    names: Interner,
 
     /// Services to recompute at the next `desired()`.
     dirty: HashSet<NamespacedName>,
@@ -88,6 +91,7 @@ impl Engine {
             slices: HashMap::new(),
             slices_by_service: HashMap::new(),
             nodes: HashMap::new(),
+            names: Interner::default(),
             dirty: HashSet::new(),
             all_dirty: false,
             node_changed: false,
@@ -172,10 +176,10 @@ impl Engine {
             self.unindex_slice(&old);
         }
         if let Some(svc) = slice_service(&slice) {
-            self.slices_by_service
-                .entry(svc.clone())
-                .or_default()
-                .insert(slice.name.clone());
+            let names = self.slices_by_service.entry(svc.clone()).or_default();
+            if let Err(at) = names.binary_search(&slice.name) {
+                names.insert(at, slice.name.clone());
+            }
             self.dirty.insert(svc);
         }
         self.changed_slices.insert(slice.name.clone());
@@ -194,9 +198,11 @@ impl Engine {
         let Some(svc) = slice_service(slice) else {
             return;
         };
-        if let Some(set) = self.slices_by_service.get_mut(&svc) {
-            set.remove(&slice.name);
-            if set.is_empty() {
+        if let Some(names) = self.slices_by_service.get_mut(&svc) {
+            if let Ok(at) = names.binary_search(&slice.name) {
+                names.remove(at);
+            }
+            if names.is_empty() {
                 self.slices_by_service.remove(&svc);
             }
         }
@@ -262,6 +268,8 @@ impl Engine {
         for name in &dirty {
             self.recompute(name, &mut updates);
         }
+        // Names no state uses any more (a node gone) are forgotten now and then.
+        self.names.prune();
         let node = self.this_node();
         let globals = [
             family_globals(&self.config, IpFamily::V4, node),
@@ -428,6 +436,7 @@ impl Engine {
             node_name: &self.config.node_name,
             zone: this_node.and_then(|n| n.zone.as_deref()),
             node_ips: this_node.map_or(&[], |n| n.addresses.as_slice()),
+            names: &self.names,
         };
         explain_service(svc, &slices, &ctx)
     }
@@ -454,6 +463,7 @@ impl Engine {
                     node_name: &self.config.node_name,
                     zone: this_node.and_then(|n| n.zone.as_deref()),
                     node_ips: this_node.map_or(&[], |n| n.addresses.as_slice()),
+                    names: &self.names,
                 };
                 compute_service(svc, &slices, &ctx)
             }
@@ -1012,6 +1022,29 @@ mod tests {
         );
         let same = engine.diff(Some(last.clone()), last, false);
         assert!(same.is_empty() && same.previous.is_some());
+    }
+
+    #[test]
+    fn node_names_are_shared_and_forgotten_when_unused() {
+        let mut engine = Engine::new(config());
+        apply(
+            &mut engine,
+            Object::Service(service("ns", "web", &["10.96.0.10"])),
+        );
+        // 20 rounds of 50 endpoints on 50 nodes never seen before (1000 names in all).
+        for round in 0..20 {
+            let eps = (0..50)
+                .map(|k| ep(&format!("10.0.{round}.{k}"), &format!("node-{round}-{k}")))
+                .collect();
+            apply(
+                &mut engine,
+                Object::EndpointSlice(slice("ns", "web-1", "web", 8080, eps)),
+            );
+            engine.desired();
+        }
+        // The last two states hold 100 names; pruning keeps the set within twice what is
+        // alive (plus a little), never all 1000.
+        assert!(engine.names.len() <= 2 * 150 + 64, "{}", engine.names.len());
     }
 
     #[test]
