@@ -405,8 +405,8 @@ impl Metrics {
                 for key in fam_diff.removed.iter().chain(&fam_diff.changed) {
                     if let Some(svc) = fam.services.get(key) {
                         let (i, e) = drops(svc);
-                        count.internal -= usize::from(i);
-                        count.external -= usize::from(e);
+                        count.internal = count.internal.saturating_sub(usize::from(i));
+                        count.external = count.external.saturating_sub(usize::from(e));
                     }
                 }
             }
@@ -911,6 +911,59 @@ mod tests {
             ),
             Some(2.0)
         );
+    }
+
+    #[test]
+    fn no_local_endpoints_follows_each_syncs_diff() {
+        let drop = || target(0, EmptyVerdict::Drop);
+        let some = || target(1, EmptyVerdict::Reject);
+        let gauges = |m: &Metrics| {
+            let text = m.encode();
+            let g = |p: &str| {
+                let name = format!(
+                    "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"{p}\"}}"
+                );
+                sample(&text, &name)
+            };
+            (g("internal"), g("external"))
+        };
+        let m = Metrics::new();
+        let a = state(
+            vec![
+                port("a", drop(), some(), false, None),
+                port("b", some(), drop(), true, Some(30001)),
+                port("c", some(), some(), false, None),
+            ],
+            &[],
+        );
+        m.record_sync(&outcome(true, 1, true, a.clone()), SystemTime::now());
+        assert_eq!(gauges(&m), (Some(1.0), Some(1.0)));
+
+        // a stops dropping, c starts, d arrives dropping both, b goes: counted from the diff.
+        let mut b = (*a).clone();
+        let key = |n: &str| b.v4.services.keys().find(|k| k.service.name == n).cloned();
+        let (ka, kb, kc) = (key("a").unwrap(), key("b").unwrap(), key("c").unwrap());
+        b.v4.services
+            .insert(ka, port("a", some(), some(), false, None));
+        b.v4.services.remove(&kb);
+        b.v4.services
+            .insert(kc, port("c", drop(), some(), false, None));
+        let d = port("d", drop(), drop(), true, Some(30004));
+        b.v4.services.insert(d.name.clone(), d);
+        let b = Arc::new(b);
+        let mut next = outcome(false, 1, true, b.clone());
+        next.diff = svcplane_proxy::Diff::between(Some(a.clone()), &b, false);
+        assert_eq!(next.diff.v4.changed.len(), 2);
+        m.record_sync(&next, SystemTime::now());
+        assert_eq!(gauges(&m), (Some(2.0), Some(1.0)));
+        assert_eq!(no_local_endpoints(&b), (2, 1));
+
+        // A diff from a state other than the one counted last (here: empty, from `a` to
+        // `a`): counted afresh, not patched.
+        let mut other = outcome(false, 1, true, a.clone());
+        other.diff = svcplane_proxy::Diff::between(Some(a.clone()), &a, false);
+        m.record_sync(&other, SystemTime::now());
+        assert_eq!(gauges(&m), (Some(1.0), Some(1.0)));
     }
 
     #[test]
