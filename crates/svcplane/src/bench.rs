@@ -111,23 +111,26 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
 
     let metrics = || get_metrics(&ns, metrics_addr);
     let write = |round| write_changing_slice(dir.path(), args.endpoints, round);
-    let result = change_rounds(args.rounds, metrics, write, || Ok(())).and_then(|mut stats| {
-        print!("{}", change_report(args.services, args.rounds, &mut stats));
-        match args.churn {
-            Some(duration) => churn(
-                &ChurnSpec {
-                    services: args.services,
-                    duration,
-                    first_round: args.rounds + 1,
-                    rss_first,
-                    pid,
-                },
-                metrics,
-                write,
-            ),
-            None => Ok(()),
-        }
-    });
+    let cpu = || pid.and_then(cpu_seconds);
+    let result =
+        change_rounds(args.rounds, metrics, cpu, write, || Ok(())).and_then(|mut stats| {
+            print!("{}", change_report(args.services, args.rounds, &mut stats));
+            match args.churn {
+                Some(duration) => churn(
+                    &ChurnSpec {
+                        services: args.services,
+                        duration,
+                        first_round: args.rounds + 1,
+                        rss_first,
+                        pid,
+                    },
+                    metrics,
+                    cpu,
+                    write,
+                ),
+                None => Ok(()),
+            }
+        });
     let _ = proxy.terminate();
     if let Some((pins, _cgroup)) = &ebpf_scratch {
         let _ = std::process::Command::new(&exe)
@@ -154,6 +157,10 @@ fn change_report(services: u32, rounds: u32, stats: &mut ChangeStats) -> String 
         (
             "the sync alone (render + apply + conntrack)",
             &mut stats.syncs,
+        ),
+        (
+            "the proxy's CPU time from the write to the sync's end (every thread)",
+            &mut stats.cpu,
         ),
     ] {
         let _ = writeln!(out, "   {what}: {}", summary(v));
@@ -186,6 +193,7 @@ const CHURN_REPORTS: u32 = 10;
 fn churn(
     spec: &ChurnSpec,
     metrics: impl Fn() -> Result<String>,
+    cpu: impl Fn() -> Option<f64>,
     write: impl Fn(u32) -> Result<()>,
 ) -> Result<()> {
     let rss = || spec.pid.and_then(rss_of).map(|(rss, _)| rss);
@@ -205,7 +213,7 @@ fn churn(
         let due = started + Duration::from_secs(u64::from(tick));
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
         tick += 1;
-        match measure_change(&metrics, || write(round))? {
+        match measure_change(&metrics, &cpu, || write(round))? {
             Some(r) => stats.push(r),
             None => missed += 1,
         }
@@ -239,6 +247,10 @@ fn churn(
         mib(rss_end)
     );
     println!("   the sync alone: {}", summary(&mut stats.syncs));
+    println!(
+        "   the proxy's CPU time per change: {}",
+        summary(&mut stats.cpu)
+    );
     println!(
         "   file written → rules in the kernel: {}",
         summary(&mut stats.e2e)
@@ -277,14 +289,26 @@ pub(crate) struct ChangeStats {
     pub programming: Vec<f64>,
     /// The sync alone (render + apply + conntrack).
     pub syncs: Vec<f64>,
+    /// The proxy's CPU time (every thread) from the write to the sync's end: what the
+    /// change cost, whatever else runs on a loaded machine (when readable).
+    pub cpu: Vec<f64>,
 }
 
 impl ChangeStats {
-    fn push(&mut self, (e2e, programming, sync): (f64, f64, f64)) {
-        self.e2e.push(e2e);
-        self.programming.push(programming);
-        self.syncs.push(sync);
+    fn push(&mut self, m: Measured) {
+        self.e2e.push(m.e2e);
+        self.programming.push(m.programming);
+        self.syncs.push(m.sync);
+        self.cpu.extend(m.cpu);
     }
+}
+
+/// One change's figures, in seconds (see [`ChangeStats`]).
+struct Measured {
+    e2e: f64,
+    programming: f64,
+    sync: f64,
+    cpu: Option<f64>,
 }
 
 /// `rounds` times: `write(round)` one change, then wait until the proxy's metrics (from
@@ -293,13 +317,14 @@ impl ChangeStats {
 pub(crate) fn change_rounds(
     rounds: u32,
     metrics: impl Fn() -> Result<String>,
+    cpu: impl Fn() -> Option<f64>,
     write: impl Fn(u32) -> Result<()>,
     mut between: impl FnMut() -> Result<()>,
 ) -> Result<ChangeStats> {
     let mut stats = ChangeStats::default();
     for round in 1..=rounds {
         between()?;
-        match measure_change(&metrics, || write(round))? {
+        match measure_change(&metrics, &cpu, || write(round))? {
             Some(r) => stats.push(r),
             None => {
                 bail!("round {round}: the change did not reach the kernel within {CHANGE_WAIT:?}")
@@ -309,19 +334,20 @@ pub(crate) fn change_rounds(
     Ok(stats)
 }
 
-/// One change: `write` it, wait until the metrics show a sync after it; (file written →
-/// in the kernel, network programming, the syncs' time), or `None` when no sync came
-/// within [`CHANGE_WAIT`].
+/// One change: `write` it, wait until the metrics show a sync after it; its figures, or
+/// `None` when no sync came within [`CHANGE_WAIT`]. `cpu`: the proxy's CPU time so far.
 fn measure_change(
     metrics: &impl Fn() -> Result<String>,
+    cpu: &impl Fn() -> Option<f64>,
     write: impl FnOnce() -> Result<()>,
-) -> Result<Option<(f64, f64, f64)>> {
+) -> Result<Option<Measured>> {
     const SYNCS: &str = "kubeproxy_sync_proxy_rules_duration_seconds_count";
     const SYNC_TIME: &str = "kubeproxy_sync_proxy_rules_duration_seconds_sum";
     const NP: &str = "kubeproxy_network_programming_duration_seconds_sum";
     const LAST: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
     let value = |t: &str, name: &str| metric_value(t, name).unwrap_or(0.0);
     let before = metrics()?;
+    let cpu_before = cpu();
     let changed_at = SystemTime::now();
     write()?;
     let mut after = String::new();
@@ -332,12 +358,25 @@ fn measure_change(
     if !done {
         return Ok(None);
     }
+    let cpu_after = cpu();
     let changed = changed_at.duration_since(UNIX_EPOCH)?.as_secs_f64();
-    Ok(Some((
-        value(&after, LAST) - changed,
-        value(&after, NP) - value(&before, NP),
-        value(&after, SYNC_TIME) - value(&before, SYNC_TIME),
-    )))
+    Ok(Some(Measured {
+        e2e: value(&after, LAST) - changed,
+        programming: value(&after, NP) - value(&before, NP),
+        sync: value(&after, SYNC_TIME) - value(&before, SYNC_TIME),
+        cpu: cpu_before.zip(cpu_after).map(|(a, b)| b - a),
+    }))
+}
+
+/// Process `pid`'s CPU time so far, every thread's (`/proc/PID/task/*/schedstat`, ns), in
+/// seconds. Threads that ended are not counted.
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
 }
 
 fn get_metrics(ns: &Netns, addr: SocketAddr) -> Result<String> {

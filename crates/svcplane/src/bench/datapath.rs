@@ -448,9 +448,11 @@ impl Rig {
         drop(member);
         let changes = if spec.changes > 0 {
             let mut progress = Progress::new("one-change rounds", u64::from(spec.changes));
+            let pid = proxy.pid();
             let stats = change_rounds(
                 spec.changes,
                 || proxy.metrics().map_err(Into::into),
+                || pid.and_then(super::cpu_seconds),
                 |round| write_changing_slice(&self.manifests, spec.endpoints, round),
                 || {
                     progress.inc();
