@@ -233,7 +233,7 @@ fn churn(
     let failed = sync_failures(&metrics()?) - failures_before;
     let rss_end = rss();
     println!(
-        "== churn: {} changes in {:.0} s",
+        "== churn done: {} changes in {:.0} s",
         stats.syncs.len() + missed as usize,
         started.elapsed().as_secs_f64()
     );
