@@ -356,6 +356,21 @@ impl Engine {
         last.clone()
     }
 
+    /// Make the spare state now, a copy of the last one, if there is none yet: called by the
+    /// sync loop once the first sync is done, so the one copy of every service that the
+    /// double buffering needs is made while the proxy is idle, not in the first change.
+    pub fn prepare_spare(&mut self) {
+        if self.spare.is_none()
+            && let Some(last) = &self.last
+        {
+            self.copies += 1;
+            self.spare = Some(Spare {
+                state: Arc::new((**last).clone()),
+                diff: Default::default(),
+            });
+        }
+    }
+
     /// States built by copying every service so far (see [`Engine::desired`]).
     pub fn full_copies(&self) -> u64 {
         self.copies
@@ -987,6 +1002,40 @@ mod tests {
         }
         // Only the second state was a copy of every service; every later one was the spare,
         // patched, because nothing but the engine held it.
+        assert_eq!(engine.full_copies(), 1);
+    }
+
+    #[test]
+    fn a_prepared_spare_makes_the_first_change_a_patch_too() {
+        let mut rng = Lcg(3);
+        let mut engine = Engine::new(config());
+        let mut objects = BTreeMap::new();
+        for _ in 0..30 {
+            let change = random_change(&mut rng, &mut objects);
+            engine.apply(change);
+        }
+        let mut applied = engine.desired();
+        engine.prepare_spare();
+        engine.prepare_spare();
+        assert_eq!(engine.full_copies(), 1);
+        for step in 0..50 {
+            let change = random_change(&mut rng, &mut objects);
+            engine.apply(change);
+            let next = engine.desired();
+            let diff = engine.diff(Some(applied.clone()), &next, false);
+            assert_eq!(
+                diff,
+                Diff::between(Some(applied.clone()), &next, false),
+                "step {step}"
+            );
+            let mut fresh = Engine::new(config());
+            for obj in objects.values().flatten() {
+                fresh.apply(Change::Apply(obj.clone()));
+            }
+            assert_eq!(*next, *fresh.desired(), "step {step}");
+            applied = next;
+        }
+        // The prepared copy was the only one.
         assert_eq!(engine.full_copies(), 1);
     }
 

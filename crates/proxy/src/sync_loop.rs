@@ -298,6 +298,9 @@ impl LoopState {
                 );
                 self.last_applied = Some(desired);
                 self.consecutive_failures = 0;
+                // After the first sync: the engine's second buffer, made now rather than
+                // in the first change (once; a no-op later).
+                self.engine.prepare_spare();
                 // The backend may have synced in full on its own (it found its rules gone).
                 if diff.full || report.full {
                     self.last_full = Some(start);
