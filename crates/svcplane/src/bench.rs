@@ -368,15 +368,24 @@ fn measure_change(
     }))
 }
 
-/// Process `pid`'s CPU time so far, every thread's (`/proc/PID/task/*/schedstat`, ns), in
-/// seconds. Threads that ended are not counted.
+/// Process `pid`'s CPU time so far, every thread's (ended ones too), in seconds: its
+/// process CPU clock (`clock_getcpuclockid`), exact, unlike `/proc` figures that move only
+/// at scheduler ticks.
 pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
-    let mut ns = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
-        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: plain calls with valid, exclusively borrowed out-parameters.
+    if unsafe { libc::clock_getcpuclockid(libc::pid_t::try_from(pid).ok()?, &mut clock) } != 0 {
+        return None;
     }
-    Some(ns as f64 / 1e9)
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: as above.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
 }
 
 fn get_metrics(ns: &Netns, addr: SocketAddr) -> Result<String> {
