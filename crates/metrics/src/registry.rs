@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets, linear_buckets};
 use prometheus_client::registry::Registry;
 use svcplane_proxy::sync_loop::{SyncObserver, SyncOutcome, SyncStatus};
-use svcplane_proxy::{DesiredState, EmptyVerdict, ExternalPolicy};
+use svcplane_proxy::{DesiredState, EmptyVerdict, ExternalPolicy, ServicePortState};
 use tokio::sync::watch;
 
 /// A label set of `(name, value)` pairs.
@@ -67,6 +67,17 @@ pub struct Metrics {
     pub invalid_objects: Counter,
     /// `resource` = `services` | `endpointslices` | `nodes`: the API source's watch errors.
     pub source_watch_errors: Family<Labels, Counter>,
+    /// What `no_local_endpoints` counts for the last state recorded, kept so that a sync
+    /// updates it from its diff instead of scanning every service.
+    no_local: std::sync::Mutex<NoLocalCount>,
+}
+
+/// [`no_local_endpoints`] of one state, identified by its address (only compared).
+#[derive(Debug, Default)]
+struct NoLocalCount {
+    state: usize,
+    internal: usize,
+    external: usize,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,6 +120,7 @@ impl Metrics {
             iptables_restore_failures: Counter::default(),
             iptables_partial_restore_failures: Counter::default(),
             iptables_mode,
+            no_local: std::sync::Mutex::default(),
             conntrack_deleted_entries: Family::default(),
             conntrack_failures: Counter::default(),
             healthz_total: Family::default(),
@@ -358,13 +370,65 @@ impl Metrics {
             self.network_programming_duration
                 .observe(latency.as_secs_f64());
         }
-        let (internal, external) = no_local_endpoints(&outcome.desired);
+        let (internal, external) = self.count_no_local(outcome);
         self.no_local_endpoints
             .get_or_create(&vec![("traffic_policy", "internal")])
             .set(internal as i64);
         self.no_local_endpoints
             .get_or_create(&vec![("traffic_policy", "external")])
             .set(external as i64);
+    }
+}
+
+impl Metrics {
+    /// [`no_local_endpoints`] of a successful sync's state: from the last count and the
+    /// sync's diff when that count is of the diff's `previous` state (the usual case, so one
+    /// change costs O(changed)), else counted afresh.
+    fn count_no_local(&self, outcome: &SyncOutcome) -> (usize, usize) {
+        let mut count = self
+            .no_local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let diff = &outcome.diff;
+        let prev = diff
+            .previous
+            .as_ref()
+            .map_or(0, |p| Arc::as_ptr(p) as usize);
+        let next = Arc::as_ptr(&outcome.desired) as usize;
+        if count.state == prev && prev != 0 {
+            for (fam, fam_diff) in diff
+                .previous
+                .iter()
+                .flat_map(|p| p.families())
+                .zip([&diff.v4, &diff.v6])
+            {
+                for key in fam_diff.removed.iter().chain(&fam_diff.changed) {
+                    if let Some(svc) = fam.services.get(key) {
+                        let (i, e) = drops(svc);
+                        count.internal = count.internal.saturating_sub(usize::from(i));
+                        count.external = count.external.saturating_sub(usize::from(e));
+                    }
+                }
+            }
+            for (fam, fam_diff) in outcome
+                .desired
+                .families()
+                .into_iter()
+                .zip([&diff.v4, &diff.v6])
+            {
+                for key in fam_diff.added.iter().chain(&fam_diff.changed) {
+                    if let Some(svc) = fam.services.get(key) {
+                        let (i, e) = drops(svc);
+                        count.internal += usize::from(i);
+                        count.external += usize::from(e);
+                    }
+                }
+            }
+        } else {
+            (count.internal, count.external) = no_local_endpoints(&outcome.desired);
+        }
+        count.state = next;
+        (count.internal, count.external)
     }
 }
 
@@ -375,17 +439,20 @@ pub fn no_local_endpoints(desired: &DesiredState) -> (usize, usize) {
     let mut external = 0;
     for family in desired.families() {
         for svc in family.services.values() {
-            if svc.internal.verdict_when_empty() == Some(EmptyVerdict::Drop) {
-                internal += 1;
-            }
-            if matches!(svc.external_policy, ExternalPolicy::Local { .. })
-                && svc.has_external()
-                && svc.external.verdict_when_empty() == Some(EmptyVerdict::Drop)
-            {
-                external += 1;
-            }
+            let (i, e) = drops(svc);
+            internal += usize::from(i);
+            external += usize::from(e);
         }
     }
+    (internal, external)
+}
+
+/// Whether one service port counts in [`no_local_endpoints`]: (internal, external).
+fn drops(svc: &ServicePortState) -> (bool, bool) {
+    let internal = svc.internal.verdict_when_empty() == Some(EmptyVerdict::Drop);
+    let external = matches!(svc.external_policy, ExternalPolicy::Local { .. })
+        && svc.has_external()
+        && svc.external.verdict_when_empty() == Some(EmptyVerdict::Drop);
     (internal, external)
 }
 
@@ -540,6 +607,7 @@ mod tests {
             service_ports: 1,
             queued_since: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(100)),
             trigger_times: Vec::new(),
+            diff: svcplane_proxy::Diff::between(None, &state, full),
             desired: state,
         }
     }
@@ -843,6 +911,59 @@ mod tests {
             ),
             Some(2.0)
         );
+    }
+
+    #[test]
+    fn no_local_endpoints_follows_each_syncs_diff() {
+        let drop = || target(0, EmptyVerdict::Drop);
+        let some = || target(1, EmptyVerdict::Reject);
+        let gauges = |m: &Metrics| {
+            let text = m.encode();
+            let g = |p: &str| {
+                let name = format!(
+                    "kubeproxy_sync_proxy_rules_no_local_endpoints_total{{traffic_policy=\"{p}\"}}"
+                );
+                sample(&text, &name)
+            };
+            (g("internal"), g("external"))
+        };
+        let m = Metrics::new();
+        let a = state(
+            vec![
+                port("a", drop(), some(), false, None),
+                port("b", some(), drop(), true, Some(30001)),
+                port("c", some(), some(), false, None),
+            ],
+            &[],
+        );
+        m.record_sync(&outcome(true, 1, true, a.clone()), SystemTime::now());
+        assert_eq!(gauges(&m), (Some(1.0), Some(1.0)));
+
+        // a stops dropping, c starts, d arrives dropping both, b goes: counted from the diff.
+        let mut b = (*a).clone();
+        let key = |n: &str| b.v4.services.keys().find(|k| k.service.name == n).cloned();
+        let (ka, kb, kc) = (key("a").unwrap(), key("b").unwrap(), key("c").unwrap());
+        b.v4.services
+            .insert(ka, port("a", some(), some(), false, None));
+        b.v4.services.remove(&kb);
+        b.v4.services
+            .insert(kc, port("c", drop(), some(), false, None));
+        let d = port("d", drop(), drop(), true, Some(30004));
+        b.v4.services.insert(d.name.clone(), d);
+        let b = Arc::new(b);
+        let mut next = outcome(false, 1, true, b.clone());
+        next.diff = svcplane_proxy::Diff::between(Some(a.clone()), &b, false);
+        assert_eq!(next.diff.v4.changed.len(), 2);
+        m.record_sync(&next, SystemTime::now());
+        assert_eq!(gauges(&m), (Some(2.0), Some(1.0)));
+        assert_eq!(no_local_endpoints(&b), (2, 1));
+
+        // A diff from a state other than the one counted last (here: empty, from `a` to
+        // `a`): counted afresh, not patched.
+        let mut other = outcome(false, 1, true, a.clone());
+        other.diff = svcplane_proxy::Diff::between(Some(a.clone()), &a, false);
+        m.record_sync(&other, SystemTime::now());
+        assert_eq!(gauges(&m), (Some(1.0), Some(1.0)));
     }
 
     #[test]

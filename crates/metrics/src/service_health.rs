@@ -119,9 +119,14 @@ impl HealthCheckServers {
     /// Follow the applied desired state until its sender is dropped.
     pub async fn run(mut self, mut applied: AppliedState) {
         loop {
-            let state = applied.borrow_and_update().clone();
-            if let Some(state) = state {
-                for (port, err) in self.update(&state.health_checks).await {
+            let checks = applied
+                .borrow_and_update()
+                .as_ref()
+                .map(|state| state.health_checks.clone());
+            // Only the checks are kept while waiting: holding the state would keep the
+            // engine from reusing it for the next one (it then copies every service).
+            if let Some(checks) = checks {
+                for (port, err) in self.update(&checks).await {
                     tracing::warn!(
                         port,
                         "cannot serve healthCheckNodePort {port}: {err}; retrying on the next sync"

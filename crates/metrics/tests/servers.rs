@@ -295,6 +295,7 @@ fn outcome(ok: bool, desired: Arc<DesiredState>) -> SyncOutcome {
         service_ports: 0,
         queued_since: None,
         trigger_times: Vec::new(),
+        diff: svcplane_proxy::Diff::between(None, &desired, true),
         desired,
     }
 }

@@ -3,8 +3,10 @@
 //! `serviceport.go` (`newBaseServiceInfo`), `endpointslicecache.go` (merging slices) and
 //! `topology.go` (`CategorizeEndpoints`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use svcplane_model::{
     EndpointSlice, IpFamily, Protocol, Service, ServicePort, ServicePortName, ServiceType,
@@ -27,6 +29,45 @@ pub(crate) struct NodeContext<'a> {
     pub zone: Option<&'a str>,
     /// This node's addresses (both families), from its Node object.
     pub node_ips: &'a [IpAddr],
+    /// Where endpoints' node and zone names are shared.
+    pub names: &'a Interner,
+}
+
+/// Shared copies of strings that many endpoints repeat (node and zone names): one
+/// allocation per distinct name instead of one per endpoint and service port.
+#[derive(Debug, Default)]
+pub(crate) struct Interner {
+    names: RefCell<HashSet<Arc<str>>>,
+    /// Names kept after the last prune (see [`Interner::prune`]).
+    kept: Cell<usize>,
+}
+
+impl Interner {
+    /// The shared copy of `name`.
+    pub fn get(&self, name: &str) -> Arc<str> {
+        let mut names = self.names.borrow_mut();
+        if let Some(shared) = names.get(name) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(name);
+        names.insert(shared.clone());
+        shared
+    }
+
+    /// Forget names no endpoint uses any more (nodes come and go), once the set has doubled
+    /// since the last prune, so the cost is amortised.
+    pub fn prune(&self) {
+        let mut names = self.names.borrow_mut();
+        if names.len() > 2 * self.kept.get() + 64 {
+            names.retain(|n| Arc::strong_count(n) > 1);
+            self.kept.set(names.len());
+        }
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.names.borrow().len()
+    }
 }
 
 /// Everything one Service yields.
@@ -91,8 +132,9 @@ type MergedEndpoints<'a> = BTreeMap<PortKey, BTreeMap<(IpAddr, u16), RawEndpoint
 fn merge_slices<'a>(
     slices: &[&'a EndpointSlice],
     family: IpFamily,
-    node_name: &str,
+    ctx: &NodeContext<'_>,
 ) -> MergedEndpoints<'a> {
+    let node_name = ctx.node_name;
     let mut merged: MergedEndpoints<'a> = BTreeMap::new();
     for slice in slices {
         if slice.address_family != Some(family) {
@@ -124,9 +166,10 @@ fn merge_slices<'a>(
                         ready: ep.ready,
                         serving: ep.serving,
                         terminating: ep.terminating,
-                        node_name: ep.node_name.clone(),
-                        zone: ep.zone.clone(),
-                        hostname: ep.hostname.clone(),
+                        node_name: ep.node_name.as_deref().map(|n| ctx.names.get(n)),
+                        zone: ep.zone.as_deref().map(|z| ctx.names.get(z)),
+                        // Per pod: nothing to share.
+                        hostname: ep.hostname.as_deref().map(Arc::from),
                     },
                     zone_hints: hints.map_or(&[][..], |h| h.for_zones.as_slice()),
                     node_hints: hints.map_or(&[][..], |h| h.for_nodes.as_slice()),
@@ -288,7 +331,7 @@ pub(crate) fn compute_service(
         let Some(cluster_ip) = cluster_ip_of(svc, family) else {
             continue;
         };
-        let merged = merge_slices(slices, family, ctx.node_name);
+        let merged = merge_slices(slices, family, ctx);
         let local_ready = local_ready_ips(&merged);
         local_ready_max = Some(local_ready_max.map_or(local_ready, |m| m.max(local_ready)));
         let states = out.family_mut(family);
@@ -371,7 +414,7 @@ pub(crate) fn explain_service(
         if cluster_ip_of(svc, family).is_none() {
             continue;
         }
-        let merged = merge_slices(slices, family, ctx.node_name);
+        let merged = merge_slices(slices, family, ctx);
         let computed = match family {
             IpFamily::V4 => &states.v4,
             IpFamily::V6 => &states.v6,
@@ -587,6 +630,7 @@ mod tests {
                 node_name: NODE,
                 zone,
                 node_ips,
+                names: &Interner::default(),
             },
         )
     }
@@ -935,6 +979,7 @@ mod tests {
             node_name: NODE,
             zone: Some("zone-a"),
             node_ips: &[],
+            names: &Interner::default(),
         };
         let sel = explain_service(&svc, &refs, &ctx).remove(0);
         let sp = compute(&svc, &slices, Some("zone-a")).v4.remove(0);
@@ -1055,6 +1100,7 @@ mod tests {
                     node_name: NODE,
                     zone: None,
                     node_ips: &[],
+                    names: &Interner::default(),
                 },
             );
             let sp = &out.v4[0];
@@ -1065,9 +1111,14 @@ mod tests {
             let nodes: Vec<_> = sp
                 .endpoints
                 .iter()
-                .map(|e| e.node_name.clone().unwrap())
+                .map(|e| e.node_name.as_deref().unwrap())
                 .collect();
             assert_eq!(nodes, ["node-c", "node-c", "node-b", "node-c"]);
+            // One allocation per distinct node name, shared by every endpoint naming it.
+            assert!(Arc::ptr_eq(
+                sp.endpoints[0].node_name.as_ref().unwrap(),
+                sp.endpoints[3].node_name.as_ref().unwrap()
+            ));
         }
     }
 

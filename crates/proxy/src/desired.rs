@@ -144,9 +144,11 @@ pub struct EndpointState {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
-    pub hostname: Option<String>,
+    /// Node and zone names are shared by every endpoint that names them (one allocation per
+    /// distinct name, not per endpoint); read them with `as_deref()`.
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    pub hostname: Option<Arc<str>>,
 }
 
 impl EndpointState {
@@ -248,7 +250,7 @@ impl FamilyDiff {
 
 /// The difference a backend applies: from `previous` (what it last applied
 /// successfully, `None` at startup) to the new state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diff {
     pub previous: Option<Arc<DesiredState>>,
     /// Rewrite everything (startup, periodic resync, repair after tampering).

@@ -4,14 +4,14 @@ use std::time::SystemTime;
 
 use ipnet::IpNet;
 use svcplane_model::{
-    Change, EndpointSlice, IpFamily, Kind, NamespacedName, Node, Object, ObjectKey, Service,
-    ServicePortName,
+    Change, EndpointSlice, IpFamily, Kind, NamespacedName, Node, Object, ObjectKey, Protocol,
+    Service, ServicePortName,
 };
 
-use crate::compute::{NodeContext, compute_service, explain_service};
+use crate::compute::{Interner, NodeContext, ServiceOutput, compute_service, explain_service};
 use crate::desired::{
-    ClusterIpMasquerade, DesiredState, FamilyState, HealthCheck, NodePortAddresses, PortSelection,
-    ServicePortState,
+    ClusterIpMasquerade, DesiredState, Diff, FamilyDiff, FamilyState, HealthCheck,
+    NodePortAddresses, PortSelection, ServicePortState,
 };
 
 /// Node-level settings of the engine (kube-proxy's flags).
@@ -27,11 +27,14 @@ pub struct EngineConfig {
     pub masquerade_all: bool,
 }
 
-/// What one Service contributed to the last desired state, so a recompute can replace it.
-#[derive(Debug, Default)]
-struct ServiceEntry {
-    v4: Vec<ServicePortName>,
-    v6: Vec<ServicePortName>,
+/// Service ports of one family to replace (`Some`) or remove (`None`) in the next state.
+type Updates = BTreeMap<ServicePortName, Option<Arc<ServicePortState>>>;
+
+/// The state before the last one, kept to become the next one (see [`Engine::desired`]).
+struct Spare {
+    state: Arc<DesiredState>,
+    /// What changed from `state` to the last state, per family (v4, v6).
+    diff: [FamilyDiff; 2],
 }
 
 /// The object cache plus change tracking.
@@ -39,13 +42,22 @@ struct ServiceEntry {
 /// `desired()` recomputes only the services touched since the previous call (a Service change,
 /// or a change of one of its EndpointSlices) and reuses every other `Arc<ServicePortState>`.
 /// A change of this node's zone recomputes everything (topology hints depend on it).
+///
+/// One change costs O(changed services), not O(services): the engine keeps its last state
+/// and the one before; once the backend has applied the last one, nobody else holds the one
+/// before, so the next state is that one's maps patched forward (with the previous step's
+/// changes, then this step's) instead of a copy of every service, and [`Engine::diff`]
+/// hands the sync loop the changes it made rather than comparing every service.
 pub struct Engine {
     config: EngineConfig,
     services: HashMap<NamespacedName, Service>,
     slices: HashMap<NamespacedName, EndpointSlice>,
-    /// Service (namespace/name) → names of the slices labelled with it.
-    slices_by_service: HashMap<NamespacedName, BTreeSet<NamespacedName>>,
+    /// Service (namespace/name) → names of the slices labelled with it, sorted (a `Vec`: a
+    /// service has one slice or a few, and a `BTreeSet` node costs half a kilobyte).
+    slices_by_service: HashMap<NamespacedName, Vec<NamespacedName>>,
     nodes: HashMap<String, Node>,
+    /// Node and zone names of the endpoints, shared.
+    names: Interner,
 
     /// Services to recompute at the next `desired()`.
     dirty: HashSet<NamespacedName>,
@@ -60,12 +72,15 @@ pub struct Engine {
     /// since the last [`Engine::take_trigger_times`] (network programming latency).
     trigger_times: Vec<SystemTime>,
 
-    entries: HashMap<NamespacedName, ServiceEntry>,
-    v4_services: BTreeMap<ServicePortName, Arc<ServicePortState>>,
-    v6_services: BTreeMap<ServicePortName, Arc<ServicePortState>>,
     /// Service → (healthCheckNodePort, local ready endpoints), sorted for a stable port owner.
     health: BTreeMap<NamespacedName, (u16, usize)>,
+    /// The last state `desired()` returned.
     last: Option<Arc<DesiredState>>,
+    /// The state before `last`, and what changed from it to `last`.
+    spare: Option<Spare>,
+    /// States built by copying every service (the spare was still held elsewhere, or there
+    /// was none): what a test checks stays at zero in a steady stream of changes.
+    copies: u64,
 }
 
 impl Engine {
@@ -76,17 +91,17 @@ impl Engine {
             slices: HashMap::new(),
             slices_by_service: HashMap::new(),
             nodes: HashMap::new(),
+            names: Interner::default(),
             dirty: HashSet::new(),
             all_dirty: false,
             node_changed: false,
             changed_services: HashSet::new(),
             changed_slices: HashSet::new(),
             trigger_times: Vec::new(),
-            entries: HashMap::new(),
-            v4_services: BTreeMap::new(),
-            v6_services: BTreeMap::new(),
             health: BTreeMap::new(),
             last: None,
+            spare: None,
+            copies: 0,
         }
     }
 
@@ -161,10 +176,10 @@ impl Engine {
             self.unindex_slice(&old);
         }
         if let Some(svc) = slice_service(&slice) {
-            self.slices_by_service
-                .entry(svc.clone())
-                .or_default()
-                .insert(slice.name.clone());
+            let names = self.slices_by_service.entry(svc.clone()).or_default();
+            if let Err(at) = names.binary_search(&slice.name) {
+                names.insert(at, slice.name.clone());
+            }
             self.dirty.insert(svc);
         }
         self.changed_slices.insert(slice.name.clone());
@@ -183,9 +198,11 @@ impl Engine {
         let Some(svc) = slice_service(slice) else {
             return;
         };
-        if let Some(set) = self.slices_by_service.get_mut(&svc) {
-            set.remove(&slice.name);
-            if set.is_empty() {
+        if let Some(names) = self.slices_by_service.get_mut(&svc) {
+            if let Ok(at) = names.binary_search(&slice.name) {
+                names.remove(at);
+            }
+            if names.is_empty() {
                 self.slices_by_service.remove(&svc);
             }
         }
@@ -221,35 +238,182 @@ impl Engine {
     }
 
     /// The desired state for everything applied so far. Services untouched since the last
-    /// call keep their `Arc`s, so [`crate::Diff::between`] is cheap. When nothing changed at
-    /// all, the previous `Arc<DesiredState>` itself is returned.
+    /// call keep their `Arc`s; when nothing changed at all (or every change recomputed to the
+    /// same value), the previous `Arc<DesiredState>` itself is returned. Costs O(changed
+    /// services) when the state before the last one is no longer held outside the engine
+    /// (the sync loop drops it once the last one is applied); else one copy of the maps.
     pub fn desired(&mut self) -> Arc<DesiredState> {
         let dirty: Vec<NamespacedName> = if self.all_dirty {
             let mut all: HashSet<NamespacedName> = self.services.keys().cloned().collect();
-            all.extend(self.entries.keys().cloned());
+            all.extend(self.dirty.drain());
             all.into_iter().collect()
         } else {
             self.dirty.drain().collect()
         };
-        let anything_changed = !dirty.is_empty() || self.node_changed || self.last.is_none();
-        self.dirty.clear();
+        // A burst (the first sync) leaves large empty tables behind; give them back.
+        for set in [
+            &mut self.dirty,
+            &mut self.changed_services,
+            &mut self.changed_slices,
+        ] {
+            set.clear();
+            if set.capacity() > 1024 {
+                set.shrink_to(64);
+            }
+        }
         self.all_dirty = false;
         self.node_changed = false;
-        self.changed_services.clear();
-        self.changed_slices.clear();
 
+        let mut updates: [Updates; 2] = Default::default();
         for name in &dirty {
-            self.recompute(name);
+            self.recompute(name, &mut updates);
+        }
+        // Names no state uses any more (a node gone) are forgotten now and then.
+        self.names.prune();
+        let node = self.this_node();
+        let globals = [
+            family_globals(&self.config, IpFamily::V4, node),
+            family_globals(&self.config, IpFamily::V6, node),
+        ];
+        let node_zone = node.and_then(|n| n.zone.clone());
+        let health_checks = self.health_checks();
+
+        let Some(last) = self.last.clone() else {
+            let mut state = DesiredState {
+                node_name: self.config.node_name.clone(),
+                node_zone,
+                v4: FamilyState::empty(IpFamily::V4),
+                v6: FamilyState::empty(IpFamily::V6),
+                health_checks,
+            };
+            for ((fam, updates), globals) in [&mut state.v4, &mut state.v6]
+                .into_iter()
+                .zip(updates)
+                .zip(globals)
+            {
+                patch(fam, updates, globals);
+            }
+            let state = Arc::new(state);
+            self.last = Some(state.clone());
+            return state;
+        };
+        let globals_changed = [
+            !same_globals(&last.v4, &globals[0]),
+            !same_globals(&last.v6, &globals[1]),
+        ];
+        if updates.iter().all(BTreeMap::is_empty)
+            && !globals_changed.contains(&true)
+            && last.node_zone == node_zone
+            && last.health_checks == health_checks
+        {
+            // No-op changes: the same state, so the backend sees an empty diff.
+            return last;
         }
 
-        if !anything_changed && let Some(last) = &self.last {
-            return last.clone();
+        let diff = [
+            family_diff(&last.v4, &updates[0], globals_changed[0]),
+            family_diff(&last.v6, &updates[1], globals_changed[1]),
+        ];
+        let mut state = self.take_spare(&last);
+        state.node_zone = node_zone;
+        state.health_checks = health_checks;
+        for ((fam, updates), globals) in [&mut state.v4, &mut state.v6]
+            .into_iter()
+            .zip(updates)
+            .zip(globals)
+        {
+            patch(fam, updates, globals);
         }
-        let node = self.this_node();
-        let mut v4 = family_globals(&self.config, IpFamily::V4, node);
-        let mut v6 = family_globals(&self.config, IpFamily::V6, node);
-        v4.services = self.v4_services.clone();
-        v6.services = self.v6_services.clone();
+        let state = Arc::new(state);
+        self.spare = Some(Spare { state: last, diff });
+        self.last = Some(state.clone());
+        state
+    }
+
+    /// The last state's contents in an owned value to patch: the spare (the state before
+    /// the last) brought up to the last one when nobody else holds it, else a copy.
+    fn take_spare(&mut self, last: &DesiredState) -> DesiredState {
+        if let Some(Spare { state, diff }) = self.spare.take()
+            && let Ok(mut spare) = Arc::try_unwrap(state)
+        {
+            for (fam, (from, diff)) in [&mut spare.v4, &mut spare.v6]
+                .into_iter()
+                .zip([&last.v4, &last.v6].into_iter().zip(diff))
+            {
+                for key in diff.removed {
+                    fam.services.remove(&key);
+                }
+                for key in diff.added.into_iter().chain(diff.changed) {
+                    match from.services.get(&key) {
+                        Some(port) => fam.services.insert(key, port.clone()),
+                        None => fam.services.remove(&key),
+                    };
+                }
+            }
+            return spare;
+        }
+        self.copies += 1;
+        last.clone()
+    }
+
+    /// Make the spare state now, a copy of the last one, if there is none yet: called by the
+    /// sync loop once the first sync is done, so the one copy of every service that the
+    /// double buffering needs is made while the proxy is idle, not in the first change.
+    pub fn prepare_spare(&mut self) {
+        if self.spare.is_none()
+            && let Some(last) = &self.last
+        {
+            self.copies += 1;
+            self.spare = Some(Spare {
+                state: Arc::new((**last).clone()),
+                diff: Default::default(),
+            });
+        }
+    }
+
+    /// States built by copying every service so far (see [`Engine::desired`]).
+    pub fn full_copies(&self) -> u64 {
+        self.copies
+    }
+
+    /// The difference from `previous` (what the backend last applied) to `next` (what
+    /// [`Engine::desired`] returned): the changes the engine made, in O(changed services),
+    /// when `previous` is the state before `next` (or `next` itself); else
+    /// [`Diff::between`].
+    pub fn diff(
+        &self,
+        previous: Option<Arc<DesiredState>>,
+        next: &Arc<DesiredState>,
+        full: bool,
+    ) -> Diff {
+        if let (Some(prev), Some(last)) = (&previous, &self.last)
+            && Arc::ptr_eq(last, next)
+        {
+            if Arc::ptr_eq(prev, next) {
+                return Diff {
+                    previous,
+                    full,
+                    v4: FamilyDiff::default(),
+                    v6: FamilyDiff::default(),
+                };
+            }
+            if let Some(spare) = &self.spare
+                && Arc::ptr_eq(&spare.state, prev)
+            {
+                let [v4, v6] = spare.diff.clone();
+                return Diff {
+                    previous,
+                    full,
+                    v4,
+                    v6,
+                };
+            }
+        }
+        Diff::between(previous, next, full)
+    }
+
+    /// The healthCheckNodePort servers, keyed by port.
+    fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
         let mut health_checks = BTreeMap::new();
         for (service, &(port, local_endpoints)) in &self.health {
             // Two services claiming one port cannot both be served; the first by name wins.
@@ -271,21 +435,7 @@ impl Engine {
                 },
             );
         }
-        let state = Arc::new(DesiredState {
-            node_name: self.config.node_name.clone(),
-            node_zone: node.and_then(|n| n.zone.clone()),
-            v4,
-            v6,
-            health_checks,
-        });
-        // Keep the previous Arc when the value is identical (no-op changes), for cheap diffs.
-        if let Some(last) = &self.last
-            && **last == *state
-        {
-            return last.clone();
-        }
-        self.last = Some(state.clone());
-        state
+        health_checks
     }
 
     /// Why the ports of Service `name` got their endpoints (every family), computed now
@@ -301,6 +451,7 @@ impl Engine {
             node_name: &self.config.node_name,
             zone: this_node.and_then(|n| n.zone.as_deref()),
             node_ips: this_node.map_or(&[], |n| n.addresses.as_slice()),
+            names: &self.names,
         };
         explain_service(svc, &slices, &ctx)
     }
@@ -315,54 +466,108 @@ impl Engine {
             .collect()
     }
 
-    /// Replace everything `name` contributed with a fresh computation.
-    fn recompute(&mut self, name: &NamespacedName) {
-        let old = self.entries.remove(name).unwrap_or_default();
-        let mut old_v4: HashMap<ServicePortName, Arc<ServicePortState>> = old
-            .v4
-            .iter()
-            .filter_map(|k| self.v4_services.remove_entry(k))
-            .collect();
-        let mut old_v6: HashMap<ServicePortName, Arc<ServicePortState>> = old
-            .v6
-            .iter()
-            .filter_map(|k| self.v6_services.remove_entry(k))
-            .collect();
+    /// Compute `name`'s ports afresh and record, per family, those that differ from the
+    /// last state (new or changed values, and ports it no longer has).
+    fn recompute(&mut self, name: &NamespacedName, updates: &mut [Updates; 2]) {
         self.health.remove(name);
-
-        let Some(svc) = self.services.get(name) else {
-            return;
-        };
-        let slices = self.slices_of(name);
-        let this_node = self.nodes.get(&self.config.node_name);
-        let ctx = NodeContext {
-            node_name: &self.config.node_name,
-            zone: this_node.and_then(|n| n.zone.as_deref()),
-            node_ips: this_node.map_or(&[], |n| n.addresses.as_slice()),
-        };
-        let output = compute_service(svc, &slices, &ctx);
-
-        let mut entry = ServiceEntry::default();
-        for (states, map, old, keys) in [
-            (output.v4, &mut self.v4_services, &mut old_v4, &mut entry.v4),
-            (output.v6, &mut self.v6_services, &mut old_v6, &mut entry.v6),
-        ] {
-            for state in states {
-                let arc = match old.remove(&state.name) {
-                    Some(prev) if *prev == state => prev,
-                    _ => Arc::new(state),
+        let output = match self.services.get(name) {
+            Some(svc) => {
+                let slices = self.slices_of(name);
+                let this_node = self.nodes.get(&self.config.node_name);
+                let ctx = NodeContext {
+                    node_name: &self.config.node_name,
+                    zone: this_node.and_then(|n| n.zone.as_deref()),
+                    node_ips: this_node.map_or(&[], |n| n.addresses.as_slice()),
+                    names: &self.names,
                 };
-                keys.push(arc.name.clone());
-                map.insert(arc.name.clone(), arc);
+                compute_service(svc, &slices, &ctx)
             }
-        }
+            None => ServiceOutput::default(),
+        };
         if let Some(hc) = output.health_check {
             self.health.insert(name.clone(), hc);
         }
-        if !entry.v4.is_empty() || !entry.v6.is_empty() {
-            self.entries.insert(name.clone(), entry);
+        let last = self.last.as_deref();
+        for ((states, updates), old) in [output.v4, output.v6]
+            .into_iter()
+            .zip(updates.iter_mut())
+            .zip([last.map(|l| &l.v4), last.map(|l| &l.v6)])
+        {
+            let mut gone: BTreeSet<&ServicePortName> =
+                old.map(|o| ports_of(o, name).collect()).unwrap_or_default();
+            for state in states {
+                gone.remove(&state.name);
+                let same = old
+                    .and_then(|o| o.services.get(&state.name))
+                    .is_some_and(|prev| **prev == state);
+                if !same {
+                    updates.insert(state.name.clone(), Some(Arc::new(state)));
+                }
+            }
+            for key in gone {
+                updates.insert(key.clone(), None);
+            }
         }
     }
+}
+
+/// The keys of `name`'s ports in `fam` (they sort together: the service comes first).
+fn ports_of<'a>(
+    fam: &'a FamilyState,
+    name: &'a NamespacedName,
+) -> impl Iterator<Item = &'a ServicePortName> + 'a {
+    let lowest = ServicePortName {
+        service: name.clone(),
+        port: String::new(),
+        protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+            .into_iter()
+            .min()
+            .unwrap_or(Protocol::Tcp),
+    };
+    fam.services
+        .range(lowest..)
+        .map(|(k, _)| k)
+        .take_while(move |k| k.service == *name)
+}
+
+/// Replace `fam`'s node-wide settings with `globals`' and apply `updates` to its services.
+fn patch(fam: &mut FamilyState, updates: Updates, globals: FamilyState) {
+    let mut services = std::mem::take(&mut fam.services);
+    for (key, port) in updates {
+        match port {
+            Some(port) => services.insert(key, port),
+            None => services.remove(&key),
+        };
+    }
+    *fam = FamilyState {
+        services,
+        ..globals
+    };
+}
+
+/// Whether two family states have the same node-wide settings (services aside).
+fn same_globals(a: &FamilyState, b: &FamilyState) -> bool {
+    a.cluster_cidrs == b.cluster_cidrs
+        && a.cluster_ip_masquerade == b.cluster_ip_masquerade
+        && a.nodeport_addresses == b.nodeport_addresses
+        && a.node_ips == b.node_ips
+}
+
+/// What `updates` (each one a real change) do to `old`'s services.
+fn family_diff(old: &FamilyState, updates: &Updates, globals_changed: bool) -> FamilyDiff {
+    let mut d = FamilyDiff {
+        globals_changed,
+        ..FamilyDiff::default()
+    };
+    for (key, port) in updates {
+        let set = match (port, old.services.contains_key(key)) {
+            (None, _) => &mut d.removed,
+            (Some(_), true) => &mut d.changed,
+            (Some(_), false) => &mut d.added,
+        };
+        set.insert(key.clone());
+    }
+    d
 }
 
 /// The Service a slice belongs to: its `kubernetes.io/service-name` label, same namespace.
@@ -429,7 +634,6 @@ pub(crate) fn family_globals(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::Diff;
     use crate::testutil::*;
     use svcplane_model::{Pod, TrafficPolicy};
 
@@ -694,6 +898,202 @@ mod tests {
             .map(|(k, _)| k.to_string())
             .collect();
         assert_eq!(rebuilt, ["ns/svc-4242/TCP"]);
+    }
+
+    /// A tiny deterministic generator, so the sequence below is the same on every run.
+    struct Lcg(u64);
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// A random change of a small cluster: Services (dual-stack, LoadBalancer eTP Local with
+    /// health checks, extra ports) and slices come and go, and this node's zone changes.
+    fn random_change(rng: &mut Lcg, objects: &mut BTreeMap<String, Option<Object>>) -> Change {
+        let i = rng.below(12);
+        let name = format!("svc-{i}");
+        let (key, change) = match rng.below(10) {
+            0..=2 => {
+                let mut svc = if rng.below(3) == 0 {
+                    let mut s = lb_service("ns", &name, &[&format!("10.96.0.{i}"), "fd00::1"]);
+                    s.external_traffic_policy = TrafficPolicy::Local;
+                    s.health_check_node_port = Some(32000 + i as u16 % 3);
+                    s
+                } else {
+                    service("ns", &name, &[&format!("10.96.0.{i}")])
+                };
+                if rng.below(2) == 0 {
+                    svc.ports
+                        .push(port("dns", svcplane_model::Protocol::Udp, 53));
+                }
+                (name.clone(), Change::Apply(Object::Service(svc)))
+            }
+            3..=7 => {
+                let nodes = [NODE, "node-b"];
+                let eps = (0..rng.below(4))
+                    .map(|k| {
+                        let addr = format!("10.0.{i}.{}", rng.below(5) + k * 10);
+                        zone_hints(
+                            ep(&addr, nodes[rng.below(2) as usize]),
+                            &[["zone-a", "zone-b"][rng.below(2) as usize]],
+                        )
+                    })
+                    .collect();
+                let slice_name = format!("{name}-{}", rng.below(2));
+                let obj = Object::EndpointSlice(slice("ns", &slice_name, &name, 8080, eps));
+                (slice_name, Change::Apply(obj))
+            }
+            8 => {
+                let zone = ["zone-a", "zone-b"][rng.below(2) as usize];
+                let obj = Object::Node(node(NODE, Some(zone), &["192.168.0.1"]));
+                ("node".to_owned(), Change::Apply(obj))
+            }
+            _ => {
+                let (kind, n) = if rng.below(2) == 0 {
+                    (Kind::Service, name.clone())
+                } else {
+                    (Kind::EndpointSlice, format!("{name}-{}", rng.below(2)))
+                };
+                let key = ObjectKey {
+                    kind,
+                    name: NamespacedName::new("ns", n.clone()),
+                };
+                objects.insert(n, None);
+                return Change::Delete(key);
+            }
+        };
+        if let Change::Apply(obj) = &change {
+            objects.insert(key, Some(obj.clone()));
+        }
+        change
+    }
+
+    #[test]
+    fn patched_states_equal_fresh_ones_and_reuse_the_spare() {
+        let mut rng = Lcg(7);
+        let mut engine = Engine::new(config());
+        let mut objects = BTreeMap::new();
+        let mut applied: Option<Arc<DesiredState>> = None;
+        for step in 0..400 {
+            for _ in 0..rng.below(3) + 1 {
+                let change = random_change(&mut rng, &mut objects);
+                engine.apply(change);
+            }
+            let next = engine.desired();
+            // What the sync loop does: the engine's diff, against what was last applied.
+            let diff = engine.diff(applied.clone(), &next, false);
+            assert_eq!(
+                diff,
+                Diff::between(applied.clone(), &next, false),
+                "step {step}"
+            );
+            // The patched state is exactly what a fresh engine computes from the objects.
+            let mut fresh = Engine::new(config());
+            for obj in objects.values().flatten() {
+                fresh.apply(Change::Apply(obj.clone()));
+            }
+            assert_eq!(*next, *fresh.desired(), "step {step}");
+            applied = Some(next);
+        }
+        // Only the second state was a copy of every service; every later one was the spare,
+        // patched, because nothing but the engine held it.
+        assert_eq!(engine.full_copies(), 1);
+    }
+
+    #[test]
+    fn a_prepared_spare_makes_the_first_change_a_patch_too() {
+        let mut rng = Lcg(3);
+        let mut engine = Engine::new(config());
+        let mut objects = BTreeMap::new();
+        for _ in 0..30 {
+            let change = random_change(&mut rng, &mut objects);
+            engine.apply(change);
+        }
+        let mut applied = engine.desired();
+        engine.prepare_spare();
+        engine.prepare_spare();
+        assert_eq!(engine.full_copies(), 1);
+        for step in 0..50 {
+            let change = random_change(&mut rng, &mut objects);
+            engine.apply(change);
+            let next = engine.desired();
+            let diff = engine.diff(Some(applied.clone()), &next, false);
+            assert_eq!(
+                diff,
+                Diff::between(Some(applied.clone()), &next, false),
+                "step {step}"
+            );
+            let mut fresh = Engine::new(config());
+            for obj in objects.values().flatten() {
+                fresh.apply(Change::Apply(obj.clone()));
+            }
+            assert_eq!(*next, *fresh.desired(), "step {step}");
+            applied = next;
+        }
+        // The prepared copy was the only one.
+        assert_eq!(engine.full_copies(), 1);
+    }
+
+    #[test]
+    fn a_state_still_held_is_copied_and_diffs_fall_back() {
+        let mut rng = Lcg(11);
+        let mut engine = Engine::new(config());
+        let mut objects = BTreeMap::new();
+        for _ in 0..20 {
+            let change = random_change(&mut rng, &mut objects);
+            engine.apply(change);
+        }
+        let first = engine.desired();
+        let mut states = vec![first.clone()];
+        let mut changes = 0;
+        while states.len() < 6 {
+            let change = random_change(&mut rng, &mut objects);
+            engine.apply(change);
+            changes += 1;
+            let next = engine.desired();
+            if !Arc::ptr_eq(&next, states.last().unwrap()) {
+                states.push(next);
+            }
+        }
+        // Every state is still held (a sync that failed keeps the old one), so each one was
+        // built as a copy; the diff from the first (not the state before the last) is
+        // computed by comparison, and still right.
+        assert_eq!(engine.full_copies(), 5, "{changes} changes");
+        let last = states.last().unwrap();
+        assert_eq!(
+            engine.diff(Some(first.clone()), last, true),
+            Diff::between(Some(first), last, true)
+        );
+        let same = engine.diff(Some(last.clone()), last, false);
+        assert!(same.is_empty() && same.previous.is_some());
+    }
+
+    #[test]
+    fn node_names_are_shared_and_forgotten_when_unused() {
+        let mut engine = Engine::new(config());
+        apply(
+            &mut engine,
+            Object::Service(service("ns", "web", &["10.96.0.10"])),
+        );
+        // 20 rounds of 50 endpoints on 50 nodes never seen before (1000 names in all).
+        for round in 0..20 {
+            let eps = (0..50)
+                .map(|k| ep(&format!("10.0.{round}.{k}"), &format!("node-{round}-{k}")))
+                .collect();
+            apply(
+                &mut engine,
+                Object::EndpointSlice(slice("ns", "web-1", "web", 8080, eps)),
+            );
+            engine.desired();
+        }
+        // The last two states hold 100 names; pruning keeps the set within twice what is
+        // alive (plus a little), never all 1000.
+        assert!(engine.names.len() <= 2 * 150 + 64, "{}", engine.names.len());
     }
 
     #[test]

@@ -92,6 +92,9 @@ pub struct SyncOutcome {
     pub trigger_times: Vec<SystemTime>,
     /// The state this sync tried to apply (for health-check servers and per-service metrics).
     pub desired: Arc<DesiredState>,
+    /// What changed from the last state applied successfully (`diff.previous`) to `desired`,
+    /// so per-service metrics can follow the changes instead of scanning every service.
+    pub diff: Diff,
 }
 
 impl SyncOutcome {
@@ -249,7 +252,8 @@ impl LoopState {
         let (pending_services, pending_endpoint_slices) = self.engine.pending_changes();
         let trigger_times = self.engine.take_trigger_times();
         let desired = self.engine.desired();
-        let diff = Diff::between(self.last_applied.clone(), &desired, full);
+        // The engine's own record of what changed: no comparison of every service.
+        let diff = self.engine.diff(self.last_applied.clone(), &desired, full);
         if diff.is_empty() && !periodic {
             // Changes that cancel out: nothing to send, and the state is what was applied.
             self.last_applied = Some(desired);
@@ -294,6 +298,9 @@ impl LoopState {
                 );
                 self.last_applied = Some(desired);
                 self.consecutive_failures = 0;
+                // After the first sync: the engine's second buffer, made now rather than
+                // in the first change (once; a no-op later).
+                self.engine.prepare_spare();
                 // The backend may have synced in full on its own (it found its rules gone).
                 if diff.full || report.full {
                     self.last_full = Some(start);
@@ -349,6 +356,7 @@ impl LoopState {
                 queued_since,
                 trigger_times,
                 desired: outcome_state,
+                diff,
             });
         }
         Ok(())

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use svcplane_testkit::{Daemon, Netns, metric_value};
 
+use datapath::rss_of;
+
 use crate::cli::BenchSyncArgs;
 
 pub(crate) mod datapath;
@@ -98,18 +100,37 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
         "kubeproxy_sync_full_proxy_rules_duration_seconds_sum",
     )
     .unwrap_or(f64::NAN);
+    let pid = proxy.id();
+    let rss_first = pid.and_then(rss_of).map(|(rss, _)| rss);
     println!(
-        "== svcplane proxy: started, read the manifests and completed its first (full) sync in {:.2} s (the sync itself: {:.2} s)",
+        "== svcplane proxy: started, read the manifests and completed its first (full) sync in {:.2} s (the sync itself: {:.2} s); RSS after it: {}",
         started.elapsed().as_secs_f64(),
-        full
+        full,
+        mib(rss_first),
     );
 
-    let mut stats = change_rounds(
-        args.rounds,
-        || get_metrics(&ns, metrics_addr),
-        |round| write_changing_slice(dir.path(), args.endpoints, round),
-        || Ok(()),
-    )?;
+    let metrics = || get_metrics(&ns, metrics_addr);
+    let write = |round| write_changing_slice(dir.path(), args.endpoints, round);
+    let cpu = || pid.and_then(cpu_seconds);
+    let result =
+        change_rounds(args.rounds, metrics, cpu, write, || Ok(())).and_then(|mut stats| {
+            print!("{}", change_report(args.services, args.rounds, &mut stats));
+            match args.churn {
+                Some(duration) => churn(
+                    &ChurnSpec {
+                        services: args.services,
+                        duration,
+                        first_round: args.rounds + 1,
+                        rss_first,
+                        pid,
+                    },
+                    metrics,
+                    cpu,
+                    write,
+                ),
+                None => Ok(()),
+            }
+        });
     let _ = proxy.terminate();
     if let Some((pins, _cgroup)) = &ebpf_scratch {
         let _ = std::process::Command::new(&exe)
@@ -117,11 +138,15 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
             .arg(pins)
             .status();
     }
+    result
+}
+
+/// The one-change rounds' report: p50 and p99 of each measure, with min and max.
+fn change_report(services: u32, rounds: u32, stats: &mut ChangeStats) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "== one EndpointSlice changed at {} services, {} rounds (median, min–max):",
-        args.services, args.rounds
+        "== one EndpointSlice changed at {services} services, {rounds} rounds (p50, p99, min–max):"
     );
     for (what, v) in [
         ("file written → rules in the kernel", &mut stats.e2e),
@@ -133,15 +158,126 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
             "the sync alone (render + apply + conntrack)",
             &mut stats.syncs,
         ),
+        (
+            "the proxy's CPU time from the write to the sync's end (every thread)",
+            &mut stats.cpu,
+        ),
     ] {
         let _ = writeln!(out, "   {what}: {}", summary(v));
     }
     out.push_str(
         "   (the difference between the first two lines is the watcher: the manifests \
-         source waits 100 ms for a burst of writes to settle, then re-reads the file)\n",
+         source waits for a burst of writes to settle, then re-reads the file)\n",
     );
-    print!("{out}");
+    out
+}
+
+/// What a churn soak runs on.
+struct ChurnSpec {
+    services: u32,
+    duration: Duration,
+    /// The round number of the first change (the window keeps moving from the rounds before).
+    first_round: u32,
+    /// The proxy's RSS after its first sync, in bytes.
+    rss_first: Option<u64>,
+    pid: Option<u32>,
+}
+
+/// How many times a soak reports its progress.
+const CHURN_REPORTS: u32 = 10;
+
+/// The churn soak: one endpoint change per second for `spec.duration`, each timed to the
+/// kernel like the rounds; then RSS at the end against RSS after the first sync, the syncs'
+/// p50/p99 and the failed syncs the proxy's metrics counted. A change not in the kernel
+/// within [`CHANGE_WAIT`] is counted and the soak goes on.
+fn churn(
+    spec: &ChurnSpec,
+    metrics: impl Fn() -> Result<String>,
+    cpu: impl Fn() -> Option<f64>,
+    write: impl Fn(u32) -> Result<()>,
+) -> Result<()> {
+    let rss = || spec.pid.and_then(rss_of).map(|(rss, _)| rss);
+    println!(
+        "== churn: one endpoint change per second for {:?} at {} services",
+        spec.duration, spec.services
+    );
+    let failures_before = sync_failures(&metrics()?);
+    let started = Instant::now();
+    let mut stats = ChangeStats::default();
+    let mut missed = 0u32;
+    let mut next_report = 1;
+    let mut round = spec.first_round;
+    let mut tick = 0u32;
+    while started.elapsed() < spec.duration {
+        // One change per second on a fixed schedule; a slow round delays only itself.
+        let due = started + Duration::from_secs(u64::from(tick));
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        tick += 1;
+        match measure_change(&metrics, &cpu, || write(round))? {
+            Some(r) => stats.push(r),
+            None => missed += 1,
+        }
+        round += 1;
+        let part = started.elapsed().as_secs_f64() / spec.duration.as_secs_f64();
+        if part * f64::from(CHURN_REPORTS) >= f64::from(next_report) {
+            next_report += 1;
+            println!(
+                "   [{:>5.0} s] {} changes, RSS {}, the sync so far: {}",
+                started.elapsed().as_secs_f64(),
+                stats.syncs.len() + missed as usize,
+                mib(rss()),
+                summary(&mut stats.syncs.clone()),
+            );
+        }
+    }
+    let failed = sync_failures(&metrics()?) - failures_before;
+    let rss_end = rss();
+    println!(
+        "== churn done: {} changes in {:.0} s",
+        stats.syncs.len() + missed as usize,
+        started.elapsed().as_secs_f64()
+    );
+    let growth = match (spec.rss_first, rss_end) {
+        (Some(a), Some(b)) if a > 0 => format!(" (end ÷ first sync: {:.2})", b as f64 / a as f64),
+        _ => String::new(),
+    };
+    println!(
+        "   RSS: after the first sync {}, at the end {}{growth}",
+        mib(spec.rss_first),
+        mib(rss_end)
+    );
+    println!("   the sync alone: {}", summary(&mut stats.syncs));
+    println!(
+        "   the proxy's CPU time per change: {}",
+        summary(&mut stats.cpu)
+    );
+    println!(
+        "   file written → rules in the kernel: {}",
+        summary(&mut stats.e2e)
+    );
+    println!(
+        "   failed syncs (the proxy's metrics): {failed:.0}; changes not in the kernel within {CHANGE_WAIT:?}: {missed}"
+    );
     Ok(())
+}
+
+/// Failed syncs so far by the proxy's metrics (the nftables counter counts every mode's
+/// but iptables', which has its own).
+fn sync_failures(metrics: &str) -> f64 {
+    [
+        "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
+        "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+    ]
+    .iter()
+    .filter_map(|m| metric_value(metrics, m))
+    .sum()
+}
+
+/// `bytes` in MiB, or why not.
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("unknown".to_owned(), |b| {
+        format!("{:.1} MiB", b as f64 / 1048576.0)
+    })
 }
 
 /// One-change rounds, each measured from the proxy's own metrics, in seconds.
@@ -153,6 +289,26 @@ pub(crate) struct ChangeStats {
     pub programming: Vec<f64>,
     /// The sync alone (render + apply + conntrack).
     pub syncs: Vec<f64>,
+    /// The proxy's CPU time (every thread) from the write to the sync's end: what the
+    /// change cost, whatever else runs on a loaded machine (when readable).
+    pub cpu: Vec<f64>,
+}
+
+impl ChangeStats {
+    fn push(&mut self, m: Measured) {
+        self.e2e.push(m.e2e);
+        self.programming.push(m.programming);
+        self.syncs.push(m.sync);
+        self.cpu.extend(m.cpu);
+    }
+}
+
+/// One change's figures, in seconds (see [`ChangeStats`]).
+struct Measured {
+    e2e: f64,
+    programming: f64,
+    sync: f64,
+    cpu: Option<f64>,
 }
 
 /// `rounds` times: `write(round)` one change, then wait until the proxy's metrics (from
@@ -161,38 +317,75 @@ pub(crate) struct ChangeStats {
 pub(crate) fn change_rounds(
     rounds: u32,
     metrics: impl Fn() -> Result<String>,
+    cpu: impl Fn() -> Option<f64>,
     write: impl Fn(u32) -> Result<()>,
     mut between: impl FnMut() -> Result<()>,
 ) -> Result<ChangeStats> {
+    let mut stats = ChangeStats::default();
+    for round in 1..=rounds {
+        between()?;
+        match measure_change(&metrics, &cpu, || write(round))? {
+            Some(r) => stats.push(r),
+            None => {
+                bail!("round {round}: the change did not reach the kernel within {CHANGE_WAIT:?}")
+            }
+        }
+    }
+    Ok(stats)
+}
+
+/// One change: `write` it, wait until the metrics show a sync after it; its figures, or
+/// `None` when no sync came within [`CHANGE_WAIT`]. `cpu`: the proxy's CPU time so far.
+fn measure_change(
+    metrics: &impl Fn() -> Result<String>,
+    cpu: &impl Fn() -> Option<f64>,
+    write: impl FnOnce() -> Result<()>,
+) -> Result<Option<Measured>> {
     const SYNCS: &str = "kubeproxy_sync_proxy_rules_duration_seconds_count";
     const SYNC_TIME: &str = "kubeproxy_sync_proxy_rules_duration_seconds_sum";
     const NP: &str = "kubeproxy_network_programming_duration_seconds_sum";
     const LAST: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
     let value = |t: &str, name: &str| metric_value(t, name).unwrap_or(0.0);
-    let mut stats = ChangeStats::default();
-    for round in 1..=rounds {
-        between()?;
-        let before = metrics()?;
-        let changed_at = SystemTime::now();
-        write(round)?;
-        let mut after = String::new();
-        let done = svcplane_testkit::wait_until(CHANGE_WAIT, || {
-            after = metrics().unwrap_or_default();
-            value(&after, SYNCS) > value(&before, SYNCS)
-        });
-        if !done {
-            bail!("round {round}: the change did not reach the kernel within {CHANGE_WAIT:?}");
-        }
-        let changed = changed_at.duration_since(UNIX_EPOCH)?.as_secs_f64();
-        stats.e2e.push(value(&after, LAST) - changed);
-        stats
-            .programming
-            .push(value(&after, NP) - value(&before, NP));
-        stats
-            .syncs
-            .push(value(&after, SYNC_TIME) - value(&before, SYNC_TIME));
+    let before = metrics()?;
+    let cpu_before = cpu();
+    let changed_at = SystemTime::now();
+    write()?;
+    let mut after = String::new();
+    let done = svcplane_testkit::wait_until(CHANGE_WAIT, || {
+        after = metrics().unwrap_or_default();
+        value(&after, SYNCS) > value(&before, SYNCS)
+    });
+    if !done {
+        return Ok(None);
     }
-    Ok(stats)
+    let cpu_after = cpu();
+    let changed = changed_at.duration_since(UNIX_EPOCH)?.as_secs_f64();
+    Ok(Some(Measured {
+        e2e: value(&after, LAST) - changed,
+        programming: value(&after, NP) - value(&before, NP),
+        sync: value(&after, SYNC_TIME) - value(&before, SYNC_TIME),
+        cpu: cpu_before.zip(cpu_after).map(|(a, b)| b - a),
+    }))
+}
+
+/// Process `pid`'s CPU time so far, every thread's (ended ones too), in seconds: its
+/// process CPU clock (`clock_getcpuclockid`), exact, unlike `/proc` figures that move only
+/// at scheduler ticks.
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: plain calls with valid, exclusively borrowed out-parameters.
+    if unsafe { libc::clock_getcpuclockid(libc::pid_t::try_from(pid).ok()?, &mut clock) } != 0 {
+        return None;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: as above.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
 }
 
 fn get_metrics(ns: &Netns, addr: SocketAddr) -> Result<String> {
@@ -202,12 +395,15 @@ fn get_metrics(ns: &Netns, addr: SocketAddr) -> Result<String> {
     }
 }
 
+/// p50 and p99 (nearest rank, as [`datapath::Percentiles`]), then min–max, in ms.
 fn summary(v: &mut [f64]) -> String {
     v.sort_by(f64::total_cmp);
-    match (v.first(), v.get(v.len() / 2), v.last()) {
-        (Some(min), Some(median), Some(max)) => format!(
-            "{:.1} ms ({:.1}–{:.1} ms)",
-            median * 1e3,
+    let rank = |p: f64| v.get(((p * v.len() as f64).ceil() as usize).saturating_sub(1));
+    match (v.first(), rank(0.50), rank(0.99), v.last()) {
+        (Some(min), Some(p50), Some(p99), Some(max)) => format!(
+            "p50 {:.1} ms, p99 {:.1} ms ({:.1}–{:.1} ms)",
+            p50 * 1e3,
+            p99 * 1e3,
             min * 1e3,
             max * 1e3
         ),
@@ -227,11 +423,22 @@ fn endpoint_ip(n: u32) -> Ipv4Addr {
 
 /// `service`'s EndpointSlice in namespace `bench`: port `http` 8080/TCP, every address ready.
 fn slice_yaml(out: &mut String, service: &str, addresses: impl IntoIterator<Item = Ipv4Addr>) {
+    slice_yaml_on(out, service, 1, 8080, addresses);
+}
+
+/// `service`'s EndpointSlice number `n` (`{service}-{n}`): port `http` `port`/TCP.
+fn slice_yaml_on(
+    out: &mut String,
+    service: &str,
+    n: u32,
+    port: u16,
+    addresses: impl IntoIterator<Item = Ipv4Addr>,
+) {
     let _ = write!(
         out,
         "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata: {{name: {service}-1, namespace: bench, labels: {{kubernetes.io/service-name: {service}}}}}\n\
-         addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n"
+         metadata: {{name: {service}-{n}, namespace: bench, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\nendpoints:\n"
     );
     for ip in addresses {
         let _ = writeln!(

@@ -131,6 +131,7 @@ pub enum BenchCommand {
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  \
                         svcplane bench datapath --services 1000,10000,30000 --requests 2000\n  \
+                        svcplane bench datapath --services 10000 --target-endpoints 1,100,1000\n  \
                         svcplane bench datapath --proxy-mode iptables -- --iptables-dispatch linear")]
 pub struct BenchDatapathArgs {
     /// The proxy's --proxy-mode.
@@ -153,6 +154,15 @@ pub struct BenchDatapathArgs {
     /// rule set as large as a real one).
     #[arg(long, value_name = "E", default_value_t = 1)]
     pub endpoints: u32,
+    /// The measured Service's endpoints, comma-separated: one measurement per number and
+    /// number of services (the server pod on that many ports, so every one answers).
+    #[arg(
+        long,
+        value_name = "N[,N...]",
+        value_delimiter = ',',
+        default_value = "1"
+    )]
+    pub target_endpoints: Vec<u32>,
     /// How long to wait for the proxy's first sync per size (Go duration).
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::duration::parse_go_duration)]
     pub first_sync_wait: std::time::Duration,
@@ -188,6 +198,11 @@ pub struct BenchSyncArgs {
     /// `--proxy-arg=--ebpf-north-south=false`.
     #[arg(long = "proxy-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub proxy_args: Vec<String>,
+    /// After the rounds, a churn soak (Go duration, e.g. 10m): one endpoint change per
+    /// second, then RSS at the end against after the first sync, the sync's p50/p99 and the
+    /// failed syncs.
+    #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse_go_duration)]
+    pub churn: Option<std::time::Duration>,
 }
 
 /// Flags shared by `proxy` and `render`: where objects come from and how the node is configured.

@@ -360,8 +360,8 @@ pub fn trace(world: &World, req: &Request) -> Result<Trace, TraceError> {
         t.endpoints.push(Candidate {
             ip: ep.ip,
             port: ep.port,
-            node: ep.node_name.clone(),
-            zone: ep.zone.clone(),
+            node: ep.node_name.as_deref().map(str::to_owned),
+            zone: ep.zone.as_deref().map(str::to_owned),
             local: ep.is_local,
             ready: ep.ready,
             terminating: ep.terminating,
@@ -375,7 +375,7 @@ pub fn trace(world: &World, req: &Request) -> Result<Trace, TraceError> {
                 t.excluded.push(Excluded {
                     ip: ep.ip,
                     port: ep.port,
-                    node: ep.node_name.clone(),
+                    node: ep.node_name.as_deref().map(str::to_owned),
                     reason: why.to_string(),
                 });
             }

@@ -20,6 +20,8 @@ fn bench_sync_reports_the_path_from_file_to_kernel() {
             "3",
             "--rounds",
             "3",
+            "--churn",
+            "3s",
         ])
         .output()
         .expect("run svcplane bench sync");
@@ -37,23 +39,39 @@ fn bench_sync_reports_the_path_from_file_to_kernel() {
         stdout.contains("completed its first (full) sync"),
         "{stdout}"
     );
-    // Each line carries a measured median: a number of milliseconds, not "no data".
+    let after = |label: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.split_once(label).map(|(_, r)| r))
+            .unwrap_or_else(|| panic!("no {label:?} in:\n{stdout}"))
+    };
+    assert!(number_after(after("RSS after it: "), "") > 0.0, "{stdout}");
+    // Each line carries measured percentiles: numbers of milliseconds, not "no data".
     for line in [
         "file written → rules in the kernel: ",
         "(network programming): ",
         "the sync alone (render + apply + conntrack): ",
+        "to the sync's end (every thread): ",
     ] {
-        let rest = stdout
-            .lines()
-            .find_map(|l| l.split_once(line).map(|(_, r)| r))
-            .unwrap_or_else(|| panic!("no {line:?} in:\n{stdout}"));
-        let median: f64 = rest
-            .split(" ms")
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no median in {rest:?}"));
-        assert!(median > 0.0, "{line}{rest}");
+        let rest = after(line);
+        let (p50, p99) = (number_after(rest, "p50"), number_after(rest, "p99"));
+        assert!(p50 > 0.0 && p99 >= p50, "{line}{rest}");
     }
+    // The churn soak: a change per second for 3 s, every one synced, none failed.
+    let changes = number_after(after("== churn done: "), "");
+    assert!(changes >= 2.0, "{stdout}");
+    let rss = after("RSS: after the first sync ");
+    assert!(number_after(rss, "") > 0.0, "{rss}");
+    assert!(number_after(rss, "at the end") > 0.0, "{rss}");
+    assert!(
+        number_after(after("the sync alone: "), "p99") > 0.0,
+        "{stdout}"
+    );
+    assert_eq!(
+        after("failed syncs (the proxy's metrics): "),
+        "0; changes not in the kernel within 30s: 0",
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -94,7 +112,9 @@ fn bench_datapath_measures_the_clusterip_beside_the_pod_ip() {
             "bench",
             "datapath",
             "--services",
-            "5,40",
+            "40",
+            "--target-endpoints",
+            "1,3",
             "--requests",
             "60",
         ])
@@ -121,8 +141,15 @@ fn bench_datapath_measures_the_clusterip_beside_the_pod_ip() {
         ),
         "{stdout}"
     );
-    for services in [5, 40] {
-        let prefix = format!("nftables --sync-period=2h --masquerade-all {services} svc: ");
+    // Three endpoints: the pod on 8080..8082, each one answering (or the command fails).
+    assert!(
+        stdout.contains(":8080..8082 (3 endpoints: the pod on 3 ports)"),
+        "{stdout}"
+    );
+    for target in [1, 3] {
+        let prefix = format!(
+            "nftables --sync-period=2h --masquerade-all 40 svc, target {target} endpoint(s): "
+        );
         let line = stdout
             .lines()
             .find(|l| l.starts_with(&prefix))

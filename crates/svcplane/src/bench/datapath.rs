@@ -28,7 +28,7 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +41,9 @@ use svcplane_dataplane::ProxyMode;
 use svcplane_testkit::{Cluster, Manifests, Pod, PodSpec, ProxyHandle, ProxyLaunch, metric_value};
 
 use super::progress::Progress;
-use super::{ChangeStats, change_rounds, cluster_ip, endpoint_ip, service_yaml, slice_yaml};
+use super::{
+    ChangeStats, change_rounds, cluster_ip, endpoint_ip, service_yaml, slice_yaml, slice_yaml_on,
+};
 use crate::cli::BenchDatapathArgs;
 use crate::lab::check;
 
@@ -63,6 +65,8 @@ pub(super) const MAX_SERVICES: u32 = 500_000;
 const MAX_DUMMY_ENDPOINTS: u64 = 4 << 20;
 /// Each connection leaves a conntrack entry for 10 s (CLOSE state); stay far from the table's limit.
 pub(super) const MAX_REQUESTS: u32 = 100_000;
+/// The measured Service's endpoints at most: the server pod on as many ports.
+const MAX_TARGET_ENDPOINTS: u32 = 5000;
 /// Concurrent clients of the requests-per-second step.
 const RPS_CLIENTS: usize = 4;
 /// The Service whose EndpointSlice the one-change rounds rewrite (in `changing.yaml`).
@@ -73,6 +77,13 @@ pub fn datapath(args: BenchDatapathArgs) -> Result<()> {
         bail!("`svcplane bench datapath` needs root (network namespaces and the proxy's rules)");
     }
     check_sizes(&args.services, args.endpoints, args.requests)?;
+    if let Some(&t) = args
+        .target_endpoints
+        .iter()
+        .find(|&&t| t == 0 || t > MAX_TARGET_ENDPOINTS)
+    {
+        bail!("--target-endpoints {t}: must be 1..={MAX_TARGET_ENDPOINTS}");
+    }
     let proxy_args: Vec<String> = args
         .proxy_args
         .iter()
@@ -111,15 +122,21 @@ pub fn datapath(args: BenchDatapathArgs) -> Result<()> {
             e
         }
     };
-    let rig = Rig::new(&stop).map_err(interrupted)?;
+    let max_target = args.target_endpoints.iter().copied().max().unwrap_or(1);
+    let rig = Rig::new(&stop, max_target).map_err(interrupted)?;
     let mut rows = Vec::new();
-    for &services in &args.services {
+    for (&services, &target_endpoints) in args
+        .services
+        .iter()
+        .flat_map(|s| args.target_endpoints.iter().map(move |t| (s, t)))
+    {
         let spec = RunSpec {
             mode: &args.proxy_mode,
             proxy_args: &proxy_args,
             cgroup,
             services,
             endpoints: args.endpoints,
+            target_endpoints,
             requests: args.requests,
             first_sync_wait: args.first_sync_wait,
             rps: false,
@@ -167,6 +184,8 @@ pub(super) fn check_sizes(services: &[u32], endpoints: u32, requests: u32) -> Re
 /// One size's latency result.
 pub(super) struct Row {
     pub services: u32,
+    /// The measured Service's endpoints.
+    pub target_endpoints: u32,
     pub via: Percentiles,
     pub direct: Percentiles,
     /// Pod to pod on a node without any rules.
@@ -179,9 +198,10 @@ impl Row {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
         let mut out = format!(
-            "{label} {} svc: via ClusterIP p50 {:.0} µs p99 {:.0} µs | direct p50 {:.0} µs p99 {:.0} µs \
+            "{label} {} svc, target {} endpoint(s): via ClusterIP p50 {:.0} µs p99 {:.0} µs | direct p50 {:.0} µs p99 {:.0} µs \
              | ratio p50 {:.2} p99 {:.2}",
             self.services,
+            self.target_endpoints,
             us(self.via.p50),
             us(self.via.p99),
             us(self.direct.p50),
@@ -240,6 +260,8 @@ pub(super) struct RunSpec<'a> {
     pub cgroup: bool,
     pub services: u32,
     pub endpoints: u32,
+    /// The measured Service's endpoints (the server pod on that many ports).
+    pub target_endpoints: u32,
     /// New connections per path.
     pub requests: u32,
     pub first_sync_wait: Duration,
@@ -276,7 +298,9 @@ pub(super) struct Rig {
 }
 
 impl Rig {
-    pub(super) fn new(stop: &AtomicBool) -> Result<Rig> {
+    /// `target_endpoints`: the most endpoints a run gives the measured Service (the server
+    /// pod listens on that many ports).
+    pub(super) fn new(stop: &AtomicBool, target_endpoints: u32) -> Result<Rig> {
         let cluster = Cluster::builder()
             .node(NODE, "bench-zone")
             .node(REF_NODE, "bench-zone")
@@ -290,13 +314,20 @@ impl Rig {
         let netns = |pod: &Pod| pod.netns().name().to_owned();
         let (client, server) = (cluster.pod("client")?, cluster.pod("server")?);
         let (ref_client, ref_server) = (cluster.pod("ref-client")?, cluster.pod("ref-server")?);
-        let direct = SocketAddr::new(server.ipv4().into(), POD_PORT);
         let reference = SocketAddr::new(ref_server.ipv4().into(), POD_PORT);
-        let ping = PingServer::start(&[
-            (server.netns().name(), direct),
-            (ref_server.netns().name(), reference),
-        ])
-        .context("cannot start the servers in the server pods")?;
+        // The first is POD_PORT: the direct path's.
+        let mut listen: Vec<(&str, SocketAddr)> = (0..target_endpoints.max(1))
+            .map(|k| {
+                let port = target_port(k)?;
+                Ok((
+                    server.netns().name(),
+                    SocketAddr::new(server.ipv4().into(), port),
+                ))
+            })
+            .collect::<Result<_>>()?;
+        listen.push((ref_server.netns().name(), reference));
+        let ping =
+            PingServer::start(&listen).context("cannot start the servers in the server pods")?;
         Ok(Rig {
             _server: ping,
             manifests: cluster.manifests()?,
@@ -314,7 +345,8 @@ impl Rig {
     pub(super) fn run(&self, spec: &RunSpec<'_>, stop: &AtomicBool) -> Result<RunResult> {
         let services = spec.services;
         let written = Instant::now();
-        let (yaml, changing, target) = services_yaml(services, spec.endpoints, self.server);
+        let (yaml, changing, target) =
+            services_yaml(services, spec.endpoints, spec.target_endpoints, self.server)?;
         self.manifests
             .write("services.yaml", &yaml)
             .context("writing services.yaml")?;
@@ -322,11 +354,18 @@ impl Rig {
             .write("changing.yaml", &changing)
             .context("writing changing.yaml")?;
         println!(
-            "== {services} ClusterIP services written in {:.1} s; measured: bench/{} {}:{SERVICE_PORT} → {}:{POD_PORT} (sorts last)",
+            "== {services} ClusterIP services written in {:.1} s; measured: bench/{} {}:{SERVICE_PORT} → {}:{POD_PORT}{} (sorts last)",
             written.elapsed().as_secs_f64(),
             target.name,
             target.cluster_ip,
             self.server,
+            match spec.target_endpoints {
+                0 | 1 => String::new(),
+                n => format!(
+                    "..{} ({n} endpoints: the pod on {n} ports)",
+                    u32::from(POD_PORT) + n - 1
+                ),
+            },
         );
         let scratch = spec.cgroup.then(EbpfScratch::new).transpose()?;
         let mut argv: Vec<String> = vec!["--proxy-mode".into(), spec.mode.into()];
@@ -409,9 +448,11 @@ impl Rig {
         drop(member);
         let changes = if spec.changes > 0 {
             let mut progress = Progress::new("one-change rounds", u64::from(spec.changes));
+            let pid = proxy.pid();
             let stats = change_rounds(
                 spec.changes,
                 || proxy.metrics().map_err(Into::into),
+                || pid.and_then(super::cpu_seconds),
                 |round| write_changing_slice(&self.manifests, spec.endpoints, round),
                 || {
                     progress.inc();
@@ -430,6 +471,7 @@ impl Rig {
         Ok(RunResult {
             row: Row {
                 services: spec.services,
+                target_endpoints: spec.target_endpoints,
                 via: via_p.context("no samples")?,
                 direct: direct_p.context("no samples")?,
                 reference: reference_p.context("no samples")?,
@@ -516,7 +558,7 @@ impl Drop for EbpfScratch {
 }
 
 /// VmRSS and VmHWM of process `pid`, in bytes.
-fn rss_of(pid: u32) -> Option<(u64, u64)> {
+pub(super) fn rss_of(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib = |field: &str| -> Option<u64> {
         status
@@ -726,31 +768,48 @@ impl PingServer {
             })??;
             listeners.push(sock);
         }
+        // epoll, not poll: with a Service of many endpoints the server pod has as many
+        // listeners, and a wake-up must not cost a scan of all of them.
+        // SAFETY: plain syscall; the descriptor is owned below.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `epfd` is a fresh descriptor nobody else owns.
+        let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(epfd) };
+        for (i, l) in listeners.iter().enumerate() {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: i as u64,
+            };
+            // SAFETY: valid descriptors and a valid event for the call's duration.
+            if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, l.as_raw_fd(), &mut ev) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("bench-ping".to_owned())
             .spawn(move || {
-                let mut fds: Vec<libc::pollfd> = listeners
-                    .iter()
-                    .map(|l| libc::pollfd {
-                        fd: l.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    })
-                    .collect();
+                let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
                 while !stopped.load(Ordering::Relaxed) {
                     // The timeout only bounds how long a stop request waits.
-                    // SAFETY: `fds` is a valid, exclusively borrowed array of its length.
-                    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-                    if n <= 0 {
-                        continue;
-                    }
-                    for (pfd, listener) in fds.iter_mut().zip(&listeners) {
-                        if std::mem::take(&mut pfd.revents) != 0 {
-                            while let Ok((conn, _)) = listener.accept() {
-                                answer(&conn);
-                            }
+                    // SAFETY: `events` is a valid, exclusively borrowed array of its length.
+                    let n = unsafe {
+                        libc::epoll_wait(
+                            epoll.as_raw_fd(),
+                            events.as_mut_ptr(),
+                            events.len() as libc::c_int,
+                            100,
+                        )
+                    };
+                    for ev in events.iter().take(usize::try_from(n).unwrap_or(0)) {
+                        let Some(listener) = listeners.get(ev.u64 as usize) else {
+                            continue;
+                        };
+                        while let Ok((conn, _)) = listener.accept() {
+                            answer(&conn);
                         }
                     }
                 }
@@ -792,10 +851,17 @@ struct Target {
 
 /// `services` ClusterIP Services in namespace `bench`, `svc-000000` … (zero-padded so that
 /// name order is index order); each but the last has `endpoints` dummy endpoints, the last
-/// has the server pod. Returns every object but `svc-000000`'s EndpointSlice, that slice
+/// has the server pod on `target_endpoints` ports (one slice per port: an EndpointSlice's
+/// ports apply to all its endpoints, so distinct (address, port) endpoints of one address
+/// need a slice each). Returns every object but `svc-000000`'s EndpointSlice, that slice
 /// (`changing.yaml`: the one-change rounds rewrite it, after the traffic, so with a single
 /// Service they may take the pod away), and the measured Service.
-fn services_yaml(services: u32, endpoints: u32, pod: Ipv4Addr) -> (String, String, Target) {
+fn services_yaml(
+    services: u32,
+    endpoints: u32,
+    target_endpoints: u32,
+    pod: Ipv4Addr,
+) -> Result<(String, String, Target)> {
     let mut out = String::with_capacity(services as usize * (400 + 60 * endpoints as usize));
     let mut changing = String::new();
     let name = |i: u32| format!("svc-{i:06}");
@@ -804,7 +870,9 @@ fn services_yaml(services: u32, endpoints: u32, pod: Ipv4Addr) -> (String, Strin
         service_yaml(&mut out, &name(i), cluster_ip(i));
         let slice = if i == 0 { &mut changing } else { &mut out };
         if i == last {
-            slice_yaml(slice, &name(i), [pod]);
+            for k in 0..target_endpoints.max(1) {
+                slice_yaml_on(slice, &name(i), k + 1, target_port(k)?, [pod]);
+            }
         } else {
             let first = i * endpoints;
             slice_yaml(slice, &name(i), (first..first + endpoints).map(endpoint_ip));
@@ -814,7 +882,12 @@ fn services_yaml(services: u32, endpoints: u32, pod: Ipv4Addr) -> (String, Strin
         name: name(last),
         cluster_ip: cluster_ip(last),
     };
-    (out, changing, target)
+    Ok((out, changing, target))
+}
+
+/// The server pod's `k`-th port for the measured Service (the first is [`POD_PORT`]).
+fn target_port(k: u32) -> Result<u16> {
+    u16::try_from(u32::from(POD_PORT) + k).context("too many target endpoints for the ports")
 }
 
 /// Round `round` of the one-change rounds: [`CHANGING`]'s slice with its endpoint window
@@ -862,7 +935,7 @@ mod tests {
     #[test]
     fn the_measured_service_sorts_last_and_has_the_pod() {
         let pod = Ipv4Addr::new(10, 244, 1, 11);
-        let (main, changing, target) = services_yaml(12, 2, pod);
+        let (main, changing, target) = services_yaml(12, 2, 1, pod).unwrap();
         let yaml = format!("{main}{changing}");
         let names: Vec<&str> = yaml
             .lines()
@@ -891,11 +964,40 @@ mod tests {
     #[test]
     fn a_single_service_is_measured_and_changed() {
         let pod = Ipv4Addr::new(10, 244, 1, 11);
-        let (main, changing, target) = services_yaml(1, 3, pod);
+        let (main, changing, target) = services_yaml(1, 3, 1, pod).unwrap();
         assert_eq!(target.name, CHANGING);
         assert!(main.contains("kind: Service\n"), "{main}");
         assert!(!main.contains("EndpointSlice"), "{main}");
         assert!(changing.contains(&format!("[\"{pod}\"]")), "{changing}");
+    }
+
+    #[test]
+    fn the_measured_service_has_the_pod_on_as_many_ports_as_target_endpoints() {
+        let pod = Ipv4Addr::new(10, 244, 1, 11);
+        let (main, _, target) = services_yaml(3, 2, 4, pod).unwrap();
+        let (_, last) = main
+            .rsplit_once(&format!("name: {}, namespace", target.name))
+            .unwrap();
+        let ports: Vec<&str> = last
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("addressType: IPv4\nports: ")
+                    .or(l.strip_prefix("ports: "))
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            (8080..8084)
+                .map(|p| format!("[{{name: http, port: {p}, protocol: TCP}}]"))
+                .collect::<Vec<_>>(),
+            "{last}"
+        );
+        assert_eq!(last.matches(&format!("[\"{pod}\"]")).count(), 4);
+        assert_eq!(
+            last.matches(&format!("name: {}-4,", target.name)).count(),
+            1
+        );
+        assert!(services_yaml(2, 1, 60_000, pod).is_err());
     }
 
     #[test]

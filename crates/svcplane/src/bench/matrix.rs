@@ -65,7 +65,7 @@ pub fn run(args: BenchRunArgs) -> Result<()> {
 
     // Registered before any namespace exists; checked between steps and requests.
     let stop = crate::lab::watch_signals()?;
-    let rig = Rig::new(&stop).map_err(|e| {
+    let rig = Rig::new(&stop, 1).map_err(|e| {
         if stop.load(Ordering::SeqCst) {
             anyhow!("interrupted")
         } else {
@@ -82,6 +82,7 @@ pub fn run(args: BenchRunArgs) -> Result<()> {
                 cgroup: flavour.cgroup,
                 services,
                 endpoints: args.endpoints,
+                target_endpoints: 1,
                 requests: args.requests,
                 first_sync_wait: args.first_sync_wait,
                 rps: true,
