@@ -3,6 +3,10 @@
 //! Each document is parsed once into a `Value`, dispatched on `apiVersion`/`kind`
 //! and deserialized from that `Value` by reference; only a document that fails
 //! is deserialized a second time, with path tracking, to name the bad field.
+//!
+//! One document at a time: it is parsed, converted and dropped before the next is
+//! parsed, so a file of 20k objects never has 20k `Value`s (about 20× the text) alive
+//! at once — that was the proxy's peak heap.
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -19,15 +23,66 @@ use crate::{Format, Parsed};
 const MAX_LIST_DEPTH: usize = 16;
 
 pub(crate) fn parse_manifest(text: &str, format: Format) -> Result<Parsed, ParseError> {
-    let documents = match format {
-        Format::Yaml => yaml_documents(text)?,
-        Format::Json => json_documents(text)?,
-    };
     let mut parsed = Parsed::default();
-    for document in documents {
-        dispatch(document, &mut parsed, 0);
+    match format {
+        Format::Yaml => {
+            for (first_line, chunk) in yaml_chunks(text) {
+                for document in yaml_documents(chunk, first_line)? {
+                    dispatch(document, &mut parsed, 0);
+                }
+            }
+        }
+        Format::Json => {
+            // A stream, so concatenated JSON values work and an empty file yields nothing.
+            for document in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
+                let document = document.map_err(|e| ParseError {
+                    line: e.line().max(1),
+                    reason: json_reason(&e),
+                })?;
+                dispatch(document, &mut parsed, 0);
+            }
+        }
     }
     Ok(parsed)
+}
+
+/// The YAML text cut at its document markers (`---` at the start of a line), each piece
+/// with the number of lines before it. YAML forbids a marker inside a document's content
+/// (a `---` line always starts a new document), so every piece holds whole documents.
+/// Directives (`%YAML`) belong to the document after them: text with any is one piece.
+fn yaml_chunks(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    let directives = text.starts_with('%') || text.contains("\n%");
+    let mut rest = text;
+    let mut line = 0;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = rest.len();
+        if !directives {
+            // The next marker line after this piece's first line.
+            let mut offset = 0;
+            while let Some(nl) = rest[offset..].find('\n') {
+                let next = offset + nl + 1;
+                if is_document_marker(&rest[next..]) {
+                    end = next;
+                    break;
+                }
+                offset = next;
+            }
+        }
+        let (chunk, tail) = rest.split_at(end);
+        let first_line = line;
+        line += chunk.matches('\n').count();
+        rest = tail;
+        Some((first_line, chunk))
+    })
+}
+
+/// `---` followed by a space, a tab, a line end or the end of the text.
+fn is_document_marker(line: &str) -> bool {
+    line.strip_prefix("---")
+        .is_some_and(|after| after.is_empty() || after.starts_with([' ', '\t', '\n', '\r']))
 }
 
 fn yaml_options() -> serde_saphyr::Options {
@@ -46,7 +101,8 @@ fn yaml_options() -> serde_saphyr::Options {
     options
 }
 
-fn yaml_documents(text: &str) -> Result<Vec<Value>, ParseError> {
+/// The documents of `text`, which starts at line `first_line + 1` of the file.
+fn yaml_documents(text: &str, first_line: usize) -> Result<Vec<Value>, ParseError> {
     serde_saphyr::from_multiple_with_options::<Value>(text, yaml_options()).map_err(|e| {
         let line = e
             .location()
@@ -54,7 +110,7 @@ fn yaml_documents(text: &str) -> Result<Vec<Value>, ParseError> {
             .filter(|&l| l > 0)
             .unwrap_or(1);
         ParseError {
-            line,
+            line: line.saturating_add(first_line),
             reason: yaml_reason(&e),
         }
     })
@@ -68,17 +124,6 @@ fn yaml_reason(e: &serde_saphyr::Error) -> String {
         Some(pos) => first_line[..pos].to_string(),
         None => first_line.to_string(),
     }
-}
-
-fn json_documents(text: &str) -> Result<Vec<Value>, ParseError> {
-    // A stream, so concatenated JSON values work and an empty file yields nothing.
-    serde_json::Deserializer::from_str(text)
-        .into_iter::<Value>()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ParseError {
-            line: e.line().max(1),
-            reason: json_reason(&e),
-        })
 }
 
 fn json_reason(e: &serde_json::Error) -> String {
@@ -112,7 +157,7 @@ fn dispatch(document: Value, parsed: &mut Parsed, depth: usize) {
             Kind::Service,
             parsed,
             |s: k8s_openapi::api::core::v1::Service| {
-                service_from_k8s(&s).map(|c| c.map(Object::Service))
+                service_from_k8s(&s).map(|c| c.map(Object::from))
             },
         ),
         ("discovery.k8s.io/v1", "EndpointSlice") => decode_into(
@@ -120,20 +165,20 @@ fn dispatch(document: Value, parsed: &mut Parsed, depth: usize) {
             Kind::EndpointSlice,
             parsed,
             |s: k8s_openapi::api::discovery::v1::EndpointSlice| {
-                endpoint_slice_from_k8s(&s).map(|c| c.map(Object::EndpointSlice))
+                endpoint_slice_from_k8s(&s).map(|c| c.map(Object::from))
             },
         ),
         ("v1", "Node") => decode_into(
             &document,
             Kind::Node,
             parsed,
-            |n: k8s_openapi::api::core::v1::Node| node_from_k8s(&n).map(|c| c.map(Object::Node)),
+            |n: k8s_openapi::api::core::v1::Node| node_from_k8s(&n).map(|c| c.map(Object::from)),
         ),
         ("v1", "Pod") => decode_into(
             &document,
             Kind::Pod,
             parsed,
-            |p: k8s_openapi::api::core::v1::Pod| pod_from_k8s(&p).map(|c| c.map(Object::Pod)),
+            |p: k8s_openapi::api::core::v1::Pod| pod_from_k8s(&p).map(|c| c.map(Object::from)),
         ),
         (_, list) if list.ends_with("List") && document.get("items").is_some() => {
             dispatch_list(document, parsed, depth)

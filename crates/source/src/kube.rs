@@ -501,7 +501,7 @@ fn convert_service(s: &core::Service) -> Converted {
                     reason: "must be set (the API server allocates it)".into(),
                 });
             }
-            Ok(c.map(Object::Service))
+            Ok(c.map(Object::from))
         })
     });
     Converted::new(key, converted)
@@ -509,8 +509,8 @@ fn convert_service(s: &core::Service) -> Converted {
 
 fn convert_slice(s: &discovery::EndpointSlice) -> Converted {
     let key = namespaced_key(Kind::EndpointSlice, s);
-    let converted = (!not_for_this_proxy(s))
-        .then(|| endpoint_slice_from_k8s(s).map(|c| c.map(Object::EndpointSlice)));
+    let converted =
+        (!not_for_this_proxy(s)).then(|| endpoint_slice_from_k8s(s).map(|c| c.map(Object::from)));
     Converted::new(key, converted)
 }
 
@@ -520,7 +520,7 @@ fn convert_node(n: &core::Node, node_name: &str) -> Converted {
         name: NamespacedName::new("", n.name_any()),
     };
     let converted =
-        (n.name_any() == node_name).then(|| node_from_k8s(n).map(|c| c.map(Object::Node)));
+        (n.name_any() == node_name).then(|| node_from_k8s(n).map(|c| c.map(Object::from)));
     Converted::new(key, converted)
 }
 
