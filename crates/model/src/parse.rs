@@ -475,6 +475,27 @@ spec:
         assert_eq!(err.line, 2, "{err}");
     }
 
+    /// Documents are cut at `---` lines only: not at an indented `---` inside a block
+    /// scalar, not at `---x`; each piece knows its first line, for error lines.
+    #[test]
+    fn yaml_is_cut_at_document_markers() {
+        let text = "a: 1\n---\nb: |\n  ---\n  x\n---x: 2\n--- # c\nc: 3\n---\n";
+        let chunks: Vec<(usize, &str)> = yaml_chunks(text).collect();
+        assert_eq!(
+            chunks,
+            [
+                (0, "a: 1\n"),
+                (1, "---\nb: |\n  ---\n  x\n---x: 2\n"),
+                (6, "--- # c\nc: 3\n"),
+                (8, "---\n"),
+            ]
+        );
+        let parsed = yaml(&format!("{WEB}---\n{WEB}"));
+        assert_eq!(parsed.objects.len(), 2);
+        // Directives belong to the next document: such text is not cut.
+        assert_eq!(yaml_chunks("%YAML 1.2\n---\na: 1\n").count(), 1);
+    }
+
     #[test]
     fn kind_list_recursive() {
         let text = "\

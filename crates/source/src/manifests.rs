@@ -1185,6 +1185,151 @@ mod tests {
         assert_eq!(deleted, vec![key("a"), key("b")]);
     }
 
+    /// The oracle for the incremental reload: after every edit, what the changes sent so
+    /// far add up to equals what a fresh source loads from the same directory, through
+    /// allocation, the EndpointSlice controller, conflicts and removals; and an edit of
+    /// Pods sends only the slices derived from them.
+    #[test]
+    fn incremental_reloads_add_up_to_a_fresh_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AllocatorConfig {
+            cluster_ip_ranges: allocator::parse_service_cluster_ip_range("10.96.0.0/16").unwrap(),
+            ..AllocatorConfig::default()
+        };
+        // Rename-over, so each version is a new inode (no mtime granularity question).
+        let put = |name: &str, text: &str| {
+            let tmp = dir.path().join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, dir.path().join(name)).unwrap();
+        };
+        let service = |name: &str, extra: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\n\
+                 spec:\n  selector: {{app: {name}}}\n  ports: [{{port: 80, targetPort: 8080}}]\n{extra}"
+            )
+        };
+        let pod = |name: &str, app: &str, ip: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: {app}}}}}\n\
+                 spec: {{nodeName: n1, containers: [{{name: c, image: x}}]}}\n\
+                 status: {{podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+            )
+        };
+        let node = |zone: &str| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n"
+            )
+        };
+        let slice = |name: &str, service: &str, ip: &str| {
+            format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: {name}, namespace: demo, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+                 addressType: IPv4\nendpoints: [{{addresses: [{ip}]}}]\nports: [{{port: 9}}]\n"
+            )
+        };
+        let services = service("web", "")
+            + &service("api", "  clusterIP: 10.96.0.10\n")
+            + &service("np", "  type: NodePort\n");
+        put("10-svc.yaml", &services);
+        put(
+            "20-pods.yaml",
+            &(pod("web-1", "web", "10.244.0.1")
+                + &pod("web-2", "web", "10.244.0.2")
+                + &pod("api-1", "api", "10.244.0.3")),
+        );
+        put("30-node.yaml", &node("a"));
+
+        let src =
+            std::cell::RefCell::new(ManifestSource::new(dir.path()).allocator(config.clone()));
+        let mut state: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+        let mut step = |what: &str| -> Vec<Change> {
+            let (changes, _) = src.borrow_mut().load_once().unwrap();
+            for change in &changes {
+                match change {
+                    Change::Apply(obj) => {
+                        state.insert(obj.key(), obj.clone());
+                    }
+                    Change::Delete(key) => {
+                        assert!(state.remove(key).is_some(), "{what}: {key} was not there");
+                    }
+                }
+            }
+            let (fresh, _) = ManifestSource::new(dir.path())
+                .allocator(config.clone())
+                .load_once()
+                .unwrap();
+            let fresh: BTreeMap<ObjectKey, Object> = fresh
+                .into_iter()
+                .map(|c| match c {
+                    Change::Apply(obj) => (obj.key(), obj),
+                    Change::Delete(key) => panic!("a fresh load deletes {key}"),
+                })
+                .collect();
+            assert_eq!(state, fresh, "{what}");
+            changes
+        };
+        let initial = step("initial");
+        assert!(initial.len() >= 5, "{initial:?}");
+        assert!(step("nothing changed").is_empty());
+
+        put(
+            "20-pods.yaml",
+            &(pod("web-1", "web", "10.244.0.1")
+                + &pod("web-2", "api", "10.244.0.2")
+                + &pod("api-1", "api", "10.244.0.3")),
+        );
+        let changes = step("a Pod moves from web to api");
+        let keys: Vec<String> = changes
+            .iter()
+            .map(|c| match c {
+                Change::Apply(o) => o.key().to_string(),
+                Change::Delete(k) => format!("-{k}"),
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "EndpointSlice demo/api-svcplane-ipv4-0",
+                "EndpointSlice demo/web-svcplane-ipv4-0"
+            ]
+        );
+        put("30-node.yaml", &node("b"));
+        step("the Node's zone changes");
+        put("40-slices.yaml", &slice("web-manual", "web", "10.244.9.1"));
+        step("a manifest slice covers web");
+        put(
+            "40-slices.yaml",
+            &(slice("web-manual", "web", "10.244.9.1")
+                + &slice("api-svcplane-ipv4-0", "other", "10.244.9.2")),
+        );
+        step("a manifest slice with a derived slice's name");
+        std::fs::remove_file(dir.path().join("40-slices.yaml")).unwrap();
+        step("the manifest slices go");
+        put("50-dup.yaml", &service("api", "  clusterIP: 10.96.0.11\n"));
+        step("api defined twice");
+        put(
+            "10-svc.yaml",
+            &(service("api", "  clusterIP: 10.96.0.10\n") + &service("np", "  type: NodePort\n")),
+        );
+        step("web removed");
+        std::fs::remove_file(dir.path().join("50-dup.yaml")).unwrap();
+        step("the second api goes");
+        // A broken file keeps its objects (which a fresh load never had): nothing is sent.
+        put("20-pods.yaml", "kind: [");
+        let (changes, problems) = src.borrow_mut().load_once().unwrap();
+        assert!(
+            changes.is_empty() && problems.len() == 1,
+            "{changes:?} {problems:?}"
+        );
+        put("20-pods.yaml", &pod("web-1", "web", "10.244.0.1"));
+        step("the Pods' file fixed");
+        put(
+            "10-svc.yaml",
+            &(services + &service("web2", "  clusterIP: 10.96.0.12\n")),
+        );
+        step("web back, web2 new");
+    }
+
     #[test]
     fn derived_slices_replace_pods() {
         let dir = tempfile::tempdir().unwrap();
@@ -1325,6 +1470,33 @@ mod tests {
         let changes = next_changes(&mut rx).await;
         assert_eq!(changes.len(), 1, "{changes:?}");
         assert_eq!(applied_port(&changes, "b"), Some(81));
+    }
+
+    /// A file still open for writing is not read half-written: the reload waits for its
+    /// close (bounded by the longest wait, 30 s here), then reads it whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_being_written_is_read_once_closed() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, collected) = collecting_sink();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let source: Box<dyn Source> =
+            Box::new(ManifestSource::new(dir.path()).debounce(Duration::from_secs(30)));
+        let _task = tokio::spawn(source.run(tx, sink));
+        assert!(next_changes(&mut rx).await.is_empty());
+        assert_eq!(rx.recv().await, Some(SourceEvent::Synced));
+
+        let text = svc_yaml("a", "10.96.0.1", 80);
+        let (head, tail) = text.split_at(text.len() / 2);
+        let mut file = std::fs::File::create(dir.path().join("a.yaml")).unwrap();
+        file.write_all(head.as_bytes()).unwrap();
+        // Many coalescing pauses long: a reload now would read half a Service.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err(), "read before the close");
+        file.write_all(tail.as_bytes()).unwrap();
+        drop(file);
+        assert_eq!(applied_port(&next_changes(&mut rx).await, "a"), Some(80));
+        assert!(collected.lock().unwrap().is_empty(), "{collected:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
