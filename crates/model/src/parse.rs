@@ -34,12 +34,12 @@ pub(crate) fn parse_manifest(text: &str, format: Format) -> Result<Parsed, Parse
         }
         Format::Json => {
             // A stream, so concatenated JSON values work and an empty file yields nothing.
-            for document in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
+            for document in serde_json::Deserializer::from_str(text).into_iter::<JsonDocument>() {
                 let document = document.map_err(|e| ParseError {
                     line: e.line().max(1),
                     reason: json_reason(&e),
                 })?;
-                dispatch(document, &mut parsed, 0);
+                absorb(&mut parsed, document.0);
             }
         }
     }
@@ -126,12 +126,228 @@ fn yaml_reason(e: &serde_saphyr::Error) -> String {
     }
 }
 
+fn absorb(parsed: &mut Parsed, more: Parsed) {
+    parsed.objects.extend(more.objects);
+    parsed.invalid.extend(more.invalid);
+    parsed.warnings.extend(more.warnings);
+    parsed.ignored.extend(more.ignored);
+}
+
+/// One top-level JSON value, converted while it is read: a list's `items` go one at a
+/// time, so an 18 MB `kubectl get -o json` List is never one `Value` tree (about 20× the
+/// text). Items that name their own apiVersion and kind are converted at once (if the
+/// value turns out not to be a list, they are dropped again, as an unknown field); items
+/// that do not wait for the list's kind, if it comes after them.
+struct JsonDocument(Parsed);
+
+/// The JSON scalars, as `Value`s handed to `self.other` (both visitors treat them as
+/// written).
+macro_rules! scalars_to_other {
+    () => {
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(self.other(Value::Bool(v)))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(self.other(Value::from(v)))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(self.other(Value::from(v)))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(self.other(Value::from(v)))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(self.other(Value::String(v.to_owned())))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(self.other(Value::Null))
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(self.other(Value::Null))
+        }
+    };
+}
+
+impl<'de> serde::Deserialize<'de> for JsonDocument {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DocumentVisitor)
+    }
+}
+
+struct DocumentVisitor;
+
+impl DocumentVisitor {
+    fn other(self, value: Value) -> JsonDocument {
+        let mut parsed = Parsed::default();
+        dispatch(value, &mut parsed, 0);
+        JsonDocument(parsed)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for DocumentVisitor {
+    type Value = JsonDocument;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    scalars_to_other!();
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<JsonDocument, A::Error> {
+        let mut values = Vec::new();
+        while let Some(v) = seq.next_element::<Value>()? {
+            values.push(v);
+        }
+        Ok(self.other(Value::Array(values)))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<JsonDocument, A::Error> {
+        let mut fields = serde_json::Map::new();
+        let mut items = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" && items.is_none() {
+                items = Some(map.next_value_seed(ItemsVisitor { fields: &fields })?);
+            } else {
+                let value = map.next_value::<Value>()?;
+                fields.insert(key, value);
+            }
+        }
+        Ok(JsonDocument(finish_document(fields, items)))
+    }
+}
+
+/// A JSON object read with its first `items` taken out: as a list (see
+/// [`dispatch_list`], which this follows) or, if it is none, as written.
+fn finish_document(mut fields: serde_json::Map<String, Value>, items: Option<Items>) -> Parsed {
+    let mut parsed = Parsed::default();
+    let kind = fields
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    match items {
+        Some(Items::Streamed {
+            parsed: done,
+            waiting,
+        }) if kind.ends_with("List") && !fields.contains_key("items") => {
+            parsed = done;
+            let item_kind = kind.strip_suffix("List").unwrap_or_default().to_string();
+            let api_version = Value::String(
+                str_field_of(&fields, "apiVersion")
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+            for mut item in waiting {
+                if !item_kind.is_empty()
+                    && let Some(map) = item.as_object_mut()
+                {
+                    map.entry("apiVersion")
+                        .or_insert_with(|| api_version.clone());
+                    map.entry("kind")
+                        .or_insert_with(|| Value::String(item_kind.clone()));
+                }
+                dispatch(item, &mut parsed, 1);
+            }
+        }
+        // Not a list (its items are an unknown field), or a second `items`, which is the
+        // one a `Value` keeps.
+        Some(Items::Streamed { .. }) | None => dispatch(Value::Object(fields), &mut parsed, 0),
+        Some(Items::Other(value)) => {
+            fields.entry("items").or_insert(value);
+            dispatch(Value::Object(fields), &mut parsed, 0);
+        }
+    }
+    parsed
+}
+
+/// What a JSON object's `items` gave.
+enum Items {
+    /// An array: the items converted so far, and those waiting for the list's kind.
+    Streamed { parsed: Parsed, waiting: Vec<Value> },
+    /// Anything else, kept as written.
+    Other(Value),
+}
+
+/// Reads `items`, given the fields of its object read before it.
+struct ItemsVisitor<'a> {
+    fields: &'a serde_json::Map<String, Value>,
+}
+
+impl ItemsVisitor<'_> {
+    fn other(self, value: Value) -> Items {
+        Items::Other(value)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ItemsVisitor<'_> {
+    type Value = Items;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Items, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ItemsVisitor<'_> {
+    type Value = Items;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    scalars_to_other!();
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Items, A::Error> {
+        let mut value = serde_json::Map::new();
+        while let Some((k, v)) = map.next_entry::<String, Value>()? {
+            value.insert(k, v);
+        }
+        Ok(Items::Other(Value::Object(value)))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Items, A::Error> {
+        // The item kind, if the list's kind came before its items (as the API server
+        // writes lists); kubectl writes `kind` after `items`.
+        let kind = self.fields.get("kind").and_then(Value::as_str);
+        let known = kind.and_then(|k| k.strip_suffix("List")).map(|item_kind| {
+            let api_version = str_field_of(self.fields, "apiVersion").unwrap_or_default();
+            (api_version, item_kind)
+        });
+        let mut parsed = Parsed::default();
+        let mut waiting = Vec::new();
+        while let Some(mut item) = seq.next_element::<Value>()? {
+            let own = !str_field(&item, "apiVersion")
+                .unwrap_or_default()
+                .is_empty()
+                && !str_field(&item, "kind").unwrap_or_default().is_empty();
+            // Once one waits, the rest wait too: document order decides duplicates.
+            if !waiting.is_empty() || !(own || known.is_some()) {
+                waiting.push(item);
+                continue;
+            }
+            if let Some((api_version, item_kind)) = known
+                && !item_kind.is_empty()
+                && let Some(map) = item.as_object_mut()
+            {
+                map.entry("apiVersion")
+                    .or_insert_with(|| Value::String(api_version.to_string()));
+                map.entry("kind")
+                    .or_insert_with(|| Value::String(item_kind.to_string()));
+            }
+            dispatch(item, &mut parsed, 1);
+        }
+        Ok(Items::Streamed { parsed, waiting })
+    }
+}
+
 fn json_reason(e: &serde_json::Error) -> String {
     let text = e.to_string();
     match text.rfind(" at line ") {
         Some(pos) => text[..pos].to_string(),
         None => text,
     }
+}
+
+fn str_field_of<'a>(map: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a str> {
+    map.get(key).and_then(Value::as_str)
 }
 
 fn str_field<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
@@ -494,6 +710,71 @@ spec:
         assert_eq!(parsed.objects.len(), 2);
         // Directives belong to the next document: such text is not cut.
         assert_eq!(yaml_chunks("%YAML 1.2\n---\na: 1\n").count(), 1);
+    }
+
+    /// A JSON value is converted while it is read (a list's items one at a time), with the
+    /// result of converting the whole `Value`: kind before or after the items, items with
+    /// and without their own kind, lists that are none, items that are no list.
+    #[test]
+    fn json_streamed_as_the_whole_value() {
+        let svc = |name: &str, own: bool| {
+            let kind = if own {
+                r#""apiVersion":"v1","kind":"Service","#
+            } else {
+                ""
+            };
+            format!(
+                r#"{{{kind}"metadata":{{"name":"{name}"}},"spec":{{"clusterIP":"10.0.0.1","ports":[{{"port":80}}]}}}}"#
+            )
+        };
+        let texts = [
+            format!(
+                r#"{{"apiVersion":"v1","kind":"ServiceList","items":[{},{}]}}"#,
+                svc("a", false),
+                svc("b", true)
+            ),
+            format!(
+                r#"{{"apiVersion":"v1","items":[{},{},{}],"kind":"ServiceList","metadata":{{}}}}"#,
+                svc("a", true),
+                svc("b", false),
+                svc("a", true)
+            ),
+            format!(
+                r#"{{"apiVersion":"v1","items":[{},{}],"kind":"List"}}"#,
+                svc("a", true),
+                svc("b", false)
+            ),
+            format!(
+                r#"{{"apiVersion":"v1","items":[{}],"kind":"Service","metadata":{{"name":"x"}},"spec":{{"clusterIP":"10.0.0.2","ports":[{{"port":81}}]}}}}"#,
+                svc("a", true)
+            ),
+            format!(
+                r#"{{"apiVersion":"v1","kind":"ServiceList","items":[{}],"items":[{}]}}"#,
+                svc("a", false),
+                svc("b", false)
+            ),
+            r#"{"apiVersion":"v1","kind":"ServiceList","items":{"a":1}}"#.to_string(),
+            r#"{"apiVersion":"v1","kind":"ServiceList","items":null} [1, "x"] 7 null"#.to_string(),
+            format!(
+                r#"{{"kind":"List","items":[{{"kind":"List","apiVersion":"v1","items":[{}]}}]}}"#,
+                svc("n", true)
+            ),
+        ];
+        for text in &texts {
+            let mut whole = Parsed::default();
+            for value in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
+                dispatch(value.unwrap(), &mut whole, 0);
+            }
+            let streamed = parse_manifest(text, Format::Json).unwrap();
+            assert_eq!(streamed, whole, "{text}");
+        }
+        let parsed = parse_manifest(&texts[1], Format::Json).unwrap();
+        let names: Vec<String> = parsed.objects.iter().map(|o| o.key().name.name).collect();
+        assert_eq!(
+            names,
+            ["a", "b", "a"],
+            "document order, kind after the items"
+        );
     }
 
     #[test]
