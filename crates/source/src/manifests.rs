@@ -161,7 +161,7 @@ fn track_writes(open: &mut BTreeSet<OsString>, wake: &Wake) {
 struct FileState {
     version: Option<FileVersion>,
     /// The file's valid objects (shared with the merged view and the engine).
-    objects: BTreeMap<ObjectKey, Object>,
+    objects: BTreeMap<Key, Object>,
 }
 
 /// The manifests directory as a [`Source`]: watched (see the module docs), with the
@@ -172,7 +172,7 @@ pub struct ManifestSource {
     debounce: Duration,
     files: BTreeMap<Arc<Path>, FileState>,
     /// Which files define each key, in path order: the last one wins.
-    definers: HashMap<ObjectKey, Vec<Arc<Path>>>,
+    definers: HashMap<Key, Vec<Arc<Path>>>,
     /// The winning definitions, by kind, as the allocator and the controller read them.
     services: BTreeMap<NamespacedName, Arc<Service>>,
     pods: BTreeMap<NamespacedName, Arc<Pod>>,
@@ -185,13 +185,13 @@ pub struct ManifestSource {
     allocated_services: BTreeMap<NamespacedName, Arc<Service>>,
     /// Derived EndpointSlices, by key, with the Service they were derived for (those
     /// shadowed by a manifest slice of the same name too).
-    derived: BTreeMap<ObjectKey, (NamespacedName, Object)>,
-    derived_by_service: HashMap<NamespacedName, Vec<ObjectKey>>,
+    derived: BTreeMap<Key, (NamespacedName, Object)>,
+    derived_by_service: HashMap<NamespacedName, Vec<Key>>,
     /// What the engine has been sent, to send only differences.
-    emitted: HashMap<ObjectKey, Object>,
+    emitted: HashMap<Key, Object>,
     /// Conflicts reported per key (duplicate definitions, a manifest slice with a derived
     /// slice's name), so an unchanged conflict is not reported on every reload.
-    conflicts: HashMap<ObjectKey, Vec<Problem>>,
+    conflicts: HashMap<Key, Vec<Problem>>,
     /// Allocation problems reported, likewise.
     allocation_problems: BTreeSet<String>,
     /// What the allocator gives a Service without clusterIP or nodePort (the API server's job).
@@ -202,7 +202,11 @@ pub struct ManifestSource {
 
 /// The keys whose definitions a reload changed, each with its winning definition
 /// before the reload (recorded before the key's first update).
-type Before = BTreeMap<ObjectKey, Option<Object>>;
+type Before = BTreeMap<Key, Option<Object>>;
+
+/// An object's key, allocated once when its file is read and shared by every map that
+/// holds it (20k keys × five maps would otherwise be ~10 MB of copies).
+type Key = Arc<ObjectKey>;
 
 impl ManifestSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -266,7 +270,7 @@ impl ManifestSource {
             .cloned()
             .collect();
         for path in gone {
-            let keys: Vec<ObjectKey> = self.files[&path].objects.keys().cloned().collect();
+            let keys: Vec<Key> = self.files[&path].objects.keys().cloned().collect();
             for key in &keys {
                 self.record_before(&mut before, key);
             }
@@ -297,12 +301,12 @@ impl ManifestSource {
             };
             state.version = Some(version);
             let old = &state.objects;
-            let removed: Vec<ObjectKey> = old
+            let removed: Vec<Key> = old
                 .keys()
                 .filter(|k| !new.contains_key(*k))
                 .cloned()
                 .collect();
-            let differ: Vec<ObjectKey> = new
+            let differ: Vec<Key> = new
                 .iter()
                 .filter(|(k, obj)| old.get(*k).is_none_or(|o| !(o.ptr_eq(obj) || o == *obj)))
                 .map(|(k, _)| k.clone())
@@ -330,13 +334,13 @@ impl ManifestSource {
     }
 
     /// Note `key`'s winner before its first change in this reload.
-    fn record_before(&self, before: &mut Before, key: &ObjectKey) {
+    fn record_before(&self, before: &mut Before, key: &Key) {
         if !before.contains_key(key) {
             before.insert(key.clone(), self.winner(key).cloned());
         }
     }
 
-    fn define(&mut self, key: &ObjectKey, path: &Arc<Path>) {
+    fn define(&mut self, key: &Key, path: &Arc<Path>) {
         let paths = self.definers.entry(key.clone()).or_default();
         if let Err(at) = paths.binary_search(path) {
             paths.insert(at, path.clone());
@@ -357,7 +361,7 @@ impl ManifestSource {
     /// (for the Services whose inputs changed), conflicts, and the difference against
     /// what was emitted.
     fn propagate(&mut self, before: Before, problems: &mut Vec<Problem>) -> Vec<Change> {
-        let mut candidates: BTreeSet<ObjectKey> = BTreeSet::new();
+        let mut candidates: BTreeSet<Key> = BTreeSet::new();
         let mut dirty: BTreeSet<NamespacedName> = BTreeSet::new();
         let mut services_changed = false;
         let mut all_dirty = false;
@@ -434,10 +438,10 @@ impl ManifestSource {
         }
         if services_changed {
             for name in self.allocate(problems) {
-                candidates.insert(ObjectKey {
+                candidates.insert(Arc::new(ObjectKey {
                     kind: Kind::Service,
                     name: name.clone(),
-                });
+                }));
                 dirty.insert(name);
             }
         }
@@ -554,7 +558,7 @@ impl ManifestSource {
 
     /// Run the EndpointSlice controller for the `dirty` Services; the derived slices
     /// that appeared, changed or went away become candidates.
-    fn derive(&mut self, dirty: &BTreeSet<NamespacedName>, candidates: &mut BTreeSet<ObjectKey>) {
+    fn derive(&mut self, dirty: &BTreeSet<NamespacedName>, candidates: &mut BTreeSet<Key>) {
         if dirty.is_empty() {
             return;
         }
@@ -589,7 +593,7 @@ impl ManifestSource {
             let mut keys = Vec::new();
             for slice in derive_for_service(svc, pods, &nodes) {
                 let mut obj = Object::from(slice);
-                let key = obj.key();
+                let key = Arc::new(obj.key());
                 // Unchanged: the previous allocation, which the engine already shares.
                 if let Some(old) = previous.remove(&key)
                     && old == obj
@@ -653,11 +657,7 @@ impl ManifestSource {
 
     /// Report the candidates' new conflicts and send what differs from what was emitted
     /// (deletes first, then applies, each in key order).
-    fn emit(
-        &mut self,
-        candidates: BTreeSet<ObjectKey>,
-        problems: &mut Vec<Problem>,
-    ) -> Vec<Change> {
+    fn emit(&mut self, candidates: BTreeSet<Key>, problems: &mut Vec<Problem>) -> Vec<Change> {
         let mut deletes = Vec::new();
         let mut applies = Vec::new();
         for key in candidates {
@@ -675,7 +675,7 @@ impl ManifestSource {
                 }
                 (None, Some(_)) => {
                     self.emitted.remove(&key);
-                    deletes.push(Change::Delete(key));
+                    deletes.push(Change::Delete(Arc::unwrap_or_clone(key)));
                 }
                 (None, None) => {}
             }
@@ -892,7 +892,7 @@ fn list_manifest_files(dir: &Path) -> Result<BTreeMap<PathBuf, FileVersion>, Sou
 /// What reading one file gave.
 enum Loaded {
     /// Its objects (an invalid object that had a valid version in `previous` keeps it).
-    Objects(BTreeMap<ObjectKey, Object>),
+    Objects(BTreeMap<Key, Object>),
     /// Not valid YAML/JSON: its previous objects stay (reported).
     Broken,
     /// Could not be read: its previous objects stay, and it is tried again (reported).
@@ -902,11 +902,7 @@ enum Loaded {
 /// Read one file, whose objects were `previous`. A file that does not parse keeps its
 /// previous objects; an object that became invalid keeps its previous valid version
 /// (nothing that worked is lost).
-fn load_file(
-    path: &Path,
-    previous: &BTreeMap<ObjectKey, Object>,
-    problems: &mut Vec<Problem>,
-) -> Loaded {
+fn load_file(path: &Path, previous: &BTreeMap<Key, Object>, problems: &mut Vec<Problem>) -> Loaded {
     let problem = |message: String| Problem {
         file: Some(path.to_path_buf()),
         message,
@@ -931,9 +927,9 @@ fn load_file(
         }
     };
     drop(text);
-    let mut objects: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+    let mut objects: BTreeMap<Key, Object> = BTreeMap::new();
     for obj in parsed.objects {
-        let key = obj.key();
+        let key = Arc::new(obj.key());
         // Unchanged: keep the previous allocation, which the engine already shares.
         let obj = match previous.get(&key) {
             Some(old) if *old == obj => old.clone(),
