@@ -13,8 +13,9 @@ use crate::records::{Zone, ZoneConfig};
 /// Objects by name and the published snapshot. Cheap to share: readers only load the `Arc`.
 pub struct ZoneStore {
     config: ZoneConfig,
-    services: HashMap<NamespacedName, Service>,
-    slices: HashMap<NamespacedName, EndpointSlice>,
+    /// Shared with the source and the engine, not copied.
+    services: HashMap<NamespacedName, Arc<Service>>,
+    slices: HashMap<NamespacedName, Arc<EndpointSlice>>,
     current: Arc<ArcSwap<Zone>>,
     serial: u32,
 }
@@ -70,8 +71,8 @@ impl ZoneStore {
         let start = std::time::Instant::now();
         let zone = Zone::build(
             &self.config,
-            self.services.values(),
-            self.slices.values(),
+            self.services.values().map(|s| &**s),
+            self.slices.values().map(|s| &**s),
             self.serial,
         );
         tracing::debug!(

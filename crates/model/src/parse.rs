@@ -3,6 +3,10 @@
 //! Each document is parsed once into a `Value`, dispatched on `apiVersion`/`kind`
 //! and deserialized from that `Value` by reference; only a document that fails
 //! is deserialized a second time, with path tracking, to name the bad field.
+//!
+//! One document at a time: it is parsed, converted and dropped before the next is
+//! parsed, so a file of 20k objects never has 20k `Value`s (about 20× the text) alive
+//! at once — that was the proxy's peak heap.
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -19,15 +23,66 @@ use crate::{Format, Parsed};
 const MAX_LIST_DEPTH: usize = 16;
 
 pub(crate) fn parse_manifest(text: &str, format: Format) -> Result<Parsed, ParseError> {
-    let documents = match format {
-        Format::Yaml => yaml_documents(text)?,
-        Format::Json => json_documents(text)?,
-    };
     let mut parsed = Parsed::default();
-    for document in documents {
-        dispatch(document, &mut parsed, 0);
+    match format {
+        Format::Yaml => {
+            for (first_line, chunk) in yaml_chunks(text) {
+                for document in yaml_documents(chunk, first_line)? {
+                    dispatch(document, &mut parsed, 0);
+                }
+            }
+        }
+        Format::Json => {
+            // A stream, so concatenated JSON values work and an empty file yields nothing.
+            for document in serde_json::Deserializer::from_str(text).into_iter::<JsonDocument>() {
+                let document = document.map_err(|e| ParseError {
+                    line: e.line().max(1),
+                    reason: json_reason(&e),
+                })?;
+                absorb(&mut parsed, document.0);
+            }
+        }
     }
     Ok(parsed)
+}
+
+/// The YAML text cut at its document markers (`---` at the start of a line), each piece
+/// with the number of lines before it. YAML forbids a marker inside a document's content
+/// (a `---` line always starts a new document), so every piece holds whole documents.
+/// Directives (`%YAML`) belong to the document after them: text with any is one piece.
+fn yaml_chunks(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    let directives = text.starts_with('%') || text.contains("\n%");
+    let mut rest = text;
+    let mut line = 0;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = rest.len();
+        if !directives {
+            // The next marker line after this piece's first line.
+            let mut offset = 0;
+            while let Some(nl) = rest[offset..].find('\n') {
+                let next = offset + nl + 1;
+                if is_document_marker(&rest[next..]) {
+                    end = next;
+                    break;
+                }
+                offset = next;
+            }
+        }
+        let (chunk, tail) = rest.split_at(end);
+        let first_line = line;
+        line += chunk.matches('\n').count();
+        rest = tail;
+        Some((first_line, chunk))
+    })
+}
+
+/// `---` followed by a space, a tab, a line end or the end of the text.
+fn is_document_marker(line: &str) -> bool {
+    line.strip_prefix("---")
+        .is_some_and(|after| after.is_empty() || after.starts_with([' ', '\t', '\n', '\r']))
 }
 
 fn yaml_options() -> serde_saphyr::Options {
@@ -46,7 +101,8 @@ fn yaml_options() -> serde_saphyr::Options {
     options
 }
 
-fn yaml_documents(text: &str) -> Result<Vec<Value>, ParseError> {
+/// The documents of `text`, which starts at line `first_line + 1` of the file.
+fn yaml_documents(text: &str, first_line: usize) -> Result<Vec<Value>, ParseError> {
     serde_saphyr::from_multiple_with_options::<Value>(text, yaml_options()).map_err(|e| {
         let line = e
             .location()
@@ -54,7 +110,7 @@ fn yaml_documents(text: &str) -> Result<Vec<Value>, ParseError> {
             .filter(|&l| l > 0)
             .unwrap_or(1);
         ParseError {
-            line,
+            line: line.saturating_add(first_line),
             reason: yaml_reason(&e),
         }
     })
@@ -70,15 +126,216 @@ fn yaml_reason(e: &serde_saphyr::Error) -> String {
     }
 }
 
-fn json_documents(text: &str) -> Result<Vec<Value>, ParseError> {
-    // A stream, so concatenated JSON values work and an empty file yields nothing.
-    serde_json::Deserializer::from_str(text)
-        .into_iter::<Value>()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ParseError {
-            line: e.line().max(1),
-            reason: json_reason(&e),
-        })
+fn absorb(parsed: &mut Parsed, more: Parsed) {
+    parsed.objects.extend(more.objects);
+    parsed.invalid.extend(more.invalid);
+    parsed.warnings.extend(more.warnings);
+    parsed.ignored.extend(more.ignored);
+}
+
+/// One top-level JSON value, converted while it is read: a list's `items` go one at a
+/// time, so an 18 MB `kubectl get -o json` List is never one `Value` tree (about 20× the
+/// text). Items that name their own apiVersion and kind are converted at once (if the
+/// value turns out not to be a list, they are dropped again, as an unknown field); items
+/// that do not wait for the list's kind, if it comes after them.
+struct JsonDocument(Parsed);
+
+/// The JSON scalars, as `Value`s handed to `self.other` (both visitors treat them as
+/// written).
+macro_rules! scalars_to_other {
+    () => {
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(self.other(Value::Bool(v)))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(self.other(Value::from(v)))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(self.other(Value::from(v)))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(self.other(Value::from(v)))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(self.other(Value::String(v.to_owned())))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(self.other(Value::Null))
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(self.other(Value::Null))
+        }
+    };
+}
+
+impl<'de> serde::Deserialize<'de> for JsonDocument {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DocumentVisitor)
+    }
+}
+
+struct DocumentVisitor;
+
+impl DocumentVisitor {
+    fn other(self, value: Value) -> JsonDocument {
+        let mut parsed = Parsed::default();
+        dispatch(value, &mut parsed, 0);
+        JsonDocument(parsed)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for DocumentVisitor {
+    type Value = JsonDocument;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    scalars_to_other!();
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<JsonDocument, A::Error> {
+        let mut values = Vec::new();
+        while let Some(v) = seq.next_element::<Value>()? {
+            values.push(v);
+        }
+        Ok(self.other(Value::Array(values)))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<JsonDocument, A::Error> {
+        let mut fields = serde_json::Map::new();
+        let mut items = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" && items.is_none() {
+                items = Some(map.next_value_seed(ItemsVisitor { fields: &fields })?);
+            } else {
+                let value = map.next_value::<Value>()?;
+                fields.insert(key, value);
+            }
+        }
+        Ok(JsonDocument(finish_document(fields, items)))
+    }
+}
+
+/// A JSON object read with its first `items` taken out: as a list (see
+/// [`dispatch_list`], which this follows) or, if it is none, as written.
+fn finish_document(mut fields: serde_json::Map<String, Value>, items: Option<Items>) -> Parsed {
+    let mut parsed = Parsed::default();
+    let kind = fields
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    match items {
+        Some(Items::Streamed {
+            parsed: done,
+            waiting,
+        }) if kind.ends_with("List") && !fields.contains_key("items") => {
+            parsed = done;
+            let item_kind = kind.strip_suffix("List").unwrap_or_default().to_string();
+            let api_version = Value::String(
+                str_field_of(&fields, "apiVersion")
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+            for mut item in waiting {
+                if !item_kind.is_empty()
+                    && let Some(map) = item.as_object_mut()
+                {
+                    map.entry("apiVersion")
+                        .or_insert_with(|| api_version.clone());
+                    map.entry("kind")
+                        .or_insert_with(|| Value::String(item_kind.clone()));
+                }
+                dispatch(item, &mut parsed, 1);
+            }
+        }
+        // Not a list (its items are an unknown field), or a second `items`, which is the
+        // one a `Value` keeps.
+        Some(Items::Streamed { .. }) | None => dispatch(Value::Object(fields), &mut parsed, 0),
+        Some(Items::Other(value)) => {
+            fields.entry("items").or_insert(value);
+            dispatch(Value::Object(fields), &mut parsed, 0);
+        }
+    }
+    parsed
+}
+
+/// What a JSON object's `items` gave.
+enum Items {
+    /// An array: the items converted so far, and those waiting for the list's kind.
+    Streamed { parsed: Parsed, waiting: Vec<Value> },
+    /// Anything else, kept as written.
+    Other(Value),
+}
+
+/// Reads `items`, given the fields of its object read before it.
+struct ItemsVisitor<'a> {
+    fields: &'a serde_json::Map<String, Value>,
+}
+
+impl ItemsVisitor<'_> {
+    fn other(self, value: Value) -> Items {
+        Items::Other(value)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ItemsVisitor<'_> {
+    type Value = Items;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Items, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ItemsVisitor<'_> {
+    type Value = Items;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    scalars_to_other!();
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Items, A::Error> {
+        let mut value = serde_json::Map::new();
+        while let Some((k, v)) = map.next_entry::<String, Value>()? {
+            value.insert(k, v);
+        }
+        Ok(Items::Other(Value::Object(value)))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Items, A::Error> {
+        // The item kind, if the list's kind came before its items (as the API server
+        // writes lists); kubectl writes `kind` after `items`.
+        let kind = self.fields.get("kind").and_then(Value::as_str);
+        let known = kind.and_then(|k| k.strip_suffix("List")).map(|item_kind| {
+            let api_version = str_field_of(self.fields, "apiVersion").unwrap_or_default();
+            (api_version, item_kind)
+        });
+        let mut parsed = Parsed::default();
+        let mut waiting = Vec::new();
+        while let Some(mut item) = seq.next_element::<Value>()? {
+            let own = !str_field(&item, "apiVersion")
+                .unwrap_or_default()
+                .is_empty()
+                && !str_field(&item, "kind").unwrap_or_default().is_empty();
+            // Once one waits, the rest wait too: document order decides duplicates.
+            if !waiting.is_empty() || !(own || known.is_some()) {
+                waiting.push(item);
+                continue;
+            }
+            if let Some((api_version, item_kind)) = known
+                && !item_kind.is_empty()
+                && let Some(map) = item.as_object_mut()
+            {
+                map.entry("apiVersion")
+                    .or_insert_with(|| Value::String(api_version.to_string()));
+                map.entry("kind")
+                    .or_insert_with(|| Value::String(item_kind.to_string()));
+            }
+            dispatch(item, &mut parsed, 1);
+        }
+        Ok(Items::Streamed { parsed, waiting })
+    }
 }
 
 fn json_reason(e: &serde_json::Error) -> String {
@@ -87,6 +344,10 @@ fn json_reason(e: &serde_json::Error) -> String {
         Some(pos) => text[..pos].to_string(),
         None => text,
     }
+}
+
+fn str_field_of<'a>(map: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a str> {
+    map.get(key).and_then(Value::as_str)
 }
 
 fn str_field<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
@@ -112,7 +373,7 @@ fn dispatch(document: Value, parsed: &mut Parsed, depth: usize) {
             Kind::Service,
             parsed,
             |s: k8s_openapi::api::core::v1::Service| {
-                service_from_k8s(&s).map(|c| c.map(Object::Service))
+                service_from_k8s(&s).map(|c| c.map(Object::from))
             },
         ),
         ("discovery.k8s.io/v1", "EndpointSlice") => decode_into(
@@ -120,20 +381,20 @@ fn dispatch(document: Value, parsed: &mut Parsed, depth: usize) {
             Kind::EndpointSlice,
             parsed,
             |s: k8s_openapi::api::discovery::v1::EndpointSlice| {
-                endpoint_slice_from_k8s(&s).map(|c| c.map(Object::EndpointSlice))
+                endpoint_slice_from_k8s(&s).map(|c| c.map(Object::from))
             },
         ),
         ("v1", "Node") => decode_into(
             &document,
             Kind::Node,
             parsed,
-            |n: k8s_openapi::api::core::v1::Node| node_from_k8s(&n).map(|c| c.map(Object::Node)),
+            |n: k8s_openapi::api::core::v1::Node| node_from_k8s(&n).map(|c| c.map(Object::from)),
         ),
         ("v1", "Pod") => decode_into(
             &document,
             Kind::Pod,
             parsed,
-            |p: k8s_openapi::api::core::v1::Pod| pod_from_k8s(&p).map(|c| c.map(Object::Pod)),
+            |p: k8s_openapi::api::core::v1::Pod| pod_from_k8s(&p).map(|c| c.map(Object::from)),
         ),
         (_, list) if list.ends_with("List") && document.get("items").is_some() => {
             dispatch_list(document, parsed, depth)
@@ -428,6 +689,92 @@ spec:
         assert!(err.reason.contains("unclosed"), "{err}");
         let err = parse_manifest("a: b\n c: d: e\n", Format::Yaml).unwrap_err();
         assert_eq!(err.line, 2, "{err}");
+    }
+
+    /// Documents are cut at `---` lines only: not at an indented `---` inside a block
+    /// scalar, not at `---x`; each piece knows its first line, for error lines.
+    #[test]
+    fn yaml_is_cut_at_document_markers() {
+        let text = "a: 1\n---\nb: |\n  ---\n  x\n---x: 2\n--- # c\nc: 3\n---\n";
+        let chunks: Vec<(usize, &str)> = yaml_chunks(text).collect();
+        assert_eq!(
+            chunks,
+            [
+                (0, "a: 1\n"),
+                (1, "---\nb: |\n  ---\n  x\n---x: 2\n"),
+                (6, "--- # c\nc: 3\n"),
+                (8, "---\n"),
+            ]
+        );
+        let parsed = yaml(&format!("{WEB}---\n{WEB}"));
+        assert_eq!(parsed.objects.len(), 2);
+        // Directives belong to the next document: such text is not cut.
+        assert_eq!(yaml_chunks("%YAML 1.2\n---\na: 1\n").count(), 1);
+    }
+
+    /// A JSON value is converted while it is read (a list's items one at a time), with the
+    /// result of converting the whole `Value`: kind before or after the items, items with
+    /// and without their own kind, lists that are none, items that are no list.
+    #[test]
+    fn json_streamed_as_the_whole_value() {
+        let svc = |name: &str, own: bool| {
+            let kind = if own {
+                r#""apiVersion":"v1","kind":"Service","#
+            } else {
+                ""
+            };
+            format!(
+                r#"{{{kind}"metadata":{{"name":"{name}"}},"spec":{{"clusterIP":"10.0.0.1","ports":[{{"port":80}}]}}}}"#
+            )
+        };
+        let texts = [
+            format!(
+                r#"{{"apiVersion":"v1","kind":"ServiceList","items":[{},{}]}}"#,
+                svc("a", false),
+                svc("b", true)
+            ),
+            format!(
+                r#"{{"apiVersion":"v1","items":[{},{},{}],"kind":"ServiceList","metadata":{{}}}}"#,
+                svc("a", true),
+                svc("b", false),
+                svc("a", true)
+            ),
+            format!(
+                r#"{{"apiVersion":"v1","items":[{},{}],"kind":"List"}}"#,
+                svc("a", true),
+                svc("b", false)
+            ),
+            format!(
+                r#"{{"apiVersion":"v1","items":[{}],"kind":"Service","metadata":{{"name":"x"}},"spec":{{"clusterIP":"10.0.0.2","ports":[{{"port":81}}]}}}}"#,
+                svc("a", true)
+            ),
+            format!(
+                r#"{{"apiVersion":"v1","kind":"ServiceList","items":[{}],"items":[{}]}}"#,
+                svc("a", false),
+                svc("b", false)
+            ),
+            r#"{"apiVersion":"v1","kind":"ServiceList","items":{"a":1}}"#.to_string(),
+            r#"{"apiVersion":"v1","kind":"ServiceList","items":null} [1, "x"] 7 null"#.to_string(),
+            format!(
+                r#"{{"kind":"List","items":[{{"kind":"List","apiVersion":"v1","items":[{}]}}]}}"#,
+                svc("n", true)
+            ),
+        ];
+        for text in &texts {
+            let mut whole = Parsed::default();
+            for value in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
+                dispatch(value.unwrap(), &mut whole, 0);
+            }
+            let streamed = parse_manifest(text, Format::Json).unwrap();
+            assert_eq!(streamed, whole, "{text}");
+        }
+        let parsed = parse_manifest(&texts[1], Format::Json).unwrap();
+        let names: Vec<String> = parsed.objects.iter().map(|o| o.key().name.name).collect();
+        assert_eq!(
+            names,
+            ["a", "b", "a"],
+            "document order, kind after the items"
+        );
     }
 
     #[test]

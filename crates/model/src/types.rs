@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -353,15 +354,53 @@ impl fmt::Display for ObjectKey {
     }
 }
 
+/// One object of a kind svcplane reads. Shared, not copied: the source that parsed it,
+/// the engine's cache and every batch that carried it hold the same allocation, so a
+/// clone is a reference count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Object {
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    Node(Node),
-    Pod(Pod),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Node(Arc<Node>),
+    Pod(Arc<Pod>),
+}
+
+impl From<Service> for Object {
+    fn from(s: Service) -> Object {
+        Object::Service(Arc::new(s))
+    }
+}
+
+impl From<EndpointSlice> for Object {
+    fn from(s: EndpointSlice) -> Object {
+        Object::EndpointSlice(Arc::new(s))
+    }
+}
+
+impl From<Node> for Object {
+    fn from(n: Node) -> Object {
+        Object::Node(Arc::new(n))
+    }
+}
+
+impl From<Pod> for Object {
+    fn from(p: Pod) -> Object {
+        Object::Pod(Arc::new(p))
+    }
 }
 
 impl Object {
+    /// The same allocation (not merely an equal value): an unchanged object, cheaply.
+    pub fn ptr_eq(&self, other: &Object) -> bool {
+        match (self, other) {
+            (Object::Service(a), Object::Service(b)) => Arc::ptr_eq(a, b),
+            (Object::EndpointSlice(a), Object::EndpointSlice(b)) => Arc::ptr_eq(a, b),
+            (Object::Node(a), Object::Node(b)) => Arc::ptr_eq(a, b),
+            (Object::Pod(a), Object::Pod(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     pub fn key(&self) -> ObjectKey {
         match self {
             Object::Service(s) => ObjectKey {
@@ -386,8 +425,6 @@ impl Object {
 
 /// One change to the object cache, as every source (manifests directory,
 /// Kubernetes API) delivers it to the engine.
-// Changes are moved into the engine's cache once; boxing would only add an allocation per object.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// Add or replace the object with this key.

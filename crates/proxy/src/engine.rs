@@ -50,12 +50,13 @@ struct Spare {
 /// hands the sync loop the changes it made rather than comparing every service.
 pub struct Engine {
     config: EngineConfig,
-    services: HashMap<NamespacedName, Service>,
-    slices: HashMap<NamespacedName, EndpointSlice>,
+    /// Shared with the source that sent them (no second copy).
+    services: HashMap<NamespacedName, Arc<Service>>,
+    slices: HashMap<NamespacedName, Arc<EndpointSlice>>,
     /// Service (namespace/name) → names of the slices labelled with it, sorted (a `Vec`: a
     /// service has one slice or a few, and a `BTreeSet` node costs half a kilobyte).
     slices_by_service: HashMap<NamespacedName, Vec<NamespacedName>>,
-    nodes: HashMap<String, Node>,
+    nodes: HashMap<String, Arc<Node>>,
     /// Node and zone names of the endpoints, shared.
     names: Interner,
 
@@ -150,7 +151,7 @@ impl Engine {
                 }
                 Kind::Node => {
                     if let Some(old) = self.nodes.remove(&name.name) {
-                        self.node_updated(Some(&old), None);
+                        self.node_updated(Some(&*old), None);
                     }
                 }
                 Kind::Pod => {}
@@ -158,7 +159,7 @@ impl Engine {
         }
     }
 
-    fn put_service(&mut self, svc: Service) {
+    fn put_service(&mut self, svc: Arc<Service>) {
         if self.services.get(&svc.name) == Some(&svc) {
             return;
         }
@@ -167,7 +168,7 @@ impl Engine {
         self.services.insert(svc.name.clone(), svc);
     }
 
-    fn put_slice(&mut self, slice: EndpointSlice) {
+    fn put_slice(&mut self, slice: Arc<EndpointSlice>) {
         if let Some(old) = self.slices.get(&slice.name) {
             if *old == slice {
                 return;
@@ -209,12 +210,12 @@ impl Engine {
         self.dirty.insert(svc);
     }
 
-    fn put_node(&mut self, node: Node) {
+    fn put_node(&mut self, node: Arc<Node>) {
         if self.nodes.get(&node.name) == Some(&node) {
             return;
         }
         let old = self.nodes.insert(node.name.clone(), node.clone());
-        self.node_updated(old.as_ref(), Some(&node));
+        self.node_updated(old.as_deref(), Some(&*node));
     }
 
     fn node_updated(&mut self, old: Option<&Node>, new: Option<&Node>) {
@@ -234,7 +235,7 @@ impl Engine {
     }
 
     fn this_node(&self) -> Option<&Node> {
-        self.nodes.get(&self.config.node_name)
+        self.nodes.get(&self.config.node_name).map(|n| &**n)
     }
 
     /// The desired state for everything applied so far. Services untouched since the last
@@ -446,7 +447,7 @@ impl Engine {
             return Vec::new();
         };
         let slices = self.slices_of(name);
-        let this_node = self.nodes.get(&self.config.node_name);
+        let this_node = self.this_node();
         let ctx = NodeContext {
             node_name: &self.config.node_name,
             zone: this_node.and_then(|n| n.zone.as_deref()),
@@ -462,7 +463,7 @@ impl Engine {
             .get(name)
             .into_iter()
             .flatten()
-            .filter_map(|s| self.slices.get(s))
+            .filter_map(|s| self.slices.get(s).map(|s| &**s))
             .collect()
     }
 
@@ -473,7 +474,7 @@ impl Engine {
         let output = match self.services.get(name) {
             Some(svc) => {
                 let slices = self.slices_of(name);
-                let this_node = self.nodes.get(&self.config.node_name);
+                let this_node = self.this_node();
                 let ctx = NodeContext {
                     node_name: &self.config.node_name,
                     zone: this_node.and_then(|n| n.zone.as_deref()),
@@ -675,12 +676,12 @@ mod tests {
         let mut engine = Engine::new(config());
         let mut s = slice("demo", "web-1", "web", 8080, vec![ep("10.244.1.5", NODE)]);
         s.last_change_trigger_time = Some("2024-01-01T00:00:01.5Z".into());
-        engine.apply(Change::Apply(Object::EndpointSlice(s.clone())));
+        engine.apply(Change::Apply(Object::from(s.clone())));
         // The same object again is no change, and brings no second time.
-        engine.apply(Change::Apply(Object::EndpointSlice(s.clone())));
+        engine.apply(Change::Apply(Object::from(s.clone())));
         let mut unparsable = slice("demo", "web-2", "web", 8080, vec![ep("10.244.1.6", NODE)]);
         unparsable.last_change_trigger_time = Some("yesterday".into());
-        engine.apply(Change::Apply(Object::EndpointSlice(unparsable)));
+        engine.apply(Change::Apply(Object::from(unparsable)));
         let expected = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_704_067_201_500);
         assert_eq!(engine.take_trigger_times(), vec![expected]);
         assert!(engine.take_trigger_times().is_empty());
@@ -701,11 +702,11 @@ mod tests {
         let mut engine = Engine::new(config());
         apply(
             &mut engine,
-            Object::Service(service("ns", "web", &["10.96.0.10"])),
+            Object::from(service("ns", "web", &["10.96.0.10"])),
         );
         apply(
             &mut engine,
-            Object::EndpointSlice(slice(
+            Object::from(slice(
                 "ns",
                 "web-1",
                 "web",
@@ -716,7 +717,7 @@ mod tests {
         // Same service name in another namespace: not ours.
         apply(
             &mut engine,
-            Object::EndpointSlice(slice(
+            Object::from(slice(
                 "other",
                 "web-1",
                 "web",
@@ -727,18 +728,18 @@ mod tests {
         // A slice without the service-name label belongs to nothing.
         let mut orphan = slice("ns", "orphan", "web", 8080, vec![ep("10.0.0.8", "node-b")]);
         orphan.service_name = None;
-        apply(&mut engine, Object::EndpointSlice(orphan));
+        apply(&mut engine, Object::from(orphan));
         let state = engine.desired();
         assert_eq!(endpoint_ips(&state, &svc_key("ns", "web")), ["10.0.0.1"]);
 
         // Relabel the slice to another service: the old service loses it, the new one gains it.
         apply(
             &mut engine,
-            Object::Service(service("ns", "api", &["10.96.0.11"])),
+            Object::from(service("ns", "api", &["10.96.0.11"])),
         );
         apply(
             &mut engine,
-            Object::EndpointSlice(slice(
+            Object::from(slice(
                 "ns",
                 "web-1",
                 "api",
@@ -767,12 +768,12 @@ mod tests {
         assert!(!engine.has_pending());
         let svc = service("ns", "web", &["10.96.0.10"]);
         let s1 = slice("ns", "web-1", "web", 8080, vec![ep("10.0.0.1", "node-b")]);
-        apply(&mut engine, Object::Service(svc.clone()));
-        apply(&mut engine, Object::Service(svc.clone()));
-        apply(&mut engine, Object::EndpointSlice(s1.clone()));
+        apply(&mut engine, Object::from(svc.clone()));
+        apply(&mut engine, Object::from(svc.clone()));
+        apply(&mut engine, Object::from(s1.clone()));
         apply(
             &mut engine,
-            Object::EndpointSlice(slice("ns", "web-2", "web", 8080, vec![])),
+            Object::from(slice("ns", "web-2", "web", 8080, vec![])),
         );
         assert_eq!(engine.pending_changes(), (1, 2));
         assert!(engine.has_pending());
@@ -781,13 +782,13 @@ mod tests {
         assert!(!engine.has_pending());
 
         // Re-applying identical objects, deleting unknown ones and Pods change nothing.
-        apply(&mut engine, Object::Service(svc));
-        apply(&mut engine, Object::EndpointSlice(s1));
+        apply(&mut engine, Object::from(svc));
+        apply(&mut engine, Object::from(s1));
         delete(&mut engine, Kind::Service, "ns", "nope");
         delete(&mut engine, Kind::EndpointSlice, "ns", "nope");
         apply(
             &mut engine,
-            Object::Pod(Pod {
+            Object::from(Pod {
                 name: NamespacedName::new("ns", "p"),
                 labels: Default::default(),
                 ips: vec![ip("10.0.0.1")],
@@ -811,11 +812,11 @@ mod tests {
             let name = format!("svc-{i}");
             apply(
                 &mut engine,
-                Object::Service(service("ns", &name, &[&format!("10.96.0.{i}")])),
+                Object::from(service("ns", &name, &[&format!("10.96.0.{i}")])),
             );
             apply(
                 &mut engine,
-                Object::EndpointSlice(slice(
+                Object::from(slice(
                     "ns",
                     &format!("{name}-1"),
                     &name,
@@ -831,7 +832,7 @@ mod tests {
 
         apply(
             &mut engine,
-            Object::EndpointSlice(slice(
+            Object::from(slice(
                 "ns",
                 "svc-7-1",
                 "svc-7",
@@ -854,7 +855,7 @@ mod tests {
         // A change that recomputes to the same value keeps the Arc too.
         let mut svc = service("ns", "svc-3", &["10.96.0.3"]);
         svc.labels.insert("team".into(), "x".into());
-        apply(&mut engine, Object::Service(svc));
+        apply(&mut engine, Object::from(svc));
         let third = engine.desired();
         assert!(Arc::ptr_eq(&third, &second));
     }
@@ -866,13 +867,13 @@ mod tests {
         let name = |i: u32| format!("svc-{i}");
         for i in 0..n {
             let cip = format!("10.96.{}.{}", i / 256, i % 256);
-            engine.apply(Change::Apply(Object::Service(service(
+            engine.apply(Change::Apply(Object::from(service(
                 "ns",
                 &name(i),
                 &[&cip],
             ))));
             let epip = format!("10.1.{}.{}", i / 256, i % 256);
-            engine.apply(Change::Apply(Object::EndpointSlice(slice(
+            engine.apply(Change::Apply(Object::from(slice(
                 "ns",
                 &format!("{}-1", name(i)),
                 &name(i),
@@ -882,7 +883,7 @@ mod tests {
         }
         let first = engine.desired();
         assert_eq!(first.v4.services.len(), n as usize);
-        engine.apply(Change::Apply(Object::EndpointSlice(slice(
+        engine.apply(Change::Apply(Object::from(slice(
             "ns",
             "svc-4242-1",
             "svc-4242",
@@ -931,7 +932,7 @@ mod tests {
                     svc.ports
                         .push(port("dns", svcplane_model::Protocol::Udp, 53));
                 }
-                (name.clone(), Change::Apply(Object::Service(svc)))
+                (name.clone(), Change::Apply(Object::from(svc)))
             }
             3..=7 => {
                 let nodes = [NODE, "node-b"];
@@ -945,12 +946,12 @@ mod tests {
                     })
                     .collect();
                 let slice_name = format!("{name}-{}", rng.below(2));
-                let obj = Object::EndpointSlice(slice("ns", &slice_name, &name, 8080, eps));
+                let obj = Object::from(slice("ns", &slice_name, &name, 8080, eps));
                 (slice_name, Change::Apply(obj))
             }
             8 => {
                 let zone = ["zone-a", "zone-b"][rng.below(2) as usize];
-                let obj = Object::Node(node(NODE, Some(zone), &["192.168.0.1"]));
+                let obj = Object::from(node(NODE, Some(zone), &["192.168.0.1"]));
                 ("node".to_owned(), Change::Apply(obj))
             }
             _ => {
@@ -1078,7 +1079,7 @@ mod tests {
         let mut engine = Engine::new(config());
         apply(
             &mut engine,
-            Object::Service(service("ns", "web", &["10.96.0.10"])),
+            Object::from(service("ns", "web", &["10.96.0.10"])),
         );
         // 20 rounds of 50 endpoints on 50 nodes never seen before (1000 names in all).
         for round in 0..20 {
@@ -1087,7 +1088,7 @@ mod tests {
                 .collect();
             apply(
                 &mut engine,
-                Object::EndpointSlice(slice("ns", "web-1", "web", 8080, eps)),
+                Object::from(slice("ns", "web-1", "web", 8080, eps)),
             );
             engine.desired();
         }
@@ -1101,11 +1102,11 @@ mod tests {
         let mut engine = Engine::new(config());
         apply(
             &mut engine,
-            Object::Service(service("ns", "a", &["10.96.0.1"])),
+            Object::from(service("ns", "a", &["10.96.0.1"])),
         );
         apply(
             &mut engine,
-            Object::Service(service("ns", "b", &["10.96.0.2"])),
+            Object::from(service("ns", "b", &["10.96.0.2"])),
         );
         let s1 = engine.desired();
         let d = Diff::between(None, &s1, false);
@@ -1115,10 +1116,10 @@ mod tests {
         delete(&mut engine, Kind::Service, "ns", "a");
         let mut b = service("ns", "b", &["10.96.0.2"]);
         b.session_affinity_timeout = Some(60);
-        apply(&mut engine, Object::Service(b));
+        apply(&mut engine, Object::from(b));
         apply(
             &mut engine,
-            Object::Service(service("ns", "c", &["10.96.0.3", "fd00::3"])),
+            Object::from(service("ns", "c", &["10.96.0.3", "fd00::3"])),
         );
         let s2 = engine.desired();
         let d = Diff::between(Some(s1), &s2, false);
@@ -1137,11 +1138,11 @@ mod tests {
         for name in ["a", "b"] {
             apply(
                 &mut engine,
-                Object::Service(service("ns", name, &["10.96.0.1"])),
+                Object::from(service("ns", name, &["10.96.0.1"])),
             );
             apply(
                 &mut engine,
-                Object::EndpointSlice(slice(
+                Object::from(slice(
                     "ns",
                     &format!("{name}-1"),
                     name,
@@ -1152,12 +1153,12 @@ mod tests {
         }
         apply(
             &mut engine,
-            Object::Node(node(NODE, Some("zone-a"), &["192.168.0.1"])),
+            Object::from(node(NODE, Some("zone-a"), &["192.168.0.1"])),
         );
         // Other nodes never matter.
         apply(
             &mut engine,
-            Object::Node(node("node-b", Some("zone-b"), &["192.168.0.2"])),
+            Object::from(node("node-b", Some("zone-b"), &["192.168.0.2"])),
         );
         let s1 = engine.desired();
         assert_eq!(s1.node_zone.as_deref(), Some("zone-a"));
@@ -1166,13 +1167,13 @@ mod tests {
 
         apply(
             &mut engine,
-            Object::Node(node("node-b", Some("zone-c"), &["192.168.0.2"])),
+            Object::from(node("node-b", Some("zone-c"), &["192.168.0.2"])),
         );
         assert!(!engine.has_pending());
 
         apply(
             &mut engine,
-            Object::Node(node(NODE, Some("zone-b"), &["192.168.0.1"])),
+            Object::from(node(NODE, Some("zone-b"), &["192.168.0.1"])),
         );
         assert!(engine.has_pending());
         let s2 = engine.desired();
@@ -1196,18 +1197,18 @@ mod tests {
         let mut engine = Engine::new(config());
         apply(
             &mut engine,
-            Object::Service(service("ns", "a", &["10.96.0.1"])),
+            Object::from(service("ns", "a", &["10.96.0.1"])),
         );
         apply(
             &mut engine,
-            Object::Node(node(NODE, None, &["192.168.0.1", "fd00:1::1"])),
+            Object::from(node(NODE, None, &["192.168.0.1", "fd00:1::1"])),
         );
         let s1 = engine.desired();
         assert_eq!(s1.v4.node_ips, vec![ip("192.168.0.1")]);
         assert_eq!(s1.v6.node_ips, vec![ip("fd00:1::1")]);
         apply(
             &mut engine,
-            Object::Node(node(NODE, None, &["192.168.0.9", "fd00:1::1"])),
+            Object::from(node(NODE, None, &["192.168.0.9", "fd00:1::1"])),
         );
         assert!(engine.has_pending());
         let s2 = engine.desired();
@@ -1223,13 +1224,13 @@ mod tests {
         let mut lb = lb_service("ns", "lb", &["10.96.0.2"]);
         lb.load_balancer_ips = vec![ip("192.0.2.1")];
         lb.load_balancer_source_ranges = vec!["192.168.0.9/32".parse().unwrap()];
-        apply(&mut engine, Object::Service(lb));
+        apply(&mut engine, Object::from(lb));
         let s3 = engine.desired();
         let lb_key = svc_key("ns", "lb");
         assert_eq!(s3.v4.services[&lb_key].load_balancer_source_ranges.len(), 2);
         apply(
             &mut engine,
-            Object::Node(node(NODE, None, &["192.168.0.1", "fd00:1::1"])),
+            Object::from(node(NODE, None, &["192.168.0.1", "fd00:1::1"])),
         );
         let s4 = engine.desired();
         assert_eq!(s4.v4.services[&lb_key].load_balancer_source_ranges.len(), 1);
@@ -1289,12 +1290,12 @@ mod tests {
             s.health_check_node_port = Some(hc);
             s
         };
-        apply(&mut engine, Object::Service(lb("a", 32000)));
-        apply(&mut engine, Object::Service(lb("b", 32001)));
-        apply(&mut engine, Object::Service(lb("c", 32000)));
+        apply(&mut engine, Object::from(lb("a", 32000)));
+        apply(&mut engine, Object::from(lb("b", 32001)));
+        apply(&mut engine, Object::from(lb("c", 32000)));
         apply(
             &mut engine,
-            Object::EndpointSlice(slice("ns", "b-1", "b", 8080, vec![ep("10.0.0.1", NODE)])),
+            Object::from(slice("ns", "b-1", "b", 8080, vec![ep("10.0.0.1", NODE)])),
         );
         let state = engine.desired();
         assert_eq!(state.health_checks.len(), 2);

@@ -502,10 +502,8 @@ mod tests {
         }
         async fn add_service(&self, i: u8) {
             let svc = service("ns", &format!("svc-{i}"), &[&format!("10.96.0.{i}")]);
-            self.send(SourceEvent::Changes(vec![Change::Apply(Object::Service(
-                svc,
-            ))]))
-            .await;
+            self.send(SourceEvent::Changes(vec![Change::Apply(Object::from(svc))]))
+                .await;
         }
         fn calls(&self) -> Vec<Call> {
             self.shared.calls.lock().unwrap().clone()

@@ -47,29 +47,45 @@ pub fn derive_endpoint_slices<'a>(
         .collect();
     let mut out = Vec::new();
     for svc in services {
-        let Some(selector) = &svc.selector else {
-            continue;
-        };
-        // Upstream: "services with Type ExternalName receive no endpoints from this controller".
-        if svc.service_type == ServiceType::ExternalName
-            || covered.contains(&(svc.name.namespace.as_str(), svc.name.name.as_str()))
-        {
+        if covered.contains(&(svc.name.namespace.as_str(), svc.name.name.as_str())) {
             continue;
         }
-        // `ShouldPodBeInEndpoints(pod, includeTerminating=true)`: not finished, has an IP.
-        let members: Vec<&Pod> = pods
-            .iter()
-            .copied()
-            .filter(|p| {
-                p.name.namespace == svc.name.namespace
-                    && !p.finished
-                    && !p.ips.is_empty()
-                    && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-            })
-            .collect();
-        out.extend(slices_for_service(svc, &members, nodes));
+        out.extend(derive_for_service(svc, pods.iter().copied(), nodes));
     }
     out
+}
+
+/// The slices derived for one Service (which has no manifest slice of its own) from
+/// `pods` (any; those of other namespaces or not selected are skipped): none for a
+/// Service without selector or of type ExternalName.
+pub fn derive_for_service<'a>(
+    svc: &Service,
+    pods: impl IntoIterator<Item = &'a Pod>,
+    nodes: &BTreeMap<String, &Node>,
+) -> Vec<EndpointSlice> {
+    let Some(selector) = &svc.selector else {
+        return Vec::new();
+    };
+    // Upstream: "services with Type ExternalName receive no endpoints from this controller".
+    if svc.service_type == ServiceType::ExternalName {
+        return Vec::new();
+    }
+    // `ShouldPodBeInEndpoints(pod, includeTerminating=true)`: not finished, has an IP.
+    let members: Vec<&Pod> = pods
+        .into_iter()
+        .filter(|p| {
+            p.name.namespace == svc.name.namespace
+                && !p.finished
+                && !p.ips.is_empty()
+                && selects(selector, p)
+        })
+        .collect();
+    slices_for_service(svc, &members, nodes)
+}
+
+/// Whether a Service's `selector` selects `pod` (same namespace assumed).
+pub fn selects(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
+    selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
 }
 
 /// Upstream `getAddressTypesForService`: spec.ipFamilies; without them the family of

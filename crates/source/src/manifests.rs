@@ -5,11 +5,18 @@
 //! editor backups (`*~`, `*.swp`) are skipped.
 //!
 //! The directory (not each file) is watched with notify, so rename-over and symlink
-//! swaps are seen. Events are debounced; then only files that an event named or whose
-//! on-disk version (device, inode, mtime, size) changed are read again, or every file
-//! after an overflow/rescan event.
+//! swaps are seen. A reload starts once the events stop for a moment ([`COALESCE`]) and
+//! no manifest file is still being written (written to, not yet closed), but never later
+//! than the longest wait ([`ManifestSource::debounce`]) after the first event. Then only
+//! files that an event named or whose on-disk version (device, inode, mtime, size)
+//! changed are read again, or every file after an overflow/rescan event.
+//!
+//! A reload costs what changed, not what is loaded: the objects of the files read again
+//! are compared with what those files held before, and only the objects whose winning
+//! definition changed go on (allocation runs again only when a Service changed; the
+//! EndpointSlice controller only for the Services whose inputs changed).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -21,11 +28,18 @@ use svcplane_model::{
     Change, EndpointSlice, Format, Kind, NamespacedName, Node, Object, ObjectKey, Pod, Service,
     SourceEvent, parse_manifest,
 };
+use tokio::time::Instant;
 
 use crate::allocator::{self, AllocatorConfig, Outcome};
-use crate::endpointslice_controller::derive_endpoint_slices;
+use crate::endpointslice_controller::{derive_for_service, selects};
 use crate::{IGNORED, Problem, ProblemSink, Source, SourceError, SourceFuture};
 
+/// How long the events must pause before a reload: one write is several events
+/// (create/truncate, data, close; or a rename), and a tool writing several files
+/// writes them back to back.
+pub const COALESCE: Duration = Duration::from_millis(5);
+/// The longest wait after the first event, for a file written to but not closed yet
+/// (a slow writer, or one that never closes, such as a writable mmap).
 const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
 /// How often to look for a watched directory that was removed.
 const DIRECTORY_RETRY: Duration = Duration::from_secs(1);
@@ -63,12 +77,17 @@ impl Reread {
     }
 
     fn add(&mut self, wake: Wake) {
-        match (std::mem::take(self), wake) {
-            (Reread::All, _) | (_, Wake::Rescan) => *self = Reread::All,
-            (Reread::Changed, Wake::Paths(paths)) => {
-                *self = Reread::Named(file_names(paths).collect())
+        let paths = match wake {
+            Wake::Rescan => {
+                *self = Reread::All;
+                return;
             }
-            (Reread::Named(mut names), Wake::Paths(paths)) => {
+            Wake::Writing(paths) | Wake::Done(paths) => paths,
+        };
+        match std::mem::take(self) {
+            Reread::All => *self = Reread::All,
+            Reread::Changed => *self = Reread::Named(file_names(paths).collect()),
+            Reread::Named(mut names) => {
                 names.extend(file_names(paths));
                 *self = Reread::Named(names);
             }
@@ -79,7 +98,10 @@ impl Reread {
 /// What the notify callback tells the async side.
 #[derive(Debug, Clone)]
 enum Wake {
-    Paths(Vec<PathBuf>),
+    /// Written to (or created): more is likely to come, up to the close.
+    Writing(Vec<PathBuf>),
+    /// A finished change: closed after writing, renamed, removed, attributes changed.
+    Done(Vec<PathBuf>),
     Rescan,
 }
 
@@ -88,15 +110,18 @@ impl Wake {
     /// too, and reloading on those would make every reload (which opens the files)
     /// trigger the next one.
     fn from_event(event: notify::Result<notify::Event>) -> Option<Wake> {
-        use notify::event::{AccessKind, AccessMode, EventKind};
+        use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
         match event {
             Ok(e) if e.need_rescan() => Some(Wake::Rescan),
             Ok(e) => match e.kind {
                 EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
-                    Some(Wake::Paths(e.paths))
+                    Some(Wake::Done(e.paths))
                 }
                 EventKind::Access(_) => None,
-                _ => Some(Wake::Paths(e.paths)),
+                EventKind::Modify(ModifyKind::Data(_)) | EventKind::Create(_) => {
+                    Some(Wake::Writing(e.paths))
+                }
+                _ => Some(Wake::Done(e.paths)),
             },
             // An error (e.g. a queue overflow): events may be lost.
             Err(_) => Some(Wake::Rescan),
@@ -112,31 +137,76 @@ fn file_names(paths: Vec<PathBuf>) -> impl Iterator<Item = OsString> {
         .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
 }
 
+/// Manifest files being written (an event said so, no close yet): a reload waits for
+/// them, up to the longest wait. Other names (temporary files, swap files, which
+/// editors keep open) are not waited for.
+fn track_writes(open: &mut BTreeSet<OsString>, wake: &Wake) {
+    match wake {
+        Wake::Writing(paths) => open.extend(
+            paths
+                .iter()
+                .filter(|p| is_manifest_name(p))
+                .filter_map(|p| p.file_name().map(|n| n.to_os_string())),
+        ),
+        Wake::Done(paths) => {
+            for name in paths.iter().filter_map(|p| p.file_name()) {
+                open.remove(name);
+            }
+        }
+        Wake::Rescan => {}
+    }
+}
+
 #[derive(Debug, Default)]
 struct FileState {
     version: Option<FileVersion>,
-    /// Shared with `emitted`: a reload clones only pointers, and an object of an unchanged
-    /// file is recognised as unchanged by pointer (10k services would otherwise cost
-    /// ~100 ms of deep copies and comparisons per change).
-    objects: BTreeMap<ObjectKey, Arc<Object>>,
+    /// The file's valid objects (shared with the merged view and the engine).
+    objects: BTreeMap<Key, Object>,
 }
 
 /// The manifests directory as a [`Source`]: watched (see the module docs), with the
-/// standalone EndpointSlice controller run over the whole object set after each reload.
+/// standalone EndpointSlice controller run for the Services whose inputs changed.
 /// Pods are consumed by that controller and not forwarded.
 pub struct ManifestSource {
     dir: PathBuf,
     debounce: Duration,
-    files: BTreeMap<PathBuf, FileState>,
+    files: BTreeMap<Arc<Path>, FileState>,
+    /// Which files define each key, in path order: the last one wins.
+    definers: HashMap<Key, Vec<Arc<Path>>>,
+    /// The winning definitions, by kind, as the allocator and the controller read them.
+    services: BTreeMap<NamespacedName, Arc<Service>>,
+    pods: BTreeMap<NamespacedName, Arc<Pod>>,
+    nodes: BTreeMap<String, Arc<Node>>,
+    /// Manifest EndpointSlices per (namespace, service-name label): a Service with one
+    /// gets no derived slices.
+    covered: HashMap<(String, String), usize>,
+    /// The Services after allocation (what the engine gets); a Service that could not be
+    /// allocated is absent.
+    allocated_services: BTreeMap<NamespacedName, Arc<Service>>,
+    /// Derived EndpointSlices, by key, with the Service they were derived for (those
+    /// shadowed by a manifest slice of the same name too).
+    derived: BTreeMap<Key, (NamespacedName, Object)>,
+    derived_by_service: HashMap<NamespacedName, Vec<Key>>,
     /// What the engine has been sent, to send only differences.
-    emitted: BTreeMap<ObjectKey, Arc<Object>>,
-    /// Conflicts already reported, so an unchanged conflict is not reported on every reload.
-    reported_conflicts: BTreeSet<String>,
-    /// What a Service without clusterIP or nodePort is given (the API server's job).
+    emitted: HashMap<Key, Object>,
+    /// Conflicts reported per key (duplicate definitions, a manifest slice with a derived
+    /// slice's name), so an unchanged conflict is not reported on every reload.
+    conflicts: HashMap<Key, Vec<Problem>>,
+    /// Allocation problems reported, likewise.
+    allocation_problems: BTreeSet<String>,
+    /// What the allocator gives a Service without clusterIP or nodePort (the API server's job).
     allocator: AllocatorConfig,
     /// What was allocated per Service, to log each allocation once (and when it moves).
     allocated: BTreeMap<NamespacedName, String>,
 }
+
+/// The keys whose definitions a reload changed, each with its winning definition
+/// before the reload (recorded before the key's first update).
+type Before = BTreeMap<Key, Option<Object>>;
+
+/// An object's key, allocated once when its file is read and shared by every map that
+/// holds it (20k keys × five maps would otherwise be ~10 MB of copies).
+type Key = Arc<ObjectKey>;
 
 impl ManifestSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -144,8 +214,17 @@ impl ManifestSource {
             dir: dir.into(),
             debounce: DEFAULT_DEBOUNCE,
             files: BTreeMap::new(),
-            emitted: BTreeMap::new(),
-            reported_conflicts: BTreeSet::new(),
+            definers: HashMap::new(),
+            services: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            covered: HashMap::new(),
+            allocated_services: BTreeMap::new(),
+            derived: BTreeMap::new(),
+            derived_by_service: HashMap::new(),
+            emitted: HashMap::new(),
+            conflicts: HashMap::new(),
+            allocation_problems: BTreeSet::new(),
             allocator: AllocatorConfig::default(),
             allocated: BTreeMap::new(),
         }
@@ -158,7 +237,9 @@ impl ManifestSource {
         self
     }
 
-    /// How long to collect file events before reloading.
+    /// The longest wait between the first event and the reload (default 100 ms), for a
+    /// manifest file still being written; finished writes and renames are read
+    /// [`COALESCE`] after the last event.
     pub fn debounce(mut self, d: Duration) -> Self {
         self.debounce = d;
         self
@@ -181,158 +262,427 @@ impl ManifestSource {
         problems: &mut Vec<Problem>,
     ) -> Result<Vec<Change>, SourceError> {
         let present = list_manifest_files(&self.dir)?;
-        self.files.retain(|path, _| present.contains_key(path));
-        for (path, version) in present {
-            let state = self.files.entry(path.clone()).or_default();
-            if state.version == Some(version) && !reread.includes(&path) {
-                continue;
+        let mut before = Before::new();
+        let gone: Vec<Arc<Path>> = self
+            .files
+            .keys()
+            .filter(|p| !present.contains_key(&***p))
+            .cloned()
+            .collect();
+        for path in gone {
+            let keys: Vec<Key> = self.files[&path].objects.keys().cloned().collect();
+            for key in &keys {
+                self.record_before(&mut before, key);
             }
-            load_file(&path, version, state, problems);
+            self.files.remove(&path);
+            for key in &keys {
+                self.undefine(key, &path);
+            }
         }
-        let mut conflicts = Vec::new();
-        let mut desired = self.merged_objects(&mut conflicts);
-        self.allocate(&mut desired, &mut conflicts);
-        // Report a conflict when it appears, not again on every later reload.
-        let current: BTreeSet<String> = conflicts.iter().map(|p| p.to_string()).collect();
-        problems.extend(
-            conflicts
-                .into_iter()
-                .filter(|p| !self.reported_conflicts.contains(&p.to_string())),
-        );
-        self.reported_conflicts = current;
-        Ok(self.diff_against_emitted(desired))
+        for (path, version) in present {
+            let path: Arc<Path> = match self.files.get_key_value(path.as_path()) {
+                Some((p, state)) => {
+                    if state.version == Some(version) && !reread.includes(p) {
+                        continue;
+                    }
+                    p.clone()
+                }
+                None => Arc::from(path),
+            };
+            let state = self.files.entry(path.clone()).or_default();
+            let new = match load_file(&path, &state.objects, problems) {
+                Loaded::Objects(objects) => objects,
+                Loaded::Broken => {
+                    // Remember the version so an unchanged broken file is not re-reported.
+                    state.version = Some(version);
+                    continue;
+                }
+                Loaded::Unreadable => continue,
+            };
+            state.version = Some(version);
+            let old = &state.objects;
+            let removed: Vec<Key> = old
+                .keys()
+                .filter(|k| !new.contains_key(*k))
+                .cloned()
+                .collect();
+            let differ: Vec<Key> = new
+                .iter()
+                .filter(|(k, obj)| old.get(*k).is_none_or(|o| !(o.ptr_eq(obj) || o == *obj)))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in removed.iter().chain(&differ) {
+                self.record_before(&mut before, key);
+            }
+            if let Some(state) = self.files.get_mut(&path) {
+                state.objects = new;
+            }
+            for key in &removed {
+                self.undefine(key, &path);
+            }
+            for key in &differ {
+                self.define(key, &path);
+            }
+        }
+        Ok(self.propagate(before, problems))
     }
 
-    /// All files' objects (a key defined twice: the later file in path order wins), with
-    /// derived EndpointSlices added and Pods left out (the engine does not use them).
-    /// Conflicts go to `conflicts`.
-    fn merged_objects(&self, conflicts: &mut Vec<Problem>) -> BTreeMap<ObjectKey, Arc<Object>> {
-        let mut merged: BTreeMap<ObjectKey, (&Path, &Arc<Object>)> = BTreeMap::new();
-        for (path, state) in &self.files {
-            for (key, obj) in &state.objects {
-                if let Some((first, _)) = merged.insert(key.clone(), (path, obj)) {
-                    conflicts.push(Problem {
-                        file: Some(path.clone()),
-                        message: format!(
-                            "{key} is also defined in {}; using this file's (the later path wins)",
-                            first.display()
-                        ),
-                    });
-                }
+    /// The winning definition of `key` now.
+    fn winner(&self, key: &ObjectKey) -> Option<&Object> {
+        let path = self.definers.get(key)?.last()?;
+        self.files.get(path)?.objects.get(key)
+    }
+
+    /// Note `key`'s winner before its first change in this reload.
+    fn record_before(&self, before: &mut Before, key: &Key) {
+        if !before.contains_key(key) {
+            before.insert(key.clone(), self.winner(key).cloned());
+        }
+    }
+
+    fn define(&mut self, key: &Key, path: &Arc<Path>) {
+        let paths = self.definers.entry(key.clone()).or_default();
+        if let Err(at) = paths.binary_search(path) {
+            paths.insert(at, path.clone());
+        }
+    }
+
+    fn undefine(&mut self, key: &ObjectKey, path: &Arc<Path>) {
+        if let Some(paths) = self.definers.get_mut(key) {
+            paths.retain(|p| p != path);
+            if paths.is_empty() {
+                self.definers.remove(key);
             }
         }
-        let mut services: Vec<&Service> = Vec::new();
-        let mut slices: Vec<&EndpointSlice> = Vec::new();
-        let mut pods: Vec<&Pod> = Vec::new();
-        let mut nodes: BTreeMap<String, &Node> = BTreeMap::new();
-        for (_, obj) in merged.values() {
-            match obj.as_ref() {
-                Object::Service(s) => services.push(s),
-                Object::EndpointSlice(s) => slices.push(s),
-                Object::Pod(p) => pods.push(p),
-                Object::Node(n) => {
-                    nodes.insert(n.name.clone(), n);
-                }
-            }
-        }
-        let derived = derive_endpoint_slices(services, slices, &pods, &nodes);
-        let mut out: BTreeMap<ObjectKey, Arc<Object>> = merged
-            .iter()
-            .filter(|(key, _)| key.kind != Kind::Pod)
-            .map(|(key, (_, obj))| (key.clone(), Arc::clone(obj)))
-            .collect();
-        for slice in derived {
-            let service = slice.service_name.clone().unwrap_or_default();
-            let obj = Object::EndpointSlice(slice);
-            let key = obj.key();
-            if let Some((path, _)) = merged.get(&key) {
-                // A manifest slice already has the derived name: what the user wrote wins.
-                conflicts.push(Problem {
-                    file: Some(path.to_path_buf()),
-                    message: format!(
-                        "{key} has the name of a slice derived for Service {}/{service}; \
-                         keeping the manifest's slice instead",
-                        key.name.namespace
-                    ),
-                });
+    }
+
+    /// From the keys whose definitions changed to the changes for the engine: the
+    /// kind indexes, allocation (when a Service changed), the EndpointSlice controller
+    /// (for the Services whose inputs changed), conflicts, and the difference against
+    /// what was emitted.
+    fn propagate(&mut self, before: Before, problems: &mut Vec<Problem>) -> Vec<Change> {
+        let mut candidates: BTreeSet<Key> = BTreeSet::new();
+        let mut dirty: BTreeSet<NamespacedName> = BTreeSet::new();
+        let mut services_changed = false;
+        let mut all_dirty = false;
+        for (key, before) in before {
+            let after = self.winner(&key).cloned();
+            // Conflicts depend on the definers, which changed even if the winner did not.
+            candidates.insert(key.clone());
+            let same = match (&before, &after) {
+                (Some(b), Some(a)) => b.ptr_eq(a) || b == a,
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
                 continue;
             }
-            out.insert(key, Arc::new(obj));
+            match key.kind {
+                Kind::Service => {
+                    services_changed = true;
+                    match &after {
+                        Some(Object::Service(s)) => {
+                            self.services.insert(key.name.clone(), s.clone());
+                        }
+                        _ => {
+                            self.services.remove(&key.name);
+                        }
+                    }
+                }
+                Kind::EndpointSlice => {
+                    for obj in [&before, &after].into_iter().flatten() {
+                        if let Object::EndpointSlice(s) = obj
+                            && let Some(svc) = &s.service_name
+                        {
+                            dirty.insert(NamespacedName::new(&*key.name.namespace, &**svc));
+                        }
+                    }
+                    if let Some(Object::EndpointSlice(s)) = &before {
+                        self.cover(s, false);
+                    }
+                    if let Some(Object::EndpointSlice(s)) = &after {
+                        self.cover(s, true);
+                    }
+                    if let Some((owner, _)) = self.derived.get(&key) {
+                        dirty.insert(owner.clone());
+                    }
+                }
+                Kind::Pod => {
+                    for obj in [&before, &after].into_iter().flatten() {
+                        if let Object::Pod(p) = obj {
+                            dirty.extend(self.services_selecting(p));
+                        }
+                    }
+                    match &after {
+                        Some(Object::Pod(p)) => {
+                            self.pods.insert(key.name.clone(), p.clone());
+                        }
+                        _ => {
+                            self.pods.remove(&key.name);
+                        }
+                    }
+                }
+                Kind::Node => {
+                    // Zones of derived endpoints: rare, so every derived slice again.
+                    all_dirty = true;
+                    match &after {
+                        Some(Object::Node(n)) => {
+                            self.nodes.insert(key.name.name.clone(), n.clone());
+                        }
+                        _ => {
+                            self.nodes.remove(&key.name.name);
+                        }
+                    }
+                }
+            }
         }
-        out
+        if services_changed {
+            for name in self.allocate(problems) {
+                candidates.insert(Arc::new(ObjectKey {
+                    kind: Kind::Service,
+                    name: name.clone(),
+                }));
+                dirty.insert(name);
+            }
+        }
+        if all_dirty {
+            dirty.extend(self.allocated_services.keys().cloned());
+            dirty.extend(self.derived_by_service.keys().cloned());
+        }
+        self.derive(&dirty, &mut candidates);
+        self.emit(candidates, problems)
+    }
+
+    /// Count `slice` as covering its Service (`add`), or no more.
+    fn cover(&mut self, slice: &EndpointSlice, add: bool) {
+        let Some(svc) = &slice.service_name else {
+            return;
+        };
+        let key = (slice.name.namespace.clone(), svc.clone());
+        if add {
+            *self.covered.entry(key).or_default() += 1;
+        } else if let Some(n) = self.covered.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.covered.remove(&key);
+            }
+        }
+    }
+
+    /// The Services of `pod`'s namespace whose selector selects it.
+    fn services_selecting(&self, pod: &Pod) -> Vec<NamespacedName> {
+        let from = NamespacedName::new(pod.name.namespace.clone(), "");
+        self.allocated_services
+            .range(from..)
+            .take_while(|(name, _)| name.namespace == pod.name.namespace)
+            .filter(|(_, s)| s.selector.as_ref().is_some_and(|sel| selects(sel, pod)))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Fill in what the manifests left to the API server (see [`crate::allocator`]);
-    /// a Service that cannot get it is dropped and reported. Each allocation is logged
-    /// once, and again when it changes.
-    fn allocate(
-        &mut self,
-        desired: &mut BTreeMap<ObjectKey, Arc<Object>>,
-        problems: &mut Vec<Problem>,
-    ) {
-        let services: Vec<&Service> = desired
-            .values()
-            .filter_map(|o| match o.as_ref() {
-                Object::Service(s) => Some(s),
-                _ => None,
-            })
-            .collect();
-        let outcomes = allocator::allocate(&self.allocator, &services);
+    /// a Service that cannot get it is dropped and reported (once while it stays so).
+    /// Each allocation is logged once, and again when it changes. Returns the Services
+    /// whose allocated version changed.
+    fn allocate(&mut self, problems: &mut Vec<Problem>) -> Vec<NamespacedName> {
+        let services: Vec<&Service> = self.services.values().map(|s| s.as_ref()).collect();
+        let mut outcomes = allocator::allocate(&self.allocator, &services);
         let mut allocated = BTreeMap::new();
-        for (name, outcome) in outcomes {
-            let key = ObjectKey {
-                kind: Kind::Service,
-                name: name.clone(),
-            };
-            let (service, notes) = match outcome {
-                Outcome::Allocated(s, notes) => (s, notes),
-                Outcome::Partial(s, notes, e) => {
-                    problems.push(Problem {
-                        file: None,
-                        message: format!("{e}; {IGNORED}"),
-                    });
-                    (s, notes)
+        let mut found = BTreeSet::new();
+        let mut result: BTreeMap<NamespacedName, Arc<Service>> = BTreeMap::new();
+        for (name, written) in &self.services {
+            let service = match outcomes.remove(name) {
+                None => written.clone(),
+                Some(Outcome::Allocated(s, notes)) => {
+                    self.log_allocation(name, &notes);
+                    allocated.insert(name.clone(), notes);
+                    Arc::new(*s)
                 }
-                Outcome::Failed(e) => {
-                    problems.push(Problem {
-                        file: None,
-                        message: format!("{e}; skipped"),
-                    });
-                    desired.remove(&key);
+                Some(Outcome::Partial(s, notes, e)) => {
+                    found.insert(format!("{e}; {IGNORED}"));
+                    self.log_allocation(name, &notes);
+                    allocated.insert(name.clone(), notes);
+                    Arc::new(*s)
+                }
+                Some(Outcome::Failed(e)) => {
+                    found.insert(format!("{e}; skipped"));
                     continue;
                 }
             };
-            if !notes.is_empty() && self.allocated.get(&name) != Some(&notes) {
-                let verb = if self.allocated.contains_key(&name) {
-                    "reallocated"
-                } else {
-                    "allocated"
-                };
-                tracing::info!("Service {name}: {verb} {notes}");
-            }
-            allocated.insert(name, notes);
-            desired.insert(key, Arc::new(Object::Service(*service)));
+            // Unchanged: keep the previous allocation (and its Arc).
+            let service = match self.allocated_services.get(name) {
+                Some(old) if Arc::ptr_eq(old, &service) || **old == *service => old.clone(),
+                _ => service,
+            };
+            result.insert(name.clone(), service);
         }
+        for message in &found {
+            if !self.allocation_problems.contains(message) {
+                problems.push(Problem {
+                    file: None,
+                    message: message.clone(),
+                });
+            }
+        }
+        self.allocation_problems = found;
         self.allocated = allocated;
+        let old = std::mem::replace(&mut self.allocated_services, result);
+        let mut changed: Vec<NamespacedName> = old
+            .iter()
+            .filter(|(name, s)| {
+                self.allocated_services
+                    .get(*name)
+                    .is_none_or(|new| !Arc::ptr_eq(new, s))
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        changed.extend(
+            self.allocated_services
+                .keys()
+                .filter(|name| !old.contains_key(*name))
+                .cloned(),
+        );
+        changed
     }
 
-    fn diff_against_emitted(&mut self, desired: BTreeMap<ObjectKey, Arc<Object>>) -> Vec<Change> {
-        let mut changes = Vec::new();
-        for key in self.emitted.keys() {
-            if !desired.contains_key(key) {
-                changes.push(Change::Delete(key.clone()));
-            }
+    fn log_allocation(&self, name: &NamespacedName, notes: &str) {
+        if !notes.is_empty() && self.allocated.get(name).map(String::as_str) != Some(notes) {
+            let verb = if self.allocated.contains_key(name) {
+                "reallocated"
+            } else {
+                "allocated"
+            };
+            tracing::info!("Service {name}: {verb} {notes}");
         }
-        for (key, obj) in &desired {
-            match self.emitted.get(key) {
-                Some(old) if Arc::ptr_eq(old, obj) || old == obj => {}
-                _ => changes.push(Change::Apply(Object::clone(obj))),
-            }
-        }
-        self.emitted = desired;
-        changes
     }
 
+    /// Run the EndpointSlice controller for the `dirty` Services; the derived slices
+    /// that appeared, changed or went away become candidates.
+    fn derive(&mut self, dirty: &BTreeSet<NamespacedName>, candidates: &mut BTreeSet<Key>) {
+        if dirty.is_empty() {
+            return;
+        }
+        let nodes: BTreeMap<String, &Node> = self
+            .nodes
+            .iter()
+            .map(|(name, n)| (name.clone(), n.as_ref()))
+            .collect();
+        for name in dirty {
+            let mut previous = HashMap::new();
+            for key in self.derived_by_service.remove(name).unwrap_or_default() {
+                candidates.insert(key.clone());
+                if let Some((_, obj)) = self.derived.remove(&key) {
+                    previous.insert(key, obj);
+                }
+            }
+            let Some(svc) = self.allocated_services.get(name) else {
+                continue;
+            };
+            if self
+                .covered
+                .contains_key(&(name.namespace.clone(), name.name.clone()))
+            {
+                continue;
+            }
+            let from = NamespacedName::new(name.namespace.clone(), "");
+            let pods = self
+                .pods
+                .range(from..)
+                .take_while(|(n, _)| n.namespace == name.namespace)
+                .map(|(_, p)| p.as_ref());
+            let mut keys = Vec::new();
+            for slice in derive_for_service(svc, pods, &nodes) {
+                let mut obj = Object::from(slice);
+                let key = Arc::new(obj.key());
+                // Unchanged: the previous allocation, which the engine already shares.
+                if let Some(old) = previous.remove(&key)
+                    && old == obj
+                {
+                    obj = old;
+                }
+                candidates.insert(key.clone());
+                keys.push(key.clone());
+                self.derived.insert(key, (name.clone(), obj));
+            }
+            if !keys.is_empty() {
+                self.derived_by_service.insert(name.clone(), keys);
+            }
+        }
+    }
+
+    /// What the engine should have for `key`: the allocated Service, the winning
+    /// manifest definition, or a derived slice (a manifest slice of the same name wins).
+    fn desired(&self, key: &ObjectKey) -> Option<Object> {
+        match key.kind {
+            Kind::Service => self
+                .allocated_services
+                .get(&key.name)
+                .map(|s| Object::Service(s.clone())),
+            Kind::EndpointSlice => self
+                .winner(key)
+                .or_else(|| self.derived.get(key).map(|(_, obj)| obj))
+                .cloned(),
+            Kind::Node => self.winner(key).cloned(),
+            Kind::Pod => None,
+        }
+    }
+
+    /// The conflicts of `key` now: defined in several files, or a manifest slice named as
+    /// a derived one.
+    fn conflicts_of(&self, key: &ObjectKey) -> Vec<Problem> {
+        let mut found = Vec::new();
+        if let Some(paths) = self.definers.get(key) {
+            for pair in paths.windows(2) {
+                found.push(Problem {
+                    file: Some(pair[1].to_path_buf()),
+                    message: format!(
+                        "{key} is also defined in {}; using this file's (the later path wins)",
+                        pair[0].display()
+                    ),
+                });
+            }
+            if let (Some(path), Some((service, _))) = (paths.last(), self.derived.get(key)) {
+                // A manifest slice already has the derived name: what the user wrote wins.
+                found.push(Problem {
+                    file: Some(path.to_path_buf()),
+                    message: format!(
+                        "{key} has the name of a slice derived for Service {service}; \
+                         keeping the manifest's slice instead"
+                    ),
+                });
+            }
+        }
+        found
+    }
+
+    /// Report the candidates' new conflicts and send what differs from what was emitted
+    /// (deletes first, then applies, each in key order).
+    fn emit(&mut self, candidates: BTreeSet<Key>, problems: &mut Vec<Problem>) -> Vec<Change> {
+        let mut deletes = Vec::new();
+        let mut applies = Vec::new();
+        for key in candidates {
+            let conflicts = self.conflicts_of(&key);
+            let old = self.conflicts.remove(&key).unwrap_or_default();
+            problems.extend(conflicts.iter().filter(|p| !old.contains(p)).cloned());
+            if !conflicts.is_empty() {
+                self.conflicts.insert(key.clone(), conflicts);
+            }
+            match (self.desired(&key), self.emitted.get(&key)) {
+                (Some(new), Some(old)) if new.ptr_eq(old) || new == *old => {}
+                (Some(new), _) => {
+                    self.emitted.insert(key, new.clone());
+                    applies.push(Change::Apply(new));
+                }
+                (None, Some(_)) => {
+                    self.emitted.remove(&key);
+                    deletes.push(Change::Delete(Arc::unwrap_or_clone(key)));
+                }
+                (None, None) => {}
+            }
+        }
+        deletes.extend(applies);
+        deletes
+    }
     async fn watch(
         mut self,
         tx: tokio::sync::mpsc::Sender<SourceEvent>,
@@ -384,10 +734,32 @@ impl ManifestSource {
                 () = tokio::time::sleep(DIRECTORY_RETRY), if watched.is_none() => None,
             };
             let mut reread = Reread::Changed;
-            if let Some(first) = &first {
-                // Debounce: an editor's save or a ConfigMap swap is several events.
-                reread.add(first.clone());
-                tokio::time::sleep(self.debounce).await;
+            let woken = first.is_some();
+            if let Some(first) = first {
+                // Coalesce: one save or ConfigMap swap is several events, and a file
+                // being written is read once it is closed (see the module docs).
+                let start = Instant::now();
+                let latest = start + self.debounce;
+                let mut open = BTreeSet::new();
+                track_writes(&mut open, &first);
+                reread.add(first);
+                let mut quiet = start + COALESCE;
+                loop {
+                    let deadline = if open.is_empty() {
+                        quiet.min(latest)
+                    } else {
+                        latest
+                    };
+                    match tokio::time::timeout_at(deadline, wake_rx.recv()).await {
+                        Ok(Some(more)) => {
+                            track_writes(&mut open, &more);
+                            reread.add(more);
+                            quiet = Instant::now() + COALESCE;
+                        }
+                        Ok(None) => return Ok(()),
+                        Err(_) => break,
+                    }
+                }
             }
             while let Ok(more) = wake_rx.try_recv() {
                 reread.add(more);
@@ -421,7 +793,7 @@ impl ManifestSource {
                 }
                 // Events were missed while the watch was on the old directory.
                 reread.add(Wake::Rescan);
-            } else if first.is_none() {
+            } else if !woken {
                 // A retry tick, and the directory is still missing: already reported.
                 continue;
             }
@@ -472,6 +844,18 @@ fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
+/// Whether a file of this name is read: `*.yaml`, `*.yml`, `*.json`, not hidden and not
+/// an editor's backup or swap file.
+fn is_manifest_name(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    !(name.starts_with('.')
+        || name.ends_with('~')
+        || name.ends_with(".swp")
+        || Format::from_path(path).is_none())
+}
+
 /// Manifest files directly in `dir`, with their on-disk versions.
 fn list_manifest_files(dir: &Path) -> Result<BTreeMap<PathBuf, FileVersion>, SourceError> {
     let read_err = |source| SourceError::ReadDir {
@@ -482,14 +866,7 @@ fn list_manifest_files(dir: &Path) -> Result<BTreeMap<PathBuf, FileVersion>, Sou
     for entry in std::fs::read_dir(dir).map_err(read_err)? {
         let Ok(entry) = entry else { continue };
         let path = entry.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if name.starts_with('.')
-            || name.ends_with('~')
-            || name.ends_with(".swp")
-            || Format::from_path(&path).is_none()
-        {
+        if !is_manifest_name(&path) {
             continue;
         }
         // metadata() follows symlinks: a ConfigMap mount's `x.yaml -> ..data/x.yaml`.
@@ -512,20 +889,26 @@ fn list_manifest_files(dir: &Path) -> Result<BTreeMap<PathBuf, FileVersion>, Sou
     Ok(files)
 }
 
-/// Read one file into `state`. A file that does not parse keeps its previous objects; an
-/// object that became invalid keeps its previous valid version (nothing that worked is lost).
-fn load_file(
-    path: &Path,
-    version: FileVersion,
-    state: &mut FileState,
-    problems: &mut Vec<Problem>,
-) {
+/// What reading one file gave.
+enum Loaded {
+    /// Its objects (an invalid object that had a valid version in `previous` keeps it).
+    Objects(BTreeMap<Key, Object>),
+    /// Not valid YAML/JSON: its previous objects stay (reported).
+    Broken,
+    /// Could not be read: its previous objects stay, and it is tried again (reported).
+    Unreadable,
+}
+
+/// Read one file, whose objects were `previous`. A file that does not parse keeps its
+/// previous objects; an object that became invalid keeps its previous valid version
+/// (nothing that worked is lost).
+fn load_file(path: &Path, previous: &BTreeMap<Key, Object>, problems: &mut Vec<Problem>) -> Loaded {
     let problem = |message: String| Problem {
         file: Some(path.to_path_buf()),
         message,
     };
     let Some(format) = Format::from_path(path) else {
-        return;
+        return Loaded::Unreadable;
     };
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -533,22 +916,26 @@ fn load_file(
             problems.push(problem(format!(
                 "cannot read: {e}; keeping its previous objects"
             )));
-            return;
+            return Loaded::Unreadable;
         }
     };
     let parsed = match parse_manifest(&text, format) {
         Ok(p) => p,
         Err(e) => {
             problems.push(problem(format!("{e}; keeping its previous objects")));
-            // Remember the version so an unchanged broken file is not re-reported each wake-up.
-            state.version = Some(version);
-            return;
+            return Loaded::Broken;
         }
     };
-    let mut objects: BTreeMap<ObjectKey, Arc<Object>> = BTreeMap::new();
+    drop(text);
+    let mut objects: BTreeMap<Key, Object> = BTreeMap::new();
     for obj in parsed.objects {
-        let key = obj.key();
-        if objects.insert(key.clone(), Arc::new(obj)).is_some() {
+        let key = Arc::new(obj.key());
+        // Unchanged: keep the previous allocation, which the engine already shares.
+        let obj = match previous.get(&key) {
+            Some(old) if *old == obj => old.clone(),
+            _ => obj,
+        };
+        if objects.insert(key.clone(), obj).is_some() {
             problems.push(problem(format!(
                 "{key} is defined twice in this file; the later document wins"
             )));
@@ -566,8 +953,7 @@ fn load_file(
         problems.push(problem(format!("{warning}; {IGNORED}")));
     }
     for invalid in parsed.invalid {
-        let previous = state
-            .objects
+        let previous = previous
             .iter()
             .find(|(key, _)| key.kind == invalid.kind && key.name.to_string() == invalid.object);
         match previous {
@@ -575,13 +961,12 @@ fn load_file(
                 problems.push(problem(format!(
                     "{invalid}; keeping its previous valid version"
                 )));
-                objects.insert(key.clone(), Arc::clone(obj));
+                objects.insert(key.clone(), obj.clone());
             }
             _ => problems.push(problem(format!("{invalid}; skipped"))),
         }
     }
-    state.objects = objects;
-    state.version = Some(version);
+    Loaded::Objects(objects)
 }
 
 #[cfg(test)]
@@ -675,7 +1060,7 @@ mod tests {
         let services: BTreeMap<String, Service> = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Apply(Object::Service(s)) => Some((s.name.name.clone(), s.clone())),
+                Change::Apply(Object::Service(s)) => Some((s.name.name.clone(), (**s).clone())),
                 _ => None,
             })
             .collect();
@@ -794,6 +1179,151 @@ mod tests {
             .collect();
         deleted.sort();
         assert_eq!(deleted, vec![key("a"), key("b")]);
+    }
+
+    /// The oracle for the incremental reload: after every edit, what the changes sent so
+    /// far add up to equals what a fresh source loads from the same directory, through
+    /// allocation, the EndpointSlice controller, conflicts and removals; and an edit of
+    /// Pods sends only the slices derived from them.
+    #[test]
+    fn incremental_reloads_add_up_to_a_fresh_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AllocatorConfig {
+            cluster_ip_ranges: allocator::parse_service_cluster_ip_range("10.96.0.0/16").unwrap(),
+            ..AllocatorConfig::default()
+        };
+        // Rename-over, so each version is a new inode (no mtime granularity question).
+        let put = |name: &str, text: &str| {
+            let tmp = dir.path().join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, dir.path().join(name)).unwrap();
+        };
+        let service = |name: &str, extra: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\n\
+                 spec:\n  selector: {{app: {name}}}\n  ports: [{{port: 80, targetPort: 8080}}]\n{extra}"
+            )
+        };
+        let pod = |name: &str, app: &str, ip: &str| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{app: {app}}}}}\n\
+                 spec: {{nodeName: n1, containers: [{{name: c, image: x}}]}}\n\
+                 status: {{podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+            )
+        };
+        let node = |zone: &str| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n"
+            )
+        };
+        let slice = |name: &str, service: &str, ip: &str| {
+            format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: {name}, namespace: demo, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+                 addressType: IPv4\nendpoints: [{{addresses: [{ip}]}}]\nports: [{{port: 9}}]\n"
+            )
+        };
+        let services = service("web", "")
+            + &service("api", "  clusterIP: 10.96.0.10\n")
+            + &service("np", "  type: NodePort\n");
+        put("10-svc.yaml", &services);
+        put(
+            "20-pods.yaml",
+            &(pod("web-1", "web", "10.244.0.1")
+                + &pod("web-2", "web", "10.244.0.2")
+                + &pod("api-1", "api", "10.244.0.3")),
+        );
+        put("30-node.yaml", &node("a"));
+
+        let src =
+            std::cell::RefCell::new(ManifestSource::new(dir.path()).allocator(config.clone()));
+        let mut state: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+        let mut step = |what: &str| -> Vec<Change> {
+            let (changes, _) = src.borrow_mut().load_once().unwrap();
+            for change in &changes {
+                match change {
+                    Change::Apply(obj) => {
+                        state.insert(obj.key(), obj.clone());
+                    }
+                    Change::Delete(key) => {
+                        assert!(state.remove(key).is_some(), "{what}: {key} was not there");
+                    }
+                }
+            }
+            let (fresh, _) = ManifestSource::new(dir.path())
+                .allocator(config.clone())
+                .load_once()
+                .unwrap();
+            let fresh: BTreeMap<ObjectKey, Object> = fresh
+                .into_iter()
+                .map(|c| match c {
+                    Change::Apply(obj) => (obj.key(), obj),
+                    Change::Delete(key) => panic!("a fresh load deletes {key}"),
+                })
+                .collect();
+            assert_eq!(state, fresh, "{what}");
+            changes
+        };
+        let initial = step("initial");
+        assert!(initial.len() >= 5, "{initial:?}");
+        assert!(step("nothing changed").is_empty());
+
+        put(
+            "20-pods.yaml",
+            &(pod("web-1", "web", "10.244.0.1")
+                + &pod("web-2", "api", "10.244.0.2")
+                + &pod("api-1", "api", "10.244.0.3")),
+        );
+        let changes = step("a Pod moves from web to api");
+        let keys: Vec<String> = changes
+            .iter()
+            .map(|c| match c {
+                Change::Apply(o) => o.key().to_string(),
+                Change::Delete(k) => format!("-{k}"),
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "EndpointSlice demo/api-svcplane-ipv4-0",
+                "EndpointSlice demo/web-svcplane-ipv4-0"
+            ]
+        );
+        put("30-node.yaml", &node("b"));
+        step("the Node's zone changes");
+        put("40-slices.yaml", &slice("web-manual", "web", "10.244.9.1"));
+        step("a manifest slice covers web");
+        put(
+            "40-slices.yaml",
+            &(slice("web-manual", "web", "10.244.9.1")
+                + &slice("api-svcplane-ipv4-0", "other", "10.244.9.2")),
+        );
+        step("a manifest slice with a derived slice's name");
+        std::fs::remove_file(dir.path().join("40-slices.yaml")).unwrap();
+        step("the manifest slices go");
+        put("50-dup.yaml", &service("api", "  clusterIP: 10.96.0.11\n"));
+        step("api defined twice");
+        put(
+            "10-svc.yaml",
+            &(service("api", "  clusterIP: 10.96.0.10\n") + &service("np", "  type: NodePort\n")),
+        );
+        step("web removed");
+        std::fs::remove_file(dir.path().join("50-dup.yaml")).unwrap();
+        step("the second api goes");
+        // A broken file keeps its objects (which a fresh load never had): nothing is sent.
+        put("20-pods.yaml", "kind: [");
+        let (changes, problems) = src.borrow_mut().load_once().unwrap();
+        assert!(
+            changes.is_empty() && problems.len() == 1,
+            "{changes:?} {problems:?}"
+        );
+        put("20-pods.yaml", &pod("web-1", "web", "10.244.0.1"));
+        step("the Pods' file fixed");
+        put(
+            "10-svc.yaml",
+            &(services + &service("web2", "  clusterIP: 10.96.0.12\n")),
+        );
+        step("web back, web2 new");
     }
 
     #[test]
@@ -936,6 +1466,33 @@ mod tests {
         let changes = next_changes(&mut rx).await;
         assert_eq!(changes.len(), 1, "{changes:?}");
         assert_eq!(applied_port(&changes, "b"), Some(81));
+    }
+
+    /// A file still open for writing is not read half-written: the reload waits for its
+    /// close (bounded by the longest wait, 30 s here), then reads it whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_being_written_is_read_once_closed() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, collected) = collecting_sink();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let source: Box<dyn Source> =
+            Box::new(ManifestSource::new(dir.path()).debounce(Duration::from_secs(30)));
+        let _task = tokio::spawn(source.run(tx, sink));
+        assert!(next_changes(&mut rx).await.is_empty());
+        assert_eq!(rx.recv().await, Some(SourceEvent::Synced));
+
+        let text = svc_yaml("a", "10.96.0.1", 80);
+        let (head, tail) = text.split_at(text.len() / 2);
+        let mut file = std::fs::File::create(dir.path().join("a.yaml")).unwrap();
+        file.write_all(head.as_bytes()).unwrap();
+        // Many coalescing pauses long: a reload now would read half a Service.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err(), "read before the close");
+        file.write_all(tail.as_bytes()).unwrap();
+        drop(file);
+        assert_eq!(applied_port(&next_changes(&mut rx).await, "a"), Some(80));
+        assert!(collected.lock().unwrap().is_empty(), "{collected:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1137,7 +1694,7 @@ mod tests {
         let slices: Vec<&EndpointSlice> = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Apply(Object::EndpointSlice(s)) => Some(s),
+                Change::Apply(Object::EndpointSlice(s)) => Some(&**s),
                 _ => None,
             })
             .collect();
@@ -1155,16 +1712,16 @@ mod tests {
     fn rescan_rereads_everything_and_names_accumulate() {
         let mut reread = Reread::Changed;
         assert!(!reread.includes(Path::new("/d/a.yaml")));
-        reread.add(Wake::Paths(vec![PathBuf::from("/elsewhere/d/a.yaml")]));
+        reread.add(Wake::Done(vec![PathBuf::from("/elsewhere/d/a.yaml")]));
         assert!(
             reread.includes(Path::new("/d/a.yaml")),
             "matched by file name"
         );
         assert!(!reread.includes(Path::new("/d/b.yaml")));
-        reread.add(Wake::Paths(vec![PathBuf::from("/d/b.yaml")]));
+        reread.add(Wake::Done(vec![PathBuf::from("/d/b.yaml")]));
         assert!(reread.includes(Path::new("/d/a.yaml")) && reread.includes(Path::new("/d/b.yaml")));
         reread.add(Wake::Rescan);
-        reread.add(Wake::Paths(vec![PathBuf::from("/d/c.yaml")]));
+        reread.add(Wake::Done(vec![PathBuf::from("/d/c.yaml")]));
         assert!(reread.includes(Path::new("/d/z.yaml")));
 
         let overflow = Wake::from_event(Err(notify::Error::generic("queue overflow")));
@@ -1173,7 +1730,7 @@ mod tests {
             notify::Event::new(notify::EventKind::Other).set_flag(notify::event::Flag::Rescan);
         assert!(matches!(Wake::from_event(Ok(rescan)), Some(Wake::Rescan)));
         let modify = notify::Event::new(notify::EventKind::Any).add_path("/d/a.yaml".into());
-        assert!(matches!(Wake::from_event(Ok(modify)), Some(Wake::Paths(p)) if p.len() == 1));
+        assert!(matches!(Wake::from_event(Ok(modify)), Some(Wake::Done(p)) if p.len() == 1));
     }
 
     #[test]

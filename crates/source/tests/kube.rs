@@ -214,6 +214,12 @@ async fn follows_added_modified_deleted_for_all_three_kinds() {
         "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
     );
     assert_eq!(svc_list.authorization.as_deref(), Some("Bearer fake-token"));
+    // kube-proxy's informers list from the API server's watch cache (resourceVersion=0):
+    // one answer, not one page of 500 per token of the client's rate limit.
+    assert_eq!(
+        svc_list.query.get("resourceVersion").map(String::as_str),
+        Some("0")
+    );
     let node_list = requests
         .iter()
         .find(|r| r.path == "/api/v1/nodes" && !r.is_watch())

@@ -234,11 +234,13 @@ impl Example {
             for object in parsed.objects {
                 match object {
                     Object::Service(s) => {
-                        example.services.insert(s.name.clone(), s);
+                        example
+                            .services
+                            .insert(s.name.clone(), Arc::unwrap_or_clone(s));
                     }
-                    Object::EndpointSlice(s) => example.slices.push(s),
-                    Object::Node(n) => example.nodes.push(n),
-                    Object::Pod(p) => example.pods.push(p),
+                    Object::EndpointSlice(s) => example.slices.push(Arc::unwrap_or_clone(s)),
+                    Object::Node(n) => example.nodes.push(Arc::unwrap_or_clone(n)),
+                    Object::Pod(p) => example.pods.push(Arc::unwrap_or_clone(p)),
                 }
             }
         }

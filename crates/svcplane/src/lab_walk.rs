@@ -744,7 +744,9 @@ impl Lab {
         Ok(changes
             .into_iter()
             .filter_map(|c| match c {
-                Change::Apply(Object::Service(s)) => Some((s.name.clone(), s)),
+                Change::Apply(Object::Service(s)) => {
+                    Some((s.name.clone(), std::sync::Arc::unwrap_or_clone(s)))
+                }
                 _ => None,
             })
             .collect())

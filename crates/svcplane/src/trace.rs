@@ -50,14 +50,14 @@ impl World {
         let services: Vec<_> = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Apply(Object::Service(s)) => Some(s.clone()),
+                Change::Apply(Object::Service(s)) => Some((**s).clone()),
                 _ => None,
             })
             .collect();
         let slices: Vec<_> = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Apply(Object::EndpointSlice(s)) => Some(s.clone()),
+                Change::Apply(Object::EndpointSlice(s)) => Some((**s).clone()),
                 _ => None,
             })
             .collect();

@@ -9,7 +9,7 @@ fn services(yaml: &str) -> Vec<Service> {
         .objects
         .into_iter()
         .filter_map(|o| match o {
-            Object::Service(s) => Some(s),
+            Object::Service(s) => Some(std::sync::Arc::unwrap_or_clone(s)),
             _ => None,
         })
         .collect()
