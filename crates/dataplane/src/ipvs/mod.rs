@@ -130,8 +130,12 @@ pub struct IpvsBackend {
     sysctls_checked: bool,
     /// Virtual servers as last applied.
     applied: BTreeMap<VsKey, Wanted>,
-    /// Dummy interface addresses as last applied.
-    applied_vips: BTreeSet<IpAddr>,
+    /// Dummy interface addresses as last applied, with how many service ports claim
+    /// each ([`plan::address_claims`]).
+    vip_claims: BTreeMap<IpAddr, u32>,
+    /// Virtual server keys more than one service port claims, as of the last full
+    /// computation: a partial sync touching one of them syncs in full.
+    contested: BTreeSet<VsKey>,
     /// Filter state per family (v4, v6) as last applied.
     applied_filter: [Option<FilterState>; 2],
     /// NodePort addresses the last sync used.
@@ -140,6 +144,8 @@ pub struct IpvsBackend {
     draining: BTreeSet<VsKey>,
     ipvs: Option<Ipvs>,
     links: Option<Links>,
+    /// nf_tables netlink socket for the filter tables' element changes.
+    nft_socket: Option<crate::nftables::netlink::Socket>,
 }
 
 impl std::fmt::Debug for IpvsBackend {
@@ -169,12 +175,14 @@ impl IpvsBackend {
             conntrack: Reconciler::new(ConntrackScope::CurrentNetns),
             sysctls_checked: false,
             applied: BTreeMap::new(),
-            applied_vips: BTreeSet::new(),
+            vip_claims: BTreeMap::new(),
+            contested: BTreeSet::new(),
             applied_filter: [None, None],
             applied_node_addrs: Vec::new(),
             draining: BTreeSet::new(),
             ipvs: None,
             links: None,
+            nft_socket: None,
         }
     }
 
@@ -285,7 +293,8 @@ impl IpvsBackend {
             .into_iter()
             .collect();
         let node_addrs = self.node_addresses(desired, &on_dummy, &vips)?;
-        let wanted = plan::virtual_servers(desired, &self.options.scheduler, &node_addrs);
+        let (wanted, contested) =
+            plan::virtual_servers_contested(desired, &self.options.scheduler, &node_addrs);
 
         // IPVS: every virtual server on an address svcplane manages.
         let owned_addrs: BTreeSet<IpAddr> = on_dummy.iter().chain(vips.iter()).copied().collect();
@@ -336,7 +345,8 @@ impl IpvsBackend {
         size += script.len();
         self.applied_filter = filters;
         self.applied = wanted;
-        self.applied_vips = vips;
+        self.contested = contested;
+        self.vip_claims = plan::address_claims(desired);
         self.applied_node_addrs = node_addrs;
         Ok(SyncReport {
             full: true,
@@ -346,12 +356,21 @@ impl IpvsBackend {
     }
 
     /// `None` when the sync has to be full (the interface or a table is gone, NodePort
-    /// addresses changed).
+    /// addresses changed, a contested virtual server is involved, no previous state).
+    ///
+    /// The work is in the changed services' virtual servers, real servers and set
+    /// elements, never in the number of services: their old virtual servers come from
+    /// the previous desired state, their new ones from this one; the kernel is asked
+    /// only about those (and the draining ones); the dummy's addresses change by claim
+    /// counts; the filter tables' elements go as one nf_tables netlink batch.
     fn partial_sync(
         &mut self,
         desired: &DesiredState,
         diff: &Diff,
     ) -> Result<Option<SyncReport>, DataplaneError> {
+        let Some(prev) = diff.previous.as_deref() else {
+            return Ok(None);
+        };
         let Some(index) = self
             .links()?
             .index(DUMMY)
@@ -360,20 +379,119 @@ impl IpvsBackend {
             tracing::warn!("interface {DUMMY} is gone; syncing in full");
             return Ok(None);
         };
-        let vips = plan::service_addresses(desired);
-        let node_addrs = self.node_addresses(desired, &self.applied_vips, &vips)?;
-        if node_addrs != self.applied_node_addrs {
-            return Ok(None);
-        }
         let changed: BTreeSet<&ServicePortName> = [&diff.v4, &diff.v6]
             .into_iter()
             .flat_map(|d| d.added.iter().chain(&d.changed).chain(&d.removed))
             .collect();
-        let wanted = plan::virtual_servers(desired, &self.options.scheduler, &node_addrs);
+
+        // The dummy's addresses: claims of the changed service ports out, then in.
+        let mut claims_delta: BTreeMap<IpAddr, i64> = BTreeMap::new();
+        for (old, new) in prev.families().into_iter().zip(desired.families()) {
+            for name in &changed {
+                if let Some(svc) = old.services.get(*name) {
+                    for ip in plan::service_port_addresses(svc) {
+                        *claims_delta.entry(ip).or_insert(0) -= 1;
+                    }
+                }
+                if let Some(svc) = new.services.get(*name) {
+                    for ip in plan::service_port_addresses(svc) {
+                        *claims_delta.entry(ip).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        let mut vips_came = Vec::new();
+        let mut vips_gone = Vec::new();
+        for (ip, d) in claims_delta {
+            let before = i64::from(self.vip_claims.get(&ip).copied().unwrap_or(0));
+            let after = before + d;
+            if after <= 0 {
+                self.vip_claims.remove(&ip);
+            } else {
+                self.vip_claims
+                    .insert(ip, u32::try_from(after).unwrap_or(u32::MAX));
+            }
+            match (before > 0, after > 0) {
+                (false, true) => vips_came.push(ip),
+                (true, false) => vips_gone.push(ip),
+                _ => {}
+            }
+        }
+
+        // NodePort addresses: the node's, without listing the dummy's (one per service).
+        let local = self
+            .links()?
+            .addresses_except(index)
+            .map_err(|e| nl_error("listing the node's addresses", e))?;
+        let on_real: BTreeSet<IpAddr> = local
+            .iter()
+            .filter(|a| self.vip_claims.contains_key(a))
+            .copied()
+            .collect();
+        let node_addrs: Vec<IpAddr> = desired
+            .families()
+            .into_iter()
+            .flat_map(|f| plan::nodeport_addresses(f, &local, &on_real))
+            .collect();
+        if node_addrs != self.applied_node_addrs {
+            return Ok(None);
+        }
+
+        // The changed services' virtual servers, before and after.
+        let scheduler = self.options.scheduler.clone();
+        let mut gone: Vec<(usize, VsKey)> = Vec::new();
+        let mut came: BTreeMap<VsKey, (usize, Wanted)> = BTreeMap::new();
+        for (i, (old, new)) in prev
+            .families()
+            .into_iter()
+            .zip(desired.families())
+            .enumerate()
+        {
+            for name in &changed {
+                if let Some(svc) = old.services.get(*name) {
+                    for w in plan::service_virtual_servers(old, name, svc, &scheduler, &node_addrs)
+                    {
+                        let k = w.vs.key;
+                        if self.contested.contains(&k) {
+                            return Ok(None);
+                        }
+                        if self.applied.get(&k).is_some_and(|a| &a.service == *name) {
+                            gone.push((i, k));
+                        }
+                    }
+                }
+                if let Some(svc) = new.services.get(*name) {
+                    for w in plan::service_virtual_servers(new, name, svc, &scheduler, &node_addrs)
+                    {
+                        let k = w.vs.key;
+                        let taken = self
+                            .applied
+                            .get(&k)
+                            .is_some_and(|a| !changed.contains(&a.service));
+                        if self.contested.contains(&k) || taken || came.contains_key(&k) {
+                            // Another service claims it too: only a full computation
+                            // knows who keeps it.
+                            return Ok(None);
+                        }
+                        came.insert(k, (i, w));
+                    }
+                }
+            }
+        }
+
+        // IPVS: the changed virtual servers and those still draining.
         let mut scope: BTreeSet<VsKey> = self.draining.clone();
-        for (k, w) in wanted.iter().chain(self.applied.iter()) {
-            if changed.contains(&w.service) {
-                scope.insert(*k);
+        scope.extend(gone.iter().map(|(_, k)| *k));
+        scope.extend(came.keys().copied());
+        let mut wanted: BTreeMap<VsKey, Wanted> =
+            came.iter().map(|(k, (_, w))| (*k, w.clone())).collect();
+        let gone_keys: BTreeSet<VsKey> = gone.iter().map(|(_, k)| *k).collect();
+        for k in &self.draining {
+            if !gone_keys.contains(k)
+                && !wanted.contains_key(k)
+                && let Some(w) = self.applied.get(k)
+            {
+                wanted.insert(*k, w.clone());
             }
         }
         let mut current = BTreeMap::new();
@@ -393,46 +511,129 @@ impl IpvsBackend {
         let mut size = self.apply_ops(&plan.ops)?;
         self.draining = plan.draining;
 
-        let before = std::mem::take(&mut self.applied_vips);
+        // Addresses after the virtual servers: a new address is never live without them.
         let links = self.links()?;
-        for ip in vips.difference(&before) {
+        for ip in &vips_came {
             links
                 .add_address(index, *ip)
                 .map_err(|e| nl_error(&format!("adding {ip} to {DUMMY}"), e))?;
         }
-        for ip in before.difference(&vips) {
+        for ip in &vips_gone {
             links
                 .del_address(index, *ip)
                 .map_err(|e| nl_error(&format!("removing {ip} from {DUMMY}"), e))?;
         }
-        self.applied_vips = vips.clone();
 
-        // The probe fails the whole transaction when a table is gone (`nft flush
-        // ruleset`): then the sync is full. (Not `nft list tables`, which makes nft 1.0.6
-        // load every set element.)
-        let mut script = filter::tables_present_probe();
-        let mut filters = [None, None];
-        for (i, fam) in desired.families().into_iter().enumerate() {
-            let st = FilterState::build(fam, wanted.values(), &vips)?;
-            let part = match &self.applied_filter[i] {
-                Some(old) => st.delta(old, fam.family),
-                None => None,
+        // The filter tables' elements.
+        let mut changes: [Option<Vec<filter::ElementChange>>; 2] = [None, None];
+        for (i, (old, new)) in prev
+            .families()
+            .into_iter()
+            .zip(desired.families())
+            .enumerate()
+        {
+            let v4 = i == 0;
+            let removed: Vec<(&Wanted, &svcplane_proxy::ServicePortState)> = gone
+                .iter()
+                .filter(|(f, _)| *f == i)
+                .filter_map(|(_, k)| {
+                    let w = self.applied.get(k)?;
+                    Some((w, old.services.get(&w.service)?.as_ref()))
+                })
+                .collect();
+            let added: Vec<(&Wanted, &svcplane_proxy::ServicePortState)> = came
+                .values()
+                .filter(|(f, _)| *f == i)
+                .filter_map(|(_, w)| Some((w, new.services.get(&w.service)?.as_ref())))
+                .collect();
+            let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
+                ips.iter()
+                    .copied()
+                    .filter(|ip| ip.is_ipv4() == v4)
+                    .collect()
             };
-            script.push_str(&part.unwrap_or_else(|| st.render(fam.family)));
-            filters[i] = Some(st);
+            let Some(state) = self.applied_filter[i].as_mut() else {
+                return Ok(None);
+            };
+            changes[i] = state.update(
+                &removed,
+                &added,
+                &of_family(&vips_gone),
+                &of_family(&vips_came),
+            );
         }
-        if let Err(e) = self.run_nft(&script) {
-            tracing::warn!(error = %e, "partial IPVS filter sync failed (tables gone?); syncing in full");
-            return Ok(None);
+        for k in &gone_keys {
+            self.applied.remove(k);
         }
-        size += script.len();
-        self.applied_filter = filters;
-        self.applied = wanted;
+        for (k, (_, w)) in came {
+            self.applied.insert(k, w);
+        }
+        if changes.iter().all(Option::is_some) {
+            size += self.send_elements(&changes)?;
+        } else {
+            // A source-range chain comes or goes: the whole tables through nft.
+            let vips: BTreeSet<IpAddr> = self.vip_claims.keys().copied().collect();
+            let mut script = filter::tables_present_probe();
+            let mut filters = [None, None];
+            for (i, fam) in desired.families().into_iter().enumerate() {
+                let st = FilterState::build(fam, self.applied.values(), &vips)?;
+                script.push_str(&st.render(fam.family));
+                filters[i] = Some(st);
+            }
+            self.run_nft(&script)?;
+            size += script.len();
+            self.applied_filter = filters;
+        }
         Ok(Some(SyncReport {
             full: false,
             size,
             ..SyncReport::default()
         }))
+    }
+
+    /// Send both families' element changes as one nf_tables batch (with a no-op that
+    /// fails when a table is gone); an error makes the sync full.
+    fn send_elements(
+        &mut self,
+        changes: &[Option<Vec<filter::ElementChange>>; 2],
+    ) -> Result<usize, DataplaneError> {
+        use crate::nftables::netlink::{Key, Socket, Verdict, family_code};
+        if self.nft_socket.is_none() {
+            self.nft_socket =
+                Some(Socket::open(self.netns.as_deref()).map_err(|e| {
+                    DataplaneError::Other(format!("nf_tables netlink socket: {e}"))
+                })?);
+        }
+        let Some(socket) = self.nft_socket.as_mut() else {
+            return Err(DataplaneError::Other("no nf_tables socket".into()));
+        };
+        let mut batch = socket.batch();
+        let mut n = 0;
+        for (i, list) in changes.iter().enumerate() {
+            let family = family_code(i == 1);
+            // The probe: creating an existing chain is a no-op, in a missing table an error.
+            batch.add_chain(family, filter::TABLE, filter::MARK);
+            type Items = Vec<(Key, Option<Verdict>)>;
+            let mut groups: BTreeMap<(bool, &'static str), Items> = BTreeMap::new();
+            for c in list.iter().flatten() {
+                groups
+                    .entry((c.delete, c.set))
+                    .or_default()
+                    .push((c.key.clone(), None));
+                n += 1;
+            }
+            // Deletions first (`true` sorts after `false`: reverse).
+            for ((delete, set), items) in groups.iter().rev() {
+                batch.elements(*delete, family, filter::TABLE, set, items);
+            }
+        }
+        if let Err(e) = socket.commit(batch) {
+            self.nft_socket = None;
+            return Err(DataplaneError::Other(format!(
+                "IPVS filter tables' element changes: {e}"
+            )));
+        }
+        Ok(n)
     }
 
     /// Apply `ops` in order; every op is tried, the first failure is returned (the next
@@ -623,7 +824,8 @@ impl Dataplane for IpvsBackend {
             }
         }
         self.applied.clear();
-        self.applied_vips.clear();
+        self.vip_claims.clear();
+        self.contested.clear();
         self.applied_filter = [None, None];
         self.draining.clear();
         self.needs_full = true;

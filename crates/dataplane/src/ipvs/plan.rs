@@ -163,46 +163,101 @@ pub fn frontends(svc: &ServicePortState, node_addrs: &[IpAddr]) -> Vec<(Frontend
     out
 }
 
-/// The virtual servers for `desired`: one per frontend address, port and protocol, with
-/// the internal target's endpoints on the ClusterIP and the external target's on the
-/// others. `node_addrs` are both families' NodePort addresses ([`nodeport_addresses`]).
+/// The virtual servers of one service port `name` of `fam`: one per frontend address
+/// (of this family), port and protocol, with the internal target's endpoints on the
+/// ClusterIP and the external target's on the others.
+pub fn service_virtual_servers(
+    fam: &FamilyState,
+    name: &ServicePortName,
+    svc: &ServicePortState,
+    scheduler: &str,
+    node_addrs: &[IpAddr],
+) -> Vec<Wanted> {
+    let v4 = matches!(fam.family, svcplane_model::IpFamily::V4);
+    frontends(svc, node_addrs)
+        .into_iter()
+        .filter(|(_, addr, _)| addr.is_ipv4() == v4)
+        .map(|(frontend, addr, port)| Wanted {
+            vs: VirtualServer {
+                key: VsKey {
+                    addr,
+                    protocol: svc.protocol,
+                    port,
+                },
+                // The Service's annotation, else `--ipvs-scheduler`.
+                scheduler: svc
+                    .ipvs_scheduler
+                    .as_deref()
+                    .unwrap_or(scheduler)
+                    .to_owned(),
+                persistence: svc.affinity_timeout_seconds,
+            },
+            reals: reals(svc, frontend.external()),
+            service: name.clone(),
+            frontend,
+        })
+        .collect()
+}
+
+/// The virtual servers for `desired` ([`service_virtual_servers`] of every service
+/// port). `node_addrs` are both families' NodePort addresses ([`nodeport_addresses`]).
 /// Two services claiming the same address:port:protocol: the first (by name) keeps it.
 pub fn virtual_servers(
     desired: &DesiredState,
     scheduler: &str,
     node_addrs: &[IpAddr],
 ) -> BTreeMap<VsKey, Wanted> {
+    virtual_servers_contested(desired, scheduler, node_addrs).0
+}
+
+/// [`virtual_servers`], and the keys more than one service port claims (a partial sync
+/// that touches one of those cannot tell the winner from the changed services alone).
+pub fn virtual_servers_contested(
+    desired: &DesiredState,
+    scheduler: &str,
+    node_addrs: &[IpAddr],
+) -> (BTreeMap<VsKey, Wanted>, BTreeSet<VsKey>) {
     let mut out = BTreeMap::new();
+    let mut contested = BTreeSet::new();
     for fam in desired.families() {
         for (name, svc) in &fam.services {
-            for (frontend, addr, port) in frontends(svc, node_addrs) {
-                if addr.is_ipv4() != matches!(fam.family, svcplane_model::IpFamily::V4) {
-                    continue;
+            for w in service_virtual_servers(fam, name, svc, scheduler, node_addrs) {
+                match out.entry(w.vs.key) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(w);
+                    }
+                    std::collections::btree_map::Entry::Occupied(o) => {
+                        contested.insert(*o.key());
+                    }
                 }
-                let key = VsKey {
-                    addr,
-                    protocol: svc.protocol,
-                    port,
-                };
-                out.entry(key).or_insert_with(|| Wanted {
-                    vs: VirtualServer {
-                        key,
-                        // The Service's annotation, else `--ipvs-scheduler`.
-                        scheduler: svc
-                            .ipvs_scheduler
-                            .as_deref()
-                            .unwrap_or(scheduler)
-                            .to_owned(),
-                        persistence: svc.affinity_timeout_seconds,
-                    },
-                    reals: reals(svc, frontend.external()),
-                    service: name.clone(),
-                    frontend,
-                });
+            }
+        }
+    }
+    (out, contested)
+}
+
+/// The addresses each service port puts on the dummy interface (ClusterIP, externalIPs,
+/// LoadBalancer IPs), counted once per service port: an address goes when its count
+/// does. The keys are [`service_addresses`].
+pub fn address_claims(desired: &DesiredState) -> BTreeMap<IpAddr, u32> {
+    let mut out = BTreeMap::new();
+    for fam in desired.families() {
+        for svc in fam.services.values() {
+            for ip in service_port_addresses(svc) {
+                *out.entry(ip).or_insert(0) += 1;
             }
         }
     }
     out
+}
+
+/// One service port's addresses on the dummy interface, each once.
+pub fn service_port_addresses(svc: &ServicePortState) -> BTreeSet<IpAddr> {
+    svc.cluster_ip
+        .into_iter()
+        .chain(svc.external_ips.iter().copied())
+        .chain(svc.load_balancer_ips.iter().copied())
+        .collect()
 }
 
 /// A virtual server as the kernel holds it.
