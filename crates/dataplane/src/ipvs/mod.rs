@@ -385,38 +385,8 @@ impl IpvsBackend {
             .collect();
 
         // The dummy's addresses: claims of the changed service ports out, then in.
-        let mut claims_delta: BTreeMap<IpAddr, i64> = BTreeMap::new();
-        for (old, new) in prev.families().into_iter().zip(desired.families()) {
-            for name in &changed {
-                if let Some(svc) = old.services.get(*name) {
-                    for ip in plan::service_port_addresses(svc) {
-                        *claims_delta.entry(ip).or_insert(0) -= 1;
-                    }
-                }
-                if let Some(svc) = new.services.get(*name) {
-                    for ip in plan::service_port_addresses(svc) {
-                        *claims_delta.entry(ip).or_insert(0) += 1;
-                    }
-                }
-            }
-        }
-        let mut vips_came = Vec::new();
-        let mut vips_gone = Vec::new();
-        for (ip, d) in claims_delta {
-            let before = i64::from(self.vip_claims.get(&ip).copied().unwrap_or(0));
-            let after = before + d;
-            if after <= 0 {
-                self.vip_claims.remove(&ip);
-            } else {
-                self.vip_claims
-                    .insert(ip, u32::try_from(after).unwrap_or(u32::MAX));
-            }
-            match (before > 0, after > 0) {
-                (false, true) => vips_came.push(ip),
-                (true, false) => vips_gone.push(ip),
-                _ => {}
-            }
-        }
+        let (vips_came, vips_gone) =
+            plan::update_address_claims(&mut self.vip_claims, prev, desired, &changed);
 
         // NodePort addresses: the node's, without listing the dummy's (one per service).
         let local = self
@@ -438,46 +408,17 @@ impl IpvsBackend {
         }
 
         // The changed services' virtual servers, before and after.
-        let scheduler = self.options.scheduler.clone();
-        let mut gone: Vec<(usize, VsKey)> = Vec::new();
-        let mut came: BTreeMap<VsKey, (usize, Wanted)> = BTreeMap::new();
-        for (i, (old, new)) in prev
-            .families()
-            .into_iter()
-            .zip(desired.families())
-            .enumerate()
-        {
-            for name in &changed {
-                if let Some(svc) = old.services.get(*name) {
-                    for w in plan::service_virtual_servers(old, name, svc, &scheduler, &node_addrs)
-                    {
-                        let k = w.vs.key;
-                        if self.contested.contains(&k) {
-                            return Ok(None);
-                        }
-                        if self.applied.get(&k).is_some_and(|a| &a.service == *name) {
-                            gone.push((i, k));
-                        }
-                    }
-                }
-                if let Some(svc) = new.services.get(*name) {
-                    for w in plan::service_virtual_servers(new, name, svc, &scheduler, &node_addrs)
-                    {
-                        let k = w.vs.key;
-                        let taken = self
-                            .applied
-                            .get(&k)
-                            .is_some_and(|a| !changed.contains(&a.service));
-                        if self.contested.contains(&k) || taken || came.contains_key(&k) {
-                            // Another service claims it too: only a full computation
-                            // knows who keeps it.
-                            return Ok(None);
-                        }
-                        came.insert(k, (i, w));
-                    }
-                }
-            }
-        }
+        let Some(plan::VsChange { gone, came }) = plan::changed_virtual_servers(
+            prev,
+            desired,
+            &changed,
+            &self.applied,
+            &self.contested,
+            &self.options.scheduler,
+            &node_addrs,
+        ) else {
+            return Ok(None);
+        };
 
         // IPVS: the changed virtual servers and those still draining.
         let mut scope: BTreeSet<VsKey> = self.draining.clone();

@@ -260,6 +260,106 @@ pub fn service_port_addresses(svc: &ServicePortState) -> BTreeSet<IpAddr> {
         .collect()
 }
 
+/// Update the dummy's address `claims` ([`address_claims`] of `prev`) to `desired`
+/// for the service ports `changed`: the addresses that came and those that went.
+pub fn update_address_claims(
+    claims: &mut BTreeMap<IpAddr, u32>,
+    prev: &DesiredState,
+    desired: &DesiredState,
+    changed: &BTreeSet<&ServicePortName>,
+) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    let mut delta: BTreeMap<IpAddr, i64> = BTreeMap::new();
+    for (old, new) in prev.families().into_iter().zip(desired.families()) {
+        for name in changed {
+            if let Some(svc) = old.services.get(*name) {
+                for ip in service_port_addresses(svc) {
+                    *delta.entry(ip).or_insert(0) -= 1;
+                }
+            }
+            if let Some(svc) = new.services.get(*name) {
+                for ip in service_port_addresses(svc) {
+                    *delta.entry(ip).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    let (mut came, mut gone) = (Vec::new(), Vec::new());
+    for (ip, d) in delta {
+        let before = i64::from(claims.get(&ip).copied().unwrap_or(0));
+        let after = before + d;
+        if after <= 0 {
+            claims.remove(&ip);
+        } else {
+            claims.insert(ip, u32::try_from(after).unwrap_or(u32::MAX));
+        }
+        match (before > 0, after > 0) {
+            (false, true) => came.push(ip),
+            (true, false) => gone.push(ip),
+            _ => {}
+        }
+    }
+    (came, gone)
+}
+
+/// The virtual servers a partial sync takes out and puts in, each with its family's
+/// index in [`DesiredState::families`].
+#[derive(Debug, Default)]
+pub struct VsChange {
+    /// Applied keys of the changed service ports (their old virtual servers).
+    pub gone: Vec<(usize, VsKey)>,
+    /// The changed service ports' virtual servers now.
+    pub came: BTreeMap<VsKey, (usize, Wanted)>,
+}
+
+/// The virtual servers of the service ports `changed`, before (`prev`, as `applied`
+/// holds them) and after (`desired`): the work is in the changed services, not in all.
+/// `None` when a key is claimed by another service port too ([`virtual_servers`]'s
+/// first-by-name rule needs every service: compute in full then).
+pub fn changed_virtual_servers(
+    prev: &DesiredState,
+    desired: &DesiredState,
+    changed: &BTreeSet<&ServicePortName>,
+    applied: &BTreeMap<VsKey, Wanted>,
+    contested: &BTreeSet<VsKey>,
+    scheduler: &str,
+    node_addrs: &[IpAddr],
+) -> Option<VsChange> {
+    let mut out = VsChange::default();
+    for (i, (old, new)) in prev
+        .families()
+        .into_iter()
+        .zip(desired.families())
+        .enumerate()
+    {
+        for name in changed {
+            if let Some(svc) = old.services.get(*name) {
+                for w in service_virtual_servers(old, name, svc, scheduler, node_addrs) {
+                    let k = w.vs.key;
+                    if contested.contains(&k) {
+                        return None;
+                    }
+                    if applied.get(&k).is_some_and(|a| &a.service == *name) {
+                        out.gone.push((i, k));
+                    }
+                }
+            }
+            if let Some(svc) = new.services.get(*name) {
+                for w in service_virtual_servers(new, name, svc, scheduler, node_addrs) {
+                    let k = w.vs.key;
+                    let taken = applied
+                        .get(&k)
+                        .is_some_and(|a| !changed.contains(&a.service));
+                    if contested.contains(&k) || taken || out.came.contains_key(&k) {
+                        return None;
+                    }
+                    out.came.insert(k, (i, w));
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
 /// A virtual server as the kernel holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Current {
