@@ -98,11 +98,11 @@ pub struct FilterState {
 /// One set element added or deleted by [`FilterState::update`], in nft's text and as
 /// the netlink key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ElementChange {
+pub struct ElementChange {
     pub delete: bool,
     pub set: &'static str,
     pub text: String,
-    pub key: Key,
+    pub(crate) key: Key,
 }
 
 /// The sets a virtual server's frontend element is in, and whether it needs a
@@ -228,7 +228,7 @@ impl FilterState {
     /// to `self`. Work in the number of virtual servers and real servers named, not in
     /// the table's size. `None` (and `self` untouched) when a source-range chain would
     /// come or go: only a whole render does that.
-    pub(crate) fn update(
+    pub fn update(
         &mut self,
         removed: &[(&Wanted, &ServicePortState)],
         added: &[(&Wanted, &ServicePortState)],
