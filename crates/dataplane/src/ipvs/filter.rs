@@ -30,14 +30,14 @@ use svcplane_proxy::{
 use super::plan::{Frontend, Wanted};
 use crate::nftables::MASQUERADE_MARK;
 use crate::nftables::names::{FIREWALL_PREFIX, join, service_base};
-use crate::nftables::netlink::Key;
+use crate::nftables::netlink::{Key, Socket, Verdict, family_code};
 use crate::nftables::render::family_nets;
 
 /// The tables' name (in families `ip` and `ip6`).
 pub const TABLE: &str = "svcplane-ipvs";
 
 /// The chain setting the masquerade mark (the nftables backend's name for it).
-pub(crate) const MARK: &str = "mark-for-masquerade";
+const MARK: &str = "mark-for-masquerade";
 
 /// The sets of one family's table, by name, each with its elements as nft text.
 const SETS: [(&str, &str, &str); 8] = [
@@ -491,6 +491,50 @@ impl FilterState {
         }
         Some(o)
     }
+}
+
+/// An nf_tables netlink socket for [`send_changes`] (in the named network namespace).
+pub struct ElementSocket(Socket);
+
+impl ElementSocket {
+    pub fn open(netns: Option<&str>) -> Result<ElementSocket, DataplaneError> {
+        Socket::open(netns)
+            .map(ElementSocket)
+            .map_err(|e| DataplaneError::Other(format!("nf_tables netlink socket: {e}")))
+    }
+}
+
+/// Send the element changes of both families (`[v4, v6]`, from [`FilterState::update`])
+/// as one nf_tables batch, which the kernel applies whole or not at all, with a no-op
+/// per table (re-adding a chain) that fails when the table is gone: no `nft` process,
+/// no parse, no cache of the tables' 10k-element sets. Returns how many elements changed.
+pub fn send_changes(
+    socket: &mut ElementSocket,
+    changes: [&Vec<ElementChange>; 2],
+) -> Result<usize, DataplaneError> {
+    type Items = Vec<(Key, Option<Verdict>)>;
+    let mut batch = socket.0.batch();
+    let mut n = 0;
+    for (i, list) in changes.into_iter().enumerate() {
+        let family = family_code(i == 1);
+        batch.add_chain(family, TABLE, MARK);
+        let mut groups: BTreeMap<(bool, &'static str), Items> = BTreeMap::new();
+        for c in list {
+            groups
+                .entry((c.delete, c.set))
+                .or_default()
+                .push((c.key.clone(), None));
+            n += 1;
+        }
+        for ((delete, set), items) in &groups {
+            batch.elements(*delete, family, TABLE, set, items);
+        }
+    }
+    socket
+        .0
+        .commit(batch)
+        .map_err(|e| DataplaneError::Other(format!("IPVS filter tables' element changes: {e}")))?;
+    Ok(n)
 }
 
 /// An nft script that does nothing while both tables exist and fails when either is

@@ -145,7 +145,7 @@ pub struct IpvsBackend {
     ipvs: Option<Ipvs>,
     links: Option<Links>,
     /// nf_tables netlink socket for the filter tables' element changes.
-    nft_socket: Option<crate::nftables::netlink::Socket>,
+    nft_socket: Option<filter::ElementSocket>,
 }
 
 impl std::fmt::Debug for IpvsBackend {
@@ -532,49 +532,24 @@ impl IpvsBackend {
         }))
     }
 
-    /// Send both families' element changes as one nf_tables batch (with a no-op that
-    /// fails when a table is gone); an error makes the sync full.
+    /// Send both families' element changes (see [`filter::send_changes`]); an error
+    /// makes the sync full.
     fn send_elements(
         &mut self,
         changes: &[Option<Vec<filter::ElementChange>>; 2],
     ) -> Result<usize, DataplaneError> {
-        use crate::nftables::netlink::{Key, Socket, Verdict, family_code};
         if self.nft_socket.is_none() {
-            self.nft_socket =
-                Some(Socket::open(self.netns.as_deref()).map_err(|e| {
-                    DataplaneError::Other(format!("nf_tables netlink socket: {e}"))
-                })?);
+            self.nft_socket = Some(filter::ElementSocket::open(self.netns.as_deref())?);
         }
         let Some(socket) = self.nft_socket.as_mut() else {
             return Err(DataplaneError::Other("no nf_tables socket".into()));
         };
-        let mut batch = socket.batch();
-        let mut n = 0;
-        for (i, list) in changes.iter().enumerate() {
-            let family = family_code(i == 1);
-            // The probe: creating an existing chain is a no-op, in a missing table an error.
-            batch.add_chain(family, filter::TABLE, filter::MARK);
-            type Items = Vec<(Key, Option<Verdict>)>;
-            let mut groups: BTreeMap<(bool, &'static str), Items> = BTreeMap::new();
-            for c in list.iter().flatten() {
-                groups
-                    .entry((c.delete, c.set))
-                    .or_default()
-                    .push((c.key.clone(), None));
-                n += 1;
-            }
-            // Deletions first (`true` sorts after `false`: reverse).
-            for ((delete, set), items) in groups.iter().rev() {
-                batch.elements(*delete, family, filter::TABLE, set, items);
-            }
-        }
-        if let Err(e) = socket.commit(batch) {
-            self.nft_socket = None;
-            return Err(DataplaneError::Other(format!(
-                "IPVS filter tables' element changes: {e}"
-            )));
-        }
-        Ok(n)
+        let none = Vec::new();
+        let lists = [
+            changes[0].as_ref().unwrap_or(&none),
+            changes[1].as_ref().unwrap_or(&none),
+        ];
+        filter::send_changes(socket, lists).inspect_err(|_| self.nft_socket = None)
     }
 
     /// Apply `ops` in order; every op is tried, the first failure is returned (the next
