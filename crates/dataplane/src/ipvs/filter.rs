@@ -7,8 +7,8 @@
 //!
 //! Every per-service fact is a set element (as kube-proxy's ipsets), so the rules are a
 //! fixed handful and a sync that changes only endpoints or services changes only
-//! elements ([`FilterState::delta`]), except for one chain per service with source
-//! ranges.
+//! elements ([`FilterState::update`], sent with [`send_changes`]), except for one chain
+//! per service with source ranges.
 //!
 //! Hooks: the marks run in prerouting and output at priority -100 (dstnat; nft 1.0.6
 //! refuses the name on filter chains), before IPVS
@@ -446,50 +446,6 @@ impl FilterState {
         );
         let _ = writeln!(o, "add rule {t} postrouting masquerade fully-random");
         o
-    }
-
-    /// The element changes from `old` to `self`, as an nft script; `None` when more than
-    /// elements changed (chains, masquerade mode, cluster CIDRs): render in full then.
-    pub fn delta(&self, old: &FilterState, family: IpFamily) -> Option<String> {
-        if self.firewall_chains != old.firewall_chains
-            || self.masquerade != old.masquerade
-            || self.cluster_cidrs != old.cluster_cidrs
-        {
-            return None;
-        }
-        let t = format!("{} {TABLE}", ip_word(family));
-        let mut o = String::new();
-        for (name, new) in &self.sets {
-            let empty = BTreeSet::new();
-            let before = old.sets.get(name).unwrap_or(&empty);
-            let gone: Vec<&str> = before.difference(new).map(String::as_str).collect();
-            let came: Vec<&str> = new.difference(before).map(String::as_str).collect();
-            if !gone.is_empty() {
-                let _ = writeln!(o, "delete element {t} {name} {{ {} }}", gone.join(", "));
-            }
-            if !came.is_empty() {
-                let _ = writeln!(o, "add element {t} {name} {{ {} }}", came.join(", "));
-            }
-        }
-        let gone: Vec<String> = old
-            .firewall
-            .iter()
-            .filter(|(e, c)| self.firewall.get(*e) != Some(c))
-            .map(|(e, _)| e.clone())
-            .collect();
-        let came: Vec<String> = self
-            .firewall
-            .iter()
-            .filter(|(e, c)| old.firewall.get(*e) != Some(c))
-            .map(|(e, c)| format!("{e} : jump {c}"))
-            .collect();
-        if !gone.is_empty() {
-            let _ = writeln!(o, "delete element {t} firewall {{ {} }}", gone.join(", "));
-        }
-        if !came.is_empty() {
-            let _ = writeln!(o, "add element {t} firewall {{ {} }}", came.join(", "));
-        }
-        Some(o)
     }
 }
 

@@ -6,13 +6,13 @@
 //!
 //! Kernel conversations are netlink from Rust (`crate::netlink`): generic netlink for
 //! IPVS ([`genl`]), rtnetlink for the interface ([`link`]); the filter tables go through
-//! `nft -f -` as the nftables backend's full syncs do.
+//! `nft -f -` in full syncs and as nf_tables netlink batches of set elements in partial
+//! ones ([`filter::send_changes`]).
 //!
 //! Syncs change only differences: a full sync reads every virtual server svcplane owns
-//! from the kernel and plans against that; a partial one reads and plans only the
-//! virtual servers of the services the engine's diff names (plus those still draining),
-//! changes only the interface addresses that changed, and sends the filter tables'
-//! element changes alone. Graceful termination: see [`plan::plan`].
+//! from the kernel and plans against that; a partial one works in the services the
+//! engine's diff names, never in all of them (see `IpvsBackend::partial_sync`).
+//! Graceful termination: see [`plan::plan`].
 
 pub mod filter;
 pub mod genl;

@@ -480,40 +480,6 @@ fn filter_verdicts_and_source_ranges() {
 }
 
 #[test]
-fn filter_delta_is_element_changes_only() {
-    let a = state(
-        vec![svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.1"])],
-        vec![],
-    );
-    let b = state(
-        vec![
-            svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.2"]),
-            svc("b", Protocol::Udp, "10.96.0.2", 53, &[]),
-        ],
-        vec![],
-    );
-    let build = |s: &DesiredState| {
-        let w = plan::virtual_servers(s, "rr", &[]);
-        FilterState::build(&s.v4, w.values(), &plan::service_addresses(s)).unwrap()
-    };
-    let (fa, fb) = (build(&a), build(&b));
-    let d = fb.delta(&fa, IpFamily::V4).unwrap();
-    assert_eq!(
-        d,
-        "add element ip svcplane-ipvs cluster-ips { 10.96.0.2 . udp . 53 }\n\
-         delete element ip svcplane-ipvs hairpin { 10.244.0.1 . 10.244.0.1 }\n\
-         add element ip svcplane-ipvs hairpin { 10.244.0.2 . 10.244.0.2 }\n\
-         add element ip svcplane-ipvs no-endpoints { 10.96.0.2 . udp . 53 }\n\
-         add element ip svcplane-ipvs service-ips { 10.96.0.2 }\n\
-         add element ip svcplane-ipvs service-ports { 10.96.0.2 . udp . 53 }\n"
-    );
-    assert_eq!(fa.delta(&fa, IpFamily::V4).unwrap(), "");
-    let mut c = b.clone();
-    c.v4.cluster_ip_masquerade = ClusterIpMasquerade::All;
-    assert!(build(&c).delta(&fb, IpFamily::V4).is_none());
-}
-
-#[test]
 fn schedulers_are_checked() {
     assert_eq!(parse_scheduler("").unwrap(), "rr");
     for s in ["rr", "wrr", "lc", "sh", "mh"] {
