@@ -2,8 +2,12 @@
 //! ports × 10 endpoints, and one endpoint change at 10k (a partial sync: render and
 //! apply). The apply part needs root (it runs in a private network namespace).
 //!
-//! `cargo bench -p svcplane-dataplane --bench sync [-- [nftables|nftables-text|iptables|iptables-linear]... 1000 10000]`
+//! `cargo bench -p svcplane-dataplane --bench sync [-- [nftables|nftables-text|iptables|iptables-linear|ipvs]... 1000 10000]`
 //! (default: nftables; `nftables-text` sends everything through `nft -f` instead of netlink).
+//! ipvs applies only where the kernel has IPVS (`make test-ipvs`'s VM:
+//! carry the bench binary there with `scripts/ipvs-vm.sh --bin`); everywhere it also times
+//! a partial sync's in-memory part at 10k (the changed service's virtual servers, the
+//! dummy's address claims, the filter tables' element changes).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -11,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use svcplane_dataplane::iptables::{Dispatch, render::Options};
-use svcplane_dataplane::{IptablesBackend, NftablesBackend};
+use svcplane_dataplane::ipvs::{self, filter::FilterState, plan};
+use svcplane_dataplane::{IptablesBackend, IpvsBackend, IpvsOptions, NftablesBackend};
 use svcplane_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
 use svcplane_proxy::{
     ClusterIpMasquerade, Dataplane, DesiredState, Diff, EmptyVerdict, EndpointState,
@@ -98,6 +103,7 @@ enum Mode {
         text: bool,
     },
     Iptables(Dispatch),
+    Ipvs,
 }
 
 impl Mode {
@@ -107,6 +113,7 @@ impl Mode {
             Mode::Nftables { text: true } => "nftables-text",
             Mode::Iptables(Dispatch::Tree) => "iptables",
             Mode::Iptables(Dispatch::Linear) => "iptables-linear",
+            Mode::Ipvs => "ipvs",
         }
     }
 
@@ -123,6 +130,9 @@ impl Mode {
                 },
             )
             .len(),
+            Mode::Ipvs => ipvs::render(desired, &IpvsOptions::default())
+                .map(|s| s.len())
+                .unwrap_or(0),
         }
     }
 
@@ -130,6 +140,7 @@ impl Mode {
         match self {
             Mode::Nftables { text } => Box::new(NftablesBackend::in_netns(ns).with_netlink(!text)),
             Mode::Iptables(d) => Box::new(IptablesBackend::in_netns(ns).with_dispatch(d)),
+            Mode::Ipvs => Box::new(IpvsBackend::in_netns(ns, IpvsOptions::default())),
         }
     }
 }
@@ -149,6 +160,7 @@ fn main() {
             "nftables-text" => Some(Mode::Nftables { text: true }),
             "iptables" => Some(Mode::Iptables(Dispatch::Tree)),
             "iptables-linear" => Some(Mode::Iptables(Dispatch::Linear)),
+            "ipvs" => Some(Mode::Ipvs),
             _ => None,
         })
         .collect();
@@ -172,6 +184,9 @@ fn run(mode: Mode, sizes: &[u32]) {
         println!(
             "{n:>6} services × {ENDPOINTS} endpoints: full render {render_time:?} ({bytes} bytes)"
         );
+        if mode == Mode::Ipvs && n == 10_000 {
+            ipvs_partial_in_memory(&desired);
+        }
         if !root {
             continue;
         }
@@ -182,6 +197,12 @@ fn run(mode: Mode, sizes: &[u32]) {
                 return;
             }
         };
+        if mode == Mode::Ipvs
+            && let Err(e) = ipvs::kernel_has_ipvs(Some(ns.name()))
+        {
+            println!("{n:>6} services: no apply: {e}");
+            continue;
+        }
         let mut backend = mode.backend(ns.name());
         let full = Diff::between(None, &desired, true);
         let runs = if n >= 50_000 { 1 } else { 3 };
@@ -245,4 +266,72 @@ fn run(mode: Mode, sizes: &[u32]) {
             );
         }
     }
+}
+
+/// IPVS mode's partial sync without the kernel: for one endpoint moving in one of 10k
+/// services, the changed service's virtual servers before and after, the dummy's
+/// address claims and the filter tables' element changes (what `IpvsBackend` computes
+/// between its netlink requests).
+fn ipvs_partial_in_memory(desired: &Arc<DesiredState>) {
+    let n = desired.v4.services.len() as u32;
+    let (mut applied, contested) = plan::virtual_servers_contested(desired, "rr", &[]);
+    let vips = plan::service_addresses(desired);
+    let mut filter =
+        FilterState::build(&desired.v4, applied.values(), &vips).expect("filter state");
+    let mut claims = plan::address_claims(desired);
+    let mut current = desired.clone();
+    let mut steps = Vec::new();
+    for round in 1..=21 {
+        let mut next = (*current).clone();
+        let moved = service(n / 2, n * ENDPOINTS + round);
+        next.v4.services.insert(moved.name.clone(), Arc::new(moved));
+        let next = Arc::new(next);
+        // The engine's diff, outside the timing.
+        let diff = Diff::between(Some(current.clone()), &next, false);
+        steps.push((current.clone(), next.clone(), diff));
+        current = next;
+    }
+    let mut steps = steps.into_iter();
+    let mut changed_elements = 0;
+    // Each step's states are freed after the timing (the sync loop frees them, not the backend).
+    let mut done = Vec::new();
+    let time = median(21, || {
+        let Some((prev, next, diff)) = steps.next() else {
+            return;
+        };
+        let changed: std::collections::BTreeSet<&ServicePortName> =
+            diff.v4.changed.iter().collect();
+        let (came_ips, gone_ips) = plan::update_address_claims(&mut claims, &prev, &next, &changed);
+        let change =
+            plan::changed_virtual_servers(&prev, &next, &changed, &applied, &contested, "rr", &[])
+                .expect("no contested keys");
+        let removed: Vec<_> = change
+            .gone
+            .iter()
+            .map(|(_, k)| {
+                let w = &applied[k];
+                (w, prev.v4.services[&w.service].as_ref())
+            })
+            .collect();
+        let added: Vec<_> = change
+            .came
+            .values()
+            .map(|(_, w)| (w, next.v4.services[&w.service].as_ref()))
+            .collect();
+        let changes = filter
+            .update(&removed, &added, &gone_ips, &came_ips)
+            .expect("elements only");
+        changed_elements = changes.len();
+        for (_, k) in &change.gone {
+            applied.remove(k);
+        }
+        for (k, (_, w)) in change.came {
+            applied.insert(k, w);
+        }
+        done.push((prev, next, diff));
+    });
+    drop(done);
+    println!(
+        "{n:>6} services: ipvs one endpoint change, in-memory part of the partial sync {time:?} ({changed_elements} element changes)"
+    );
 }

@@ -193,6 +193,24 @@ impl Socket {
         })
     }
 
+    /// Ask the kernel to honour the filters in dump requests (`NETLINK_GET_STRICT_CHK`,
+    /// Linux 4.20): e.g. an address dump of one interface, instead of every address.
+    /// `false` when the kernel cannot.
+    pub(crate) fn strict_check(&self) -> bool {
+        const NETLINK_GET_STRICT_CHK: libc::c_int = 12;
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket and a c_int option value of its size.
+        unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_NETLINK,
+                NETLINK_GET_STRICT_CHK,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0
+        }
+    }
+
     /// Send one message (`ty`, `flags`, then `body`: family header and attributes) and
     /// return the payloads (after the nlmsghdr) of its data replies, until the ack
     /// (requests: NLM_F_ACK is added) or NLMSG_DONE (dumps).

@@ -1,13 +1,15 @@
 //! Root test (no IPVS needed): IPVS mode's filter tables, as rendered, are accepted by the
-//! real `nft` in a scratch namespace (twice: the full form replaces itself), an
-//! element-only delta applies on top and leaves exactly the new elements, and the probe
-//! of partial syncs fails once the tables are gone.
+//! real `nft` in a scratch namespace (twice: the full form replaces itself), and the
+//! probe fails once the tables are gone; a partial sync's element changes sent over
+//! netlink land in the kernel's sets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use svcplane_dataplane::ipvs::filter::{FilterState, tables_present_probe};
+use svcplane_dataplane::ipvs::filter::{
+    ElementSocket, FilterState, send_changes, tables_present_probe,
+};
 use svcplane_dataplane::ipvs::plan;
 use svcplane_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
 use svcplane_proxy::{
@@ -91,7 +93,7 @@ fn nft(ns: &Netns, script: &str) -> Result<(), String> {
 }
 
 #[test]
-fn ipvs_filter_tables_apply_and_take_deltas() {
+fn ipvs_filter_tables_apply_and_replace_themselves() {
     if skip_unless_root(&["nft", "ip"]) {
         return;
     }
@@ -108,26 +110,85 @@ fn ipvs_filter_tables_apply_and_take_deltas() {
     nft(&ns, &full).expect("full render, again");
     nft(&ns, &tables_present_probe()).expect("probe with the tables there");
 
-    let b = state(vec![
-        service("web", "10.96.0.10", &["10.244.1.3"]),
-        // No source ranges: no new chain, so the change is elements only.
-        ServicePortState {
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            ..service("empty", "10.96.0.11", &[])
-        },
-    ]);
-    let [fb4, fb6] = filters(&b);
-    let delta = fb4.delta(&fa4, IpFamily::V4).expect("elements only")
-        + &fb6.delta(&fa6, IpFamily::V6).expect("elements only");
-    nft(&ns, &(tables_present_probe() + &delta)).expect("delta");
+    run_checked(&mut ns.command("nft", &["flush", "ruleset"])).unwrap();
+    assert!(nft(&ns, &tables_present_probe()).is_err());
+}
+
+/// A partial sync's element changes, sent as one nf_tables netlink batch, land in the
+/// real kernel's sets (keys encoded as nft encodes them: `nft list` prints them back),
+/// and the batch fails once the tables are gone (the partial sync then goes full).
+#[test]
+fn ipvs_element_changes_go_over_netlink() {
+    if skip_unless_root(&["nft", "ip"]) {
+        return;
+    }
+    let ns = Netns::new("svcplane-ipvsn").unwrap();
+    // No source ranges (no chains to make), each its own NodePort (web's is 30080).
+    let plain = |name: &str, cip: &str, eps: &[&str]| ServicePortState {
+        load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        node_port: (name == "web").then_some(30080),
+        ..service(name, cip, eps)
+    };
+    let a = Arc::new(state(vec![
+        plain("web", "10.96.0.10", &["10.244.1.2", "10.244.1.3"]),
+        plain("api", "10.96.0.12", &["10.244.1.3"]),
+    ]));
+    let node = [ip("10.0.0.11")];
+    let (mut applied, contested) = plan::virtual_servers_contested(&a, "rr", &node);
+    let [mut f4, f6] = filters(&a);
+    nft(&ns, &(f4.render(IpFamily::V4) + &f6.render(IpFamily::V6))).expect("full render");
+
+    // web: 10.244.1.2 leaves, 10.244.1.4 comes; api goes; empty comes (no endpoints).
+    let b = Arc::new(state(vec![
+        plain("web", "10.96.0.10", &["10.244.1.3", "10.244.1.4"]),
+        plain("empty", "10.96.0.11", &[]),
+    ]));
+    let changed: BTreeSet<&ServicePortName> =
+        a.v4.services.keys().chain(b.v4.services.keys()).collect();
+    let mut claims = plan::address_claims(&a);
+    let (came, gone) = plan::update_address_claims(&mut claims, &a, &b, &changed);
+    let change = plan::changed_virtual_servers(&a, &b, &changed, &applied, &contested, "rr", &node)
+        .expect("no contested keys");
+    let removed: Vec<_> = change
+        .gone
+        .iter()
+        .map(|(_, k)| {
+            let w = &applied[k];
+            (w, a.v4.services[&w.service].as_ref())
+        })
+        .collect();
+    let added: Vec<_> = change
+        .came
+        .values()
+        .map(|(_, w)| (w, b.v4.services[&w.service].as_ref()))
+        .collect();
+    let changes = f4
+        .update(&removed, &added, &gone, &came)
+        .expect("elements only");
+    let mut socket = ElementSocket::open(Some(ns.name())).unwrap();
+    let sent = send_changes(&mut socket, [&changes, &Vec::new()]).expect("batch");
+    assert_eq!(sent, changes.len());
+    for (_, k) in &change.gone {
+        applied.remove(k);
+    }
+    // The kernel holds what a full computation of b says, element for element.
+    assert_eq!(f4, filters(&b)[0]);
     let out =
         run_checked(&mut ns.command("nft", &["list", "table", "ip", "svcplane-ipvs"])).unwrap();
     let listing = String::from_utf8_lossy(&out.stdout);
-    assert!(listing.contains("10.244.1.3 . 10.244.1.3"), "{listing}");
-    assert!(!listing.contains("10.244.1.2"), "{listing}");
-    assert!(listing.contains("10.96.0.11 . tcp . 80"), "{listing}");
+    for elem in [
+        "10.244.1.4 . 10.244.1.4",
+        "10.244.1.3 . 10.244.1.3",
+        "10.96.0.11 . tcp . 80",
+        "10.0.0.11 . tcp . 30080",
+    ] {
+        assert!(listing.contains(elem), "{elem} missing:\n{listing}");
+    }
+    for gone in ["10.244.1.2", "10.96.0.12"] {
+        assert!(!listing.contains(gone), "{gone} still there:\n{listing}");
+    }
 
     run_checked(&mut ns.command("nft", &["flush", "ruleset"])).unwrap();
-    assert!(nft(&ns, &(tables_present_probe() + &delta)).is_err());
+    assert!(send_changes(&mut socket, [&Vec::new(), &Vec::new()]).is_err());
 }

@@ -36,7 +36,7 @@ use svcplane_testkit::{
     in_cgroup, metric_value,
 };
 
-use crate::bench::datapath::{Percentiles, PingServer, Route, measure};
+use crate::bench::datapath::{DIRECT_LANE, Percentiles, PingServer, Route, VIA_LANE, measure};
 use crate::cli::{EngineArgs, LabArgs};
 use crate::lab::check;
 use crate::settings::EngineSettings;
@@ -1317,8 +1317,14 @@ impl Ctx<'_> {
                 "through the ClusterIP",
                 client.netns().name(),
                 SocketAddr::new(vip, 80),
+                VIA_LANE,
             ),
-            Route::new("straight to the pod at", client.netns().name(), direct),
+            Route::new(
+                "straight to the pod at",
+                client.netns().name(),
+                direct,
+                DIRECT_LANE,
+            ),
         ];
         let samples: Vec<Vec<Duration>> = match &self.live.hooks {
             None => {

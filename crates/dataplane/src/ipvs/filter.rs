@@ -7,8 +7,8 @@
 //!
 //! Every per-service fact is a set element (as kube-proxy's ipsets), so the rules are a
 //! fixed handful and a sync that changes only endpoints or services changes only
-//! elements ([`FilterState::delta`]), except for one chain per service with source
-//! ranges.
+//! elements ([`FilterState::update`], sent with [`send_changes`]), except for one chain
+//! per service with source ranges.
 //!
 //! Hooks: the marks run in prerouting and output at priority -100 (dstnat; nft 1.0.6
 //! refuses the name on filter chains), before IPVS
@@ -23,11 +23,14 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use svcplane_model::IpFamily;
-use svcplane_proxy::{ClusterIpMasquerade, DataplaneError, EmptyVerdict, FamilyState};
+use svcplane_proxy::{
+    ClusterIpMasquerade, DataplaneError, EmptyVerdict, FamilyState, ServicePortState,
+};
 
 use super::plan::{Frontend, Wanted};
 use crate::nftables::MASQUERADE_MARK;
 use crate::nftables::names::{FIREWALL_PREFIX, join, service_base};
+use crate::nftables::netlink::{Key, Socket, Verdict, family_code};
 use crate::nftables::render::family_nets;
 
 /// The tables' name (in families `ip` and `ip6`).
@@ -87,6 +90,53 @@ pub struct FilterState {
     pub masquerade: Option<ClusterIpMasquerade>,
     /// `--cluster-cidr` of this family: pod sources.
     pub cluster_cidrs: Vec<IpNet>,
+    /// How many real servers (over every virtual server) each hairpin endpoint is: its
+    /// element goes when the last one does.
+    pub hairpin_refs: BTreeMap<IpAddr, u32>,
+}
+
+/// One set element added or deleted by [`FilterState::update`], in nft's text and as
+/// the netlink key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElementChange {
+    pub delete: bool,
+    pub set: &'static str,
+    pub text: String,
+    pub(crate) key: Key,
+}
+
+/// The sets a virtual server's frontend element is in, and whether it needs a
+/// source-range chain.
+fn frontend_sets(w: &Wanted, svc: &ServicePortState) -> (Vec<&'static str>, bool) {
+    let mut sets = Vec::with_capacity(3);
+    if w.frontend != Frontend::NodePort {
+        sets.push("service-ports");
+    }
+    let target = if w.frontend.external() {
+        &svc.external
+    } else {
+        &svc.internal
+    };
+    match target.verdict_when_empty() {
+        Some(EmptyVerdict::Reject) => sets.push("no-endpoints"),
+        Some(EmptyVerdict::Drop) => sets.push("no-local-endpoints"),
+        None => {}
+    }
+    sets.push(match (w.frontend, &svc.external_policy) {
+        (Frontend::ClusterIp, _) => "cluster-ips",
+        (_, svcplane_proxy::ExternalPolicy::Cluster) => "external-masq",
+        (_, svcplane_proxy::ExternalPolicy::Local { .. }) => "external-local",
+    });
+    let firewall =
+        w.frontend == Frontend::LoadBalancer && !svc.load_balancer_source_ranges.is_empty();
+    (sets, firewall)
+}
+
+fn frontend_key(w: &Wanted) -> Key {
+    Key::default()
+        .ip(&w.vs.key.addr)
+        .proto(w.service.protocol)
+        .port(w.vs.key.port)
 }
 
 fn ip_word(family: IpFamily) -> &'static str {
@@ -136,6 +186,7 @@ impl FilterState {
             add("service-ips", ip.to_string());
         }
         let mut firewall = Vec::new();
+        let mut hairpin_refs: BTreeMap<IpAddr, u32> = BTreeMap::new();
         for w in wanted {
             let addr = w.vs.key.addr;
             if addr.is_ipv4() != v4 {
@@ -145,27 +196,11 @@ impl FilterState {
                 continue;
             };
             let e = element(addr, w);
-            if w.frontend != Frontend::NodePort {
-                add("service-ports", e.clone());
+            let (sets, fw) = frontend_sets(w, svc);
+            for set in sets {
+                add(set, e.clone());
             }
-            let target = if w.frontend.external() {
-                &svc.external
-            } else {
-                &svc.internal
-            };
-            match target.verdict_when_empty() {
-                Some(EmptyVerdict::Reject) => add("no-endpoints", e.clone()),
-                Some(EmptyVerdict::Drop) => add("no-local-endpoints", e.clone()),
-                None => {}
-            }
-            match (w.frontend, &svc.external_policy) {
-                (Frontend::ClusterIp, _) => add("cluster-ips", e.clone()),
-                (_, svcplane_proxy::ExternalPolicy::Cluster) => add("external-masq", e.clone()),
-                (_, svcplane_proxy::ExternalPolicy::Local { .. }) => {
-                    add("external-local", e.clone())
-                }
-            }
-            if w.frontend == Frontend::LoadBalancer && !svc.load_balancer_source_ranges.is_empty() {
+            if fw {
                 firewall.push((
                     e,
                     w.service.clone(),
@@ -174,8 +209,10 @@ impl FilterState {
             }
             for r in &w.reals {
                 add("hairpin", format!("{} . {}", r.addr, r.addr));
+                *hairpin_refs.entry(r.addr).or_insert(0) += 1;
             }
         }
+        st.hairpin_refs = hairpin_refs;
         for (e, spn, ranges) in firewall {
             let chain = join(FIREWALL_PREFIX, &service_base(&spn)?)?;
             st.firewall.insert(e, chain.clone());
@@ -183,6 +220,107 @@ impl FilterState {
                 .insert(chain, family_nets(fam.family, &ranges));
         }
         Ok(st)
+    }
+
+    /// Take out the virtual servers `removed` and put in `added` (each with its service
+    /// port's state, old and new), all of this family, and the dummy's addresses
+    /// `vips_gone`/`vips_came` of this family: the set elements that change, already applied
+    /// to `self`. Work in the number of virtual servers and real servers named, not in
+    /// the table's size. `None` (and `self` untouched) when a source-range chain would
+    /// come or go: only a whole render does that.
+    pub fn update(
+        &mut self,
+        removed: &[(&Wanted, &ServicePortState)],
+        added: &[(&Wanted, &ServicePortState)],
+        vips_gone: &[IpAddr],
+        vips_came: &[IpAddr],
+    ) -> Option<Vec<ElementChange>> {
+        if removed
+            .iter()
+            .chain(added)
+            .any(|(w, s)| frontend_sets(w, s).1)
+        {
+            return None;
+        }
+        // Presence before the first touch, per (set, element); compared at the end so
+        // an element taken out and put back is no change.
+        let mut touched: BTreeMap<(&'static str, String), (bool, Key)> = BTreeMap::new();
+        let mut touch = |sets: &BTreeMap<&'static str, BTreeSet<String>>,
+                         set: &'static str,
+                         text: &String,
+                         key: &dyn Fn() -> Key| {
+            if let std::collections::btree_map::Entry::Vacant(v) =
+                touched.entry((set, text.clone()))
+            {
+                let was = sets.get(set).is_some_and(|s| s.contains(text));
+                v.insert((was, key()));
+            }
+        };
+        for (w, svc) in removed {
+            let e = element(w.vs.key.addr, w);
+            for set in frontend_sets(w, svc).0 {
+                touch(&self.sets, set, &e, &|| frontend_key(w));
+                if let Some(s) = self.sets.get_mut(set) {
+                    s.remove(&e);
+                }
+            }
+            for r in &w.reals {
+                let text = format!("{} . {}", r.addr, r.addr);
+                touch(&self.sets, "hairpin", &text, &|| {
+                    Key::default().ip(&r.addr).ip(&r.addr)
+                });
+                if let Some(n) = self.hairpin_refs.get_mut(&r.addr) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.hairpin_refs.remove(&r.addr);
+                        if let Some(s) = self.sets.get_mut("hairpin") {
+                            s.remove(&text);
+                        }
+                    }
+                }
+            }
+        }
+        for (w, svc) in added {
+            let e = element(w.vs.key.addr, w);
+            for set in frontend_sets(w, svc).0 {
+                touch(&self.sets, set, &e, &|| frontend_key(w));
+                self.sets.entry(set).or_default().insert(e.clone());
+            }
+            for r in &w.reals {
+                let text = format!("{} . {}", r.addr, r.addr);
+                touch(&self.sets, "hairpin", &text, &|| {
+                    Key::default().ip(&r.addr).ip(&r.addr)
+                });
+                *self.hairpin_refs.entry(r.addr).or_insert(0) += 1;
+                self.sets.entry("hairpin").or_default().insert(text);
+            }
+        }
+        for (ips, came) in [(vips_gone, false), (vips_came, true)] {
+            for ip in ips {
+                let text = ip.to_string();
+                touch(&self.sets, "service-ips", &text, &|| Key::default().ip(ip));
+                let set = self.sets.entry("service-ips").or_default();
+                if came {
+                    set.insert(text);
+                } else {
+                    set.remove(&text);
+                }
+            }
+        }
+        Some(
+            touched
+                .into_iter()
+                .filter_map(|((set, text), (was, key))| {
+                    let now = self.sets.get(set).is_some_and(|s| s.contains(&text));
+                    (was != now).then_some(ElementChange {
+                        delete: was,
+                        set,
+                        text,
+                        key,
+                    })
+                })
+                .collect(),
+        )
     }
 
     /// The whole table as one `nft -f` transaction that replaces what it holds.
@@ -309,50 +447,50 @@ impl FilterState {
         let _ = writeln!(o, "add rule {t} postrouting masquerade fully-random");
         o
     }
+}
 
-    /// The element changes from `old` to `self`, as an nft script; `None` when more than
-    /// elements changed (chains, masquerade mode, cluster CIDRs): render in full then.
-    pub fn delta(&self, old: &FilterState, family: IpFamily) -> Option<String> {
-        if self.firewall_chains != old.firewall_chains
-            || self.masquerade != old.masquerade
-            || self.cluster_cidrs != old.cluster_cidrs
-        {
-            return None;
-        }
-        let t = format!("{} {TABLE}", ip_word(family));
-        let mut o = String::new();
-        for (name, new) in &self.sets {
-            let empty = BTreeSet::new();
-            let before = old.sets.get(name).unwrap_or(&empty);
-            let gone: Vec<&str> = before.difference(new).map(String::as_str).collect();
-            let came: Vec<&str> = new.difference(before).map(String::as_str).collect();
-            if !gone.is_empty() {
-                let _ = writeln!(o, "delete element {t} {name} {{ {} }}", gone.join(", "));
-            }
-            if !came.is_empty() {
-                let _ = writeln!(o, "add element {t} {name} {{ {} }}", came.join(", "));
-            }
-        }
-        let gone: Vec<String> = old
-            .firewall
-            .iter()
-            .filter(|(e, c)| self.firewall.get(*e) != Some(c))
-            .map(|(e, _)| e.clone())
-            .collect();
-        let came: Vec<String> = self
-            .firewall
-            .iter()
-            .filter(|(e, c)| old.firewall.get(*e) != Some(c))
-            .map(|(e, c)| format!("{e} : jump {c}"))
-            .collect();
-        if !gone.is_empty() {
-            let _ = writeln!(o, "delete element {t} firewall {{ {} }}", gone.join(", "));
-        }
-        if !came.is_empty() {
-            let _ = writeln!(o, "add element {t} firewall {{ {} }}", came.join(", "));
-        }
-        Some(o)
+/// An nf_tables netlink socket for [`send_changes`] (in the named network namespace).
+pub struct ElementSocket(Socket);
+
+impl ElementSocket {
+    pub fn open(netns: Option<&str>) -> Result<ElementSocket, DataplaneError> {
+        Socket::open(netns)
+            .map(ElementSocket)
+            .map_err(|e| DataplaneError::Other(format!("nf_tables netlink socket: {e}")))
     }
+}
+
+/// Send the element changes of both families (`[v4, v6]`, from [`FilterState::update`])
+/// as one nf_tables batch, which the kernel applies whole or not at all, with a no-op
+/// per table (re-adding a chain) that fails when the table is gone: no `nft` process,
+/// no parse, no cache of the tables' 10k-element sets. Returns how many elements changed.
+pub fn send_changes(
+    socket: &mut ElementSocket,
+    changes: [&Vec<ElementChange>; 2],
+) -> Result<usize, DataplaneError> {
+    type Items = Vec<(Key, Option<Verdict>)>;
+    let mut batch = socket.0.batch();
+    let mut n = 0;
+    for (i, list) in changes.into_iter().enumerate() {
+        let family = family_code(i == 1);
+        batch.add_chain(family, TABLE, MARK);
+        let mut groups: BTreeMap<(bool, &'static str), Items> = BTreeMap::new();
+        for c in list {
+            groups
+                .entry((c.delete, c.set))
+                .or_default()
+                .push((c.key.clone(), None));
+            n += 1;
+        }
+        for ((delete, set), items) in &groups {
+            batch.elements(*delete, family, TABLE, set, items);
+        }
+    }
+    socket
+        .0
+        .commit(batch)
+        .map_err(|e| DataplaneError::Other(format!("IPVS filter tables' element changes: {e}")))?;
+    Ok(n)
 }
 
 /// An nft script that does nothing while both tables exist and fails when either is

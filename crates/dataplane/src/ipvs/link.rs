@@ -69,13 +69,15 @@ fn name_body(name: &str) -> Vec<u8> {
 #[derive(Debug)]
 pub struct Links {
     socket: Socket,
+    /// The kernel filters address dumps by interface (see [`Socket::strict_check`]).
+    strict: bool,
 }
 
 impl Links {
     pub fn open(netns: Option<&str>) -> Result<Links, NetlinkError> {
-        Ok(Links {
-            socket: Socket::open(libc::NETLINK_ROUTE, netns)?,
-        })
+        let socket = Socket::open(libc::NETLINK_ROUTE, netns)?;
+        let strict = socket.strict_check();
+        Ok(Links { socket, strict })
     }
 
     /// The index of interface `name`, `None` when there is none.
@@ -121,14 +123,49 @@ impl Links {
 
     /// The addresses on interface `index`, both families.
     pub fn addresses(&mut self, index: u32) -> Result<Vec<IpAddr>, NetlinkError> {
-        let body = vec![libc::AF_UNSPEC as u8, 0, 0, 0, 0, 0, 0, 0];
+        self.addresses_where(Some(index), |i| i == index)
+    }
+
+    /// The addresses of every interface but `except` (the dummy, with one address per
+    /// service): with a strict-checking kernel, one dump per other interface, so the
+    /// cost does not grow with the number of services.
+    pub fn addresses_except(&mut self, except: u32) -> Result<Vec<IpAddr>, NetlinkError> {
+        if !self.strict {
+            return self.addresses_where(None, |i| i != except);
+        }
+        let body = ifinfomsg(0, &[]);
+        let links = self
+            .socket
+            .request(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, &body)?;
+        let mut out = Vec::new();
+        for p in &links {
+            let Some(b) = p.get(4..8) else { continue };
+            let index = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+            if index != except {
+                out.extend(self.addresses(index)?);
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// An address dump (of interface `only` where the kernel filters), keeping the
+    /// interfaces `keep` accepts.
+    fn addresses_where(
+        &mut self,
+        only: Option<u32>,
+        keep: impl Fn(u32) -> bool,
+    ) -> Result<Vec<IpAddr>, NetlinkError> {
+        let mut body = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
+        body.extend(only.filter(|_| self.strict).unwrap_or(0).to_ne_bytes());
         let replies = self
             .socket
             .request(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, &body)?;
         let mut out = Vec::new();
         for p in &replies {
             let Some(hdr) = p.get(..8) else { continue };
-            if u32::from_ne_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]) != index {
+            if !keep(u32::from_ne_bytes([hdr[4], hdr[5], hdr[6], hdr[7]])) {
                 continue;
             }
             let family = i32::from(hdr[0]);

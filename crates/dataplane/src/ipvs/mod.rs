@@ -6,13 +6,13 @@
 //!
 //! Kernel conversations are netlink from Rust (`crate::netlink`): generic netlink for
 //! IPVS ([`genl`]), rtnetlink for the interface ([`link`]); the filter tables go through
-//! `nft -f -` as the nftables backend's full syncs do.
+//! `nft -f -` in full syncs and as nf_tables netlink batches of set elements in partial
+//! ones ([`filter::send_changes`]).
 //!
 //! Syncs change only differences: a full sync reads every virtual server svcplane owns
-//! from the kernel and plans against that; a partial one reads and plans only the
-//! virtual servers of the services the engine's diff names (plus those still draining),
-//! changes only the interface addresses that changed, and sends the filter tables'
-//! element changes alone. Graceful termination: see [`plan::plan`].
+//! from the kernel and plans against that; a partial one works in the services the
+//! engine's diff names, never in all of them (see `IpvsBackend::partial_sync`).
+//! Graceful termination: see [`plan::plan`].
 
 pub mod filter;
 pub mod genl;
@@ -130,8 +130,12 @@ pub struct IpvsBackend {
     sysctls_checked: bool,
     /// Virtual servers as last applied.
     applied: BTreeMap<VsKey, Wanted>,
-    /// Dummy interface addresses as last applied.
-    applied_vips: BTreeSet<IpAddr>,
+    /// Dummy interface addresses as last applied, with how many service ports claim
+    /// each ([`plan::address_claims`]).
+    vip_claims: BTreeMap<IpAddr, u32>,
+    /// Virtual server keys more than one service port claims, as of the last full
+    /// computation: a partial sync touching one of them syncs in full.
+    contested: BTreeSet<VsKey>,
     /// Filter state per family (v4, v6) as last applied.
     applied_filter: [Option<FilterState>; 2],
     /// NodePort addresses the last sync used.
@@ -140,6 +144,8 @@ pub struct IpvsBackend {
     draining: BTreeSet<VsKey>,
     ipvs: Option<Ipvs>,
     links: Option<Links>,
+    /// nf_tables netlink socket for the filter tables' element changes.
+    nft_socket: Option<filter::ElementSocket>,
 }
 
 impl std::fmt::Debug for IpvsBackend {
@@ -169,12 +175,14 @@ impl IpvsBackend {
             conntrack: Reconciler::new(ConntrackScope::CurrentNetns),
             sysctls_checked: false,
             applied: BTreeMap::new(),
-            applied_vips: BTreeSet::new(),
+            vip_claims: BTreeMap::new(),
+            contested: BTreeSet::new(),
             applied_filter: [None, None],
             applied_node_addrs: Vec::new(),
             draining: BTreeSet::new(),
             ipvs: None,
             links: None,
+            nft_socket: None,
         }
     }
 
@@ -285,7 +293,8 @@ impl IpvsBackend {
             .into_iter()
             .collect();
         let node_addrs = self.node_addresses(desired, &on_dummy, &vips)?;
-        let wanted = plan::virtual_servers(desired, &self.options.scheduler, &node_addrs);
+        let (wanted, contested) =
+            plan::virtual_servers_contested(desired, &self.options.scheduler, &node_addrs);
 
         // IPVS: every virtual server on an address svcplane manages.
         let owned_addrs: BTreeSet<IpAddr> = on_dummy.iter().chain(vips.iter()).copied().collect();
@@ -336,7 +345,8 @@ impl IpvsBackend {
         size += script.len();
         self.applied_filter = filters;
         self.applied = wanted;
-        self.applied_vips = vips;
+        self.contested = contested;
+        self.vip_claims = plan::address_claims(desired);
         self.applied_node_addrs = node_addrs;
         Ok(SyncReport {
             full: true,
@@ -346,12 +356,21 @@ impl IpvsBackend {
     }
 
     /// `None` when the sync has to be full (the interface or a table is gone, NodePort
-    /// addresses changed).
+    /// addresses changed, a contested virtual server is involved, no previous state).
+    ///
+    /// The work is in the changed services' virtual servers, real servers and set
+    /// elements, never in the number of services: their old virtual servers come from
+    /// the previous desired state, their new ones from this one; the kernel is asked
+    /// only about those (and the draining ones); the dummy's addresses change by claim
+    /// counts; the filter tables' elements go as one nf_tables netlink batch.
     fn partial_sync(
         &mut self,
         desired: &DesiredState,
         diff: &Diff,
     ) -> Result<Option<SyncReport>, DataplaneError> {
+        let Some(prev) = diff.previous.as_deref() else {
+            return Ok(None);
+        };
         let Some(index) = self
             .links()?
             .index(DUMMY)
@@ -360,20 +379,60 @@ impl IpvsBackend {
             tracing::warn!("interface {DUMMY} is gone; syncing in full");
             return Ok(None);
         };
-        let vips = plan::service_addresses(desired);
-        let node_addrs = self.node_addresses(desired, &self.applied_vips, &vips)?;
-        if node_addrs != self.applied_node_addrs {
-            return Ok(None);
-        }
         let changed: BTreeSet<&ServicePortName> = [&diff.v4, &diff.v6]
             .into_iter()
             .flat_map(|d| d.added.iter().chain(&d.changed).chain(&d.removed))
             .collect();
-        let wanted = plan::virtual_servers(desired, &self.options.scheduler, &node_addrs);
+
+        // The dummy's addresses: claims of the changed service ports out, then in.
+        let (vips_came, vips_gone) =
+            plan::update_address_claims(&mut self.vip_claims, prev, desired, &changed);
+
+        // NodePort addresses: the node's, without listing the dummy's (one per service).
+        let local = self
+            .links()?
+            .addresses_except(index)
+            .map_err(|e| nl_error("listing the node's addresses", e))?;
+        let on_real: BTreeSet<IpAddr> = local
+            .iter()
+            .filter(|a| self.vip_claims.contains_key(a))
+            .copied()
+            .collect();
+        let node_addrs: Vec<IpAddr> = desired
+            .families()
+            .into_iter()
+            .flat_map(|f| plan::nodeport_addresses(f, &local, &on_real))
+            .collect();
+        if node_addrs != self.applied_node_addrs {
+            return Ok(None);
+        }
+
+        // The changed services' virtual servers, before and after.
+        let Some(plan::VsChange { gone, came }) = plan::changed_virtual_servers(
+            prev,
+            desired,
+            &changed,
+            &self.applied,
+            &self.contested,
+            &self.options.scheduler,
+            &node_addrs,
+        ) else {
+            return Ok(None);
+        };
+
+        // IPVS: the changed virtual servers and those still draining.
         let mut scope: BTreeSet<VsKey> = self.draining.clone();
-        for (k, w) in wanted.iter().chain(self.applied.iter()) {
-            if changed.contains(&w.service) {
-                scope.insert(*k);
+        scope.extend(gone.iter().map(|(_, k)| *k));
+        scope.extend(came.keys().copied());
+        let mut wanted: BTreeMap<VsKey, Wanted> =
+            came.iter().map(|(k, (_, w))| (*k, w.clone())).collect();
+        let gone_keys: BTreeSet<VsKey> = gone.iter().map(|(_, k)| *k).collect();
+        for k in &self.draining {
+            if !gone_keys.contains(k)
+                && !wanted.contains_key(k)
+                && let Some(w) = self.applied.get(k)
+            {
+                wanted.insert(*k, w.clone());
             }
         }
         let mut current = BTreeMap::new();
@@ -393,46 +452,104 @@ impl IpvsBackend {
         let mut size = self.apply_ops(&plan.ops)?;
         self.draining = plan.draining;
 
-        let before = std::mem::take(&mut self.applied_vips);
+        // Addresses after the virtual servers: a new address is never live without them.
         let links = self.links()?;
-        for ip in vips.difference(&before) {
+        for ip in &vips_came {
             links
                 .add_address(index, *ip)
                 .map_err(|e| nl_error(&format!("adding {ip} to {DUMMY}"), e))?;
         }
-        for ip in before.difference(&vips) {
+        for ip in &vips_gone {
             links
                 .del_address(index, *ip)
                 .map_err(|e| nl_error(&format!("removing {ip} from {DUMMY}"), e))?;
         }
-        self.applied_vips = vips.clone();
 
-        // The probe fails the whole transaction when a table is gone (`nft flush
-        // ruleset`): then the sync is full. (Not `nft list tables`, which makes nft 1.0.6
-        // load every set element.)
-        let mut script = filter::tables_present_probe();
-        let mut filters = [None, None];
-        for (i, fam) in desired.families().into_iter().enumerate() {
-            let st = FilterState::build(fam, wanted.values(), &vips)?;
-            let part = match &self.applied_filter[i] {
-                Some(old) => st.delta(old, fam.family),
-                None => None,
+        // The filter tables' elements.
+        let mut changes: [Option<Vec<filter::ElementChange>>; 2] = [None, None];
+        for (i, (old, new)) in prev
+            .families()
+            .into_iter()
+            .zip(desired.families())
+            .enumerate()
+        {
+            let v4 = i == 0;
+            let removed: Vec<(&Wanted, &svcplane_proxy::ServicePortState)> = gone
+                .iter()
+                .filter(|(f, _)| *f == i)
+                .filter_map(|(_, k)| {
+                    let w = self.applied.get(k)?;
+                    Some((w, old.services.get(&w.service)?.as_ref()))
+                })
+                .collect();
+            let added: Vec<(&Wanted, &svcplane_proxy::ServicePortState)> = came
+                .values()
+                .filter(|(f, _)| *f == i)
+                .filter_map(|(_, w)| Some((w, new.services.get(&w.service)?.as_ref())))
+                .collect();
+            let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
+                ips.iter()
+                    .copied()
+                    .filter(|ip| ip.is_ipv4() == v4)
+                    .collect()
             };
-            script.push_str(&part.unwrap_or_else(|| st.render(fam.family)));
-            filters[i] = Some(st);
+            let Some(state) = self.applied_filter[i].as_mut() else {
+                return Ok(None);
+            };
+            changes[i] = state.update(
+                &removed,
+                &added,
+                &of_family(&vips_gone),
+                &of_family(&vips_came),
+            );
         }
-        if let Err(e) = self.run_nft(&script) {
-            tracing::warn!(error = %e, "partial IPVS filter sync failed (tables gone?); syncing in full");
-            return Ok(None);
+        for k in &gone_keys {
+            self.applied.remove(k);
         }
-        size += script.len();
-        self.applied_filter = filters;
-        self.applied = wanted;
+        for (k, (_, w)) in came {
+            self.applied.insert(k, w);
+        }
+        if changes.iter().all(Option::is_some) {
+            size += self.send_elements(&changes)?;
+        } else {
+            // A source-range chain comes or goes: the whole tables through nft.
+            let vips: BTreeSet<IpAddr> = self.vip_claims.keys().copied().collect();
+            let mut script = filter::tables_present_probe();
+            let mut filters = [None, None];
+            for (i, fam) in desired.families().into_iter().enumerate() {
+                let st = FilterState::build(fam, self.applied.values(), &vips)?;
+                script.push_str(&st.render(fam.family));
+                filters[i] = Some(st);
+            }
+            self.run_nft(&script)?;
+            size += script.len();
+            self.applied_filter = filters;
+        }
         Ok(Some(SyncReport {
             full: false,
             size,
             ..SyncReport::default()
         }))
+    }
+
+    /// Send both families' element changes (see [`filter::send_changes`]); an error
+    /// makes the sync full.
+    fn send_elements(
+        &mut self,
+        changes: &[Option<Vec<filter::ElementChange>>; 2],
+    ) -> Result<usize, DataplaneError> {
+        if self.nft_socket.is_none() {
+            self.nft_socket = Some(filter::ElementSocket::open(self.netns.as_deref())?);
+        }
+        let Some(socket) = self.nft_socket.as_mut() else {
+            return Err(DataplaneError::Other("no nf_tables socket".into()));
+        };
+        let none = Vec::new();
+        let lists = [
+            changes[0].as_ref().unwrap_or(&none),
+            changes[1].as_ref().unwrap_or(&none),
+        ];
+        filter::send_changes(socket, lists).inspect_err(|_| self.nft_socket = None)
     }
 
     /// Apply `ops` in order; every op is tried, the first failure is returned (the next
@@ -623,7 +740,8 @@ impl Dataplane for IpvsBackend {
             }
         }
         self.applied.clear();
-        self.applied_vips.clear();
+        self.vip_claims.clear();
+        self.contested.clear();
         self.applied_filter = [None, None];
         self.draining.clear();
         self.needs_full = true;

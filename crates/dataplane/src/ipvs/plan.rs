@@ -163,46 +163,201 @@ pub fn frontends(svc: &ServicePortState, node_addrs: &[IpAddr]) -> Vec<(Frontend
     out
 }
 
-/// The virtual servers for `desired`: one per frontend address, port and protocol, with
-/// the internal target's endpoints on the ClusterIP and the external target's on the
-/// others. `node_addrs` are both families' NodePort addresses ([`nodeport_addresses`]).
+/// The virtual servers of one service port `name` of `fam`: one per frontend address
+/// (of this family), port and protocol, with the internal target's endpoints on the
+/// ClusterIP and the external target's on the others.
+pub fn service_virtual_servers(
+    fam: &FamilyState,
+    name: &ServicePortName,
+    svc: &ServicePortState,
+    scheduler: &str,
+    node_addrs: &[IpAddr],
+) -> Vec<Wanted> {
+    let v4 = matches!(fam.family, svcplane_model::IpFamily::V4);
+    frontends(svc, node_addrs)
+        .into_iter()
+        .filter(|(_, addr, _)| addr.is_ipv4() == v4)
+        .map(|(frontend, addr, port)| Wanted {
+            vs: VirtualServer {
+                key: VsKey {
+                    addr,
+                    protocol: svc.protocol,
+                    port,
+                },
+                // The Service's annotation, else `--ipvs-scheduler`.
+                scheduler: svc
+                    .ipvs_scheduler
+                    .as_deref()
+                    .unwrap_or(scheduler)
+                    .to_owned(),
+                persistence: svc.affinity_timeout_seconds,
+            },
+            reals: reals(svc, frontend.external()),
+            service: name.clone(),
+            frontend,
+        })
+        .collect()
+}
+
+/// The virtual servers for `desired` ([`service_virtual_servers`] of every service
+/// port). `node_addrs` are both families' NodePort addresses ([`nodeport_addresses`]).
 /// Two services claiming the same address:port:protocol: the first (by name) keeps it.
 pub fn virtual_servers(
     desired: &DesiredState,
     scheduler: &str,
     node_addrs: &[IpAddr],
 ) -> BTreeMap<VsKey, Wanted> {
+    virtual_servers_contested(desired, scheduler, node_addrs).0
+}
+
+/// [`virtual_servers`], and the keys more than one service port claims (a partial sync
+/// that touches one of those cannot tell the winner from the changed services alone).
+pub fn virtual_servers_contested(
+    desired: &DesiredState,
+    scheduler: &str,
+    node_addrs: &[IpAddr],
+) -> (BTreeMap<VsKey, Wanted>, BTreeSet<VsKey>) {
     let mut out = BTreeMap::new();
+    let mut contested = BTreeSet::new();
     for fam in desired.families() {
         for (name, svc) in &fam.services {
-            for (frontend, addr, port) in frontends(svc, node_addrs) {
-                if addr.is_ipv4() != matches!(fam.family, svcplane_model::IpFamily::V4) {
-                    continue;
+            for w in service_virtual_servers(fam, name, svc, scheduler, node_addrs) {
+                match out.entry(w.vs.key) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(w);
+                    }
+                    std::collections::btree_map::Entry::Occupied(o) => {
+                        contested.insert(*o.key());
+                    }
                 }
-                let key = VsKey {
-                    addr,
-                    protocol: svc.protocol,
-                    port,
-                };
-                out.entry(key).or_insert_with(|| Wanted {
-                    vs: VirtualServer {
-                        key,
-                        // The Service's annotation, else `--ipvs-scheduler`.
-                        scheduler: svc
-                            .ipvs_scheduler
-                            .as_deref()
-                            .unwrap_or(scheduler)
-                            .to_owned(),
-                        persistence: svc.affinity_timeout_seconds,
-                    },
-                    reals: reals(svc, frontend.external()),
-                    service: name.clone(),
-                    frontend,
-                });
+            }
+        }
+    }
+    (out, contested)
+}
+
+/// The addresses each service port puts on the dummy interface (ClusterIP, externalIPs,
+/// LoadBalancer IPs), counted once per service port: an address goes when its count
+/// does. The keys are [`service_addresses`].
+pub fn address_claims(desired: &DesiredState) -> BTreeMap<IpAddr, u32> {
+    let mut out = BTreeMap::new();
+    for fam in desired.families() {
+        for svc in fam.services.values() {
+            for ip in service_port_addresses(svc) {
+                *out.entry(ip).or_insert(0) += 1;
             }
         }
     }
     out
+}
+
+/// One service port's addresses on the dummy interface, each once.
+pub fn service_port_addresses(svc: &ServicePortState) -> BTreeSet<IpAddr> {
+    svc.cluster_ip
+        .into_iter()
+        .chain(svc.external_ips.iter().copied())
+        .chain(svc.load_balancer_ips.iter().copied())
+        .collect()
+}
+
+/// Update the dummy's address `claims` ([`address_claims`] of `prev`) to `desired`
+/// for the service ports `changed`: the addresses that came and those that went.
+pub fn update_address_claims(
+    claims: &mut BTreeMap<IpAddr, u32>,
+    prev: &DesiredState,
+    desired: &DesiredState,
+    changed: &BTreeSet<&ServicePortName>,
+) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    let mut delta: BTreeMap<IpAddr, i64> = BTreeMap::new();
+    for (old, new) in prev.families().into_iter().zip(desired.families()) {
+        for name in changed {
+            if let Some(svc) = old.services.get(*name) {
+                for ip in service_port_addresses(svc) {
+                    *delta.entry(ip).or_insert(0) -= 1;
+                }
+            }
+            if let Some(svc) = new.services.get(*name) {
+                for ip in service_port_addresses(svc) {
+                    *delta.entry(ip).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    let (mut came, mut gone) = (Vec::new(), Vec::new());
+    for (ip, d) in delta {
+        let before = i64::from(claims.get(&ip).copied().unwrap_or(0));
+        let after = before + d;
+        if after <= 0 {
+            claims.remove(&ip);
+        } else {
+            claims.insert(ip, u32::try_from(after).unwrap_or(u32::MAX));
+        }
+        match (before > 0, after > 0) {
+            (false, true) => came.push(ip),
+            (true, false) => gone.push(ip),
+            _ => {}
+        }
+    }
+    (came, gone)
+}
+
+/// The virtual servers a partial sync takes out and puts in, each with its family's
+/// index in [`DesiredState::families`].
+#[derive(Debug, Default)]
+pub struct VsChange {
+    /// Applied keys of the changed service ports (their old virtual servers).
+    pub gone: Vec<(usize, VsKey)>,
+    /// The changed service ports' virtual servers now.
+    pub came: BTreeMap<VsKey, (usize, Wanted)>,
+}
+
+/// The virtual servers of the service ports `changed`, before (`prev`, as `applied`
+/// holds them) and after (`desired`): the work is in the changed services, not in all.
+/// `None` when a key is claimed by another service port too ([`virtual_servers`]'s
+/// first-by-name rule needs every service: compute in full then).
+pub fn changed_virtual_servers(
+    prev: &DesiredState,
+    desired: &DesiredState,
+    changed: &BTreeSet<&ServicePortName>,
+    applied: &BTreeMap<VsKey, Wanted>,
+    contested: &BTreeSet<VsKey>,
+    scheduler: &str,
+    node_addrs: &[IpAddr],
+) -> Option<VsChange> {
+    let mut out = VsChange::default();
+    for (i, (old, new)) in prev
+        .families()
+        .into_iter()
+        .zip(desired.families())
+        .enumerate()
+    {
+        for name in changed {
+            if let Some(svc) = old.services.get(*name) {
+                for w in service_virtual_servers(old, name, svc, scheduler, node_addrs) {
+                    let k = w.vs.key;
+                    if contested.contains(&k) {
+                        return None;
+                    }
+                    if applied.get(&k).is_some_and(|a| &a.service == *name) {
+                        out.gone.push((i, k));
+                    }
+                }
+            }
+            if let Some(svc) = new.services.get(*name) {
+                for w in service_virtual_servers(new, name, svc, scheduler, node_addrs) {
+                    let k = w.vs.key;
+                    let taken = applied
+                        .get(&k)
+                        .is_some_and(|a| !changed.contains(&a.service));
+                    if contested.contains(&k) || taken || out.came.contains_key(&k) {
+                        return None;
+                    }
+                    out.came.insert(k, (i, w));
+                }
+            }
+        }
+    }
+    Some(out)
 }
 
 /// A virtual server as the kernel holds it.

@@ -480,40 +480,6 @@ fn filter_verdicts_and_source_ranges() {
 }
 
 #[test]
-fn filter_delta_is_element_changes_only() {
-    let a = state(
-        vec![svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.1"])],
-        vec![],
-    );
-    let b = state(
-        vec![
-            svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.2"]),
-            svc("b", Protocol::Udp, "10.96.0.2", 53, &[]),
-        ],
-        vec![],
-    );
-    let build = |s: &DesiredState| {
-        let w = plan::virtual_servers(s, "rr", &[]);
-        FilterState::build(&s.v4, w.values(), &plan::service_addresses(s)).unwrap()
-    };
-    let (fa, fb) = (build(&a), build(&b));
-    let d = fb.delta(&fa, IpFamily::V4).unwrap();
-    assert_eq!(
-        d,
-        "add element ip svcplane-ipvs cluster-ips { 10.96.0.2 . udp . 53 }\n\
-         delete element ip svcplane-ipvs hairpin { 10.244.0.1 . 10.244.0.1 }\n\
-         add element ip svcplane-ipvs hairpin { 10.244.0.2 . 10.244.0.2 }\n\
-         add element ip svcplane-ipvs no-endpoints { 10.96.0.2 . udp . 53 }\n\
-         add element ip svcplane-ipvs service-ips { 10.96.0.2 }\n\
-         add element ip svcplane-ipvs service-ports { 10.96.0.2 . udp . 53 }\n"
-    );
-    assert_eq!(fa.delta(&fa, IpFamily::V4).unwrap(), "");
-    let mut c = b.clone();
-    c.v4.cluster_ip_masquerade = ClusterIpMasquerade::All;
-    assert!(build(&c).delta(&fb, IpFamily::V4).is_none());
-}
-
-#[test]
 fn schedulers_are_checked() {
     assert_eq!(parse_scheduler("").unwrap(), "rr");
     for s in ["rr", "wrr", "lc", "sh", "mh"] {
@@ -523,5 +489,206 @@ fn schedulers_are_checked() {
     assert!(
         e.contains("\"fancy\"") && e.contains("rr, wrr, lc, sh, mh"),
         "{e}"
+    );
+}
+
+/// A partial sync's pure part (claims, virtual servers and filter elements of the
+/// changed services only) taken step by step lands exactly where a full computation of
+/// each state lands, and its element changes are exactly the difference.
+#[test]
+fn partial_updates_equal_full_computations() {
+    let node = [ip("10.0.0.11"), ip("fd00::11")];
+    let with = |mut s: ServicePortState, f: &dyn Fn(&mut ServicePortState)| {
+        f(&mut s);
+        s
+    };
+    let a = svc(
+        "a",
+        Protocol::Tcp,
+        "10.96.0.1",
+        80,
+        &["10.244.0.1", "10.244.0.2"],
+    );
+    // Another port of a's ClusterIP, sharing endpoint 10.244.0.2 (hairpin counted twice).
+    let a2 = with(
+        svc("a2", Protocol::Udp, "10.96.0.1", 53, &["10.244.0.2"]),
+        &|s| s.node_port = Some(30053),
+    );
+    let local = with(svc("l", Protocol::Tcp, "10.96.0.3", 443, &[]), &|s| {
+        s.node_port = Some(30443);
+        s.external_ips = vec![ip("192.0.2.9")];
+        s.external = target(&[], EmptyVerdict::Drop);
+        s.external_policy = ExternalPolicy::Local {
+            local_origin: target(&[], EmptyVerdict::Reject),
+        };
+    });
+    let v6 = svc("six", Protocol::Tcp, "fd00:96::6", 80, &["fd00:244::6"]);
+    let steps: Vec<DesiredState> = vec![
+        state(vec![a.clone(), a2.clone()], vec![]),
+        // One endpoint changes.
+        state(
+            vec![
+                svc(
+                    "a",
+                    Protocol::Tcp,
+                    "10.96.0.1",
+                    80,
+                    &["10.244.0.1", "10.244.0.3"],
+                ),
+                a2.clone(),
+            ],
+            vec![],
+        ),
+        // a2 loses its endpoint, eTP Local and IPv6 services arrive.
+        state(
+            vec![
+                svc(
+                    "a",
+                    Protocol::Tcp,
+                    "10.96.0.1",
+                    80,
+                    &["10.244.0.1", "10.244.0.3"],
+                ),
+                with(a2.clone(), &|s| s.endpoints.clear()),
+                local.clone(),
+            ],
+            vec![v6.clone()],
+        ),
+        // a goes (its ClusterIP stays for a2), l gets an endpoint, six changes.
+        state(
+            vec![
+                with(a2.clone(), &|s| s.endpoints.clear()),
+                with(local.clone(), &|s| {
+                    s.endpoints = vec![EndpointState::ready(ip("10.244.0.9"), 8080, true)];
+                    s.internal = target(&[0], EmptyVerdict::Reject);
+                    s.external = target(&[0], EmptyVerdict::Drop);
+                }),
+            ],
+            vec![svc(
+                "six",
+                Protocol::Tcp,
+                "fd00:96::6",
+                80,
+                &["fd00:244::7"],
+            )],
+        ),
+        // Everything goes.
+        state(vec![], vec![]),
+    ];
+    let full = |s: &DesiredState| {
+        let (wanted, contested) = plan::virtual_servers_contested(s, "rr", &node);
+        let vips = plan::service_addresses(s);
+        let filters =
+            [&s.v4, &s.v6].map(|f| FilterState::build(f, wanted.values(), &vips).unwrap());
+        (wanted, contested, filters)
+    };
+    let (mut applied, contested, mut filters) = full(&steps[0]);
+    let mut claims = plan::address_claims(&steps[0]);
+    for (n, pair) in steps.windows(2).enumerate() {
+        let (prev, next) = (&pair[0], &pair[1]);
+        let mut changed: BTreeSet<&ServicePortName> = BTreeSet::new();
+        for (o, f) in prev.families().into_iter().zip(next.families()) {
+            for (name, s) in &o.services {
+                if f.services.get(name).is_none_or(|t| t != s) {
+                    changed.insert(name);
+                }
+            }
+            changed.extend(f.services.keys().filter(|k| !o.services.contains_key(*k)));
+        }
+        let before_vips = plan::service_addresses(prev);
+        let (came_ips, gone_ips) = plan::update_address_claims(&mut claims, prev, next, &changed);
+        assert_eq!(claims, plan::address_claims(next), "step {n}");
+        let after_vips = plan::service_addresses(next);
+        let diff = |a: &BTreeSet<IpAddr>, b: &BTreeSet<IpAddr>| -> Vec<IpAddr> {
+            a.difference(b).copied().collect()
+        };
+        assert_eq!(came_ips, diff(&after_vips, &before_vips), "step {n}");
+        assert_eq!(gone_ips, diff(&before_vips, &after_vips), "step {n}");
+
+        let change =
+            plan::changed_virtual_servers(prev, next, &changed, &applied, &contested, "rr", &node)
+                .expect("no contested keys here");
+        let (want_applied, _, want_filters) = full(next);
+        for i in 0..2 {
+            let v4 = i == 0;
+            let (old, new) = (prev.families()[i], next.families()[i]);
+            let removed: Vec<_> = change
+                .gone
+                .iter()
+                .filter(|(f, _)| *f == i)
+                .map(|(_, k)| {
+                    let w = &applied[k];
+                    (w, old.services[&w.service].as_ref())
+                })
+                .collect();
+            let added: Vec<_> = change
+                .came
+                .values()
+                .filter(|(f, _)| *f == i)
+                .map(|(_, w)| (w, new.services[&w.service].as_ref()))
+                .collect();
+            let fam_ips = |v: &[IpAddr]| -> Vec<IpAddr> {
+                v.iter().copied().filter(|a| a.is_ipv4() == v4).collect()
+            };
+            let before = filters[i].clone();
+            let changes = filters[i]
+                .update(&removed, &added, &fam_ips(&gone_ips), &fam_ips(&came_ips))
+                .expect("elements only");
+            assert_eq!(filters[i], want_filters[i], "step {n} family {i}");
+            // The changes are exactly the difference of the two states' sets.
+            let mut expected = Vec::new();
+            for (set, elems) in &want_filters[i].sets {
+                let old_elems = before.sets.get(set).cloned().unwrap_or_default();
+                for e in old_elems.difference(elems) {
+                    expected.push((true, *set, e.clone()));
+                }
+                for e in elems.difference(&old_elems) {
+                    expected.push((false, *set, e.clone()));
+                }
+            }
+            let mut got: Vec<_> = changes
+                .iter()
+                .map(|c| (c.delete, c.set, c.text.clone()))
+                .collect();
+            got.sort();
+            expected.sort();
+            assert_eq!(got, expected, "step {n} family {i}");
+        }
+        for (_, k) in &change.gone {
+            applied.remove(k);
+        }
+        for (k, (_, w)) in change.came {
+            applied.insert(k, w);
+        }
+        assert_eq!(applied, want_applied, "step {n}");
+    }
+}
+
+#[test]
+fn a_contested_key_makes_the_partial_computation_give_up() {
+    // Two services on one ClusterIP:port: the first by name keeps it.
+    let a = svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.1"]);
+    let b = svc("b", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.2"]);
+    let s0 = state(vec![a.clone(), b.clone()], vec![]);
+    let (applied, contested) = plan::virtual_servers_contested(&s0, "rr", &[]);
+    assert_eq!(contested, [key("10.96.0.1", Protocol::Tcp, 80)].into());
+    let s1 = state(vec![b], vec![]);
+    let changed: BTreeSet<&ServicePortName> = [&a.name].into();
+    assert!(
+        plan::changed_virtual_servers(&s0, &s1, &changed, &applied, &contested, "rr", &[])
+            .is_none()
+    );
+    // A new service on a key an unchanged one holds: likewise.
+    let c = svc("c", Protocol::Tcp, "10.96.0.1", 80, &[]);
+    let s2 = state(vec![a.clone(), c.clone()], vec![]);
+    let (applied, contested) = plan::virtual_servers_contested(&state(vec![a], vec![]), "rr", &[]);
+    let changed: BTreeSet<&ServicePortName> = [&c.name].into();
+    let prev = state(
+        vec![svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.1"])],
+        vec![],
+    );
+    assert!(
+        plan::changed_virtual_servers(&prev, &s2, &changed, &applied, &contested, "rr", &[])
+            .is_none()
     );
 }

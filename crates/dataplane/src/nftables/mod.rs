@@ -3,7 +3,7 @@
 //! transaction's shape.
 
 pub(crate) mod names;
-mod netlink;
+pub(crate) mod netlink;
 pub(crate) mod render;
 mod rule;
 

@@ -69,6 +69,13 @@ pub(super) const MAX_REQUESTS: u32 = 100_000;
 const MAX_TARGET_ENDPOINTS: u32 = 5000;
 /// Concurrent clients of the requests-per-second step.
 const RPS_CLIENTS: usize = 4;
+/// Lanes of source ports ([`SourcePorts`]): the three measured paths, then the
+/// requests-per-second clients through the ClusterIP, then those straight to the pod.
+pub(crate) const VIA_LANE: u16 = 0;
+pub(crate) const DIRECT_LANE: u16 = 1;
+const REFERENCE_LANE: u16 = 2;
+const RPS_VIA_LANES: u16 = 3;
+const RPS_DIRECT_LANES: u16 = RPS_VIA_LANES + RPS_CLIENTS as u16;
 /// The Service whose EndpointSlice the one-change rounds rewrite (in `changing.yaml`).
 const CHANGING: &str = "svc-000000";
 
@@ -431,16 +438,22 @@ impl Rig {
         let via = SocketAddr::new(target.cluster_ip.into(), SERVICE_PORT);
         let reference = SocketAddr::new(self.ref_server.into(), POD_PORT);
         let mut paths = [
-            Route::new("through the ClusterIP", &self.client, via),
-            Route::new("straight to the pod at", &self.client, direct),
-            Route::new("on the node without rules to", &self.ref_client, reference),
+            Route::new("through the ClusterIP", &self.client, via, VIA_LANE),
+            Route::new("straight to the pod at", &self.client, direct, DIRECT_LANE),
+            Route::new(
+                "on the node without rules to",
+                &self.ref_client,
+                reference,
+                REFERENCE_LANE,
+            ),
         ];
         measure(&mut paths, spec.requests, stop)?;
         let [via_p, direct_p, reference_p] = paths.map(|p| Percentiles::of(p.samples));
         let rps = if spec.rps {
             let mut progress = Progress::new("requests per second", 2 * u64::from(spec.requests));
-            let through = rps(&self.client, via, spec.requests, &mut progress, stop)?;
-            let straight = rps(&self.client, direct, spec.requests, &mut progress, stop)?;
+            let (c, r) = (&self.client, spec.requests);
+            let through = rps(c, via, RPS_VIA_LANES, r, &mut progress, stop)?;
+            let straight = rps(c, direct, RPS_DIRECT_LANES, r, &mut progress, stop)?;
             Some((through, straight))
         } else {
             None
@@ -581,23 +594,57 @@ fn first_full_sync(metrics: &str) -> Option<f64> {
     (count >= 1.0).then(|| sum / count)
 }
 
+/// The source ports one path's sockets bind to, in turn: each path (and each
+/// requests-per-second client) has a range of its own, below the kernel's ephemeral
+/// range. Why: IPVS matches a reply by client address:port and real server address:port
+/// whatever address the client connected to, so while its table still holds a
+/// connection through the ClusterIP (CLOSE for 10 s after the RST, TIME_WAIT for 2 min
+/// after a FIN), a direct connection from the same port to the same pod gets its SYN-ACK
+/// rewritten to come from the ClusterIP and never completes (kubernetes#90042, open in
+/// kube-proxy's IPVS mode too). Ports the kernel picks collide that way now and then.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SourcePorts {
+    next: u16,
+    lane: u16,
+}
+
+impl SourcePorts {
+    const FIRST: u16 = 10_000;
+    /// Far more than the sockets made at a time ([`SOCKET_BATCH`]).
+    const PER_LANE: u16 = 1_500;
+
+    pub(crate) fn lane(lane: u16) -> SourcePorts {
+        SourcePorts { next: 0, lane }
+    }
+
+    fn take(&mut self) -> u16 {
+        let port = Self::FIRST + self.lane * Self::PER_LANE + self.next;
+        self.next = (self.next + 1) % Self::PER_LANE;
+        port
+    }
+}
+
 /// One measured path (route): from which pod to which address, and its samples.
 pub(crate) struct Route {
     what: &'static str,
     /// The client pod's namespace: its sockets are created there.
     netns: String,
     dst: SocketAddr,
+    ports: SourcePorts,
     /// Sockets made in advance, a batch at a time (see [`new_sockets`]).
     spare: Vec<Socket>,
     pub(crate) samples: Vec<Duration>,
 }
 
 impl Route {
-    pub(crate) fn new(what: &'static str, netns: &str, dst: SocketAddr) -> Route {
+    /// `lane`: which range of source ports ([`SourcePorts`]) its sockets bind to; two
+    /// routes used at the same time or in turn from one pod need different lanes.
+    pub(crate) fn new(what: &'static str, netns: &str, dst: SocketAddr, lane: u16) -> Route {
         Route {
             what,
             netns: netns.to_owned(),
             dst,
+            ports: SourcePorts::lane(lane),
             spare: Vec::new(),
             samples: Vec::new(),
         }
@@ -606,7 +653,7 @@ impl Route {
     /// Request `i`; its time is kept unless warming up.
     fn request(&mut self, i: u32, keep: bool) -> Result<()> {
         if self.spare.is_empty() {
-            self.spare = new_sockets(&self.netns, self.dst, SOCKET_BATCH)
+            self.spare = new_sockets(&self.netns, self.dst, &mut self.ports, SOCKET_BATCH)
                 .with_context(|| format!("cannot make sockets in {}", self.netns))?;
         }
         let Some(sock) = self.spare.pop() else {
@@ -653,6 +700,7 @@ pub(crate) fn measure(paths: &mut [Route], requests: u32, stop: &AtomicBool) -> 
 fn rps(
     netns: &str,
     dst: SocketAddr,
+    first_lane: u16,
     requests: u32,
     progress: &mut Progress,
     stop: &AtomicBool,
@@ -668,7 +716,8 @@ fn rps(
             .map(|k| {
                 let done = &done;
                 scope.spawn(move || -> Result<Instant> {
-                    let mut route = Route::new("(requests per second) to", netns, dst);
+                    let lane = first_lane + k as u16;
+                    let mut route = Route::new("(requests per second) to", netns, dst, lane);
                     for i in 0..share(k) {
                         if stop.load(Ordering::Relaxed) {
                             break;
@@ -707,12 +756,23 @@ fn rps(
 /// `n` TCP sockets for `dst`, made inside `netns` (a socket stays in the namespace it was
 /// made in, so any thread can use it; the measuring thread never changes namespace, and
 /// making them is not part of what is measured).
-fn new_sockets(netns: &str, dst: SocketAddr, n: usize) -> io::Result<Vec<Socket>> {
+fn new_sockets(
+    netns: &str,
+    dst: SocketAddr,
+    ports: &mut SourcePorts,
+    n: usize,
+) -> io::Result<Vec<Socket>> {
     svcplane_testkit::in_netns(netns, || {
         (0..n)
             .map(|_| {
                 let sock =
                     Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+                let any: std::net::IpAddr = match dst {
+                    SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+                };
+                sock.set_reuse_address(true)?;
+                sock.bind(&SockAddr::from(SocketAddr::new(any, ports.take())))?;
                 // Close with RST: no TIME_WAIT on either side, so R can be large without
                 // running out of ports, and a reused port starts a fresh conntrack entry
                 // (the first-packet path again).
@@ -729,10 +789,22 @@ fn new_sockets(netns: &str, dst: SocketAddr, n: usize) -> io::Result<Vec<Socket>
 /// long that took.
 fn request(sock: Socket, dst: SocketAddr) -> io::Result<Duration> {
     let started = Instant::now();
-    sock.connect_timeout(&SockAddr::from(dst), REQUEST_TIMEOUT)?;
-    (&sock).write_all(b"?")?;
-    let mut reply = [0u8; 1];
-    (&sock).read_exact(&mut reply)?;
+    let exchange = |sock: &Socket| -> io::Result<[u8; 1]> {
+        sock.connect_timeout(&SockAddr::from(dst), REQUEST_TIMEOUT)?;
+        let mut sock = sock;
+        sock.write_all(b"?")?;
+        let mut reply = [0u8; 1];
+        sock.read_exact(&mut reply)?;
+        Ok(reply)
+    };
+    // A failure names the source port: it is the flow's key in conntrack's and IPVS's tables.
+    let reply = exchange(&sock).map_err(|e| {
+        let from = sock.local_addr().ok().and_then(|a| a.as_socket());
+        match from {
+            Some(a) => io::Error::new(e.kind(), format!("{e} (from {a})")),
+            None => e,
+        }
+    })?;
     drop(sock);
     let took = started.elapsed();
     if reply != *b"!" {
@@ -998,6 +1070,22 @@ mod tests {
             1
         );
         assert!(services_yaml(2, 1, 60_000, pod).is_err());
+    }
+
+    #[test]
+    fn every_lane_has_its_own_source_ports_below_the_ephemeral_range() {
+        let lanes = RPS_DIRECT_LANES + RPS_CLIENTS as u16;
+        let mut seen = std::collections::BTreeMap::new();
+        for lane in 0..lanes {
+            let mut p = SourcePorts::lane(lane);
+            for _ in 0..SourcePorts::PER_LANE {
+                let port = p.take();
+                assert!(port < 32_768, "lane {lane}: {port}");
+                assert_eq!(seen.insert(port, lane), None, "port {port}");
+            }
+            // Then the lane starts over with its own first port.
+            assert_eq!(p.take(), SourcePorts::lane(lane).take());
+        }
     }
 
     #[test]
