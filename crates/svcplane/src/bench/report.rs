@@ -26,8 +26,8 @@ pub(super) struct Record {
     pub rps_via: Option<f64>,
     pub rps_direct: Option<f64>,
     pub full_sync_s: Option<f64>,
-    /// One change: file written → in the kernel (includes the manifests watcher's 100 ms
-    /// debounce), median and max over the rounds.
+    /// One change: file written → in the kernel (includes the manifests watcher's 5 ms
+    /// pause after the write), median and max over the rounds.
     pub change_p50_ms: Option<f64>,
     pub change_max_ms: Option<f64>,
     /// The change's sync alone, median.
