@@ -305,29 +305,12 @@ fn ipvs_partial_in_memory(desired: &Arc<DesiredState>) {
         let change =
             plan::changed_virtual_servers(&prev, &next, &changed, &applied, &contested, "rr", &[])
                 .expect("no contested keys");
-        let removed: Vec<_> = change
-            .gone
-            .iter()
-            .map(|(_, k)| {
-                let w = &applied[k];
-                (w, prev.v4.services[&w.service].as_ref())
-            })
-            .collect();
-        let added: Vec<_> = change
-            .came
-            .values()
-            .map(|(_, w)| (w, next.v4.services[&w.service].as_ref()))
-            .collect();
+        let (removed, added) = change.served(0, &applied, &prev.v4, &next.v4);
         let changes = filter
             .update(&removed, &added, &gone_ips, &came_ips)
             .expect("elements only");
         changed_elements = changes.len();
-        for (_, k) in &change.gone {
-            applied.remove(k);
-        }
-        for (k, (_, w)) in change.came {
-            applied.insert(k, w);
-        }
+        change.apply_to(&mut applied);
         done.push((prev, next, diff));
     });
     drop(done);

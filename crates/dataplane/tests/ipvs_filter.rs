@@ -135,7 +135,7 @@ fn ipvs_element_changes_go_over_netlink() {
         plain("api", "10.96.0.12", &["10.244.1.3"]),
     ]));
     let node = [ip("10.0.0.11")];
-    let (mut applied, contested) = plan::virtual_servers_contested(&a, "rr", &node);
+    let (applied, contested) = plan::virtual_servers_contested(&a, "rr", &node);
     let [mut f4, f6] = filters(&a);
     nft(&ns, &(f4.render(IpFamily::V4) + &f6.render(IpFamily::V6))).expect("full render");
 
@@ -150,28 +150,13 @@ fn ipvs_element_changes_go_over_netlink() {
     let (came, gone) = plan::update_address_claims(&mut claims, &a, &b, &changed);
     let change = plan::changed_virtual_servers(&a, &b, &changed, &applied, &contested, "rr", &node)
         .expect("no contested keys");
-    let removed: Vec<_> = change
-        .gone
-        .iter()
-        .map(|(_, k)| {
-            let w = &applied[k];
-            (w, a.v4.services[&w.service].as_ref())
-        })
-        .collect();
-    let added: Vec<_> = change
-        .came
-        .values()
-        .map(|(_, w)| (w, b.v4.services[&w.service].as_ref()))
-        .collect();
+    let (removed, added) = change.served(0, &applied, &a.v4, &b.v4);
     let changes = f4
         .update(&removed, &added, &gone, &came)
         .expect("elements only");
     let mut socket = ElementSocket::open(Some(ns.name())).unwrap();
     let sent = send_changes(&mut socket, [&changes, &Vec::new()]).expect("batch");
     assert_eq!(sent, changes.len());
-    for (_, k) in &change.gone {
-        applied.remove(k);
-    }
     // The kernel holds what a full computation of b says, element for element.
     assert_eq!(f4, filters(&b)[0]);
     let out =

@@ -408,7 +408,7 @@ impl IpvsBackend {
         }
 
         // The changed services' virtual servers, before and after.
-        let Some(plan::VsChange { gone, came }) = plan::changed_virtual_servers(
+        let Some(change) = plan::changed_virtual_servers(
             prev,
             desired,
             &changed,
@@ -422,11 +422,14 @@ impl IpvsBackend {
 
         // IPVS: the changed virtual servers and those still draining.
         let mut scope: BTreeSet<VsKey> = self.draining.clone();
-        scope.extend(gone.iter().map(|(_, k)| *k));
-        scope.extend(came.keys().copied());
-        let mut wanted: BTreeMap<VsKey, Wanted> =
-            came.iter().map(|(k, (_, w))| (*k, w.clone())).collect();
-        let gone_keys: BTreeSet<VsKey> = gone.iter().map(|(_, k)| *k).collect();
+        scope.extend(change.gone.iter().map(|(_, k)| *k));
+        scope.extend(change.came.keys().copied());
+        let mut wanted: BTreeMap<VsKey, Wanted> = change
+            .came
+            .iter()
+            .map(|(k, (_, w))| (*k, w.clone()))
+            .collect();
+        let gone_keys: BTreeSet<VsKey> = change.gone.iter().map(|(_, k)| *k).collect();
         for k in &self.draining {
             if !gone_keys.contains(k)
                 && !wanted.contains_key(k)
@@ -474,19 +477,7 @@ impl IpvsBackend {
             .enumerate()
         {
             let v4 = i == 0;
-            let removed: Vec<(&Wanted, &svcplane_proxy::ServicePortState)> = gone
-                .iter()
-                .filter(|(f, _)| *f == i)
-                .filter_map(|(_, k)| {
-                    let w = self.applied.get(k)?;
-                    Some((w, old.services.get(&w.service)?.as_ref()))
-                })
-                .collect();
-            let added: Vec<(&Wanted, &svcplane_proxy::ServicePortState)> = came
-                .values()
-                .filter(|(f, _)| *f == i)
-                .filter_map(|(_, w)| Some((w, new.services.get(&w.service)?.as_ref())))
-                .collect();
+            let (removed, added) = change.served(i, &self.applied, old, new);
             let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
                 ips.iter()
                     .copied()
@@ -503,12 +494,7 @@ impl IpvsBackend {
                 &of_family(&vips_came),
             );
         }
-        for k in &gone_keys {
-            self.applied.remove(k);
-        }
-        for (k, (_, w)) in came {
-            self.applied.insert(k, w);
-        }
+        change.apply_to(&mut self.applied);
         if changes.iter().all(Option::is_some) {
             size += self.send_elements(&changes)?;
         } else {

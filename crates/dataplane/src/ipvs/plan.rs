@@ -311,6 +311,49 @@ pub struct VsChange {
     pub came: BTreeMap<VsKey, (usize, Wanted)>,
 }
 
+/// A virtual server with the service port it serves.
+pub type ServedBy<'a> = (&'a Wanted, &'a ServicePortState);
+
+impl VsChange {
+    /// Family `family`'s virtual servers that go (as `applied` holds them, with their
+    /// service port in `old`) and that come (with theirs in `new`): what
+    /// [`FilterState::update`](super::filter::FilterState::update) takes.
+    pub fn served<'a>(
+        &'a self,
+        family: usize,
+        applied: &'a BTreeMap<VsKey, Wanted>,
+        old: &'a FamilyState,
+        new: &'a FamilyState,
+    ) -> (Vec<ServedBy<'a>>, Vec<ServedBy<'a>>) {
+        let removed = self
+            .gone
+            .iter()
+            .filter(|(f, _)| *f == family)
+            .filter_map(|(_, k)| {
+                let w = applied.get(k)?;
+                Some((w, old.services.get(&w.service)?.as_ref()))
+            })
+            .collect();
+        let added = self
+            .came
+            .values()
+            .filter(|(f, _)| *f == family)
+            .filter_map(|(_, w)| Some((w, new.services.get(&w.service)?.as_ref())))
+            .collect();
+        (removed, added)
+    }
+
+    /// Record the change as applied.
+    pub fn apply_to(self, applied: &mut BTreeMap<VsKey, Wanted>) {
+        for (_, k) in &self.gone {
+            applied.remove(k);
+        }
+        for (k, (_, w)) in self.came {
+            applied.insert(k, w);
+        }
+    }
+}
+
 /// The virtual servers of the service ports `changed`, before (`prev`, as `applied`
 /// holds them) and after (`desired`): the work is in the changed services, not in all.
 /// `None` when a key is claimed by another service port too ([`virtual_servers`]'s

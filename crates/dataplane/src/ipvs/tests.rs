@@ -612,21 +612,7 @@ fn partial_updates_equal_full_computations() {
         for i in 0..2 {
             let v4 = i == 0;
             let (old, new) = (prev.families()[i], next.families()[i]);
-            let removed: Vec<_> = change
-                .gone
-                .iter()
-                .filter(|(f, _)| *f == i)
-                .map(|(_, k)| {
-                    let w = &applied[k];
-                    (w, old.services[&w.service].as_ref())
-                })
-                .collect();
-            let added: Vec<_> = change
-                .came
-                .values()
-                .filter(|(f, _)| *f == i)
-                .map(|(_, w)| (w, new.services[&w.service].as_ref()))
-                .collect();
+            let (removed, added) = change.served(i, &applied, old, new);
             let fam_ips = |v: &[IpAddr]| -> Vec<IpAddr> {
                 v.iter().copied().filter(|a| a.is_ipv4() == v4).collect()
             };
@@ -654,12 +640,7 @@ fn partial_updates_equal_full_computations() {
             expected.sort();
             assert_eq!(got, expected, "step {n} family {i}");
         }
-        for (_, k) in &change.gone {
-            applied.remove(k);
-        }
-        for (k, (_, w)) in change.came {
-            applied.insert(k, w);
-        }
+        change.apply_to(&mut applied);
         assert_eq!(applied, want_applied, "step {n}");
     }
 }
