@@ -581,8 +581,13 @@ impl IptablesBackend {
         ))
     }
 
-    fn reconcile_conntrack(&self, desired: &DesiredState, mut report: SyncReport) -> SyncReport {
-        let ct = self.conntrack.reconcile(desired);
+    fn reconcile_conntrack(
+        &self,
+        desired: &DesiredState,
+        changed: Option<&Diff>,
+        mut report: SyncReport,
+    ) -> SyncReport {
+        let ct = self.conntrack.reconcile(desired, changed);
         for e in &ct.errors {
             tracing::warn!(error = %e, "conntrack cleanup failed; stale UDP flows stay until the next sync");
         }
@@ -619,7 +624,7 @@ impl Dataplane for IptablesBackend {
             if let Some(mut report) = self.try_partial(desired, diff, &mut failed)? {
                 self.needs_full = false;
                 report.iptables_rules = self.rule_counts();
-                return Ok(self.reconcile_conntrack(desired, report));
+                return Ok(self.reconcile_conntrack(desired, Some(diff), report));
             }
             partial_failures = u64::from(failed);
         }
@@ -636,7 +641,7 @@ impl Dataplane for IptablesBackend {
         self.needs_full = false;
         report.partial_restore_failures = partial_failures;
         report.iptables_rules = self.rule_counts();
-        Ok(self.reconcile_conntrack(desired, report))
+        Ok(self.reconcile_conntrack(desired, None, report))
     }
 
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {

@@ -574,8 +574,13 @@ impl IpvsBackend {
         }
     }
 
-    fn reconcile_conntrack(&self, desired: &DesiredState, mut report: SyncReport) -> SyncReport {
-        let ct = self.conntrack.reconcile(desired);
+    fn reconcile_conntrack(
+        &self,
+        desired: &DesiredState,
+        changed: Option<&Diff>,
+        mut report: SyncReport,
+    ) -> SyncReport {
+        let ct = self.conntrack.reconcile(desired, changed);
         for e in &ct.errors {
             tracing::warn!(error = %e, "conntrack cleanup failed; stale UDP flows stay until the next sync");
         }
@@ -645,19 +650,19 @@ impl Dataplane for IpvsBackend {
             } else {
                 Ok(None)
             };
-        let report = match partial {
-            Ok(Some(r)) => r,
-            Ok(None) => self.full_sync(desired)?,
+        let (report, changed) = match partial {
+            Ok(Some(r)) => (r, Some(diff)),
+            Ok(None) => (self.full_sync(desired)?, None),
             Err(e) => {
                 tracing::warn!(error = %e, "partial IPVS sync failed; retrying in full");
                 // A socket may hold unread replies after an error.
                 self.ipvs = None;
                 self.links = None;
-                self.full_sync(desired)?
+                (self.full_sync(desired)?, None)
             }
         };
         self.needs_full = false;
-        Ok(self.reconcile_conntrack(desired, report))
+        Ok(self.reconcile_conntrack(desired, changed, report))
     }
 
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {

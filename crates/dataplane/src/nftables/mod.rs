@@ -14,6 +14,7 @@ use std::sync::Arc;
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 
 use crate::conntrack::{ConntrackScope, Reconciler};
+use crate::refs::AddrRefs;
 
 pub use names::nft_identifier_safe;
 pub use render::{Layout, MASQUERADE_MARK, NORTH_SOUTH_TABLE, TABLE, render, render_layout};
@@ -62,6 +63,10 @@ pub struct NftablesBackend {
     netlink_fulls: u64,
     /// Which table and hooks (nftables mode's, or ebpf mode's north-south table).
     layout: Layout,
+    /// The hairpin set's users in the last state applied (`None` while the kernel's
+    /// state is unknown): a partial sync then finds an address's last user leaving
+    /// without walking every service.
+    hairpin: Option<AddrRefs>,
 }
 
 /// Why a netlink batch was not applied.
@@ -113,6 +118,7 @@ impl NftablesBackend {
             netlink_partials: 0,
             netlink_fulls: 0,
             layout: Layout::FULL,
+            hairpin: None,
         }
     }
 
@@ -132,6 +138,7 @@ impl NftablesBackend {
             netlink_partials: 0,
             netlink_fulls: 0,
             layout: Layout::FULL,
+            hairpin: None,
         }
     }
 
@@ -156,6 +163,7 @@ impl NftablesBackend {
                 netlink_partials: 0,
                 netlink_fulls: 0,
                 layout: Layout::FULL,
+                hairpin: None,
             }
         }
     }
@@ -168,9 +176,15 @@ impl NftablesBackend {
     }
 
     /// `report` with the conntrack reconciler's counts, run now that `desired` is
-    /// programmed. Its failures are only logged: the rules are in place.
-    fn reconcile_conntrack(&self, desired: &DesiredState, mut report: SyncReport) -> SyncReport {
-        let ct = self.conntrack.reconcile(desired);
+    /// programmed (by the partial sync `changed`, or in full). Its failures are only
+    /// logged: the rules are in place.
+    fn reconcile_conntrack(
+        &self,
+        desired: &DesiredState,
+        changed: Option<&Diff>,
+        mut report: SyncReport,
+    ) -> SyncReport {
+        let ct = self.conntrack.reconcile(desired, changed);
         for e in &ct.errors {
             tracing::warn!(error = %e, "conntrack cleanup failed; stale UDP flows stay until the next sync");
         }
@@ -415,10 +429,26 @@ impl NftablesBackend {
         desired: &DesiredState,
         diff: &Diff,
     ) -> Result<Option<(SyncReport, bool)>, DataplaneError> {
-        let Some(partial) = render::render_partial(previous, desired, diff, self.layout.table)?
+        let hairpin = self.hairpin.take();
+        let Some(partial) =
+            render::render_partial(previous, desired, diff, self.layout.table, hairpin.as_ref())?
         else {
             return Ok(None);
         };
+        let result = self.apply_partial(&partial);
+        // Counted on only once the kernel has the partial.
+        if let (Ok(Some(_)), Some(mut refs)) = (&result, hairpin) {
+            partial.hairpin_users.apply_to(&mut refs);
+            self.hairpin = Some(refs);
+        }
+        result
+    }
+
+    /// Send `partial` (see [`NftablesBackend::try_partial`]).
+    fn apply_partial(
+        &mut self,
+        partial: &render::Partial,
+    ) -> Result<Option<(SyncReport, bool)>, DataplaneError> {
         let netlink_plan = partial
             .netlink
             .as_ref()
@@ -428,7 +458,7 @@ impl NftablesBackend {
             match self.commit_netlink(&plan.ops, true) {
                 Ok(_) => {}
                 // Said when it was found; the text form below does the same sync.
-                Err(NetlinkFailure::Unavailable) => return self.partial_as_text(&partial),
+                Err(NetlinkFailure::Unavailable) => return self.partial_as_text(partial),
                 Err(NetlinkFailure::Refused(e)) => {
                     tracing::warn!(error = %e, "partial nftables sync over netlink failed (tables missing or altered?); retrying in full");
                     return Ok(None);
@@ -451,7 +481,7 @@ impl NftablesBackend {
                 full_next,
             )));
         }
-        self.partial_as_text(&partial)
+        self.partial_as_text(partial)
     }
 
     /// A partial sync through `nft -f` (see [`NftablesBackend::try_partial`]).
@@ -547,10 +577,11 @@ impl Dataplane for NftablesBackend {
             self.needs_full = true;
             if let Some((report, full_next)) = self.try_partial(previous, desired, diff)? {
                 self.needs_full = full_next;
-                return Ok(self.reconcile_conntrack(desired, report));
+                return Ok(self.reconcile_conntrack(desired, Some(diff), report));
             }
         }
         self.needs_full = true;
+        self.hairpin = None;
         let tables = render::family_tables(desired, self.layout)?;
         let declared = [0, 1].map(|i| tables.get(i).map(|t| t.declared()).unwrap_or_default());
         let size = match self.full_over_netlink(&tables) {
@@ -567,12 +598,13 @@ impl Dataplane for NftablesBackend {
         drop(tables);
         self.delete_stale(&declared);
         self.needs_full = false;
+        self.hairpin = Some(render::hairpin_refs(desired));
         let report = SyncReport {
             full: true,
             size,
             ..SyncReport::default()
         };
-        Ok(self.reconcile_conntrack(desired, report))
+        Ok(self.reconcile_conntrack(desired, None, report))
     }
 
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {
