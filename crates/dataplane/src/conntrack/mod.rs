@@ -36,6 +36,7 @@ use std::sync::Arc;
 use svcplane_model::{IpFamily, Protocol};
 use svcplane_proxy::{
     DesiredState, Diff, ExternalPolicy, FamilyState, NodePortAddresses, ServicePortState,
+    SyncReport,
 };
 
 pub use netlink::{ConntrackSocket, DeleteOutcome, local_addresses};
@@ -282,6 +283,25 @@ impl Reconciler {
 
     pub fn scope(&self) -> &ConntrackScope {
         &self.scope
+    }
+
+    /// `report` (of the sync that just programmed `desired`; `changed` as for
+    /// [`Reconciler::reconcile`]) with the reconciliation's counts. Its failures are only
+    /// logged: the rules are in place.
+    pub fn reconcile_into(
+        &self,
+        desired: &DesiredState,
+        changed: Option<&Diff>,
+        mut report: SyncReport,
+    ) -> SyncReport {
+        let ct = self.reconcile(desired, changed);
+        for e in &ct.errors {
+            tracing::warn!(error = %e, "conntrack cleanup failed; stale UDP flows stay until the next sync");
+        }
+        report.conntrack_deleted_v4 = ct.v4.deleted;
+        report.conntrack_deleted_v6 = ct.v6.deleted;
+        report.conntrack_failures = ct.failures();
+        report
     }
 
     /// Reconcile both families against `desired`: the flows of every service port, or

@@ -574,22 +574,6 @@ impl IpvsBackend {
         }
     }
 
-    fn reconcile_conntrack(
-        &self,
-        desired: &DesiredState,
-        changed: Option<&Diff>,
-        mut report: SyncReport,
-    ) -> SyncReport {
-        let ct = self.conntrack.reconcile(desired, changed);
-        for e in &ct.errors {
-            tracing::warn!(error = %e, "conntrack cleanup failed; stale UDP flows stay until the next sync");
-        }
-        report.conntrack_deleted_v4 = ct.v4.deleted;
-        report.conntrack_deleted_v6 = ct.v6.deleted;
-        report.conntrack_failures = ct.failures();
-        report
-    }
-
     /// Whether `addr` is on kube-proxy's dummy interface (`kube-ipvs0`).
     fn foreign_service_address(&mut self, addr: &IpAddr) -> bool {
         let Ok(links) = self.links() else {
@@ -662,7 +646,7 @@ impl Dataplane for IpvsBackend {
             }
         };
         self.needs_full = false;
-        Ok(self.reconcile_conntrack(desired, changed, report))
+        Ok(self.conntrack.reconcile_into(desired, changed, report))
     }
 
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {

@@ -175,25 +175,6 @@ impl NftablesBackend {
         self
     }
 
-    /// `report` with the conntrack reconciler's counts, run now that `desired` is
-    /// programmed (by the partial sync `changed`, or in full). Its failures are only
-    /// logged: the rules are in place.
-    fn reconcile_conntrack(
-        &self,
-        desired: &DesiredState,
-        changed: Option<&Diff>,
-        mut report: SyncReport,
-    ) -> SyncReport {
-        let ct = self.conntrack.reconcile(desired, changed);
-        for e in &ct.errors {
-            tracing::warn!(error = %e, "conntrack cleanup failed; stale UDP flows stay until the next sync");
-        }
-        report.conntrack_deleted_v4 = ct.v4.deleted;
-        report.conntrack_deleted_v6 = ct.v6.deleted;
-        report.conntrack_failures = ct.failures();
-        report
-    }
-
     /// Program `layout`'s table and hooks instead of nftables mode's.
     pub fn with_layout(mut self, layout: Layout) -> Self {
         self.layout = layout;
@@ -577,7 +558,7 @@ impl Dataplane for NftablesBackend {
             self.needs_full = true;
             if let Some((report, full_next)) = self.try_partial(previous, desired, diff)? {
                 self.needs_full = full_next;
-                return Ok(self.reconcile_conntrack(desired, Some(diff), report));
+                return Ok(self.conntrack.reconcile_into(desired, Some(diff), report));
             }
         }
         self.needs_full = true;
@@ -604,7 +585,7 @@ impl Dataplane for NftablesBackend {
             size,
             ..SyncReport::default()
         };
-        Ok(self.reconcile_conntrack(desired, None, report))
+        Ok(self.conntrack.reconcile_into(desired, None, report))
     }
 
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {
