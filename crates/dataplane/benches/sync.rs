@@ -236,14 +236,19 @@ fn run(mode: Mode, sizes: &[u32]) {
             }
             let mut steps = steps.into_iter();
             let mut sizes = Vec::new();
+            // Each step's states are freed after the timing: dropping the last holder of
+            // a whole state is O(N), and the sync loop's engine keeps it (its spare).
+            let mut done = Vec::new();
             let partial_time = median(21, || {
                 if let Some((next, diff)) = steps.next() {
                     match backend.sync(&next, &diff) {
                         Ok(report) => sizes.push((report.full, report.size)),
                         Err(e) => eprintln!("partial sync failed: {e}"),
                     }
+                    done.push((next, diff));
                 }
             });
+            drop(done);
             // The periodic check: an empty partial diff (the tables probe, the conntrack pass).
             let settled = current.clone();
             let check = Diff::between(Some(settled.clone()), &settled, false);
