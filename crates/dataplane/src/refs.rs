@@ -15,6 +15,15 @@ pub struct AddrRefs {
 }
 
 impl AddrRefs {
+    /// Room for this many IPv4 and IPv6 addresses (one allocation each instead of a
+    /// table growing through every size, whose old tables a thread's allocator keeps).
+    pub fn with_capacity(v4: usize, v6: usize) -> AddrRefs {
+        AddrRefs {
+            v4: HashMap::with_capacity(v4),
+            v6: HashMap::with_capacity(v6),
+        }
+    }
+
     /// Users of `ip`.
     pub fn count(&self, ip: &IpAddr) -> u32 {
         match ip {
@@ -56,12 +65,18 @@ impl AddrRefs {
     }
 }
 
+impl Extend<IpAddr> for AddrRefs {
+    fn extend<I: IntoIterator<Item = IpAddr>>(&mut self, iter: I) {
+        for ip in iter {
+            self.add(ip);
+        }
+    }
+}
+
 impl FromIterator<IpAddr> for AddrRefs {
     fn from_iter<I: IntoIterator<Item = IpAddr>>(iter: I) -> Self {
         let mut refs = AddrRefs::default();
-        for ip in iter {
-            refs.add(ip);
-        }
+        refs.extend(iter);
         refs
     }
 }

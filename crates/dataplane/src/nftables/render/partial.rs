@@ -43,15 +43,18 @@ pub(crate) struct Partial {
 /// The hairpin set's users in `state`: every endpoint of every service port (a full
 /// sync's worth of work, done once after one).
 pub(crate) fn hairpin_refs(state: &DesiredState) -> AddrRefs {
-    state
-        .families()
-        .into_iter()
-        .flat_map(|fam| {
+    // At most one address per endpoint.
+    let endpoints =
+        |fam: &FamilyState| -> usize { fam.services.values().map(|s| s.endpoints.len()).sum() };
+    let mut refs = AddrRefs::with_capacity(endpoints(&state.v4), endpoints(&state.v6));
+    for fam in state.families() {
+        refs.extend(
             fam.services
                 .values()
-                .flat_map(|svc| hairpin_users(fam.family, svc))
-        })
-        .collect()
+                .flat_map(|svc| hairpin_users(fam.family, svc)),
+        );
+    }
+    refs
 }
 
 /// Endpoint addresses, one per endpoint, of the changed service ports' old and new versions.
