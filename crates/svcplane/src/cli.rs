@@ -573,7 +573,8 @@ pub struct CleanupArgs {
     #[arg(long, value_name = "DIR")]
     pub bpf_pin_path: Option<PathBuf>,
 
-    /// IPVS virtual servers on addresses in these CIDRs stay (as the proxy's flag).
+    /// IPVS virtual servers on addresses in these CIDRs stay (as the proxy's flag; with
+    /// --kube-proxy too).
     #[arg(long, value_name = "CIDR[,CIDR...]", value_delimiter = ',')]
     pub ipvs_exclude_cidrs: Vec<String>,
 }

@@ -445,7 +445,7 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
 /// `svcplane cleanup`, sparing IPVS virtual servers on `ipvs_exclude` (`--ipvs-exclude-cidrs`).
 fn cleanup_with(args: CleanupArgs, ipvs_exclude: Vec<ipnet::IpNet>) -> Result<()> {
     if args.kube_proxy {
-        return cleanup_kube_proxy();
+        return cleanup_kube_proxy(&ipvs_exclude);
     }
     let modes: Vec<ProxyMode> = match &args.proxy_mode {
         Some(m) => vec![
@@ -475,8 +475,8 @@ fn cleanup_with(args: CleanupArgs, ipvs_exclude: Vec<ipnet::IpNet>) -> Result<()
     Ok(())
 }
 
-fn cleanup_kube_proxy() -> Result<()> {
-    let report = svcplane_dataplane::kube_proxy::cleanup_kube_proxy();
+fn cleanup_kube_proxy(ipvs_exclude: &[ipnet::IpNet]) -> Result<()> {
+    let report = svcplane_dataplane::kube_proxy::cleanup_kube_proxy(ipvs_exclude);
     for removed in &report.removed {
         tracing::info!("removed kube-proxy's {removed}");
     }
