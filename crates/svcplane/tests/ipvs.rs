@@ -156,6 +156,17 @@ impl Env {
         on_node_a(&self.cluster, program, args)
     }
 
+    /// SIGTERM to the proxy, which must exit cleanly (leaving its rules).
+    fn stop_proxy(&mut self) {
+        let status = self
+            .proxy
+            .take()
+            .expect("proxy")
+            .terminate()
+            .expect("terminate");
+        assert!(status.success(), "proxy exited with {status}");
+    }
+
     fn pod_ip(&self, pod: &str) -> IpAddr {
         IpAddr::V4(self.cluster.pod(pod).expect("pod").ipv4())
     }
@@ -380,13 +391,7 @@ fn ipvs_mode_programs_serves_follows_changes_and_cleans_up() {
     );
 
     // SIGTERM leaves the rules; cleanup removes them all.
-    let status = env
-        .proxy
-        .take()
-        .expect("proxy")
-        .terminate()
-        .expect("terminate");
-    assert!(status.success(), "proxy exited with {status}");
+    env.stop_proxy();
     assert!(!env.ipvsadm().is_empty());
     env.on_node_a(
         env!("CARGO_BIN_EXE_svcplane"),
@@ -485,13 +490,7 @@ fn another_mode_removes_ipvs_leftovers_at_startup() {
         wait_until(WAIT, || !env.ipvsadm().is_empty()),
         "nothing programmed"
     );
-    let status = env
-        .proxy
-        .take()
-        .expect("proxy")
-        .terminate()
-        .expect("terminate");
-    assert!(status.success());
+    env.stop_proxy();
     let nft = env
         .cluster
         .run_proxy(
@@ -623,13 +622,7 @@ fn excluded_cidrs_are_spared_and_timeouts_reach_the_kernel() {
     // Cleanup with the same exclusion removes svcplane's virtual servers but those in
     // the range (kube-proxy's --cleanup flushes every one; svcplane's spares what is
     // not its own).
-    let status = env
-        .proxy
-        .take()
-        .expect("proxy")
-        .terminate()
-        .expect("terminate");
-    assert!(status.success(), "proxy exited with {status}");
+    env.stop_proxy();
     env.on_node_a(
         env!("CARGO_BIN_EXE_svcplane"),
         &[

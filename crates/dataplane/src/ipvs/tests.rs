@@ -112,6 +112,17 @@ fn current(w: &plan::Wanted, dests: &[(RealServer, u32, u32)]) -> Current {
     }
 }
 
+/// The kernel holding `wanted` as it is, without connections.
+fn kernel_holding(wanted: &BTreeMap<VsKey, plan::Wanted>) -> BTreeMap<VsKey, Current> {
+    wanted
+        .iter()
+        .map(|(k, w)| {
+            let d: Vec<_> = w.reals.iter().map(|r| (*r, 0, 0)).collect();
+            (*k, current(w, &d))
+        })
+        .collect()
+}
+
 #[test]
 fn one_virtual_server_per_frontend_with_the_targets_endpoints() {
     let mut web = svc(
@@ -215,13 +226,7 @@ fn plan_adds_edits_and_deletes_only_differences() {
         vec![],
     );
     let before = plan::virtual_servers(&old, "rr", &[]);
-    let cur: BTreeMap<VsKey, Current> = before
-        .iter()
-        .map(|(k, w)| {
-            let d: Vec<_> = w.reals.iter().map(|r| (*r, 0, 0)).collect();
-            (*k, current(w, &d))
-        })
-        .collect();
+    let cur = kernel_holding(&before);
     let wanted = plan::virtual_servers(&new, "rr", &[]);
     let p = plan::plan(&wanted, &cur, &[], |_| true);
     let ka = key("10.96.0.1", Protocol::Tcp, 80);
@@ -244,13 +249,7 @@ fn plan_adds_edits_and_deletes_only_differences() {
     );
     assert!(p.draining.is_empty());
     // Applied: nothing left to do.
-    let applied: BTreeMap<VsKey, Current> = wanted
-        .iter()
-        .map(|(k, w)| {
-            let d: Vec<_> = w.reals.iter().map(|r| (*r, 0, 0)).collect();
-            (*k, current(w, &d))
-        })
-        .collect();
+    let applied = kernel_holding(&wanted);
     assert_eq!(
         plan::plan(&wanted, &applied, &[], |_| true),
         plan::Plan::default()
@@ -295,13 +294,7 @@ fn excluded_cidrs_keep_unwanted_virtual_servers_but_not_wanted_ones_real_servers
         "rr",
         &[],
     );
-    let cur: BTreeMap<VsKey, Current> = old
-        .iter()
-        .map(|(k, w)| {
-            let d: Vec<_> = w.reals.iter().map(|r| (*r, 0, 0)).collect();
-            (*k, current(w, &d))
-        })
-        .collect();
+    let cur = kernel_holding(&old);
     let exclude = [net("10.96.8.0/24")];
     let p = plan::plan(&wanted, &cur, &exclude, |_| true);
     let x = key("10.96.8.1", Protocol::Tcp, 80);
