@@ -251,6 +251,27 @@ pub struct EngineArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub ipvs_strict_arp: Option<bool>,
 
+    /// IPVS mode: virtual servers on addresses in these CIDRs are never deleted unless
+    /// svcplane programs them (someone else's, e.g. keepalived's or kube-vip's), by syncs
+    /// or cleanup. Comma-separated or repeated.
+    #[arg(long, value_name = "CIDR[,CIDR...]", value_delimiter = ',')]
+    pub ipvs_exclude_cidrs: Vec<String>,
+
+    /// IPVS mode: the timeout of idle established TCP connections (Go duration, whole
+    /// seconds; 0 leaves the kernel's, 15m by default), set at startup.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_tcp_timeout: Option<String>,
+
+    /// IPVS mode: the timeout of TCP connections after a FIN (Go duration; 0 leaves the
+    /// kernel's, 2m by default), set at startup.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_tcpfin_timeout: Option<String>,
+
+    /// IPVS mode: the timeout of UDP flows (Go duration; 0 leaves the kernel's, 5m by
+    /// default), set at startup.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_udp_timeout: Option<String>,
+
     #[command(flatten)]
     pub ebpf: EbpfArgs,
 
@@ -551,6 +572,11 @@ pub struct CleanupArgs {
     /// Where eBPF mode's pins are (default /sys/fs/bpf/svcplane).
     #[arg(long, value_name = "DIR")]
     pub bpf_pin_path: Option<PathBuf>,
+
+    /// IPVS virtual servers on addresses in these CIDRs stay (as the proxy's flag; with
+    /// --kube-proxy too).
+    #[arg(long, value_name = "CIDR[,CIDR...]", value_delimiter = ',')]
+    pub ipvs_exclude_cidrs: Vec<String>,
 }
 
 #[derive(Debug, Args)]
