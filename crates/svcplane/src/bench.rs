@@ -84,8 +84,11 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
         );
     }
 
-    let exe = std::env::current_exe().context("cannot find the svcplane binary")?;
-    // The proxy is this very binary, run inside the namespace.
+    let exe = match &args.proxy_binary {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().context("cannot find the svcplane binary")?,
+    };
+    // The proxy is this very binary (or --proxy-binary), run inside the namespace.
     let mut cmd = std::process::Command::new("ip");
     cmd.args(["netns", "exec", ns.name()]);
     // A profiler around the proxy, e.g. `heaptrack -o /tmp/h` (its RSS and CPU figures are

@@ -214,6 +214,10 @@ pub struct BenchSyncArgs {
     /// failed syncs.
     #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse_go_duration)]
     pub churn: Option<std::time::Duration>,
+    /// The svcplane binary to run as the proxy (default: this one), e.g. another build to
+    /// compare with through the same bench.
+    #[arg(long, value_name = "PATH")]
+    pub proxy_binary: Option<PathBuf>,
 }
 
 /// Flags shared by `proxy` and `render`: where objects come from and how the node is configured.
