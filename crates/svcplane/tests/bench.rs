@@ -74,6 +74,55 @@ fn bench_sync_reports_the_path_from_file_to_kernel() {
     );
 }
 
+/// The same bench from the fake API server: the proxy lists it through a kubeconfig and
+/// each round's slice, applied to the server, reaches the kernel.
+#[test]
+fn bench_sync_from_the_api_source() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_svcplane"))
+        .args(["bench", "sync", "--source", "api", "--services", "50"])
+        .args(["--endpoints", "3", "--rounds", "3"])
+        .output()
+        .expect("run svcplane bench sync --source api");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = |label: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.split_once(label).map(|(_, r)| r))
+            .unwrap_or_else(|| panic!("no {label:?} in:\n{stdout}"))
+    };
+    assert!(
+        after("50 ClusterIP services × 3 endpoints ").starts_with("served by the fake"),
+        "{stdout}"
+    );
+    let lists = after("one list each (HTTP/1.0 from the namespace): ");
+    assert!(number_after(lists, "services") >= 0.0, "{lists}");
+    assert!(number_after(lists, "endpointslices") >= 0.0, "{lists}");
+    assert!(
+        stdout.contains("listed the API and completed its first (full) sync"),
+        "{stdout}"
+    );
+    assert!(number_after(after("RSS after it: "), "") > 0.0, "{stdout}");
+    // Each resource was watched after its list, within the time to the first sync.
+    let first = number_after(after("completed its first (full) sync in "), "");
+    let listed = after("lists answered, read and converted (the proxy's first watch of each) ");
+    let done = number_after(listed, "");
+    assert!(done > 0.0 && done <= first, "{stdout}");
+    for resource in ["services", "endpointslices", "nodes"] {
+        assert!(number_after(listed, resource) <= done, "{listed}");
+    }
+    let rest = after("object applied to the API server → rules in the kernel: ");
+    let (p50, p99) = (number_after(rest, "p50"), number_after(rest, "p99"));
+    assert!(p50 > 0.0 && p99 >= p50, "{rest}");
+}
+
 #[test]
 fn bench_sync_rejects_nonsense_sizes() {
     let out = Command::new(env!("CARGO_BIN_EXE_svcplane"))
