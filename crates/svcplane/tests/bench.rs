@@ -25,12 +25,7 @@ fn bench_sync_reports_the_path_from_file_to_kernel() {
         ])
         .output()
         .expect("run svcplane bench sync");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert!(
         stdout.contains("50 ClusterIP services × 3 endpoints"),
         "{stdout}"
@@ -39,12 +34,7 @@ fn bench_sync_reports_the_path_from_file_to_kernel() {
         stdout.contains("completed its first (full) sync"),
         "{stdout}"
     );
-    let after = |label: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.split_once(label).map(|(_, r)| r))
-            .unwrap_or_else(|| panic!("no {label:?} in:\n{stdout}"))
-    };
+    let after = |label: &str| after(&stdout, label);
     assert!(number_after(after("RSS after it: "), "") > 0.0, "{stdout}");
     // Each line carries measured percentiles: numbers of milliseconds, not "no data".
     for line in [
@@ -86,18 +76,8 @@ fn bench_sync_from_the_api_source() {
         .args(["--endpoints", "3", "--rounds", "3"])
         .output()
         .expect("run svcplane bench sync --source api");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let after = |label: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.split_once(label).map(|(_, r)| r))
-            .unwrap_or_else(|| panic!("no {label:?} in:\n{stdout}"))
-    };
+    let stdout = succeeded(&out);
+    let after = |label: &str| after(&stdout, label);
     assert!(
         after("50 ClusterIP services × 3 endpoints ").starts_with("served by the fake"),
         "{stdout}"
@@ -136,6 +116,25 @@ fn bench_sync_rejects_nonsense_sizes() {
     }
 }
 
+/// The command's stdout, once it exited successfully (else both outputs in the panic).
+fn succeeded(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The rest of the first line of `stdout` that contains `label`, after it.
+fn after<'a>(stdout: &'a str, label: &str) -> &'a str {
+    stdout
+        .lines()
+        .find_map(|l| l.split_once(label).map(|(_, r)| r))
+        .unwrap_or_else(|| panic!("no {label:?} in:\n{stdout}"))
+}
+
 /// The number before `unit` right after `label` in `line`, e.g. `p50 41 µs`.
 fn number_after(line: &str, label: &str) -> f64 {
     let rest = line
@@ -171,12 +170,7 @@ fn bench_datapath_measures_the_clusterip_beside_the_pod_ip() {
         .args(["--", "--masquerade-all"])
         .output()
         .expect("run svcplane bench datapath");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     // The measured service is the one that sorts last, and it is the pod's.
     assert!(
         stdout.contains("measured: bench/svc-000039 10.96.0.40:80 → "),
@@ -339,12 +333,7 @@ fn bench_runs_every_mode_and_writes_csv_json_and_svg() {
         .arg(out_dir.path())
         .output()
         .expect("run svcplane bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     let read = |name: &str| {
         std::fs::read_to_string(out_dir.path().join(name))
             .unwrap_or_else(|e| panic!("{name}: {e}\n{stdout}"))
