@@ -128,6 +128,13 @@ pub enum BenchCommand {
     Datapath(BenchDatapathArgs),
 }
 
+/// `bench sync --source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchSource {
+    Manifests,
+    Api,
+}
+
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  \
                         svcplane bench datapath --services 1000,10000,30000 --requests 2000\n  \
@@ -177,6 +184,10 @@ pub struct BenchDatapathArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchSyncArgs {
+    /// Where the proxy reads the objects: a manifests directory, or the test kit's fake
+    /// Kubernetes API server (plain HTTP) through a kubeconfig.
+    #[arg(long, value_enum, default_value_t = BenchSource::Manifests)]
+    pub source: BenchSource,
     /// Number of ClusterIP services.
     #[arg(long, default_value_t = 10_000)]
     pub services: u32,
@@ -203,6 +214,10 @@ pub struct BenchSyncArgs {
     /// failed syncs.
     #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse_go_duration)]
     pub churn: Option<std::time::Duration>,
+    /// The svcplane binary to run as the proxy (default: this one), e.g. another build to
+    /// compare with through the same bench.
+    #[arg(long, value_name = "PATH")]
+    pub proxy_binary: Option<PathBuf>,
 }
 
 /// Flags shared by `proxy` and `render`: where objects come from and how the node is configured.
