@@ -511,7 +511,11 @@ fn compute_port(
         .collect();
     let endpoints: Vec<EndpointState> = used.iter().map(|&i| raw[i].state.clone()).collect();
     let reindex = |idx: &[usize]| -> Vec<usize> {
-        idx.iter().filter_map(|i| remap.get(i).copied()).collect()
+        // Sized up front: a collected `filter_map` grows by doubling (16 slots for 10), and
+        // 10k services keep two of these each.
+        let mut out = Vec::with_capacity(idx.len());
+        out.extend(idx.iter().filter_map(|i| remap.get(i).copied()));
+        out
     };
 
     let if_empty = if cat.has_any {

@@ -53,9 +53,10 @@ pub struct Engine {
     /// Shared with the source that sent them (no second copy).
     services: HashMap<NamespacedName, Arc<Service>>,
     slices: HashMap<NamespacedName, Arc<EndpointSlice>>,
-    /// Service (namespace/name) → names of the slices labelled with it, sorted (a `Vec`: a
-    /// service has one slice or a few, and a `BTreeSet` node costs half a kilobyte).
-    slices_by_service: HashMap<NamespacedName, Vec<NamespacedName>>,
+    /// Service (namespace/name) → the slices labelled with it, sorted by name (a `Vec`: a
+    /// service has one slice or a few, and a `BTreeSet` node costs half a kilobyte; the
+    /// slices themselves, not copies of their names).
+    slices_by_service: HashMap<NamespacedName, Vec<Arc<EndpointSlice>>>,
     nodes: HashMap<String, Arc<Node>>,
 
     /// Services to recompute at the next `desired()`.
@@ -174,9 +175,10 @@ impl Engine {
             self.unindex_slice(&old);
         }
         if let Some(svc) = slice_service(&slice) {
-            let names = self.slices_by_service.entry(svc.clone()).or_default();
-            if let Err(at) = names.binary_search(&slice.name) {
-                names.insert(at, slice.name.clone());
+            let slices = self.slices_by_service.entry(svc.clone()).or_default();
+            match slices.binary_search_by(|s| s.name.cmp(&slice.name)) {
+                Ok(at) => slices[at] = slice.clone(),
+                Err(at) => slices.insert(at, slice.clone()),
             }
             self.dirty.insert(svc);
         }
@@ -196,11 +198,11 @@ impl Engine {
         let Some(svc) = slice_service(slice) else {
             return;
         };
-        if let Some(names) = self.slices_by_service.get_mut(&svc) {
-            if let Ok(at) = names.binary_search(&slice.name) {
-                names.remove(at);
+        if let Some(slices) = self.slices_by_service.get_mut(&svc) {
+            if let Ok(at) = slices.binary_search_by(|s| s.name.cmp(&slice.name)) {
+                slices.remove(at);
             }
-            if names.is_empty() {
+            if slices.is_empty() {
                 self.slices_by_service.remove(&svc);
             }
         }
@@ -457,7 +459,7 @@ impl Engine {
             .get(name)
             .into_iter()
             .flatten()
-            .filter_map(|s| self.slices.get(s).map(|s| &**s))
+            .map(|s| &**s)
             .collect()
     }
 

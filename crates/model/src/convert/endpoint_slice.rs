@@ -43,12 +43,15 @@ pub fn endpoint_slice_from_k8s(
         }
     };
 
-    let endpoints = s
-        .endpoints
-        .iter()
-        .enumerate()
-        .filter_map(|(i, e)| endpoint(&ctx, i, e, address_family))
-        .collect();
+    // Sized up front: a collected `filter_map` grows by doubling (16 slots for 10 endpoints),
+    // and every slice is kept for as long as it exists.
+    let mut endpoints = Vec::with_capacity(s.endpoints.len());
+    endpoints.extend(
+        s.endpoints
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| endpoint(&ctx, i, e, address_family)),
+    );
     let ports = ports(&ctx, s.ports.as_deref().unwrap_or_default());
 
     let service_name = labels.get(SERVICE_NAME_LABEL).cloned();
