@@ -187,7 +187,11 @@ fn main() {
         println!(
             "mode {}{}",
             mode.name(),
-            if external { ", LoadBalancer services" } else { "" }
+            if external {
+                ", LoadBalancer services"
+            } else {
+                ""
+            }
         );
         run(mode, &sizes, external);
     }

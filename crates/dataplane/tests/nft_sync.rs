@@ -533,9 +533,13 @@ fn external_service(v6: bool, id: u32, eps: &[u32], kind: &str) -> ServicePortSt
         "lb" | "local" => {
             s.load_balancer_ips = vec![addr("198.51.100")];
             s.load_balancer_source_ranges = vec![
-                if v6 { "2001:db8:2::/48" } else { "192.0.2.0/24" }
-                    .parse()
-                    .expect("cidr"),
+                if v6 {
+                    "2001:db8:2::/48"
+                } else {
+                    "192.0.2.0/24"
+                }
+                .parse()
+                .expect("cidr"),
             ];
         }
         _ => unreachable!("kind {kind}"),
