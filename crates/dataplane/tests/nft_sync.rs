@@ -437,6 +437,29 @@ fn rule_handles(ns: &Netns) -> Vec<String> {
         .collect()
 }
 
+/// Syncs the endpoint swap `prev` → `next` (the backend's first partial sync) and
+/// checks it went over netlink, changed no rule of `before`, and lists as a fresh
+/// full render of `next` does.
+fn swap_changes_no_rule(
+    backend: &mut NftablesBackend,
+    (synced, fresh): (&Netns, &Netns),
+    before: &[String],
+    prev: &DesiredState,
+    next: &DesiredState,
+) {
+    assert!(!sync(backend, prev, next).full);
+    assert_eq!(
+        backend.netlink_partials(),
+        1,
+        "the swap did not go over netlink"
+    );
+    let after = rule_handles(synced);
+    let changed: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
+    assert!(changed.is_empty(), "rules added for a swap: {changed:?}");
+    assert_eq!(after.len(), before.len(), "rules removed for a swap");
+    assert_same(synced, fresh, next, "after the swap");
+}
+
 /// An endpoint swap (same count) of a plain ClusterIP service is map element operations
 /// over netlink: no rule of either table changes, and the table still equals a fresh
 /// full render. A count change rewrites only that service's chain.
@@ -477,18 +500,7 @@ fn endpoint_swap_over_netlink_changes_elements_only() {
         let fam = if v6 { &mut next.v6 } else { &mut next.v4 };
         fam.services.insert(s.name.clone(), s);
     }
-    let report = sync(&mut backend, &state, &next);
-    assert!(!report.full);
-    assert_eq!(
-        backend.netlink_partials(),
-        1,
-        "the swap did not go over netlink"
-    );
-    let after = rule_handles(&synced);
-    let changed: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
-    assert!(changed.is_empty(), "rules added for a swap: {changed:?}");
-    assert_eq!(after.len(), before.len(), "rules removed for a swap");
-    assert_same(&synced, &fresh, &next, "after the swap");
+    swap_changes_no_rule(&mut backend, (&synced, &fresh), &before, &state, &next);
     let map = nft(&synced, &["list", "map", "ip", "svcplane", "endpoints-tcp"]);
     assert!(map.contains("10.244.0.6 . 8080"), "{map}");
     state = next;
@@ -601,18 +613,7 @@ fn external_endpoint_swap_over_netlink_changes_elements_only() {
 
     // Swap endpoint 2 (a local one of the eTP Local service) for 5, both families.
     let next = with(&state, &[1, 5, 3], &[false, true]);
-    let report = sync(&mut backend, &state, &next);
-    assert!(!report.full);
-    assert_eq!(
-        backend.netlink_partials(),
-        1,
-        "the swap did not go over netlink"
-    );
-    let after = rule_handles(&synced);
-    let changed: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
-    assert!(changed.is_empty(), "rules added for a swap: {changed:?}");
-    assert_eq!(after.len(), before.len(), "rules removed for a swap");
-    assert_same(&synced, &fresh, &next, "after the swap");
+    swap_changes_no_rule(&mut backend, (&synced, &fresh), &before, &state, &next);
     for map in [
         "endpoints-tcp",
         "nodeport-endpoints-tcp",
