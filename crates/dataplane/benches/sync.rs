@@ -69,7 +69,7 @@ fn service(id: u32, first_endpoint: u32, external: bool) -> ServicePortState {
         // 198.18.0.0/15.
         s.node_port = u16::try_from(30_000 + id).ok();
         s.load_balancer_ips = vec![v4(0xc612_0000 + id)];
-        if id % 10 == 0 {
+        if id.is_multiple_of(10) {
             s.external_policy = ExternalPolicy::Local {
                 local_origin: s.external.clone(),
             };
