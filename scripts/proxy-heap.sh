@@ -11,7 +11,8 @@
 # live bytes and the peak bytes, each summed by the innermost svcplane function that allocated
 # them (scripts/heaptrack-by-frame.py).
 # --plain: no heaptrack; RSS after the first sync, then again after the proxy was made to call
-# malloc_trim(0) (gdb): the difference is heap glibc keeps after the parse's peak was freed.
+# malloc_trim(0) (gdb): the difference is heap glibc keeps after the parse's peak was freed;
+# and glibc's own totals (malloc_stats) before and after.
 set -euo pipefail
 plain=
 if [[ ${1:-} == --plain ]]; then plain=1; shift; fi
@@ -71,9 +72,17 @@ sleep 2
 grep -E '^(Rss|Pss_Anon|Pss_File|Anonymous)' "/proc/$pid/smaps_rollup"
 ip netns exec "$ns" curl -s -m 2 http://127.0.0.1:10249/metrics | grep -E '^kubeproxy_sync_full_proxy_rules_duration_seconds_sum' || true
 if [[ -n $plain ]]; then
-    timeout 120 gdb -p "$pid" -batch -ex 'call (int) malloc_trim(0)' >/dev/null 2>&1 || echo "(gdb failed)"
+    # malloc_stats() writes to the proxy's stderr (its log): per arena, what glibc holds
+    # from the kernel ("system bytes") and what is allocated ("in use bytes", headers
+    # included), then the same after the trim.
+    timeout 120 gdb -p "$pid" -batch -ex 'call (void) malloc_stats()' \
+        -ex 'call (int) malloc_trim(0)' -ex 'call (void) malloc_stats()' >/dev/null 2>&1 ||
+        echo "(gdb failed)"
     echo "== after malloc_trim(0):"
     grep -E '^(Rss|Anonymous)' "/proc/$pid/smaps_rollup"
+    echo "== glibc's malloc_stats() before and after the trim (totals):"
+    grep -E '^(Total \(incl. mmap\):|system bytes|in use bytes|max mmap)' "$work/proxy.log" | grep -A2 '^Total' || true
+    echo "== threads: $(ls /proc/$pid/task | wc -l)"
     exit 0
 fi
 kill -9 "$pid"

@@ -2,8 +2,10 @@
 //! ports × 10 endpoints, and one endpoint change at 10k and above (a partial sync: render and
 //! apply). The apply part needs root (it runs in a private network namespace).
 //!
-//! `cargo bench -p svcplane-dataplane --bench sync [-- [nftables|nftables-text|iptables|iptables-linear|ipvs]... 1000 10000]`
-//! (default: nftables; `nftables-text` sends everything through `nft -f` instead of netlink).
+//! `cargo bench -p svcplane-dataplane --bench sync [-- [nftables|nftables-text|iptables|iptables-linear|ipvs]... [external] 1000 10000]`
+//! (default: nftables; `nftables-text` sends everything through `nft -f` instead of netlink;
+//! `external`: every service is a LoadBalancer, with a node port and a LoadBalancer IP,
+//! every tenth with externalTrafficPolicy Local over its first 5 endpoints).
 //! ipvs applies only where the kernel has IPVS (`make test-ipvs`'s VM:
 //! carry the bench binary there with `scripts/ipvs-vm.sh --bin`); everywhere it also times
 //! a partial sync's in-memory part at 10k (the changed service's virtual servers, the
@@ -30,7 +32,7 @@ fn v4(n: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(n))
 }
 
-fn service(id: u32, first_endpoint: u32) -> ServicePortState {
+fn service(id: u32, first_endpoint: u32, external: bool) -> ServicePortState {
     let endpoints: Vec<EndpointState> = (0..ENDPOINTS)
         // 10.128.0.0/9: room for 50k × 10 distinct pod addresses.
         .map(|e| EndpointState::ready(v4(0x0a80_0000 + first_endpoint + e), 8080, false))
@@ -40,7 +42,7 @@ fn service(id: u32, first_endpoint: u32) -> ServicePortState {
         endpoints: all,
         if_empty: EmptyVerdict::Reject,
     };
-    ServicePortState {
+    let mut s = ServicePortState {
         name: ServicePortName {
             service: NamespacedName::new("bench", format!("svc-{id}")),
             port: "http".into(),
@@ -61,16 +63,29 @@ fn service(id: u32, first_endpoint: u32) -> ServicePortState {
         external: target,
         external_policy: ExternalPolicy::Cluster,
         health_check_node_port: None,
+    };
+    if external {
+        // Node ports from 30000 on (35k services at most), LoadBalancer IPs from
+        // 198.18.0.0/15.
+        s.node_port = u16::try_from(30_000 + id).ok();
+        s.load_balancer_ips = vec![v4(0xc612_0000 + id)];
+        if id.is_multiple_of(10) {
+            s.external_policy = ExternalPolicy::Local {
+                local_origin: s.external.clone(),
+            };
+            s.external.endpoints.truncate(5);
+        }
     }
+    s
 }
 
-fn state(services: u32) -> DesiredState {
+fn state(services: u32, external: bool) -> DesiredState {
     let mut fam = FamilyState::empty(IpFamily::V4);
     fam.cluster_cidrs = vec!["10.128.0.0/9".parse().expect("cidr")];
     fam.cluster_ip_masquerade = ClusterIpMasquerade::FromOutside(fam.cluster_cidrs.clone());
     fam.nodeport_addresses = NodePortAddresses::AllLocal;
     for id in 0..services {
-        let s = service(id, id * ENDPOINTS);
+        let s = service(id, id * ENDPOINTS, external);
         fam.services.insert(s.name.clone(), Arc::new(s));
     }
     DesiredState {
@@ -167,16 +182,25 @@ fn main() {
     if modes.is_empty() {
         modes.push(Mode::Nftables { text: false });
     }
+    let external = args.iter().any(|a| a == "external");
     for mode in modes {
-        println!("mode {}", mode.name());
-        run(mode, &sizes);
+        println!(
+            "mode {}{}",
+            mode.name(),
+            if external {
+                ", LoadBalancer services"
+            } else {
+                ""
+            }
+        );
+        run(mode, &sizes, external);
     }
 }
 
-fn run(mode: Mode, sizes: &[u32]) {
+fn run(mode: Mode, sizes: &[u32], external: bool) {
     let root = !skip_unless_root(&["ip", "nft", "iptables-restore"]);
     for &n in sizes {
-        let desired = Arc::new(state(n));
+        let desired = Arc::new(state(n, external));
         let mut bytes = 0;
         let render_time = median(5, || {
             bytes = mode.render(&desired);
@@ -227,7 +251,7 @@ fn run(mode: Mode, sizes: &[u32]) {
             let mut current = desired.clone();
             for round in 1..=21 {
                 let mut next = (*current).clone();
-                let moved = service(n / 2, n * ENDPOINTS + round);
+                let moved = service(n / 2, n * ENDPOINTS + round, external);
                 next.v4.services.insert(moved.name.clone(), Arc::new(moved));
                 let next = Arc::new(next);
                 let diff = Diff::between(Some(current.clone()), &next, false);
@@ -288,7 +312,7 @@ fn ipvs_partial_in_memory(desired: &Arc<DesiredState>) {
     let mut steps = Vec::new();
     for round in 1..=21 {
         let mut next = (*current).clone();
-        let moved = service(n / 2, n * ENDPOINTS + round);
+        let moved = service(n / 2, n * ENDPOINTS + round, false);
         next.v4.services.insert(moved.name.clone(), Arc::new(moved));
         let next = Arc::new(next);
         // The engine's diff, outside the timing.

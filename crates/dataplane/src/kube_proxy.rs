@@ -12,7 +12,7 @@
 //!   servers on kube-ipvs0's addresses and, unless svcplane's IPVS mode runs here, on the
 //!   node's addresses (NodePorts); the kube-ipvs0 dummy interface; kube-proxy's `KUBE-*`
 //!   ipsets when `ipset` is installed. (kube-proxy itself flushes every virtual server;
-//!   svcplane's own stay.)
+//!   svcplane's own stay, and those in `--ipvs-exclude-cidrs`.)
 //!
 //! svcplane's own rules are never touched here, so this is safe to run on every
 //! start (the DaemonSet's init container does).
@@ -74,9 +74,10 @@ pub struct CleanupReport {
     pub errors: Vec<KubeProxyCleanupError>,
 }
 
-/// Removes kube-proxy's nftables tables, iptables chains and IPVS services. Every part
-/// is attempted even when an earlier one fails; the failures are in the report.
-pub fn cleanup_kube_proxy() -> CleanupReport {
+/// Removes kube-proxy's nftables tables, iptables chains and IPVS services (but those
+/// on addresses in `ipvs_exclude`). Every part is attempted even when an earlier one
+/// fails; the failures are in the report.
+pub fn cleanup_kube_proxy(ipvs_exclude: &[ipnet::IpNet]) -> CleanupReport {
     let mut report = CleanupReport::default();
     cleanup_nftables(&mut report);
     for variant in iptables_variants() {
@@ -84,7 +85,7 @@ pub fn cleanup_kube_proxy() -> CleanupReport {
             cleanup_iptables_table(&variant, table, &mut report);
         }
     }
-    cleanup_ipvs(&mut report);
+    cleanup_ipvs(ipvs_exclude, &mut report);
     report
 }
 
@@ -330,7 +331,7 @@ fn split_words(rule: &str) -> Vec<String> {
     words
 }
 
-fn cleanup_ipvs(report: &mut CleanupReport) {
+fn cleanup_ipvs(exclude: &[ipnet::IpNet], report: &mut CleanupReport) {
     let mut ipvs = match crate::ipvs::genl::Ipvs::open(None) {
         Ok(i) => i,
         Err(_) => {
@@ -367,7 +368,9 @@ fn cleanup_ipvs(report: &mut CleanupReport) {
     match ipvs.services() {
         Ok(list) => {
             let mut n = 0;
-            for vs in list.iter().filter(|v| addrs.contains(&v.key.addr)) {
+            for vs in list.iter().filter(|v| {
+                addrs.contains(&v.key.addr) && !crate::ipvs::plan::excluded(exclude, &v.key.addr)
+            }) {
                 match ipvs.send(&crate::ipvs::genl::Request::del_service(&vs.key)) {
                     Ok(()) => n += 1,
                     Err(e) => report.errors.push(KubeProxyCleanupError::Failed {

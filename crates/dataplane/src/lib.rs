@@ -138,7 +138,7 @@ impl FromStr for ProxyMode {
 pub struct BackendOptions {
     /// `--iptables-dispatch`.
     pub iptables_dispatch: iptables::Dispatch,
-    /// `--ipvs-scheduler`, `--ipvs-strict-arp`.
+    /// `--ipvs-scheduler`, `--ipvs-strict-arp`, `--ipvs-exclude-cidrs`, the timeouts.
     pub ipvs: IpvsOptions,
     /// `--bpf-pin-path`, `--cgroup-path`, `--bpf-*-map-max`.
     pub ebpf: EbpfOptions,
@@ -208,7 +208,7 @@ pub fn remove_other_modes(mode: ProxyMode, options: &BackendOptions) -> Vec<Stri
         }
     }
     if mode != ProxyMode::Ipvs
-        && let Some(line) = ipvs::remove_leftovers()
+        && let Some(line) = ipvs::remove_leftovers(&options.ipvs)
     {
         said.push(line);
     }

@@ -437,6 +437,29 @@ fn rule_handles(ns: &Netns) -> Vec<String> {
         .collect()
 }
 
+/// Syncs the endpoint swap `prev` → `next` (the backend's first partial sync) and
+/// checks it went over netlink, changed no rule of `before`, and lists as a fresh
+/// full render of `next` does.
+fn swap_changes_no_rule(
+    backend: &mut NftablesBackend,
+    (synced, fresh): (&Netns, &Netns),
+    before: &[String],
+    prev: &DesiredState,
+    next: &DesiredState,
+) {
+    assert!(!sync(backend, prev, next).full);
+    assert_eq!(
+        backend.netlink_partials(),
+        1,
+        "the swap did not go over netlink"
+    );
+    let after = rule_handles(synced);
+    let changed: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
+    assert!(changed.is_empty(), "rules added for a swap: {changed:?}");
+    assert_eq!(after.len(), before.len(), "rules removed for a swap");
+    assert_same(synced, fresh, next, "after the swap");
+}
+
 /// An endpoint swap (same count) of a plain ClusterIP service is map element operations
 /// over netlink: no rule of either table changes, and the table still equals a fresh
 /// full render. A count change rewrites only that service's chain.
@@ -477,18 +500,7 @@ fn endpoint_swap_over_netlink_changes_elements_only() {
         let fam = if v6 { &mut next.v6 } else { &mut next.v4 };
         fam.services.insert(s.name.clone(), s);
     }
-    let report = sync(&mut backend, &state, &next);
-    assert!(!report.full);
-    assert_eq!(
-        backend.netlink_partials(),
-        1,
-        "the swap did not go over netlink"
-    );
-    let after = rule_handles(&synced);
-    let changed: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
-    assert!(changed.is_empty(), "rules added for a swap: {changed:?}");
-    assert_eq!(after.len(), before.len(), "rules removed for a swap");
-    assert_same(&synced, &fresh, &next, "after the swap");
+    swap_changes_no_rule(&mut backend, (&synced, &fresh), &before, &state, &next);
     let map = nft(&synced, &["list", "map", "ip", "svcplane", "endpoints-tcp"]);
     assert!(map.contains("10.244.0.6 . 8080"), "{map}");
     state = next;
@@ -511,5 +523,131 @@ fn endpoint_swap_over_netlink_changes_elements_only() {
         changed[1].contains("goto endpoints-tcp-mod-4"),
         "{changed:?}"
     );
+    assert_same(&synced, &fresh, &next, "after the count change");
+}
+
+/// Service port `id` with external traffic of `kind`: `np` a NodePort, `eip` an
+/// externalIP, `lb` a LoadBalancer IP with source ranges and a NodePort, `local` the
+/// same with externalTrafficPolicy Local (the first two endpoints on this node).
+fn external_service(v6: bool, id: u32, eps: &[u32], kind: &str) -> ServicePortState {
+    let mut s = service(v6, id, eps, false, kind != "eip");
+    // An address of its own (a key claimed twice is an invalid cluster).
+    let addr = |v4: &str| {
+        if v6 {
+            ip(&format!("2001:db8::{id}"))
+        } else {
+            ip(&format!("{v4}.{id}"))
+        }
+    };
+    match kind {
+        "np" => {}
+        "eip" => s.external_ips = vec![addr("203.0.113")],
+        "lb" | "local" => {
+            s.load_balancer_ips = vec![addr("198.51.100")];
+            s.load_balancer_source_ranges = vec![
+                if v6 {
+                    "2001:db8:2::/48"
+                } else {
+                    "192.0.2.0/24"
+                }
+                .parse()
+                .expect("cidr"),
+            ];
+        }
+        _ => unreachable!("kind {kind}"),
+    }
+    if kind == "local" {
+        s.external_policy = ExternalPolicy::Local {
+            local_origin: s.external.clone(),
+        };
+        s.external.endpoints = vec![0, 1];
+    }
+    s
+}
+
+/// The external entries (NodePorts, externalIPs, LoadBalancer IPs, eTP Local's
+/// short-circuits) choose from endpoint maps as ClusterIPs do: a swap changes no rule, a
+/// count change rewrites only the changed services' own chains.
+#[test]
+fn external_endpoint_swap_over_netlink_changes_elements_only() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let (synced, fresh) = (
+        Netns::new("svcplane-esw").expect("netns"),
+        Netns::new("svcplane-eswref").expect("netns"),
+    );
+    const KINDS: [(u32, &str); 4] = [(70, "np"), (71, "eip"), (72, "lb"), (73, "local")];
+    let with = |state: &DesiredState, eps: &[u32], v6s: &[bool]| {
+        let mut next = state.clone();
+        for &v6 in v6s {
+            for (id, kind) in KINDS {
+                let s = Arc::new(external_service(v6, id, eps, kind));
+                let fam = if v6 { &mut next.v6 } else { &mut next.v4 };
+                fam.services.insert(s.name.clone(), s);
+            }
+        }
+        next
+    };
+    let base = initial(&mut Rng(0x5a4b_0002));
+    let state = with(&base, &[1, 2, 3], &[false, true]);
+    let mut backend = NftablesBackend::in_netns(synced.name());
+    let first = Arc::new(state.clone());
+    assert!(
+        backend
+            .sync(&first, &Diff::between(None, &first, true))
+            .expect("full sync")
+            .full
+    );
+    assert_same(&synced, &fresh, &state, "the first sync");
+    let before = rule_handles(&synced);
+    for goto in [
+        "goto nodeport-endpoints-tcp-mod-3",
+        "goto endpoints-tcp-mod-3",
+        "goto nodeport-endpoints-tcp-mod-2",
+        "goto origin-nodeport-endpoints-tcp-mod-3",
+        "goto origin-endpoints-tcp-mod-3",
+    ] {
+        assert!(before.iter().any(|l| l.contains(goto)), "no {goto}");
+    }
+
+    // Swap endpoint 2 (a local one of the eTP Local service) for 5, both families.
+    let next = with(&state, &[1, 5, 3], &[false, true]);
+    swap_changes_no_rule(&mut backend, (&synced, &fresh), &before, &state, &next);
+    for map in [
+        "endpoints-tcp",
+        "nodeport-endpoints-tcp",
+        "origin-endpoints-tcp",
+        "origin-nodeport-endpoints-tcp",
+    ] {
+        let listing = nft(&synced, &["list", "map", "ip", "svcplane", map]);
+        assert!(listing.contains("10.244.0.6 . 8080"), "{map}: {listing}");
+        assert!(!listing.contains("10.244.0.3 . 8080"), "{map}: {listing}");
+        let listing = nft(&synced, &["list", "map", "ip6", "svcplane", map]);
+        assert!(listing.contains("fd00:244::6 . 8080"), "{map}: {listing}");
+    }
+    let state = next;
+
+    // One more endpoint (not local) for each v4 service: their chains are rewritten, and
+    // only theirs. Per service: the service chain (masquerade mark + goto) and each EXT
+    // chain (eTP Cluster: mark + goto; Local: 3 short-circuit rules + goto); the firewall
+    // chain keeps its rule.
+    let next = with(&state, &[1, 5, 3, 7], &[false]);
+    assert!(!sync(&mut backend, &state, &next).full);
+    assert_eq!(backend.netlink_partials(), 2);
+    let after = rule_handles(&synced);
+    let changed: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
+    let (np, eip, lb, local) = (2 + 2, 2 + 2, 2 + 2 + 2, 2 + 4 + 4);
+    assert_eq!(changed.len(), np + eip + lb + local, "{changed:#?}");
+    for l in &changed {
+        assert!(
+            l.contains("-mod-4")
+                || l.contains("goto nodeport-endpoints-tcp-mod-2")
+                || l.contains("goto endpoints-tcp-mod-2")
+                || l.contains("mark-for-masquerade"),
+            "{l}"
+        );
+    }
+    assert_eq!(after.len(), before.len());
     assert_same(&synced, &fresh, &next, "after the count change");
 }

@@ -459,7 +459,7 @@ impl Builder {
                 }
                 for ip in &ep.addresses {
                     let label = match &ep.hostname {
-                        Some(h) => h.clone(),
+                        Some(h) => h.to_string(),
                         None => dashed_ip(ip),
                     };
                     let Some(host) = try_name(&[&label], base) else {

@@ -247,18 +247,98 @@ pub struct EndpointHints {
     pub for_nodes: Vec<String>,
 }
 
+/// An endpoint's `addresses`, read as a slice. kube-proxy uses only the first, the DNS
+/// serves them all, and the EndpointSlice controller always writes exactly one: so one
+/// address is kept inline and only more than one takes an allocation (a `Vec` of one was
+/// a 24 B header plus a 32 B allocation per endpoint).
+#[derive(Clone, Default)]
+pub struct EndpointAddresses(Addresses);
+
+#[derive(Clone, Default)]
+enum Addresses {
+    /// An FQDN slice's endpoint: its addresses are not IPs and are never used.
+    #[default]
+    None,
+    One(IpAddr),
+    Many(Box<[IpAddr]>),
+}
+
+impl std::ops::Deref for EndpointAddresses {
+    type Target = [IpAddr];
+    fn deref(&self) -> &[IpAddr] {
+        match &self.0 {
+            Addresses::None => &[],
+            Addresses::One(ip) => std::slice::from_ref(ip),
+            Addresses::Many(ips) => ips,
+        }
+    }
+}
+
+impl From<Vec<IpAddr>> for EndpointAddresses {
+    fn from(ips: Vec<IpAddr>) -> Self {
+        EndpointAddresses(match ips.as_slice() {
+            [] => Addresses::None,
+            [ip] => Addresses::One(*ip),
+            _ => Addresses::Many(ips.into_boxed_slice()),
+        })
+    }
+}
+
+impl From<IpAddr> for EndpointAddresses {
+    fn from(ip: IpAddr) -> Self {
+        EndpointAddresses(Addresses::One(ip))
+    }
+}
+
+impl FromIterator<IpAddr> for EndpointAddresses {
+    fn from_iter<I: IntoIterator<Item = IpAddr>>(iter: I) -> Self {
+        iter.into_iter().collect::<Vec<_>>().into()
+    }
+}
+
+impl<'a> IntoIterator for &'a EndpointAddresses {
+    type Item = &'a IpAddr;
+    type IntoIter = std::slice::Iter<'a, IpAddr>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl PartialEq for EndpointAddresses {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for EndpointAddresses {}
+
+impl PartialEq<Vec<IpAddr>> for EndpointAddresses {
+    fn eq(&self, other: &Vec<IpAddr>) -> bool {
+        **self == **other
+    }
+}
+
+impl fmt::Debug for EndpointAddresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
 /// One entry of an EndpointSlice's `endpoints`. Conditions are already defaulted
 /// as the API documents: ready unset → true, serving unset → ready, terminating unset → false.
+/// Compact, as 100k of them are kept at 10k Services: node and zone names are shared
+/// ([`crate::shared_name`]), the engine's endpoint records share these `Arc`s, and the
+/// rare hints are boxed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    pub addresses: Vec<IpAddr>,
+    pub addresses: EndpointAddresses,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub hostname: Option<String>,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
-    pub hints: Option<EndpointHints>,
+    pub hostname: Option<Arc<str>>,
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    pub hints: Option<Box<EndpointHints>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -439,4 +519,34 @@ pub enum SourceEvent {
     Changes(Vec<Change>),
     /// The source has delivered its complete initial state; the engine may sync.
     Synced,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_addresses_read_as_the_slice_they_were_made_of() {
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        for ips in [vec![], vec![a], vec![a, b]] {
+            let addrs = EndpointAddresses::from(ips.clone());
+            assert_eq!(&*addrs, ips.as_slice());
+            assert_eq!(addrs, ips);
+            assert_eq!(addrs.iter().copied().collect::<EndpointAddresses>(), addrs);
+        }
+        assert_eq!(EndpointAddresses::from(a), vec![a]);
+        assert_ne!(
+            EndpointAddresses::from(a),
+            EndpointAddresses::from(vec![a, b])
+        );
+    }
+
+    #[test]
+    fn an_endpoint_is_compact() {
+        // One address inline, three shared names, boxed hints: what 100k endpoints at 10k
+        // Services cost (a `Vec` address list and owned strings made it 152 B + 32 B).
+        assert!(size_of::<EndpointAddresses>() <= 24);
+        assert!(size_of::<Endpoint>() <= 88, "{}", size_of::<Endpoint>());
+    }
 }

@@ -3,10 +3,8 @@
 //! `serviceport.go` (`newBaseServiceInfo`), `endpointslicecache.go` (merging slices) and
 //! `topology.go` (`CategorizeEndpoints`).
 
-use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use svcplane_model::{
     EndpointSlice, IpFamily, Protocol, Service, ServicePort, ServicePortName, ServiceType,
@@ -29,45 +27,6 @@ pub(crate) struct NodeContext<'a> {
     pub zone: Option<&'a str>,
     /// This node's addresses (both families), from its Node object.
     pub node_ips: &'a [IpAddr],
-    /// Where endpoints' node and zone names are shared.
-    pub names: &'a Interner,
-}
-
-/// Shared copies of strings that many endpoints repeat (node and zone names): one
-/// allocation per distinct name instead of one per endpoint and service port.
-#[derive(Debug, Default)]
-pub(crate) struct Interner {
-    names: RefCell<HashSet<Arc<str>>>,
-    /// Names kept after the last prune (see [`Interner::prune`]).
-    kept: Cell<usize>,
-}
-
-impl Interner {
-    /// The shared copy of `name`.
-    pub fn get(&self, name: &str) -> Arc<str> {
-        let mut names = self.names.borrow_mut();
-        if let Some(shared) = names.get(name) {
-            return shared.clone();
-        }
-        let shared: Arc<str> = Arc::from(name);
-        names.insert(shared.clone());
-        shared
-    }
-
-    /// Forget names no endpoint uses any more (nodes come and go), once the set has doubled
-    /// since the last prune, so the cost is amortised.
-    pub fn prune(&self) {
-        let mut names = self.names.borrow_mut();
-        if names.len() > 2 * self.kept.get() + 64 {
-            names.retain(|n| Arc::strong_count(n) > 1);
-            self.kept.set(names.len());
-        }
-    }
-
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.names.borrow().len()
-    }
 }
 
 /// Everything one Service yields.
@@ -166,10 +125,8 @@ fn merge_slices<'a>(
                         ready: ep.ready,
                         serving: ep.serving,
                         terminating: ep.terminating,
-                        node_name: ep.node_name.as_deref().map(|n| ctx.names.get(n)),
-                        zone: ep.zone.as_deref().map(|z| ctx.names.get(z)),
-                        // Per pod: nothing to share.
-                        hostname: ep.hostname.as_deref().map(Arc::from),
+                        node_name: ep.node_name.clone(),
+                        zone: ep.zone.clone(),
                     },
                     zone_hints: hints.map_or(&[][..], |h| h.for_zones.as_slice()),
                     node_hints: hints.map_or(&[][..], |h| h.for_nodes.as_slice()),
@@ -554,7 +511,11 @@ fn compute_port(
         .collect();
     let endpoints: Vec<EndpointState> = used.iter().map(|&i| raw[i].state.clone()).collect();
     let reindex = |idx: &[usize]| -> Vec<usize> {
-        idx.iter().filter_map(|i| remap.get(i).copied()).collect()
+        // Sized up front: a collected `filter_map` grows by doubling (16 slots for 10), and
+        // 10k services keep two of these each.
+        let mut out = Vec::with_capacity(idx.len());
+        out.extend(idx.iter().filter_map(|i| remap.get(i).copied()));
+        out
     };
 
     let if_empty = if cat.has_any {
@@ -608,6 +569,8 @@ fn compute_port(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::testutil::*;
     use svcplane_model::{Endpoint, EndpointPort, Protocol, ServiceType, TrafficPolicy};
@@ -630,7 +593,6 @@ mod tests {
                 node_name: NODE,
                 zone,
                 node_ips,
-                names: &Interner::default(),
             },
         )
     }
@@ -979,7 +941,6 @@ mod tests {
             node_name: NODE,
             zone: Some("zone-a"),
             node_ips: &[],
-            names: &Interner::default(),
         };
         let sel = explain_service(&svc, &refs, &ctx).remove(0);
         let sp = compute(&svc, &slices, Some("zone-a")).v4.remove(0);
@@ -1100,7 +1061,6 @@ mod tests {
                     node_name: NODE,
                     zone: None,
                     node_ips: &[],
-                    names: &Interner::default(),
                 },
             );
             let sp = &out.v4[0];
@@ -1138,9 +1098,9 @@ mod tests {
     fn only_first_address_and_empty_addresses_skipped() {
         let svc = service("ns", "web", &["10.96.0.10"]);
         let mut multi = ep("10.0.0.1", "node-b");
-        multi.addresses.push(ip("10.0.0.99"));
+        multi.addresses = vec![ip("10.0.0.1"), ip("10.0.0.99")].into();
         let mut empty = ep("10.0.0.5", "node-b");
-        empty.addresses.clear();
+        empty.addresses = Vec::new().into();
         let sp = compute(&svc, &one_slice(vec![multi, empty]), None)
             .v4
             .remove(0);

@@ -144,15 +144,14 @@ pub struct EndpointState {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    /// Node and zone names are shared by every endpoint that names them (one allocation per
-    /// distinct name, not per endpoint); read them with `as_deref()`.
+    /// The slice endpoint's own node and zone names (shared: one allocation per distinct
+    /// name, see `svcplane_model::shared_name`); read them with `as_deref()`.
     pub node_name: Option<Arc<str>>,
     pub zone: Option<Arc<str>>,
-    pub hostname: Option<Arc<str>>,
 }
 
 impl EndpointState {
-    /// A ready, serving, non-terminating endpoint without node, zone or hostname: what
+    /// A ready, serving, non-terminating endpoint without node or zone: what
     /// backend tests, benchmarks and tools build by hand.
     pub fn ready(ip: IpAddr, port: u16, is_local: bool) -> Self {
         EndpointState {
@@ -164,7 +163,6 @@ impl EndpointState {
             terminating: false,
             node_name: None,
             zone: None,
-            hostname: None,
         }
     }
 }

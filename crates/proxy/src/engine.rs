@@ -8,7 +8,7 @@ use svcplane_model::{
     Service, ServicePortName,
 };
 
-use crate::compute::{Interner, NodeContext, ServiceOutput, compute_service, explain_service};
+use crate::compute::{NodeContext, ServiceOutput, compute_service, explain_service};
 use crate::desired::{
     ClusterIpMasquerade, DesiredState, Diff, FamilyDiff, FamilyState, HealthCheck,
     NodePortAddresses, PortSelection, ServicePortState,
@@ -53,12 +53,11 @@ pub struct Engine {
     /// Shared with the source that sent them (no second copy).
     services: HashMap<NamespacedName, Arc<Service>>,
     slices: HashMap<NamespacedName, Arc<EndpointSlice>>,
-    /// Service (namespace/name) → names of the slices labelled with it, sorted (a `Vec`: a
-    /// service has one slice or a few, and a `BTreeSet` node costs half a kilobyte).
-    slices_by_service: HashMap<NamespacedName, Vec<NamespacedName>>,
+    /// Service (namespace/name) → the slices labelled with it, sorted by name (a `Vec`: a
+    /// service has one slice or a few, and a `BTreeSet` node costs half a kilobyte; the
+    /// slices themselves, not copies of their names).
+    slices_by_service: HashMap<NamespacedName, Vec<Arc<EndpointSlice>>>,
     nodes: HashMap<String, Arc<Node>>,
-    /// Node and zone names of the endpoints, shared.
-    names: Interner,
 
     /// Services to recompute at the next `desired()`.
     dirty: HashSet<NamespacedName>,
@@ -92,7 +91,6 @@ impl Engine {
             slices: HashMap::new(),
             slices_by_service: HashMap::new(),
             nodes: HashMap::new(),
-            names: Interner::default(),
             dirty: HashSet::new(),
             all_dirty: false,
             node_changed: false,
@@ -177,9 +175,10 @@ impl Engine {
             self.unindex_slice(&old);
         }
         if let Some(svc) = slice_service(&slice) {
-            let names = self.slices_by_service.entry(svc.clone()).or_default();
-            if let Err(at) = names.binary_search(&slice.name) {
-                names.insert(at, slice.name.clone());
+            let slices = self.slices_by_service.entry(svc.clone()).or_default();
+            match slices.binary_search_by(|s| s.name.cmp(&slice.name)) {
+                Ok(at) => slices[at] = slice.clone(),
+                Err(at) => slices.insert(at, slice.clone()),
             }
             self.dirty.insert(svc);
         }
@@ -199,11 +198,11 @@ impl Engine {
         let Some(svc) = slice_service(slice) else {
             return;
         };
-        if let Some(names) = self.slices_by_service.get_mut(&svc) {
-            if let Ok(at) = names.binary_search(&slice.name) {
-                names.remove(at);
+        if let Some(slices) = self.slices_by_service.get_mut(&svc) {
+            if let Ok(at) = slices.binary_search_by(|s| s.name.cmp(&slice.name)) {
+                slices.remove(at);
             }
-            if names.is_empty() {
+            if slices.is_empty() {
                 self.slices_by_service.remove(&svc);
             }
         }
@@ -269,8 +268,6 @@ impl Engine {
         for name in &dirty {
             self.recompute(name, &mut updates);
         }
-        // Names no state uses any more (a node gone) are forgotten now and then.
-        self.names.prune();
         let node = self.this_node();
         let globals = [
             family_globals(&self.config, IpFamily::V4, node),
@@ -452,7 +449,6 @@ impl Engine {
             node_name: &self.config.node_name,
             zone: this_node.and_then(|n| n.zone.as_deref()),
             node_ips: this_node.map_or(&[], |n| n.addresses.as_slice()),
-            names: &self.names,
         };
         explain_service(svc, &slices, &ctx)
     }
@@ -463,7 +459,7 @@ impl Engine {
             .get(name)
             .into_iter()
             .flatten()
-            .filter_map(|s| self.slices.get(s).map(|s| &**s))
+            .map(|s| &**s)
             .collect()
     }
 
@@ -479,7 +475,6 @@ impl Engine {
                     node_name: &self.config.node_name,
                     zone: this_node.and_then(|n| n.zone.as_deref()),
                     node_ips: this_node.map_or(&[], |n| n.addresses.as_slice()),
-                    names: &self.names,
                 };
                 compute_service(svc, &slices, &ctx)
             }
@@ -1075,26 +1070,27 @@ mod tests {
     }
 
     #[test]
-    fn node_names_are_shared_and_forgotten_when_unused() {
+    fn endpoint_node_names_are_the_slices_own() {
+        // The endpoint records share the slice's `Arc`s: no copy per service port or state.
         let mut engine = Engine::new(config());
         apply(
             &mut engine,
             Object::from(service("ns", "web", &["10.96.0.10"])),
         );
-        // 20 rounds of 50 endpoints on 50 nodes never seen before (1000 names in all).
-        for round in 0..20 {
-            let eps = (0..50)
-                .map(|k| ep(&format!("10.0.{round}.{k}"), &format!("node-{round}-{k}")))
-                .collect();
-            apply(
-                &mut engine,
-                Object::from(slice("ns", "web-1", "web", 8080, eps)),
-            );
-            engine.desired();
-        }
-        // The last two states hold 100 names; pruning keeps the set within twice what is
-        // alive (plus a little), never all 1000.
-        assert!(engine.names.len() <= 2 * 150 + 64, "{}", engine.names.len());
+        let slice = Arc::new(slice(
+            "ns",
+            "web-1",
+            "web",
+            8080,
+            vec![ep("10.0.0.1", "node-b")],
+        ));
+        engine.apply(Change::Apply(Object::EndpointSlice(slice.clone())));
+        let state = engine.desired();
+        let port = state.v4.services.values().next().unwrap();
+        assert!(Arc::ptr_eq(
+            port.endpoints[0].node_name.as_ref().unwrap(),
+            slice.endpoints[0].node_name.as_ref().unwrap()
+        ));
     }
 
     #[test]

@@ -304,6 +304,7 @@ impl LoopState {
                 // The backend may have synced in full on its own (it found its rules gone).
                 if diff.full || report.full {
                     self.last_full = Some(start);
+                    release_freed_memory();
                 }
                 self.status.send_modify(|s| {
                     s.last_success = Some(SystemTime::now());
@@ -360,6 +361,27 @@ impl LoopState {
             });
         }
         Ok(())
+    }
+}
+
+/// Hand the heap that a full sync freed back to the kernel. A full sync's transients (the
+/// rule values, the netlink batch: ~50 MB at 10k services) and, before the first one, the
+/// source's parse are freed, but glibc keeps freed memory in its arenas, where the next
+/// full sync is an hour away: without this, RSS stays at the peak (at 10k services ×
+/// 10 endpoints, 122 MB anonymous with 65 MB live; 81 MB after the trim). Costs a walk of
+/// the free lists, a few ms, once per full sync.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let start = Instant::now();
+        // SAFETY: malloc_trim takes no pointers and only returns free pages of glibc's own
+        // arenas to the kernel (madvise); no allocation changes.
+        let released = unsafe { libc::malloc_trim(0) };
+        tracing::debug!(
+            released = released != 0,
+            duration_us = start.elapsed().as_micros() as u64,
+            "freed heap returned to the kernel after a full sync"
+        );
     }
 }
 

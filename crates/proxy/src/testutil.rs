@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use svcplane_model::{
-    Endpoint, EndpointHints, EndpointPort, EndpointSlice, IpFamily, NamespacedName, Node, Protocol,
-    Service, ServicePort, ServiceType, TargetPort, TrafficPolicy,
+    Endpoint, EndpointPort, EndpointSlice, IpFamily, NamespacedName, Node, Protocol, Service,
+    ServicePort, ServiceType, TargetPort, TrafficPolicy, shared_name,
 };
 
 pub const NODE: &str = "node-a";
@@ -62,12 +62,12 @@ pub fn lb_service(ns: &str, name: &str, cluster_ips: &[&str]) -> Service {
 /// A ready endpoint on `node`.
 pub fn ep(addr: &str, node: &str) -> Endpoint {
     Endpoint {
-        addresses: vec![ip(addr)],
+        addresses: ip(addr).into(),
         ready: true,
         serving: true,
         terminating: false,
         hostname: None,
-        node_name: Some(node.to_string()),
+        node_name: Some(shared_name(node)),
         zone: None,
         hints: None,
     }
@@ -88,13 +88,13 @@ pub fn terminating(mut e: Endpoint, serving: bool) -> Endpoint {
 }
 
 pub fn zone_hints(mut e: Endpoint, zones: &[&str]) -> Endpoint {
-    let h = e.hints.get_or_insert_with(EndpointHints::default);
+    let h = e.hints.get_or_insert_default();
     h.for_zones = zones.iter().map(|z| z.to_string()).collect();
     e
 }
 
 pub fn node_hints(mut e: Endpoint, nodes: &[&str]) -> Endpoint {
-    let h = e.hints.get_or_insert_with(EndpointHints::default);
+    let h = e.hints.get_or_insert_default();
     h.for_nodes = nodes.iter().map(|z| z.to_string()).collect();
     e
 }

@@ -11,10 +11,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use svcplane_model::{
     Endpoint, EndpointPort, EndpointSlice, IpFamily, NamespacedName, Node, Pod, Protocol, Service,
-    ServicePort, ServiceType, TargetPort,
+    ServicePort, ServiceType, TargetPort, shared_name,
 };
 
 /// Marker in derived slice names (`<service>-svcplane-<ipv4|ipv6>-<n>`), so they are
@@ -212,20 +213,23 @@ fn pod_to_endpoint(
         .node_name
         .as_ref()
         .and_then(|n| nodes.get(n))
-        .and_then(|n| n.zone.clone());
+        .and_then(|n| n.zone.as_deref())
+        .map(shared_name);
     // `ShouldSetHostname`: the pod's subdomain names this Service (same namespace: the
     // caller only passes pods of the Service's namespace).
     let hostname = match (&pod.hostname, &pod.subdomain) {
-        (Some(h), Some(sub)) if !h.is_empty() && *sub == svc.name.name => Some(h.clone()),
+        (Some(h), Some(sub)) if !h.is_empty() && *sub == svc.name.name => {
+            Some(Arc::from(h.as_str()))
+        }
         _ => None,
     };
     Endpoint {
-        addresses: vec![ip],
+        addresses: ip.into(),
         ready,
         serving,
         terminating,
         hostname,
-        node_name: pod.node_name.clone(),
+        node_name: pod.node_name.as_deref().map(shared_name),
         zone,
         hints: None,
     }

@@ -18,7 +18,9 @@
 //! - The initial state is sent once all three initial lists completed, followed by
 //!   `SourceEvent::Synced`; later events go out in batches of whatever is ready together.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
@@ -26,9 +28,11 @@ use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
+use serde::de::{Deserialize, DeserializeOwned, Deserializer};
 use svcplane_model::{
     Change, DEFAULT_NAMESPACE, InvalidObject, Kind, NamespacedName, Object, ObjectKey,
     SERVICE_PROXY_NAME_LABEL, SourceEvent, endpoint_slice_from_k8s, node_from_k8s,
@@ -338,26 +342,36 @@ impl KubeSource {
             ..watcher::Config::default().any_semantic()
         };
         let services = watcher::watcher(
-            Api::<core::Service>::all(self.client.clone()),
+            Api::<Watched<core::Service>>::all(self.client.clone()),
             config().labels(&labels),
         )
         .default_backoff()
-        .map(|r| item(ApiResource::Services, r, convert_service))
+        .map(|r| item(ApiResource::Services, r))
         .boxed();
         let slices = watcher::watcher(
-            Api::<discovery::EndpointSlice>::all(self.client.clone()),
+            Api::<Watched<discovery::EndpointSlice>>::all(self.client.clone()),
             config().labels(&labels),
         )
         .default_backoff()
-        .map(|r| item(ApiResource::EndpointSlices, r, convert_slice))
+        .map(|r| item(ApiResource::EndpointSlices, r))
         .boxed();
         let node = self.node_name.clone();
         let nodes = watcher::watcher(
-            Api::<core::Node>::all(self.client.clone()),
+            Api::<Watched<core::Node>>::all(self.client.clone()),
             config().fields(&format!("metadata.name={}", self.node_name)),
         )
         .default_backoff()
-        .map(move |r| item(ApiResource::Nodes, r, |n| convert_node(n, &node)))
+        .map(move |r| {
+            let mut item = item(ApiResource::Nodes, r);
+            // Should a server ignore the field selector: another node is not ours.
+            if let Ok(Event::Apply(c) | Event::InitApply(c)) = &mut item.event
+                && c.key.name.name != node
+            {
+                c.object = Ok(None);
+                c.warnings.clear();
+            }
+            item
+        })
         .boxed();
         futures::stream::select_all([services, slices, nodes])
     }
@@ -427,6 +441,7 @@ impl Source for KubeSource {
 
 /// One object from a watcher, converted: its key, and the object or why it is invalid
 /// (`Ok(None)`: not for this proxy, treated as absent), and the values ignored in it.
+#[derive(Debug, Clone)]
 struct Converted {
     key: ObjectKey,
     object: Result<Option<Object>, InvalidObject>,
@@ -458,21 +473,103 @@ impl Converted {
     }
 }
 
+/// A k8s-openapi type the source watches, and its conversion to the model.
+trait Watchable:
+    k8s_openapi::Resource + k8s_openapi::Metadata<Ty = ObjectMeta> + DeserializeOwned
+{
+    fn convert(&self) -> Converted;
+}
+
+impl Watchable for core::Service {
+    fn convert(&self) -> Converted {
+        convert_service(self)
+    }
+}
+
+impl Watchable for discovery::EndpointSlice {
+    fn convert(&self) -> Converted {
+        convert_slice(self)
+    }
+}
+
+impl Watchable for core::Node {
+    fn convert(&self) -> Converted {
+        convert_node(self)
+    }
+}
+
+/// What kube's watcher holds of a `K`: the object already converted, and of its metadata
+/// only the resourceVersion (which the watcher reads to resume). It is deserialized
+/// through `K`, converted and `K` dropped right there, one item at a time: a list of 10k
+/// slices is never 10k k8s-openapi objects at once (each several times the size of its
+/// conversion), and no k8s-openapi object outlives its conversion.
+#[derive(Debug, Clone)]
+struct Watched<K> {
+    converted: Converted,
+    meta: ObjectMeta,
+    kind: PhantomData<fn() -> K>,
+}
+
+impl<'de, K: Watchable> Deserialize<'de> for Watched<K> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let object = K::deserialize(deserializer)?;
+        let converted = object.convert();
+        let meta = ObjectMeta {
+            resource_version: object.metadata().resource_version.clone(),
+            ..ObjectMeta::default()
+        };
+        Ok(Watched {
+            converted,
+            meta,
+            kind: PhantomData,
+        })
+    }
+}
+
+impl<K: Watchable> kube::Resource for Watched<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        K::KIND.into()
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        K::GROUP.into()
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        K::VERSION.into()
+    }
+
+    fn api_version(_: &()) -> Cow<'_, str> {
+        K::API_VERSION.into()
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        K::URL_PATH_SEGMENT.into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.meta
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.meta
+    }
+}
+
 struct Item {
     resource: ApiResource,
     event: Result<Event<Converted>, watcher::Error>,
 }
 
-fn item<K>(
-    resource: ApiResource,
-    result: Result<Event<K>, watcher::Error>,
-    convert: impl Fn(&K) -> Converted,
-) -> Item {
+fn item<K>(resource: ApiResource, result: Result<Event<Watched<K>>, watcher::Error>) -> Item {
     let event = result.map(|event| match event {
-        Event::Apply(k) => Event::Apply(convert(&k)),
-        Event::Delete(k) => Event::Delete(convert(&k)),
+        Event::Apply(k) => Event::Apply(k.converted),
+        Event::Delete(k) => Event::Delete(k.converted),
         Event::Init => Event::Init,
-        Event::InitApply(k) => Event::InitApply(convert(&k)),
+        Event::InitApply(k) => Event::InitApply(k.converted),
         Event::InitDone => Event::InitDone,
     });
     Item { resource, event }
@@ -523,14 +620,13 @@ fn convert_slice(s: &discovery::EndpointSlice) -> Converted {
     Converted::new(key, converted)
 }
 
-fn convert_node(n: &core::Node, node_name: &str) -> Converted {
+/// Any Node; whether it is this proxy's is the watch's to say (it knows the node name).
+fn convert_node(n: &core::Node) -> Converted {
     let key = ObjectKey {
         kind: Kind::Node,
         name: NamespacedName::new("", n.name_any()),
     };
-    let converted =
-        (n.name_any() == node_name).then(|| node_from_k8s(n).map(|c| c.map(Object::from)));
-    Converted::new(key, converted)
+    Converted::new(key, Some(node_from_k8s(n).map(|c| c.map(Object::from))))
 }
 
 #[derive(Default)]
@@ -703,6 +799,60 @@ mod tests {
         }))
         .unwrap();
         assert!(super::convert_service(&headless).object.is_ok());
+    }
+
+    /// A list is converted item by item as it is deserialized; the watcher keeps only the
+    /// resourceVersion of the metadata, and a watch event's object converts the same way.
+    #[test]
+    fn watched_objects_are_converted_as_they_are_deserialized() {
+        use super::{Watched, discovery};
+        use kube::core::{ObjectList, WatchEvent};
+        use kube::{Resource, ResourceExt};
+        use svcplane_model::Object;
+        let list: ObjectList<Watched<discovery::EndpointSlice>> =
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
+                "metadata": {"resourceVersion": "7"},
+                "items": [
+                    {"metadata": {"name": "web-1", "namespace": "demo", "resourceVersion": "5",
+                                  "labels": {"kubernetes.io/service-name": "web"}},
+                     "addressType": "IPv4", "ports": [{"port": 8080}],
+                     "endpoints": [{"addresses": ["10.1.0.1"]}]},
+                    {"metadata": {"name": "web-2", "namespace": "demo", "resourceVersion": "6",
+                                  "labels": {"kubernetes.io/service-name": "web",
+                                             "service.kubernetes.io/headless": ""}},
+                     "addressType": "IPv4", "endpoints": []},
+                ],
+            }))
+            .unwrap();
+        let [first, second] = &list.items[..] else {
+            panic!("{:?}", list.items)
+        };
+        assert_eq!(first.resource_version().as_deref(), Some("5"));
+        assert_eq!(first.meta().name, None, "only the resourceVersion is kept");
+        match &first.converted.object {
+            Ok(Some(Object::EndpointSlice(s))) => {
+                assert_eq!(s.endpoints.len(), 1);
+                assert_eq!(first.converted.key.name.name, "web-1");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A headless Service's slice: not for this proxy.
+        assert!(matches!(second.converted.object, Ok(None)));
+        assert_eq!(second.converted.key.name.namespace, "demo");
+
+        let event: WatchEvent<Watched<super::core::Service>> =
+            serde_json::from_value(serde_json::json!({
+                "type": "MODIFIED",
+                "object": {"metadata": {"name": "web", "namespace": "demo", "resourceVersion": "9"},
+                           "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}},
+            }))
+            .unwrap();
+        let WatchEvent::Modified(svc) = event else {
+            panic!("{event:?}")
+        };
+        assert_eq!(svc.resource_version().as_deref(), Some("9"));
+        assert!(matches!(svc.converted.object, Ok(Some(Object::Service(_)))));
     }
 
     #[test]

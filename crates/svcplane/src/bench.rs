@@ -1,12 +1,14 @@
 //! `svcplane bench sync`: the whole path at scale, as a user runs it. N ClusterIP
-//! Services with E endpoints each are written to a manifests directory, `svcplane proxy`
-//! programs a scratch network namespace from it, and then one EndpointSlice file is
-//! rewritten R times: each time the proxy's own metrics say when the change was in the
-//! kernel, so the number is "file changed → rules in the kernel". (`bench datapath`, what
-//! the rules cost a packet, is in [`datapath`].)
+//! Services with E endpoints each are written to a manifests directory (or, with `--source
+//! api`, served by the test kit's fake API server: [`api`]), `svcplane proxy` programs a
+//! scratch network namespace from it, and then one EndpointSlice file is rewritten (or the
+//! object applied to the server) R times: each time the proxy's own metrics say when the
+//! change was in the kernel, so the number is "file changed → rules in the kernel".
+//! (`bench datapath`, what the rules cost a packet, is in [`datapath`].)
 //!
 //! The proxy runs as in production (its watcher, debounce, engine and backend); only
 //! `--min-sync-period 0` is set, so a change is not held back by the previous sync.
+//! `SVCPLANE_BENCH_WRAP='heaptrack -o /tmp/h'` runs it under a profiler.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -18,8 +20,9 @@ use svcplane_testkit::{Daemon, Netns, metric_value};
 
 use datapath::rss_of;
 
-use crate::cli::BenchSyncArgs;
+use crate::cli::{BenchSource, BenchSyncArgs};
 
+mod api;
 pub(crate) mod datapath;
 mod matrix;
 mod progress;
@@ -39,29 +42,68 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
     if args.services == 0 || args.endpoints == 0 || args.services > 500_000 {
         bail!("--services must be 1..=500000 and --endpoints at least 1");
     }
-    let dir = tempfile::tempdir().context("cannot create a manifests directory")?;
+    let ns = Netns::new("svcplane-bench").context("cannot create a network namespace")?;
+    let dir = tempfile::tempdir().context("cannot create a scratch directory")?;
     let started = Instant::now();
-    write_manifests(dir.path(), args.services, args.endpoints)?;
+    // Where the proxy reads the objects: the manifests directory or the fake API server.
+    let api = match args.source {
+        BenchSource::Manifests => {
+            write_manifests(dir.path(), args.services, args.endpoints)?;
+            None
+        }
+        BenchSource::Api => {
+            let documents = cluster_yaml(args.services, args.endpoints)
+                + &changing_slice_yaml(args.endpoints, 0);
+            Some(api::ApiFeed::start(
+                &ns,
+                dir.path(),
+                &documents,
+                args.endpoints,
+                NODE,
+            )?)
+        }
+    };
+    let (source, change) = match &api {
+        None => (format!("written to {}", dir.path().display()), CHANGE_FILE),
+        Some(_) => (
+            "served by the fake Kubernetes API server (plain HTTP; in a cluster it is HTTPS)"
+                .to_owned(),
+            CHANGE_API,
+        ),
+    };
     println!(
-        "== {} ClusterIP services × {} endpoints written to {} in {:.1} s",
+        "== {} ClusterIP services × {} endpoints {source} in {:.1} s",
         args.services,
         args.endpoints,
-        dir.path().display(),
         started.elapsed().as_secs_f64()
     );
+    if let Some(api) = &api {
+        println!(
+            "== the fake API server alone, one list each (HTTP/1.0 from the namespace): {}",
+            api.time_lists(&ns)?
+        );
+    }
 
-    let ns = Netns::new("svcplane-bench").context("cannot create a network namespace")?;
-    let exe = std::env::current_exe().context("cannot find the svcplane binary")?;
-    // The proxy is this very binary, run inside the namespace.
+    let exe = match &args.proxy_binary {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().context("cannot find the svcplane binary")?,
+    };
+    // The proxy is this very binary (or --proxy-binary), run inside the namespace.
     let mut cmd = std::process::Command::new("ip");
-    cmd.args(["netns", "exec", ns.name()]).arg(&exe).args([
+    cmd.args(["netns", "exec", ns.name()]);
+    // A profiler around the proxy, e.g. `heaptrack -o /tmp/h` (its RSS and CPU figures are
+    // then the wrapper's).
+    if let Ok(wrap) = std::env::var(WRAP_ENV) {
+        cmd.args(wrap.split_whitespace());
+    }
+    cmd.arg(&exe).args([
         "proxy",
         "--proxy-mode",
         &args.proxy_mode,
         "--iptables-dispatch",
         &args.iptables_dispatch,
         "--hostname-override",
-        "bench-node",
+        NODE,
     ]);
     // ebpf: its own pins and cgroup (removed at the end), as the tests do.
     let mut ebpf_scratch = None;
@@ -78,10 +120,15 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
     cmd.args(&args.proxy_args);
     cmd.args(["--cluster-cidr", "10.128.0.0/9", "--min-sync-period", "0s"])
         .args(["--sync-period", "1h", "--metrics-bind-address", METRICS])
-        .args(["--healthz-bind-address", HEALTHZ, "--manifests"])
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .args(["--healthz-bind-address", HEALTHZ]);
+    match &api {
+        None => cmd.arg("--manifests").arg(dir.path()),
+        Some(api) => cmd.arg("--kubeconfig").arg(api.kubeconfig()),
+    };
+    // The proxy's log, shown should it not sync.
+    let log_path = dir.path().join("proxy.log");
+    let log = std::fs::File::create(&log_path).context("creating the proxy's log")?;
+    cmd.stdout(std::process::Stdio::null()).stderr(log);
     let started = Instant::now();
     let mut proxy = Daemon::spawn(cmd).context("cannot start svcplane proxy")?;
     let metrics_addr: SocketAddr = METRICS.parse()?;
@@ -92,8 +139,13 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
             || !proxy.is_running()
     });
     if !ready || !proxy.is_running() {
-        bail!("the proxy did not complete its first sync");
+        let _ = proxy.terminate();
+        bail!(
+            "the proxy did not complete its first sync within {FIRST_SYNC_WAIT:?}; the end of its log:\n{}",
+            log_tail(&log_path)
+        );
     }
+    let from_start = started.elapsed();
     let text = get_metrics(&ns, metrics_addr)?;
     let full = metric_value(
         &text,
@@ -102,19 +154,37 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
     .unwrap_or(f64::NAN);
     let pid = proxy.id();
     let rss_first = pid.and_then(rss_of).map(|(rss, _)| rss);
+    let read = if api.is_some() {
+        "listed the API"
+    } else {
+        "read the manifests"
+    };
     println!(
-        "== svcplane proxy: started, read the manifests and completed its first (full) sync in {:.2} s (the sync itself: {:.2} s); RSS after it: {}",
-        started.elapsed().as_secs_f64(),
+        "== svcplane proxy: started, {read} and completed its first (full) sync in {:.2} s (the sync itself: {:.2} s); RSS after it: {}",
+        from_start.as_secs_f64(),
         full,
         mib(rss_first),
     );
+    if let Some(api) = &api {
+        let (latest, each) = api.lists_done(started)?;
+        println!(
+            "   lists answered, read and converted (the proxy's first watch of each) {:.2} s after the start ({each})",
+            latest.as_secs_f64()
+        );
+    }
 
     let metrics = || get_metrics(&ns, metrics_addr);
-    let write = |round| write_changing_slice(dir.path(), args.endpoints, round);
+    let write = |round| match &api {
+        None => write_changing_slice(dir.path(), args.endpoints, round),
+        Some(api) => api.apply_changing(round),
+    };
     let cpu = || pid.and_then(cpu_seconds);
     let result =
         change_rounds(args.rounds, metrics, cpu, write, || Ok(())).and_then(|mut stats| {
-            print!("{}", change_report(args.services, args.rounds, &mut stats));
+            print!(
+                "{}",
+                change_report(args.services, args.rounds, change, &mut stats)
+            );
             match args.churn {
                 Some(duration) => churn(
                     &ChurnSpec {
@@ -123,6 +193,7 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
                         first_round: args.rounds + 1,
                         rss_first,
                         pid,
+                        change,
                     },
                     metrics,
                     cpu,
@@ -141,15 +212,47 @@ pub fn sync(args: BenchSyncArgs) -> Result<()> {
     result
 }
 
+/// A command (split at whitespace) the proxy runs under, such as a profiler.
+const WRAP_ENV: &str = "SVCPLANE_BENCH_WRAP";
+
+/// The proxy's node name (`--hostname-override`; the API source watches its Node).
+const NODE: &str = "bench-node";
+
+/// What a round changes, as the reports name it: (the start of the change → kernel line,
+/// the note on the difference between it and the network programming line).
+type ChangeLabel = (&'static str, &'static str);
+
+const CHANGE_FILE: ChangeLabel = (
+    "file written",
+    "the watcher: the manifests source waits for a burst of writes to settle, then re-reads \
+     the file",
+);
+const CHANGE_API: ChangeLabel = (
+    "object applied to the API server",
+    "the fake API server's watch and the proxy's reading of the event",
+);
+
+/// The last lines of the proxy's log at `path`.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
 /// The one-change rounds' report: p50 and p99 of each measure, with min and max.
-fn change_report(services: u32, rounds: u32, stats: &mut ChangeStats) -> String {
+fn change_report(
+    services: u32,
+    rounds: u32,
+    (change, note): ChangeLabel,
+    stats: &mut ChangeStats,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "== one EndpointSlice changed at {services} services, {rounds} rounds (p50, p99, min–max):"
     );
     for (what, v) in [
-        ("file written → rules in the kernel", &mut stats.e2e),
+        (&*format!("{change} → rules in the kernel"), &mut stats.e2e),
         (
             "change queued → rules in the kernel (network programming)",
             &mut stats.programming,
@@ -165,9 +268,9 @@ fn change_report(services: u32, rounds: u32, stats: &mut ChangeStats) -> String 
     ] {
         let _ = writeln!(out, "   {what}: {}", summary(v));
     }
-    out.push_str(
-        "   (the difference between the first two lines is the watcher: the manifests \
-         source waits for a burst of writes to settle, then re-reads the file)\n",
+    let _ = writeln!(
+        out,
+        "   (the difference between the first two lines is {note})"
     );
     out
 }
@@ -181,6 +284,7 @@ struct ChurnSpec {
     /// The proxy's RSS after its first sync, in bytes.
     rss_first: Option<u64>,
     pid: Option<u32>,
+    change: ChangeLabel,
 }
 
 /// How many times a soak reports its progress.
@@ -252,7 +356,8 @@ fn churn(
         summary(&mut stats.cpu)
     );
     println!(
-        "   file written → rules in the kernel: {}",
+        "   {} → rules in the kernel: {}",
+        spec.change.0,
         summary(&mut stats.e2e)
     );
     println!(
@@ -457,10 +562,9 @@ fn service_yaml(out: &mut String, name: &str, cluster_ip: Ipv4Addr) {
     );
 }
 
-/// Every Service and EndpointSlice in one file, except service 0's slice, which lives in
-/// `changing.yaml` so that a change re-reads only that small file (as a per-object file
-/// layout or the API source would).
-fn write_manifests(dir: &Path, services: u32, endpoints: u32) -> Result<()> {
+/// Every Service and EndpointSlice as YAML documents, except service 0's slice (see
+/// [`changing_slice_yaml`]).
+fn cluster_yaml(services: u32, endpoints: u32) -> String {
     let mut out = String::with_capacity(services as usize * (400 + 60 * endpoints as usize));
     for i in 0..services {
         let name = format!("svc-{i}");
@@ -470,7 +574,15 @@ fn write_manifests(dir: &Path, services: u32, endpoints: u32) -> Result<()> {
             slice_yaml(&mut out, &name, (first..first + endpoints).map(endpoint_ip));
         }
     }
-    std::fs::write(dir.join("services.yaml"), out).context("writing services.yaml")?;
+    out
+}
+
+/// [`cluster_yaml`] in one file; service 0's slice lives in `changing.yaml`, so that a
+/// change re-reads only that small file (as a per-object file layout or the API source
+/// would).
+fn write_manifests(dir: &Path, services: u32, endpoints: u32) -> Result<()> {
+    std::fs::write(dir.join("services.yaml"), cluster_yaml(services, endpoints))
+        .context("writing services.yaml")?;
     write_changing_slice(dir, endpoints, 0)
 }
 
@@ -483,15 +595,21 @@ fn changing_window(endpoints: u32, round: u32) -> std::ops::Range<u32> {
 }
 
 /// Service 0's slice in round `round` (see [`changing_window`]).
-fn write_changing_slice(dir: &Path, endpoints: u32, round: u32) -> Result<()> {
+fn changing_slice_yaml(endpoints: u32, round: u32) -> String {
     let mut out = String::new();
     slice_yaml(
         &mut out,
         "svc-0",
         changing_window(endpoints, round).map(endpoint_ip),
     );
+    out
+}
+
+/// [`changing_slice_yaml`] as `changing.yaml`, replaced in one rename.
+fn write_changing_slice(dir: &Path, endpoints: u32, round: u32) -> Result<()> {
     let tmp = dir.join(".changing.yaml.tmp");
-    std::fs::write(&tmp, out).context("writing the changed slice")?;
+    std::fs::write(&tmp, changing_slice_yaml(endpoints, round))
+        .context("writing the changed slice")?;
     std::fs::rename(&tmp, dir.join("changing.yaml")).context("replacing changing.yaml")?;
     Ok(())
 }

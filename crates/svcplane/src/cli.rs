@@ -128,6 +128,13 @@ pub enum BenchCommand {
     Datapath(BenchDatapathArgs),
 }
 
+/// `bench sync --source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchSource {
+    Manifests,
+    Api,
+}
+
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  \
                         svcplane bench datapath --services 1000,10000,30000 --requests 2000\n  \
@@ -177,6 +184,10 @@ pub struct BenchDatapathArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchSyncArgs {
+    /// Where the proxy reads the objects: a manifests directory, or the test kit's fake
+    /// Kubernetes API server (plain HTTP) through a kubeconfig.
+    #[arg(long, value_enum, default_value_t = BenchSource::Manifests)]
+    pub source: BenchSource,
     /// Number of ClusterIP services.
     #[arg(long, default_value_t = 10_000)]
     pub services: u32,
@@ -203,6 +214,10 @@ pub struct BenchSyncArgs {
     /// failed syncs.
     #[arg(long, value_name = "DURATION", value_parser = crate::duration::parse_go_duration)]
     pub churn: Option<std::time::Duration>,
+    /// The svcplane binary to run as the proxy (default: this one), e.g. another build to
+    /// compare with through the same bench.
+    #[arg(long, value_name = "PATH")]
+    pub proxy_binary: Option<PathBuf>,
 }
 
 /// Flags shared by `proxy` and `render`: where objects come from and how the node is configured.
@@ -250,6 +265,27 @@ pub struct EngineArgs {
     /// IPVS mode: set arp_ignore=1 and arp_announce=2 (for MetalLB-style L2 announcements).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub ipvs_strict_arp: Option<bool>,
+
+    /// IPVS mode: virtual servers on addresses in these CIDRs are never deleted unless
+    /// svcplane programs them (someone else's, e.g. keepalived's or kube-vip's), by syncs
+    /// or cleanup. Comma-separated or repeated.
+    #[arg(long, value_name = "CIDR[,CIDR...]", value_delimiter = ',')]
+    pub ipvs_exclude_cidrs: Vec<String>,
+
+    /// IPVS mode: the timeout of idle established TCP connections (Go duration, whole
+    /// seconds; 0 leaves the kernel's, 15m by default), set at startup.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_tcp_timeout: Option<String>,
+
+    /// IPVS mode: the timeout of TCP connections after a FIN (Go duration; 0 leaves the
+    /// kernel's, 2m by default), set at startup.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_tcpfin_timeout: Option<String>,
+
+    /// IPVS mode: the timeout of UDP flows (Go duration; 0 leaves the kernel's, 5m by
+    /// default), set at startup.
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_udp_timeout: Option<String>,
 
     #[command(flatten)]
     pub ebpf: EbpfArgs,
@@ -551,6 +587,11 @@ pub struct CleanupArgs {
     /// Where eBPF mode's pins are (default /sys/fs/bpf/svcplane).
     #[arg(long, value_name = "DIR")]
     pub bpf_pin_path: Option<PathBuf>,
+
+    /// IPVS virtual servers on addresses in these CIDRs stay (as the proxy's flag; with
+    /// --kube-proxy too).
+    #[arg(long, value_name = "CIDR[,CIDR...]", value_delimiter = ',')]
+    pub ipvs_exclude_cidrs: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -27,6 +27,7 @@ pub fn run(cli: Cli) -> Result<()> {
         proxy_mode: None,
         kube_proxy: false,
         bpf_pin_path: None,
+        ipvs_exclude_cidrs: Vec::new(),
     };
     let Some(command) = cli.command else {
         if cli.cleanup {
@@ -35,7 +36,16 @@ pub fn run(cli: Cli) -> Result<()> {
         bail!("no command given; see `svcplane --help`");
     };
     match command {
-        Command::Proxy(args) if cli.cleanup || args.cleanup => cleanup(every_mode),
+        Command::Proxy(args) if cli.cleanup || args.cleanup => {
+            // The proxy's excluded CIDRs (flag, else its --config file's) stay excluded.
+            let file = match &args.engine.config {
+                Some(path) => crate::config::load_file_config(path)?,
+                None => crate::config::FileConfig::default(),
+            };
+            let exclude =
+                crate::settings::ipvs_exclude_cidrs(&args.engine.ipvs_exclude_cidrs, &file)?;
+            cleanup_with(every_mode, exclude)
+        }
         _ if cli.cleanup => bail!("--cleanup goes alone (`svcplane --cleanup`) or with `proxy`"),
         Command::Proxy(args) => proxy(*args),
         Command::Render(args) => render(args),
@@ -425,8 +435,17 @@ pub(crate) async fn shutdown_signal() {
 }
 
 fn cleanup(args: CleanupArgs) -> Result<()> {
+    let exclude = crate::settings::ipvs_exclude_cidrs(
+        &args.ipvs_exclude_cidrs,
+        &crate::config::FileConfig::default(),
+    )?;
+    cleanup_with(args, exclude)
+}
+
+/// `svcplane cleanup`, sparing IPVS virtual servers on `ipvs_exclude` (`--ipvs-exclude-cidrs`).
+fn cleanup_with(args: CleanupArgs, ipvs_exclude: Vec<ipnet::IpNet>) -> Result<()> {
     if args.kube_proxy {
-        return cleanup_kube_proxy();
+        return cleanup_kube_proxy(&ipvs_exclude);
     }
     let modes: Vec<ProxyMode> = match &args.proxy_mode {
         Some(m) => vec![
@@ -436,6 +455,7 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
         None => ProxyMode::ALL.to_vec(),
     };
     let mut options = svcplane_dataplane::BackendOptions::default();
+    options.ipvs.exclude_cidrs = ipvs_exclude;
     if let Some(p) = &args.bpf_pin_path {
         options.ebpf.pin_path = p.clone();
     }
@@ -455,8 +475,8 @@ fn cleanup(args: CleanupArgs) -> Result<()> {
     Ok(())
 }
 
-fn cleanup_kube_proxy() -> Result<()> {
-    let report = svcplane_dataplane::kube_proxy::cleanup_kube_proxy();
+fn cleanup_kube_proxy(ipvs_exclude: &[ipnet::IpNet]) -> Result<()> {
+    let report = svcplane_dataplane::kube_proxy::cleanup_kube_proxy(ipvs_exclude);
     for removed in &report.removed {
         tracing::info!("removed kube-proxy's {removed}");
     }

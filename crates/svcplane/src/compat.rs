@@ -52,9 +52,6 @@ const fn bool_flag(name: &'static str, treatment: Treatment) -> Flag {
 
 const CONNTRACK: Treatment =
     Ignored("svcplane leaves the node's conntrack sysctls as they are; set them on the node");
-const IPVS: Treatment = Ignored(
-    "not implemented by svcplane's IPVS mode (the kernel's IPVS timeouts stay as they are; no excluded CIDRs)",
-);
 
 const FLAGS: &[Flag] = &[
     flag(
@@ -125,10 +122,6 @@ const FLAGS: &[Flag] = &[
             ipvs: true,
         },
     ),
-    flag("ipvs-exclude-cidrs", IPVS),
-    flag("ipvs-tcp-timeout", IPVS),
-    flag("ipvs-tcpfin-timeout", IPVS),
-    flag("ipvs-udp-timeout", IPVS),
     flag(
         "oom-score-adj",
         Ignored("give the pod a priority class instead, e.g. system-node-critical"),

@@ -25,9 +25,14 @@ pub struct FileConfig {
     pub cluster_cidrs: Option<Vec<IpNet>>,
     pub nodeport_addresses: Option<Vec<IpNet>>,
     pub masquerade_all: Option<bool>,
-    /// `ipvs.scheduler`, `ipvs.strictARP` (ipvs mode only).
+    /// `ipvs.scheduler`, `ipvs.strictARP`, `ipvs.excludeCIDRs`, `ipvs.tcpTimeout`,
+    /// `tcpFinTimeout`, `udpTimeout` (ipvs mode only).
     pub ipvs_scheduler: Option<String>,
     pub ipvs_strict_arp: Option<bool>,
+    pub ipvs_exclude_cidrs: Option<Vec<IpNet>>,
+    pub ipvs_tcp_timeout: Option<Duration>,
+    pub ipvs_tcp_fin_timeout: Option<Duration>,
+    pub ipvs_udp_timeout: Option<Duration>,
     pub metrics_bind_address: Option<SocketAddr>,
     pub healthz_bind_address: Option<SocketAddr>,
     pub min_sync_period: Option<Duration>,
@@ -96,11 +101,11 @@ const IPVS: &[Field] = &[
     f("syncPeriod", GoDuration, ModeHonoured),
     f("minSyncPeriod", GoDuration, ModeHonoured),
     f("scheduler", Str, ModeHonoured),
-    f("excludeCIDRs", StrList, Ignored),
+    f("excludeCIDRs", StrList, ModeHonoured),
     f("strictARP", Bool, ModeHonoured),
-    f("tcpTimeout", GoDuration, Ignored),
-    f("tcpFinTimeout", GoDuration, Ignored),
-    f("udpTimeout", GoDuration, Ignored),
+    f("tcpTimeout", GoDuration, ModeHonoured),
+    f("tcpFinTimeout", GoDuration, ModeHonoured),
+    f("udpTimeout", GoDuration, ModeHonoured),
 ];
 
 const NFTABLES: &[Field] = &[
@@ -247,6 +252,23 @@ pub fn parse_file_config(text: &str) -> Result<FileConfig> {
         if section == "ipvs" {
             cfg.ipvs_scheduler = opt_str(sub, "scheduler")?.filter(|s| !s.is_empty());
             cfg.ipvs_strict_arp = sub.get("strictARP").and_then(Value::as_bool);
+            if let Some(Value::Array(items)) = sub.get("excludeCIDRs") {
+                let cidrs: Result<Vec<IpNet>> = items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(parse_cidr)
+                    .collect();
+                cfg.ipvs_exclude_cidrs = Some(cidrs.context("ipvs.excludeCIDRs")?);
+            }
+            for (field, slot) in [
+                ("tcpTimeout", &mut cfg.ipvs_tcp_timeout),
+                ("tcpFinTimeout", &mut cfg.ipvs_tcp_fin_timeout),
+                ("udpTimeout", &mut cfg.ipvs_udp_timeout),
+            ] {
+                if let Some(d) = opt_str(sub, field)?.filter(|d| !d.is_empty()) {
+                    *slot = Some(duration(&d).with_context(|| format!("ipvs.{field}"))?);
+                }
+            }
         }
         if let Some(d) = opt_str(sub, "syncPeriod")? {
             cfg.sync_period = Some(duration(&d).with_context(|| format!("{section}.syncPeriod"))?);
@@ -611,6 +633,36 @@ winkernel: {enableDSR: false, forwardHealthCheckVip: false, networkName: "", roo
         assert!(err("nodePortAddresses: [primary]\n").contains("primary"));
         let all = parse("nodePortAddresses: [all]\n").unwrap();
         assert_eq!(all.nodeport_addresses.map(|v| v.len()), Some(2));
+    }
+
+    #[test]
+    fn ipvs_exclude_cidrs_and_timeouts_are_read_in_ipvs_mode() {
+        let block = "ipvs:\n  excludeCIDRs: [10.96.8.0/24, \"fd00:8::/64\"]\n  tcpTimeout: 1h\n  tcpFinTimeout: 1m30s\n  udpTimeout: 0s\n";
+        let cfg = parse(&format!("mode: ipvs\n{block}")).unwrap();
+        assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+        assert_eq!(
+            cfg.ipvs_exclude_cidrs,
+            Some(vec![
+                "10.96.8.0/24".parse().unwrap(),
+                "fd00:8::/64".parse().unwrap()
+            ])
+        );
+        assert_eq!(cfg.ipvs_tcp_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(cfg.ipvs_tcp_fin_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(cfg.ipvs_udp_timeout, Some(Duration::ZERO));
+        // Another mode's block is type-checked only, as kube-proxy reads it only in ipvs mode.
+        let other = parse(&format!("mode: nftables\n{block}")).unwrap();
+        assert_eq!(other.ipvs_exclude_cidrs, None);
+        assert_eq!(other.ipvs_tcp_timeout, None);
+        assert!(other.warnings.is_empty(), "{:?}", other.warnings);
+        // A bad value names the field and the value.
+        let bad = err("mode: ipvs\nipvs:\n  excludeCIDRs: [10.96.8.0/24, 10.1.2.0/33]\n");
+        assert!(
+            bad.contains("ipvs.excludeCIDRs") && bad.contains("10.1.2.0/33"),
+            "{bad}"
+        );
+        assert!(err("mode: ipvs\nipvs:\n  udpTimeout: soon\n").contains("ipvs.udpTimeout"));
+        assert!(err("mode: ipvs\nipvs:\n  excludeCIDRs: 10.0.0.0/8\n").contains("expected a list"));
     }
 
     #[test]

@@ -371,14 +371,13 @@ fn build_cluster(example: &Example, proxy_node: &str) -> Result<Cluster> {
     if !nodes.iter().any(|n| n.name == proxy_node) {
         bail!("no Node {proxy_node:?} in the manifests");
     }
-    let known = |node: &Option<String>| {
-        node.as_deref()
-            .filter(|n| nodes.iter().any(|m| m.name == *n))
+    let known = |node: Option<&str>| {
+        node.filter(|n| nodes.iter().any(|m| m.name == *n))
             .map(str::to_string)
     };
     let mut taken = BTreeSet::new();
     for pod in &example.pods {
-        let Some(node) = known(&pod.node_name) else {
+        let Some(node) = known(pod.node_name.as_deref()) else {
             continue;
         };
         if pod.finished || pod.ips.is_empty() {
@@ -403,7 +402,7 @@ fn build_cluster(example: &Example, proxy_node: &str) -> Result<Cluster> {
     for slice in &example.slices {
         let service = slice.service_name.as_deref().unwrap_or(&slice.name.name);
         for endpoint in &slice.endpoints {
-            let Some(node) = known(&endpoint.node_name) else {
+            let Some(node) = known(endpoint.node_name.as_deref()) else {
                 continue;
             };
             for ip in &endpoint.addresses {

@@ -105,11 +105,24 @@ impl EngineSettings {
                 .ipvs_strict_arp
                 .or(file.ipvs_strict_arp)
                 .unwrap_or(false),
+            exclude_cidrs: ipvs_exclude_cidrs(&args.ipvs_exclude_cidrs, &file)?,
+            timeouts: ipvs_timeouts(args, &file)?,
         };
-        if mode != ProxyMode::Ipvs
-            && (args.ipvs_scheduler.is_some() || args.ipvs_strict_arp.is_some())
-        {
-            tracing::warn!("--ipvs-scheduler/--ipvs-strict-arp: ignored in {mode} mode");
+        let ipvs_flags = [
+            ("--ipvs-scheduler", args.ipvs_scheduler.is_some()),
+            ("--ipvs-strict-arp", args.ipvs_strict_arp.is_some()),
+            ("--ipvs-exclude-cidrs", !args.ipvs_exclude_cidrs.is_empty()),
+            ("--ipvs-tcp-timeout", args.ipvs_tcp_timeout.is_some()),
+            ("--ipvs-tcpfin-timeout", args.ipvs_tcpfin_timeout.is_some()),
+            ("--ipvs-udp-timeout", args.ipvs_udp_timeout.is_some()),
+        ];
+        let given: Vec<&str> = ipvs_flags
+            .iter()
+            .filter(|(_, given)| *given)
+            .map(|(name, _)| *name)
+            .collect();
+        if mode != ProxyMode::Ipvs && !given.is_empty() {
+            tracing::warn!("{}: ignored in {mode} mode", given.join(", "));
         }
         Ok(EngineSettings {
             mode,
@@ -205,6 +218,48 @@ impl ProxySettings {
     }
 }
 
+/// `--ipvs-exclude-cidrs` (comma-separated or repeated), else the --config file's
+/// `ipvs.excludeCIDRs`. Also what `proxy --cleanup` spares.
+pub fn ipvs_exclude_cidrs(flag: &[String], file: &FileConfig) -> Result<Vec<IpNet>> {
+    if flag.is_empty() {
+        return Ok(file.ipvs_exclude_cidrs.clone().unwrap_or_default());
+    }
+    parse_cidr_list(&flag.join(",")).context("--ipvs-exclude-cidrs")
+}
+
+/// The three IPVS timeout flags over the --config file's, in the kernel's seconds.
+fn ipvs_timeouts(
+    args: &EngineArgs,
+    file: &FileConfig,
+) -> Result<svcplane_dataplane::ipvs::Timeouts> {
+    let seconds = |flag: &str, given: &Option<String>, from_file: Option<Duration>| {
+        let d = match given {
+            Some(s) => parse_go_duration(s)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("--{flag}"))?,
+            None => from_file.unwrap_or_default(),
+        };
+        anyhow::Ok(svcplane_dataplane::ipvs::timeout_seconds(d))
+    };
+    Ok(svcplane_dataplane::ipvs::Timeouts {
+        tcp: seconds(
+            "ipvs-tcp-timeout",
+            &args.ipvs_tcp_timeout,
+            file.ipvs_tcp_timeout,
+        )?,
+        tcp_fin: seconds(
+            "ipvs-tcpfin-timeout",
+            &args.ipvs_tcpfin_timeout,
+            file.ipvs_tcp_fin_timeout,
+        )?,
+        udp: seconds(
+            "ipvs-udp-timeout",
+            &args.ipvs_udp_timeout,
+            file.ipvs_udp_timeout,
+        )?,
+    })
+}
+
 fn parse_default(s: &str) -> SocketAddr {
     // The defaults are constants above; a parse failure is a programming error caught by tests.
     s.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -220,6 +275,91 @@ fn host_name() -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct T {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    fn engine(args: &[&str]) -> Result<EngineSettings> {
+        let base = ["t", "--hostname-override", "node-a"];
+        let t = T::try_parse_from(base.iter().chain(args))?;
+        EngineSettings::resolve(&t.engine)
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipvs_exclude_cidrs_and_timeouts_from_flags() {
+        let s = engine(&[
+            "--proxy-mode=ipvs",
+            "--ipvs-exclude-cidrs=10.96.8.0/24,fd00:8::/64",
+            "--ipvs-exclude-cidrs=192.0.2.1",
+            "--ipvs-tcp-timeout=1h",
+            "--ipvs-tcpfin-timeout=1m30s",
+            "--ipvs-udp-timeout=500ms",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.ipvs.exclude_cidrs,
+            [net("10.96.8.0/24"), net("fd00:8::/64"), net("192.0.2.1/32")]
+        );
+        // Whole seconds, as kube-proxy: 500ms is 0, which leaves the kernel's value.
+        let t = s.ipvs.timeouts;
+        assert_eq!((t.tcp, t.tcp_fin, t.udp), (3600, 90, 0));
+        assert_eq!(s.backend_options().ipvs, s.ipvs);
+        let none = engine(&["--proxy-mode=ipvs"]).unwrap();
+        assert!(none.ipvs.exclude_cidrs.is_empty() && none.ipvs.timeouts.is_unset());
+    }
+
+    #[test]
+    fn bad_ipvs_values_name_the_flag_and_the_value() {
+        for (args, flag, value) in [
+            (
+                &["--ipvs-exclude-cidrs=10.96.8.0/24,10.1.2.0/33"][..],
+                "--ipvs-exclude-cidrs",
+                "10.1.2.0/33",
+            ),
+            (
+                &["--ipvs-exclude-cidrs=kube-vip"],
+                "--ipvs-exclude-cidrs",
+                "kube-vip",
+            ),
+            (&["--ipvs-tcp-timeout=soon"], "--ipvs-tcp-timeout", "soon"),
+            (
+                &["--ipvs-tcpfin-timeout=-1s"],
+                "--ipvs-tcpfin-timeout",
+                "-1s",
+            ),
+            (&["--ipvs-udp-timeout=5"], "--ipvs-udp-timeout", "5"),
+        ] {
+            let e = format!("{:#}", engine(args).expect_err("refused"));
+            assert!(e.contains(flag) && e.contains(value), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn ipvs_flags_override_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(
+            &path,
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             mode: ipvs\nipvs:\n  excludeCIDRs: [10.0.0.0/8]\n  tcpTimeout: 10m\n  udpTimeout: 1m\n",
+        )
+        .unwrap();
+        let config = format!("--config={}", path.display());
+        let s = engine(&[&config, "--ipvs-udp-timeout=2m"]).unwrap();
+        assert_eq!(s.ipvs.exclude_cidrs, [net("10.0.0.0/8")]);
+        let t = s.ipvs.timeouts;
+        assert_eq!((t.tcp, t.tcp_fin, t.udp), (600, 0, 120));
+        let s = engine(&[&config, "--ipvs-exclude-cidrs=192.0.2.0/24"]).unwrap();
+        assert_eq!(s.ipvs.exclude_cidrs, [net("192.0.2.0/24")]);
+    }
 
     #[test]
     fn defaults_parse() {

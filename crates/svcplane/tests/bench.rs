@@ -25,12 +25,7 @@ fn bench_sync_reports_the_path_from_file_to_kernel() {
         ])
         .output()
         .expect("run svcplane bench sync");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert!(
         stdout.contains("50 ClusterIP services × 3 endpoints"),
         "{stdout}"
@@ -39,12 +34,7 @@ fn bench_sync_reports_the_path_from_file_to_kernel() {
         stdout.contains("completed its first (full) sync"),
         "{stdout}"
     );
-    let after = |label: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.split_once(label).map(|(_, r)| r))
-            .unwrap_or_else(|| panic!("no {label:?} in:\n{stdout}"))
-    };
+    let after = |label: &str| after(&stdout, label);
     assert!(number_after(after("RSS after it: "), "") > 0.0, "{stdout}");
     // Each line carries measured percentiles: numbers of milliseconds, not "no data".
     for line in [
@@ -74,6 +64,45 @@ fn bench_sync_reports_the_path_from_file_to_kernel() {
     );
 }
 
+/// The same bench from the fake API server: the proxy lists it through a kubeconfig and
+/// each round's slice, applied to the server, reaches the kernel.
+#[test]
+fn bench_sync_from_the_api_source() {
+    if skip_unless_root(&["ip", "nft"]) {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_svcplane"))
+        .args(["bench", "sync", "--source", "api", "--services", "50"])
+        .args(["--endpoints", "3", "--rounds", "3"])
+        .output()
+        .expect("run svcplane bench sync --source api");
+    let stdout = succeeded(&out);
+    let after = |label: &str| after(&stdout, label);
+    assert!(
+        after("50 ClusterIP services × 3 endpoints ").starts_with("served by the fake"),
+        "{stdout}"
+    );
+    let lists = after("one list each (HTTP/1.0 from the namespace): ");
+    assert!(number_after(lists, "services") >= 0.0, "{lists}");
+    assert!(number_after(lists, "endpointslices") >= 0.0, "{lists}");
+    assert!(
+        stdout.contains("listed the API and completed its first (full) sync"),
+        "{stdout}"
+    );
+    assert!(number_after(after("RSS after it: "), "") > 0.0, "{stdout}");
+    // Each resource was watched after its list, within the time to the first sync.
+    let first = number_after(after("completed its first (full) sync in "), "");
+    let listed = after("lists answered, read and converted (the proxy's first watch of each) ");
+    let done = number_after(listed, "");
+    assert!(done > 0.0 && done <= first, "{stdout}");
+    for resource in ["services", "endpointslices", "nodes"] {
+        assert!(number_after(listed, resource) <= done, "{listed}");
+    }
+    let rest = after("object applied to the API server → rules in the kernel: ");
+    let (p50, p99) = (number_after(rest, "p50"), number_after(rest, "p99"));
+    assert!(p50 > 0.0 && p99 >= p50, "{rest}");
+}
+
 #[test]
 fn bench_sync_rejects_nonsense_sizes() {
     let out = Command::new(env!("CARGO_BIN_EXE_svcplane"))
@@ -85,6 +114,25 @@ fn bench_sync_rejects_nonsense_sizes() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("--services must be"), "{stderr}");
     }
+}
+
+/// The command's stdout, once it exited successfully (else both outputs in the panic).
+fn succeeded(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The rest of the first line of `stdout` that contains `label`, after it.
+fn after<'a>(stdout: &'a str, label: &str) -> &'a str {
+    stdout
+        .lines()
+        .find_map(|l| l.split_once(label).map(|(_, r)| r))
+        .unwrap_or_else(|| panic!("no {label:?} in:\n{stdout}"))
 }
 
 /// The number before `unit` right after `label` in `line`, e.g. `p50 41 µs`.
@@ -122,12 +170,7 @@ fn bench_datapath_measures_the_clusterip_beside_the_pod_ip() {
         .args(["--", "--masquerade-all"])
         .output()
         .expect("run svcplane bench datapath");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     // The measured service is the one that sorts last, and it is the pod's.
     assert!(
         stdout.contains("measured: bench/svc-000039 10.96.0.40:80 → "),
@@ -290,12 +333,7 @@ fn bench_runs_every_mode_and_writes_csv_json_and_svg() {
         .arg(out_dir.path())
         .output()
         .expect("run svcplane bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     let read = |name: &str| {
         std::fs::read_to_string(out_dir.path().join(name))
             .unwrap_or_else(|e| panic!("{name}: {e}\n{stdout}"))

@@ -102,6 +102,12 @@ struct Env {
 
 impl Env {
     fn start(extra: &[&str]) -> Env {
+        Self::start_with(extra, |_, _| {})
+    }
+
+    /// [`Env::start`], with `before` run on the cluster and its manifests before the
+    /// proxy starts.
+    fn start_with(extra: &[&str], before: impl FnOnce(&Cluster, &Manifests)) -> Env {
         let cluster = Cluster::builder()
             .node("node-a", "zone-a")
             .node("node-b", "zone-b")
@@ -128,6 +134,7 @@ impl Env {
         manifests
             .write("services.yaml", SERVICES)
             .expect("services");
+        before(&cluster, &manifests);
         let mut args = vec!["--proxy-mode", "ipvs"];
         args.extend_from_slice(extra);
         let proxy = cluster
@@ -146,10 +153,18 @@ impl Env {
     }
 
     fn on_node_a(&self, program: &str, args: &[&str]) -> String {
-        let node = self.cluster.node("node-a").expect("node");
-        let out = run_checked(&mut node.netns().command(program, args))
-            .unwrap_or_else(|e| panic!("{program} {args:?} on node-a: {e}"));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        on_node_a(&self.cluster, program, args)
+    }
+
+    /// SIGTERM to the proxy, which must exit cleanly (leaving its rules).
+    fn stop_proxy(&mut self) {
+        let status = self
+            .proxy
+            .take()
+            .expect("proxy")
+            .terminate()
+            .expect("terminate");
+        assert!(status.success(), "proxy exited with {status}");
     }
 
     fn pod_ip(&self, pod: &str) -> IpAddr {
@@ -195,6 +210,13 @@ impl Env {
     fn ipvsadm(&self) -> BTreeSet<String> {
         normalize(&self.on_node_a("ipvsadm", &["-L", "-n"]))
     }
+}
+
+fn on_node_a(cluster: &Cluster, program: &str, args: &[&str]) -> String {
+    let node = cluster.node("node-a").expect("node");
+    let out = run_checked(&mut node.netns().command(program, args))
+        .unwrap_or_else(|e| panic!("{program} {args:?} on node-a: {e}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Service and real-server lines of an `ipvsadm -L -n` listing, without the version
@@ -369,13 +391,7 @@ fn ipvs_mode_programs_serves_follows_changes_and_cleans_up() {
     );
 
     // SIGTERM leaves the rules; cleanup removes them all.
-    let status = env
-        .proxy
-        .take()
-        .expect("proxy")
-        .terminate()
-        .expect("terminate");
-    assert!(status.success(), "proxy exited with {status}");
+    env.stop_proxy();
     assert!(!env.ipvsadm().is_empty());
     env.on_node_a(
         env!("CARGO_BIN_EXE_svcplane"),
@@ -474,13 +490,7 @@ fn another_mode_removes_ipvs_leftovers_at_startup() {
         wait_until(WAIT, || !env.ipvsadm().is_empty()),
         "nothing programmed"
     );
-    let status = env
-        .proxy
-        .take()
-        .expect("proxy")
-        .terminate()
-        .expect("terminate");
-    assert!(status.success());
+    env.stop_proxy();
     let nft = env
         .cluster
         .run_proxy(
@@ -496,4 +506,144 @@ fn another_mode_removes_ipvs_leftovers_at_startup() {
     // And the nftables mode serves the same Service.
     assert_eq!(env.tcp("client-a", "10.96.7.3:53").port, 5353);
     drop(nft);
+}
+
+/// Services for `--ipvs-exclude-cidrs 10.96.8.0/24`: `kept` and `frozen` in that range,
+/// `stale` outside it; the test deletes the last two.
+fn excluded_services(with_deleted: bool) -> String {
+    let one = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  selector: {{app: web}}\n  clusterIP: {ip}\n  \
+             ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n"
+        )
+    };
+    let mut out = one("kept", "10.96.8.1");
+    if with_deleted {
+        out += &one("frozen", "10.96.8.2");
+        out += &one("stale", "10.96.7.20");
+    }
+    out
+}
+
+#[test]
+fn excluded_cidrs_are_spared_and_timeouts_reach_the_kernel() {
+    if skip("excluded_cidrs_are_spared_and_timeouts_reach_the_kernel") {
+        return;
+    }
+    let mut env = Env::start_with(
+        &[
+            "--ipvs-exclude-cidrs",
+            "10.96.8.0/24",
+            "--ipvs-tcp-timeout",
+            "1h",
+            "--ipvs-tcpfin-timeout",
+            "1m30s",
+            "--sync-period",
+            "2s",
+        ],
+        |cluster, manifests| {
+            manifests
+                .write("excluded.yaml", &excluded_services(true))
+                .expect("excluded.yaml");
+            // Someone else's virtual servers on addresses svcplane's dummy will hold: one
+            // in the excluded range, one not. And a UDP timeout of theirs, which the
+            // proxy's unset (0) --ipvs-udp-timeout leaves alone.
+            on_node_a(
+                cluster,
+                "ipvsadm",
+                &["-A", "-t", "10.96.8.1:9999", "-s", "rr"],
+            );
+            on_node_a(
+                cluster,
+                "ipvsadm",
+                &["-A", "-t", "10.96.7.1:9999", "-s", "rr"],
+            );
+            on_node_a(cluster, "ipvsadm", &["--set", "0", "0", "77"]);
+        },
+    );
+    let has = |line: &str| env.ipvsadm().contains(line);
+    // The first (full) sync: the foreign one outside the range goes, the excluded one
+    // stays; svcplane's own in the range are programmed as any other and serve.
+    assert!(
+        wait_until(WAIT, || has("TCP 10.96.8.1:80 rr")
+            && has("TCP 10.96.7.20:80 rr")
+            && !has("TCP 10.96.7.1:9999 rr")),
+        "{:?}",
+        env.ipvsadm()
+    );
+    assert!(has("TCP 10.96.8.1:9999 rr"), "{:?}", env.ipvsadm());
+    env.spread("client-a", "10.96.8.1:80");
+
+    // The timeouts, read back over netlink (IPVS_CMD_GET_CONFIG) and by ipvsadm.
+    let node = env.cluster.node("node-a").expect("node");
+    let mut ipvs = svcplane_dataplane::ipvs::genl::Ipvs::open(Some(node.netns().name()))
+        .expect("IPVS in node-a's namespace");
+    let want = svcplane_dataplane::ipvs::Timeouts {
+        tcp: 3600,
+        tcp_fin: 90,
+        udp: 77,
+    };
+    assert_eq!(ipvs.timeouts().expect("GET_CONFIG"), want);
+    let listed = env.on_node_a("ipvsadm", &["-L", "--timeout"]);
+    assert!(
+        listed.contains("Timeout (tcp tcpfin udp): 3600 90 77"),
+        "{listed}"
+    );
+
+    // A partial sync deleting two Services: the one outside the range goes, the one in
+    // it stays (kube-proxy skips excluded addresses in its stale-service cleanup); both
+    // addresses leave the dummy, as there.
+    env.manifests
+        .write("excluded.yaml", &excluded_services(false))
+        .expect("excluded.yaml");
+    assert!(
+        wait_until(WAIT, || !has("TCP 10.96.7.20:80 rr")),
+        "{:?}",
+        env.ipvsadm()
+    );
+    assert!(has("TCP 10.96.8.2:80 rr"), "{:?}", env.ipvsadm());
+    assert!(has("TCP 10.96.8.1:9999 rr"), "{:?}", env.ipvsadm());
+    let dummy = env.on_node_a("ip", &["-o", "addr", "show", "dev", "svcplane-ipvs0"]);
+    assert!(!dummy.contains("10.96.8.2/32"), "{dummy}");
+
+    // A full sync (the dummy deleted behind the proxy's back): a new foreign virtual
+    // server outside the range goes, the excluded one still stays.
+    env.on_node_a("ipvsadm", &["-A", "-t", "10.96.7.1:9998", "-s", "rr"]);
+    env.on_node_a("ip", &["link", "del", "svcplane-ipvs0"]);
+    assert!(
+        wait_until(WAIT, || !has("TCP 10.96.7.1:9998 rr")
+            && env.try_tcp("client-a", "10.96.8.1:80").is_ok()),
+        "{:?}",
+        env.ipvsadm()
+    );
+    assert!(has("TCP 10.96.8.1:9999 rr"), "{:?}", env.ipvsadm());
+
+    // Cleanup with the same exclusion removes svcplane's virtual servers but those in
+    // the range (kube-proxy's --cleanup flushes every one; svcplane's spares what is
+    // not its own).
+    env.stop_proxy();
+    env.on_node_a(
+        env!("CARGO_BIN_EXE_svcplane"),
+        &[
+            "cleanup",
+            "--proxy-mode",
+            "ipvs",
+            "--ipvs-exclude-cidrs",
+            "10.96.8.0/24",
+        ],
+    );
+    let left: BTreeSet<String> = env
+        .ipvsadm()
+        .into_iter()
+        .filter(|l| !l.starts_with("->"))
+        .collect();
+    let want: BTreeSet<String> = [
+        "TCP 10.96.8.1:80 rr",
+        "TCP 10.96.8.1:9999 rr",
+        "TCP 10.96.8.2:80 rr",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(left, want);
 }

@@ -168,6 +168,7 @@ pub fn in_cgroup(cgroup: &Path, netns: &str, f: impl FnOnce() -> String) -> io::
                 && libc::write(fd, b"0\n".as_ptr().cast(), 2) == 2
                 && libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) == 0;
             let (out, ok) = if ok {
+                crate::net::settle_in_netns(netns);
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
                     Ok(out) => (out, true),
                     Err(_) => ("in_cgroup: the client panicked".to_owned(), false),

@@ -88,6 +88,8 @@ pub struct ApiRequest {
     /// Decoded query parameters.
     pub query: BTreeMap<String, String>,
     pub authorization: Option<String>,
+    /// When its head was read (for timing a client's lists and watches).
+    pub at: Instant,
 }
 
 impl ApiRequest {
@@ -115,10 +117,34 @@ enum EventKind {
     Deleted,
 }
 
+/// An object as served: its JSON, and its list item already serialized (so a list of
+/// 10k objects is a concatenation, not 10k clones serialized under the lock: the fake must
+/// not be what a benchmark of the client measures).
+#[derive(Debug)]
+struct Stored {
+    object: Value,
+    item: String,
+}
+
+impl Stored {
+    fn new(object: Value) -> Stored {
+        // As the API server: list items carry no kind/apiVersion.
+        let mut item = object.clone();
+        if let Some(map) = item.as_object_mut() {
+            map.remove("kind");
+            map.remove("apiVersion");
+        }
+        Stored {
+            item: item.to_string(),
+            object,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     rv: u64,
-    objects: BTreeMap<(ApiResource, String), Value>,
+    objects: BTreeMap<(ApiResource, String), Stored>,
     history: Vec<HistoryEntry>,
     /// Watches from a resourceVersion below this get 410 Gone.
     compacted: u64,
@@ -220,7 +246,10 @@ impl FakeApiServer {
         let rv = st.rv;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         object["apiVersion"] = json!(resource.api_version());
-        let old = st.objects.insert((resource, key), object.clone());
+        let old = st
+            .objects
+            .insert((resource, key), Stored::new(object.clone()))
+            .map(|s| s.object);
         let kind = if old.is_some() {
             EventKind::Modified
         } else {
@@ -249,7 +278,7 @@ impl FakeApiServer {
             name.to_string()
         };
         let mut st = self.shared.lock();
-        let Some(mut object) = st.objects.remove(&(resource, key)) else {
+        let Some(Stored { mut object, .. }) = st.objects.remove(&(resource, key)) else {
             return false;
         };
         st.rv += 1;
@@ -397,6 +426,7 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
             path: path.to_string(),
             query,
             authorization: request.authorization,
+            at: Instant::now(),
         };
         shared.lock().requests.push(api_request.clone());
         let Some(resource) = ApiResource::ALL.into_iter().find(|r| r.path() == path) else {
@@ -627,27 +657,28 @@ fn status_json(code: u16, reason: &str, message: &str) -> String {
 
 fn list_json(shared: &Shared, resource: ApiResource, selector: &Selector) -> String {
     let st = shared.lock();
-    // As the API server: list items carry no kind/apiVersion.
-    let items: Vec<Value> = st
-        .objects
-        .iter()
-        .filter(|((r, _), obj)| *r == resource && selector.matches(obj))
-        .map(|(_, obj)| {
-            let mut item = obj.clone();
-            if let Some(map) = item.as_object_mut() {
-                map.remove("kind");
-                map.remove("apiVersion");
-            }
-            item
-        })
-        .collect();
-    json!({
+    let head = json!({
         "kind": resource.list_kind(),
         "apiVersion": resource.api_version(),
         "metadata": {"resourceVersion": st.rv.to_string()},
-        "items": items,
     })
-    .to_string()
+    .to_string();
+    // `{...head, "items": [item, ...]}`, spliced by hand from the items' stored JSON.
+    let mut out = String::with_capacity(head.len() + 16);
+    out.push_str(head.strip_suffix('}').unwrap_or(&head));
+    out.push_str(",\"items\":[");
+    let mut first = true;
+    for ((r, _), stored) in &st.objects {
+        if *r == resource && selector.matches(&stored.object) {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(&stored.item);
+        }
+    }
+    out.push_str("]}");
+    out
 }
 
 fn write_response(out: &mut TcpStream, code: u16, reason: &str, body: &str) -> io::Result<()> {
@@ -850,6 +881,22 @@ mod tests {
             filtered.contains("\"a\"") && !filtered.contains("\"b\""),
             "{filtered}"
         );
+        // A JSON list, its items without kind and apiVersion, as the API server's.
+        let body = all.split_once("\r\n\r\n").unwrap().1;
+        let list: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            (list["kind"].as_str(), list["apiVersion"].as_str()),
+            (Some("ServiceList"), Some("v1"))
+        );
+        let names: Vec<&str> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(list["items"][0].get("kind").is_none(), "{body}");
+        assert_eq!(list["items"][0]["spec"]["clusterIP"], "10.96.0.1");
         assert_eq!(
             server.requests()[1].query["labelSelector"],
             "!service.kubernetes.io/service-proxy-name"

@@ -31,9 +31,28 @@ fn enter_netns(name: &str) -> io::Result<()> {
     }
 }
 
+thread_local! {
+    /// The namespace this whole process already runs in: set only in the forked child of
+    /// [`crate::in_cgroup`], which entered it itself.
+    static PROCESS_NETNS: std::cell::RefCell<Option<String>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Mark this (single-threaded, forked) process as living in `netns` for good, so
+/// [`in_netns`] runs there on the calling thread instead of spawning one.
+pub(crate) fn settle_in_netns(netns: &str) {
+    PROCESS_NETNS.with(|n| *n.borrow_mut() = Some(netns.to_owned()));
+}
+
 /// Run `f` on a fresh thread inside the network namespace `netns` (a name under
 /// /run/netns) and return its result. The caller's thread never changes namespace.
+/// In [`crate::in_cgroup`]'s forked child, already in `netns`, `f` runs on the calling
+/// thread: a child forked from a multi-threaded process should not start threads (a lock
+/// another thread held at the fork stays held in the child forever).
 pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    if PROCESS_NETNS.with(|n| n.borrow().as_deref() == Some(netns)) {
+        return Ok(f());
+    }
     std::thread::scope(|scope| {
         scope
             .spawn(|| enter_netns(netns).map(|()| f()))

@@ -3,6 +3,7 @@
 //! attribute as ipvsadm's libipvs (`ipvs_nl_fill_service_attr`, `ipvs_nl_fill_dest_attr`)
 //! encodes them: addresses as 16-byte `union nf_inet_addr`, ports in network byte
 //! order, everything else (the netmask too) in host byte order, nests without NLA_F_NESTED.
+//! Also the connection timeouts (`ipvsadm --set`, `ipvsadm -L --timeout`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -32,9 +33,14 @@ const IPVS_CMD_NEW_DEST: u8 = 5;
 const IPVS_CMD_SET_DEST: u8 = 6;
 const IPVS_CMD_DEL_DEST: u8 = 7;
 const IPVS_CMD_GET_DEST: u8 = 8;
+const IPVS_CMD_SET_CONFIG: u8 = 12;
+const IPVS_CMD_GET_CONFIG: u8 = 13;
 
 const IPVS_CMD_ATTR_SERVICE: u16 = 1;
 const IPVS_CMD_ATTR_DEST: u16 = 2;
+const IPVS_CMD_ATTR_TIMEOUT_TCP: u16 = 4;
+const IPVS_CMD_ATTR_TIMEOUT_TCP_FIN: u16 = 5;
+const IPVS_CMD_ATTR_TIMEOUT_UDP: u16 = 6;
 
 const IPVS_SVC_ATTR_AF: u16 = 1;
 const IPVS_SVC_ATTR_PROTOCOL: u16 = 2;
@@ -60,6 +66,23 @@ const IPVS_DEST_ATTR_ADDR_FAMILY: u16 = 11;
 pub const IP_VS_SVC_F_PERSISTENT: u32 = 0x1;
 /// `IP_VS_CONN_F_MASQ`: masquerade (NAT) forwarding.
 const IP_VS_CONN_F_MASQ: u32 = 0;
+
+/// IPVS's connection timeouts in seconds, per network namespace: established TCP,
+/// TCP in FIN_WAIT, UDP (`ipvsadm --set TCP TCPFIN UDP`). In a SET_CONFIG a 0 leaves
+/// the kernel's value as it is (the kernel skips it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp: u32,
+    pub tcp_fin: u32,
+    pub udp: u32,
+}
+
+impl Timeouts {
+    /// Whether every value is 0: a SET_CONFIG would change nothing.
+    pub fn is_unset(&self) -> bool {
+        *self == Timeouts::default()
+    }
+}
 
 /// A real server as the kernel lists it: what was programmed plus its connection counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +243,21 @@ impl Request {
     pub fn del_dest(key: &VsKey, rs: &RealServer) -> Request {
         Self::dest(IPVS_CMD_DEL_DEST, key, rs)
     }
+    /// SET_CONFIG with all three timeouts, as libipvs's `ipvs_set_timeout` sends them.
+    pub fn set_timeouts(t: &Timeouts) -> Request {
+        let mut attrs = Vec::new();
+        push_attr(&mut attrs, IPVS_CMD_ATTR_TIMEOUT_TCP, &t.tcp.to_ne_bytes());
+        push_attr(
+            &mut attrs,
+            IPVS_CMD_ATTR_TIMEOUT_TCP_FIN,
+            &t.tcp_fin.to_ne_bytes(),
+        );
+        push_attr(&mut attrs, IPVS_CMD_ATTR_TIMEOUT_UDP, &t.udp.to_ne_bytes());
+        Request {
+            cmd: IPVS_CMD_SET_CONFIG,
+            attrs,
+        }
+    }
 
     /// The whole netlink message for generic netlink family `family_id`.
     pub fn encode(&self, family_id: u16, seq: u32) -> Vec<u8> {
@@ -287,6 +325,20 @@ impl Ipvs {
             Err(e) if e.errno() == Some(libc::ESRCH) || e.errno() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The connection timeouts (GET_CONFIG; the kernel replies with SET_CONFIG's
+    /// attributes).
+    pub fn timeouts(&mut self) -> Result<Timeouts, NetlinkError> {
+        let replies = self.socket.request(
+            self.family,
+            NLM_F_REQUEST,
+            &genl_body(IPVS_CMD_GET_CONFIG, IPVS_GENL_VERSION, &[]),
+        )?;
+        replies
+            .iter()
+            .find_map(|p| parse_timeouts(p.get(4..)?))
+            .ok_or_else(|| NetlinkError::Malformed("no timeouts in the GET_CONFIG reply".into()))
     }
 
     /// The real servers of a virtual server, with their connection counts.
@@ -367,6 +419,24 @@ fn parse_service(buf: &[u8]) -> Option<VirtualServer> {
         scheduler: sched,
         persistence: (flags & IP_VS_SVC_F_PERSISTENT != 0).then_some(timeout),
     })
+}
+
+/// The timeouts from GET_CONFIG's reply attributes (after the genlmsghdr); `None`
+/// without any. (A kernel built without IPVS's TCP or UDP support omits those: 0.)
+fn parse_timeouts(buf: &[u8]) -> Option<Timeouts> {
+    let mut t = Timeouts::default();
+    let mut found = false;
+    for (ty, p) in attrs(buf) {
+        let slot = match ty {
+            IPVS_CMD_ATTR_TIMEOUT_TCP => &mut t.tcp,
+            IPVS_CMD_ATTR_TIMEOUT_TCP_FIN => &mut t.tcp_fin,
+            IPVS_CMD_ATTR_TIMEOUT_UDP => &mut t.udp,
+            _ => continue,
+        };
+        *slot = ne_u32(p)?;
+        found = true;
+    }
+    found.then_some(t)
 }
 
 /// A real server from GET_DEST's reply attributes; the family defaults to the service's
@@ -489,6 +559,69 @@ mod tests {
         // An IPv6 service's netmask is 128 in host order (the kernel refuses 128 << 24).
         let six = Request::new_service(&vs("fd00::1", 443, None));
         assert!(six.attrs.ends_with(&nla(9, &128u32.to_le_bytes())));
+    }
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn set_timeouts_matches_libipvs_layout() {
+        // ipvsadm --set 900 120 0: three plain u32 attributes, the 0 included (the
+        // kernel leaves that one alone).
+        let req = Request::set_timeouts(&Timeouts {
+            tcp: 900,
+            tcp_fin: 120,
+            udp: 0,
+        });
+        let mut expected = nla(4, &900u32.to_le_bytes());
+        expected.extend(nla(5, &120u32.to_le_bytes()));
+        expected.extend(nla(6, &0u32.to_le_bytes()));
+        assert_eq!(req.cmd, 12);
+        assert_eq!(req.attrs, expected);
+        let msg = req.encode(0x25, 3);
+        assert_eq!(&msg[16..20], &[12, 1, 0, 0]); // SET_CONFIG, version 1
+        assert_eq!(&msg[20..], &expected[..]);
+    }
+
+    #[test]
+    fn timeouts_parse_back_from_a_get_config_reply() {
+        let t = Timeouts {
+            tcp: 3600,
+            tcp_fin: 90,
+            udp: 77,
+        };
+        assert_eq!(parse_timeouts(&Request::set_timeouts(&t).attrs), Some(t));
+        // Attributes in another order, and one the parser does not know, change nothing.
+        let mut reply = Vec::new();
+        push_attr(&mut reply, IPVS_CMD_ATTR_TIMEOUT_UDP, &300u32.to_ne_bytes());
+        push_attr(&mut reply, 99, &[1, 2, 3, 4]);
+        push_attr(&mut reply, IPVS_CMD_ATTR_TIMEOUT_TCP, &900u32.to_ne_bytes());
+        push_attr(
+            &mut reply,
+            IPVS_CMD_ATTR_TIMEOUT_TCP_FIN,
+            &120u32.to_ne_bytes(),
+        );
+        assert_eq!(
+            parse_timeouts(&reply),
+            Some(Timeouts {
+                tcp: 900,
+                tcp_fin: 120,
+                udp: 300
+            })
+        );
+        let mut udp_only = Vec::new();
+        push_attr(
+            &mut udp_only,
+            IPVS_CMD_ATTR_TIMEOUT_UDP,
+            &300u32.to_ne_bytes(),
+        );
+        assert_eq!(
+            parse_timeouts(&udp_only),
+            Some(Timeouts {
+                udp: 300,
+                ..Timeouts::default()
+            })
+        );
+        assert_eq!(parse_timeouts(&[]), None);
+        assert!(Timeouts::default().is_unset() && !t.is_unset());
     }
 
     #[test]

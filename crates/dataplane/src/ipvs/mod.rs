@@ -23,13 +23,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
+use ipnet::IpNet;
 use svcplane_model::{IpFamily, ServicePortName};
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 
 use crate::conntrack::{ConntrackScope, Reconciler, local_addresses};
 use crate::netlink::NetlinkError;
 use filter::FilterState;
+pub use genl::Timeouts;
 use genl::{Ipvs, Request};
 use link::Links;
 use plan::{Current, Op, VsKey, Wanted};
@@ -48,6 +51,12 @@ pub struct IpvsOptions {
     pub scheduler: String,
     /// `--ipvs-strict-arp`: arp_ignore=1 / arp_announce=2 on all interfaces.
     pub strict_arp: bool,
+    /// `--ipvs-exclude-cidrs`: virtual servers on these addresses are never deleted
+    /// unless svcplane wants them (see [`plan::plan`]), nor by [`IpvsBackend::cleanup`].
+    pub exclude_cidrs: Vec<IpNet>,
+    /// `--ipvs-tcp-timeout`, `--ipvs-tcpfin-timeout`, `--ipvs-udp-timeout`: set once,
+    /// at the first sync; 0 leaves the kernel's value.
+    pub timeouts: Timeouts,
 }
 
 impl Default for IpvsOptions {
@@ -55,8 +64,17 @@ impl Default for IpvsOptions {
         IpvsOptions {
             scheduler: "rr".to_owned(),
             strict_arp: false,
+            exclude_cidrs: Vec::new(),
+            timeouts: Timeouts::default(),
         }
     }
+}
+
+/// A timeout flag's duration in IPVS's unit, whole seconds, cut as kube-proxy's
+/// `uint32(d.Seconds())` cuts it (so under 1s is 0: the kernel's value stays); past
+/// u32 the kernel refuses it (logged at the first sync).
+pub fn timeout_seconds(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
 
 /// A scheduler name checked against [`SCHEDULERS`]; empty means `rr`, as kube-proxy.
@@ -127,6 +145,7 @@ pub struct IpvsBackend {
     nft: Vec<String>,
     needs_full: bool,
     conntrack: Reconciler,
+    /// The sysctls and the timeouts were set (once, at the first sync).
     sysctls_checked: bool,
     /// Virtual servers as last applied.
     applied: BTreeMap<VsKey, Wanted>,
@@ -258,6 +277,29 @@ impl IpvsBackend {
         for w in warnings {
             tracing::warn!("{w}; IPVS mode may misbehave");
         }
+        self.set_timeouts();
+    }
+
+    /// The IPVS timeouts, as kube-proxy sets them at startup (`ipvsadm --set`): only
+    /// when one is given, and a failure is logged, not fatal.
+    fn set_timeouts(&mut self) {
+        let t = self.options.timeouts;
+        if t.is_unset() {
+            return;
+        }
+        let result = self.ipvs().and_then(|ipvs| {
+            ipvs.send(&Request::set_timeouts(&t))
+                .map_err(|e| nl_error("IPVS_CMD_SET_CONFIG", e))
+        });
+        match result {
+            Ok(()) => tracing::info!(
+                tcp = t.tcp,
+                tcpfin = t.tcp_fin,
+                udp = t.udp,
+                "set IPVS timeouts (seconds; 0 left as it was)"
+            ),
+            Err(e) => tracing::error!(error = %e, "failed to configure IPVS timeouts"),
+        }
     }
 
     /// The node's addresses for NodePorts, both families.
@@ -317,7 +359,7 @@ impl IpvsBackend {
                 .map_err(|e| nl_error("listing IPVS real servers", e))?;
             current.insert(key, Current { vs, dests });
         }
-        let plan = plan::plan(&wanted, &current, |_| true);
+        let plan = plan::plan(&wanted, &current, &self.options.exclude_cidrs, |_| true);
         let mut size = self.apply_ops(&plan.ops)?;
         self.draining = plan.draining;
 
@@ -451,7 +493,9 @@ impl IpvsBackend {
                 current.insert(*key, Current { vs, dests });
             }
         }
-        let plan = plan::plan(&wanted, &current, |k| scope.contains(k));
+        let plan = plan::plan(&wanted, &current, &self.options.exclude_cidrs, |k| {
+            scope.contains(k)
+        });
         let mut size = self.apply_ops(&plan.ops)?;
         self.draining = plan.draining;
 
@@ -599,9 +643,9 @@ impl IpvsBackend {
 /// kube-proxy's `CleanupLeftovers` for IPVS mode: a proxy starting in another mode
 /// removes what IPVS mode left (virtual servers, dummy interface, filter tables), so
 /// two sets of Service rules never fight. `None` when IPVS mode never ran here; else
-/// a line for the log.
-pub fn remove_leftovers() -> Option<String> {
-    let mut b = IpvsBackend::default();
+/// a line for the log. `options`' excluded CIDRs are spared.
+pub fn remove_leftovers(options: &IpvsOptions) -> Option<String> {
+    let mut b = IpvsBackend::new(options.clone());
     if !b.present() {
         return None;
     }
@@ -687,7 +731,12 @@ impl Dataplane for IpvsBackend {
         if let Ok(mut ipvs) = Ipvs::open(self.netns.as_deref()) {
             match ipvs.services() {
                 Ok(list) => {
-                    for vs in list.into_iter().filter(|v| addrs.contains(&v.key.addr)) {
+                    // kube-proxy's cleanup flushes every virtual server, excluded or
+                    // not; svcplane's spares what is not its own, so these too.
+                    let exclude = &self.options.exclude_cidrs;
+                    for vs in list.into_iter().filter(|v| {
+                        addrs.contains(&v.key.addr) && !plan::excluded(exclude, &v.key.addr)
+                    }) {
                         if let Err(e) = ipvs.send(&Request::del_service(&vs.key)) {
                             first_error.get_or_insert(nl_error("deleting a virtual server", e));
                         }
@@ -726,7 +775,8 @@ impl Dataplane for IpvsBackend {
 
 /// What a full sync programs, without a kernel: the virtual servers in `ipvsadm -L -n`'s
 /// layout (NodePorts on the Node object's addresses: the proxy uses the kernel's), the
-/// dummy interface's addresses, the sysctls, then the filter tables' nft script.
+/// dummy interface's addresses, the sysctls and timeouts, then the filter tables' nft
+/// script.
 pub fn render(desired: &DesiredState, options: &IpvsOptions) -> Result<String, DataplaneError> {
     let vips = plan::service_addresses(desired);
     let node_addrs: Vec<IpAddr> = desired
@@ -745,6 +795,13 @@ pub fn render(desired: &DesiredState, options: &IpvsOptions) -> Result<String, D
     out.push_str("# sysctls\n");
     for (k, v) in sysctls(options.strict_arp) {
         out.push_str(&format!("# {} = {v}\n", k.replace('/', ".")));
+    }
+    let t = options.timeouts;
+    if !t.is_unset() {
+        out.push_str(&format!(
+            "# timeouts (ipvsadm --set; 0: the kernel's stays): tcp {} tcpfin {} udp {}\n",
+            t.tcp, t.tcp_fin, t.udp
+        ));
     }
     out.push_str(&format!(
         "# packet filter (nft -f): tables ip/ip6 {}\n",

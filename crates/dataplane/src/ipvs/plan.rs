@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use svcplane_model::{Protocol, ServicePortName};
 use svcplane_proxy::{
     DesiredState, ExternalPolicy, FamilyState, NodePortAddresses, ServicePortState, TrafficTarget,
@@ -436,16 +437,25 @@ pub fn drains(protocol: Protocol) -> bool {
     protocol != Protocol::Udp
 }
 
+/// Whether `addr` is in one of `exclude` (`--ipvs-exclude-cidrs`).
+pub fn excluded(exclude: &[IpNet], addr: &IpAddr) -> bool {
+    exclude.iter().any(|c| c.contains(addr))
+}
+
 /// The operations taking `current` (the kernel's virtual servers svcplane owns, among
-/// those `in_scope`) to `wanted` (likewise restricted to `in_scope`).
+/// those `in_scope`) to `wanted` (likewise restricted to `in_scope`). A virtual server
+/// not wanted whose address is in `exclude` stays: kube-proxy's `excludeCIDRs`, which
+/// its stale-virtual-server cleanup skips (someone else's, e.g. a keepalived or kube-vip
+/// VIP's); wanted ones are programmed whatever their address, as there.
 pub fn plan(
     wanted: &BTreeMap<VsKey, Wanted>,
     current: &BTreeMap<VsKey, Current>,
+    exclude: &[IpNet],
     in_scope: impl Fn(&VsKey) -> bool,
 ) -> Plan {
     let mut p = Plan::default();
     for key in current.keys() {
-        if in_scope(key) && !wanted.contains_key(key) {
+        if in_scope(key) && !wanted.contains_key(key) && !excluded(exclude, &key.addr) {
             // As kube-proxy: a Service's virtual server goes at once with the Service.
             p.ops.push(Op::DelService(*key));
         }

@@ -112,6 +112,17 @@ fn current(w: &plan::Wanted, dests: &[(RealServer, u32, u32)]) -> Current {
     }
 }
 
+/// The kernel holding `wanted` as it is, without connections.
+fn kernel_holding(wanted: &BTreeMap<VsKey, plan::Wanted>) -> BTreeMap<VsKey, Current> {
+    wanted
+        .iter()
+        .map(|(k, w)| {
+            let d: Vec<_> = w.reals.iter().map(|r| (*r, 0, 0)).collect();
+            (*k, current(w, &d))
+        })
+        .collect()
+}
+
 #[test]
 fn one_virtual_server_per_frontend_with_the_targets_endpoints() {
     let mut web = svc(
@@ -215,15 +226,9 @@ fn plan_adds_edits_and_deletes_only_differences() {
         vec![],
     );
     let before = plan::virtual_servers(&old, "rr", &[]);
-    let cur: BTreeMap<VsKey, Current> = before
-        .iter()
-        .map(|(k, w)| {
-            let d: Vec<_> = w.reals.iter().map(|r| (*r, 0, 0)).collect();
-            (*k, current(w, &d))
-        })
-        .collect();
+    let cur = kernel_holding(&before);
     let wanted = plan::virtual_servers(&new, "rr", &[]);
-    let p = plan::plan(&wanted, &cur, |_| true);
+    let p = plan::plan(&wanted, &cur, &[], |_| true);
     let ka = key("10.96.0.1", Protocol::Tcp, 80);
     let kb = key("10.96.0.2", Protocol::Tcp, 80);
     assert_eq!(
@@ -244,25 +249,83 @@ fn plan_adds_edits_and_deletes_only_differences() {
     );
     assert!(p.draining.is_empty());
     // Applied: nothing left to do.
-    let applied: BTreeMap<VsKey, Current> = wanted
-        .iter()
-        .map(|(k, w)| {
-            let d: Vec<_> = w.reals.iter().map(|r| (*r, 0, 0)).collect();
-            (*k, current(w, &d))
-        })
-        .collect();
+    let applied = kernel_holding(&wanted);
     assert_eq!(
-        plan::plan(&wanted, &applied, |_| true),
+        plan::plan(&wanted, &applied, &[], |_| true),
         plan::Plan::default()
     );
     // Out of scope: untouched even when different.
     assert_eq!(
-        plan::plan(&wanted, &cur, |k| *k == kb).ops,
+        plan::plan(&wanted, &cur, &[], |k| *k == kb).ops,
         vec![
             Op::AddService(wanted[&kb].vs.clone()),
             Op::AddDest(kb, rs("10.244.0.4", 1)),
         ]
     );
+}
+
+#[test]
+fn excluded_cidrs_keep_unwanted_virtual_servers_but_not_wanted_ones_real_servers() {
+    // Kernel: ours (10.96.0.1), a stale one of ours (10.96.0.9), and two someone else
+    // made on a ClusterIP's address (10.96.0.1:9999) and in an excluded range.
+    let wanted = plan::virtual_servers(
+        &state(
+            vec![
+                svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.2"]),
+                svc("x", Protocol::Tcp, "10.96.8.1", 80, &["10.244.0.5"]),
+            ],
+            vec![],
+        ),
+        "rr",
+        &[],
+    );
+    let old = plan::virtual_servers(
+        &state(
+            vec![
+                svc("a", Protocol::Tcp, "10.96.0.1", 80, &["10.244.0.1"]),
+                svc("x", Protocol::Tcp, "10.96.8.1", 80, &["10.244.0.4"]),
+                svc("gone", Protocol::Tcp, "10.96.0.9", 80, &["10.244.0.9"]),
+                svc("frozen", Protocol::Tcp, "10.96.8.2", 80, &["10.244.0.9"]),
+                svc("other", Protocol::Udp, "10.96.0.1", 9999, &[]),
+                svc("vip", Protocol::Tcp, "10.96.8.1", 9999, &["192.0.2.1"]),
+            ],
+            vec![],
+        ),
+        "rr",
+        &[],
+    );
+    let cur = kernel_holding(&old);
+    let exclude = [net("10.96.8.0/24")];
+    let p = plan::plan(&wanted, &cur, &exclude, |_| true);
+    let x = key("10.96.8.1", Protocol::Tcp, 80);
+    assert_eq!(
+        p.ops,
+        vec![
+            Op::DelService(key("10.96.0.1", Protocol::Udp, 9999)),
+            Op::DelService(key("10.96.0.9", Protocol::Tcp, 80)),
+            Op::AddDest(key("10.96.0.1", Protocol::Tcp, 80), rs("10.244.0.2", 1)),
+            Op::DelDest(key("10.96.0.1", Protocol::Tcp, 80), rs("10.244.0.1", 1)),
+            // A wanted virtual server in an excluded range is svcplane's all the same.
+            Op::AddDest(x, rs("10.244.0.5", 1)),
+            Op::DelDest(x, rs("10.244.0.4", 1)),
+        ]
+    );
+    // Without the exclusion both unwanted ones in 10.96.8.0/24 go too.
+    let all = plan::plan(&wanted, &cur, &[], |_| true);
+    for k in [
+        key("10.96.8.1", Protocol::Tcp, 9999),
+        key("10.96.8.2", Protocol::Tcp, 80),
+    ] {
+        assert!(all.ops.contains(&Op::DelService(k)), "{k:?}");
+        assert!(
+            !p.ops
+                .iter()
+                .any(|op| matches!(op, Op::DelService(d) if *d == k))
+        );
+    }
+    assert!(plan::excluded(&exclude, &ip("10.96.8.200")));
+    assert!(!plan::excluded(&exclude, &ip("10.96.9.1")));
+    assert!(!plan::excluded(&[], &ip("10.96.8.1")));
 }
 
 #[test]
@@ -282,7 +345,7 @@ fn removed_tcp_real_servers_drain_udp_ones_go_at_once() {
         ),
     )]
     .into();
-    let p = plan::plan(&wanted, &cur, |_| true);
+    let p = plan::plan(&wanted, &cur, &[], |_| true);
     assert_eq!(p.ops, vec![Op::EditDest(k, rs("10.244.0.1", 0))]);
     assert_eq!(p.draining, [k].into());
     // Next sync: still connections, already weight 0: nothing, still draining.
@@ -294,7 +357,7 @@ fn removed_tcp_real_servers_drain_udp_ones_go_at_once() {
         ),
     )]
     .into();
-    let p2 = plan::plan(&wanted, &cur2, |_| true);
+    let p2 = plan::plan(&wanted, &cur2, &[], |_| true);
     assert!(p2.ops.is_empty());
     assert_eq!(p2.draining, [k].into());
     // Connections gone: deleted.
@@ -306,7 +369,7 @@ fn removed_tcp_real_servers_drain_udp_ones_go_at_once() {
         ),
     )]
     .into();
-    let p3 = plan::plan(&wanted, &cur3, |_| true);
+    let p3 = plan::plan(&wanted, &cur3, &[], |_| true);
     assert_eq!(p3.ops, vec![Op::DelDest(k, rs("10.244.0.1", 0))]);
     assert!(p3.draining.is_empty());
     // Back before it drained: weight 1 again.
@@ -321,7 +384,7 @@ fn removed_tcp_real_servers_drain_udp_ones_go_at_once() {
         vec![],
     );
     let wanted_back = plan::virtual_servers(&back, "rr", &[]);
-    let p4 = plan::plan(&wanted_back, &cur2, |_| true);
+    let p4 = plan::plan(&wanted_back, &cur2, &[], |_| true);
     assert_eq!(p4.ops, vec![Op::EditDest(k, rs("10.244.0.1", 1))]);
 
     // UDP: at once, even with connections.
@@ -330,7 +393,7 @@ fn removed_tcp_real_servers_drain_udp_ones_go_at_once() {
     let ku = key("10.96.0.5", Protocol::Udp, 53);
     let cu: BTreeMap<VsKey, Current> =
         [(ku, current(&wu[&ku], &[(rs("10.244.0.7", 1), 0, 5)]))].into();
-    let pu = plan::plan(&wu, &cu, |_| true);
+    let pu = plan::plan(&wu, &cu, &[], |_| true);
     assert_eq!(pu.ops, vec![Op::DelDest(ku, rs("10.244.0.7", 1))]);
     assert!(pu.draining.is_empty());
 }
@@ -365,7 +428,7 @@ fn a_service_scheduler_overrides_the_flag() {
         },
     )]
     .into();
-    let p = plan::plan(&wanted, &cur, |x| *x == k);
+    let p = plan::plan(&wanted, &cur, &[], |x| *x == k);
     assert!(
         p.ops.contains(&Op::EditService(wanted[&k].vs.clone())),
         "{:?}",
@@ -422,6 +485,23 @@ fn render_lists_virtual_servers_as_ipvsadm_does() {
         out.contains("add element ip svcplane-ipvs external-masq { 10.0.0.11 . tcp . 30080 }\n")
     );
     assert!(out.contains("add element ip6 svcplane-ipvs hairpin { fd00:244::5 . fd00:244::5 }\n"));
+    // Timeouts: said only when one is set.
+    assert!(!out.contains("# timeouts"));
+    let timed = IpvsOptions {
+        timeouts: super::Timeouts {
+            tcp: 3600,
+            tcp_fin: 0,
+            udp: 45,
+        },
+        ..IpvsOptions::default()
+    };
+    let out = render(&st, &timed).unwrap();
+    assert!(
+        out.contains(
+            "# timeouts (ipvsadm --set; 0: the kernel's stays): tcp 3600 tcpfin 0 udp 45\n"
+        ),
+        "{out}"
+    );
 }
 
 #[test]

@@ -22,6 +22,7 @@ pub const SERVICE_PREFIX: &str = "service-";
 pub const CLUSTER_PREFIX: &str = "cluster-";
 pub const EXTERNAL_POLICY_PREFIX: &str = "extpolicy-";
 pub const EXTERNAL_PREFIX: &str = "external-";
+pub const NODEPORT_PREFIX: &str = "nodeport-";
 pub const FIREWALL_PREFIX: &str = "firewall-";
 pub const ENDPOINT_PREFIX: &str = "endpoint-";
 pub const AFFINITY_PREFIX: &str = "affinity-";

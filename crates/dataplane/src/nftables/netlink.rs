@@ -1539,20 +1539,6 @@ pub mod exprs {
         ]
     }
 
-    /// `numgen random mod K == 0`.
-    pub fn one_in(k: u32) -> [Expr; 2] {
-        [
-            Expr::NumgenRandom {
-                modulus: k,
-                dreg: NFT_REG_1,
-            },
-            Expr::Cmp {
-                neq: false,
-                data: 0u32.to_ne_bytes().to_vec(),
-            },
-        ]
-    }
-
     /// `dnat to A:P` (after `meta l4proto`).
     pub fn dnat_to(ip: &IpAddr, port: u16) -> [Expr; 3] {
         [
@@ -1572,21 +1558,33 @@ pub mod exprs {
         ]
     }
 
-    /// `[meta l4proto P] dnat ip|ip6 to ip daddr . th dport . numgen random mod N map
+    /// `[meta l4proto P] dnat ip|ip6 to [ip daddr .] th dport . numgen random mod N map
     /// @MAP`: the endpoint (address . port) is the map's value for the packet's own
-    /// destination and a random bucket. (`tcp dport` is `th dport` with nft's
-    /// `meta l4proto tcp` dependency: the same expressions.)
-    pub fn dnat_map(v6: bool, protocol: Option<Protocol>, modulus: u32, map: &str) -> Vec<Expr> {
+    /// destination (`with_addr`; else its port alone) and a random bucket. (`tcp dport`
+    /// is `th dport` with nft's `meta l4proto tcp` dependency: the same expressions.)
+    pub fn dnat_map(
+        v6: bool,
+        with_addr: bool,
+        protocol: Option<Protocol>,
+        modulus: u32,
+        map: &str,
+    ) -> Vec<Expr> {
         let mut out = Vec::with_capacity(9);
         if let Some(p) = protocol {
             out.extend(l4proto(p));
         }
-        let port_slot = if v6 { 4 } else { 1 };
-        out.push(load_addr(false, v6, reg(0)));
-        out.push(load_dport(reg(port_slot)));
+        // The key's slots; the value is always address . port.
+        let addr_slots = if v6 { 4 } else { 1 };
+        let key_port_slot = if with_addr {
+            out.push(load_addr(false, v6, reg(0)));
+            addr_slots
+        } else {
+            0
+        };
+        out.push(load_dport(reg(key_port_slot)));
         out.push(Expr::NumgenRandom {
             modulus,
-            dreg: reg(port_slot + 1),
+            dreg: reg(key_port_slot + 1),
         });
         out.push(Expr::Lookup {
             set: SetRef::Named(map.to_owned()),
@@ -1595,7 +1593,7 @@ pub mod exprs {
         });
         out.push(Expr::Dnat {
             family: family_code(v6),
-            proto_reg: reg(port_slot),
+            proto_reg: reg(addr_slots),
             flags: None,
         });
         out

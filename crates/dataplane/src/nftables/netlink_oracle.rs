@@ -392,6 +392,44 @@ fn sets_case(v6: bool) -> Case {
         );
     }
 
+    // A NodePort's endpoint maps: keyed by the port alone.
+    for (p, word) in [
+        (Some(Protocol::Tcp), "tcp"),
+        (Some(Protocol::Udp), "udp"),
+        (Some(Protocol::Sctp), "sctp"),
+    ] {
+        let daddr = Field::TypeofAddr { v6, source: false };
+        let name = format!("nodeport-endpoints-{word}");
+        w.set(
+            &format!(
+                "typeof {word} dport . numgen random mod 1 : {x} daddr . {word} dport ; comment \"node port . bucket : endpoint\" ;"
+            ),
+            SetSpec {
+                data: Some(SetData::Fields(vec![daddr, Field::TypeofDport(p)])),
+                comment: Some("node port . bucket : endpoint".to_owned()),
+                ..SetSpec::new(&name, vec![Field::TypeofDport(p), Field::TypeofNumgen])
+            },
+        );
+        let (e2, e3) = (
+            a("10.244.0.2", "fd00:244::2"),
+            a("10.244.0.3", "fd00:244::3"),
+        );
+        w.elements(
+            &name,
+            &format!("30080 . 0 : {e2} . 8080, 30080 . 1 : {e3} . 9090"),
+            vec![
+                Elem::value(
+                    Key::default().port(30080).bucket(0),
+                    Key::default().ip(&e2).port(8080),
+                ),
+                Elem::value(
+                    Key::default().port(30080).bucket(1),
+                    Key::default().ip(&e3).port(9090),
+                ),
+            ],
+        );
+    }
+
     w.set(
         &format!("type {at} ; flags dynamic,timeout ; timeout 600s ;"),
         SetSpec {
@@ -471,15 +509,26 @@ fn rules_case(v6: bool) -> Case {
     );
     for (p, word) in [(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp")] {
         let daddr = Field::TypeofAddr { v6, source: false };
+        let dport = Field::TypeofDport(Some(p));
         w.set(
             &format!(
                 "typeof {x} daddr . {word} dport . numgen random mod 1 : {x} daddr . {word} dport ;"
             ),
             SetSpec {
-                data: Some(SetData::Fields(vec![daddr, Field::TypeofDport(Some(p))])),
+                data: Some(SetData::Fields(vec![daddr, dport])),
                 ..SetSpec::new(
                     format!("endpoints-{word}"),
-                    vec![daddr, Field::TypeofDport(Some(p)), Field::TypeofNumgen],
+                    vec![daddr, dport, Field::TypeofNumgen],
+                )
+            },
+        );
+        w.set(
+            &format!("typeof {word} dport . numgen random mod 1 : {x} daddr . {word} dport ;"),
+            SetSpec {
+                data: Some(SetData::Fields(vec![daddr, dport])),
+                ..SetSpec::new(
+                    format!("nodeport-endpoints-{word}"),
+                    vec![dport, Field::TypeofNumgen],
                 )
             },
         );
@@ -619,15 +668,6 @@ fn rules_case(v6: bool) -> Case {
     );
     w.rule(
         "c",
-        &format!("numgen random mod 5 == 0 meta l4proto udp dnat to {ep_text}"),
-        cat([
-            v(exprs::one_in(5)),
-            v(exprs::l4proto(Protocol::Udp)),
-            v(exprs::dnat_to(&ep, 8080)),
-        ]),
-    );
-    w.rule(
-        "c",
         "numgen random mod 3 vmap { 0 : goto t, 1 : jump t, 2 : drop }",
         v(exprs::numgen_vmap(vec![
             Verdict::Goto("t".into()),
@@ -641,15 +681,25 @@ fn rules_case(v6: bool) -> Case {
             &format!(
                 "meta l4proto {word} dnat {x} to {x} daddr . th dport . numgen random mod 3 map @endpoints-{word}"
             ),
-            exprs::dnat_map(v6, Some(p), 3, &format!("endpoints-{word}")),
+            exprs::dnat_map(v6, true, Some(p), 3, &format!("endpoints-{word}")),
         );
     }
     // As the render writes it: `tcp dport` brings the `meta l4proto tcp` dependency.
     w.rule(
         "c",
         &format!("dnat {x} to {x} daddr . tcp dport . numgen random mod 16 map @endpoints-tcp"),
-        exprs::dnat_map(v6, Some(Protocol::Tcp), 16, "endpoints-tcp"),
+        exprs::dnat_map(v6, true, Some(Protocol::Tcp), 16, "endpoints-tcp"),
     );
+    // A NodePort's: keyed by the port alone.
+    for (p, word) in [(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp")] {
+        w.rule(
+            "c",
+            &format!(
+                "dnat {x} to {word} dport . numgen random mod 5 map @nodeport-endpoints-{word}"
+            ),
+            exprs::dnat_map(v6, false, Some(p), 5, &format!("nodeport-endpoints-{word}")),
+        );
+    }
     let pods = [n("10.244.0.0/16", "fd00:244::/48")];
     let two = [
         n("10.0.0.0/8", "fd00::/64"),

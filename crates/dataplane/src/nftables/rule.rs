@@ -40,9 +40,8 @@ pub(crate) enum Rule {
         unless_from: Vec<IpNet>,
         mark_chain: &'static str,
     },
-    /// `[numgen random mod K == 0] meta l4proto <proto> dnat to ADDR:PORT`.
+    /// `meta l4proto <proto> dnat to ADDR:PORT`.
     Dnat {
-        one_in: Option<u32>,
         protocol: Protocol,
         addr: IpAddr,
         port: u16,
@@ -107,13 +106,15 @@ pub(crate) enum Rule {
     AffinityUpdate { family: IpFamily, set: String },
     /// `numgen random mod N vmap { 0 : goto C0, 1 : goto C1, … }`.
     NumgenVmap { chains: Vec<String> },
-    /// `dnat <ipx> to <ipx> daddr . <proto> dport . numgen random mod N map @MAP`: the
-    /// endpoint of bucket `numgen` for the packet's own destination, from a map keyed
-    /// `service IP . service port . bucket` (nft adds the `meta l4proto` dependency of
+    /// `dnat <ipx> to [<ipx> daddr .] <proto> dport . numgen random mod N map @MAP`:
+    /// the endpoint of bucket `numgen` for the packet's own destination, from a map keyed
+    /// `[service IP .] service port . bucket` (nft adds the `meta l4proto` dependency of
     /// `<proto> dport` itself, and lists the rule this way).
     DnatMap {
         family: IpFamily,
         protocol: Protocol,
+        /// The key starts with the destination address (not for NodePorts).
+        with_addr: bool,
         modulus: u32,
         map: &'static str,
     },
@@ -183,14 +184,10 @@ impl fmt::Display for Rule {
                 write!(f, "jump {mark_chain}")
             }
             Rule::Dnat {
-                one_in,
                 protocol,
                 addr,
                 port,
             } => {
-                if let Some(k) = one_in {
-                    write!(f, "numgen random mod {k} == 0 ")?;
-                }
                 write!(f, "meta l4proto {} dnat to ", protocol.as_lower())?;
                 match addr {
                     IpAddr::V4(a) => write!(f, "{a}:{port}"),
@@ -284,14 +281,16 @@ impl fmt::Display for Rule {
             Rule::DnatMap {
                 family,
                 protocol,
+                with_addr,
                 modulus,
                 map,
             } => {
                 let (x, p) = (family_word(*family), protocol.as_lower());
-                write!(
-                    f,
-                    "dnat {x} to {x} daddr . {p} dport . numgen random mod {modulus} map @{map}"
-                )
+                write!(f, "dnat {x} to ")?;
+                if *with_addr {
+                    write!(f, "{x} daddr . ")?;
+                }
+                write!(f, "{p} dport . numgen random mod {modulus} map @{map}")
             }
         }
     }
@@ -335,14 +334,10 @@ impl Rule {
                 out.push(exprs::verdict(Verdict::Jump((*mark_chain).to_owned())));
             }
             Rule::Dnat {
-                one_in,
                 protocol,
                 addr,
                 port,
             } => {
-                if let Some(k) = one_in {
-                    out.extend(exprs::one_in(*k));
-                }
                 out.extend(exprs::l4proto(*protocol));
                 out.extend(exprs::dnat_to(addr, *port));
             }
@@ -443,10 +438,12 @@ impl Rule {
             Rule::DnatMap {
                 family,
                 protocol,
+                with_addr,
                 modulus,
                 map,
             } => out.extend(exprs::dnat_map(
                 *family == IpFamily::V6,
+                *with_addr,
                 Some(*protocol),
                 *modulus,
                 map,
@@ -550,18 +547,24 @@ pub(crate) enum SetKind {
     AddrProtoPortVerdicts(IpFamily),
     /// `type inet_proto . inet_service : verdict` (a map).
     ProtoPortVerdicts,
-    /// `typeof ip daddr . tcp dport . numgen random mod 1 : ip daddr . tcp dport` (a
-    /// map): service address . port . bucket → endpoint address . port, for
+    /// `typeof [ip daddr .] tcp dport . numgen random mod 1 : ip daddr . tcp dport` (a
+    /// map): [service address .] port . bucket → endpoint address . port, for
     /// [`Rule::DnatMap`]. (`type ipv4_addr . inet_service . integer` is refused by nft
     /// 1.0.6: "variable sized data types (integer) in concat expressions".)
-    Endpoints(IpFamily, Protocol),
+    Endpoints {
+        family: IpFamily,
+        protocol: Protocol,
+        with_addr: bool,
+    },
 }
 
 impl SetKind {
     pub fn is_map(self) -> bool {
         matches!(
             self,
-            SetKind::AddrProtoPortVerdicts(_) | SetKind::ProtoPortVerdicts | SetKind::Endpoints(..)
+            SetKind::AddrProtoPortVerdicts(_)
+                | SetKind::ProtoPortVerdicts
+                | SetKind::Endpoints { .. }
         )
     }
 }
@@ -587,12 +590,17 @@ impl fmt::Display for SetKind {
                 addr_type(fam)
             ),
             SetKind::ProtoPortVerdicts => f.write_str("type inet_proto . inet_service : verdict"),
-            SetKind::Endpoints(fam, proto) => {
-                let (x, p) = (family_word(fam), proto.as_lower());
-                write!(
-                    f,
-                    "typeof {x} daddr . {p} dport . numgen random mod 1 : {x} daddr . {p} dport"
-                )
+            SetKind::Endpoints {
+                family,
+                protocol,
+                with_addr,
+            } => {
+                let (x, p) = (family_word(family), protocol.as_lower());
+                f.write_str("typeof ")?;
+                if with_addr {
+                    write!(f, "{x} daddr . ")?;
+                }
+                write!(f, "{p} dport . numgen random mod 1 : {x} daddr . {p} dport")
             }
         }
     }

@@ -338,27 +338,36 @@ fn node_port_with_cluster_policy() {
     let mut svc = cluster_ip_service("np", "10.96.0.30", &["10.244.1.9"]);
     svc.node_port = Some(30080);
     let script = render(&state(vec![svc.clone()], vec![])).unwrap();
-    let ext = chain_name("external-", &svc);
+    let ext = chain_name("nodeport-", &svc);
     assert_eq!(
         elements(&script, "ip", "service-nodeports"),
         vec![format!("tcp . 30080 : goto {ext}")]
     );
     let body = chain_body(&script, &ext).unwrap();
     let lines: Vec<&str> = body.lines().map(str::trim).collect();
-    // Internal and external lists are equal, but the service chain chooses by the
-    // packet's destination (the ClusterIP): external traffic has its own chain.
-    let policy = chain_name("extpolicy-", &svc);
+    // The node port chooses its endpoint by the port alone (the destination is any
+    // local address), through the shared chain of its count.
     assert_eq!(
         lines,
         vec![
-            "jump mark-for-masquerade".to_owned(),
-            format!("goto {policy}")
+            "jump mark-for-masquerade",
+            "goto nodeport-endpoints-tcp-mod-1"
         ]
     );
     assert_eq!(
-        chain_body(&script, &policy).unwrap().trim(),
-        "meta l4proto tcp dnat to 10.244.1.9:8080"
+        elements(&script, "ip", "nodeport-endpoints-tcp"),
+        vec!["30080 . 0 : 10.244.1.9 . 8080"]
     );
+    assert_eq!(
+        chain_body(&script, "nodeport-endpoints-tcp-mod-1").map(str::trim),
+        Some("dnat ip to tcp dport . numgen random mod 1 map @nodeport-endpoints-tcp")
+    );
+    assert!(script.contains(
+        "add map ip svcplane nodeport-endpoints-tcp { typeof tcp dport . numgen random mod 1 : ip daddr . tcp dport ;"
+    ));
+    // No external address: no chain for one.
+    assert!(chain_body(&script, &chain_name("external-", &svc)).is_none());
+    assert!(!script.contains("extpolicy-"));
     let services = chain_body(&script, "services").unwrap();
     assert!(services.contains(
         "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports"
@@ -505,37 +514,74 @@ fn external_traffic_policy_local() {
     st.v4.cluster_cidrs = vec![net("10.244.0.0/16")];
     let script = render(&st).unwrap();
     let ext = chain_name("external-", &svc);
-    let origin = chain_name("cluster-", &svc);
-    let local = chain_name("extpolicy-", &svc);
-    let lines: Vec<String> = chain_body(&script, &ext)
-        .unwrap()
-        .lines()
-        .map(|l| l.trim().to_owned())
-        .collect();
+    let np = chain_name("nodeport-", &svc);
+    let lines = |script: &str, chain: &str| -> Vec<String> {
+        chain_body(script, chain)
+            .unwrap()
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .collect()
+    };
+    // Each entry kind selects in its own key space: the LoadBalancer IP by address and
+    // port, the node port by port; the short-circuits (the cluster-wide list of the
+    // same destination) in the origin maps.
+    for (chain, origin, local) in [
+        (&ext, "origin-endpoints-tcp-mod-2", "endpoints-tcp-mod-1"),
+        (
+            &np,
+            "origin-nodeport-endpoints-tcp-mod-2",
+            "nodeport-endpoints-tcp-mod-1",
+        ),
+    ] {
+        assert_eq!(
+            lines(&script, chain),
+            vec![
+                format!("ip saddr 10.244.0.0/16 goto {origin} comment \"short-circuit pod traffic\""),
+                "fib saddr type local jump mark-for-masquerade comment \"masquerade local traffic\""
+                    .to_owned(),
+                format!("fib saddr type local goto {origin} comment \"short-circuit local traffic\""),
+                // External traffic is not masqueraded on the Local path.
+                format!("goto {local}"),
+            ]
+        );
+    }
     assert_eq!(
-        lines,
+        elements(&script, "ip", "endpoints-tcp"),
         vec![
-            format!("ip saddr 10.244.0.0/16 goto {origin} comment \"short-circuit pod traffic\""),
-            "fib saddr type local jump mark-for-masquerade comment \"masquerade local traffic\""
-                .to_owned(),
-            format!("fib saddr type local goto {origin} comment \"short-circuit local traffic\""),
-            format!("goto {local}"),
+            "10.96.0.60 . 80 . 0 : 10.244.1.1 . 8080",
+            "10.96.0.60 . 80 . 1 : 10.244.2.2 . 8080",
+            "203.0.113.60 . 80 . 0 : 10.244.1.1 . 8080",
         ]
     );
-    // local_origin equals internal, but the service chain chooses by the ClusterIP, so
-    // the short-circuits have their own chain; the local-only list has its own chain
-    // over one endpoint.
-    assert_eq!(chain_body(&script, &origin).unwrap().lines().count(), 2);
     assert_eq!(
-        chain_body(&script, &local).unwrap().trim(),
-        "meta l4proto tcp dnat to 10.244.1.1:8080"
+        elements(&script, "ip", "origin-endpoints-tcp"),
+        vec![
+            "203.0.113.60 . 80 . 0 : 10.244.1.1 . 8080",
+            "203.0.113.60 . 80 . 1 : 10.244.2.2 . 8080",
+        ]
     );
-    // External traffic is not masqueraded on the Local path.
-    assert!(
-        !chain_body(&script, &local)
-            .unwrap()
-            .contains("mark-for-masquerade")
+    assert_eq!(
+        elements(&script, "ip", "nodeport-endpoints-tcp"),
+        vec!["30060 . 0 : 10.244.1.1 . 8080"]
     );
+    assert_eq!(
+        elements(&script, "ip", "origin-nodeport-endpoints-tcp"),
+        vec![
+            "30060 . 0 : 10.244.1.1 . 8080",
+            "30060 . 1 : 10.244.2.2 . 8080",
+        ]
+    );
+    assert_eq!(
+        elements(&script, "ip", "service-ips"),
+        vec![
+            format!(
+                "10.96.0.60 . tcp . 80 : goto {}",
+                chain_name("service-", &svc)
+            ),
+            format!("203.0.113.60 . tcp . 80 : goto {ext}"),
+        ]
+    );
+    assert!(!script.contains("extpolicy-") && !script.contains(&chain_name("cluster-", &svc)));
     assert_no_orphan_chains(&script);
 
     // No local endpoint: the short-circuits remain, and the rest is dropped by the
@@ -545,9 +591,14 @@ fn external_traffic_policy_local() {
     let mut st = state(vec![none_local.clone()], vec![]);
     st.v4.cluster_cidrs = vec![net("10.244.0.0/16")];
     let script = render(&st).unwrap();
-    let body = chain_body(&script, &ext).unwrap();
-    assert!(!body.contains("goto extpolicy-"));
-    assert!(body.contains("fib saddr type local goto"));
+    let body = chain_body(&script, &np).unwrap();
+    assert_eq!(
+        body.lines().last().map(str::trim),
+        Some(
+            "fib saddr type local goto origin-nodeport-endpoints-tcp-mod-2 comment \"short-circuit local traffic\""
+        )
+    );
+    assert!(elements(&script, "ip", "nodeport-endpoints-tcp").is_empty());
     assert_eq!(
         elements(&script, "ip", "no-endpoint-nodeports"),
         vec!["tcp . 30060 : drop"]
@@ -558,21 +609,19 @@ fn external_traffic_policy_local() {
     );
     assert_eq!(
         elements(&script, "ip", "service-nodeports"),
-        vec![format!("tcp . 30060 : goto {ext}")]
+        vec![format!("tcp . 30060 : goto {np}")]
     );
     assert_no_orphan_chains(&script);
 
-    // iTP Local as well: internal = external = local only, local_origin = both → the
-    // service chain chooses by ClusterIP among the local endpoints, external traffic
-    // through `extpolicy-`, local_origin through `cluster-`.
+    // iTP Local as well: internal = external = local only, local_origin = both → each
+    // list in its own map, whatever their equality.
     let mut both_local = svc.clone();
     both_local.internal = target(&[0], EmptyVerdict::Drop);
     let script = render(&state(vec![both_local.clone()], vec![])).unwrap();
-    assert!(chain_body(&script, &chain_name("cluster-", &both_local)).is_some());
     assert!(
         chain_body(&script, &chain_name("external-", &both_local))
             .unwrap()
-            .contains(&format!("goto {}", chain_name("extpolicy-", &both_local)))
+            .ends_with("goto endpoints-tcp-mod-1\n")
     );
     assert_eq!(
         chain_body(&script, &chain_name("service-", &both_local))
@@ -618,10 +667,14 @@ fn ipv6_syntax() {
         chain_body(v6_part, "endpoints-udp-mod-1").map(str::trim),
         Some("dnat ip6 to ip6 daddr . udp dport . numgen random mod 1 map @endpoints-udp")
     );
-    // The NodePort's own chain DNATs in place (bracketed IPv6).
+    // The NodePort's selection, keyed by the port alone.
     assert_eq!(
-        chain_body(&script, &chain_name("extpolicy-", &svc)).map(str::trim),
-        Some("meta l4proto udp dnat to [fd00:244::5]:5353")
+        chain_body(v6_part, "nodeport-endpoints-udp-mod-1").map(str::trim),
+        Some("dnat ip6 to udp dport . numgen random mod 1 map @nodeport-endpoints-udp")
+    );
+    assert_eq!(
+        elements(&script, "ip6", "nodeport-endpoints-udp"),
+        vec!["30053 . 0 : fd00:244::5 . 5353"]
     );
     assert_eq!(
         elements(&script, "ip6", "hairpin"),
@@ -750,6 +803,12 @@ fn conflicting_keys_keep_the_first_service() {
             chain_name("external-", &a)
         )]
     );
+    // Its endpoint buckets are the same service's.
+    let buckets: Vec<&str> = elements(&script, "ip", "endpoints-tcp")
+        .into_iter()
+        .filter(|e| e.starts_with("198.51.100.1 "))
+        .collect();
+    assert_eq!(buckets, vec!["198.51.100.1 . 80 . 0 : 10.244.1.1 . 8080"]);
 }
 
 #[test]
@@ -811,7 +870,12 @@ fn renders_a_large_state_completely() {
     let st = state(services, vec![]);
     // Correctness at scale only; speed is measured by benchmarks, not asserted in tests.
     let script = render(&st).unwrap();
-    assert_eq!(script.matches("dnat to").count(), 100_000);
+    assert_eq!(elements(&script, "ip", "endpoints-tcp").len(), 100_000);
+    // 2000 node ports, each the first claimer's 10 buckets.
+    assert_eq!(
+        elements(&script, "ip", "nodeport-endpoints-tcp").len(),
+        20_000
+    );
 }
 
 mod partial {

@@ -69,12 +69,13 @@ pub(super) const MAX_REQUESTS: u32 = 100_000;
 const MAX_TARGET_ENDPOINTS: u32 = 5000;
 /// Concurrent clients of the requests-per-second step.
 const RPS_CLIENTS: usize = 4;
-/// Lanes of source ports ([`SourcePorts`]): the three measured paths, then the
+/// Lanes of source ports ([`SourcePorts`]): the four measured paths, then the
 /// requests-per-second clients through the ClusterIP, then those straight to the pod.
 pub(crate) const VIA_LANE: u16 = 0;
 pub(crate) const DIRECT_LANE: u16 = 1;
 const REFERENCE_LANE: u16 = 2;
-const RPS_VIA_LANES: u16 = 3;
+const SPREAD_LANE: u16 = 3;
+const RPS_VIA_LANES: u16 = 4;
 const RPS_DIRECT_LANES: u16 = RPS_VIA_LANES + RPS_CLIENTS as u16;
 /// The Service whose EndpointSlice the one-change rounds rewrite (in `changing.yaml`).
 const CHANGING: &str = "svc-000000";
@@ -195,6 +196,10 @@ pub(super) struct Row {
     pub target_endpoints: u32,
     pub via: Percentiles,
     pub direct: Percentiles,
+    /// With several target endpoints: straight to the pod over all its ports in turn
+    /// (the listening sockets the ClusterIP path reaches; a connection to a socket other
+    /// than the last one's costs the server more, whatever the rules).
+    pub spread: Option<Percentiles>,
     /// Pod to pod on a node without any rules.
     pub reference: Percentiles,
     pub full_sync: Option<f64>,
@@ -233,6 +238,18 @@ impl Row {
             ratio(self.direct.p50, self.reference.p50),
             ratio(self.direct.p99, self.reference.p99),
         );
+        if let Some(spread) = &self.spread {
+            let _ = write!(
+                out,
+                "\n    straight to the pod over its {} ports in turn (the sockets the ClusterIP reaches): \
+                 p50 {:.0} µs p99 {:.0} µs; via ClusterIP ÷ that: p50 {:.2} p99 {:.2}",
+                self.target_endpoints,
+                us(spread.p50),
+                us(spread.p99),
+                ratio(self.via.p50, spread.p50),
+                ratio(self.via.p99, spread.p99),
+            );
+        }
         out
     }
 }
@@ -437,7 +454,7 @@ impl Rig {
         let direct = SocketAddr::new(self.server.into(), POD_PORT);
         let via = SocketAddr::new(target.cluster_ip.into(), SERVICE_PORT);
         let reference = SocketAddr::new(self.ref_server.into(), POD_PORT);
-        let mut paths = [
+        let mut paths = vec![
             Route::new("through the ClusterIP", &self.client, via, VIA_LANE),
             Route::new("straight to the pod at", &self.client, direct, DIRECT_LANE),
             Route::new(
@@ -447,8 +464,22 @@ impl Rig {
                 REFERENCE_LANE,
             ),
         ];
+        if let Ok(n @ 2..) = u16::try_from(spec.target_endpoints) {
+            paths.push(
+                Route::new(
+                    "straight to the pod over its ports at",
+                    &self.client,
+                    direct,
+                    SPREAD_LANE,
+                )
+                .over_ports(n),
+            );
+        }
         measure(&mut paths, spec.requests, stop)?;
-        let [via_p, direct_p, reference_p] = paths.map(|p| Percentiles::of(p.samples));
+        let mut percentiles = paths.into_iter().map(|p| Percentiles::of(p.samples));
+        let mut next = || percentiles.next().flatten().context("no samples");
+        let (via_p, direct_p, reference_p) = (next()?, next()?, next()?);
+        let spread_p = next().ok();
         let rps = if spec.rps {
             let mut progress = Progress::new("requests per second", 2 * u64::from(spec.requests));
             let (c, r) = (&self.client, spec.requests);
@@ -485,9 +516,10 @@ impl Rig {
             row: Row {
                 services: spec.services,
                 target_endpoints: spec.target_endpoints,
-                via: via_p.context("no samples")?,
-                direct: direct_p.context("no samples")?,
-                reference: reference_p.context("no samples")?,
+                via: via_p,
+                direct: direct_p,
+                spread: spread_p,
+                reference: reference_p,
                 full_sync,
             },
             rps,
@@ -630,6 +662,8 @@ pub(crate) struct Route {
     /// The client pod's namespace: its sockets are created there.
     netns: String,
     dst: SocketAddr,
+    /// Request `i` goes to `dst`'s port + `i % dst_ports`.
+    dst_ports: u16,
     ports: SourcePorts,
     /// Sockets made in advance, a batch at a time (see [`new_sockets`]).
     spare: Vec<Socket>,
@@ -644,9 +678,18 @@ impl Route {
             what,
             netns: netns.to_owned(),
             dst,
+            dst_ports: 1,
             ports: SourcePorts::lane(lane),
             spare: Vec::new(),
             samples: Vec::new(),
+        }
+    }
+
+    /// Requests go to `n` consecutive ports from `dst`'s, in turn.
+    pub(crate) fn over_ports(self, n: u16) -> Route {
+        Route {
+            dst_ports: n.max(1),
+            ..self
         }
     }
 
@@ -659,8 +702,11 @@ impl Route {
         let Some(sock) = self.spare.pop() else {
             bail!("no socket made in {}", self.netns);
         };
-        let took = request(sock, self.dst)
-            .with_context(|| format!("request {i} {} {}", self.what, self.dst))?;
+        let mut dst = self.dst;
+        let offset = i % u32::from(self.dst_ports);
+        dst.set_port(dst.port().saturating_add(offset as u16));
+        let took =
+            request(sock, dst).with_context(|| format!("request {i} {} {dst}", self.what))?;
         if keep {
             self.samples.push(took);
         }

@@ -480,28 +480,59 @@ impl Env {
         netns: &str,
         request: impl Fn(&str) -> Result<String, RequestError>,
     ) -> Result<String, RequestError> {
+        let mut outcomes = self.on_node_times(node, netns, 1, request);
+        outcomes.pop().expect("one outcome")
+    }
+
+    /// [`Env::on_node`] `times` times in a row, in one forked client in eBPF mode: a fork
+    /// of this big multi-threaded test process per request is slow on a loaded machine.
+    fn on_node_times(
+        &self,
+        node: &str,
+        netns: &str,
+        times: usize,
+        request: impl Fn(&str) -> Result<String, RequestError>,
+    ) -> Vec<Result<String, RequestError>> {
         let Some(hooks) = self.hooks(node) else {
-            return request(netns);
+            return (0..times).map(|_| request(netns)).collect();
         };
-        // The forked child can only hand back a string: the outcome, then the reply.
-        let out = in_cgroup(hooks.cgroup.path(), netns, || match request(netns) {
-            Ok(reply) => format!("ok\n{reply}"),
-            Err(RequestError::Refused) => "refused\n".into(),
-            Err(RequestError::Timeout) => "timeout\n".into(),
-            Err(RequestError::Unreachable(e)) => format!("unreachable\n{e}"),
-            Err(RequestError::Other(e)) => format!("other\n{e}"),
-        })
-        .map_err(RequestError::Other)?;
-        let (outcome, rest) = out.split_once('\n').unwrap_or((out.as_str(), ""));
-        match outcome {
-            "ok" => Ok(rest.to_string()),
-            "refused" => Err(RequestError::Refused),
-            "timeout" => Err(RequestError::Timeout),
-            "unreachable" => Err(RequestError::Unreachable(std::io::Error::other(
-                rest.to_string(),
-            ))),
-            _ => Err(RequestError::Other(std::io::Error::other(out.clone()))),
-        }
+        // The forked child can only hand back a string: per request the outcome, then
+        // the reply, requests separated by NUL (replies are text).
+        let out = in_cgroup(hooks.cgroup.path(), netns, || {
+            (0..times)
+                .map(|_| match request(netns) {
+                    Ok(reply) => format!("ok\n{reply}"),
+                    Err(RequestError::Refused) => "refused\n".into(),
+                    Err(RequestError::Timeout) => "timeout\n".into(),
+                    Err(RequestError::Unreachable(e)) => format!("unreachable\n{e}"),
+                    Err(RequestError::Other(e)) => format!("other\n{e}"),
+                })
+                .collect::<Vec<_>>()
+                .join("\0")
+        });
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                let e = e.to_string();
+                return (0..times)
+                    .map(|_| Err(RequestError::Other(std::io::Error::other(e.clone()))))
+                    .collect();
+            }
+        };
+        out.split('\0')
+            .map(|one| {
+                let (outcome, rest) = one.split_once('\n').unwrap_or((one, ""));
+                match outcome {
+                    "ok" => Ok(rest.to_string()),
+                    "refused" => Err(RequestError::Refused),
+                    "timeout" => Err(RequestError::Timeout),
+                    "unreachable" => Err(RequestError::Unreachable(std::io::Error::other(
+                        rest.to_string(),
+                    ))),
+                    _ => Err(RequestError::Other(std::io::Error::other(one.to_string()))),
+                }
+            })
+            .collect()
     }
 
     /// The node of `from` (a node or a pod) and its namespace.
@@ -560,23 +591,44 @@ impl Env {
         dst: SocketAddr,
         timeout: Duration,
     ) -> Result<String, RequestError> {
+        let mut outcomes = self.try_tcp_times_within(from, dst, timeout, 1);
+        outcomes.pop().expect("one outcome")
+    }
+
+    /// [`Env::try_tcp`] `times` times in a row (one forked client in eBPF mode).
+    pub fn try_tcp_times(
+        &self,
+        from: &str,
+        dst: SocketAddr,
+        times: usize,
+    ) -> Vec<Result<String, RequestError>> {
+        self.try_tcp_times_within(from, dst, T, times)
+    }
+
+    fn try_tcp_times_within(
+        &self,
+        from: &str,
+        dst: SocketAddr,
+        timeout: Duration,
+        times: usize,
+    ) -> Vec<Result<String, RequestError>> {
         let c = &self.cluster;
+        let repeat =
+            |one: &dyn Fn() -> Result<String, RequestError>| (0..times).map(|_| one()).collect();
         match from {
-            "client-allowed" => c.tcp_request_from(c.client(), self.ip(ALLOWED_SRC), dst, timeout),
+            "client-allowed" => {
+                repeat(&|| c.tcp_request_from(c.client(), self.ip(ALLOWED_SRC), dst, timeout))
+            }
             // Its own address explicitly: for IPv6 the kernel would pick ALLOWED_SRC, the
             // longer prefix match with the 2001:db8:: destinations.
-            "client" => c.tcp_request_from(c.client(), self.client_ip(), dst, timeout),
+            "client" => repeat(&|| c.tcp_request_from(c.client(), self.client_ip(), dst, timeout)),
             _ => {
                 let (node, netns) = self.whereabouts(from);
-                self.on_node(&node, &netns, |ns| {
+                self.on_node_times(&node, &netns, times, |ns| {
                     svcplane_testkit::tcp_request(ns, None, dst, timeout)
                 })
             }
         }
-    }
-
-    pub fn try_udp(&self, from: &str, dst: SocketAddr) -> Result<String, RequestError> {
-        self.try_udp_within(from, dst, T)
     }
 
     /// [`Env::try_udp`] with its own timeout (a fresh source port each time).
@@ -586,12 +638,35 @@ impl Env {
         dst: SocketAddr,
         timeout: Duration,
     ) -> Result<String, RequestError> {
+        let mut outcomes = self.try_udp_times_within(from, dst, timeout, 1);
+        outcomes.pop().expect("one outcome")
+    }
+
+    /// [`Env::try_udp`] `times` times in a row (one forked client in eBPF mode).
+    pub fn try_udp_times(
+        &self,
+        from: &str,
+        dst: SocketAddr,
+        times: usize,
+    ) -> Vec<Result<String, RequestError>> {
+        self.try_udp_times_within(from, dst, T, times)
+    }
+
+    fn try_udp_times_within(
+        &self,
+        from: &str,
+        dst: SocketAddr,
+        timeout: Duration,
+        times: usize,
+    ) -> Vec<Result<String, RequestError>> {
         let c = &self.cluster;
         match from {
-            "client" => c.udp_request_from(c.client(), self.client_ip(), dst, timeout),
+            "client" => (0..times)
+                .map(|_| c.udp_request_from(c.client(), self.client_ip(), dst, timeout))
+                .collect(),
             _ => {
                 let (node, netns) = self.whereabouts(from);
-                self.on_node(&node, &netns, |ns| {
+                self.on_node_times(&node, &netns, times, |ns| {
                     svcplane_testkit::udp_request(ns, None, dst, timeout)
                 })
             }

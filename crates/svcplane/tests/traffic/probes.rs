@@ -217,13 +217,21 @@ impl Env {
     pub fn check(&self, probe: &Probe) {
         let dst = self.dst(probe.to);
         let what = format!("{} {:?} -> {dst}", probe.from, probe.proto);
-        let request = |p: &Probe| match p.proto {
-            Proto::Tcp => self.try_tcp(p.from, dst),
-            Proto::Udp => self.try_udp(p.from, dst),
+        // `times` requests in a row: one forked client in eBPF mode.
+        let requests = |p: &Probe, times: usize| match p.proto {
+            Proto::Tcp => self.try_tcp_times(p.from, dst, times),
+            Proto::Udp => self.try_udp_times(p.from, dst, times),
         };
-        let answer = |p: &Probe| -> EchoReply {
-            let reply = request(p).unwrap_or_else(|e| panic!("{what}: {e}"));
-            svcplane_testkit::parse_echo(&reply).expect("echo reply")
+        let request = |p: &Probe| requests(p, 1).pop().expect("one outcome");
+        let answers = |p: &Probe, times: usize| -> Vec<EchoReply> {
+            requests(p, times)
+                .into_iter()
+                .enumerate()
+                .map(|(i, reply)| {
+                    let reply = reply.unwrap_or_else(|e| panic!("{what}, request {i}: {e}"));
+                    svcplane_testkit::parse_echo(&reply).expect("echo reply")
+                })
+                .collect()
         };
         let own = self.source_ip(probe.from);
         match probe.expect {
@@ -234,13 +242,11 @@ impl Env {
                     // One endpoint: every try must reach it.
                     let tries = if by.len() == 1 { STICKY_TRIES } else { 1 };
                     let want: BTreeSet<IpAddr> = by.iter().map(|p| self.pod_ip(p)).collect();
-                    (0..tries)
-                        .map(|_| {
-                            let r = answer(probe);
-                            assert!(want.contains(&r.pod), "{what}: answered by {r:?}");
-                            r
-                        })
-                        .collect()
+                    let replies = answers(probe, tries);
+                    for r in &replies {
+                        assert!(want.contains(&r.pod), "{what}: answered by {r:?}");
+                    }
+                    replies
                 };
                 for r in replies {
                     assert_eq!(r.port, port, "{what}: {r:?}");
@@ -259,10 +265,11 @@ impl Env {
             }
             Expect::Sticky { by } => {
                 let want: BTreeSet<IpAddr> = by.iter().map(|p| self.pod_ip(p)).collect();
-                let first = answer(probe).pod;
+                let replies = answers(probe, STICKY_TRIES + 1);
+                let first = replies[0].pod;
                 assert!(want.contains(&first), "{what}: answered by {first}");
-                for _ in 0..STICKY_TRIES {
-                    assert_eq!(answer(probe).pod, first, "{what}: not sticky");
+                for r in &replies[1..] {
+                    assert_eq!(r.pod, first, "{what}: not sticky");
                 }
             }
             Expect::Rejected => {

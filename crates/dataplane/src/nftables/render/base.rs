@@ -6,6 +6,7 @@ use svcplane_model::{IpFamily, Protocol};
 
 use super::super::netlink::{self, Op};
 use super::super::rule::{Action, Chain, Hook, Rule, SetDecl, SetKind};
+use super::elements::endpoint_maps;
 use super::{
     CLUSTER_IPS, CLUSTER_IPS_CHECK, FIREWALL_CHECK, FIREWALL_IPS, HAIRPIN, MASQUERADING,
     NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES, NODEPORT_ENDPOINTS_CHECK, NODEPORT_IPS,
@@ -220,12 +221,20 @@ pub(crate) fn shared_sets(family: IpFamily, all_local: bool) -> Vec<Shared> {
         )),
         kept(decl(SERVICE_NODEPORTS, port_map, None, "NodePort traffic")),
     ];
-    out.extend(PROTOCOLS.into_iter().map(|p| {
+    out.extend(endpoint_maps().map(|(k, protocol)| {
         kept(decl(
-            select::endpoints_map(p),
-            SetKind::Endpoints(family, p),
+            select::endpoints_map(k, protocol),
+            SetKind::Endpoints {
+                family,
+                protocol,
+                with_addr: k.with_addr(),
+            },
             None,
-            "service IP . port . bucket : endpoint",
+            if k.with_addr() {
+                "service IP . port . bucket : endpoint"
+            } else {
+                "node port . bucket : endpoint"
+            },
         ))
     }));
     out

@@ -9,7 +9,7 @@ use svcplane_model::{IpFamily, Protocol, ServicePortName};
 use svcplane_proxy::ServicePortState;
 
 use super::base::PROTOCOLS;
-use super::select::endpoints_map;
+use super::select::{Keyed, Selection, endpoints_map};
 use super::service::Targets;
 use super::{
     CLUSTER_IPS, FIREWALL_IPS, FamilyTable, HAIRPIN, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES,
@@ -35,8 +35,9 @@ impl fmt::Display for Verdict {
 }
 
 pub(super) type IpKey = (IpAddr, Protocol, u16);
-/// An endpoints map key (the map is per protocol): service address, port, bucket.
-pub(super) type EndpointKey = (Protocol, IpAddr, u16, u32);
+/// An endpoints map key (the map is per key space and protocol): service address (not
+/// for NodePorts), port, bucket.
+pub(super) type EndpointKey = (Keyed, Protocol, Option<IpAddr>, u16, u32);
 /// An endpoints map value: endpoint address and port.
 pub(super) type EndpointValue = (IpAddr, u16);
 pub(super) type PortKey = (Protocol, u16);
@@ -56,23 +57,26 @@ pub(crate) struct Elements {
     pub no_endpoint_nodeports: BTreeMap<PortKey, Verdict>,
     /// The endpoints maps (see `select`).
     pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
-    /// The selection chains the services use: (protocol, endpoint count).
-    pub selection_chains: BTreeSet<(Protocol, u32)>,
+    /// The selection chains the services use.
+    pub selection_chains: BTreeSet<Selection>,
 }
 
+/// Whether `owner` holds `key` afterwards (it was free, or holds the same value).
 fn claim<K: Ord + fmt::Debug, V: PartialEq>(
     map: &mut BTreeMap<K, V>,
     map_name: &str,
     key: K,
     value: V,
     owner: &ServicePortName,
-) {
+) -> bool {
     match map.entry(key) {
         std::collections::btree_map::Entry::Vacant(e) => {
             e.insert(value);
+            true
         }
         std::collections::btree_map::Entry::Occupied(e) => {
-            if *e.get() != value {
+            let same = *e.get() == value;
+            if !same {
                 tracing::warn!(
                     map = map_name,
                     key = ?e.key(),
@@ -80,6 +84,7 @@ fn claim<K: Ord + fmt::Debug, V: PartialEq>(
                     "key already used by another service port; keeping the first"
                 );
             }
+            same
         }
     }
 }
@@ -103,47 +108,63 @@ impl Elements {
         self.hairpin.extend(hairpin_users(family, svc));
         let name = &svc.name;
         let (protocol, port) = (svc.protocol, svc.port);
+        let keyed = targets.keyed.as_ref();
+        if let Some(lists) = keyed {
+            self.selection_chains.extend(lists.selections(svc));
+        }
+        // The endpoints map elements of a key: only for the service port that holds
+        // its dispatch element, so the two always belong together.
+        let mut buckets =
+            |keyed: Keyed, addr: Option<IpAddr>, port: u16, list: Option<&Vec<usize>>| {
+                for (bucket, &i) in (0u32..).zip(list.into_iter().flatten()) {
+                    let ep = &svc.endpoints[i];
+                    self.endpoints
+                        .insert((keyed, protocol, addr, port, bucket), (ep.ip, ep.port));
+                }
+            };
         if let Some(cip) = svc.cluster_ip {
             self.cluster_ips.insert(cip);
-            if let Some(eps) = &targets.internal_keyed {
-                let count = eps.len() as u32;
-                self.selection_chains.insert((protocol, count));
-                // The first service port to claim the address and port keeps all its
-                // buckets (as it keeps the service-ips element).
-                if !self.endpoints.contains_key(&(protocol, cip, port, 0)) {
-                    for (bucket, &i) in (0..count).zip(eps) {
-                        let ep = &svc.endpoints[i];
-                        self.endpoints
-                            .insert((protocol, cip, port, bucket), (ep.ip, ep.port));
+            match &targets.internal {
+                Some(chain) => {
+                    if claim(
+                        &mut self.service_ips,
+                        SERVICE_IPS,
+                        (cip, protocol, port),
+                        Verdict::Goto(chain.clone()),
+                        name,
+                    ) {
+                        buckets(
+                            Keyed::Addr,
+                            Some(cip),
+                            port,
+                            keyed.and_then(|l| l.internal.as_ref()),
+                        );
                     }
                 }
-            }
-            match &targets.internal {
-                Some(chain) => claim(
-                    &mut self.service_ips,
-                    SERVICE_IPS,
-                    (cip, protocol, port),
-                    Verdict::Goto(chain.clone()),
-                    name,
-                ),
-                None => claim(
-                    &mut self.no_endpoint_services,
-                    NO_ENDPOINT_SERVICES,
-                    (cip, protocol, port),
-                    filter::no_endpoint_verdict(svc.internal.if_empty),
-                    name,
-                ),
+                None => {
+                    claim(
+                        &mut self.no_endpoint_services,
+                        NO_ENDPOINT_SERVICES,
+                        (cip, protocol, port),
+                        filter::no_endpoint_verdict(svc.internal.if_empty),
+                        name,
+                    );
+                }
             }
         }
         for &ip in svc.external_ips.iter().chain(&svc.load_balancer_ips) {
-            if let Some(ext) = &targets.external {
-                claim(
+            if let Some(ext) = &targets.external
+                && claim(
                     &mut self.service_ips,
                     SERVICE_IPS,
                     (ip, protocol, port),
                     Verdict::Goto(ext.clone()),
                     name,
-                );
+                )
+                && let Some(l) = keyed
+            {
+                buckets(Keyed::Addr, Some(ip), port, l.external.as_ref());
+                buckets(Keyed::OriginAddr, Some(ip), port, l.origin.as_ref());
             }
             if targets.external_empty {
                 claim(
@@ -167,14 +188,18 @@ impl Elements {
             }
         }
         if let Some(node_port) = svc.node_port {
-            if let Some(ext) = &targets.external {
-                claim(
+            if let Some(chain) = &targets.node_port
+                && claim(
                     &mut self.service_nodeports,
                     SERVICE_NODEPORTS,
                     (protocol, node_port),
-                    Verdict::Goto(ext.clone()),
+                    Verdict::Goto(chain.clone()),
                     name,
-                );
+                )
+                && let Some(l) = keyed
+            {
+                buckets(Keyed::NodePort, None, node_port, l.external.as_ref());
+                buckets(Keyed::OriginNodePort, None, node_port, l.origin.as_ref());
             }
             if targets.external_empty {
                 claim(
@@ -224,11 +249,20 @@ pub(super) fn port_elem(out: &mut String, ((proto, port), v): (&PortKey, &Verdic
     w!(out, "{} . {port} : {v}", proto.as_lower())
 }
 
+/// An endpoints map key as nft spells it.
+pub(super) fn endpoint_key(out: &mut String, (_, _, ip, port, bucket): &EndpointKey) {
+    if let Some(ip) = ip {
+        w!(out, "{ip} . ");
+    }
+    w!(out, "{port} . {bucket}")
+}
+
 pub(super) fn endpoint_elem(
     out: &mut String,
-    ((_, ip, port, bucket), (ep, ep_port)): (&EndpointKey, &EndpointValue),
+    (key, (ep, ep_port)): (&EndpointKey, &EndpointValue),
 ) {
-    w!(out, "{ip} . {port} . {bucket} : {ep} . {ep_port}")
+    endpoint_key(out, key);
+    w!(out, " : {ep} . {ep_port}")
 }
 
 pub(super) fn hairpin_elem(out: &mut String, ip: &IpAddr) {
@@ -282,28 +316,35 @@ pub(super) fn spell(out: &mut String, t: &str, ft: &FamilyTable) {
         e.service_nodeports.iter(),
         port_elem,
     );
-    for p in PROTOCOLS {
+    for (k, p) in endpoint_maps() {
         element_op(
             out,
             "add",
             t,
-            endpoints_map(p),
-            e.endpoints_of(p),
+            endpoints_map(k, p),
+            e.endpoints_of(k, p),
             endpoint_elem,
         );
     }
 }
 
+/// Every endpoints map: (key space, protocol).
+pub(super) fn endpoint_maps() -> impl Iterator<Item = (Keyed, Protocol)> {
+    Keyed::ALL
+        .into_iter()
+        .flat_map(|k| PROTOCOLS.into_iter().map(move |p| (k, p)))
+}
+
 impl Elements {
-    /// The elements of `protocol`'s endpoints map.
+    /// The elements of the endpoints map of `keyed` and `protocol`.
     pub fn endpoints_of(
         &self,
+        keyed: Keyed,
         protocol: Protocol,
     ) -> impl Iterator<Item = (&EndpointKey, &EndpointValue)> {
-        let from = (protocol, IpAddr::from([0u8; 4]), 0, 0);
         self.endpoints
-            .range(from..)
-            .take_while(move |((p, ..), _)| *p == protocol)
+            .range((keyed, protocol, None, 0, 0)..)
+            .take_while(move |((k, p, ..), _)| (*k, *p) == (keyed, protocol))
     }
 }
 

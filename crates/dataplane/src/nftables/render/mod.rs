@@ -46,7 +46,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::fmt::Write as _;
 
 use ipnet::IpNet;
-use svcplane_model::{IpFamily, Protocol};
+use svcplane_model::IpFamily;
 use svcplane_proxy::{DataplaneError, DesiredState, FamilyState, NodePortAddresses};
 
 use super::rule::{Chain, SetDecl, family_word};
@@ -59,6 +59,7 @@ pub(crate) use ops::family_ops;
 #[cfg(test)]
 pub(crate) use partial::NetlinkPartial;
 pub(crate) use partial::{Partial, hairpin_refs, render_partial};
+use select::Selection;
 
 /// Writing into a `String` cannot fail; these keep the renderer free of `let _ =`.
 macro_rules! w {
@@ -191,7 +192,7 @@ pub(crate) fn family_table(
     block.extend(
         selection_chains(&elements)
             .into_iter()
-            .map(|(p, n)| Decl::Chain(select::selection_chain(family, p, n))),
+            .map(|sel| Decl::Chain(select::selection_chain(family, sel))),
     );
     block.extend(services);
     let nodeport_nets = match &fam.nodeport_addresses {
@@ -208,27 +209,27 @@ pub(crate) fn family_table(
     })
 }
 
-/// The selection chains a full sync declares: every count in use, and
-/// 1..=[`select::PRECREATED_COUNTS`] for every protocol (used or not, so a partial sync
-/// can tell which exist from the previous state alone).
-fn selection_chains(elements: &Elements) -> BTreeSet<(Protocol, u32)> {
+/// The selection chains a full sync declares: every one in use, and counts
+/// 1..=[`select::PRECREATED_COUNTS`] of every endpoints map (used or not, so a partial
+/// sync can tell which exist from the previous state alone).
+fn selection_chains(elements: &Elements) -> BTreeSet<Selection> {
     with_precreated(elements.selection_chains.clone())
 }
 
 /// The selection chains that exist after the last sync of `fam` (a partial sync never
 /// deletes one; the next full sync deletes those no longer used).
-fn selection_chains_of(fam: &FamilyState) -> BTreeSet<(Protocol, u32)> {
+fn selection_chains_of(fam: &FamilyState) -> BTreeSet<Selection> {
     with_precreated(
         fam.services
             .values()
-            .filter_map(|s| select::keyed_selection(s))
+            .flat_map(|s| select::keyed_selections(s))
             .collect(),
     )
 }
 
-fn with_precreated(mut in_use: BTreeSet<(Protocol, u32)>) -> BTreeSet<(Protocol, u32)> {
-    for p in base::PROTOCOLS {
-        in_use.extend((1..=select::PRECREATED_COUNTS).map(|n| (p, n)));
+fn with_precreated(mut in_use: BTreeSet<Selection>) -> BTreeSet<Selection> {
+    for (k, p) in elements::endpoint_maps() {
+        in_use.extend((1..=select::PRECREATED_COUNTS).map(|n| (k, p, n)));
     }
     in_use
 }

@@ -6,8 +6,8 @@ use svcplane_model::IpFamily;
 
 use super::super::netlink::{Elem, Field, Key, Op, SetData, SetSpec, family_code, intervals};
 use super::super::rule::{Chain, SetDecl, SetKind};
-use super::base::PROTOCOLS;
-use super::partial::{ip_key, nl_verdict, port_key};
+use super::elements::endpoint_maps;
+use super::partial::{endpoint_key, endpoint_value, ip_key, nl_verdict, port_key};
 use super::select::endpoints_map;
 use super::{
     CLUSTER_IPS, Decl, FIREWALL_IPS, FamilyTable, HAIRPIN, NO_ENDPOINT_NODEPORTS,
@@ -125,16 +125,11 @@ pub(crate) fn family_ops(ft: &FamilyTable, ops: &mut impl FnMut(Op)) -> Option<(
     add(FIREWALL_IPS, ip_elems(&e.firewall_ips));
     add(SERVICE_IPS, ip_elems(&e.service_ips));
     add(SERVICE_NODEPORTS, port_elems(&e.service_nodeports));
-    for p in PROTOCOLS {
+    for (k, p) in endpoint_maps() {
         add(
-            endpoints_map(p),
-            e.endpoints_of(p)
-                .map(|((_, ip, port, bucket), (ep, ep_port))| {
-                    Elem::value(
-                        Key::default().ip(ip).port(*port).bucket(*bucket),
-                        Key::default().ip(ep).port(*ep_port),
-                    )
-                })
+            endpoints_map(k, p),
+            e.endpoints_of(k, p)
+                .map(|(key, value)| Elem::value(endpoint_key(key), endpoint_value(value)))
                 .collect(),
         );
     }
@@ -154,16 +149,22 @@ pub(super) fn set_spec(decl: &SetDecl) -> Option<SetSpec> {
             Some(SetData::Verdict),
         ),
         SetKind::ProtoPortVerdicts => (vec![Field::Proto, Field::Service], Some(SetData::Verdict)),
-        SetKind::Endpoints(fam, proto) => {
+        SetKind::Endpoints {
+            family,
+            protocol,
+            with_addr,
+        } => {
             let daddr = Field::TypeofAddr {
-                v6: fam == IpFamily::V6,
+                v6: family == IpFamily::V6,
                 source: false,
             };
-            let dport = Field::TypeofDport(Some(proto));
-            (
-                vec![daddr, dport, Field::TypeofNumgen],
-                Some(SetData::Fields(vec![daddr, dport])),
-            )
+            let dport = Field::TypeofDport(Some(protocol));
+            let key = if with_addr {
+                vec![daddr, dport, Field::TypeofNumgen]
+            } else {
+                vec![dport, Field::TypeofNumgen]
+            };
+            (key, Some(SetData::Fields(vec![daddr, dport])))
         }
     };
     let (interval, timeout) = match (decl.flags, decl.timeout_seconds) {

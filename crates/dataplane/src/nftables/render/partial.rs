@@ -11,10 +11,10 @@ use svcplane_proxy::{DataplaneError, DesiredState, Diff, FamilyState};
 use super::super::names;
 use super::super::netlink::{self, Key, Op, Verdict as NlVerdict};
 use super::super::rule::{Chain, family_word};
-use super::base::PROTOCOLS;
 use super::elements::{
     Elements, EndpointKey, EndpointValue, IpKey, PortKey, Verdict, element_op, endpoint_elem,
-    hairpin_elem, hairpin_users, ip_elem, port_elem,
+    endpoint_key as spell_endpoint_key, endpoint_maps, hairpin_elem, hairpin_users, ip_elem,
+    port_elem,
 };
 use super::select::{self, endpoints_map};
 use super::{
@@ -418,6 +418,20 @@ fn set_op<'a>(
     }
 }
 
+/// An endpoints map key in nft's layout.
+pub(super) fn endpoint_key((_, _, ip, port, bucket): &EndpointKey) -> Key {
+    let key = match ip {
+        Some(ip) => Key::default().ip(ip),
+        None => Key::default(),
+    };
+    key.port(*port).bucket(*bucket)
+}
+
+/// An endpoints map value in nft's layout.
+pub(super) fn endpoint_value((ep, ep_port): &EndpointValue) -> Key {
+    Key::default().ip(ep).port(*ep_port)
+}
+
 /// Endpoints map element operations.
 fn endpoint_op<'a>(
     set: &'static str,
@@ -429,12 +443,7 @@ fn endpoint_op<'a>(
         set,
         items: items
             .into_iter()
-            .map(|((_, ip, port, bucket), (ep, ep_port))| {
-                (
-                    Key::default().ip(ip).port(*port).bucket(*bucket),
-                    Key::default().ip(ep).port(*ep_port),
-                )
-            })
+            .map(|(k, v)| (endpoint_key(k), endpoint_value(v)))
             .collect(),
     }
 }
@@ -491,15 +500,13 @@ fn write_elements(
             verdict_op(map, false, port_key),
         );
     }
-    let key_only = |out: &mut String,
-                    ((_, ip, port, bucket), _): (&EndpointKey, &EndpointValue)| {
-        w!(out, "{ip} . {port} . {bucket}")
-    };
-    for p in PROTOCOLS {
-        let map = endpoints_map(p);
+    let key_only =
+        |out: &mut String, (key, _): (&EndpointKey, &EndpointValue)| spell_endpoint_key(out, key);
+    for (k, p) in endpoint_maps() {
+        let map = endpoints_map(k, p);
         let (gone, came) = map_changes(
-            old.endpoints_of(p),
-            new.endpoints_of(p),
+            old.endpoints_of(k, p),
+            new.endpoints_of(k, p),
             |k| old.endpoints.get(k),
             |k| new.endpoints.get(k),
         );
@@ -615,11 +622,11 @@ fn write_chains(
         .elements
         .selection_chains
         .iter()
-        .any(|&(_, n)| n > select::PRECREATED_COUNTS)
+        .any(|&(_, _, n)| n > select::PRECREATED_COUNTS)
     {
         let existing = selection_chains_of(old_fam);
-        for &(p, n) in new.elements.selection_chains.difference(&existing) {
-            let chain = select::selection_chain(new_fam.family, p, n);
+        for &sel in new.elements.selection_chains.difference(&existing) {
+            let chain = select::selection_chain(new_fam.family, sel);
             w.add_chain(&chain.name);
             w.flush_chain(&chain.name);
             w.chain(&chain);

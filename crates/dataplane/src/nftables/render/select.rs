@@ -1,20 +1,22 @@
 //! Endpoint selection: how a balancing chain picks one of its endpoints.
 //!
-//! - ClusterIP traffic of a service without affinity (`concatk`, docs/nftables-scale.md):
-//!   the service chain ends in `goto endpoints-<proto>-mod-N`, a chain shared by every
-//!   service with N endpoints, whose one rule DNATs to the endpoint that the map
-//!   `endpoints-<proto>` holds for `daddr . dport . numgen random mod N`. An endpoint
-//!   swap is then map element operations only; a count change rewrites the service
-//!   chain's `goto`. The map is bound by one rule per count in use, not per service
-//!   (the kernel checks every element against every binding).
-//! - Other traffic (external, eTP Local paths), without affinity: `flat` rules in the
-//!   balancing chain, `numgen random mod (k-n) == 0 … dnat` per endpoint.
-//! - ClientIP affinity: kube-proxy's per-endpoint chains and affinity sets.
+//! - Services without affinity (`concatk`, docs/nftables-scale.md): a chain of the
+//!   service ends in `goto <map>-mod-N`, a chain shared by every service with N
+//!   endpoints in that key space, whose one rule DNATs to the endpoint that the map
+//!   holds for the packet's own destination and `numgen random mod N`. An endpoint swap
+//!   is then map element operations only; a count change rewrites the `goto`. Each map
+//!   is bound by one rule per count in use, not per service (the kernel checks every
+//!   element against every binding). The key spaces ([`Keyed`]): ClusterIPs, external
+//!   and LoadBalancer IPs by `daddr . dport`; NodePorts by `dport` (any local address);
+//!   and, for eTP Local's short-circuit of node-local traffic (a different endpoint list
+//!   for the same destination), both again in maps of their own.
+//! - ClientIP affinity: kube-proxy's per-endpoint chains and affinity sets, chosen by
+//!   `flat` balancing chains (external traffic included).
 
 use std::collections::BTreeSet;
 
 use svcplane_model::{IpFamily, Protocol};
-use svcplane_proxy::{DataplaneError, ServicePortState};
+use svcplane_proxy::{DataplaneError, ExternalPolicy, ServicePortState, TrafficTarget};
 
 use super::super::names;
 use super::super::rule::{Action, Chain, Rule, SetDecl, SetKind};
@@ -24,80 +26,172 @@ use super::super::rule::{Action, Chain, Rule, SetDecl, SetKind};
 /// endpoints map, which walks all its elements).
 pub(super) const PRECREATED_COUNTS: u32 = 16;
 
-/// The endpoints map of `protocol`.
-pub(super) fn endpoints_map(protocol: Protocol) -> &'static str {
-    match protocol {
-        Protocol::Tcp => "endpoints-tcp",
-        Protocol::Udp => "endpoints-udp",
-        Protocol::Sctp => "endpoints-sctp",
+/// An endpoints map's key space: what of the packet selects the endpoint list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Keyed {
+    /// `daddr . dport . bucket`: ClusterIPs, externalIPs and LoadBalancer IPs.
+    Addr,
+    /// `dport . bucket`: NodePorts (the destination is any local address).
+    NodePort,
+    /// As `Addr`, for eTP Local's node-local origin (the cluster-wide list of an
+    /// external address, whose `Addr` elements hold the local one).
+    OriginAddr,
+    /// As `NodePort`, for eTP Local's node-local origin.
+    OriginNodePort,
+}
+
+impl Keyed {
+    pub const ALL: [Keyed; 4] = [
+        Keyed::Addr,
+        Keyed::NodePort,
+        Keyed::OriginAddr,
+        Keyed::OriginNodePort,
+    ];
+
+    /// Whether the key starts with the destination address.
+    pub fn with_addr(self) -> bool {
+        matches!(self, Keyed::Addr | Keyed::OriginAddr)
     }
 }
 
-/// The shared chain choosing among `count` endpoints of `protocol`.
-pub(super) fn selection_chain_name(protocol: Protocol, count: u32) -> String {
-    format!("endpoints-{}-mod-{count}", protocol.as_lower())
+/// A selection: key space, protocol, endpoint count (one shared chain each).
+pub(super) type Selection = (Keyed, Protocol, u32);
+
+/// The endpoints map of `keyed` and `protocol`.
+pub(super) fn endpoints_map(keyed: Keyed, protocol: Protocol) -> &'static str {
+    use {Keyed::*, Protocol::*};
+    match (keyed, protocol) {
+        (Addr, Tcp) => "endpoints-tcp",
+        (Addr, Udp) => "endpoints-udp",
+        (Addr, Sctp) => "endpoints-sctp",
+        (NodePort, Tcp) => "nodeport-endpoints-tcp",
+        (NodePort, Udp) => "nodeport-endpoints-udp",
+        (NodePort, Sctp) => "nodeport-endpoints-sctp",
+        (OriginAddr, Tcp) => "origin-endpoints-tcp",
+        (OriginAddr, Udp) => "origin-endpoints-udp",
+        (OriginAddr, Sctp) => "origin-endpoints-sctp",
+        (OriginNodePort, Tcp) => "origin-nodeport-endpoints-tcp",
+        (OriginNodePort, Udp) => "origin-nodeport-endpoints-udp",
+        (OriginNodePort, Sctp) => "origin-nodeport-endpoints-sctp",
+    }
+}
+
+/// The shared chain choosing among `count` endpoints of a map.
+pub(super) fn selection_chain_name((keyed, protocol, count): Selection) -> String {
+    format!("{}-mod-{count}", endpoints_map(keyed, protocol))
 }
 
 /// The shared chain choosing among `count` endpoints: one `dnat … map` rule.
-pub(super) fn selection_chain(family: IpFamily, protocol: Protocol, count: u32) -> Chain {
+pub(super) fn selection_chain(family: IpFamily, sel: Selection) -> Chain {
+    let (keyed, protocol, count) = sel;
     Chain::new(
-        selection_chain_name(protocol, count),
+        selection_chain_name(sel),
         vec![Rule::DnatMap {
             family,
             protocol,
+            with_addr: keyed.with_addr(),
             modulus: count,
-            map: endpoints_map(protocol),
+            map: endpoints_map(keyed, protocol),
         }],
     )
 }
 
-/// The selection chain a service port's ClusterIP traffic uses, if it chooses through
-/// the endpoints map: (protocol, endpoint count). Services with ClientIP affinity keep
-/// their per-endpoint chains (their `update @affinity-…` rule comes before DNAT).
-pub(super) fn keyed_selection(svc: &ServicePortState) -> Option<(Protocol, u32)> {
-    if svc.cluster_ip.is_none() || svc.affinity_timeout_seconds.is_some() {
-        return None;
-    }
-    let n = svc
-        .internal
+/// A target's endpoint indices that resolve (an out-of-range index is ignored, as
+/// `ServicePortState::target_endpoints` does).
+pub(super) fn resolved(svc: &ServicePortState, target: &TrafficTarget) -> Vec<usize> {
+    target
         .endpoints
         .iter()
-        .filter(|&&i| i < svc.endpoints.len())
-        .count();
-    (n > 0).then_some((svc.protocol, n as u32))
+        .copied()
+        .filter(|&i| i < svc.endpoints.len())
+        .collect()
 }
 
-/// A balancing chain: one choice among endpoints (indices into
-/// `ServicePortState::endpoints`).
+/// The endpoint lists a service port balances over, each only when something will
+/// reference it (`None` when empty or unused).
+pub(crate) struct Lists {
+    /// ClusterIP traffic.
+    pub internal: Option<Vec<usize>>,
+    /// External traffic (externalIPs, LoadBalancer IPs, NodePort) by its policy.
+    pub external: Option<Vec<usize>>,
+    /// eTP Local: external addresses reached from this node or its pods.
+    pub origin: Option<Vec<usize>>,
+    /// Whether the policy is eTP Local (with or without an origin list).
+    pub local: bool,
+}
+
+impl Lists {
+    pub fn of(svc: &ServicePortState) -> Lists {
+        let has_external = svc.has_external();
+        let non_empty = |v: Vec<usize>| (!v.is_empty()).then_some(v);
+        let (local, origin) = match &svc.external_policy {
+            ExternalPolicy::Local { local_origin } => (
+                true,
+                has_external
+                    .then(|| non_empty(resolved(svc, local_origin)))
+                    .flatten(),
+            ),
+            ExternalPolicy::Cluster => (false, None),
+        };
+        Lists {
+            internal: svc
+                .cluster_ip
+                .and_then(|_| non_empty(resolved(svc, &svc.internal))),
+            external: has_external
+                .then(|| non_empty(resolved(svc, &svc.external)))
+                .flatten(),
+            origin,
+            local,
+        }
+    }
+
+    /// The selections these lists use when chosen through the endpoints maps (no
+    /// affinity): what [`super::elements::Elements::claim_service`] records.
+    pub fn selections(&self, svc: &ServicePortState) -> impl Iterator<Item = Selection> {
+        let addrs = !svc.external_ips.is_empty() || !svc.load_balancer_ips.is_empty();
+        let np = svc.node_port.is_some();
+        let count = |l: &Option<Vec<usize>>| l.as_ref().map(|v| v.len() as u32);
+        let p = svc.protocol;
+        let keyed = svc.affinity_timeout_seconds.is_none();
+        [
+            (Keyed::Addr, count(&self.internal)),
+            (Keyed::Addr, count(&self.external).filter(|_| addrs)),
+            (Keyed::NodePort, count(&self.external).filter(|_| np)),
+            (Keyed::OriginAddr, count(&self.origin).filter(|_| addrs)),
+            (Keyed::OriginNodePort, count(&self.origin).filter(|_| np)),
+        ]
+        .into_iter()
+        .filter_map(move |(k, n)| n.filter(|_| keyed).map(|n| (k, p, n)))
+    }
+}
+
+/// The selections a service port's chains go to (see [`Lists::selections`]).
+pub(super) fn keyed_selections(svc: &ServicePortState) -> impl Iterator<Item = Selection> {
+    let lists = Lists::of(svc);
+    lists.selections(svc).collect::<Vec<_>>().into_iter()
+}
+
+/// A balancing chain of a service with ClientIP affinity: one choice among endpoints
+/// (indices into `ServicePortState::endpoints`).
 pub(super) struct Balancer {
     pub name: String,
     pub endpoints: Vec<usize>,
-    /// Chooses through the endpoints map, keyed by the packet's destination (so only
-    /// traffic to the service's ClusterIP may use it).
-    pub keyed: bool,
 }
 
-/// The chain balancing `endpoints`: an existing one with the same list (never a keyed
-/// one, nor when `keyed`), or a new one named by the service and the first target kind
-/// that needs it.
+/// The chain balancing `endpoints`: an existing one with the same list, or a new one
+/// named by the service and the first target kind that needs it.
 pub(super) fn balancer_for(
     balancers: &mut Vec<Balancer>,
     prefix: &str,
     base: &str,
     endpoints: Vec<usize>,
-    keyed: bool,
 ) -> Result<usize, DataplaneError> {
-    if !keyed
-        && let Some(i) = balancers
-            .iter()
-            .position(|b| !b.keyed && b.endpoints == endpoints)
-    {
+    if let Some(i) = balancers.iter().position(|b| b.endpoints == endpoints) {
         return Ok(i);
     }
     balancers.push(Balancer {
         name: names::join(prefix, base)?,
         endpoints,
-        keyed,
     });
     Ok(balancers.len() - 1)
 }
@@ -174,7 +268,6 @@ impl Affinity {
                             set: self.set(i).to_owned(),
                         },
                         Rule::Dnat {
-                            one_in: None,
                             protocol: svc.protocol,
                             addr: ep.ip,
                             port: ep.port,
@@ -186,51 +279,26 @@ impl Affinity {
     }
 }
 
-/// The rules choosing an endpoint of `b` (appended after any masquerade mark).
-pub(super) fn selection_rules(
-    family: IpFamily,
-    svc: &ServicePortState,
-    b: &Balancer,
-    affinity: Option<&Affinity>,
-) -> Vec<Rule> {
-    if b.keyed {
-        return vec![Rule::Always {
-            ct_new: false,
-            action: Action::Goto(selection_chain_name(svc.protocol, b.endpoints.len() as u32)),
-        }];
-    }
-    match affinity {
-        // A sticky client goes back to its endpoint; others pick one at random.
-        Some(a) => b
-            .endpoints
-            .iter()
-            .map(|&i| Rule::AffinityGoto {
-                family,
-                set: a.set(i).to_owned(),
-                chain: a.chain(i).to_owned(),
-            })
-            .chain(std::iter::once(Rule::NumgenVmap {
-                chains: b.endpoints.iter().map(|&i| a.chain(i).to_owned()).collect(),
-            }))
-            .collect(),
-        // Endpoint n of k is taken with probability 1/(k-n) when the earlier ones were
-        // not: each equally likely, as kube-proxy's iptables mode's `statistic
-        // --probability` chain.
-        None => {
-            let k = b.endpoints.len();
-            b.endpoints
-                .iter()
-                .enumerate()
-                .map(|(n, &i)| {
-                    let ep = &svc.endpoints[i];
-                    Rule::Dnat {
-                        one_in: (n + 1 < k).then(|| (k - n) as u32),
-                        protocol: svc.protocol,
-                        addr: ep.ip,
-                        port: ep.port,
-                    }
-                })
-                .collect()
-        }
+/// The rules choosing an endpoint of `b` (appended after any masquerade mark): a
+/// sticky client goes back to its endpoint; others pick one at random.
+pub(super) fn affinity_rules(family: IpFamily, b: &Balancer, a: &Affinity) -> Vec<Rule> {
+    b.endpoints
+        .iter()
+        .map(|&i| Rule::AffinityGoto {
+            family,
+            set: a.set(i).to_owned(),
+            chain: a.chain(i).to_owned(),
+        })
+        .chain(std::iter::once(Rule::NumgenVmap {
+            chains: b.endpoints.iter().map(|&i| a.chain(i).to_owned()).collect(),
+        }))
+        .collect()
+}
+
+/// `goto` the shared selection chain of `sel`.
+pub(super) fn goto_selection(sel: Selection) -> Rule {
+    Rule::Always {
+        ct_new: false,
+        action: Action::Goto(selection_chain_name(sel)),
     }
 }
