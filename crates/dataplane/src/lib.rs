@@ -11,6 +11,7 @@ pub mod kube_proxy;
 mod netlink;
 pub mod nftables;
 pub mod objects;
+mod refs;
 mod tool;
 
 use std::fmt;

@@ -31,10 +31,12 @@ pub mod netlink;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use svcplane_model::{IpFamily, Protocol};
 use svcplane_proxy::{
-    DesiredState, ExternalPolicy, FamilyState, NodePortAddresses, ServicePortState,
+    DesiredState, Diff, ExternalPolicy, FamilyState, NodePortAddresses, ServicePortState,
+    SyncReport,
 };
 
 pub use netlink::{ConntrackSocket, DeleteOutcome, local_addresses};
@@ -91,6 +93,11 @@ impl Flow {
     }
 }
 
+/// Whether `svc`'s flows are reconciled: UDP and SCTP, which have no connection to reset.
+fn reconciled(svc: &ServicePortState) -> bool {
+    matches!(svc.protocol, Protocol::Udp | Protocol::Sctp)
+}
+
 fn protocol_number(p: Protocol) -> u8 {
     match p {
         Protocol::Tcp => IPPROTO_TCP,
@@ -123,12 +130,18 @@ impl<'a> Frontends<'a> {
     /// `local_addrs`: the node's local addresses (any family; loopback is ignored, as the
     /// rules never accept NodePorts there).
     pub fn new(state: &'a FamilyState, local_addrs: &[IpAddr]) -> Frontends<'a> {
+        Frontends::of(state, state.services.values().map(|s| &**s), local_addrs)
+    }
+
+    /// The frontends of `ports` only (service ports of `state`).
+    pub fn of(
+        state: &FamilyState,
+        ports: impl Iterator<Item = &'a ServicePortState>,
+        local_addrs: &[IpAddr],
+    ) -> Frontends<'a> {
         let mut by_addr: HashMap<_, Vec<_>> = HashMap::new();
         let mut node_ports: HashMap<_, Vec<_>> = HashMap::new();
-        for svc in state.services.values() {
-            if !matches!(svc.protocol, Protocol::Udp | Protocol::Sctp) {
-                continue;
-            }
+        for svc in ports.filter(|s| reconciled(s)) {
             let proto = protocol_number(svc.protocol);
             let external_has_endpoints = !svc.external.endpoints.is_empty()
                 || matches!(&svc.external_policy, ExternalPolicy::Local { local_origin } if !local_origin.endpoints.is_empty());
@@ -272,24 +285,44 @@ impl Reconciler {
         &self.scope
     }
 
-    /// Reconcile both families against `desired`. Nothing happens when disabled, and a
-    /// family without UDP or SCTP service ports is not even dumped.
-    pub fn reconcile(&self, desired: &DesiredState) -> ReconcileReport {
+    /// `report` (of the sync that just programmed `desired`; `changed` as for
+    /// [`Reconciler::reconcile`]) with the reconciliation's counts. Its failures are only
+    /// logged: the rules are in place.
+    pub fn reconcile_into(
+        &self,
+        desired: &DesiredState,
+        changed: Option<&Diff>,
+        mut report: SyncReport,
+    ) -> SyncReport {
+        let ct = self.reconcile(desired, changed);
+        for e in &ct.errors {
+            tracing::warn!(error = %e, "conntrack cleanup failed; stale UDP flows stay until the next sync");
+        }
+        report.conntrack_deleted_v4 = ct.v4.deleted;
+        report.conntrack_deleted_v6 = ct.v6.deleted;
+        report.conntrack_failures = ct.failures();
+        report
+    }
+
+    /// Reconcile both families against `desired`: the flows of every service port, or
+    /// with `changed` (the partial sync that was just applied) of the ports it added or
+    /// changed only; the others' flows were reconciled when they last changed, and their
+    /// endpoints have not since. (One limit: a frontend shared by a changed port and an
+    /// unchanged one, an invalid cluster, loses the unchanged one's flows.) Nothing
+    /// happens when disabled, and a family without such UDP or SCTP service ports is not
+    /// even dumped.
+    pub fn reconcile(&self, desired: &DesiredState, changed: Option<&Diff>) -> ReconcileReport {
         let mut report = ReconcileReport::default();
         let netns = match &self.scope {
             ConntrackScope::Disabled => return report,
             ConntrackScope::CurrentNetns => None,
             ConntrackScope::Netns(name) => Some(name.as_str()),
         };
-        let wanted: Vec<&FamilyState> = desired
+        let wanted: Vec<(&FamilyState, Vec<&ServicePortState>)> = desired
             .families()
             .into_iter()
-            .filter(|state| {
-                state
-                    .services
-                    .values()
-                    .any(|s| matches!(s.protocol, Protocol::Udp | Protocol::Sctp))
-            })
+            .map(|state| (state, reconciled_ports(state, changed)))
+            .filter(|(_, ports)| !ports.is_empty())
             .collect();
         if wanted.is_empty() {
             return report;
@@ -305,8 +338,9 @@ impl Reconciler {
                 return report;
             }
         };
-        for state in wanted {
-            match reconcile_family(&mut socket, state, &addrs) {
+        for (state, ports) in wanted {
+            let frontends = Frontends::of(state, ports.into_iter(), &addrs);
+            match reconcile_family(&mut socket, state.family, &frontends) {
                 Ok(outcome) => match state.family {
                     IpFamily::V4 => report.v4 = outcome,
                     IpFamily::V6 => report.v6 = outcome,
@@ -318,17 +352,38 @@ impl Reconciler {
     }
 }
 
+/// The UDP and SCTP ports of `state` whose flows [`Reconciler::reconcile`] looks at:
+/// every one, or the ones `changed` added or changed (all when the family's globals,
+/// which decide NodePort frontends, changed).
+fn reconciled_ports<'a>(
+    state: &'a FamilyState,
+    changed: Option<&Diff>,
+) -> Vec<&'a ServicePortState> {
+    let ports: Box<dyn Iterator<Item = &Arc<ServicePortState>>> = match changed
+        .map(|d| d.family(state.family))
+        .filter(|d| !d.globals_changed)
+    {
+        Some(fd) => Box::new(
+            fd.added
+                .iter()
+                .chain(&fd.changed)
+                .filter_map(|name| state.services.get(name)),
+        ),
+        None => Box::new(state.services.values()),
+    };
+    ports.map(|s| &**s).filter(|s| reconciled(s)).collect()
+}
+
 fn reconcile_family(
     socket: &mut ConntrackSocket,
-    state: &FamilyState,
-    addrs: &[IpAddr],
+    family: IpFamily,
+    frontends: &Frontends,
 ) -> Result<FamilyOutcome, ConntrackError> {
-    let frontends = Frontends::new(state, addrs);
     if frontends.is_empty() {
         return Ok(FamilyOutcome::default());
     }
     let mut entries = 0;
-    let stale = socket.dump_matching(state.family, |f| {
+    let stale = socket.dump_matching(family, |f| {
         entries += 1;
         frontends.is_stale(f)
     })?;
@@ -338,7 +393,7 @@ fn reconcile_family(
         ..FamilyOutcome::default()
     };
     tracing::debug!(
-        family = ?state.family,
+        family = ?family,
         entries,
         stale = stale.len(),
         "conntrack table reconciled"

@@ -288,7 +288,45 @@ fn disabled_reconciler_does_nothing() {
         v6: FamilyState::empty(IpFamily::V6),
         health_checks: Default::default(),
     };
-    let report = Reconciler::new(ConntrackScope::Disabled).reconcile(&desired);
+    let report = Reconciler::new(ConntrackScope::Disabled).reconcile(&desired, None);
     assert_eq!(report.failures(), 0);
     assert_eq!(report.v4, FamilyOutcome::default());
+}
+
+#[test]
+fn a_partial_sync_reconciles_the_ports_it_added_or_changed_only() {
+    let dns_udp = svc("dns", Protocol::Udp, DNS_IP, &[LIVE]);
+    let dns_tcp = svc("dns-tcp", Protocol::Tcp, "10.96.0.11", &[LIVE]);
+    let other = svc("other", Protocol::Udp, "10.96.0.12", &[GONE]);
+    let state = family(vec![dns_udp.clone(), dns_tcp.clone(), other.clone()]);
+    let names = |ports: Vec<&ServicePortState>| -> Vec<String> {
+        ports
+            .iter()
+            .map(|p| p.name.service.name.to_string())
+            .collect()
+    };
+    // A full sync: every UDP/SCTP port.
+    assert_eq!(names(reconciled_ports(&state, None)), ["dns", "other"]);
+    let mut diff = Diff {
+        previous: None,
+        full: false,
+        v4: Default::default(),
+        v6: Default::default(),
+    };
+    // Nothing changed (the periodic check): nothing to dump.
+    assert!(reconciled_ports(&state, Some(&diff)).is_empty());
+    // A TCP port changed, a UDP one removed: still nothing.
+    diff.v4.changed.insert(dns_tcp.name.clone());
+    diff.v4
+        .removed
+        .insert(svc("gone", Protocol::Udp, "10.96.0.13", &[]).name);
+    assert!(reconciled_ports(&state, Some(&diff)).is_empty());
+    diff.v4.added.insert(other.name.clone());
+    assert_eq!(names(reconciled_ports(&state, Some(&diff))), ["other"]);
+    // Node-wide settings changed: NodePort frontends may have moved, every port.
+    diff.v4.globals_changed = true;
+    assert_eq!(
+        names(reconciled_ports(&state, Some(&diff))),
+        ["dns", "other"]
+    );
 }

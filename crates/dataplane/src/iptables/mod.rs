@@ -581,17 +581,6 @@ impl IptablesBackend {
         ))
     }
 
-    fn reconcile_conntrack(&self, desired: &DesiredState, mut report: SyncReport) -> SyncReport {
-        let ct = self.conntrack.reconcile(desired);
-        for e in &ct.errors {
-            tracing::warn!(error = %e, "conntrack cleanup failed; stale UDP flows stay until the next sync");
-        }
-        report.conntrack_deleted_v4 = ct.v4.deleted;
-        report.conntrack_deleted_v6 = ct.v6.deleted;
-        report.conntrack_failures = ct.failures();
-        report
-    }
-
     /// Whether svcplane's chains are in this host's (or namespace's) tables.
     pub fn has_chains(&mut self) -> bool {
         (0..2).any(|fi| {
@@ -619,7 +608,7 @@ impl Dataplane for IptablesBackend {
             if let Some(mut report) = self.try_partial(desired, diff, &mut failed)? {
                 self.needs_full = false;
                 report.iptables_rules = self.rule_counts();
-                return Ok(self.reconcile_conntrack(desired, report));
+                return Ok(self.conntrack.reconcile_into(desired, Some(diff), report));
             }
             partial_failures = u64::from(failed);
         }
@@ -636,7 +625,7 @@ impl Dataplane for IptablesBackend {
         self.needs_full = false;
         report.partial_restore_failures = partial_failures;
         report.iptables_rules = self.rule_counts();
-        Ok(self.reconcile_conntrack(desired, report))
+        Ok(self.conntrack.reconcile_into(desired, None, report))
     }
 
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {

@@ -32,6 +32,7 @@ use crate::nftables::MASQUERADE_MARK;
 use crate::nftables::names::{FIREWALL_PREFIX, join, service_base};
 use crate::nftables::netlink::{Key, Socket, Verdict, family_code};
 use crate::nftables::render::family_nets;
+use crate::refs::AddrRefs;
 
 /// The tables' name (in families `ip` and `ip6`).
 pub const TABLE: &str = "svcplane-ipvs";
@@ -92,7 +93,7 @@ pub struct FilterState {
     pub cluster_cidrs: Vec<IpNet>,
     /// How many real servers (over every virtual server) each hairpin endpoint is: its
     /// element goes when the last one does.
-    pub hairpin_refs: BTreeMap<IpAddr, u32>,
+    pub hairpin_refs: AddrRefs,
 }
 
 /// One set element added or deleted by [`FilterState::update`], in nft's text and as
@@ -186,7 +187,7 @@ impl FilterState {
             add("service-ips", ip.to_string());
         }
         let mut firewall = Vec::new();
-        let mut hairpin_refs: BTreeMap<IpAddr, u32> = BTreeMap::new();
+        let mut hairpin_refs = AddrRefs::default();
         for w in wanted {
             let addr = w.vs.key.addr;
             if addr.is_ipv4() != v4 {
@@ -209,7 +210,7 @@ impl FilterState {
             }
             for r in &w.reals {
                 add("hairpin", format!("{} . {}", r.addr, r.addr));
-                *hairpin_refs.entry(r.addr).or_insert(0) += 1;
+                hairpin_refs.add(r.addr);
             }
         }
         st.hairpin_refs = hairpin_refs;
@@ -269,14 +270,10 @@ impl FilterState {
                 touch(&self.sets, "hairpin", &text, &|| {
                     Key::default().ip(&r.addr).ip(&r.addr)
                 });
-                if let Some(n) = self.hairpin_refs.get_mut(&r.addr) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.hairpin_refs.remove(&r.addr);
-                        if let Some(s) = self.sets.get_mut("hairpin") {
-                            s.remove(&text);
-                        }
-                    }
+                if self.hairpin_refs.remove(r.addr)
+                    && let Some(s) = self.sets.get_mut("hairpin")
+                {
+                    s.remove(&text);
                 }
             }
         }
@@ -291,7 +288,7 @@ impl FilterState {
                 touch(&self.sets, "hairpin", &text, &|| {
                     Key::default().ip(&r.addr).ip(&r.addr)
                 });
-                *self.hairpin_refs.entry(r.addr).or_insert(0) += 1;
+                self.hairpin_refs.add(r.addr);
                 self.sets.entry("hairpin").or_default().insert(text);
             }
         }

@@ -618,17 +618,6 @@ impl IpvsBackend {
         }
     }
 
-    fn reconcile_conntrack(&self, desired: &DesiredState, mut report: SyncReport) -> SyncReport {
-        let ct = self.conntrack.reconcile(desired);
-        for e in &ct.errors {
-            tracing::warn!(error = %e, "conntrack cleanup failed; stale UDP flows stay until the next sync");
-        }
-        report.conntrack_deleted_v4 = ct.v4.deleted;
-        report.conntrack_deleted_v6 = ct.v6.deleted;
-        report.conntrack_failures = ct.failures();
-        report
-    }
-
     /// Whether `addr` is on kube-proxy's dummy interface (`kube-ipvs0`).
     fn foreign_service_address(&mut self, addr: &IpAddr) -> bool {
         let Ok(links) = self.links() else {
@@ -689,19 +678,19 @@ impl Dataplane for IpvsBackend {
             } else {
                 Ok(None)
             };
-        let report = match partial {
-            Ok(Some(r)) => r,
-            Ok(None) => self.full_sync(desired)?,
+        let (report, changed) = match partial {
+            Ok(Some(r)) => (r, Some(diff)),
+            Ok(None) => (self.full_sync(desired)?, None),
             Err(e) => {
                 tracing::warn!(error = %e, "partial IPVS sync failed; retrying in full");
                 // A socket may hold unread replies after an error.
                 self.ipvs = None;
                 self.links = None;
-                self.full_sync(desired)?
+                (self.full_sync(desired)?, None)
             }
         };
         self.needs_full = false;
-        Ok(self.reconcile_conntrack(desired, report))
+        Ok(self.conntrack.reconcile_into(desired, changed, report))
     }
 
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {

@@ -175,7 +175,7 @@ fn render_everything() -> String {
     for (a, b) in [(0, 1), (1, 0), (0, 2), (2, 1)] {
         let (prev, next) = (&states[a], &states[b]);
         let diff = Diff::between(Some(Arc::new(prev.clone())), next, false);
-        let p = render_partial(prev, next, &diff, Layout::FULL.table)
+        let p = render_partial(prev, next, &diff, Layout::FULL.table, None)
             .expect("render_partial")
             .expect("a partial");
         let _ = writeln!(out, "=== partial {a} -> {b}: script");
@@ -204,7 +204,7 @@ fn render_everything() -> String {
     for (a, b) in [(0, 1), (0, 2), (0, 3)] {
         let (prev, next) = (plain(a), plain(b));
         let diff = Diff::between(Some(Arc::new(prev.clone())), &next, false);
-        let p = render_partial(&prev, &next, &diff, Layout::FULL.table)
+        let p = render_partial(&prev, &next, &diff, Layout::FULL.table, None)
             .expect("render_partial")
             .expect("a partial");
         let _ = writeln!(out, "=== plain partial {a} -> {b}: script");

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use svcplane_proxy::{Dataplane, DataplaneError, DesiredState, Diff, SyncReport};
 
 use crate::conntrack::{ConntrackScope, Reconciler};
+use crate::refs::AddrRefs;
 
 pub use names::nft_identifier_safe;
 pub use render::{Layout, MASQUERADE_MARK, NORTH_SOUTH_TABLE, TABLE, render, render_layout};
@@ -62,6 +63,10 @@ pub struct NftablesBackend {
     netlink_fulls: u64,
     /// Which table and hooks (nftables mode's, or ebpf mode's north-south table).
     layout: Layout,
+    /// The hairpin set's users in the last state applied (`None` while the kernel's
+    /// state is unknown): a partial sync then finds an address's last user leaving
+    /// without walking every service.
+    hairpin: Option<AddrRefs>,
 }
 
 /// Why a netlink batch was not applied.
@@ -113,6 +118,7 @@ impl NftablesBackend {
             netlink_partials: 0,
             netlink_fulls: 0,
             layout: Layout::FULL,
+            hairpin: None,
         }
     }
 
@@ -132,6 +138,7 @@ impl NftablesBackend {
             netlink_partials: 0,
             netlink_fulls: 0,
             layout: Layout::FULL,
+            hairpin: None,
         }
     }
 
@@ -156,6 +163,7 @@ impl NftablesBackend {
                 netlink_partials: 0,
                 netlink_fulls: 0,
                 layout: Layout::FULL,
+                hairpin: None,
             }
         }
     }
@@ -165,19 +173,6 @@ impl NftablesBackend {
     pub fn with_conntrack(mut self, scope: ConntrackScope) -> Self {
         self.conntrack = Reconciler::new(scope);
         self
-    }
-
-    /// `report` with the conntrack reconciler's counts, run now that `desired` is
-    /// programmed. Its failures are only logged: the rules are in place.
-    fn reconcile_conntrack(&self, desired: &DesiredState, mut report: SyncReport) -> SyncReport {
-        let ct = self.conntrack.reconcile(desired);
-        for e in &ct.errors {
-            tracing::warn!(error = %e, "conntrack cleanup failed; stale UDP flows stay until the next sync");
-        }
-        report.conntrack_deleted_v4 = ct.v4.deleted;
-        report.conntrack_deleted_v6 = ct.v6.deleted;
-        report.conntrack_failures = ct.failures();
-        report
     }
 
     /// Program `layout`'s table and hooks instead of nftables mode's.
@@ -407,6 +402,26 @@ impl NftablesBackend {
 }
 
 impl NftablesBackend {
+    /// The full transaction of `tables` (made from `desired`): over netlink, else (or
+    /// when the kernel refuses it there) through nft; its size in bytes.
+    fn send_full(
+        &mut self,
+        desired: &DesiredState,
+        tables: &[render::FamilyTable],
+    ) -> Result<usize, DataplaneError> {
+        match self.full_over_netlink(tables) {
+            Ok(size) => Ok(size),
+            Err(failure) => {
+                if let NetlinkFailure::Refused(e) = failure {
+                    tracing::warn!(error = %e, "full nftables sync over netlink refused; sending it through nft");
+                }
+                let script = render::spell_tables(desired, tables, self.layout.table);
+                self.run(&["-f", "-"], Some(&script))?;
+                Ok(script.len())
+            }
+        }
+    }
+
     /// One partial sync; `None` when it has to be full instead (globals changed, the
     /// tables were tampered with, or nft rejected the partial transaction).
     fn try_partial(
@@ -415,10 +430,26 @@ impl NftablesBackend {
         desired: &DesiredState,
         diff: &Diff,
     ) -> Result<Option<(SyncReport, bool)>, DataplaneError> {
-        let Some(partial) = render::render_partial(previous, desired, diff, self.layout.table)?
+        let hairpin = self.hairpin.take();
+        let Some(partial) =
+            render::render_partial(previous, desired, diff, self.layout.table, hairpin.as_ref())?
         else {
             return Ok(None);
         };
+        let result = self.apply_partial(&partial);
+        // Counted on only once the kernel has the partial.
+        if let (Ok(Some(_)), Some(mut refs)) = (&result, hairpin) {
+            partial.hairpin_users.apply_to(&mut refs);
+            self.hairpin = Some(refs);
+        }
+        result
+    }
+
+    /// Send `partial` (see [`NftablesBackend::try_partial`]).
+    fn apply_partial(
+        &mut self,
+        partial: &render::Partial,
+    ) -> Result<Option<(SyncReport, bool)>, DataplaneError> {
         let netlink_plan = partial
             .netlink
             .as_ref()
@@ -428,7 +459,7 @@ impl NftablesBackend {
             match self.commit_netlink(&plan.ops, true) {
                 Ok(_) => {}
                 // Said when it was found; the text form below does the same sync.
-                Err(NetlinkFailure::Unavailable) => return self.partial_as_text(&partial),
+                Err(NetlinkFailure::Unavailable) => return self.partial_as_text(partial),
                 Err(NetlinkFailure::Refused(e)) => {
                     tracing::warn!(error = %e, "partial nftables sync over netlink failed (tables missing or altered?); retrying in full");
                     return Ok(None);
@@ -451,7 +482,7 @@ impl NftablesBackend {
                 full_next,
             )));
         }
-        self.partial_as_text(&partial)
+        self.partial_as_text(partial)
     }
 
     /// A partial sync through `nft -f` (see [`NftablesBackend::try_partial`]).
@@ -547,32 +578,31 @@ impl Dataplane for NftablesBackend {
             self.needs_full = true;
             if let Some((report, full_next)) = self.try_partial(previous, desired, diff)? {
                 self.needs_full = full_next;
-                return Ok(self.reconcile_conntrack(desired, report));
+                return Ok(self.conntrack.reconcile_into(desired, Some(diff), report));
             }
         }
         self.needs_full = true;
+        self.hairpin = None;
         let tables = render::family_tables(desired, self.layout)?;
         let declared = [0, 1].map(|i| tables.get(i).map(|t| t.declared()).unwrap_or_default());
-        let size = match self.full_over_netlink(&tables) {
-            Ok(size) => size,
-            Err(failure) => {
-                if let NetlinkFailure::Refused(e) = failure {
-                    tracing::warn!(error = %e, "full nftables sync over netlink refused; sending it through nft");
-                }
-                let script = render::spell_tables(desired, &tables, self.layout.table);
-                self.run(&["-f", "-"], Some(&script))?;
-                script.len()
-            }
-        };
+        // The hairpin users are counted on the other core while the kernel takes the
+        // batch (a pass over every endpoint: 500k at 50k services).
+        let (sent, counted) = std::thread::scope(|s| {
+            let counting = s.spawn(|| render::hairpin_refs(desired));
+            (self.send_full(desired, &tables), counting.join())
+        });
+        let size = sent?;
         drop(tables);
         self.delete_stale(&declared);
         self.needs_full = false;
+        // Without counts (the count panicked) partial syncs walk every endpoint instead.
+        self.hairpin = counted.ok();
         let report = SyncReport {
             full: true,
             size,
             ..SyncReport::default()
         };
-        Ok(self.reconcile_conntrack(desired, report))
+        Ok(self.conntrack.reconcile_into(desired, None, report))
     }
 
     fn render(&self, desired: &DesiredState) -> Result<String, DataplaneError> {

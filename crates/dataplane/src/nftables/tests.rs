@@ -881,12 +881,27 @@ fn renders_a_large_state_completely() {
 mod partial {
     use super::*;
     use crate::nftables::netlink::Op;
-    use crate::nftables::render::{NetlinkPartial, Partial, render_partial};
+    use crate::nftables::render::{NetlinkPartial, Partial, hairpin_refs, render_partial};
     use svcplane_proxy::Diff;
 
+    /// The partial from `prev` to `next`, the same whether the hairpin set's users are
+    /// counted (as the backend does) or found by walking `next`; the counts it hands
+    /// back bring `prev`'s to `next`'s.
     fn partial(prev: &DesiredState, next: &DesiredState) -> Option<Partial> {
         let diff = Diff::between(Some(Arc::new(prev.clone())), next, false);
-        render_partial(prev, next, &diff, TABLE).expect("render_partial")
+        let mut refs = hairpin_refs(prev);
+        let counted =
+            render_partial(prev, next, &diff, TABLE, Some(&refs)).expect("render_partial");
+        let walked = render_partial(prev, next, &diff, TABLE, None).expect("render_partial");
+        assert_eq!(
+            counted, walked,
+            "counted hairpin users vs a walk of every service"
+        );
+        if let Some(p) = &counted {
+            p.hairpin_users.apply_to(&mut refs);
+            assert_eq!(refs, hairpin_refs(next));
+        }
+        counted
     }
 
     fn base() -> DesiredState {

@@ -89,17 +89,23 @@ fn claim<K: Ord + fmt::Debug, V: PartialEq>(
     }
 }
 
+/// The hairpin set's addresses `svc` has, one per endpoint: every endpoint address of
+/// `family` (used or not), so the set depends on the endpoint lists alone, which a
+/// partial sync can check cheaply (see `refs::AddrRefs`).
+pub(crate) fn hairpin_users(
+    family: IpFamily,
+    svc: &ServicePortState,
+) -> impl Iterator<Item = IpAddr> {
+    svc.endpoints
+        .iter()
+        .map(|ep| ep.ip)
+        .filter(move |ip| IpFamily::of(ip) == family)
+}
+
 impl Elements {
     /// The elements of `svc`, whose chains are `targets`.
     pub fn claim_service(&mut self, family: IpFamily, svc: &ServicePortState, targets: &Targets) {
-        // Every endpoint address (used or not): the set then depends on the endpoint
-        // lists alone, which a partial sync can check cheaply.
-        self.hairpin.extend(
-            svc.endpoints
-                .iter()
-                .map(|ep| ep.ip)
-                .filter(|ip| IpFamily::of(ip) == family),
-        );
+        self.hairpin.extend(hairpin_users(family, svc));
         let name = &svc.name;
         let (protocol, port) = (svc.protocol, svc.port);
         let keyed = targets.keyed.as_ref();

@@ -58,7 +58,7 @@ pub use masq::MASQUERADE_MARK;
 pub(crate) use ops::family_ops;
 #[cfg(test)]
 pub(crate) use partial::NetlinkPartial;
-pub(crate) use partial::{Partial, render_partial};
+pub(crate) use partial::{Partial, hairpin_refs, render_partial};
 use select::Selection;
 
 /// Writing into a `String` cannot fail; these keep the renderer free of `let _ =`.

@@ -13,13 +13,15 @@ use super::super::netlink::{self, Key, Op, Verdict as NlVerdict};
 use super::super::rule::{Chain, family_word};
 use super::elements::{
     Elements, EndpointKey, EndpointValue, IpKey, PortKey, Verdict, element_op, endpoint_elem,
-    endpoint_key as spell_endpoint_key, endpoint_maps, hairpin_elem, ip_elem, port_elem,
+    endpoint_key as spell_endpoint_key, endpoint_maps, hairpin_elem, hairpin_users, ip_elem,
+    port_elem,
 };
 use super::select::{self, endpoints_map};
 use super::{
     CLUSTER_IPS, Decl, FIREWALL_IPS, HAIRPIN, NO_ENDPOINT_NODEPORTS, NO_ENDPOINT_SERVICES,
     REJECT_CHAIN, SERVICE_IPS, SERVICE_NODEPORTS, family_ctx, selection_chains_of, service, w, wl,
 };
+use crate::refs::AddrRefs;
 
 /// A partial transaction (see [`render_partial`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -33,6 +35,45 @@ pub(crate) struct Partial {
     /// The same two transactions as netlink operations, when every changed service port
     /// can be expressed that way (see [`super::super::netlink`]); `None` otherwise.
     pub netlink: Option<NetlinkPartial>,
+    /// The hairpin set's users (endpoints, see `hairpin_users`) the changed service ports
+    /// had and have: what the caller's [`AddrRefs`] loses and gains once this is applied.
+    pub hairpin_users: HairpinUsers,
+}
+
+/// The hairpin set's users in `state`: every endpoint of every service port (a full
+/// sync's worth of work, done once after one).
+pub(crate) fn hairpin_refs(state: &DesiredState) -> AddrRefs {
+    // At most one address per endpoint.
+    let endpoints =
+        |fam: &FamilyState| -> usize { fam.services.values().map(|s| s.endpoints.len()).sum() };
+    let mut refs = AddrRefs::with_capacity(endpoints(&state.v4), endpoints(&state.v6));
+    for fam in state.families() {
+        refs.extend(
+            fam.services
+                .values()
+                .flat_map(|svc| hairpin_users(fam.family, svc)),
+        );
+    }
+    refs
+}
+
+/// Endpoint addresses, one per endpoint, of the changed service ports' old and new versions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct HairpinUsers {
+    pub gone: Vec<IpAddr>,
+    pub came: Vec<IpAddr>,
+}
+
+impl HairpinUsers {
+    /// `refs` (the users in the state before this partial) brought to the state after it.
+    pub fn apply_to(&self, refs: &mut AddrRefs) {
+        for &ip in &self.gone {
+            refs.remove(ip);
+        }
+        for &ip in &self.came {
+            refs.add(ip);
+        }
+    }
 }
 
 /// [`Partial`]'s transactions as netlink operations.
@@ -55,6 +96,10 @@ pub(crate) struct NetlinkPartial {
 /// the new services need and the previous state had not is created (`add` + `flush`,
 /// as it may be left over from an earlier state).
 ///
+/// `hairpin`: the hairpin set's users in `prev` (every endpoint of every service port),
+/// which tells whether an endpoint address of the changed ports has users elsewhere;
+/// without it, every service port of `next` is walked when an address leaves them.
+///
 /// Limit: a map key claimed by two service ports (an invalid cluster) is resolved as
 /// the full render resolves it only at the next full sync.
 pub(crate) fn render_partial(
@@ -62,6 +107,7 @@ pub(crate) fn render_partial(
     next: &DesiredState,
     diff: &Diff,
     table: &str,
+    hairpin: Option<&AddrRefs>,
 ) -> Result<Option<Partial>, DataplaneError> {
     let mut partial = Partial::default();
     let mut nl = Some(NetlinkPartial::default());
@@ -86,7 +132,7 @@ pub(crate) fn render_partial(
             family: netlink::family_code(family == IpFamily::V6),
             ip_family: family,
         };
-        write_elements(&mut out, &old.elements, &new.elements, new_fam);
+        write_elements(&mut out, &old, &new, new_fam, hairpin);
         write_chains(&mut out, &old, &new, old_fam, new_fam);
         partial.script.push_str(&out.text.deletes);
         partial.script.push_str(&out.text.flushes);
@@ -97,6 +143,8 @@ pub(crate) fn render_partial(
         }
         partial.script.push_str(&out.text.adds);
         partial.stale.push_str(&out.text.stale);
+        partial.hairpin_users.gone.extend(old.hairpin_users);
+        partial.hairpin_users.came.extend(new.hairpin_users);
         match (nl.as_mut(), out.nl) {
             (Some(plan), Some(ops)) => {
                 plan.ops.extend(ops.deletes);
@@ -120,6 +168,8 @@ struct Side {
     decls: Vec<Decl>,
     /// Index into `decls` by name.
     by_name: HashMap<String, usize>,
+    /// Their hairpin set users (see `hairpin_users`).
+    hairpin_users: Vec<IpAddr>,
 }
 
 impl Side {
@@ -132,6 +182,7 @@ impl Side {
             elements: Elements::default(),
             decls: Vec::new(),
             by_name: HashMap::new(),
+            hairpin_users: Vec::new(),
         };
         for name in names {
             if let Some(svc) = fam.services.get(name) {
@@ -139,6 +190,7 @@ impl Side {
                 let mut elements = Elements::default();
                 elements.claim_service(fam.family, svc, &rendered.targets);
                 side.elements.merge(elements);
+                side.hairpin_users.extend(hairpin_users(fam.family, svc));
                 for d in rendered.decls {
                     side.by_name.insert(d.name().to_owned(), side.decls.len());
                     side.decls.push(d);
@@ -397,7 +449,14 @@ fn endpoint_op<'a>(
 }
 
 /// The element changes between the old and new versions of the changed services.
-fn write_elements(w: &mut FamilyWriter, old: &Elements, new: &Elements, new_fam: &FamilyState) {
+fn write_elements(
+    w: &mut FamilyWriter,
+    old_side: &Side,
+    new_side: &Side,
+    new_fam: &FamilyState,
+    hairpin: Option<&AddrRefs>,
+) {
+    let (old, new) = (&old_side.elements, &new_side.elements);
     let ip_only = |out: &mut String, ((ip, proto, port), _): (&IpKey, &Verdict)| {
         w!(out, "{ip} . {} . {port}", proto.as_lower())
     };
@@ -486,8 +545,16 @@ fn write_elements(w: &mut FamilyWriter, old: &Elements, new: &Elements, new_fam:
     // Likewise an endpoint address leaves the hairpin set only when no service port of
     // the new state still has it.
     let mut gone_hairpin: BTreeSet<&IpAddr> = old.hairpin.difference(&new.hairpin).collect();
-    if !gone_hairpin.is_empty() {
-        // One pass over every endpoint, without allocating (100k at 10k services).
+    if let Some(refs) = hairpin.filter(|_| !gone_hairpin.is_empty()) {
+        // The new versions do not have it: it is gone when the old versions were all
+        // its users.
+        let mut old_users: HashMap<&IpAddr, u32> = HashMap::new();
+        for ip in &old_side.hairpin_users {
+            *old_users.entry(ip).or_default() += 1;
+        }
+        gone_hairpin.retain(|ip| refs.count(ip) <= old_users.get(ip).copied().unwrap_or(0));
+    } else if !gone_hairpin.is_empty() {
+        // One pass over every endpoint, without allocating (500k at 50k services).
         'scan: for svc in new_fam.services.values() {
             for ep in &svc.endpoints {
                 gone_hairpin.remove(&ep.ip);
