@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use svcplane_testkit::{
-    Cluster, ClusterBuilder, EchoReply, Manifests, PodSpec, ProxyHandle, RequestError, in_cgroup,
-    parse_echo, skip_unless_root,
+    Cluster, ClusterBuilder, EchoReply, Manifests, PodSpec, Proto, ProxyHandle, RequestError,
+    in_cgroup, parse_echo, skip_unless_root,
 };
 
 use crate::modes;
@@ -591,86 +591,52 @@ impl Env {
         dst: SocketAddr,
         timeout: Duration,
     ) -> Result<String, RequestError> {
-        let mut outcomes = self.try_tcp_times_within(from, dst, timeout, 1);
+        let mut outcomes = self.requests(from, Proto::Tcp, dst, timeout, 1);
         outcomes.pop().expect("one outcome")
     }
 
-    /// [`Env::try_tcp`] `times` times in a row (one forked client in eBPF mode).
-    pub fn try_tcp_times(
-        &self,
-        from: &str,
-        dst: SocketAddr,
-        times: usize,
-    ) -> Vec<Result<String, RequestError>> {
-        self.try_tcp_times_within(from, dst, T, times)
-    }
-
-    fn try_tcp_times_within(
-        &self,
-        from: &str,
-        dst: SocketAddr,
-        timeout: Duration,
-        times: usize,
-    ) -> Vec<Result<String, RequestError>> {
-        let c = &self.cluster;
-        let repeat =
-            |one: &dyn Fn() -> Result<String, RequestError>| (0..times).map(|_| one()).collect();
-        match from {
-            "client-allowed" => {
-                repeat(&|| c.tcp_request_from(c.client(), self.ip(ALLOWED_SRC), dst, timeout))
-            }
-            // Its own address explicitly: for IPv6 the kernel would pick ALLOWED_SRC, the
-            // longer prefix match with the 2001:db8:: destinations.
-            "client" => repeat(&|| c.tcp_request_from(c.client(), self.client_ip(), dst, timeout)),
-            _ => {
-                let (node, netns) = self.whereabouts(from);
-                self.on_node_times(&node, &netns, times, |ns| {
-                    svcplane_testkit::tcp_request(ns, None, dst, timeout)
-                })
-            }
-        }
-    }
-
-    /// [`Env::try_udp`] with its own timeout (a fresh source port each time).
+    /// UDP with its own timeout (a fresh source port each time).
     pub fn try_udp_within(
         &self,
         from: &str,
         dst: SocketAddr,
         timeout: Duration,
     ) -> Result<String, RequestError> {
-        let mut outcomes = self.try_udp_times_within(from, dst, timeout, 1);
+        let mut outcomes = self.requests(from, Proto::Udp, dst, timeout, 1);
         outcomes.pop().expect("one outcome")
     }
 
-    /// [`Env::try_udp`] `times` times in a row (one forked client in eBPF mode).
-    pub fn try_udp_times(
+    /// `times` requests in a row from `from` (see [`Env::tcp`]) to `dst`, each with its
+    /// own socket; one forked client for all of them in eBPF mode.
+    pub fn requests(
         &self,
         from: &str,
-        dst: SocketAddr,
-        times: usize,
-    ) -> Vec<Result<String, RequestError>> {
-        self.try_udp_times_within(from, dst, T, times)
-    }
-
-    fn try_udp_times_within(
-        &self,
-        from: &str,
+        proto: Proto,
         dst: SocketAddr,
         timeout: Duration,
         times: usize,
     ) -> Vec<Result<String, RequestError>> {
         let c = &self.cluster;
-        match from {
-            "client" => (0..times)
-                .map(|_| c.udp_request_from(c.client(), self.client_ip(), dst, timeout))
-                .collect(),
-            _ => {
-                let (node, netns) = self.whereabouts(from);
-                self.on_node_times(&node, &netns, times, |ns| {
-                    svcplane_testkit::udp_request(ns, None, dst, timeout)
+        let client_src = match from {
+            "client-allowed" => Some(self.ip(ALLOWED_SRC)),
+            // Its own address explicitly: for IPv6 the kernel would pick ALLOWED_SRC, the
+            // longer prefix match with the 2001:db8:: destinations.
+            "client" => Some(self.client_ip()),
+            _ => None,
+        };
+        if let Some(src) = client_src {
+            return (0..times)
+                .map(|_| match proto {
+                    Proto::Tcp => c.tcp_request_from(c.client(), src, dst, timeout),
+                    Proto::Udp => c.udp_request_from(c.client(), src, dst, timeout),
                 })
-            }
+                .collect();
         }
+        let (node, netns) = self.whereabouts(from);
+        self.on_node_times(&node, &netns, times, |ns| match proto {
+            Proto::Tcp => svcplane_testkit::tcp_request(ns, None, dst, timeout),
+            Proto::Udp => svcplane_testkit::udp_request(ns, None, dst, timeout),
+        })
     }
 
     /// UDP from pod `from`'s fixed source port `src_port`: the same 5-tuple every call.

@@ -218,10 +218,7 @@ impl Env {
         let dst = self.dst(probe.to);
         let what = format!("{} {:?} -> {dst}", probe.from, probe.proto);
         // `times` requests in a row: one forked client in eBPF mode.
-        let requests = |p: &Probe, times: usize| match p.proto {
-            Proto::Tcp => self.try_tcp_times(p.from, dst, times),
-            Proto::Udp => self.try_udp_times(p.from, dst, times),
-        };
+        let requests = |p: &Probe, times: usize| self.requests(p.from, p.proto, dst, T, times);
         let request = |p: &Probe| requests(p, 1).pop().expect("one outcome");
         let answers = |p: &Probe, times: usize| -> Vec<EchoReply> {
             requests(p, times)
