@@ -182,8 +182,8 @@ spec:
     );
     // The Service is there whole: its nodePorts, ClusterIP and externalIP.
     for needle in [
-        "tcp . 3001 : goto external-",
-        "tcp . 80 : goto external-",
+        "tcp . 3001 : goto nodeport-",
+        "tcp . 80 : goto nodeport-",
         "10.96.2.1 . tcp . 80 : goto service-",
         "198.51.100.7 . tcp . 81 : goto external-",
     ] {
