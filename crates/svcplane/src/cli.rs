@@ -573,7 +573,7 @@ pub struct TraceArgs {
     pub api: ApiArgs,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct CleanupArgs {
     /// Only this mode's rules (default: every mode).
     #[arg(long, value_name = "MODE", conflicts_with = "kube_proxy")]
@@ -592,6 +592,11 @@ pub struct CleanupArgs {
     /// --kube-proxy too).
     #[arg(long, value_name = "CIDR[,CIDR...]", value_delimiter = ',')]
     pub ipvs_exclude_cidrs: Vec<String>,
+
+    /// The proxy's KubeProxyConfiguration file: its `ipvs.excludeCIDRs` (read when its
+    /// mode is ipvs, as the proxy reads them) apply when --ipvs-exclude-cidrs is not given.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -23,12 +23,7 @@ use crate::settings::{EngineSettings, ProxySettings};
 pub fn run(cli: Cli) -> Result<()> {
     // kube-proxy's `--cleanup`: on its own or on `proxy`, it is `svcplane cleanup`
     // (every mode, as kube-proxy's cleans every mode).
-    let every_mode = CleanupArgs {
-        proxy_mode: None,
-        kube_proxy: false,
-        bpf_pin_path: None,
-        ipvs_exclude_cidrs: Vec::new(),
-    };
+    let every_mode = CleanupArgs::default();
     let Some(command) = cli.command else {
         if cli.cleanup {
             return cleanup(every_mode);
@@ -435,11 +430,17 @@ pub(crate) async fn shutdown_signal() {
 }
 
 fn cleanup(args: CleanupArgs) -> Result<()> {
-    let exclude = crate::settings::ipvs_exclude_cidrs(
-        &args.ipvs_exclude_cidrs,
-        &crate::config::FileConfig::default(),
-    )?;
+    let exclude = cleanup_ipvs_exclusions(&args)?;
     cleanup_with(args, exclude)
+}
+
+/// --ipvs-exclude-cidrs, else the --config file's `ipvs.excludeCIDRs` (as the proxy reads them).
+fn cleanup_ipvs_exclusions(args: &CleanupArgs) -> Result<Vec<ipnet::IpNet>> {
+    let file = match &args.config {
+        Some(path) => crate::config::load_file_config(path)?,
+        None => crate::config::FileConfig::default(),
+    };
+    crate::settings::ipvs_exclude_cidrs(&args.ipvs_exclude_cidrs, &file)
 }
 
 /// `svcplane cleanup`, sparing IPVS virtual servers on `ipvs_exclude` (`--ipvs-exclude-cidrs`).
@@ -510,6 +511,46 @@ mod tests {
             ..EngineArgs::default()
         })
         .unwrap()
+    }
+
+    #[test]
+    fn cleanup_spares_the_config_files_ipvs_exclusions_unless_the_flag_says_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.conf");
+        std::fs::write(
+            &config,
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             mode: ipvs\nipvs:\n  excludeCIDRs: [10.96.8.0/24]\n",
+        )
+        .unwrap();
+        let from_file = CleanupArgs {
+            kube_proxy: true,
+            config: Some(config.clone()),
+            ..CleanupArgs::default()
+        };
+        assert_eq!(
+            cleanup_ipvs_exclusions(&from_file).unwrap(),
+            ["10.96.8.0/24".parse::<ipnet::IpNet>().unwrap()]
+        );
+        let flag_wins = CleanupArgs {
+            ipvs_exclude_cidrs: vec!["192.0.2.0/24".into()],
+            ..from_file
+        };
+        assert_eq!(
+            cleanup_ipvs_exclusions(&flag_wins).unwrap(),
+            ["192.0.2.0/24".parse::<ipnet::IpNet>().unwrap()]
+        );
+        let missing = CleanupArgs {
+            config: Some(dir.path().join("absent.conf")),
+            ..CleanupArgs::default()
+        };
+        let err = format!("{:#}", cleanup_ipvs_exclusions(&missing).unwrap_err());
+        assert!(err.contains("absent.conf"), "{err}");
+        assert!(
+            cleanup_ipvs_exclusions(&CleanupArgs::default())
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -227,11 +227,25 @@ fn daemonset_is_a_node_critical_host_network_proxy() {
     // The init container removes kube-proxy's leftovers only, never svcplane's rules.
     let init = pod.init_containers.clone().unwrap_or_default();
     let cleanup = container(&init, "cleanup-kube-proxy");
+    // It reads the proxy's config (ipvs.excludeCIDRs: IPVS virtual servers there stay),
+    // mounted where the proxy container has it.
     assert_eq!(
         cleanup.args.clone().unwrap_or_default(),
-        ["cleanup", "--kube-proxy"]
+        [
+            "cleanup",
+            "--kube-proxy",
+            "--config",
+            "/var/lib/svcplane/config.conf"
+        ]
     );
     assert_eq!(cleanup.image, proxy.image);
+    let init_config_mount = cleanup
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == config_volume.name)
+        .expect("the init container mounts the ConfigMap");
+    assert_eq!(init_config_mount.mount_path, config_mount.mount_path);
 }
 
 #[test]
