@@ -23,6 +23,10 @@ pub(super) struct Record {
     pub direct_p99_us: f64,
     pub reference_p50_us: f64,
     pub reference_p99_us: f64,
+    /// Straight to the pod over all its ports in turn (the sockets the ClusterIP reaches);
+    /// measured when the target has more than one endpoint.
+    pub spread_p50_us: Option<f64>,
+    pub spread_p99_us: Option<f64>,
     pub rps_via: Option<f64>,
     pub rps_direct: Option<f64>,
     pub full_sync_s: Option<f64>,
@@ -69,6 +73,8 @@ impl Record {
             direct_p99_us: us(row.direct.p99),
             reference_p50_us: us(row.reference.p50),
             reference_p99_us: us(row.reference.p99),
+            spread_p50_us: row.spread.map(|s| us(s.p50)),
+            spread_p99_us: row.spread.map(|s| us(s.p99)),
             rps_via: run.rps.map(|r| r.0),
             rps_direct: run.rps.map(|r| r.1),
             full_sync_s: row.full_sync,
@@ -94,6 +100,11 @@ impl Record {
         self.via_p50_us / self.reference_p50_us
     }
 
+    /// Through the ClusterIP ÷ straight to the pod over all its ports, p50.
+    pub(super) fn ratio_spread_p50(&self) -> Option<f64> {
+        self.spread_p50_us.map(|s| self.via_p50_us / s)
+    }
+
     /// Every column, in order: the CSV header and the JSON keys.
     pub(super) fn fields(&self) -> Vec<(&'static str, Value)> {
         let round = |v: f64, digits: i32| {
@@ -115,6 +126,9 @@ impl Record {
             ("reference_p50_us", round(self.reference_p50_us, 1)),
             ("ratio_reference_p50", round(self.ratio_reference_p50(), 3)),
             ("reference_p99_us", round(self.reference_p99_us, 1)),
+            ("spread_p50_us", opt(self.spread_p50_us, 1)),
+            ("ratio_spread_p50", opt(self.ratio_spread_p50(), 3)),
+            ("spread_p99_us", opt(self.spread_p99_us, 1)),
             ("rps_via", opt(self.rps_via, 0)),
             ("rps_direct", opt(self.rps_direct, 0)),
             ("full_sync_s", opt(self.full_sync_s, 4)),
@@ -490,6 +504,8 @@ mod tests {
             direct_p99_us: 100.0,
             reference_p50_us: 40.0,
             reference_p99_us: 90.0,
+            spread_p50_us: (services > 1).then_some(60.0),
+            spread_p99_us: (services > 1).then_some(120.0),
             rps_via: Some(9000.0),
             rps_direct: None,
             full_sync_s: sync,
@@ -519,6 +535,9 @@ mod tests {
         assert_eq!(row[col("ratio_p50")], "2.0");
         assert_eq!(row[col("full_sync_s")], "");
         assert_eq!(row[col("rps_direct")], "");
+        assert_eq!(row[col("ratio_spread_p50")], "1.667");
+        let first: Vec<&str> = lines[1].split(',').collect();
+        assert_eq!(first[col("spread_p50_us")], "");
     }
 
     #[test]
