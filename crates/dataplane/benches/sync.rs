@@ -37,9 +37,8 @@ fn service(id: u32, first_endpoint: u32, external: bool) -> ServicePortState {
         // 10.128.0.0/9: room for 50k × 10 distinct pod addresses.
         .map(|e| EndpointState::ready(v4(0x0a80_0000 + first_endpoint + e), 8080, false))
         .collect();
-    let all: Vec<usize> = (0..endpoints.len()).collect();
     let target = TrafficTarget {
-        endpoints: all,
+        endpoints: (0..endpoints.len()).collect(),
         if_empty: EmptyVerdict::Reject,
     };
     let mut s = ServicePortState {
@@ -73,7 +72,7 @@ fn service(id: u32, first_endpoint: u32, external: bool) -> ServicePortState {
             s.external_policy = ExternalPolicy::Local {
                 local_origin: s.external.clone(),
             };
-            s.external.endpoints.truncate(5);
+            s.external.endpoints = (0..5).collect();
         }
     }
     s

@@ -168,7 +168,7 @@ fn dns_state(endpoint: &str) -> Arc<DesiredState> {
         protocol: Protocol::Udp,
     };
     let all = TrafficTarget {
-        endpoints: vec![0],
+        endpoints: vec![0].into(),
         if_empty: EmptyVerdict::Reject,
     };
     let svc = ServicePortState {

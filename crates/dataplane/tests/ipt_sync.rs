@@ -60,7 +60,7 @@ fn random_service(rng: &mut Rng, v6: bool, id: u32) -> ServicePortState {
         .collect();
     let etp_local = rng.below(3) == 0;
     let target = |eps: &[usize], if_empty| TrafficTarget {
-        endpoints: eps.to_vec(),
+        endpoints: eps.into(),
         if_empty,
     };
     let external = rng.below(3);

@@ -23,9 +23,8 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn service(name: &str, cip: &str, eps: &[&str]) -> ServicePortState {
-    let all: Vec<usize> = (0..eps.len()).collect();
     let target = |if_empty| TrafficTarget {
-        endpoints: all.clone(),
+        endpoints: (0..eps.len()).collect(),
         if_empty,
     };
     ServicePortState {

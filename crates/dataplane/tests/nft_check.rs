@@ -31,7 +31,7 @@ fn endpoint(addr: &str, port: u16, is_local: bool) -> EndpointState {
 
 fn target(endpoints: &[usize], if_empty: EmptyVerdict) -> TrafficTarget {
     TrafficTarget {
-        endpoints: endpoints.to_vec(),
+        endpoints: endpoints.into(),
         if_empty,
     }
 }

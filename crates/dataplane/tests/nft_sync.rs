@@ -52,9 +52,9 @@ fn service(v6: bool, id: u32, eps: &[u32], sticky: bool, node_port: bool) -> Ser
         .iter()
         .map(|&e| EndpointState::ready(ep(e), 8080, e % 2 == 0))
         .collect();
-    let all: Vec<usize> = (0..endpoints.len()).collect();
+    let n = endpoints.len();
     let target = |if_empty| TrafficTarget {
-        endpoints: all.clone(),
+        endpoints: (0..n).collect(),
         if_empty,
     };
     ServicePortState {
@@ -560,7 +560,7 @@ fn external_service(v6: bool, id: u32, eps: &[u32], kind: &str) -> ServicePortSt
         s.external_policy = ExternalPolicy::Local {
             local_origin: s.external.clone(),
         };
-        s.external.endpoints = vec![0, 1];
+        s.external.endpoints = vec![0, 1].into();
     }
     s
 }

@@ -100,11 +100,120 @@ pub enum EmptyVerdict {
     Drop,
 }
 
+/// Indices into `ServicePortState::endpoints`, in order. A service port keeps only the
+/// endpoints some target uses, so a target usually picks all of them: that is kept as a
+/// count, without an allocation (two per service port at 10k services); any other list
+/// as `u32`s.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Picks(PicksRepr);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PicksRepr {
+    /// `0..n`.
+    First(u32),
+    /// Any list that is not `0..n` (so that equal lists are equal values).
+    Listed(Box<[u32]>),
+}
+
+impl Picks {
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            PicksRepr::First(n) => *n as usize,
+            PicksRepr::Listed(l) => l.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The indices, in order.
+    pub fn iter(&self) -> PicksIter<'_> {
+        match &self.0 {
+            PicksRepr::First(n) => PicksIter::First(0..*n as usize),
+            PicksRepr::Listed(l) => PicksIter::Listed(l.iter()),
+        }
+    }
+    pub fn contains(&self, index: usize) -> bool {
+        match &self.0 {
+            PicksRepr::First(n) => index < *n as usize,
+            PicksRepr::Listed(l) => l.iter().any(|&i| i as usize == index),
+        }
+    }
+}
+
+impl Default for Picks {
+    fn default() -> Self {
+        Picks(PicksRepr::First(0))
+    }
+}
+
+impl FromIterator<usize> for Picks {
+    fn from_iter<I: IntoIterator<Item = usize>>(iter: I) -> Self {
+        // An index beyond u32 cannot point at an endpoint (no port has 4G of them); it
+        // stays one that resolves to nothing, as any out-of-range index.
+        let list: Vec<u32> = iter
+            .into_iter()
+            .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
+            .collect();
+        if list.iter().enumerate().all(|(at, &i)| at == i as usize) {
+            Picks(PicksRepr::First(
+                u32::try_from(list.len()).unwrap_or(u32::MAX),
+            ))
+        } else {
+            Picks(PicksRepr::Listed(list.into_boxed_slice()))
+        }
+    }
+}
+
+impl From<&[usize]> for Picks {
+    fn from(list: &[usize]) -> Self {
+        list.iter().copied().collect()
+    }
+}
+
+impl From<Vec<usize>> for Picks {
+    fn from(list: Vec<usize>) -> Self {
+        list.into_iter().collect()
+    }
+}
+
+impl<'a> IntoIterator for &'a Picks {
+    type Item = usize;
+    type IntoIter = PicksIter<'a>;
+    fn into_iter(self) -> PicksIter<'a> {
+        self.iter()
+    }
+}
+
+/// [`Picks::iter`].
+#[derive(Debug, Clone)]
+pub enum PicksIter<'a> {
+    First(std::ops::Range<usize>),
+    Listed(std::slice::Iter<'a, u32>),
+}
+
+impl Iterator for PicksIter<'_> {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            PicksIter::First(r) => r.next(),
+            PicksIter::Listed(l) => l.next().map(|&i| i as usize),
+        }
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            PicksIter::First(r) => r.size_hint(),
+            PicksIter::Listed(l) => l.size_hint(),
+        }
+    }
+}
+
+impl ExactSizeIterator for PicksIter<'_> {}
+
 /// The endpoints one kind of traffic is balanced over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrafficTarget {
     /// Indices into `ServicePortState::endpoints`, in order. Empty → `if_empty`.
-    pub endpoints: Vec<usize>,
+    pub endpoints: Picks,
     /// Meaningful only when `endpoints` is empty.
     pub if_empty: EmptyVerdict,
 }
@@ -144,10 +253,6 @@ pub struct EndpointState {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    /// The slice endpoint's own node and zone names (shared: one allocation per distinct
-    /// name, see `svcplane_model::shared_name`); read them with `as_deref()`.
-    pub node_name: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
 }
 
 impl EndpointState {
@@ -161,8 +266,6 @@ impl EndpointState {
             ready: true,
             serving: true,
             terminating: false,
-            node_name: None,
-            zone: None,
         }
     }
 }
@@ -209,7 +312,7 @@ impl ServicePortState {
         target
             .endpoints
             .iter()
-            .filter_map(|&i| self.endpoints.get(i))
+            .filter_map(|i| self.endpoints.get(i))
     }
     /// True when the service has any external address (NodePort, LB IP or externalIP).
     pub fn has_external(&self) -> bool {
@@ -323,7 +426,7 @@ pub struct PortSelection {
     pub name: ServicePortName,
     pub family: IpFamily,
     /// Every endpoint the EndpointSlices give this port (merged, deduplicated), used or not.
-    pub endpoints: Vec<EndpointState>,
+    pub endpoints: Vec<ExplainedEndpoint>,
     /// internalTrafficPolicy Local.
     pub internal_local: bool,
     /// externalTrafficPolicy Local, and the port is externally accessible in this family.
@@ -333,6 +436,16 @@ pub struct PortSelection {
     pub cluster: Option<Category>,
     /// kube-proxy's local-policy endpoints (iTP or eTP Local); `None` when unused.
     pub local: Option<Category>,
+}
+
+/// An endpoint as `trace` shows it: its state and where it runs (the slice endpoint's
+/// node and zone, shared names; the desired state does not keep them, no backend reads
+/// them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExplainedEndpoint {
+    pub state: EndpointState,
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
 }
 
 /// One of `CategorizeEndpoints`' two lists, with the reasons behind it.
@@ -381,5 +494,36 @@ impl std::fmt::Display for Exclusion {
             Exclusion::Topology => "topology hints for another node or zone",
             Exclusion::NotLocal => "on another node (traffic policy Local)",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_records_are_compact() {
+        // 100k of them at 10k services × 10 endpoints: no names, no padding to 8.
+        assert!(size_of::<EndpointState>() <= 24);
+        assert!(size_of::<TrafficTarget>() <= 32);
+    }
+
+    #[test]
+    fn picks_keep_all_as_a_count_and_any_other_list_as_is() {
+        let all: Picks = (0..3).collect();
+        assert_eq!(all, Picks(PicksRepr::First(3)));
+        assert_eq!(all.iter().collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(all.contains(2) && !all.contains(3));
+        let some = Picks::from(vec![0, 2]);
+        assert_eq!(some.len(), 2);
+        assert_eq!(some.iter().collect::<Vec<_>>(), [0, 2]);
+        assert!(!some.contains(1));
+        assert_ne!(some, Picks::from(vec![0, 1]));
+        // Equal lists are equal values, whichever way they were built.
+        assert_eq!(Picks::from(&[0, 1][..]), (0..2).collect());
+        assert!(Picks::default().is_empty());
+        let sp_endpoints = [EndpointState::ready("10.0.0.1".parse().unwrap(), 80, false)];
+        let beyond: Picks = [usize::MAX].into_iter().collect();
+        assert_eq!(beyond.iter().filter_map(|i| sp_endpoints.get(i)).count(), 0);
     }
 }

@@ -1071,7 +1071,7 @@ mod tests {
 
     #[test]
     fn endpoint_node_names_are_the_slices_own() {
-        // The endpoint records share the slice's `Arc`s: no copy per service port or state.
+        // What `trace` shows shares the slice's `Arc`s: no copy of a node name.
         let mut engine = Engine::new(config());
         apply(
             &mut engine,
@@ -1085,10 +1085,9 @@ mod tests {
             vec![ep("10.0.0.1", "node-b")],
         ));
         engine.apply(Change::Apply(Object::EndpointSlice(slice.clone())));
-        let state = engine.desired();
-        let port = state.v4.services.values().next().unwrap();
+        let explained = engine.explain(&NamespacedName::new("ns", "web"));
         assert!(Arc::ptr_eq(
-            port.endpoints[0].node_name.as_ref().unwrap(),
+            explained[0].endpoints[0].node_name.as_ref().unwrap(),
             slice.endpoints[0].node_name.as_ref().unwrap()
         ));
     }

@@ -34,7 +34,7 @@ fn spn(name: &str, protocol: Protocol) -> ServicePortName {
 
 fn target(endpoints: &[usize], if_empty: EmptyVerdict) -> TrafficTarget {
     TrafficTarget {
-        endpoints: endpoints.to_vec(),
+        endpoints: endpoints.into(),
         if_empty,
     }
 }

@@ -37,7 +37,7 @@ fn endpoint(addr: &str, port: u16) -> EndpointState {
 
 pub(super) fn target(endpoints: &[usize], if_empty: EmptyVerdict) -> TrafficTarget {
     TrafficTarget {
-        endpoints: endpoints.to_vec(),
+        endpoints: endpoints.into(),
         if_empty,
     }
 }
@@ -814,7 +814,7 @@ fn conflicting_keys_keep_the_first_service() {
 #[test]
 fn out_of_range_endpoint_indices_are_ignored() {
     let mut svc = cluster_ip_service("x", "10.96.0.90", &["10.244.1.1"]);
-    svc.internal.endpoints = vec![0, 7];
+    svc.internal.endpoints = vec![0, 7].into();
     let script = render(&state(vec![svc.clone()], vec![])).unwrap();
     assert_eq!(
         chain_body(&script, &chain_name("service-", &svc))
