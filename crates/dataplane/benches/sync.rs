@@ -85,7 +85,7 @@ fn state(services: u32, external: bool) -> DesiredState {
     fam.nodeport_addresses = NodePortAddresses::AllLocal;
     for id in 0..services {
         let s = service(id, id * ENDPOINTS, external);
-        fam.services.insert(s.name.clone(), Arc::new(s));
+        fam.services.insert(Arc::new(s));
     }
     DesiredState {
         node_name: "node-a".into(),
@@ -251,7 +251,7 @@ fn run(mode: Mode, sizes: &[u32], external: bool) {
             for round in 1..=21 {
                 let mut next = (*current).clone();
                 let moved = service(n / 2, n * ENDPOINTS + round, external);
-                next.v4.services.insert(moved.name.clone(), Arc::new(moved));
+                next.v4.services.insert(Arc::new(moved));
                 let next = Arc::new(next);
                 let diff = Diff::between(Some(current.clone()), &next, false);
                 steps.push((next.clone(), diff));
@@ -312,7 +312,7 @@ fn ipvs_partial_in_memory(desired: &Arc<DesiredState>) {
     for round in 1..=21 {
         let mut next = (*current).clone();
         let moved = service(n / 2, n * ENDPOINTS + round, false);
-        next.v4.services.insert(moved.name.clone(), Arc::new(moved));
+        next.v4.services.insert(Arc::new(moved));
         let next = Arc::new(next);
         // The engine's diff, outside the timing.
         let diff = Diff::between(Some(current.clone()), &next, false);

@@ -57,10 +57,7 @@ fn state(services: Vec<ServicePortState>) -> DesiredState {
     let mut v4 = FamilyState::empty(IpFamily::V4);
     v4.cluster_ip_masquerade =
         ClusterIpMasquerade::FromOutside(vec!["10.244.0.0/16".parse().unwrap()]);
-    v4.services = services
-        .into_iter()
-        .map(|s| (s.name.clone(), Arc::new(s)))
-        .collect::<BTreeMap<_, _>>();
+    v4.services = services.into_iter().map(Arc::new).collect();
     DesiredState {
         node_name: "node-a".into(),
         node_zone: None,

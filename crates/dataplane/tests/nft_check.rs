@@ -203,10 +203,7 @@ fn rich_family(v6: bool) -> FamilyState {
         f.nodeport_addresses = NodePortAddresses::AllLocal;
         f.node_ips = vec![ip("192.0.2.10")];
     }
-    f.services = services
-        .into_iter()
-        .map(|s| (s.name.clone(), Arc::new(s)))
-        .collect();
+    f.services = services.into_iter().map(Arc::new).collect();
     f
 }
 

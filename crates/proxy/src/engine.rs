@@ -11,7 +11,7 @@ use svcplane_model::{
 use crate::compute::{NodeContext, ServiceOutput, compute_service, explain_service};
 use crate::desired::{
     ClusterIpMasquerade, DesiredState, Diff, FamilyDiff, FamilyState, HealthCheck,
-    NodePortAddresses, PortSelection, ServicePortState,
+    NodePortAddresses, PortSelection, ServicePortState, ServicePorts,
 };
 
 /// Node-level settings of the engine (kube-proxy's flags).
@@ -343,7 +343,7 @@ impl Engine {
                 }
                 for key in diff.added.into_iter().chain(diff.changed) {
                     match from.services.get(&key) {
-                        Some(port) => fam.services.insert(key, port.clone()),
+                        Some(port) => fam.services.insert(port.clone()),
                         None => fam.services.remove(&key),
                     };
                 }
@@ -521,8 +521,8 @@ fn ports_of<'a>(
             .unwrap_or(Protocol::Tcp),
     };
     fam.services
-        .range(lowest..)
-        .map(|(k, _)| k)
+        .from_name(&lowest)
+        .map(|p| &p.name)
         .take_while(move |k| k.service == *name)
 }
 
@@ -531,7 +531,7 @@ fn patch(fam: &mut FamilyState, updates: Updates, globals: FamilyState) {
     let mut services = std::mem::take(&mut fam.services);
     for (key, port) in updates {
         match port {
-            Some(port) => services.insert(key, port),
+            Some(port) => services.insert(port),
             None => services.remove(&key),
         };
     }
@@ -623,7 +623,7 @@ pub(crate) fn family_globals(
         cluster_ip_masquerade,
         nodeport_addresses,
         node_ips,
-        services: BTreeMap::new(),
+        services: ServicePorts::new(),
     }
 }
 

@@ -62,7 +62,7 @@ fn family(services: Vec<ServicePortState>) -> FamilyState {
     let mut state = FamilyState::empty(IpFamily::V4);
     state.node_ips = vec![ip(NODE)];
     for s in services {
-        state.services.insert(s.name.clone(), Arc::new(s));
+        state.services.insert(Arc::new(s));
     }
     state
 }
