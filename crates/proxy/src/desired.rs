@@ -95,31 +95,78 @@ impl FamilyState {
 /// by the state's own `name` (no copy of the key: at 10k services the engine's two states
 /// kept 20k of them, a third of each map's bytes).
 #[derive(Clone, Default)]
-pub struct ServicePorts(BTreeSet<ByName>);
+pub struct ServicePorts(BTreeSet<ByName<ServicePortState>>);
 
-/// A state ordered, compared and looked up by its name only (inside [`ServicePorts`]).
-#[derive(Clone)]
-struct ByName(Arc<ServicePortState>);
+/// What a [`ByName`] is keyed by.
+pub(crate) trait Named {
+    type Name: Ord + std::hash::Hash;
+    fn name(&self) -> &Self::Name;
+}
 
-impl PartialEq for ByName {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.name == other.0.name
+impl Named for ServicePortState {
+    type Name = ServicePortName;
+    fn name(&self) -> &ServicePortName {
+        &self.name
     }
 }
-impl Eq for ByName {}
-impl PartialOrd for ByName {
+
+/// A shared value ordered, hashed, compared and looked up by its own name only: a set of
+/// these is a map from name to value without a copy of the key.
+#[derive(Debug)]
+pub(crate) struct ByName<T>(pub Arc<T>);
+
+impl<T> Clone for ByName<T> {
+    fn clone(&self) -> Self {
+        ByName(self.0.clone())
+    }
+}
+impl<T: Named> PartialEq for ByName<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name() == other.0.name()
+    }
+}
+impl<T: Named> Eq for ByName<T> {}
+impl<T: Named> PartialOrd for ByName<T> {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for ByName {
+impl<T: Named> Ord for ByName<T> {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.name.cmp(&other.0.name)
+        self.0.name().cmp(other.0.name())
     }
 }
-impl std::borrow::Borrow<ServicePortName> for ByName {
+impl<T: Named> std::hash::Hash for ByName<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.name().hash(state);
+    }
+}
+// One impl per name type (a generic `Borrow<T::Name>` would overlap `Borrow<T> for T`).
+impl std::borrow::Borrow<ServicePortName> for ByName<ServicePortState> {
     fn borrow(&self) -> &ServicePortName {
         &self.0.name
+    }
+}
+impl std::borrow::Borrow<NamespacedName> for ByName<svcplane_model::Service> {
+    fn borrow(&self) -> &NamespacedName {
+        &self.0.name
+    }
+}
+impl std::borrow::Borrow<NamespacedName> for ByName<svcplane_model::EndpointSlice> {
+    fn borrow(&self) -> &NamespacedName {
+        &self.0.name
+    }
+}
+impl Named for svcplane_model::Service {
+    type Name = NamespacedName;
+    fn name(&self) -> &NamespacedName {
+        &self.name
+    }
+}
+impl Named for svcplane_model::EndpointSlice {
+    type Name = NamespacedName;
+    fn name(&self) -> &NamespacedName {
+        &self.name
     }
 }
 
@@ -237,7 +284,7 @@ pub type ValueOf =
     for<'a> fn((&'a ServicePortName, &'a Arc<ServicePortState>)) -> &'a Arc<ServicePortState>;
 
 /// [`ServicePorts::iter`].
-pub struct ServicePortsIter<'a>(std::collections::btree_set::Iter<'a, ByName>);
+pub struct ServicePortsIter<'a>(std::collections::btree_set::Iter<'a, ByName<ServicePortState>>);
 
 impl<'a> Iterator for ServicePortsIter<'a> {
     type Item = (&'a ServicePortName, &'a Arc<ServicePortState>);
@@ -729,7 +776,7 @@ mod tests {
         );
         assert!(ports.remove(&a.name).is_some() && !ports.contains_key(&a.name));
         // One pointer per port beside the states: the key is the state's own name.
-        assert_eq!(size_of::<ByName>(), size_of::<usize>());
+        assert_eq!(size_of::<ByName<ServicePortState>>(), size_of::<usize>());
     }
 
     #[test]

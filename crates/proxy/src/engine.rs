@@ -10,7 +10,7 @@ use svcplane_model::{
 
 use crate::compute::{NodeContext, ServiceOutput, compute_service, explain_service};
 use crate::desired::{
-    ClusterIpMasquerade, DesiredState, Diff, FamilyDiff, FamilyState, HealthCheck,
+    ByName, ClusterIpMasquerade, DesiredState, Diff, FamilyDiff, FamilyState, HealthCheck,
     NodePortAddresses, PortSelection, ServicePortState, ServicePorts,
 };
 
@@ -50,9 +50,10 @@ struct Spare {
 /// hands the sync loop the changes it made rather than comparing every service.
 pub struct Engine {
     config: EngineConfig,
-    /// Shared with the source that sent them (no second copy).
-    services: HashMap<NamespacedName, Arc<Service>>,
-    slices: HashMap<NamespacedName, Arc<EndpointSlice>>,
+    /// Shared with the source that sent them (no second copy), by their own names (no
+    /// copy of the key either).
+    services: HashSet<ByName<Service>>,
+    slices: HashSet<ByName<EndpointSlice>>,
     /// Service (namespace/name) → the slices labelled with it, sorted by name (a `Vec`: a
     /// service has one slice or a few, and a `BTreeSet` node costs half a kilobyte; the
     /// slices themselves, not copies of their names).
@@ -87,8 +88,8 @@ impl Engine {
     pub fn new(config: EngineConfig) -> Self {
         Engine {
             config,
-            services: HashMap::new(),
-            slices: HashMap::new(),
+            services: HashSet::new(),
+            slices: HashSet::new(),
             slices_by_service: HashMap::new(),
             nodes: HashMap::new(),
             dirty: HashSet::new(),
@@ -136,13 +137,13 @@ impl Engine {
             Change::Apply(Object::Pod(_)) => {}
             Change::Delete(ObjectKey { kind, name }) => match kind {
                 Kind::Service => {
-                    if self.services.remove(&name).is_some() {
+                    if self.services.remove(&name) {
                         self.changed_services.insert(name.clone());
                         self.dirty.insert(name);
                     }
                 }
                 Kind::EndpointSlice => {
-                    if let Some(old) = self.slices.remove(&name) {
+                    if let Some(ByName(old)) = self.slices.take(&name) {
                         self.unindex_slice(&old);
                         self.changed_slices.insert(name);
                     }
@@ -158,16 +159,16 @@ impl Engine {
     }
 
     fn put_service(&mut self, svc: Arc<Service>) {
-        if self.services.get(&svc.name) == Some(&svc) {
+        if self.services.get(&svc.name).is_some_and(|old| old.0 == svc) {
             return;
         }
         self.changed_services.insert(svc.name.clone());
         self.dirty.insert(svc.name.clone());
-        self.services.insert(svc.name.clone(), svc);
+        self.services.replace(ByName(svc));
     }
 
     fn put_slice(&mut self, slice: Arc<EndpointSlice>) {
-        if let Some(old) = self.slices.get(&slice.name) {
+        if let Some(ByName(old)) = self.slices.get(&slice.name) {
             if *old == slice {
                 return;
             }
@@ -190,7 +191,7 @@ impl Engine {
         {
             self.trigger_times.push(t);
         }
-        self.slices.insert(slice.name.clone(), slice);
+        self.slices.replace(ByName(slice));
     }
 
     /// Drop `slice` from the service index and dirty the service it belonged to.
@@ -244,7 +245,8 @@ impl Engine {
     /// (the sync loop drops it once the last one is applied); else one copy of the maps.
     pub fn desired(&mut self) -> Arc<DesiredState> {
         let dirty: Vec<NamespacedName> = if self.all_dirty {
-            let mut all: HashSet<NamespacedName> = self.services.keys().cloned().collect();
+            let mut all: HashSet<NamespacedName> =
+                self.services.iter().map(|s| s.0.name.clone()).collect();
             all.extend(self.dirty.drain());
             all.into_iter().collect()
         } else {
@@ -440,7 +442,7 @@ impl Engine {
     /// from the cached objects by the same code as [`Engine::desired`]; empty for an
     /// unknown or skipped Service. For `svcplane trace`.
     pub fn explain(&self, name: &NamespacedName) -> Vec<PortSelection> {
-        let Some(svc) = self.services.get(name) else {
+        let Some(ByName(svc)) = self.services.get(name) else {
             return Vec::new();
         };
         let slices = self.slices_of(name);
@@ -468,7 +470,7 @@ impl Engine {
     fn recompute(&mut self, name: &NamespacedName, updates: &mut [Updates; 2]) {
         self.health.remove(name);
         let output = match self.services.get(name) {
-            Some(svc) => {
+            Some(ByName(svc)) => {
                 let slices = self.slices_of(name);
                 let this_node = self.this_node();
                 let ctx = NodeContext {
