@@ -57,7 +57,9 @@ pub struct Engine {
     /// Service (namespace/name) → the slices labelled with it, sorted by name (a `Vec`: a
     /// service has one slice or a few, and a `BTreeSet` node costs half a kilobyte; the
     /// slices themselves, not copies of their names).
-    slices_by_service: HashMap<NamespacedName, Vec<Arc<EndpointSlice>>>,
+    /// A boxed slice, not a `Vec`: a first push reserves four slots and the inline
+    /// capacity is 8 B more, per service, for a list rebuilt only when a slice comes or goes.
+    slices_by_service: HashMap<NamespacedName, Box<[Arc<EndpointSlice>]>>,
     nodes: HashMap<String, Arc<Node>>,
 
     /// Services to recompute at the next `desired()`.
@@ -179,7 +181,11 @@ impl Engine {
             let slices = self.slices_by_service.entry(svc.clone()).or_default();
             match slices.binary_search_by(|s| s.name.cmp(&slice.name)) {
                 Ok(at) => slices[at] = slice.clone(),
-                Err(at) => slices.insert(at, slice.clone()),
+                Err(at) => {
+                    let mut list = std::mem::take(slices).into_vec();
+                    list.insert(at, slice.clone());
+                    *slices = list.into_boxed_slice();
+                }
             }
             self.dirty.insert(svc);
         }
@@ -201,7 +207,9 @@ impl Engine {
         };
         if let Some(slices) = self.slices_by_service.get_mut(&svc) {
             if let Ok(at) = slices.binary_search_by(|s| s.name.cmp(&slice.name)) {
-                slices.remove(at);
+                let mut list = std::mem::take(slices).into_vec();
+                list.remove(at);
+                *slices = list.into_boxed_slice();
             }
             if slices.is_empty() {
                 self.slices_by_service.remove(&svc);
