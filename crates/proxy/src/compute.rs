@@ -87,7 +87,7 @@ impl RawEndpoint<'_> {
     }
 }
 
-type PortKey = (String, Protocol);
+type PortKey = (Arc<str>, Protocol);
 type MergedEndpoints<'a> = BTreeMap<PortKey, BTreeMap<(IpAddr, u16), RawEndpoint<'a>>>;
 
 /// Merge the slices of one family into endpoints per slice port (name, protocol), deduplicated

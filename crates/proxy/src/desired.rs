@@ -729,7 +729,7 @@ mod tests {
         Arc::new(ServicePortState {
             name: ServicePortName {
                 service: NamespacedName::new("ns", name),
-                port: String::new(),
+                port: "".into(),
                 protocol: Protocol::Tcp,
             },
             protocol: Protocol::Tcp,
@@ -753,10 +753,7 @@ mod tests {
     fn service_ports_are_a_map_keyed_by_the_states_names() {
         let mut ports: ServicePorts = [port("b", 80), port("a", 80)].into_iter().collect();
         assert_eq!(
-            ports
-                .keys()
-                .map(|k| k.service.name.as_str())
-                .collect::<Vec<_>>(),
+            ports.keys().map(|k| &*k.service.name).collect::<Vec<_>>(),
             ["a", "b"]
         );
         let b = port("b", 81);
