@@ -721,32 +721,18 @@ mod tests {
         assert!(size_of::<TrafficTarget>() <= 32);
     }
 
+    /// Service `name`'s one port, its number `port`, as the engine computes it.
     fn port(name: &str, port: u16) -> Arc<ServicePortState> {
-        let none = TrafficTarget {
-            endpoints: Picks::default(),
-            if_empty: EmptyVerdict::Reject,
+        let svc = crate::testutil::service("ns", name, &["10.96.0.10"]);
+        let ctx = crate::compute::NodeContext {
+            node_name: crate::testutil::NODE,
+            zone: None,
+            node_ips: &[],
         };
-        Arc::new(ServicePortState {
-            name: ServicePortName {
-                service: NamespacedName::new("ns", name),
-                port: "".into(),
-                protocol: Protocol::Tcp,
-            },
-            protocol: Protocol::Tcp,
-            port,
-            cluster_ip: None,
-            node_port: None,
-            external_ips: Vec::new(),
-            load_balancer_ips: Vec::new(),
-            load_balancer_source_ranges: Vec::new(),
-            affinity_timeout_seconds: None,
-            ipvs_scheduler: None,
-            endpoints: Vec::new(),
-            internal: none.clone(),
-            external: none,
-            external_policy: ExternalPolicy::Cluster,
-            health_check_node_port: None,
-        })
+        let mut out = crate::compute::compute_service(&svc, &[], &ctx);
+        let mut state = out.v4.remove(0);
+        state.port = port;
+        Arc::new(state)
     }
 
     #[test]
