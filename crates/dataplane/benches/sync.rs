@@ -37,9 +37,8 @@ fn service(id: u32, first_endpoint: u32, external: bool) -> ServicePortState {
         // 10.128.0.0/9: room for 50k × 10 distinct pod addresses.
         .map(|e| EndpointState::ready(v4(0x0a80_0000 + first_endpoint + e), 8080, false))
         .collect();
-    let all: Vec<usize> = (0..endpoints.len()).collect();
     let target = TrafficTarget {
-        endpoints: all,
+        endpoints: (0..endpoints.len()).collect(),
         if_empty: EmptyVerdict::Reject,
     };
     let mut s = ServicePortState {
@@ -73,7 +72,7 @@ fn service(id: u32, first_endpoint: u32, external: bool) -> ServicePortState {
             s.external_policy = ExternalPolicy::Local {
                 local_origin: s.external.clone(),
             };
-            s.external.endpoints.truncate(5);
+            s.external.endpoints = (0..5).collect();
         }
     }
     s
@@ -86,7 +85,7 @@ fn state(services: u32, external: bool) -> DesiredState {
     fam.nodeport_addresses = NodePortAddresses::AllLocal;
     for id in 0..services {
         let s = service(id, id * ENDPOINTS, external);
-        fam.services.insert(s.name.clone(), Arc::new(s));
+        fam.services.insert(Arc::new(s));
     }
     DesiredState {
         node_name: "node-a".into(),
@@ -252,7 +251,7 @@ fn run(mode: Mode, sizes: &[u32], external: bool) {
             for round in 1..=21 {
                 let mut next = (*current).clone();
                 let moved = service(n / 2, n * ENDPOINTS + round, external);
-                next.v4.services.insert(moved.name.clone(), Arc::new(moved));
+                next.v4.services.insert(Arc::new(moved));
                 let next = Arc::new(next);
                 let diff = Diff::between(Some(current.clone()), &next, false);
                 steps.push((next.clone(), diff));
@@ -313,7 +312,7 @@ fn ipvs_partial_in_memory(desired: &Arc<DesiredState>) {
     for round in 1..=21 {
         let mut next = (*current).clone();
         let moved = service(n / 2, n * ENDPOINTS + round, false);
-        next.v4.services.insert(moved.name.clone(), Arc::new(moved));
+        next.v4.services.insert(Arc::new(moved));
         let next = Arc::new(next);
         // The engine's diff, outside the timing.
         let diff = Diff::between(Some(current.clone()), &next, false);

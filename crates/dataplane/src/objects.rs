@@ -41,7 +41,7 @@ pub fn service_objects(
         IpFamily::V4 => &mut with.v4,
         IpFamily::V6 => &mut with.v6,
     };
-    fam.services.insert(name.clone(), Arc::clone(port));
+    fam.services.insert(Arc::clone(port));
     let backend = backend_with(mode, options.clone());
     let base_text = backend.render(&base)?;
     let with_text = backend.render(&with)?;

@@ -168,7 +168,7 @@ fn dns_state(endpoint: &str) -> Arc<DesiredState> {
         protocol: Protocol::Udp,
     };
     let all = TrafficTarget {
-        endpoints: vec![0],
+        endpoints: vec![0].into(),
         if_empty: EmptyVerdict::Reject,
     };
     let svc = ServicePortState {
@@ -189,7 +189,7 @@ fn dns_state(endpoint: &str) -> Arc<DesiredState> {
         health_check_node_port: None,
     };
     let mut v4 = FamilyState::empty(IpFamily::V4);
-    v4.services.insert(name, Arc::new(svc));
+    v4.services.insert(Arc::new(svc));
     Arc::new(DesiredState {
         node_name: "node-a".into(),
         node_zone: None,

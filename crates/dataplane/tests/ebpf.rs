@@ -74,7 +74,7 @@ fn port_state(
             namespace: "default".into(),
             name: name.into(),
         },
-        port: String::new(),
+        port: "".into(),
         protocol,
     };
     let target = TrafficTarget {
@@ -122,11 +122,11 @@ fn sticky() -> (ServicePortName, Arc<ServicePortState>) {
 fn state(services: Vec<(ServicePortName, Arc<ServicePortState>)>) -> Arc<DesiredState> {
     let mut v4 = FamilyState::empty(IpFamily::V4);
     let mut v6 = FamilyState::empty(IpFamily::V6);
-    for (n, s) in services {
+    for (_, s) in services {
         if s.cluster_ip.is_some_and(|a| a.is_ipv4()) {
-            v4.services.insert(n, s);
+            v4.services.insert(s);
         } else {
-            v6.services.insert(n, s);
+            v6.services.insert(s);
         }
     }
     Arc::new(DesiredState {

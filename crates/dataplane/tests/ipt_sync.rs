@@ -60,7 +60,7 @@ fn random_service(rng: &mut Rng, v6: bool, id: u32) -> ServicePortState {
         .collect();
     let etp_local = rng.below(3) == 0;
     let target = |eps: &[usize], if_empty| TrafficTarget {
-        endpoints: eps.to_vec(),
+        endpoints: eps.into(),
         if_empty,
     };
     let external = rng.below(3);
@@ -154,9 +154,9 @@ fn initial(rng: &mut Rng, n: u32) -> DesiredState {
     };
     for id in 0..n {
         let s = random_service(rng, false, id);
-        state.v4.services.insert(s.name.clone(), Arc::new(s));
+        state.v4.services.insert(Arc::new(s));
         let s = random_service(rng, true, id);
-        state.v6.services.insert(s.name.clone(), Arc::new(s));
+        state.v6.services.insert(Arc::new(s));
     }
     state
 }
@@ -172,7 +172,7 @@ fn mutate(rng: &mut Rng, state: &DesiredState, n: u32) -> DesiredState {
         // Another version of the same port may exist under the other protocol.
         fam.services.retain(|k, _| k.service != s.name.service);
         if rng.below(4) != 0 {
-            fam.services.insert(s.name.clone(), Arc::new(s));
+            fam.services.insert(Arc::new(s));
         }
     }
     next
@@ -269,7 +269,7 @@ fn partial_syncs_equal_a_fresh_full_sync(dispatch: Dispatch, services: u32, seed
     run_checked(&mut synced.command("iptables", &["-t", "nat", "-F"])).expect("flush");
     let mut next = state.clone();
     let s = random_service(&mut rng, false, services + 10);
-    next.v4.services.insert(s.name.clone(), Arc::new(s));
+    next.v4.services.insert(Arc::new(s));
     let report = sync(&mut backend, &state, &next);
     assert!(report.full, "a refused partial must be retried in full");
     assert_eq!(report.partial_restore_failures, 1);

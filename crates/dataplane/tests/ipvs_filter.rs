@@ -23,9 +23,8 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn service(name: &str, cip: &str, eps: &[&str]) -> ServicePortState {
-    let all: Vec<usize> = (0..eps.len()).collect();
     let target = |if_empty| TrafficTarget {
-        endpoints: all.clone(),
+        endpoints: (0..eps.len()).collect(),
         if_empty,
     };
     ServicePortState {
@@ -58,10 +57,7 @@ fn state(services: Vec<ServicePortState>) -> DesiredState {
     let mut v4 = FamilyState::empty(IpFamily::V4);
     v4.cluster_ip_masquerade =
         ClusterIpMasquerade::FromOutside(vec!["10.244.0.0/16".parse().unwrap()]);
-    v4.services = services
-        .into_iter()
-        .map(|s| (s.name.clone(), Arc::new(s)))
-        .collect::<BTreeMap<_, _>>();
+    v4.services = services.into_iter().map(Arc::new).collect();
     DesiredState {
         node_name: "node-a".into(),
         node_zone: None,

@@ -52,9 +52,9 @@ fn service(v6: bool, id: u32, eps: &[u32], sticky: bool, node_port: bool) -> Ser
         .iter()
         .map(|&e| EndpointState::ready(ep(e), 8080, e % 2 == 0))
         .collect();
-    let all: Vec<usize> = (0..endpoints.len()).collect();
+    let n = endpoints.len();
     let target = |if_empty| TrafficTarget {
-        endpoints: all.clone(),
+        endpoints: (0..n).collect(),
         if_empty,
     };
     ServicePortState {
@@ -113,9 +113,9 @@ fn initial(rng: &mut Rng) -> DesiredState {
     };
     for id in 0..12 {
         let s = random_service(rng, false, id);
-        state.v4.services.insert(s.name.clone(), Arc::new(s));
+        state.v4.services.insert(Arc::new(s));
         let s = random_service(rng, true, id);
-        state.v6.services.insert(s.name.clone(), Arc::new(s));
+        state.v6.services.insert(Arc::new(s));
     }
     state
 }
@@ -131,7 +131,7 @@ fn mutate(rng: &mut Rng, state: &DesiredState) -> DesiredState {
         if rng.below(4) == 0 {
             fam.services.remove(&s.name);
         } else {
-            fam.services.insert(s.name.clone(), Arc::new(s));
+            fam.services.insert(Arc::new(s));
         }
     }
     next
@@ -274,7 +274,7 @@ fn partial_syncs_equal_a_fresh_full_render(netlink: bool) -> u64 {
         .unwrap_or_else(|| {
             let s = Arc::new(service(false, 40, &[], false, false));
             let mut with = state.clone();
-            with.v4.services.insert(s.name.clone(), s.clone());
+            with.v4.services.insert(s.clone());
             assert!(!sync(&mut backend, &state, &with).full);
             state = with;
             s
@@ -325,10 +325,7 @@ fn restart_adopts_the_existing_table(netlink: bool) {
     let mut rng = Rng(0xadd0_0001);
     let mut state = initial(&mut rng);
     let sticky = Arc::new(service(false, 50, &[1, 2], true, false));
-    state
-        .v4
-        .services
-        .insert(sticky.name.clone(), sticky.clone());
+    state.v4.services.insert(sticky.clone());
     let arc = Arc::new(state.clone());
     let diff = Diff::between(None, &arc, true);
     let cmd = ["ip", "netns", "exec", ns.name(), "nft"];
@@ -476,7 +473,7 @@ fn endpoint_swap_over_netlink_changes_elements_only() {
     for (id, v6) in [(60, false), (61, true)] {
         let s = Arc::new(service(v6, id, &[1, 2, 3], false, false));
         let fam = if v6 { &mut state.v6 } else { &mut state.v4 };
-        fam.services.insert(s.name.clone(), s);
+        fam.services.insert(s);
     }
     let mut backend = NftablesBackend::in_netns(synced.name());
     let first = Arc::new(state.clone());
@@ -498,7 +495,7 @@ fn endpoint_swap_over_netlink_changes_elements_only() {
     for (id, v6) in [(60, false), (61, true)] {
         let s = Arc::new(service(v6, id, &[1, 3, 5], false, false));
         let fam = if v6 { &mut next.v6 } else { &mut next.v4 };
-        fam.services.insert(s.name.clone(), s);
+        fam.services.insert(s);
     }
     swap_changes_no_rule(&mut backend, (&synced, &fresh), &before, &state, &next);
     let map = nft(&synced, &["list", "map", "ip", "svcplane", "endpoints-tcp"]);
@@ -509,7 +506,7 @@ fn endpoint_swap_over_netlink_changes_elements_only() {
     // goto), nothing else.
     let mut next = state.clone();
     let s = Arc::new(service(false, 60, &[1, 3, 5, 6], false, false));
-    next.v4.services.insert(s.name.clone(), s);
+    next.v4.services.insert(s);
     assert!(!sync(&mut backend, &state, &next).full);
     assert_eq!(backend.netlink_partials(), 2);
     let after = rule_handles(&synced);
@@ -560,7 +557,7 @@ fn external_service(v6: bool, id: u32, eps: &[u32], kind: &str) -> ServicePortSt
         s.external_policy = ExternalPolicy::Local {
             local_origin: s.external.clone(),
         };
-        s.external.endpoints = vec![0, 1];
+        s.external.endpoints = vec![0, 1].into();
     }
     s
 }
@@ -584,7 +581,7 @@ fn external_endpoint_swap_over_netlink_changes_elements_only() {
             for (id, kind) in KINDS {
                 let s = Arc::new(external_service(v6, id, eps, kind));
                 let fam = if v6 { &mut next.v6 } else { &mut next.v4 };
-                fam.services.insert(s.name.clone(), s);
+                fam.services.insert(s);
             }
         }
         next

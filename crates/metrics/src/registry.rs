@@ -519,7 +519,7 @@ pub(crate) mod fixtures {
         Arc::new(ServicePortState {
             name: ServicePortName {
                 service: NamespacedName::new("ns", name),
-                port: String::new(),
+                port: "".into(),
                 protocol: Protocol::Tcp,
             },
             protocol: Protocol::Tcp,
@@ -551,7 +551,7 @@ pub(crate) mod fixtures {
     ) -> Arc<DesiredState> {
         let mut fam = FamilyState::empty(IpFamily::V4);
         for s in v4 {
-            fam.services.insert(s.name.clone(), s);
+            fam.services.insert(s);
         }
         Arc::new(DesiredState {
             node_name: "node-a".into(),
@@ -941,15 +941,18 @@ mod tests {
 
         // a stops dropping, c starts, d arrives dropping both, b goes: counted from the diff.
         let mut b = (*a).clone();
-        let key = |n: &str| b.v4.services.keys().find(|k| k.service.name == n).cloned();
-        let (ka, kb, kc) = (key("a").unwrap(), key("b").unwrap(), key("c").unwrap());
-        b.v4.services
-            .insert(ka, port("a", some(), some(), false, None));
+        let key = |n: &str| {
+            b.v4.services
+                .keys()
+                .find(|k| &*k.service.name == n)
+                .cloned()
+        };
+        let kb = key("b").unwrap();
+        b.v4.services.insert(port("a", some(), some(), false, None));
         b.v4.services.remove(&kb);
-        b.v4.services
-            .insert(kc, port("c", drop(), some(), false, None));
+        b.v4.services.insert(port("c", drop(), some(), false, None));
         let d = port("d", drop(), drop(), true, Some(30004));
-        b.v4.services.insert(d.name.clone(), d);
+        b.v4.services.insert(d);
         let b = Arc::new(b);
         let mut next = outcome(false, 1, true, b.clone());
         next.diff = svcplane_proxy::Diff::between(Some(a.clone()), &b, false);

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use svcplane_model::{
     EndpointSlice, IpFamily, Protocol, Service, ServicePort, ServicePortName, ServiceType,
@@ -12,8 +13,8 @@ use svcplane_model::{
 };
 
 use crate::desired::{
-    Category, EmptyVerdict, EndpointState, Exclusion, ExternalPolicy, PortSelection,
-    ServicePortState, TopologyChoice, TrafficTarget,
+    Category, EmptyVerdict, EndpointState, Exclusion, ExplainedEndpoint, ExternalPolicy, Picks,
+    PortSelection, ServicePortState, TopologyChoice, TrafficTarget,
 };
 
 /// Label kube-proxy's informers exclude (`!service.kubernetes.io/headless`).
@@ -68,6 +69,9 @@ fn cluster_ip_of(svc: &Service, family: IpFamily) -> Option<IpAddr> {
 #[derive(Debug, Clone)]
 struct RawEndpoint<'a> {
     state: EndpointState,
+    /// Where it runs, for `trace` only ([`explain_service`]).
+    node_name: Option<&'a Arc<str>>,
+    zone: Option<&'a Arc<str>>,
     zone_hints: &'a [String],
     node_hints: &'a [String],
 }
@@ -83,7 +87,7 @@ impl RawEndpoint<'_> {
     }
 }
 
-type PortKey = (String, Protocol);
+type PortKey = (Arc<str>, Protocol);
 type MergedEndpoints<'a> = BTreeMap<PortKey, BTreeMap<(IpAddr, u16), RawEndpoint<'a>>>;
 
 /// Merge the slices of one family into endpoints per slice port (name, protocol), deduplicated
@@ -125,9 +129,9 @@ fn merge_slices<'a>(
                         ready: ep.ready,
                         serving: ep.serving,
                         terminating: ep.terminating,
-                        node_name: ep.node_name.clone(),
-                        zone: ep.zone.clone(),
                     },
+                    node_name: ep.node_name.as_ref(),
+                    zone: ep.zone.as_ref(),
                     zone_hints: hints.map_or(&[][..], |h| h.for_zones.as_slice()),
                     node_hints: hints.map_or(&[][..], |h| h.for_nodes.as_slice()),
                 };
@@ -430,7 +434,14 @@ pub(crate) fn explain_service(
             out.push(PortSelection {
                 name: state.name.clone(),
                 family,
-                endpoints: raw.iter().map(|e| e.state.clone()).collect(),
+                endpoints: raw
+                    .iter()
+                    .map(|e| ExplainedEndpoint {
+                        state: e.state.clone(),
+                        node_name: e.node_name.cloned(),
+                        zone: e.zone.cloned(),
+                    })
+                    .collect(),
                 internal_local: policy.internal_local,
                 external_local: policy.external_local,
                 cluster,
@@ -510,13 +521,8 @@ fn compute_port(
         .map(|(new, &old)| (old, new))
         .collect();
     let endpoints: Vec<EndpointState> = used.iter().map(|&i| raw[i].state.clone()).collect();
-    let reindex = |idx: &[usize]| -> Vec<usize> {
-        // Sized up front: a collected `filter_map` grows by doubling (16 slots for 10), and
-        // 10k services keep two of these each.
-        let mut out = Vec::with_capacity(idx.len());
-        out.extend(idx.iter().filter_map(|i| remap.get(i).copied()));
-        out
-    };
+    let reindex =
+        |idx: &[usize]| -> Picks { idx.iter().filter_map(|i| remap.get(i).copied()).collect() };
 
     let if_empty = if cat.has_any {
         EmptyVerdict::Drop
@@ -947,7 +953,7 @@ mod tests {
         let chosen = |c: &Category| -> Vec<String> {
             c.chosen
                 .iter()
-                .map(|&i| sel.endpoints[i].ip.to_string())
+                .map(|&i| sel.endpoints[i].state.ip.to_string())
                 .collect()
         };
         let cluster = sel.cluster.as_ref().unwrap();
@@ -959,7 +965,7 @@ mod tests {
         let why = |c: &Category| -> Vec<(String, Exclusion)> {
             c.excluded
                 .iter()
-                .map(|&(i, e)| (sel.endpoints[i].ip.to_string(), e))
+                .map(|&(i, e)| (sel.endpoints[i].state.ip.to_string(), e))
                 .collect()
         };
         assert_eq!(
@@ -1054,21 +1060,20 @@ mod tests {
                 r.sort_by(|a, b| a.name.cmp(&b.name));
                 r
             };
-            let out = compute_service(
-                &svc,
-                &refs,
-                &NodeContext {
-                    node_name: NODE,
-                    zone: None,
-                    node_ips: &[],
-                },
-            );
+            let ctx = NodeContext {
+                node_name: NODE,
+                zone: None,
+                node_ips: &[],
+            };
+            let out = compute_service(&svc, &refs, &ctx);
             let sp = &out.v4[0];
             assert_eq!(
                 ips(sp, &sp.internal),
                 ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
             );
-            let nodes: Vec<_> = sp
+            // Where the winners run: what `trace` shows (the state itself keeps no names).
+            let sel = &explain_service(&svc, &refs, &ctx)[0];
+            let nodes: Vec<_> = sel
                 .endpoints
                 .iter()
                 .map(|e| e.node_name.as_deref().unwrap())
@@ -1076,8 +1081,8 @@ mod tests {
             assert_eq!(nodes, ["node-c", "node-c", "node-b", "node-c"]);
             // One allocation per distinct node name, shared by every endpoint naming it.
             assert!(Arc::ptr_eq(
-                sp.endpoints[0].node_name.as_ref().unwrap(),
-                sp.endpoints[3].node_name.as_ref().unwrap()
+                sel.endpoints[0].node_name.as_ref().unwrap(),
+                sel.endpoints[3].node_name.as_ref().unwrap()
             ));
         }
     }

@@ -68,7 +68,7 @@ pub struct FamilyState {
     /// This node's addresses of this family, from its Node object.
     pub node_ips: Vec<IpAddr>,
     /// One entry per service port programmed in this family.
-    pub services: BTreeMap<ServicePortName, Arc<ServicePortState>>,
+    pub services: ServicePorts,
 }
 
 impl FamilyState {
@@ -79,7 +79,7 @@ impl FamilyState {
             cluster_ip_masquerade: ClusterIpMasquerade::None,
             nodeport_addresses: NodePortAddresses::AllLocal,
             node_ips: Vec::new(),
-            services: BTreeMap::new(),
+            services: ServicePorts::new(),
         }
     }
     /// Every ClusterIP of this family (for "reject unknown ports on a ClusterIP").
@@ -91,6 +91,219 @@ impl FamilyState {
     }
 }
 
+/// A family's service ports by name: a map from `ServicePortName` to the port's state, keyed
+/// by the state's own `name` (no copy of the key: at 10k services the engine's two states
+/// kept 20k of them, a third of each map's bytes).
+#[derive(Clone, Default)]
+pub struct ServicePorts(BTreeSet<ByName<ServicePortState>>);
+
+/// What a [`ByName`] is keyed by.
+pub(crate) trait Named {
+    type Name: Ord + std::hash::Hash;
+    fn name(&self) -> &Self::Name;
+}
+
+impl Named for ServicePortState {
+    type Name = ServicePortName;
+    fn name(&self) -> &ServicePortName {
+        &self.name
+    }
+}
+
+/// A shared value ordered, hashed, compared and looked up by its own name only: a set of
+/// these is a map from name to value without a copy of the key.
+#[derive(Debug)]
+pub(crate) struct ByName<T>(pub Arc<T>);
+
+impl<T> Clone for ByName<T> {
+    fn clone(&self) -> Self {
+        ByName(self.0.clone())
+    }
+}
+impl<T: Named> PartialEq for ByName<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name() == other.0.name()
+    }
+}
+impl<T: Named> Eq for ByName<T> {}
+impl<T: Named> PartialOrd for ByName<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<T: Named> Ord for ByName<T> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.name().cmp(other.0.name())
+    }
+}
+impl<T: Named> std::hash::Hash for ByName<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.name().hash(state);
+    }
+}
+// One impl per name type (a generic `Borrow<T::Name>` would overlap `Borrow<T> for T`).
+impl std::borrow::Borrow<ServicePortName> for ByName<ServicePortState> {
+    fn borrow(&self) -> &ServicePortName {
+        &self.0.name
+    }
+}
+impl std::borrow::Borrow<NamespacedName> for ByName<svcplane_model::Service> {
+    fn borrow(&self) -> &NamespacedName {
+        &self.0.name
+    }
+}
+impl std::borrow::Borrow<NamespacedName> for ByName<svcplane_model::EndpointSlice> {
+    fn borrow(&self) -> &NamespacedName {
+        &self.0.name
+    }
+}
+impl Named for svcplane_model::Service {
+    type Name = NamespacedName;
+    fn name(&self) -> &NamespacedName {
+        &self.name
+    }
+}
+impl Named for svcplane_model::EndpointSlice {
+    type Name = NamespacedName;
+    fn name(&self) -> &NamespacedName {
+        &self.name
+    }
+}
+
+impl ServicePorts {
+    pub fn new() -> Self {
+        ServicePorts(BTreeSet::new())
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn get(&self, name: &ServicePortName) -> Option<&Arc<ServicePortState>> {
+        self.0.get(name).map(|p| &p.0)
+    }
+    pub fn contains_key(&self, name: &ServicePortName) -> bool {
+        self.0.contains(name)
+    }
+    /// Add `port` under its name, replacing (and returning) the port of that name.
+    pub fn insert(&mut self, port: Arc<ServicePortState>) -> Option<Arc<ServicePortState>> {
+        self.0.replace(ByName(port)).map(|p| p.0)
+    }
+    pub fn remove(&mut self, name: &ServicePortName) -> Option<Arc<ServicePortState>> {
+        self.0.take(name).map(|p| p.0)
+    }
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+    pub fn retain(
+        &mut self,
+        mut keep: impl FnMut(&ServicePortName, &Arc<ServicePortState>) -> bool,
+    ) {
+        self.0.retain(|p| keep(&p.0.name, &p.0));
+    }
+    /// `(name, port)` in name order.
+    pub fn iter(&self) -> ServicePortsIter<'_> {
+        ServicePortsIter(self.0.iter())
+    }
+    // Concrete iterator types (no `impl Trait`): the borrow then ends with the last use,
+    // as a map's `keys()` and `values()` do.
+    pub fn keys(&self) -> std::iter::Map<ServicePortsIter<'_>, KeyOf> {
+        self.iter().map(|(k, _)| k)
+    }
+    pub fn values(&self) -> std::iter::Map<ServicePortsIter<'_>, ValueOf> {
+        self.iter().map(|(_, v)| v)
+    }
+    /// The ports named from `from` on, in name order.
+    pub fn from_name<'a>(
+        &'a self,
+        from: &ServicePortName,
+    ) -> impl Iterator<Item = &'a Arc<ServicePortState>> + use<'a> {
+        self.0
+            .range::<ServicePortName, _>((
+                std::ops::Bound::Included(from),
+                std::ops::Bound::Unbounded,
+            ))
+            .map(|p| &p.0)
+    }
+}
+
+impl PartialEq for ServicePorts {
+    /// Same names and equal states (the same `Arc` is equal without a look inside).
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len()
+            && self
+                .0
+                .iter()
+                .zip(&other.0)
+                .all(|(a, b)| Arc::ptr_eq(&a.0, &b.0) || *a.0 == *b.0)
+    }
+}
+impl Eq for ServicePorts {}
+
+impl std::fmt::Debug for ServicePorts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl FromIterator<Arc<ServicePortState>> for ServicePorts {
+    fn from_iter<I: IntoIterator<Item = Arc<ServicePortState>>>(iter: I) -> Self {
+        let mut ports = ServicePorts::new();
+        for port in iter {
+            ports.insert(port);
+        }
+        ports
+    }
+}
+
+impl std::ops::Index<&ServicePortName> for ServicePorts {
+    type Output = Arc<ServicePortState>;
+    /// The port of that name; panics when there is none (as a map's index does).
+    fn index(&self, name: &ServicePortName) -> &Arc<ServicePortState> {
+        match self.get(name) {
+            Some(port) => port,
+            None => panic!("no service port {name}"),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a ServicePorts {
+    type Item = (&'a ServicePortName, &'a Arc<ServicePortState>);
+    type IntoIter = ServicePortsIter<'a>;
+    fn into_iter(self) -> ServicePortsIter<'a> {
+        self.iter()
+    }
+}
+
+/// [`ServicePorts::keys`]' projection.
+pub type KeyOf =
+    for<'a> fn((&'a ServicePortName, &'a Arc<ServicePortState>)) -> &'a ServicePortName;
+/// [`ServicePorts::values`]' projection.
+pub type ValueOf =
+    for<'a> fn((&'a ServicePortName, &'a Arc<ServicePortState>)) -> &'a Arc<ServicePortState>;
+
+/// [`ServicePorts::iter`].
+pub struct ServicePortsIter<'a>(std::collections::btree_set::Iter<'a, ByName<ServicePortState>>);
+
+impl<'a> Iterator for ServicePortsIter<'a> {
+    type Item = (&'a ServicePortName, &'a Arc<ServicePortState>);
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next().map(|p| (&p.0.name, &p.0))
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl DoubleEndedIterator for ServicePortsIter<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        self.0.next_back().map(|p| (&p.0.name, &p.0))
+    }
+}
+
+impl ExactSizeIterator for ServicePortsIter<'_> {}
+
 /// What to do with a packet for a service whose target has no endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EmptyVerdict {
@@ -100,11 +313,120 @@ pub enum EmptyVerdict {
     Drop,
 }
 
+/// Indices into `ServicePortState::endpoints`, in order. A service port keeps only the
+/// endpoints some target uses, so a target usually picks all of them: that is kept as a
+/// count, without an allocation (two per service port at 10k services); any other list
+/// as `u32`s.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Picks(PicksRepr);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum PicksRepr {
+    /// `0..n`.
+    First(u32),
+    /// Any list that is not `0..n` (so that equal lists are equal values).
+    Listed(Box<[u32]>),
+}
+
+impl Picks {
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            PicksRepr::First(n) => *n as usize,
+            PicksRepr::Listed(l) => l.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The indices, in order.
+    pub fn iter(&self) -> PicksIter<'_> {
+        match &self.0 {
+            PicksRepr::First(n) => PicksIter::First(0..*n as usize),
+            PicksRepr::Listed(l) => PicksIter::Listed(l.iter()),
+        }
+    }
+    pub fn contains(&self, index: usize) -> bool {
+        match &self.0 {
+            PicksRepr::First(n) => index < *n as usize,
+            PicksRepr::Listed(l) => l.iter().any(|&i| i as usize == index),
+        }
+    }
+}
+
+impl Default for Picks {
+    fn default() -> Self {
+        Picks(PicksRepr::First(0))
+    }
+}
+
+impl FromIterator<usize> for Picks {
+    fn from_iter<I: IntoIterator<Item = usize>>(iter: I) -> Self {
+        // An index beyond u32 cannot point at an endpoint (no port has 4G of them); it
+        // stays one that resolves to nothing, as any out-of-range index.
+        let list: Vec<u32> = iter
+            .into_iter()
+            .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
+            .collect();
+        if list.iter().enumerate().all(|(at, &i)| at == i as usize) {
+            Picks(PicksRepr::First(
+                u32::try_from(list.len()).unwrap_or(u32::MAX),
+            ))
+        } else {
+            Picks(PicksRepr::Listed(list.into_boxed_slice()))
+        }
+    }
+}
+
+impl From<&[usize]> for Picks {
+    fn from(list: &[usize]) -> Self {
+        list.iter().copied().collect()
+    }
+}
+
+impl From<Vec<usize>> for Picks {
+    fn from(list: Vec<usize>) -> Self {
+        list.into_iter().collect()
+    }
+}
+
+impl<'a> IntoIterator for &'a Picks {
+    type Item = usize;
+    type IntoIter = PicksIter<'a>;
+    fn into_iter(self) -> PicksIter<'a> {
+        self.iter()
+    }
+}
+
+/// [`Picks::iter`].
+#[derive(Debug, Clone)]
+pub enum PicksIter<'a> {
+    First(std::ops::Range<usize>),
+    Listed(std::slice::Iter<'a, u32>),
+}
+
+impl Iterator for PicksIter<'_> {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            PicksIter::First(r) => r.next(),
+            PicksIter::Listed(l) => l.next().map(|&i| i as usize),
+        }
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            PicksIter::First(r) => r.size_hint(),
+            PicksIter::Listed(l) => l.size_hint(),
+        }
+    }
+}
+
+impl ExactSizeIterator for PicksIter<'_> {}
+
 /// The endpoints one kind of traffic is balanced over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrafficTarget {
     /// Indices into `ServicePortState::endpoints`, in order. Empty → `if_empty`.
-    pub endpoints: Vec<usize>,
+    pub endpoints: Picks,
     /// Meaningful only when `endpoints` is empty.
     pub if_empty: EmptyVerdict,
 }
@@ -144,10 +466,6 @@ pub struct EndpointState {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    /// The slice endpoint's own node and zone names (shared: one allocation per distinct
-    /// name, see `svcplane_model::shared_name`); read them with `as_deref()`.
-    pub node_name: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
 }
 
 impl EndpointState {
@@ -161,8 +479,6 @@ impl EndpointState {
             ready: true,
             serving: true,
             terminating: false,
-            node_name: None,
-            zone: None,
         }
     }
 }
@@ -209,7 +525,7 @@ impl ServicePortState {
         target
             .endpoints
             .iter()
-            .filter_map(|&i| self.endpoints.get(i))
+            .filter_map(|i| self.endpoints.get(i))
     }
     /// True when the service has any external address (NodePort, LB IP or externalIP).
     pub fn has_external(&self) -> bool {
@@ -323,7 +639,7 @@ pub struct PortSelection {
     pub name: ServicePortName,
     pub family: IpFamily,
     /// Every endpoint the EndpointSlices give this port (merged, deduplicated), used or not.
-    pub endpoints: Vec<EndpointState>,
+    pub endpoints: Vec<ExplainedEndpoint>,
     /// internalTrafficPolicy Local.
     pub internal_local: bool,
     /// externalTrafficPolicy Local, and the port is externally accessible in this family.
@@ -333,6 +649,16 @@ pub struct PortSelection {
     pub cluster: Option<Category>,
     /// kube-proxy's local-policy endpoints (iTP or eTP Local); `None` when unused.
     pub local: Option<Category>,
+}
+
+/// An endpoint as `trace` shows it: its state and where it runs (the slice endpoint's
+/// node and zone, shared names; the desired state does not keep them, no backend reads
+/// them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExplainedEndpoint {
+    pub state: EndpointState,
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
 }
 
 /// One of `CategorizeEndpoints`' two lists, with the reasons behind it.
@@ -381,5 +707,77 @@ impl std::fmt::Display for Exclusion {
             Exclusion::Topology => "topology hints for another node or zone",
             Exclusion::NotLocal => "on another node (traffic policy Local)",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_records_are_compact() {
+        // 100k of them at 10k services × 10 endpoints: no names, no padding to 8.
+        assert!(size_of::<EndpointState>() <= 24);
+        assert!(size_of::<TrafficTarget>() <= 32);
+    }
+
+    /// Service `name`'s one port, its number `port`, as the engine computes it.
+    fn port(name: &str, port: u16) -> Arc<ServicePortState> {
+        let svc = crate::testutil::service("ns", name, &["10.96.0.10"]);
+        let ctx = crate::compute::NodeContext {
+            node_name: crate::testutil::NODE,
+            zone: None,
+            node_ips: &[],
+        };
+        let mut out = crate::compute::compute_service(&svc, &[], &ctx);
+        let mut state = out.v4.remove(0);
+        state.port = port;
+        Arc::new(state)
+    }
+
+    #[test]
+    fn service_ports_are_a_map_keyed_by_the_states_names() {
+        let mut ports: ServicePorts = [port("b", 80), port("a", 80)].into_iter().collect();
+        assert_eq!(
+            ports.keys().map(|k| &*k.service.name).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        let b = port("b", 81);
+        let old = ports.insert(b.clone());
+        assert_eq!(old.map(|o| o.port), Some(80), "the same name replaces");
+        assert!(Arc::ptr_eq(&ports[&b.name], &b));
+        assert_eq!(ports.len(), 2);
+        // Equal means equal states, not only the same names.
+        let mut other = ports.clone();
+        assert_eq!(ports, other);
+        other.insert(port("b", 82));
+        assert_ne!(ports, other);
+        let a = port("a", 80);
+        assert_eq!(
+            ports.from_name(&b.name).map(|p| p.port).collect::<Vec<_>>(),
+            [81]
+        );
+        assert!(ports.remove(&a.name).is_some() && !ports.contains_key(&a.name));
+        // One pointer per port beside the states: the key is the state's own name.
+        assert_eq!(size_of::<ByName<ServicePortState>>(), size_of::<usize>());
+    }
+
+    #[test]
+    fn picks_keep_all_as_a_count_and_any_other_list_as_is() {
+        let all: Picks = (0..3).collect();
+        assert_eq!(all, Picks(PicksRepr::First(3)));
+        assert_eq!(all.iter().collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(all.contains(2) && !all.contains(3));
+        let some = Picks::from(vec![0, 2]);
+        assert_eq!(some.len(), 2);
+        assert_eq!(some.iter().collect::<Vec<_>>(), [0, 2]);
+        assert!(!some.contains(1));
+        assert_ne!(some, Picks::from(vec![0, 1]));
+        // Equal lists are equal values, whichever way they were built.
+        assert_eq!(Picks::from(&[0, 1][..]), (0..2).collect());
+        assert!(Picks::default().is_empty());
+        let sp_endpoints = [EndpointState::ready("10.0.0.1".parse().unwrap(), 80, false)];
+        let beyond: Picks = [usize::MAX].into_iter().collect();
+        assert_eq!(beyond.iter().filter_map(|i| sp_endpoints.get(i)).count(), 0);
     }
 }

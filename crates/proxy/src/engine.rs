@@ -10,8 +10,8 @@ use svcplane_model::{
 
 use crate::compute::{NodeContext, ServiceOutput, compute_service, explain_service};
 use crate::desired::{
-    ClusterIpMasquerade, DesiredState, Diff, FamilyDiff, FamilyState, HealthCheck,
-    NodePortAddresses, PortSelection, ServicePortState,
+    ByName, ClusterIpMasquerade, DesiredState, Diff, FamilyDiff, FamilyState, HealthCheck,
+    NodePortAddresses, PortSelection, ServicePortState, ServicePorts,
 };
 
 /// Node-level settings of the engine (kube-proxy's flags).
@@ -50,13 +50,16 @@ struct Spare {
 /// hands the sync loop the changes it made rather than comparing every service.
 pub struct Engine {
     config: EngineConfig,
-    /// Shared with the source that sent them (no second copy).
-    services: HashMap<NamespacedName, Arc<Service>>,
-    slices: HashMap<NamespacedName, Arc<EndpointSlice>>,
+    /// Shared with the source that sent them (no second copy), by their own names (no
+    /// copy of the key either).
+    services: HashSet<ByName<Service>>,
+    slices: HashSet<ByName<EndpointSlice>>,
     /// Service (namespace/name) → the slices labelled with it, sorted by name (a `Vec`: a
     /// service has one slice or a few, and a `BTreeSet` node costs half a kilobyte; the
     /// slices themselves, not copies of their names).
-    slices_by_service: HashMap<NamespacedName, Vec<Arc<EndpointSlice>>>,
+    /// A boxed slice, not a `Vec`: a first push reserves four slots and the inline
+    /// capacity is 8 B more, per service, for a list rebuilt only when a slice comes or goes.
+    slices_by_service: HashMap<NamespacedName, Box<[Arc<EndpointSlice>]>>,
     nodes: HashMap<String, Arc<Node>>,
 
     /// Services to recompute at the next `desired()`.
@@ -87,8 +90,8 @@ impl Engine {
     pub fn new(config: EngineConfig) -> Self {
         Engine {
             config,
-            services: HashMap::new(),
-            slices: HashMap::new(),
+            services: HashSet::new(),
+            slices: HashSet::new(),
             slices_by_service: HashMap::new(),
             nodes: HashMap::new(),
             dirty: HashSet::new(),
@@ -136,19 +139,19 @@ impl Engine {
             Change::Apply(Object::Pod(_)) => {}
             Change::Delete(ObjectKey { kind, name }) => match kind {
                 Kind::Service => {
-                    if self.services.remove(&name).is_some() {
+                    if self.services.remove(&name) {
                         self.changed_services.insert(name.clone());
                         self.dirty.insert(name);
                     }
                 }
                 Kind::EndpointSlice => {
-                    if let Some(old) = self.slices.remove(&name) {
+                    if let Some(ByName(old)) = self.slices.take(&name) {
                         self.unindex_slice(&old);
                         self.changed_slices.insert(name);
                     }
                 }
                 Kind::Node => {
-                    if let Some(old) = self.nodes.remove(&name.name) {
+                    if let Some(old) = self.nodes.remove(&*name.name) {
                         self.node_updated(Some(&*old), None);
                     }
                 }
@@ -158,16 +161,16 @@ impl Engine {
     }
 
     fn put_service(&mut self, svc: Arc<Service>) {
-        if self.services.get(&svc.name) == Some(&svc) {
+        if self.services.get(&svc.name).is_some_and(|old| old.0 == svc) {
             return;
         }
         self.changed_services.insert(svc.name.clone());
         self.dirty.insert(svc.name.clone());
-        self.services.insert(svc.name.clone(), svc);
+        self.services.replace(ByName(svc));
     }
 
     fn put_slice(&mut self, slice: Arc<EndpointSlice>) {
-        if let Some(old) = self.slices.get(&slice.name) {
+        if let Some(ByName(old)) = self.slices.get(&slice.name) {
             if *old == slice {
                 return;
             }
@@ -178,7 +181,11 @@ impl Engine {
             let slices = self.slices_by_service.entry(svc.clone()).or_default();
             match slices.binary_search_by(|s| s.name.cmp(&slice.name)) {
                 Ok(at) => slices[at] = slice.clone(),
-                Err(at) => slices.insert(at, slice.clone()),
+                Err(at) => {
+                    let mut list = std::mem::take(slices).into_vec();
+                    list.insert(at, slice.clone());
+                    *slices = list.into_boxed_slice();
+                }
             }
             self.dirty.insert(svc);
         }
@@ -190,7 +197,7 @@ impl Engine {
         {
             self.trigger_times.push(t);
         }
-        self.slices.insert(slice.name.clone(), slice);
+        self.slices.replace(ByName(slice));
     }
 
     /// Drop `slice` from the service index and dirty the service it belonged to.
@@ -200,7 +207,9 @@ impl Engine {
         };
         if let Some(slices) = self.slices_by_service.get_mut(&svc) {
             if let Ok(at) = slices.binary_search_by(|s| s.name.cmp(&slice.name)) {
-                slices.remove(at);
+                let mut list = std::mem::take(slices).into_vec();
+                list.remove(at);
+                *slices = list.into_boxed_slice();
             }
             if slices.is_empty() {
                 self.slices_by_service.remove(&svc);
@@ -244,7 +253,8 @@ impl Engine {
     /// (the sync loop drops it once the last one is applied); else one copy of the maps.
     pub fn desired(&mut self) -> Arc<DesiredState> {
         let dirty: Vec<NamespacedName> = if self.all_dirty {
-            let mut all: HashSet<NamespacedName> = self.services.keys().cloned().collect();
+            let mut all: HashSet<NamespacedName> =
+                self.services.iter().map(|s| s.0.name.clone()).collect();
             all.extend(self.dirty.drain());
             all.into_iter().collect()
         } else {
@@ -343,7 +353,7 @@ impl Engine {
                 }
                 for key in diff.added.into_iter().chain(diff.changed) {
                     match from.services.get(&key) {
-                        Some(port) => fam.services.insert(key, port.clone()),
+                        Some(port) => fam.services.insert(port.clone()),
                         None => fam.services.remove(&key),
                     };
                 }
@@ -440,7 +450,7 @@ impl Engine {
     /// from the cached objects by the same code as [`Engine::desired`]; empty for an
     /// unknown or skipped Service. For `svcplane trace`.
     pub fn explain(&self, name: &NamespacedName) -> Vec<PortSelection> {
-        let Some(svc) = self.services.get(name) else {
+        let Some(ByName(svc)) = self.services.get(name) else {
             return Vec::new();
         };
         let slices = self.slices_of(name);
@@ -468,7 +478,7 @@ impl Engine {
     fn recompute(&mut self, name: &NamespacedName, updates: &mut [Updates; 2]) {
         self.health.remove(name);
         let output = match self.services.get(name) {
-            Some(svc) => {
+            Some(ByName(svc)) => {
                 let slices = self.slices_of(name);
                 let this_node = self.this_node();
                 let ctx = NodeContext {
@@ -514,15 +524,15 @@ fn ports_of<'a>(
 ) -> impl Iterator<Item = &'a ServicePortName> + 'a {
     let lowest = ServicePortName {
         service: name.clone(),
-        port: String::new(),
+        port: "".into(),
         protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
             .into_iter()
             .min()
             .unwrap_or(Protocol::Tcp),
     };
     fam.services
-        .range(lowest..)
-        .map(|(k, _)| k)
+        .from_name(&lowest)
+        .map(|p| &p.name)
         .take_while(move |k| k.service == *name)
 }
 
@@ -531,7 +541,7 @@ fn patch(fam: &mut FamilyState, updates: Updates, globals: FamilyState) {
     let mut services = std::mem::take(&mut fam.services);
     for (key, port) in updates {
         match port {
-            Some(port) => services.insert(key, port),
+            Some(port) => services.insert(port),
             None => services.remove(&key),
         };
     }
@@ -572,7 +582,10 @@ fn slice_service(slice: &EndpointSlice) -> Option<NamespacedName> {
         .service_name
         .as_ref()
         .filter(|s| !s.is_empty())
-        .map(|s| NamespacedName::new(slice.name.namespace.clone(), s.clone()))
+        .map(|s| NamespacedName {
+            namespace: slice.name.namespace.clone(),
+            name: s.clone(),
+        })
 }
 
 /// One family's node-wide settings (services left empty).
@@ -623,7 +636,7 @@ pub(crate) fn family_globals(
         cluster_ip_masquerade,
         nodeport_addresses,
         node_ips,
-        services: BTreeMap::new(),
+        services: ServicePorts::new(),
     }
 }
 
@@ -643,7 +656,7 @@ mod tests {
     fn svc_key(ns: &str, name: &str) -> ServicePortName {
         ServicePortName {
             service: NamespacedName::new(ns, name),
-            port: String::new(),
+            port: "".into(),
             protocol: svcplane_model::Protocol::Tcp,
         }
     }
@@ -1071,7 +1084,7 @@ mod tests {
 
     #[test]
     fn endpoint_node_names_are_the_slices_own() {
-        // The endpoint records share the slice's `Arc`s: no copy per service port or state.
+        // What `trace` shows shares the slice's `Arc`s: no copy of a node name.
         let mut engine = Engine::new(config());
         apply(
             &mut engine,
@@ -1085,10 +1098,9 @@ mod tests {
             vec![ep("10.0.0.1", "node-b")],
         ));
         engine.apply(Change::Apply(Object::EndpointSlice(slice.clone())));
-        let state = engine.desired();
-        let port = state.v4.services.values().next().unwrap();
+        let explained = engine.explain(&NamespacedName::new("ns", "web"));
         assert!(Arc::ptr_eq(
-            port.endpoints[0].node_name.as_ref().unwrap(),
+            explained[0].endpoints[0].node_name.as_ref().unwrap(),
             slice.endpoints[0].node_name.as_ref().unwrap()
         ));
     }

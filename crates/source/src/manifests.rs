@@ -179,7 +179,7 @@ pub struct ManifestSource {
     nodes: BTreeMap<String, Arc<Node>>,
     /// Manifest EndpointSlices per (namespace, service-name label): a Service with one
     /// gets no derived slices.
-    covered: HashMap<(String, String), usize>,
+    covered: HashMap<(Arc<str>, Arc<str>), usize>,
     /// The Services after allocation (what the engine gets); a Service that could not be
     /// allocated is absent.
     allocated_services: BTreeMap<NamespacedName, Arc<Service>>,
@@ -394,7 +394,10 @@ impl ManifestSource {
                         if let Object::EndpointSlice(s) = obj
                             && let Some(svc) = &s.service_name
                         {
-                            dirty.insert(NamespacedName::new(&*key.name.namespace, &**svc));
+                            dirty.insert(NamespacedName {
+                                namespace: key.name.namespace.clone(),
+                                name: svc.clone(),
+                            });
                         }
                     }
                     if let Some(Object::EndpointSlice(s)) = &before {
@@ -427,10 +430,10 @@ impl ManifestSource {
                     all_dirty = true;
                     match &after {
                         Some(Object::Node(n)) => {
-                            self.nodes.insert(key.name.name.clone(), n.clone());
+                            self.nodes.insert(key.name.name.to_string(), n.clone());
                         }
                         _ => {
-                            self.nodes.remove(&key.name.name);
+                            self.nodes.remove(&*key.name.name);
                         }
                     }
                 }
@@ -990,7 +993,7 @@ mod tests {
 
     fn applied_port(changes: &[Change], name: &str) -> Option<u16> {
         changes.iter().find_map(|c| match c {
-            Change::Apply(Object::Service(s)) if s.name.name == name => Some(s.ports[0].port),
+            Change::Apply(Object::Service(s)) if &*s.name.name == name => Some(s.ports[0].port),
             _ => None,
         })
     }
@@ -1060,7 +1063,7 @@ mod tests {
         let services: BTreeMap<String, Service> = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Apply(Object::Service(s)) => Some((s.name.name.clone(), (**s).clone())),
+                Change::Apply(Object::Service(s)) => Some((s.name.name.to_string(), (**s).clone())),
                 _ => None,
             })
             .collect();
@@ -1104,7 +1107,7 @@ mod tests {
         .unwrap();
         let (changes, problems) = ManifestSource::new(dir.path()).load_once().unwrap();
         let service = changes.iter().find_map(|c| match c {
-            Change::Apply(Object::Service(s)) if s.name.name == "wide" => Some(s),
+            Change::Apply(Object::Service(s)) if &*s.name.name == "wide" => Some(s),
             _ => None,
         });
         let service = service.expect("the Service is applied");
@@ -1675,7 +1678,7 @@ mod tests {
         let names: Vec<&str> = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Apply(Object::Service(s)) => Some(s.name.name.as_str()),
+                Change::Apply(Object::Service(s)) => Some(s.name.name.as_ref()),
                 _ => None,
             })
             .collect();

@@ -357,11 +357,17 @@ pub fn trace(world: &World, req: &Request) -> Result<Trace, TraceError> {
     let n = eps.len();
     for ep in &eps {
         let hairpin = req.from == Some(ep.ip);
+        // Where it runs: the engine's explanation has it (the desired state keeps no names).
+        let place = selection.as_ref().and_then(|s| {
+            s.endpoints
+                .iter()
+                .find(|e| e.state.ip == ep.ip && e.state.port == ep.port)
+        });
         t.endpoints.push(Candidate {
             ip: ep.ip,
             port: ep.port,
-            node: ep.node_name.as_deref().map(str::to_owned),
-            zone: ep.zone.as_deref().map(str::to_owned),
+            node: place.and_then(|e| e.node_name.as_deref().map(str::to_owned)),
+            zone: place.and_then(|e| e.zone.as_deref().map(str::to_owned)),
             local: ep.is_local,
             ready: ep.ready,
             terminating: ep.terminating,
@@ -373,8 +379,8 @@ pub fn trace(world: &World, req: &Request) -> Result<Trace, TraceError> {
         for (i, why) in &cat.excluded {
             if let Some(ep) = sel.endpoints.get(*i) {
                 t.excluded.push(Excluded {
-                    ip: ep.ip,
-                    port: ep.port,
+                    ip: ep.state.ip,
+                    port: ep.state.port,
                     node: ep.node_name.as_deref().map(str::to_owned),
                     reason: why.to_string(),
                 });

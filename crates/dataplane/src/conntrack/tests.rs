@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use svcplane_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
 use svcplane_proxy::{
-    EmptyVerdict, EndpointState, ExternalPolicy, FamilyState, NodePortAddresses, ServicePortState,
-    TrafficTarget,
+    EmptyVerdict, EndpointState, ExternalPolicy, FamilyState, NodePortAddresses, Picks,
+    ServicePortState, TrafficTarget,
 };
 
 use super::*;
@@ -62,7 +62,7 @@ fn family(services: Vec<ServicePortState>) -> FamilyState {
     let mut state = FamilyState::empty(IpFamily::V4);
     state.node_ips = vec![ip(NODE)];
     for s in services {
-        state.services.insert(s.name.clone(), Arc::new(s));
+        state.services.insert(Arc::new(s));
     }
     state
 }
@@ -245,12 +245,12 @@ fn external_frontends_follow_the_external_target() {
     let mut s = svc("dns", Protocol::Udp, DNS_IP, &[LIVE]);
     s.node_port = Some(30053);
     s.external = TrafficTarget {
-        endpoints: Vec::new(),
+        endpoints: Picks::default(),
         if_empty: EmptyVerdict::Drop,
     };
     s.external_policy = ExternalPolicy::Local {
         local_origin: TrafficTarget {
-            endpoints: Vec::new(),
+            endpoints: Picks::default(),
             if_empty: EmptyVerdict::Reject,
         },
     };

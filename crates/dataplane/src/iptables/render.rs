@@ -275,7 +275,6 @@ fn resolved(svc: &ServicePortState, target: &TrafficTarget) -> Vec<usize> {
     target
         .endpoints
         .iter()
-        .copied()
         .filter(|&i| i < svc.endpoints.len())
         .collect()
 }

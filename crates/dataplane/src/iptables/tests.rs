@@ -1,7 +1,6 @@
 //! The rendered rules for hand-built states: the backend must spell what the engine
 //! decided, in kube-proxy's iptables shapes.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -21,7 +20,7 @@ fn ip(s: &str) -> IpAddr {
 
 fn target(endpoints: &[usize], if_empty: EmptyVerdict) -> TrafficTarget {
     TrafficTarget {
-        endpoints: endpoints.to_vec(),
+        endpoints: endpoints.into(),
         if_empty,
     }
 }
@@ -60,10 +59,7 @@ fn family(f: IpFamily, services: Vec<ServicePortState>) -> FamilyState {
         fam.cluster_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
         fam.cluster_ip_masquerade = ClusterIpMasquerade::FromOutside(fam.cluster_cidrs.clone());
     }
-    fam.services = services
-        .into_iter()
-        .map(|s| (s.name.clone(), Arc::new(s)))
-        .collect::<BTreeMap<_, _>>();
+    fam.services = services.into_iter().map(Arc::new).collect();
     fam
 }
 

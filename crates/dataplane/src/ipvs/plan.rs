@@ -272,12 +272,12 @@ pub fn update_address_claims(
     let mut delta: BTreeMap<IpAddr, i64> = BTreeMap::new();
     for (old, new) in prev.families().into_iter().zip(desired.families()) {
         for name in changed {
-            if let Some(svc) = old.services.get(*name) {
+            if let Some(svc) = old.services.get(name) {
                 for ip in service_port_addresses(svc) {
                     *delta.entry(ip).or_insert(0) -= 1;
                 }
             }
-            if let Some(svc) = new.services.get(*name) {
+            if let Some(svc) = new.services.get(name) {
                 for ip in service_port_addresses(svc) {
                     *delta.entry(ip).or_insert(0) += 1;
                 }
@@ -376,7 +376,7 @@ pub fn changed_virtual_servers(
         .enumerate()
     {
         for name in changed {
-            if let Some(svc) = old.services.get(*name) {
+            if let Some(svc) = old.services.get(name) {
                 for w in service_virtual_servers(old, name, svc, scheduler, node_addrs) {
                     let k = w.vs.key;
                     if contested.contains(&k) {
@@ -387,7 +387,7 @@ pub fn changed_virtual_servers(
                     }
                 }
             }
-            if let Some(svc) = new.services.get(*name) {
+            if let Some(svc) = new.services.get(name) {
                 for w in service_virtual_servers(new, name, svc, scheduler, node_addrs) {
                     let k = w.vs.key;
                     let taken = applied

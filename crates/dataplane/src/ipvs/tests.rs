@@ -34,7 +34,7 @@ fn spn(name: &str, protocol: Protocol) -> ServicePortName {
 
 fn target(endpoints: &[usize], if_empty: EmptyVerdict) -> TrafficTarget {
     TrafficTarget {
-        endpoints: endpoints.to_vec(),
+        endpoints: endpoints.into(),
         if_empty,
     }
 }
@@ -66,10 +66,7 @@ fn svc(name: &str, protocol: Protocol, cip: &str, port: u16, eps: &[&str]) -> Se
 fn state(v4: Vec<ServicePortState>, v6: Vec<ServicePortState>) -> DesiredState {
     let fam = |family, services: Vec<ServicePortState>| {
         let mut f = FamilyState::empty(family);
-        f.services = services
-            .into_iter()
-            .map(|s| (s.name.clone(), Arc::new(s)))
-            .collect();
+        f.services = services.into_iter().map(Arc::new).collect();
         f
     };
     DesiredState {
@@ -673,7 +670,7 @@ fn partial_updates_equal_full_computations() {
                     changed.insert(name);
                 }
             }
-            changed.extend(f.services.keys().filter(|k| !o.services.contains_key(*k)));
+            changed.extend(f.services.keys().filter(|k| !o.services.contains_key(k)));
         }
         let before_vips = plan::service_addresses(prev);
         let (came_ips, gone_ips) = plan::update_address_claims(&mut claims, prev, next, &changed);

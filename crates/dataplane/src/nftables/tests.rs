@@ -37,7 +37,7 @@ fn endpoint(addr: &str, port: u16) -> EndpointState {
 
 pub(super) fn target(endpoints: &[usize], if_empty: EmptyVerdict) -> TrafficTarget {
     TrafficTarget {
-        endpoints: endpoints.to_vec(),
+        endpoints: endpoints.into(),
         if_empty,
     }
 }
@@ -66,10 +66,7 @@ pub(super) fn cluster_ip_service(name: &str, cip: &str, eps: &[&str]) -> Service
 
 fn family(family: IpFamily, services: Vec<ServicePortState>) -> FamilyState {
     let mut f = FamilyState::empty(family);
-    f.services = services
-        .into_iter()
-        .map(|s| (s.name.clone(), Arc::new(s)))
-        .collect::<BTreeMap<_, _>>();
+    f.services = services.into_iter().map(Arc::new).collect();
     f
 }
 
@@ -814,7 +811,7 @@ fn conflicting_keys_keep_the_first_service() {
 #[test]
 fn out_of_range_endpoint_indices_are_ignored() {
     let mut svc = cluster_ip_service("x", "10.96.0.90", &["10.244.1.1"]);
-    svc.internal.endpoints = vec![0, 7];
+    svc.internal.endpoints = vec![0, 7].into();
     let script = render(&state(vec![svc.clone()], vec![])).unwrap();
     assert_eq!(
         chain_body(&script, &chain_name("service-", &svc))
@@ -955,7 +952,7 @@ mod partial {
         let prev = base();
         let mut next = base();
         let b = cluster_ip_service("b", "10.96.0.2", &["10.244.1.2", "10.244.1.9"]);
-        next.v4.services.insert(b.name.clone(), Arc::new(b.clone()));
+        next.v4.services.insert(Arc::new(b.clone()));
         let p = partial(&prev, &next).unwrap();
         let nl = p.netlink.expect("a netlink form");
         // Bucket 1 now holds the new endpoint; the service chain is left alone.
@@ -991,7 +988,7 @@ mod partial {
             "10.96.0.2",
             &["10.244.1.2", "10.244.1.3", "10.244.1.9"],
         );
-        next.v4.services.insert(b.name.clone(), Arc::new(b.clone()));
+        next.v4.services.insert(Arc::new(b.clone()));
         let p = partial(&prev, &next).unwrap();
         let chain = chain_name("service-", &b);
         assert!(
@@ -1023,7 +1020,7 @@ mod partial {
         let eps: Vec<String> = (1..=17).map(|i| format!("10.244.3.{i}")).collect();
         let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
         let c = cluster_ip_service("c", "10.96.0.3", &eps);
-        next.v4.services.insert(c.name.clone(), Arc::new(c));
+        next.v4.services.insert(Arc::new(c));
         let p = partial(&prev, &next).unwrap();
         assert!(
             p.script.contains(
@@ -1043,7 +1040,7 @@ mod partial {
             let eps: Vec<String> = (2..=18).map(|i| format!("10.244.3.{i}")).collect();
             let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
             let c = cluster_ip_service("c", "10.96.0.3", &eps);
-            n.v4.services.insert(c.name.clone(), Arc::new(c));
+            n.v4.services.insert(Arc::new(c));
             n
         })
         .unwrap();
@@ -1071,7 +1068,7 @@ mod partial {
                     b.load_balancer_source_ranges = vec![net("192.0.2.0/24")];
                 }
             }
-            next.v4.services.insert(b.name.clone(), Arc::new(b));
+            next.v4.services.insert(Arc::new(b));
             let p = partial(&prev, &next).unwrap();
             assert!(!p.script.is_empty());
             assert!(p.netlink.is_some(), "change {change}");
@@ -1082,7 +1079,7 @@ mod partial {
             ClusterIpMasquerade::FromOutside(vec![net("10.244.0.0/16"), net("10.100.0.0/16")]);
         let mut next = prev.clone();
         let c = cluster_ip_service("c", "10.96.0.3", &["10.244.1.4"]);
-        next.v4.services.insert(c.name.clone(), Arc::new(c));
+        next.v4.services.insert(Arc::new(c));
         assert!(partial(&prev, &next).unwrap().netlink.is_some());
     }
 
@@ -1091,7 +1088,7 @@ mod partial {
         let prev = base();
         let mut next = base();
         let c = cluster_ip_service("c", "10.96.0.3", &["10.244.1.4"]);
-        next.v4.services.insert(c.name.clone(), Arc::new(c.clone()));
+        next.v4.services.insert(Arc::new(c.clone()));
         let p = partial(&prev, &next).unwrap();
         let svc_chain = chain_name("service-", &c);
         assert!(chain_body(&p.script, &svc_chain).is_some(), "{}", p.script);
@@ -1120,7 +1117,7 @@ mod partial {
         let a = prev.v4.services.values().next().unwrap().clone();
         next.v4.services.remove(&a.name);
         let c = cluster_ip_service("c", "10.96.0.3", &["10.244.1.1"]);
-        next.v4.services.insert(c.name.clone(), Arc::new(c));
+        next.v4.services.insert(Arc::new(c));
         let p = partial(&prev, &next).unwrap();
         assert!(
             !p.script.contains("delete element ip svcplane hairpin"),
@@ -1130,12 +1127,10 @@ mod partial {
         // Unchanged services are not rendered, but their addresses still count.
         let mut prev = base();
         let d = cluster_ip_service("d", "10.96.0.4", &["10.244.1.3"]);
-        prev.v4.services.insert(d.name.clone(), Arc::new(d));
+        prev.v4.services.insert(Arc::new(d));
         let mut next = prev.clone();
         let b_fewer = cluster_ip_service("b", "10.96.0.2", &["10.244.1.2"]);
-        next.v4
-            .services
-            .insert(b_fewer.name.clone(), Arc::new(b_fewer));
+        next.v4.services.insert(Arc::new(b_fewer));
         let p = partial(&prev, &next).unwrap();
         assert!(
             !p.script.contains("delete element ip svcplane hairpin"),
@@ -1189,9 +1184,7 @@ mod partial {
         other_port.port = 443;
         let b_http = prev.v4.services.values().nth(1).unwrap().name.clone();
         next.v4.services.remove(&b_http);
-        next.v4
-            .services
-            .insert(other_port.name.clone(), Arc::new(other_port));
+        next.v4.services.insert(Arc::new(other_port));
         let p = partial(&prev, &next).unwrap();
         assert!(
             !p.script.contains("delete element ip svcplane cluster-ips"),
@@ -1210,7 +1203,7 @@ mod partial {
         let prev = base();
         let mut next = base();
         let a = cluster_ip_service("a", "10.96.0.1", &[]);
-        next.v4.services.insert(a.name.clone(), Arc::new(a));
+        next.v4.services.insert(Arc::new(a));
         let p = partial(&prev, &next).unwrap();
         assert_eq!(
             elements(&p.script, "ip", "no-endpoint-services"),

@@ -102,7 +102,6 @@ pub(super) fn resolved(svc: &ServicePortState, target: &TrafficTarget) -> Vec<us
     target
         .endpoints
         .iter()
-        .copied()
         .filter(|&i| i < svc.endpoints.len())
         .collect()
 }
