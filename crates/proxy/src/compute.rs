@@ -109,24 +109,24 @@ fn merge_slices<'a>(
                 .or_default();
             for ep in &slice.endpoints {
                 // kube-proxy uses addresses[0] only, and only when it is of the slice's family.
-                let Some(&ip) = ep.addresses.first() else {
+                let Some(&ip) = ep.addresses().first() else {
                     continue;
                 };
                 if IpFamily::of(&ip) != family {
                     continue;
                 }
-                let hints = ep.hints.as_ref();
+                let hints = ep.hints();
                 let raw = RawEndpoint {
                     state: EndpointState {
                         ip,
                         port: port.port,
                         is_local: !node_name.is_empty()
-                            && ep.node_name.as_deref() == Some(node_name),
+                            && ep.node_name().map(|n| &**n) == Some(node_name),
                         ready: ep.ready,
                         serving: ep.serving,
                         terminating: ep.terminating,
-                        node_name: ep.node_name.clone(),
-                        zone: ep.zone.clone(),
+                        node_name: ep.node_name().cloned(),
+                        zone: ep.zone().cloned(),
                     },
                     zone_hints: hints.map_or(&[][..], |h| h.for_zones.as_slice()),
                     node_hints: hints.map_or(&[][..], |h| h.for_nodes.as_slice()),
@@ -1098,9 +1098,9 @@ mod tests {
     fn only_first_address_and_empty_addresses_skipped() {
         let svc = service("ns", "web", &["10.96.0.10"]);
         let mut multi = ep("10.0.0.1", "node-b");
-        multi.addresses = vec![ip("10.0.0.1"), ip("10.0.0.99")].into();
+        multi.set_addresses(&[ip("10.0.0.1"), ip("10.0.0.99")]);
         let mut empty = ep("10.0.0.5", "node-b");
-        empty.addresses = Vec::new().into();
+        empty.set_addresses(&[]);
         let sp = compute(&svc, &one_slice(vec![multi, empty]), None)
             .v4
             .remove(0);

@@ -1089,7 +1089,7 @@ mod tests {
         let port = state.v4.services.values().next().unwrap();
         assert!(Arc::ptr_eq(
             port.endpoints[0].node_name.as_ref().unwrap(),
-            slice.endpoints[0].node_name.as_ref().unwrap()
+            slice.endpoints[0].node_name().unwrap()
         ));
     }
 

@@ -1349,7 +1349,7 @@ mod tests {
             })
             .expect("derived slice");
         assert_eq!(slice.service_name.as_deref(), Some("web"));
-        assert_eq!(slice.endpoints[0].addresses[0].to_string(), "10.244.0.5");
+        assert_eq!(slice.endpoints[0].addresses()[0].to_string(), "10.244.0.5");
         assert_eq!(slice.ports[0].port, 8080);
     }
 
