@@ -31,6 +31,7 @@ use svcplane_model::{
 use tokio::time::Instant;
 
 use crate::allocator::{self, AllocatorConfig, Outcome};
+use crate::by_name::ByName;
 use crate::endpointslice_controller::{derive_for_service, selects};
 use crate::{IGNORED, Problem, ProblemSink, Source, SourceError, SourceFuture};
 
@@ -172,17 +173,18 @@ pub struct ManifestSource {
     debounce: Duration,
     files: BTreeMap<Arc<Path>, FileState>,
     /// Which files define each key, in path order: the last one wins.
-    definers: HashMap<Key, Vec<Arc<Path>>>,
-    /// The winning definitions, by kind, as the allocator and the controller read them.
-    services: BTreeMap<NamespacedName, Arc<Service>>,
-    pods: BTreeMap<NamespacedName, Arc<Pod>>,
+    definers: HashMap<Key, Definers>,
+    /// The winning definitions, by kind (by name), as the allocator and the controller
+    /// read them.
+    services: BTreeSet<ByName<Service>>,
+    pods: BTreeSet<ByName<Pod>>,
     nodes: BTreeMap<String, Arc<Node>>,
     /// Manifest EndpointSlices per (namespace, service-name label): a Service with one
     /// gets no derived slices.
     covered: HashMap<(String, String), usize>,
-    /// The Services after allocation (what the engine gets); a Service that could not be
-    /// allocated is absent.
-    allocated_services: BTreeMap<NamespacedName, Arc<Service>>,
+    /// The Services after allocation (what the engine gets), by name; a Service that
+    /// could not be allocated is absent.
+    allocated_services: BTreeSet<ByName<Service>>,
     /// Derived EndpointSlices, by key, with the Service they were derived for (those
     /// shadowed by a manifest slice of the same name too).
     derived: BTreeMap<Key, (NamespacedName, Object)>,
@@ -200,6 +202,50 @@ pub struct ManifestSource {
     allocated: BTreeMap<NamespacedName, String>,
 }
 
+/// The files that define one key, in path order: almost always one, kept inline (a `Vec`
+/// per key was 20k allocations at 10k Services).
+#[derive(Debug)]
+enum Definers {
+    One(Arc<Path>),
+    /// Two or more.
+    Many(Vec<Arc<Path>>),
+}
+
+impl Definers {
+    fn paths(&self) -> &[Arc<Path>] {
+        match self {
+            Definers::One(path) => std::slice::from_ref(path),
+            Definers::Many(paths) => paths,
+        }
+    }
+
+    fn insert(&mut self, path: &Arc<Path>) {
+        let mut paths = match self {
+            Definers::One(one) if one == path => return,
+            Definers::One(one) => vec![one.clone()],
+            Definers::Many(paths) => std::mem::take(paths),
+        };
+        if let Err(at) = paths.binary_search(path) {
+            paths.insert(at, path.clone());
+        }
+        *self = Definers::Many(paths);
+    }
+
+    /// Remove `path`; true when no file is left.
+    fn remove(&mut self, path: &Arc<Path>) -> bool {
+        match self {
+            Definers::One(one) => one == path,
+            Definers::Many(paths) => {
+                paths.retain(|p| p != path);
+                if let [last] = paths.as_slice() {
+                    *self = Definers::One(last.clone());
+                }
+                false
+            }
+        }
+    }
+}
+
 /// The keys whose definitions a reload changed, each with its winning definition
 /// before the reload (recorded before the key's first update).
 type Before = BTreeMap<Key, Option<Object>>;
@@ -215,11 +261,11 @@ impl ManifestSource {
             debounce: DEFAULT_DEBOUNCE,
             files: BTreeMap::new(),
             definers: HashMap::new(),
-            services: BTreeMap::new(),
-            pods: BTreeMap::new(),
+            services: BTreeSet::new(),
+            pods: BTreeSet::new(),
             nodes: BTreeMap::new(),
             covered: HashMap::new(),
-            allocated_services: BTreeMap::new(),
+            allocated_services: BTreeSet::new(),
             derived: BTreeMap::new(),
             derived_by_service: HashMap::new(),
             emitted: HashMap::new(),
@@ -329,7 +375,7 @@ impl ManifestSource {
 
     /// The winning definition of `key` now.
     fn winner(&self, key: &ObjectKey) -> Option<&Object> {
-        let path = self.definers.get(key)?.last()?;
+        let path = self.definers.get(key)?.paths().last()?;
         self.files.get(path)?.objects.get(key)
     }
 
@@ -341,18 +387,20 @@ impl ManifestSource {
     }
 
     fn define(&mut self, key: &Key, path: &Arc<Path>) {
-        let paths = self.definers.entry(key.clone()).or_default();
-        if let Err(at) = paths.binary_search(path) {
-            paths.insert(at, path.clone());
+        match self.definers.get_mut(&**key) {
+            Some(paths) => paths.insert(path),
+            None => {
+                self.definers
+                    .insert(key.clone(), Definers::One(path.clone()));
+            }
         }
     }
 
     fn undefine(&mut self, key: &ObjectKey, path: &Arc<Path>) {
-        if let Some(paths) = self.definers.get_mut(key) {
-            paths.retain(|p| p != path);
-            if paths.is_empty() {
-                self.definers.remove(key);
-            }
+        if let Some(paths) = self.definers.get_mut(key)
+            && paths.remove(path)
+        {
+            self.definers.remove(key);
         }
     }
 
@@ -382,7 +430,7 @@ impl ManifestSource {
                     services_changed = true;
                     match &after {
                         Some(Object::Service(s)) => {
-                            self.services.insert(key.name.clone(), s.clone());
+                            self.services.replace(ByName(s.clone()));
                         }
                         _ => {
                             self.services.remove(&key.name);
@@ -415,7 +463,7 @@ impl ManifestSource {
                     }
                     match &after {
                         Some(Object::Pod(p)) => {
-                            self.pods.insert(key.name.clone(), p.clone());
+                            self.pods.replace(ByName(p.clone()));
                         }
                         _ => {
                             self.pods.remove(&key.name);
@@ -446,7 +494,7 @@ impl ManifestSource {
             }
         }
         if all_dirty {
-            dirty.extend(self.allocated_services.keys().cloned());
+            dirty.extend(self.allocated_services.iter().map(|s| s.0.name.clone()));
             dirty.extend(self.derived_by_service.keys().cloned());
         }
         self.derive(&dirty, &mut candidates);
@@ -473,10 +521,11 @@ impl ManifestSource {
     fn services_selecting(&self, pod: &Pod) -> Vec<NamespacedName> {
         let from = NamespacedName::new(pod.name.namespace.clone(), "");
         self.allocated_services
-            .range(from..)
-            .take_while(|(name, _)| name.namespace == pod.name.namespace)
-            .filter(|(_, s)| s.selector.as_ref().is_some_and(|sel| selects(sel, pod)))
-            .map(|(name, _)| name.clone())
+            .range::<NamespacedName, _>(&from..)
+            .map(|s| &s.0)
+            .take_while(|s| s.name.namespace == pod.name.namespace)
+            .filter(|s| s.selector.as_ref().is_some_and(|sel| selects(sel, pod)))
+            .map(|s| s.name.clone())
             .collect()
     }
 
@@ -485,12 +534,13 @@ impl ManifestSource {
     /// Each allocation is logged once, and again when it changes. Returns the Services
     /// whose allocated version changed.
     fn allocate(&mut self, problems: &mut Vec<Problem>) -> Vec<NamespacedName> {
-        let services: Vec<&Service> = self.services.values().map(|s| s.as_ref()).collect();
+        let services: Vec<&Service> = self.services.iter().map(|s| s.0.as_ref()).collect();
         let mut outcomes = allocator::allocate(&self.allocator, &services);
         let mut allocated = BTreeMap::new();
         let mut found = BTreeSet::new();
-        let mut result: BTreeMap<NamespacedName, Arc<Service>> = BTreeMap::new();
-        for (name, written) in &self.services {
+        let mut result = BTreeSet::new();
+        for ByName(written) in &self.services {
+            let name = &written.name;
             let service = match outcomes.remove(name) {
                 None => written.clone(),
                 Some(Outcome::Allocated(s, notes)) => {
@@ -511,10 +561,10 @@ impl ManifestSource {
             };
             // Unchanged: keep the previous allocation (and its Arc).
             let service = match self.allocated_services.get(name) {
-                Some(old) if Arc::ptr_eq(old, &service) || **old == *service => old.clone(),
+                Some(ByName(old)) if Arc::ptr_eq(old, &service) || **old == *service => old.clone(),
                 _ => service,
             };
-            result.insert(name.clone(), service);
+            result.insert(ByName(service));
         }
         for message in &found {
             if !self.allocation_problems.contains(message) {
@@ -529,18 +579,18 @@ impl ManifestSource {
         let old = std::mem::replace(&mut self.allocated_services, result);
         let mut changed: Vec<NamespacedName> = old
             .iter()
-            .filter(|(name, s)| {
+            .filter(|ByName(s)| {
                 self.allocated_services
-                    .get(*name)
-                    .is_none_or(|new| !Arc::ptr_eq(new, s))
+                    .get(&s.name)
+                    .is_none_or(|new| !Arc::ptr_eq(&new.0, s))
             })
-            .map(|(name, _)| name.clone())
+            .map(|s| s.0.name.clone())
             .collect();
         changed.extend(
             self.allocated_services
-                .keys()
-                .filter(|name| !old.contains_key(*name))
-                .cloned(),
+                .iter()
+                .filter(|s| !old.contains(*s))
+                .map(|s| s.0.name.clone()),
         );
         changed
     }
@@ -575,7 +625,7 @@ impl ManifestSource {
                     previous.insert(key, obj);
                 }
             }
-            let Some(svc) = self.allocated_services.get(name) else {
+            let Some(ByName(svc)) = self.allocated_services.get(name) else {
                 continue;
             };
             if self
@@ -587,9 +637,9 @@ impl ManifestSource {
             let from = NamespacedName::new(name.namespace.clone(), "");
             let pods = self
                 .pods
-                .range(from..)
-                .take_while(|(n, _)| n.namespace == name.namespace)
-                .map(|(_, p)| p.as_ref());
+                .range::<NamespacedName, _>(&from..)
+                .map(|p| p.0.as_ref())
+                .take_while(|p| p.name.namespace == name.namespace);
             let mut keys = Vec::new();
             for slice in derive_for_service(svc, pods, &nodes) {
                 let mut obj = Object::from(slice);
@@ -617,7 +667,7 @@ impl ManifestSource {
             Kind::Service => self
                 .allocated_services
                 .get(&key.name)
-                .map(|s| Object::Service(s.clone())),
+                .map(|s| Object::Service(s.0.clone())),
             Kind::EndpointSlice => self
                 .winner(key)
                 .or_else(|| self.derived.get(key).map(|(_, obj)| obj))
@@ -631,7 +681,7 @@ impl ManifestSource {
     /// a derived one.
     fn conflicts_of(&self, key: &ObjectKey) -> Vec<Problem> {
         let mut found = Vec::new();
-        if let Some(paths) = self.definers.get(key) {
+        if let Some(paths) = self.definers.get(key).map(Definers::paths) {
             for pair in paths.windows(2) {
                 found.push(Problem {
                     file: Some(pair[1].to_path_buf()),
@@ -1634,6 +1684,23 @@ mod tests {
         let (changes, problems) = src.load_once().unwrap();
         assert_eq!(applied_port(&changes, "a"), Some(80));
         assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn definers_stay_in_path_order_and_inline_when_one() {
+        let [a, b, c]: [Arc<Path>; 3] =
+            ["/m/a.yaml", "/m/b.yaml", "/m/c.yaml"].map(|p| Path::new(p).into());
+        let mut d = Definers::One(b.clone());
+        d.insert(&b);
+        assert!(matches!(d, Definers::One(_)));
+        d.insert(&c);
+        d.insert(&a);
+        assert_eq!(d.paths(), [a.clone(), b.clone(), c.clone()]);
+        assert!(!d.remove(&c));
+        assert!(!d.remove(&a));
+        assert!(matches!(&d, Definers::One(p) if *p == b));
+        assert!(!d.remove(&a), "not a definer: nothing changes");
+        assert!(d.remove(&b));
     }
 
     #[test]
