@@ -162,7 +162,37 @@ fn track_writes(open: &mut BTreeSet<OsString>, wake: &Wake) {
 struct FileState {
     version: Option<FileVersion>,
     /// The file's valid objects (shared with the merged view and the engine).
-    objects: BTreeMap<Key, Object>,
+    objects: FileObjects,
+}
+
+/// A file's objects, sorted by key in an exactly sized slice (a `BTreeMap`'s nodes took
+/// twice the bytes): built once per read of the file, then only looked up.
+#[derive(Debug, Default)]
+struct FileObjects(Box<[(Key, Object)]>);
+
+impl FileObjects {
+    fn get(&self, key: &ObjectKey) -> Option<&Object> {
+        let at = self.0.binary_search_by(|(k, _)| (**k).cmp(key)).ok()?;
+        Some(&self.0[at].1)
+    }
+
+    fn contains_key(&self, key: &ObjectKey) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &Key> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Key, &Object)> {
+        self.0.iter().map(|(k, o)| (k, o))
+    }
+}
+
+impl From<BTreeMap<Key, Object>> for FileObjects {
+    fn from(objects: BTreeMap<Key, Object>) -> Self {
+        FileObjects(objects.into_iter().collect())
+    }
 }
 
 /// The manifests directory as a [`Source`]: watched (see the module docs), with the
@@ -942,7 +972,7 @@ fn list_manifest_files(dir: &Path) -> Result<BTreeMap<PathBuf, FileVersion>, Sou
 /// What reading one file gave.
 enum Loaded {
     /// Its objects (an invalid object that had a valid version in `previous` keeps it).
-    Objects(BTreeMap<Key, Object>),
+    Objects(FileObjects),
     /// Not valid YAML/JSON: its previous objects stay (reported).
     Broken,
     /// Could not be read: its previous objects stay, and it is tried again (reported).
@@ -952,7 +982,7 @@ enum Loaded {
 /// Read one file, whose objects were `previous`. A file that does not parse keeps its
 /// previous objects; an object that became invalid keeps its previous valid version
 /// (nothing that worked is lost).
-fn load_file(path: &Path, previous: &BTreeMap<Key, Object>, problems: &mut Vec<Problem>) -> Loaded {
+fn load_file(path: &Path, previous: &FileObjects, problems: &mut Vec<Problem>) -> Loaded {
     let problem = |message: String| Problem {
         file: Some(path.to_path_buf()),
         message,
@@ -1016,7 +1046,7 @@ fn load_file(path: &Path, previous: &BTreeMap<Key, Object>, problems: &mut Vec<P
             _ => problems.push(problem(format!("{invalid}; skipped"))),
         }
     }
-    Loaded::Objects(objects)
+    Loaded::Objects(objects.into())
 }
 
 #[cfg(test)]
