@@ -5,7 +5,7 @@ use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::sync::Arc;
 
-use svcplane_model::{NamespacedName, Pod, Service};
+use svcplane_model::{NamespacedName, Object, ObjectKey, Pod, Service};
 
 /// An object that carries its namespace/name.
 pub(crate) trait Named {
@@ -61,11 +61,87 @@ impl<T: Named> Ord for ByName<T> {
     }
 }
 
+/// An object's namespace and name, borrowed: what a set of one kind's objects is looked up
+/// by, whether from an [`ObjectKey`] or from an object (a Node's name is no
+/// `NamespacedName`, so `Borrow<NamespacedName>` cannot serve).
+pub(crate) trait NameView {
+    fn parts(&self) -> (&str, &str);
+}
+
+impl NameView for ObjectKey {
+    fn parts(&self) -> (&str, &str) {
+        (&self.name.namespace, &self.name.name)
+    }
+}
+
+impl NameView for ByKey {
+    fn parts(&self) -> (&str, &str) {
+        match &self.0 {
+            Object::Service(s) => (&s.name.namespace, &s.name.name),
+            Object::EndpointSlice(s) => (&s.name.namespace, &s.name.name),
+            Object::Pod(p) => (&p.name.namespace, &p.name.name),
+            Object::Node(n) => ("", &n.name),
+        }
+    }
+}
+
+impl PartialEq for dyn NameView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn NameView + '_ {}
+
+impl PartialOrd for dyn NameView + '_ {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for dyn NameView + '_ {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.parts().cmp(&other.parts())
+    }
+}
+
+/// An object in a set of objects of one kind, compared, ordered and looked up (as a
+/// `&dyn NameView`) by its namespace and name: a map from the key to the object that
+/// holds no copy of the key.
+#[derive(Debug, Clone)]
+pub(crate) struct ByKey(pub Object);
+
+impl<'a> Borrow<dyn NameView + 'a> for ByKey {
+    fn borrow(&self) -> &(dyn NameView + 'a) {
+        self
+    }
+}
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for ByKey {}
+
+impl PartialOrd for ByKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.parts().cmp(&other.parts())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
-    use svcplane_model::{Format, Object, parse_manifest};
+    use svcplane_model::{Format, Kind, parse_manifest};
 
     #[test]
     fn a_set_by_name_is_a_map_from_the_name() {
@@ -100,5 +176,20 @@ mod tests {
         assert_eq!(names, [&b]);
         assert!(set.remove(&b));
         assert_eq!(set.len(), 1);
+
+        // The same by key, from an `ObjectKey`.
+        let mut objects = BTreeSet::new();
+        objects.replace(ByKey(Object::Service(svc("b", "web", 80))));
+        objects.replace(ByKey(Object::Service(svc("a", "web", 80))));
+        objects.replace(ByKey(Object::Service(svc("b", "web", 81))));
+        assert_eq!(objects.len(), 2);
+        let key = ObjectKey {
+            kind: Kind::Service,
+            name: b.clone(),
+        };
+        let found = objects.get(&key as &dyn NameView).map(|o| o.0.clone());
+        assert!(matches!(found, Some(Object::Service(s)) if s.ports[0].port == 81));
+        assert!(objects.remove(&key as &dyn NameView));
+        assert!(objects.get(&key as &dyn NameView).is_none());
     }
 }
