@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::types::Topology;
+use crate::types::{EndpointPort, Topology};
 
 /// A set of shared values (names by default) that forgets values nobody holds any more,
 /// now and then.
@@ -45,6 +45,12 @@ impl Share for Topology {
     }
 }
 
+impl Share for [EndpointPort] {
+    fn share(&self) -> Arc<[EndpointPort]> {
+        Arc::from(self)
+    }
+}
+
 impl<T: ?Sized + Share> Interner<T> {
     /// The shared copy of `name`.
     pub fn get(&mut self, name: &T) -> Arc<T> {
@@ -73,6 +79,7 @@ impl<T: ?Sized + Share> Interner<T> {
 
 static SHARED: Mutex<Option<Interner>> = Mutex::new(None);
 static TOPOLOGIES: Mutex<Option<Interner<Topology>>> = Mutex::new(None);
+static PORTS: Mutex<Option<Interner<[EndpointPort]>>> = Mutex::new(None);
 
 /// The process-wide shared copy of `value` in `set` (see [`Interner`]), whichever source
 /// and thread convert the object.
@@ -97,6 +104,11 @@ pub fn shared_topology(node_name: Option<&str>, zone: Option<&str>) -> Arc<Topol
     shared(&TOPOLOGIES, &topology)
 }
 
+/// The shared copy of an EndpointSlice's port list.
+pub fn shared_ports(ports: &[EndpointPort]) -> Arc<[EndpointPort]> {
+    shared(&PORTS, ports)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +128,15 @@ mod tests {
         ));
         assert!(!Arc::ptr_eq(&a, &shared_topology(Some("node-a"), None)));
         assert_eq!(a.zone.as_deref(), Some("zone-x"));
+        let http = [EndpointPort {
+            name: "http".into(),
+            protocol: crate::Protocol::Tcp,
+            port: 8080,
+        }];
+        assert!(Arc::ptr_eq(
+            &shared_ports(&http),
+            &shared_ports(&http.clone())
+        ));
     }
 
     #[test]

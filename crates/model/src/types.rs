@@ -364,7 +364,7 @@ impl Endpoint {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EndpointPort {
     /// Matches the ServicePort's name (empty for an unnamed port).
     pub name: String,
@@ -381,10 +381,13 @@ pub struct EndpointSlice {
     pub service_name: Option<String>,
     /// `None` for addressType FQDN (kube-proxy ignores those).
     pub address_family: Option<IpFamily>,
-    pub ports: Vec<EndpointPort>,
-    pub endpoints: Vec<Endpoint>,
+    /// One shared copy per distinct list ([`crate::shared_ports`]): most slices of a
+    /// cluster list the same few ports.
+    pub ports: Arc<[EndpointPort]>,
+    /// Kept for as long as the slice exists, so exactly sized.
+    pub endpoints: Box<[Endpoint]>,
     /// Annotation `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339), for latency metrics.
-    pub last_change_trigger_time: Option<String>,
+    pub last_change_trigger_time: Option<Box<str>>,
 }
 
 /// A validated v1 Node: what the proxy needs of it.

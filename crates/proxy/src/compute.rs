@@ -99,7 +99,7 @@ fn merge_slices<'a>(
         if slice.address_family != Some(family) {
             continue;
         }
-        for port in &slice.ports {
+        for port in slice.ports.iter() {
             // kube-proxy ignores ports without a number ("all ports" is not implemented).
             if port.port == 0 {
                 continue;
@@ -1133,7 +1133,8 @@ mod tests {
                 protocol: Protocol::Udp,
                 port: 9999,
             },
-        ];
+        ]
+        .into();
         let out = compute(&svc, &[s], None);
         assert_eq!(out.v4.len(), 3);
         let by_name: BTreeMap<_, _> = out.v4.iter().map(|s| (s.name.port.clone(), s)).collect();
@@ -1249,7 +1250,9 @@ mod tests {
     fn endpoints_of_wrong_family_in_a_slice_are_ignored() {
         let svc = service("ns", "web", &["10.96.0.10"]);
         let mut s = slice("ns", "web-1", "web", 8080, vec![ep("10.0.0.1", "node-b")]);
-        s.endpoints.push(ep("fd00::1", "node-b"));
+        s.endpoints = [s.endpoints.to_vec(), vec![ep("fd00::1", "node-b")]]
+            .concat()
+            .into();
         let sp = compute(&svc, &[s.clone()], None).v4.remove(0);
         assert_eq!(ips(&sp, &sp.internal), ["10.0.0.1"]);
         // FQDN slices (no family) are ignored.
@@ -1364,7 +1367,8 @@ mod tests {
                 protocol: Protocol::Tcp,
                 port: 8081,
             },
-        ];
+        ]
+        .into();
         let s6 = slice("ns", "web-v6", "web", 8080, vec![ep("fd00::1", NODE)]);
         let out = compute(&svc, &[s4, s6], None);
         // v4: 2 distinct local ready IPs (not 4 endpoint-ports); v6: 1. The larger wins.

@@ -110,8 +110,9 @@ pub fn slice(
             name: String::new(),
             protocol: Protocol::Tcp,
             port: target_port,
-        }],
-        endpoints,
+        }]
+        .into(),
+        endpoints: endpoints.into(),
         last_change_trigger_time: None,
     }
 }

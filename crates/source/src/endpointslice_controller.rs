@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use svcplane_model::{
     Endpoint, EndpointPort, EndpointSlice, IpFamily, NamespacedName, Node, Pod, Protocol, Service,
-    ServicePort, ServiceType, TargetPort,
+    ServicePort, ServiceType, TargetPort, shared_ports,
 };
 
 /// Marker in derived slice names (`<service>-svcplane-<ipv4|ipv6>-<n>`), so they are
@@ -170,15 +170,17 @@ fn new_slice(
         ),
         service_name: Some(svc.name.name.clone()),
         address_family: Some(family),
-        ports: ports
-            .iter()
-            .map(|(name, protocol, port)| EndpointPort {
-                name: name.clone(),
-                protocol: *protocol,
-                port: *port,
-            })
-            .collect(),
-        endpoints,
+        ports: shared_ports(
+            &ports
+                .iter()
+                .map(|(name, protocol, port)| EndpointPort {
+                    name: name.clone(),
+                    protocol: *protocol,
+                    port: *port,
+                })
+                .collect::<Vec<_>>(),
+        ),
+        endpoints: endpoints.into(),
         last_change_trigger_time: None,
     }
 }
@@ -330,8 +332,8 @@ mod tests {
         assert_eq!(s.service_name.as_deref(), Some("web"));
         assert_eq!(s.address_family, Some(IpFamily::V4));
         assert_eq!(
-            s.ports,
-            vec![EndpointPort {
+            *s.ports,
+            [EndpointPort {
                 name: "http".into(),
                 protocol: Protocol::Tcp,
                 port: 8080
@@ -444,8 +446,8 @@ mod tests {
             name: NamespacedName::new("demo", "web-abc"),
             service_name: Some("web".into()),
             address_family: Some(IpFamily::V4),
-            ports: vec![],
-            endpoints: vec![],
+            ports: std::sync::Arc::new([]),
+            endpoints: Box::new([]),
             last_change_trigger_time: None,
         };
         let pods = vec![pod("a", &["10.244.0.1"], true, false)];
@@ -589,8 +591,8 @@ mod tests {
         let slices = derive(&[svc], &[], &[p], &[]);
         assert_eq!(slices.len(), 1);
         assert_eq!(
-            slices[0].ports,
-            vec![
+            *slices[0].ports,
+            [
                 EndpointPort {
                     name: "dns".into(),
                     protocol: Protocol::Udp,

@@ -418,7 +418,7 @@ fn build_cluster(example: &Example, proxy_node: &str) -> Result<Cluster> {
                     IpAddr::V4(v4) => spec.ipv4(*v4),
                     IpAddr::V6(v6) => spec.ipv6(*v6),
                 };
-                for port in &slice.ports {
+                for port in slice.ports.iter() {
                     spec = listen(spec, port.protocol, port.port);
                 }
                 builder = builder.pod(spec);

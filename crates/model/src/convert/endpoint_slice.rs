@@ -4,6 +4,7 @@ use k8s_openapi::api::discovery::v1 as k8s;
 
 use super::{Ctx, DNS1123_LABEL_REASON, DNS1123_SUBDOMAIN_REASON, NameRule, namespaced};
 use crate::error::{Converted, InvalidObject};
+use crate::intern::shared_ports;
 use crate::types::{Endpoint, EndpointHints, EndpointPort, EndpointSlice, IpFamily, Kind};
 use crate::validate::{is_dns1123_label, is_dns1123_subdomain};
 
@@ -49,7 +50,7 @@ pub fn endpoint_slice_from_k8s(
             .enumerate()
             .filter_map(|(i, e)| endpoint(&ctx, i, e, address_family)),
     );
-    let ports = ports(&ctx, s.ports.as_deref().unwrap_or_default());
+    let ports = shared_ports(&ports(&ctx, s.ports.as_deref().unwrap_or_default()));
 
     let service_name = labels.get(SERVICE_NAME_LABEL).cloned();
     let last_change_trigger_time = s
@@ -57,14 +58,14 @@ pub fn endpoint_slice_from_k8s(
         .annotations
         .as_ref()
         .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME_ANNOTATION))
-        .cloned();
+        .map(|t| t.as_str().into());
 
     Ok(ctx.finish(EndpointSlice {
         name,
         service_name,
         address_family,
         ports,
-        endpoints,
+        endpoints: endpoints.into_boxed_slice(),
         last_change_trigger_time,
     }))
 }
@@ -257,8 +258,8 @@ mod tests {
         assert_eq!(s.service_name.as_deref(), Some("web"));
         assert_eq!(s.address_family, Some(IpFamily::V4));
         assert_eq!(
-            s.ports,
-            vec![EndpointPort {
+            *s.ports,
+            [EndpointPort {
                 name: String::new(),
                 protocol: Protocol::Tcp,
                 port: 8080
