@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
+use std::ops::Bound;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -211,7 +212,7 @@ pub struct ManifestSource {
     nodes: BTreeMap<String, Arc<Node>>,
     /// Manifest EndpointSlices per (namespace, service-name label): a Service with one
     /// gets no derived slices.
-    covered: HashMap<(String, String), usize>,
+    covered: BTreeSet<Covering>,
     /// The Services after allocation (what the engine gets), by name; a Service that
     /// could not be allocated is absent.
     allocated_services: BTreeSet<ByName<Service>>,
@@ -230,6 +231,81 @@ pub struct ManifestSource {
     allocator: AllocatorConfig,
     /// What was allocated per Service, to log each allocation once (and when it moves).
     allocated: BTreeMap<NamespacedName, String>,
+}
+
+/// A manifest EndpointSlice with a service-name label, ordered by (namespace, service,
+/// slice name): the index of which Services have manifest slices, holding no copies of
+/// the names (a map of (namespace, service) string pairs was 10k pairs of copies).
+#[derive(Debug)]
+struct Covering(Arc<EndpointSlice>);
+
+/// (namespace, service, slice name), borrowed from a [`Covering`] or from a lookup's
+/// bound.
+trait CoverView {
+    fn parts(&self) -> (&str, &str, &str);
+}
+
+impl CoverView for Covering {
+    fn parts(&self) -> (&str, &str, &str) {
+        let s = &self.0;
+        (
+            &s.name.namespace,
+            s.service_name.as_deref().unwrap_or_default(),
+            &s.name.name,
+        )
+    }
+}
+
+impl CoverView for (&str, &str, &str) {
+    fn parts(&self) -> (&str, &str, &str) {
+        *self
+    }
+}
+
+impl PartialEq for dyn CoverView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn CoverView + '_ {}
+
+impl PartialOrd for dyn CoverView + '_ {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for dyn CoverView + '_ {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.parts().cmp(&other.parts())
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn CoverView + 'a> for Covering {
+    fn borrow(&self) -> &(dyn CoverView + 'a) {
+        self
+    }
+}
+
+impl PartialEq for Covering {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for Covering {}
+
+impl PartialOrd for Covering {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Covering {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.parts().cmp(&other.parts())
+    }
 }
 
 /// The files that define one key, in path order: almost always one, kept inline (a `Vec`
@@ -294,7 +370,7 @@ impl ManifestSource {
             services: BTreeSet::new(),
             pods: BTreeSet::new(),
             nodes: BTreeMap::new(),
-            covered: HashMap::new(),
+            covered: BTreeSet::new(),
             allocated_services: BTreeSet::new(),
             derived: BTreeMap::new(),
             derived_by_service: HashMap::new(),
@@ -532,19 +608,27 @@ impl ManifestSource {
     }
 
     /// Count `slice` as covering its Service (`add`), or no more.
-    fn cover(&mut self, slice: &EndpointSlice, add: bool) {
-        let Some(svc) = &slice.service_name else {
+    fn cover(&mut self, slice: &Arc<EndpointSlice>, add: bool) {
+        if slice.service_name.is_none() {
             return;
-        };
-        let key = (slice.name.namespace.clone(), svc.clone());
-        if add {
-            *self.covered.entry(key).or_default() += 1;
-        } else if let Some(n) = self.covered.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.covered.remove(&key);
-            }
         }
+        if add {
+            self.covered.replace(Covering(slice.clone()));
+        } else {
+            self.covered.remove(&Covering(slice.clone()));
+        }
+    }
+
+    /// Whether a manifest EndpointSlice belongs to Service `name`.
+    fn is_covered(&self, name: &NamespacedName) -> bool {
+        let from: &dyn CoverView = &(&*name.namespace, &*name.name, "");
+        self.covered
+            .range::<dyn CoverView, _>((Bound::Included(from), Bound::Unbounded))
+            .next()
+            .is_some_and(|c| {
+                let (ns, svc, _) = c.parts();
+                (ns, svc) == (&*name.namespace, &*name.name)
+            })
     }
 
     /// The Services of `pod`'s namespace whose selector selects it.
@@ -658,10 +742,7 @@ impl ManifestSource {
             let Some(ByName(svc)) = self.allocated_services.get(name) else {
                 continue;
             };
-            if self
-                .covered
-                .contains_key(&(name.namespace.clone(), name.name.clone()))
-            {
+            if self.is_covered(name) {
                 continue;
             }
             let from = NamespacedName::new(name.namespace.clone(), "");
@@ -1431,6 +1512,49 @@ mod tests {
         assert_eq!(slice.service_name.as_deref(), Some("web"));
         assert_eq!(slice.endpoints[0].addresses()[0].to_string(), "10.244.0.5");
         assert_eq!(slice.ports[0].port, 8080);
+    }
+
+    /// A manifest slice labelled for a Service stops the derived ones (a slice of another
+    /// Service whose name starts the same does not), and they come back without it.
+    #[test]
+    fn a_manifest_slice_covers_its_service_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("app.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  clusterIP: 10.96.0.1\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: demo, labels: {app: web}}\nspec: {nodeName: n1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.0.5, conditions: [{type: Ready, status: \"True\"}]}\n",
+        )
+        .unwrap();
+        let slice = |svc: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-manual, namespace: demo, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{port: 9090}}]\nendpoints: [{{addresses: [10.244.9.9]}}]\n"
+            )
+        };
+        let derived = |changes: &[Change]| {
+            changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::Apply(Object::EndpointSlice(s)) if s.name.name != "web-manual" => {
+                        Some(s.ports[0].port)
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        std::fs::write(dir.path().join("other.yaml"), slice("web2")).unwrap();
+        let mut src = ManifestSource::new(dir.path());
+        let (changes, _) = src.load_once().unwrap();
+        assert!(derived(&changes).contains(&8080), "{changes:?}");
+        std::fs::write(dir.path().join("manual.yaml"), slice("web")).unwrap();
+        let (changes, _) = src.load_once().unwrap();
+        assert!(
+            changes
+                .iter()
+                .any(|c| matches!(c, Change::Delete(k) if k.kind == Kind::EndpointSlice)),
+            "{changes:?}"
+        );
+        std::fs::remove_file(dir.path().join("manual.yaml")).unwrap();
+        let (changes, _) = src.load_once().unwrap();
+        assert_eq!(derived(&changes), [8080], "{changes:?}");
     }
 
     async fn next_changes(rx: &mut tokio::sync::mpsc::Receiver<SourceEvent>) -> Vec<Change> {
