@@ -74,7 +74,7 @@ fn port_state(
             namespace: "default".into(),
             name: name.into(),
         },
-        port: String::new(),
+        port: "".into(),
         protocol,
     };
     let target = TrafficTarget {

@@ -183,7 +183,7 @@ fn rich_family(v6: bool) -> FamilyState {
         )],
     );
     longest.name.service = NamespacedName::new(long.clone(), long.clone());
-    longest.name.port = long;
+    longest.name.port = long.into();
     longest.node_port = Some(32767);
     longest.affinity_timeout_seconds = Some(86400);
     longest.external_policy = ExternalPolicy::Local {
@@ -323,7 +323,7 @@ fn rendered_rules_are_accepted_applied_and_cleaned_up() {
     // A smaller state: the old service's chains and sets disappear.
     let mut smaller = state.clone();
     for fam in [&mut smaller.v4, &mut smaller.v6] {
-        fam.services.retain(|k, _| k.service.name == "web");
+        fam.services.retain(|k, _| &*k.service.name == "web");
         fam.nodeport_addresses = NodePortAddresses::AllLocal;
     }
     sync(&mut backend, &smaller);

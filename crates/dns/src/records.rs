@@ -188,7 +188,7 @@ impl Zone {
         for slice in slices {
             if let Some(svc) = &slice.service_name {
                 by_service
-                    .entry((slice.name.namespace.as_str(), svc.as_str()))
+                    .entry((slice.name.namespace.as_ref(), svc.as_ref()))
                     .or_default()
                     .push(slice);
             }
@@ -201,7 +201,7 @@ impl Zone {
         let services = ordered.len();
         for svc in ordered.values() {
             let slices = by_service
-                .get(&(svc.name.namespace.as_str(), svc.name.name.as_str()))
+                .get(&(svc.name.namespace.as_ref(), svc.name.name.as_ref()))
                 .map_or(&[][..], |v| v.as_slice());
             b.add_service(svc, slices);
         }
@@ -408,7 +408,7 @@ impl Builder {
     }
 
     fn add_service(&mut self, svc: &Service, slices: &[&EndpointSlice]) {
-        let ns = svc.name.namespace.as_str();
+        let ns = svc.name.namespace.as_ref();
         let Some(base) = try_name(&[&svc.name.name, ns, "svc"], &self.origin) else {
             tracing::debug!(service = %svc.name, "service name does not fit in the zone; no records");
             return;

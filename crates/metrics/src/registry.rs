@@ -519,7 +519,7 @@ pub(crate) mod fixtures {
         Arc::new(ServicePortState {
             name: ServicePortName {
                 service: NamespacedName::new("ns", name),
-                port: String::new(),
+                port: "".into(),
                 protocol: Protocol::Tcp,
             },
             protocol: Protocol::Tcp,
@@ -941,7 +941,12 @@ mod tests {
 
         // a stops dropping, c starts, d arrives dropping both, b goes: counted from the diff.
         let mut b = (*a).clone();
-        let key = |n: &str| b.v4.services.keys().find(|k| k.service.name == n).cloned();
+        let key = |n: &str| {
+            b.v4.services
+                .keys()
+                .find(|k| &*k.service.name == n)
+                .cloned()
+        };
         let (ka, kb, kc) = (key("a").unwrap(), key("b").unwrap(), key("c").unwrap());
         b.v4.services
             .insert(ka, port("a", some(), some(), false, None));

@@ -145,8 +145,8 @@ async fn answer(State(st): State<ServerState>) -> Response {
     let proxy_healthy = st.proxy.as_ref().is_none_or(|p| p.check().healthy);
     let body = serde_json::json!({
         "service": {
-            "namespace": check.service.namespace,
-            "name": check.service.name,
+            "namespace": &*check.service.namespace,
+            "name": &*check.service.name,
         },
         "localEndpoints": check.local_endpoints,
         "serviceProxyHealthy": proxy_healthy,

@@ -610,7 +610,7 @@ spec:
             "{WEB}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: bad\n  namespace: prod\nspec:\n  clusterIP: 10.96.0.11\n  ports:\n  - port: 80\n  - name: b\n    port: 70000\n"
         );
         let parsed = yaml(&text);
-        assert_eq!(only_service(&parsed).name.name, "web");
+        assert_eq!(&*only_service(&parsed).name.name, "web");
         assert_eq!(parsed.invalid.len(), 1);
         let bad = &parsed.invalid[0];
         assert_eq!(bad.kind, Kind::Service);
@@ -769,7 +769,11 @@ spec:
             assert_eq!(streamed, whole, "{text}");
         }
         let parsed = parse_manifest(&texts[1], Format::Json).unwrap();
-        let names: Vec<String> = parsed.objects.iter().map(|o| o.key().name.name).collect();
+        let names: Vec<String> = parsed
+            .objects
+            .iter()
+            .map(|o| o.key().name.name.to_string())
+            .collect();
         assert_eq!(
             names,
             ["a", "b", "a"],
@@ -808,7 +812,7 @@ items:
         let text = r#"{"apiVersion":"v1","kind":"ServiceList","items":[
             {"metadata":{"name":"a"},"spec":{"clusterIP":"10.0.0.1","ports":[{"port":80}]}}]}"#;
         let parsed = parse_manifest(text, Format::Json).unwrap();
-        assert_eq!(only_service(&parsed).name.name, "a");
+        assert_eq!(&*only_service(&parsed).name.name, "a");
     }
 
     #[test]

@@ -95,16 +95,22 @@ impl fmt::Display for IpFamily {
 }
 
 /// `namespace/name`. For cluster-scoped objects (Node) the namespace is empty.
+///
+/// Copied as a key into every map of the sources, the engine and its states, so a copy is
+/// two reference counts, not two allocations: the namespace is the process-wide shared
+/// copy ([`crate::shared_name`]: 10k Services in one namespace hold one string), the name
+/// one `Arc` per object that all its copies share. Reads as `&str` through deref.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NamespacedName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl NamespacedName {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    /// The namespace is interned; `name` is kept as given (an `Arc<str>` is not copied).
+    pub fn new(namespace: impl AsRef<str>, name: impl Into<Arc<str>>) -> Self {
         NamespacedName {
-            namespace: namespace.into(),
+            namespace: crate::shared_name(namespace.as_ref()),
             name: name.into(),
         }
     }
@@ -124,8 +130,9 @@ impl fmt::Display for NamespacedName {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortName {
     pub service: NamespacedName,
-    /// The port's `name` (empty for a single unnamed port).
-    pub port: String,
+    /// The port's `name` (empty for a single unnamed port), shared ([`crate::shared_name`]):
+    /// a handful of distinct port names serve every Service.
+    pub port: Arc<str>,
     pub protocol: Protocol,
 }
 
@@ -165,8 +172,9 @@ pub enum TargetPort {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
-    /// Empty only when the Service has a single port.
-    pub name: String,
+    /// Empty only when the Service has a single port. Shared ([`crate::shared_name`]), as
+    /// every [`ServicePortName`] of the port holds it.
+    pub name: Arc<str>,
     pub protocol: Protocol,
     pub port: u16,
     pub target_port: TargetPort,
@@ -366,8 +374,9 @@ impl Endpoint {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EndpointPort {
-    /// Matches the ServicePort's name (empty for an unnamed port).
-    pub name: String,
+    /// Matches the ServicePort's name (empty for an unnamed port); shared
+    /// ([`crate::shared_name`]).
+    pub name: Arc<str>,
     pub protocol: Protocol,
     pub port: u16,
 }
@@ -377,8 +386,9 @@ pub struct EndpointPort {
 pub struct EndpointSlice {
     /// The slice's own namespace/name.
     pub name: NamespacedName,
-    /// Label `kubernetes.io/service-name`; slices without it belong to no Service.
-    pub service_name: Option<String>,
+    /// Label `kubernetes.io/service-name`; slices without it belong to no Service. An `Arc`,
+    /// as the engine's and the source's keys of the slice's Service hold it.
+    pub service_name: Option<Arc<str>>,
     /// `None` for addressType FQDN (kube-proxy ignores those).
     pub address_family: Option<IpFamily>,
     /// One shared copy per distinct list ([`crate::shared_ports`]): most slices of a
@@ -565,6 +575,22 @@ mod tests {
         assert_ne!(Endpoint::new(&[a]), Endpoint::new(&[a, b]));
         let hinted = Endpoint::new(&[a]).with_hints(Some(EndpointHints::default()));
         assert_eq!(hinted.with_hints(None), Endpoint::new(&[a]));
+    }
+
+    #[test]
+    fn names_are_shared_not_copied() {
+        let a = NamespacedName::new("bench", "svc-1");
+        let b = NamespacedName::new(String::from("bench"), "svc-2");
+        assert!(Arc::ptr_eq(&a.namespace, &b.namespace));
+        let copy = a.clone();
+        assert!(Arc::ptr_eq(&a.name, &copy.name));
+        assert_eq!(a.to_string(), "bench/svc-1");
+        assert_eq!(NamespacedName::new("", "node-a").to_string(), "node-a");
+        // By namespace, then name (not by the joined text: '-' sorts before '/').
+        assert!(NamespacedName::new("a", "z") < NamespacedName::new("a-b", "a"));
+        // A copy is two fat pointers (two `String`s were 48 B and two allocations).
+        assert!(size_of::<NamespacedName>() <= 32);
+        assert!(size_of::<ServicePortName>() <= 56);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use svcplane_model::{
     EndpointSlice, IpFamily, Protocol, Service, ServicePort, ServicePortName, ServiceType,
@@ -83,7 +84,7 @@ impl RawEndpoint<'_> {
     }
 }
 
-type PortKey = (String, Protocol);
+type PortKey = (Arc<str>, Protocol);
 type MergedEndpoints<'a> = BTreeMap<PortKey, BTreeMap<(IpAddr, u16), RawEndpoint<'a>>>;
 
 /// Merge the slices of one family into endpoints per slice port (name, protocol), deduplicated

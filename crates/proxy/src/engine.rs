@@ -148,7 +148,7 @@ impl Engine {
                     }
                 }
                 Kind::Node => {
-                    if let Some(old) = self.nodes.remove(&name.name) {
+                    if let Some(old) = self.nodes.remove(&*name.name) {
                         self.node_updated(Some(&*old), None);
                     }
                 }
@@ -514,7 +514,7 @@ fn ports_of<'a>(
 ) -> impl Iterator<Item = &'a ServicePortName> + 'a {
     let lowest = ServicePortName {
         service: name.clone(),
-        port: String::new(),
+        port: "".into(),
         protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
             .into_iter()
             .min()
@@ -572,7 +572,10 @@ fn slice_service(slice: &EndpointSlice) -> Option<NamespacedName> {
         .service_name
         .as_ref()
         .filter(|s| !s.is_empty())
-        .map(|s| NamespacedName::new(slice.name.namespace.clone(), s.clone()))
+        .map(|s| NamespacedName {
+            namespace: slice.name.namespace.clone(),
+            name: s.clone(),
+        })
 }
 
 /// One family's node-wide settings (services left empty).
@@ -643,7 +646,7 @@ mod tests {
     fn svc_key(ns: &str, name: &str) -> ServicePortName {
         ServicePortName {
             service: NamespacedName::new(ns, name),
-            port: String::new(),
+            port: "".into(),
             protocol: svcplane_model::Protocol::Tcp,
         }
     }

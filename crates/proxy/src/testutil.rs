@@ -16,7 +16,7 @@ pub fn ip(s: &str) -> IpAddr {
 
 pub fn port(name: &str, protocol: Protocol, port: u16) -> ServicePort {
     ServicePort {
-        name: name.to_string(),
+        name: name.into(),
         protocol,
         port,
         target_port: TargetPort::Number(port),
@@ -104,10 +104,10 @@ pub fn slice(
         .map_or(IpFamily::V4, IpFamily::of);
     EndpointSlice {
         name: NamespacedName::new(ns, slice),
-        service_name: Some(svc.to_string()),
+        service_name: Some(svc.into()),
         address_family: Some(family),
         ports: vec![EndpointPort {
-            name: String::new(),
+            name: "".into(),
             protocol: Protocol::Tcp,
             port: target_port,
         }]

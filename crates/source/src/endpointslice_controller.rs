@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use svcplane_model::{
     Endpoint, EndpointPort, EndpointSlice, IpFamily, NamespacedName, Node, Pod, Protocol, Service,
@@ -26,7 +27,7 @@ pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
 
 /// One resolved endpoint port: (service port name, protocol, port). Upstream groups
 /// pods by their list of these (`NewPortMapKey`).
-type PortKey = (String, Protocol, u16);
+type PortKey = (Arc<str>, Protocol, u16);
 
 /// Slices for every selector Service without a slice of its own. `slices` are the
 /// slices given in the manifests; the result holds only derived ones, in a
@@ -42,12 +43,12 @@ pub fn derive_endpoint_slices<'a>(
         .filter_map(|s| {
             s.service_name
                 .as_deref()
-                .map(|svc| (s.name.namespace.as_str(), svc))
+                .map(|svc| (s.name.namespace.as_ref(), svc))
         })
         .collect();
     let mut out = Vec::new();
     for svc in services {
-        if covered.contains(&(svc.name.namespace.as_str(), svc.name.name.as_str())) {
+        if covered.contains(&(svc.name.namespace.as_ref(), svc.name.name.as_ref())) {
             continue;
         }
         out.extend(derive_for_service(svc, pods.iter().copied(), nodes));
@@ -218,7 +219,7 @@ fn pod_to_endpoint(
     // `ShouldSetHostname`: the pod's subdomain names this Service (same namespace: the
     // caller only passes pods of the Service's namespace).
     let hostname = match (&pod.hostname, &pod.subdomain) {
-        (Some(h), Some(sub)) if !h.is_empty() && *sub == svc.name.name => Some(h.as_str()),
+        (Some(h), Some(sub)) if !h.is_empty() && **sub == *svc.name.name => Some(h.as_str()),
         _ => None,
     };
     let mut endpoint = Endpoint::new(&[ip])
@@ -407,7 +408,7 @@ mod tests {
         assert_eq!(by_port[&vec![9090]], vec![ip("10.244.0.2")]);
         // Pods without the named port (or with it on another protocol) get no port at all.
         assert_eq!(by_port[&vec![]], vec![ip("10.244.0.3"), ip("10.244.0.4")]);
-        let names: BTreeSet<&str> = slices.iter().map(|s| s.name.name.as_str()).collect();
+        let names: BTreeSet<&str> = slices.iter().map(|s| s.name.name.as_ref()).collect();
         assert_eq!(names.len(), 3, "slice names are unique: {names:?}");
     }
 
@@ -446,7 +447,7 @@ mod tests {
             name: NamespacedName::new("demo", "web-abc"),
             service_name: Some("web".into()),
             address_family: Some(IpFamily::V4),
-            ports: std::sync::Arc::new([]),
+            ports: Arc::new([]),
             endpoints: Box::new([]),
             last_change_trigger_time: None,
         };
@@ -499,7 +500,7 @@ mod tests {
             .collect();
         assert_eq!(v6.len(), 1);
         assert!(v6[0].endpoints.is_empty() && v6[0].ports.is_empty());
-        assert_eq!(v6[0].name.name, "web-svcplane-ipv6-0");
+        assert_eq!(&*v6[0].name.name, "web-svcplane-ipv6-0");
 
         let slices = derive(&[svc], &[], &[], &[]);
         assert_eq!(slices.len(), 2);
@@ -522,7 +523,7 @@ mod tests {
         let slices = derive(&[svc], &[], &pods, &[]);
         let sizes: Vec<usize> = slices.iter().map(|s| s.endpoints.len()).collect();
         assert_eq!(sizes, vec![100, 100, 50]);
-        let names: BTreeSet<&str> = slices.iter().map(|s| s.name.name.as_str()).collect();
+        let names: BTreeSet<&str> = slices.iter().map(|s| s.name.name.as_ref()).collect();
         assert_eq!(names.len(), 3);
         let all: BTreeSet<IpAddr> = slices
             .iter()

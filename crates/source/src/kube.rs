@@ -366,7 +366,7 @@ impl KubeSource {
             let mut item = item(ApiResource::Nodes, r);
             // Should a server ignore the field selector: another node is not ours.
             if let Ok(Event::Apply(c) | Event::InitApply(c)) = &mut item.event
-                && c.key.name.name != node
+                && *c.key.name.name != *node
             {
                 c.object = Ok(None);
                 c.warnings.clear();
@@ -461,7 +461,9 @@ impl Converted {
                 warnings: Vec::new(),
             },
             Some(Ok(c)) => Converted {
-                key,
+                // The object's own key (the same name, from the same metadata) shares the
+                // object's strings: the one built before converting is dropped.
+                key: Some(c.object.key()).filter(|k| *k == key).unwrap_or(key),
                 object: Ok(Some(c.object)),
                 warnings: c.warnings,
             },
@@ -839,13 +841,13 @@ mod tests {
         match &first.converted.object {
             Ok(Some(Object::EndpointSlice(s))) => {
                 assert_eq!(s.endpoints.len(), 1);
-                assert_eq!(first.converted.key.name.name, "web-1");
+                assert_eq!(&*first.converted.key.name.name, "web-1");
             }
             other => panic!("{other:?}"),
         }
         // A headless Service's slice: not for this proxy.
         assert!(matches!(second.converted.object, Ok(None)));
-        assert_eq!(second.converted.key.name.namespace, "demo");
+        assert_eq!(&*second.converted.key.name.namespace, "demo");
 
         let event: WatchEvent<Watched<super::core::Service>> =
             serde_json::from_value(serde_json::json!({

@@ -548,7 +548,10 @@ impl ManifestSource {
                         if let Object::EndpointSlice(s) = obj
                             && let Some(svc) = &s.service_name
                         {
-                            dirty.insert(NamespacedName::new(&*key.name.namespace, &**svc));
+                            dirty.insert(NamespacedName {
+                                namespace: key.name.namespace.clone(),
+                                name: svc.clone(),
+                            });
                         }
                     }
                     if let Some(Object::EndpointSlice(s)) = &before {
@@ -581,10 +584,10 @@ impl ManifestSource {
                     all_dirty = true;
                     match &after {
                         Some(Object::Node(n)) => {
-                            self.nodes.insert(key.name.name.clone(), n.clone());
+                            self.nodes.insert(key.name.name.to_string(), n.clone());
                         }
                         _ => {
-                            self.nodes.remove(&key.name.name);
+                            self.nodes.remove(&*key.name.name);
                         }
                     }
                 }
@@ -1151,7 +1154,7 @@ mod tests {
 
     fn applied_port(changes: &[Change], name: &str) -> Option<u16> {
         changes.iter().find_map(|c| match c {
-            Change::Apply(Object::Service(s)) if s.name.name == name => Some(s.ports[0].port),
+            Change::Apply(Object::Service(s)) if &*s.name.name == name => Some(s.ports[0].port),
             _ => None,
         })
     }
@@ -1221,7 +1224,7 @@ mod tests {
         let services: BTreeMap<String, Service> = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Apply(Object::Service(s)) => Some((s.name.name.clone(), (**s).clone())),
+                Change::Apply(Object::Service(s)) => Some((s.name.name.to_string(), (**s).clone())),
                 _ => None,
             })
             .collect();
@@ -1265,7 +1268,7 @@ mod tests {
         .unwrap();
         let (changes, problems) = ManifestSource::new(dir.path()).load_once().unwrap();
         let service = changes.iter().find_map(|c| match c {
-            Change::Apply(Object::Service(s)) if s.name.name == "wide" => Some(s),
+            Change::Apply(Object::Service(s)) if &*s.name.name == "wide" => Some(s),
             _ => None,
         });
         let service = service.expect("the Service is applied");
@@ -1533,7 +1536,7 @@ mod tests {
             changes
                 .iter()
                 .filter_map(|c| match c {
-                    Change::Apply(Object::EndpointSlice(s)) if s.name.name != "web-manual" => {
+                    Change::Apply(Object::EndpointSlice(s)) if &*s.name.name != "web-manual" => {
                         Some(s.ports[0].port)
                     }
                     _ => None,
@@ -1896,7 +1899,7 @@ mod tests {
         let names: Vec<&str> = changes
             .iter()
             .filter_map(|c| match c {
-                Change::Apply(Object::Service(s)) => Some(s.name.name.as_str()),
+                Change::Apply(Object::Service(s)) => Some(s.name.name.as_ref()),
                 _ => None,
             })
             .collect();

@@ -946,7 +946,7 @@ mod tests {
         }
         // Pods named by the probes exist in pods.yaml.
         for pod in ["shop-1", "web-1", "web-2"] {
-            assert!(example.pods.iter().any(|p| p.name.name == pod), "{pod}");
+            assert!(example.pods.iter().any(|p| &*p.name.name == pod), "{pod}");
         }
     }
 }

@@ -505,7 +505,7 @@ impl Lab {
                 }
                 out.push((
                     spec,
-                    NamespacedName::new(&dep.name.namespace, &name),
+                    NamespacedName::new(&dep.name.namespace, name.as_str()),
                     labels,
                 ));
             }
@@ -792,7 +792,7 @@ fn pick_services<'a>(
     };
     let all: Vec<&Service> = services
         .values()
-        .filter(|s| s.name.name != "lab-ping")
+        .filter(|s| &*s.name.name != "lab-ping")
         .collect();
     let cluster_ip = all
         .iter()
@@ -948,12 +948,12 @@ impl Ctx<'_> {
             first = self.dig(&svc.name.name);
             !first.is_empty()
         });
-        check(svc.name.name.clone(), vip.clone(), "A", first);
+        check(svc.name.name.to_string(), vip.clone(), "A", first);
         let fqdn = format!("{}.{ns}.svc.{DOMAIN}", svc.name.name);
         let answers = self.dig(&fqdn);
         check(fqdn, vip, "A", answers);
         check(
-            headless.name.name.clone(),
+            headless.name.name.to_string(),
             web_ips,
             "A",
             self.dig(&headless.name.name),
@@ -961,7 +961,7 @@ impl Ctx<'_> {
         if let Some(ext) = external {
             let target: BTreeSet<String> = ext.external_name.iter().cloned().collect();
             let q = if ext.name.namespace == *ns {
-                ext.name.name.clone()
+                ext.name.name.to_string()
             } else {
                 format!("{}.{}", ext.name.name, ext.name.namespace)
             };
@@ -1484,7 +1484,7 @@ mod tests {
         // Three Pods over the two nodes, names as a ReplicaSet's, stable.
         let pods = lab.pods(false);
         assert_eq!(pods.len(), 3);
-        assert_eq!(pods[0].1.name, web.pod_name(0));
+        assert_eq!(&*pods[0].1.name, web.pod_name(0));
         assert_ne!(web.pod_name(0), web.pod_name(1));
         assert_eq!(lab.pods(true).len(), 2);
         let text = &lab.files[&web.file];

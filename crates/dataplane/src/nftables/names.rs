@@ -200,7 +200,7 @@ mod tests {
         let long = "a".repeat(63);
         let s1 = spn(&long, &long, &long);
         let mut s2 = s1.clone();
-        s2.service.name = format!("{}b", &long[..62]);
+        s2.service.name = format!("{}b", &long[..62]).into();
         let e1 = endpoint_base(
             &s1,
             "fd00:1234:5678:9abc:def0:1234:5678:9abc".parse().unwrap(),

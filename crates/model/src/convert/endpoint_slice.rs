@@ -1,10 +1,12 @@
 //! discovery.k8s.io/v1 EndpointSlice → [`EndpointSlice`].
 
+use std::sync::Arc;
+
 use k8s_openapi::api::discovery::v1 as k8s;
 
 use super::{Ctx, DNS1123_LABEL_REASON, DNS1123_SUBDOMAIN_REASON, NameRule, namespaced};
 use crate::error::{Converted, InvalidObject};
-use crate::intern::shared_ports;
+use crate::intern::{shared_name, shared_ports};
 use crate::types::{Endpoint, EndpointHints, EndpointPort, EndpointSlice, IpFamily, Kind};
 use crate::validate::{is_dns1123_label, is_dns1123_subdomain};
 
@@ -52,7 +54,9 @@ pub fn endpoint_slice_from_k8s(
     );
     let ports = shared_ports(&ports(&ctx, s.ports.as_deref().unwrap_or_default()));
 
-    let service_name = labels.get(SERVICE_NAME_LABEL).cloned();
+    let service_name = labels
+        .get(SERVICE_NAME_LABEL)
+        .map(|s| Arc::from(s.as_str()));
     let last_change_trigger_time = s
         .metadata
         .annotations
@@ -178,7 +182,7 @@ fn ports(ctx: &Ctx, k8s_ports: &[k8s::EndpointPort]) -> Vec<EndpointPort> {
         let Some(port) = ctx.ignore(ctx.port(format!("{field}.port"), port)) else {
             continue;
         };
-        if let Some(j) = ports.iter().position(|q| q.name == name) {
+        if let Some(j) = ports.iter().position(|q| *q.name == *name) {
             // Which of the two was meant is unknowable; the first stays.
             ctx.warn(
                 format!("{field}.name"),
@@ -188,7 +192,7 @@ fn ports(ctx: &Ctx, k8s_ports: &[k8s::EndpointPort]) -> Vec<EndpointPort> {
             continue;
         }
         ports.push(EndpointPort {
-            name,
+            name: shared_name(&name),
             protocol,
             port,
         });
@@ -260,7 +264,7 @@ mod tests {
         assert_eq!(
             *s.ports,
             [EndpointPort {
-                name: String::new(),
+                name: "".into(),
                 protocol: Protocol::Tcp,
                 port: 8080
             }]
@@ -463,7 +467,7 @@ mod tests {
             ]
         );
         assert_eq!(s.ports.len(), 1);
-        assert_eq!((s.ports[0].name.as_str(), s.ports[0].port), ("a", 80));
+        assert_eq!((s.ports[0].name.as_ref(), s.ports[0].port), ("a", 80));
         // nil and "" are the same name.
         let (s, warnings) = with(vec![
             port(None, Some(80), None),

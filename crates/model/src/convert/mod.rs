@@ -337,7 +337,7 @@ mod tests {
         // A Service name may start with a digit (RelaxedServiceNameValidation).
         let (name, _) =
             namespaced(Kind::Service, &meta(None, "1web"), NameRule::Dns1123Label).unwrap();
-        assert_eq!(name.name, "1web");
+        assert_eq!(&*name.name, "1web");
         let err =
             namespaced(Kind::Service, &meta(None, "web.1"), NameRule::Dns1123Label).unwrap_err();
         assert_eq!(err.field, "metadata.name");

@@ -10,6 +10,7 @@ use super::{
     Ctx, DNS1123_LABEL_REASON, DNS1123_SUBDOMAIN_REASON, NameRule, namespaced, parse_cidr_sloppy,
 };
 use crate::error::{Converted, InvalidObject};
+use crate::intern::shared_name;
 use crate::types::{
     AllocationRequest, IpFamily, IpFamilyPolicy, Kind, Service, ServicePort, ServiceType,
     TargetPort, TrafficPolicy,
@@ -393,7 +394,7 @@ fn ports(
         }
         if let Some(j) = ports
             .iter()
-            .position(|q| !name.is_empty() && q.name == name)
+            .position(|q| !name.is_empty() && *q.name == *name)
         {
             return Err(ctx.err(
                 format!("{field}.name"),
@@ -466,7 +467,7 @@ fn ports(
         };
 
         ports.push(ServicePort {
-            name,
+            name: shared_name(&name),
             protocol,
             port,
             target_port,
@@ -686,7 +687,7 @@ mod tests {
         assert_eq!(
             s.ports,
             vec![ServicePort {
-                name: String::new(),
+                name: "".into(),
                 protocol: Protocol::Tcp,
                 port: 80,
                 target_port: TargetPort::Number(80),
@@ -707,7 +708,7 @@ mod tests {
     fn service_name_is_a_dns1123_label() {
         let mut k = svc(base());
         k.metadata.name = Some("1web".into());
-        assert_eq!(service_from_k8s(&k).unwrap().object.name.name, "1web");
+        assert_eq!(&*service_from_k8s(&k).unwrap().object.name.name, "1web");
         for bad in ["web.x", "Web", "-web", "web_x"] {
             k.metadata.name = Some(bad.into());
             let e = service_from_k8s(&k).unwrap_err();
@@ -956,7 +957,7 @@ mod tests {
             ..base()
         });
         assert_eq!(s.ports[1].protocol, Protocol::Udp);
-        assert_eq!(s.ports[1].name, "b");
+        assert_eq!(&*s.ports[1].name, "b");
 
         let mut bad = port("", 80);
         bad.protocol = Some("ICMP".into());

@@ -34,7 +34,7 @@ fn run(config: &AllocatorConfig, svcs: &[Service]) -> BTreeMap<String, Outcome> 
     let refs: Vec<&Service> = svcs.iter().collect();
     allocate(config, &refs)
         .into_iter()
-        .map(|(k, v)| (k.name, v))
+        .map(|(k, v)| (k.name.to_string(), v))
         .collect()
 }
 
