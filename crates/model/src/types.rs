@@ -338,7 +338,7 @@ impl Endpoint {
     pub fn addresses(&self) -> &[IpAddr] {
         match &self.extra {
             Some(x) if !x.addresses.is_empty() => &x.addresses,
-            _ => self.address.as_ref().map_or(&[], std::slice::from_ref),
+            _ => self.address.as_slice(),
         }
     }
 
@@ -363,11 +363,12 @@ impl Endpoint {
     }
 
     /// Change the boxed part; an empty one is dropped, so equal endpoints compare equal.
+    /// (An empty `EndpointExtra` takes no allocation: only a kept one is boxed.)
     fn update_extra(&mut self, change: impl FnOnce(&mut EndpointExtra)) {
-        let mut extra = self.extra.take().unwrap_or_default();
+        let mut extra = self.extra.take().map(|x| *x).unwrap_or_default();
         change(&mut extra);
-        if *extra != EndpointExtra::default() {
-            self.extra = Some(extra);
+        if extra != EndpointExtra::default() {
+            self.extra = Some(Box::new(extra));
         }
     }
 }

@@ -61,6 +61,34 @@ impl<T: Named> Ord for ByName<T> {
     }
 }
 
+/// `PartialEq`, `Eq`, `PartialOrd` and `Ord` for each type, all by its `parts()`: the
+/// types of a set ordered by a borrowed view and the view itself (`dyn View`), so that the
+/// set is looked up by the view (`Borrow`).
+macro_rules! ordered_by_parts {
+    ($($t:ty),*) => {$(
+        impl PartialEq for $t {
+            fn eq(&self, other: &Self) -> bool {
+                self.parts() == other.parts()
+            }
+        }
+
+        impl Eq for $t {}
+
+        impl PartialOrd for $t {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+
+        impl Ord for $t {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                self.parts().cmp(&other.parts())
+            }
+        }
+    )*};
+}
+pub(crate) use ordered_by_parts;
+
 /// An object's namespace and name, borrowed: what a set of one kind's objects is looked up
 /// by, whether from an [`ObjectKey`] or from an object (a Node's name is no
 /// `NamespacedName`, so `Borrow<NamespacedName>` cannot serve).
@@ -85,55 +113,17 @@ impl NameView for ByKey {
     }
 }
 
-impl PartialEq for dyn NameView + '_ {
-    fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
-    }
-}
-
-impl Eq for dyn NameView + '_ {}
-
-impl PartialOrd for dyn NameView + '_ {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for dyn NameView + '_ {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.parts().cmp(&other.parts())
-    }
-}
-
 /// An object in a set of objects of one kind, compared, ordered and looked up (as a
 /// `&dyn NameView`) by its namespace and name: a map from the key to the object that
 /// holds no copy of the key.
 #[derive(Debug, Clone)]
 pub(crate) struct ByKey(pub Object);
 
+ordered_by_parts!(dyn NameView + '_, ByKey);
+
 impl<'a> Borrow<dyn NameView + 'a> for ByKey {
     fn borrow(&self) -> &(dyn NameView + 'a) {
         self
-    }
-}
-
-impl PartialEq for ByKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
-    }
-}
-
-impl Eq for ByKey {}
-
-impl PartialOrd for ByKey {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ByKey {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.parts().cmp(&other.parts())
     }
 }
 
@@ -190,6 +180,6 @@ mod tests {
         let found = objects.get(&key as &dyn NameView).map(|o| o.0.clone());
         assert!(matches!(found, Some(Object::Service(s)) if s.ports[0].port == 81));
         assert!(objects.remove(&key as &dyn NameView));
-        assert!(objects.get(&key as &dyn NameView).is_none());
+        assert!(!objects.contains(&key as &dyn NameView));
     }
 }

@@ -32,7 +32,7 @@ use svcplane_model::{
 use tokio::time::Instant;
 
 use crate::allocator::{self, AllocatorConfig, Outcome};
-use crate::by_name::ByName;
+use crate::by_name::{ByName, ordered_by_parts};
 use crate::endpointslice_controller::{derive_for_service, selects};
 use crate::{IGNORED, Problem, ProblemSink, Source, SourceError, SourceFuture};
 
@@ -262,49 +262,11 @@ impl CoverView for (&str, &str, &str) {
     }
 }
 
-impl PartialEq for dyn CoverView + '_ {
-    fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
-    }
-}
-
-impl Eq for dyn CoverView + '_ {}
-
-impl PartialOrd for dyn CoverView + '_ {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for dyn CoverView + '_ {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.parts().cmp(&other.parts())
-    }
-}
+ordered_by_parts!(dyn CoverView + '_, Covering);
 
 impl<'a> std::borrow::Borrow<dyn CoverView + 'a> for Covering {
     fn borrow(&self) -> &(dyn CoverView + 'a) {
         self
-    }
-}
-
-impl PartialEq for Covering {
-    fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
-    }
-}
-
-impl Eq for Covering {}
-
-impl PartialOrd for Covering {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Covering {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.parts().cmp(&other.parts())
     }
 }
 
@@ -455,12 +417,12 @@ impl ManifestSource {
             let old = &state.objects;
             let removed: Vec<Key> = old
                 .keys()
-                .filter(|k| !new.contains_key(*k))
+                .filter(|k| !new.contains_key(k))
                 .cloned()
                 .collect();
             let differ: Vec<Key> = new
                 .iter()
-                .filter(|(k, obj)| old.get(*k).is_none_or(|o| !(o.ptr_eq(obj) || o == *obj)))
+                .filter(|(k, obj)| old.get(k).is_none_or(|o| !(o.ptr_eq(obj) || o == *obj)))
                 .map(|(k, _)| k.clone())
                 .collect();
             for key in removed.iter().chain(&differ) {
