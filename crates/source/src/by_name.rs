@@ -61,11 +61,21 @@ impl<T: Named> Ord for ByName<T> {
     }
 }
 
-/// `PartialEq`, `Eq`, `PartialOrd` and `Ord` for each type, all by its `parts()`: the
-/// types of a set ordered by a borrowed view and the view itself (`dyn View`), so that the
-/// set is looked up by the view (`Borrow`).
-macro_rules! ordered_by_parts {
-    ($($t:ty),*) => {$(
+/// A set ordered by a borrowed view: `$set` (and `dyn $view`) compared and ordered by
+/// `parts()`, and `$set` borrowed as `dyn $view`, so the set is looked up by any value
+/// with the same view (an `ObjectKey`, a bound).
+macro_rules! ordered_by_view {
+    ($set:ty, $view:ident) => {
+        ordered_by_view!(@ord $set);
+        ordered_by_view!(@ord dyn $view + '_);
+
+        impl<'a> std::borrow::Borrow<dyn $view + 'a> for $set {
+            fn borrow(&self) -> &(dyn $view + 'a) {
+                self
+            }
+        }
+    };
+    (@ord $t:ty) => {
         impl PartialEq for $t {
             fn eq(&self, other: &Self) -> bool {
                 self.parts() == other.parts()
@@ -85,9 +95,9 @@ macro_rules! ordered_by_parts {
                 self.parts().cmp(&other.parts())
             }
         }
-    )*};
+    };
 }
-pub(crate) use ordered_by_parts;
+pub(crate) use ordered_by_view;
 
 /// An object's namespace and name, borrowed: what a set of one kind's objects is looked up
 /// by, whether from an [`ObjectKey`] or from an object (a Node's name is no
@@ -119,13 +129,7 @@ impl NameView for ByKey {
 #[derive(Debug, Clone)]
 pub(crate) struct ByKey(pub Object);
 
-ordered_by_parts!(dyn NameView + '_, ByKey);
-
-impl<'a> Borrow<dyn NameView + 'a> for ByKey {
-    fn borrow(&self) -> &(dyn NameView + 'a) {
-        self
-    }
-}
+ordered_by_view!(ByKey, NameView);
 
 #[cfg(test)]
 mod tests {

@@ -32,7 +32,7 @@ use svcplane_model::{
 use tokio::time::Instant;
 
 use crate::allocator::{self, AllocatorConfig, Outcome};
-use crate::by_name::{ByName, ordered_by_parts};
+use crate::by_name::{ByName, ordered_by_view};
 use crate::endpointslice_controller::{derive_for_service, selects};
 use crate::{IGNORED, Problem, ProblemSink, Source, SourceError, SourceFuture};
 
@@ -262,13 +262,7 @@ impl CoverView for (&str, &str, &str) {
     }
 }
 
-ordered_by_parts!(dyn CoverView + '_, Covering);
-
-impl<'a> std::borrow::Borrow<dyn CoverView + 'a> for Covering {
-    fn borrow(&self) -> &(dyn CoverView + 'a) {
-        self
-    }
-}
+ordered_by_view!(Covering, CoverView);
 
 /// The files that define one key, in path order: almost always one, kept inline (a `Vec`
 /// per key was 20k allocations at 10k Services).
@@ -1452,14 +1446,13 @@ mod tests {
         step("web back, web2 new");
     }
 
+    /// A selector Service and one ready Pod it selects.
+    const WEB_APP: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  clusterIP: 10.96.0.1\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: demo, labels: {app: web}}\nspec: {nodeName: n1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.0.5, conditions: [{type: Ready, status: \"True\"}]}\n";
+
     #[test]
     fn derived_slices_replace_pods() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("app.yaml"),
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  clusterIP: 10.96.0.1\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: demo, labels: {app: web}}\nspec: {nodeName: n1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.0.5, conditions: [{type: Ready, status: \"True\"}]}\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("app.yaml"), WEB_APP).unwrap();
         let (changes, problems) = ManifestSource::new(dir.path()).load_once().unwrap();
         assert!(problems.is_empty(), "{problems:?}");
         assert!(
@@ -1484,11 +1477,7 @@ mod tests {
     #[test]
     fn a_manifest_slice_covers_its_service_only() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("app.yaml"),
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  clusterIP: 10.96.0.1\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: demo, labels: {app: web}}\nspec: {nodeName: n1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.0.5, conditions: [{type: Ready, status: \"True\"}]}\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("app.yaml"), WEB_APP).unwrap();
         let slice = |svc: &str| {
             format!(
                 "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-manual, namespace: demo, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{port: 9090}}]\nendpoints: [{{addresses: [10.244.9.9]}}]\n"
