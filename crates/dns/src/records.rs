@@ -457,8 +457,8 @@ impl Builder {
                 if !(ep.ready || svc.publish_not_ready_addresses) {
                     continue;
                 }
-                for ip in &ep.addresses {
-                    let label = match &ep.hostname {
+                for ip in ep.addresses() {
+                    let label = match ep.hostname() {
                         Some(h) => h.to_string(),
                         None => dashed_ip(ip),
                     };

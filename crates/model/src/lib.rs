@@ -17,7 +17,7 @@ pub use convert::{
     node_from_k8s, pod_from_k8s, service_from_k8s,
 };
 pub use error::{Converted, InvalidObject, ParseError};
-pub use intern::{Interner, shared_name};
+pub use intern::{Interner, Share, shared_name, shared_ports, shared_topology};
 pub use types::*;
 pub use validate::{is_dns1035_label, is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name};
 

@@ -255,101 +255,125 @@ pub struct EndpointHints {
     pub for_nodes: Vec<String>,
 }
 
-/// An endpoint's `addresses`, read as a slice. kube-proxy uses only the first, the DNS
-/// serves them all, and the EndpointSlice controller always writes exactly one: so one
-/// address is kept inline and only more than one takes an allocation (a `Vec` of one was
-/// a 24 B header plus a 32 B allocation per endpoint).
-#[derive(Clone, Default)]
-pub struct EndpointAddresses(Addresses);
-
-#[derive(Clone, Default)]
-enum Addresses {
-    /// An FQDN slice's endpoint: its addresses are not IPs and are never used.
-    #[default]
-    None,
-    One(IpAddr),
-    Many(Box<[IpAddr]>),
+/// Where an endpoint runs: its node and zone, one shared copy per distinct pair
+/// ([`crate::shared_topology`]), so every endpoint of a node holds the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Topology {
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
 }
 
-impl std::ops::Deref for EndpointAddresses {
-    type Target = [IpAddr];
-    fn deref(&self) -> &[IpAddr] {
-        match &self.0 {
-            Addresses::None => &[],
-            Addresses::One(ip) => std::slice::from_ref(ip),
-            Addresses::Many(ips) => ips,
-        }
-    }
-}
-
-impl From<Vec<IpAddr>> for EndpointAddresses {
-    fn from(ips: Vec<IpAddr>) -> Self {
-        EndpointAddresses(match ips.as_slice() {
-            [] => Addresses::None,
-            [ip] => Addresses::One(*ip),
-            _ => Addresses::Many(ips.into_boxed_slice()),
-        })
-    }
-}
-
-impl From<IpAddr> for EndpointAddresses {
-    fn from(ip: IpAddr) -> Self {
-        EndpointAddresses(Addresses::One(ip))
-    }
-}
-
-impl FromIterator<IpAddr> for EndpointAddresses {
-    fn from_iter<I: IntoIterator<Item = IpAddr>>(iter: I) -> Self {
-        iter.into_iter().collect::<Vec<_>>().into()
-    }
-}
-
-impl<'a> IntoIterator for &'a EndpointAddresses {
-    type Item = &'a IpAddr;
-    type IntoIter = std::slice::Iter<'a, IpAddr>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
-    }
-}
-
-impl PartialEq for EndpointAddresses {
-    fn eq(&self, other: &Self) -> bool {
-        **self == **other
-    }
-}
-
-impl Eq for EndpointAddresses {}
-
-impl PartialEq<Vec<IpAddr>> for EndpointAddresses {
-    fn eq(&self, other: &Vec<IpAddr>) -> bool {
-        **self == **other
-    }
-}
-
-impl fmt::Debug for EndpointAddresses {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&**self, f)
-    }
+/// What few endpoints have, out of line.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct EndpointExtra {
+    /// Every address, when there are several (the DNS serves them all).
+    addresses: Box<[IpAddr]>,
+    hostname: Option<Arc<str>>,
+    hints: Option<EndpointHints>,
 }
 
 /// One entry of an EndpointSlice's `endpoints`. Conditions are already defaulted
 /// as the API documents: ready unset → true, serving unset → ready, terminating unset → false.
-/// Compact, as 100k of them are kept at 10k Services: node and zone names are shared
-/// ([`crate::shared_name`]), the engine's endpoint records share these `Arc`s, and the
-/// rare hints are boxed.
+/// Compact, as 100k of them are kept at 10k Services: the first address inline (kube-proxy
+/// reads only that one; the EndpointSlice controller writes exactly one), node and zone one
+/// shared pair (the engine's endpoint records share its names), and what is rare (more
+/// addresses, a hostname, hints) boxed: 40 B.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    pub addresses: EndpointAddresses,
+    /// The first address; `None` for an FQDN slice's endpoint (never used).
+    address: Option<IpAddr>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub hostname: Option<Arc<str>>,
-    pub node_name: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
-    pub hints: Option<Box<EndpointHints>>,
+    topology: Option<Arc<Topology>>,
+    extra: Option<Box<EndpointExtra>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl Endpoint {
+    /// A ready, serving endpoint (the API's defaults) with these addresses, on no known
+    /// node.
+    pub fn new(addresses: &[IpAddr]) -> Endpoint {
+        let mut e = Endpoint {
+            address: None,
+            ready: true,
+            serving: true,
+            terminating: false,
+            topology: None,
+            extra: None,
+        };
+        e.set_addresses(addresses);
+        e
+    }
+
+    /// With this node and zone (shared, see [`Topology`]).
+    pub fn with_topology(mut self, node_name: Option<&str>, zone: Option<&str>) -> Endpoint {
+        self.topology = (node_name.is_some() || zone.is_some())
+            .then(|| crate::shared_topology(node_name, zone));
+        self
+    }
+
+    pub fn with_hostname(mut self, hostname: Option<&str>) -> Endpoint {
+        self.update_extra(|x| x.hostname = hostname.map(Arc::from));
+        self
+    }
+
+    pub fn with_hints(mut self, hints: Option<EndpointHints>) -> Endpoint {
+        self.update_extra(|x| x.hints = hints);
+        self
+    }
+
+    pub fn set_addresses(&mut self, addresses: &[IpAddr]) {
+        self.address = addresses.first().copied();
+        let many = addresses.len() > 1;
+        self.update_extra(|x| {
+            x.addresses = if many {
+                addresses.into()
+            } else {
+                Box::default()
+            }
+        });
+    }
+
+    /// Every address (kube-proxy uses the first; the DNS serves them all).
+    pub fn addresses(&self) -> &[IpAddr] {
+        match &self.extra {
+            Some(x) if !x.addresses.is_empty() => &x.addresses,
+            _ => self.address.as_slice(),
+        }
+    }
+
+    pub fn topology(&self) -> Option<&Arc<Topology>> {
+        self.topology.as_ref()
+    }
+
+    pub fn node_name(&self) -> Option<&Arc<str>> {
+        self.topology.as_ref()?.node_name.as_ref()
+    }
+
+    pub fn zone(&self) -> Option<&Arc<str>> {
+        self.topology.as_ref()?.zone.as_ref()
+    }
+
+    pub fn hostname(&self) -> Option<&Arc<str>> {
+        self.extra.as_ref()?.hostname.as_ref()
+    }
+
+    pub fn hints(&self) -> Option<&EndpointHints> {
+        self.extra.as_ref()?.hints.as_ref()
+    }
+
+    /// Change the boxed part; an empty one is dropped, so equal endpoints compare equal.
+    /// (An empty `EndpointExtra` takes no allocation: only a kept one is boxed.)
+    fn update_extra(&mut self, change: impl FnOnce(&mut EndpointExtra)) {
+        let mut extra = self.extra.take().map(|x| *x).unwrap_or_default();
+        change(&mut extra);
+        if extra != EndpointExtra::default() {
+            self.extra = Some(Box::new(extra));
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EndpointPort {
     /// Matches the ServicePort's name (empty for an unnamed port); shared
     /// ([`crate::shared_name`]).
@@ -368,10 +392,13 @@ pub struct EndpointSlice {
     pub service_name: Option<Arc<str>>,
     /// `None` for addressType FQDN (kube-proxy ignores those).
     pub address_family: Option<IpFamily>,
-    pub ports: Vec<EndpointPort>,
-    pub endpoints: Vec<Endpoint>,
+    /// One shared copy per distinct list ([`crate::shared_ports`]): most slices of a
+    /// cluster list the same few ports.
+    pub ports: Arc<[EndpointPort]>,
+    /// Kept for as long as the slice exists, so exactly sized.
+    pub endpoints: Box<[Endpoint]>,
     /// Annotation `endpoints.kubernetes.io/last-change-trigger-time` (RFC 3339), for latency metrics.
-    pub last_change_trigger_time: Option<String>,
+    pub last_change_trigger_time: Option<Box<str>>,
 }
 
 /// A validated v1 Node: what the proxy needs of it.
@@ -540,16 +567,15 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         for ips in [vec![], vec![a], vec![a, b]] {
-            let addrs = EndpointAddresses::from(ips.clone());
-            assert_eq!(&*addrs, ips.as_slice());
-            assert_eq!(addrs, ips);
-            assert_eq!(addrs.iter().copied().collect::<EndpointAddresses>(), addrs);
+            let mut e = Endpoint::new(&ips);
+            assert_eq!(e.addresses(), ips.as_slice());
+            // Back to one address: the same value as made with one.
+            e.set_addresses(&[b]);
+            assert_eq!(e, Endpoint::new(&[b]));
         }
-        assert_eq!(EndpointAddresses::from(a), vec![a]);
-        assert_ne!(
-            EndpointAddresses::from(a),
-            EndpointAddresses::from(vec![a, b])
-        );
+        assert_ne!(Endpoint::new(&[a]), Endpoint::new(&[a, b]));
+        let hinted = Endpoint::new(&[a]).with_hints(Some(EndpointHints::default()));
+        assert_eq!(hinted.with_hints(None), Endpoint::new(&[a]));
     }
 
     #[test]
@@ -570,9 +596,18 @@ mod tests {
 
     #[test]
     fn an_endpoint_is_compact() {
-        // One address inline, three shared names, boxed hints: what 100k endpoints at 10k
-        // Services cost (a `Vec` address list and owned strings made it 152 B + 32 B).
-        assert!(size_of::<EndpointAddresses>() <= 24);
-        assert!(size_of::<Endpoint>() <= 88, "{}", size_of::<Endpoint>());
+        // One address inline, node and zone one shared pair, the rest boxed: what 100k
+        // endpoints at 10k Services cost (88 B in session 7, 152 B + 32 B before).
+        assert!(size_of::<Endpoint>() <= 40, "{}", size_of::<Endpoint>());
+        let e = Endpoint::new(&["10.0.0.1".parse().unwrap()])
+            .with_topology(Some("node-a"), Some("zone-a"))
+            .with_hostname(Some("web-0"));
+        let f = Endpoint::new(&["10.0.0.2".parse().unwrap()])
+            .with_topology(Some("node-a"), Some("zone-a"));
+        assert!(Arc::ptr_eq(e.topology().unwrap(), f.topology().unwrap()));
+        assert_eq!(e.node_name().map(|n| &**n), Some("node-a"));
+        assert_eq!(e.zone().map(|n| &**n), Some("zone-a"));
+        assert_eq!(e.hostname().map(|n| &**n), Some("web-0"));
+        assert_eq!(f.hostname(), None);
     }
 }

@@ -103,7 +103,7 @@ fn merge_slices<'a>(
         if slice.address_family != Some(family) {
             continue;
         }
-        for port in &slice.ports {
+        for port in slice.ports.iter() {
             // kube-proxy ignores ports without a number ("all ports" is not implemented).
             if port.port == 0 {
                 continue;
@@ -113,25 +113,25 @@ fn merge_slices<'a>(
                 .or_default();
             for ep in &slice.endpoints {
                 // kube-proxy uses addresses[0] only, and only when it is of the slice's family.
-                let Some(&ip) = ep.addresses.first() else {
+                let Some(&ip) = ep.addresses().first() else {
                     continue;
                 };
                 if IpFamily::of(&ip) != family {
                     continue;
                 }
-                let hints = ep.hints.as_ref();
+                let hints = ep.hints();
                 let raw = RawEndpoint {
                     state: EndpointState {
                         ip,
                         port: port.port,
                         is_local: !node_name.is_empty()
-                            && ep.node_name.as_deref() == Some(node_name),
+                            && ep.node_name().map(|n| &**n) == Some(node_name),
                         ready: ep.ready,
                         serving: ep.serving,
                         terminating: ep.terminating,
                     },
-                    node_name: ep.node_name.as_ref(),
-                    zone: ep.zone.as_ref(),
+                    node_name: ep.node_name(),
+                    zone: ep.zone(),
                     zone_hints: hints.map_or(&[][..], |h| h.for_zones.as_slice()),
                     node_hints: hints.map_or(&[][..], |h| h.for_nodes.as_slice()),
                 };
@@ -1103,9 +1103,9 @@ mod tests {
     fn only_first_address_and_empty_addresses_skipped() {
         let svc = service("ns", "web", &["10.96.0.10"]);
         let mut multi = ep("10.0.0.1", "node-b");
-        multi.addresses = vec![ip("10.0.0.1"), ip("10.0.0.99")].into();
+        multi.set_addresses(&[ip("10.0.0.1"), ip("10.0.0.99")]);
         let mut empty = ep("10.0.0.5", "node-b");
-        empty.addresses = Vec::new().into();
+        empty.set_addresses(&[]);
         let sp = compute(&svc, &one_slice(vec![multi, empty]), None)
             .v4
             .remove(0);
@@ -1138,7 +1138,8 @@ mod tests {
                 protocol: Protocol::Udp,
                 port: 9999,
             },
-        ];
+        ]
+        .into();
         let out = compute(&svc, &[s], None);
         assert_eq!(out.v4.len(), 3);
         let by_name: BTreeMap<_, _> = out.v4.iter().map(|s| (s.name.port.clone(), s)).collect();
@@ -1254,7 +1255,9 @@ mod tests {
     fn endpoints_of_wrong_family_in_a_slice_are_ignored() {
         let svc = service("ns", "web", &["10.96.0.10"]);
         let mut s = slice("ns", "web-1", "web", 8080, vec![ep("10.0.0.1", "node-b")]);
-        s.endpoints.push(ep("fd00::1", "node-b"));
+        s.endpoints = [s.endpoints.to_vec(), vec![ep("fd00::1", "node-b")]]
+            .concat()
+            .into();
         let sp = compute(&svc, &[s.clone()], None).v4.remove(0);
         assert_eq!(ips(&sp, &sp.internal), ["10.0.0.1"]);
         // FQDN slices (no family) are ignored.
@@ -1369,7 +1372,8 @@ mod tests {
                 protocol: Protocol::Tcp,
                 port: 8081,
             },
-        ];
+        ]
+        .into();
         let s6 = slice("ns", "web-v6", "web", 8080, vec![ep("fd00::1", NODE)]);
         let out = compute(&svc, &[s4, s6], None);
         // v4: 2 distinct local ready IPs (not 4 endpoint-ports); v6: 1. The larger wins.

@@ -1101,7 +1101,7 @@ mod tests {
         let explained = engine.explain(&NamespacedName::new("ns", "web"));
         assert!(Arc::ptr_eq(
             explained[0].endpoints[0].node_name.as_ref().unwrap(),
-            slice.endpoints[0].node_name.as_ref().unwrap()
+            slice.endpoints[0].node_name().unwrap()
         ));
     }
 

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use svcplane_model::{
     Endpoint, EndpointPort, EndpointSlice, IpFamily, NamespacedName, Node, Protocol, Service,
-    ServicePort, ServiceType, TargetPort, TrafficPolicy, shared_name,
+    ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
 
 pub const NODE: &str = "node-a";
@@ -61,16 +61,7 @@ pub fn lb_service(ns: &str, name: &str, cluster_ips: &[&str]) -> Service {
 
 /// A ready endpoint on `node`.
 pub fn ep(addr: &str, node: &str) -> Endpoint {
-    Endpoint {
-        addresses: ip(addr).into(),
-        ready: true,
-        serving: true,
-        terminating: false,
-        hostname: None,
-        node_name: Some(shared_name(node)),
-        zone: None,
-        hints: None,
-    }
+    Endpoint::new(&[ip(addr)]).with_topology(Some(node), None)
 }
 
 pub fn not_ready(mut e: Endpoint) -> Endpoint {
@@ -87,16 +78,16 @@ pub fn terminating(mut e: Endpoint, serving: bool) -> Endpoint {
     e
 }
 
-pub fn zone_hints(mut e: Endpoint, zones: &[&str]) -> Endpoint {
-    let h = e.hints.get_or_insert_default();
+pub fn zone_hints(e: Endpoint, zones: &[&str]) -> Endpoint {
+    let mut h = e.hints().cloned().unwrap_or_default();
     h.for_zones = zones.iter().map(|z| z.to_string()).collect();
-    e
+    e.with_hints(Some(h))
 }
 
-pub fn node_hints(mut e: Endpoint, nodes: &[&str]) -> Endpoint {
-    let h = e.hints.get_or_insert_default();
+pub fn node_hints(e: Endpoint, nodes: &[&str]) -> Endpoint {
+    let mut h = e.hints().cloned().unwrap_or_default();
     h.for_nodes = nodes.iter().map(|z| z.to_string()).collect();
-    e
+    e.with_hints(Some(h))
 }
 
 /// A slice `ns/slice` of `svc` with one unnamed TCP port.
@@ -109,7 +100,7 @@ pub fn slice(
 ) -> EndpointSlice {
     let family = endpoints
         .first()
-        .and_then(|e| e.addresses.first())
+        .and_then(|e| e.addresses().first())
         .map_or(IpFamily::V4, IpFamily::of);
     EndpointSlice {
         name: NamespacedName::new(ns, slice),
@@ -119,8 +110,9 @@ pub fn slice(
             name: "".into(),
             protocol: Protocol::Tcp,
             port: target_port,
-        }],
-        endpoints,
+        }]
+        .into(),
+        endpoints: endpoints.into(),
         last_change_trigger_time: None,
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use svcplane_model::{
     Endpoint, EndpointPort, EndpointSlice, IpFamily, NamespacedName, Node, Pod, Protocol, Service,
-    ServicePort, ServiceType, TargetPort, shared_name,
+    ServicePort, ServiceType, TargetPort, shared_ports,
 };
 
 /// Marker in derived slice names (`<service>-svcplane-<ipv4|ipv6>-<n>`), so they are
@@ -137,7 +137,7 @@ fn slices_for_service(
             push(&[], Vec::new());
         }
         for (ports, mut endpoints) in groups {
-            endpoints.sort_by(|a, b| a.addresses.cmp(&b.addresses));
+            endpoints.sort_by(|a, b| a.addresses().cmp(b.addresses()));
             let mut rest = endpoints.into_iter().peekable();
             while rest.peek().is_some() {
                 push(
@@ -171,15 +171,17 @@ fn new_slice(
         ),
         service_name: Some(svc.name.name.clone()),
         address_family: Some(family),
-        ports: ports
-            .iter()
-            .map(|(name, protocol, port)| EndpointPort {
-                name: name.clone(),
-                protocol: *protocol,
-                port: *port,
-            })
-            .collect(),
-        endpoints,
+        ports: shared_ports(
+            &ports
+                .iter()
+                .map(|(name, protocol, port)| EndpointPort {
+                    name: name.clone(),
+                    protocol: *protocol,
+                    port: *port,
+                })
+                .collect::<Vec<_>>(),
+        ),
+        endpoints: endpoints.into(),
         last_change_trigger_time: None,
     }
 }
@@ -213,26 +215,20 @@ fn pod_to_endpoint(
         .node_name
         .as_ref()
         .and_then(|n| nodes.get(n))
-        .and_then(|n| n.zone.as_deref())
-        .map(shared_name);
+        .and_then(|n| n.zone.as_deref());
     // `ShouldSetHostname`: the pod's subdomain names this Service (same namespace: the
     // caller only passes pods of the Service's namespace).
     let hostname = match (&pod.hostname, &pod.subdomain) {
-        (Some(h), Some(sub)) if !h.is_empty() && **sub == *svc.name.name => {
-            Some(Arc::from(h.as_str()))
-        }
+        (Some(h), Some(sub)) if !h.is_empty() && **sub == *svc.name.name => Some(h.as_str()),
         _ => None,
     };
-    Endpoint {
-        addresses: ip.into(),
-        ready,
-        serving,
-        terminating,
-        hostname,
-        node_name: pod.node_name.as_deref().map(shared_name),
-        zone,
-        hints: None,
-    }
+    let mut endpoint = Endpoint::new(&[ip])
+        .with_topology(pod.node_name.as_deref(), zone)
+        .with_hostname(hostname);
+    endpoint.ready = ready;
+    endpoint.serving = serving;
+    endpoint.terminating = terminating;
+    endpoint
 }
 
 #[cfg(test)]
@@ -337,8 +333,8 @@ mod tests {
         assert_eq!(s.service_name.as_deref(), Some("web"));
         assert_eq!(s.address_family, Some(IpFamily::V4));
         assert_eq!(
-            s.ports,
-            vec![EndpointPort {
+            *s.ports,
+            [EndpointPort {
                 name: "http".into(),
                 protocol: Protocol::Tcp,
                 port: 8080
@@ -347,7 +343,7 @@ mod tests {
         let conds: Vec<(IpAddr, bool, bool, bool)> = s
             .endpoints
             .iter()
-            .map(|e| (e.addresses[0], e.ready, e.serving, e.terminating))
+            .map(|e| (e.addresses()[0], e.ready, e.serving, e.terminating))
             .collect();
         assert_eq!(
             conds,
@@ -361,12 +357,12 @@ mod tests {
         assert!(
             s.endpoints
                 .iter()
-                .all(|e| e.zone.as_deref() == Some("zone-a"))
+                .all(|e| e.zone().map(|z| &**z) == Some("zone-a"))
         );
         assert!(
             s.endpoints
                 .iter()
-                .all(|e| e.node_name.as_deref() == Some("node-a"))
+                .all(|e| e.node_name().map(|n| &**n) == Some("node-a"))
         );
     }
 
@@ -382,7 +378,7 @@ mod tests {
         assert!(s.endpoints.iter().all(|e| e.ready));
         assert!(s.endpoints.iter().all(|e| !e.serving));
         assert!(s.endpoints[1].terminating);
-        assert_eq!(s.endpoints[0].zone, None, "no Node object, no zone");
+        assert_eq!(s.endpoints[0].zone(), None, "no Node object, no zone");
     }
 
     #[test]
@@ -405,7 +401,7 @@ mod tests {
         for s in &slices {
             by_port.insert(
                 s.ports.iter().map(|p| p.port).collect(),
-                s.endpoints.iter().map(|e| e.addresses[0]).collect(),
+                s.endpoints.iter().map(|e| e.addresses()[0]).collect(),
             );
         }
         assert_eq!(by_port[&vec![8080]], vec![ip("10.244.0.1")]);
@@ -439,7 +435,7 @@ mod tests {
             .unwrap();
         assert_eq!(v4.endpoints.len(), 2);
         assert_eq!(v6.endpoints.len(), 1);
-        assert_eq!(v6.endpoints[0].addresses, vec![ip("fd00::1")]);
+        assert_eq!(v6.endpoints[0].addresses(), [ip("fd00::1")]);
     }
 
     #[test]
@@ -451,8 +447,8 @@ mod tests {
             name: NamespacedName::new("demo", "web-abc"),
             service_name: Some("web".into()),
             address_family: Some(IpFamily::V4),
-            ports: vec![],
-            endpoints: vec![],
+            ports: Arc::new([]),
+            endpoints: Box::new([]),
             last_change_trigger_time: None,
         };
         let pods = vec![pod("a", &["10.244.0.1"], true, false)];
@@ -469,8 +465,8 @@ mod tests {
         b.hostname = Some("b".into());
         b.subdomain = Some("other".into());
         let s = &derive(&[svc], &[], &[a, b], &[])[0];
-        assert_eq!(s.endpoints[0].hostname.as_deref(), Some("a"));
-        assert_eq!(s.endpoints[1].hostname, None);
+        assert_eq!(s.endpoints[0].hostname().map(|h| &**h), Some("a"));
+        assert_eq!(s.endpoints[1].hostname(), None);
     }
 
     #[test]
@@ -531,7 +527,7 @@ mod tests {
         assert_eq!(names.len(), 3);
         let all: BTreeSet<IpAddr> = slices
             .iter()
-            .flat_map(|s| s.endpoints.iter().map(|e| e.addresses[0]))
+            .flat_map(|s| s.endpoints.iter().map(|e| e.addresses()[0]))
             .collect();
         assert_eq!(all.len(), 250, "every pod exactly once");
     }
@@ -596,8 +592,8 @@ mod tests {
         let slices = derive(&[svc], &[], &[p], &[]);
         assert_eq!(slices.len(), 1);
         assert_eq!(
-            slices[0].ports,
-            vec![
+            *slices[0].ports,
+            [
                 EndpointPort {
                     name: "dns".into(),
                     protocol: Protocol::Udp,
@@ -622,8 +618,8 @@ mod tests {
         let pods = vec![pod("a", &["10.244.0.1"], true, false), on_b, unknown];
         let nodes = [node("node-a", "zone-a"), node("node-b", "zone-b")];
         let s = &derive(&[svc], &[], &pods, &nodes)[0];
-        let zones: Vec<Option<&str>> = s.endpoints.iter().map(|e| e.zone.as_deref()).collect();
+        let zones: Vec<Option<&str>> = s.endpoints.iter().map(|e| e.zone().map(|z| &**z)).collect();
         assert_eq!(zones, vec![Some("zone-a"), Some("zone-b"), None]);
-        assert_eq!(s.endpoints[2].node_name.as_deref(), Some("node-x"));
+        assert_eq!(s.endpoints[2].node_name().map(|n| &**n), Some("node-x"));
     }
 }

@@ -19,7 +19,7 @@
 //!   `SourceEvent::Synced`; later events go out in batches of whatever is ready together.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -40,6 +40,7 @@ use svcplane_model::{
 };
 use tokio::sync::watch;
 
+use crate::by_name::{ByKey, NameView};
 use crate::ratelimit::RateLimitLayer;
 use crate::{IGNORED, Problem, ProblemSink, Source, SourceError, SourceFuture};
 
@@ -633,10 +634,10 @@ fn convert_node(n: &core::Node) -> Converted {
 
 #[derive(Default)]
 struct State {
-    /// What was emitted, per resource.
-    known: [BTreeMap<ObjectKey, Object>; 3],
+    /// What was emitted, per resource, by key (the objects' own names: no key copies).
+    known: [BTreeSet<ByKey>; 3],
     /// A list in progress, per resource.
-    listing: [Option<BTreeMap<ObjectKey, Object>>; 3],
+    listing: [Option<BTreeSet<ByKey>>; 3],
     listed: [bool; 3],
     /// Changes before the first complete state.
     held: Vec<Change>,
@@ -681,26 +682,26 @@ impl State {
                 if self.listed[i] {
                     tracing::info!(resource = r.as_str(), "relisting from the Kubernetes API");
                 }
-                self.listing[i] = Some(BTreeMap::new());
+                self.listing[i] = Some(BTreeSet::new());
             }
             Event::InitApply(c) => {
-                let previous = self.known[i].get(&c.key).cloned();
-                let buffer = self.listing[i].get_or_insert_with(BTreeMap::new);
-                if let (key, Some(obj)) = valid(c, previous, problems) {
-                    buffer.insert(key, obj);
+                let previous = known_object(&self.known[i], &c.key);
+                let buffer = self.listing[i].get_or_insert_with(BTreeSet::new);
+                if let (_, Some(obj)) = valid(c, previous, problems) {
+                    buffer.replace(ByKey(obj));
                 }
             }
             Event::InitDone => {
                 let listed = self.listing[i].take().unwrap_or_default();
                 let known = &mut self.known[i];
-                for key in known.keys() {
-                    if !listed.contains_key(key) {
-                        changes.push(Change::Delete(key.clone()));
+                for old in known.iter() {
+                    if !listed.contains(old as &dyn NameView) {
+                        changes.push(Change::Delete(old.0.key()));
                     }
                 }
-                for (key, obj) in &listed {
-                    if known.get(key) != Some(obj) {
-                        changes.push(Change::Apply(obj.clone()));
+                for new in &listed {
+                    if known.get(new as &dyn NameView).map(|old| &old.0) != Some(&new.0) {
+                        changes.push(Change::Apply(new.0.clone()));
                     }
                 }
                 *known = listed;
@@ -711,29 +712,34 @@ impl State {
                 });
             }
             Event::Apply(c) => {
-                let previous = self.known[i].get(&c.key).cloned();
+                let previous = known_object(&self.known[i], &c.key);
                 match valid(c, previous, problems) {
                     (key, Some(obj)) => {
-                        if self.known[i].get(&key) != Some(&obj) {
+                        if known_object(&self.known[i], &key).as_ref() != Some(&obj) {
                             changes.push(Change::Apply(obj.clone()));
-                            self.known[i].insert(key, obj);
+                            self.known[i].replace(ByKey(obj));
                         }
                     }
                     (key, None) => {
                         // Now labelled for another proxy: as deleted.
-                        if self.known[i].remove(&key).is_some() {
+                        if self.known[i].remove(&key as &dyn NameView) {
                             changes.push(Change::Delete(key));
                         }
                     }
                 }
             }
             Event::Delete(c) => {
-                if self.known[i].remove(&c.key).is_some() {
+                if self.known[i].remove(&c.key as &dyn NameView) {
                     changes.push(Change::Delete(c.key));
                 }
             }
         }
     }
+}
+
+/// The object known under `key`.
+fn known_object(known: &BTreeSet<ByKey>, key: &ObjectKey) -> Option<Object> {
+    known.get(key as &dyn NameView).map(|k| k.0.clone())
 }
 
 /// The object to keep for `c`: its new version, its previous valid one when it became

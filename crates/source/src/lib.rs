@@ -5,6 +5,7 @@
 //! The engine cannot tell which source it is fed by.
 
 pub mod allocator;
+mod by_name;
 pub mod endpointslice_controller;
 pub mod kube;
 mod manifests;

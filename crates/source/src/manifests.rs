@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
+use std::ops::Bound;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use svcplane_model::{
 use tokio::time::Instant;
 
 use crate::allocator::{self, AllocatorConfig, Outcome};
+use crate::by_name::{ByName, ordered_by_view};
 use crate::endpointslice_controller::{derive_for_service, selects};
 use crate::{IGNORED, Problem, ProblemSink, Source, SourceError, SourceFuture};
 
@@ -161,7 +163,37 @@ fn track_writes(open: &mut BTreeSet<OsString>, wake: &Wake) {
 struct FileState {
     version: Option<FileVersion>,
     /// The file's valid objects (shared with the merged view and the engine).
-    objects: BTreeMap<Key, Object>,
+    objects: FileObjects,
+}
+
+/// A file's objects, sorted by key in an exactly sized slice (a `BTreeMap`'s nodes took
+/// twice the bytes): built once per read of the file, then only looked up.
+#[derive(Debug, Default)]
+struct FileObjects(Box<[(Key, Object)]>);
+
+impl FileObjects {
+    fn get(&self, key: &ObjectKey) -> Option<&Object> {
+        let at = self.0.binary_search_by(|(k, _)| (**k).cmp(key)).ok()?;
+        Some(&self.0[at].1)
+    }
+
+    fn contains_key(&self, key: &ObjectKey) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &Key> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Key, &Object)> {
+        self.0.iter().map(|(k, o)| (k, o))
+    }
+}
+
+impl From<BTreeMap<Key, Object>> for FileObjects {
+    fn from(objects: BTreeMap<Key, Object>) -> Self {
+        FileObjects(objects.into_iter().collect())
+    }
 }
 
 /// The manifests directory as a [`Source`]: watched (see the module docs), with the
@@ -172,17 +204,18 @@ pub struct ManifestSource {
     debounce: Duration,
     files: BTreeMap<Arc<Path>, FileState>,
     /// Which files define each key, in path order: the last one wins.
-    definers: HashMap<Key, Vec<Arc<Path>>>,
-    /// The winning definitions, by kind, as the allocator and the controller read them.
-    services: BTreeMap<NamespacedName, Arc<Service>>,
-    pods: BTreeMap<NamespacedName, Arc<Pod>>,
+    definers: HashMap<Key, Definers>,
+    /// The winning definitions, by kind (by name), as the allocator and the controller
+    /// read them.
+    services: BTreeSet<ByName<Service>>,
+    pods: BTreeSet<ByName<Pod>>,
     nodes: BTreeMap<String, Arc<Node>>,
     /// Manifest EndpointSlices per (namespace, service-name label): a Service with one
     /// gets no derived slices.
-    covered: HashMap<(Arc<str>, Arc<str>), usize>,
-    /// The Services after allocation (what the engine gets); a Service that could not be
-    /// allocated is absent.
-    allocated_services: BTreeMap<NamespacedName, Arc<Service>>,
+    covered: BTreeSet<Covering>,
+    /// The Services after allocation (what the engine gets), by name; a Service that
+    /// could not be allocated is absent.
+    allocated_services: BTreeSet<ByName<Service>>,
     /// Derived EndpointSlices, by key, with the Service they were derived for (those
     /// shadowed by a manifest slice of the same name too).
     derived: BTreeMap<Key, (NamespacedName, Object)>,
@@ -200,6 +233,81 @@ pub struct ManifestSource {
     allocated: BTreeMap<NamespacedName, String>,
 }
 
+/// A manifest EndpointSlice with a service-name label, ordered by (namespace, service,
+/// slice name): the index of which Services have manifest slices, holding no copies of
+/// the names (a map of (namespace, service) string pairs was 10k pairs of copies).
+#[derive(Debug)]
+struct Covering(Arc<EndpointSlice>);
+
+/// (namespace, service, slice name), borrowed from a [`Covering`] or from a lookup's
+/// bound.
+trait CoverView {
+    fn parts(&self) -> (&str, &str, &str);
+}
+
+impl CoverView for Covering {
+    fn parts(&self) -> (&str, &str, &str) {
+        let s = &self.0;
+        (
+            &s.name.namespace,
+            s.service_name.as_deref().unwrap_or_default(),
+            &s.name.name,
+        )
+    }
+}
+
+impl CoverView for (&str, &str, &str) {
+    fn parts(&self) -> (&str, &str, &str) {
+        *self
+    }
+}
+
+ordered_by_view!(Covering, CoverView);
+
+/// The files that define one key, in path order: almost always one, kept inline (a `Vec`
+/// per key was 20k allocations at 10k Services).
+#[derive(Debug)]
+enum Definers {
+    One(Arc<Path>),
+    /// Two or more.
+    Many(Vec<Arc<Path>>),
+}
+
+impl Definers {
+    fn paths(&self) -> &[Arc<Path>] {
+        match self {
+            Definers::One(path) => std::slice::from_ref(path),
+            Definers::Many(paths) => paths,
+        }
+    }
+
+    fn insert(&mut self, path: &Arc<Path>) {
+        let mut paths = match self {
+            Definers::One(one) if one == path => return,
+            Definers::One(one) => vec![one.clone()],
+            Definers::Many(paths) => std::mem::take(paths),
+        };
+        if let Err(at) = paths.binary_search(path) {
+            paths.insert(at, path.clone());
+        }
+        *self = Definers::Many(paths);
+    }
+
+    /// Remove `path`; true when no file is left.
+    fn remove(&mut self, path: &Arc<Path>) -> bool {
+        match self {
+            Definers::One(one) => one == path,
+            Definers::Many(paths) => {
+                paths.retain(|p| p != path);
+                if let [last] = paths.as_slice() {
+                    *self = Definers::One(last.clone());
+                }
+                false
+            }
+        }
+    }
+}
+
 /// The keys whose definitions a reload changed, each with its winning definition
 /// before the reload (recorded before the key's first update).
 type Before = BTreeMap<Key, Option<Object>>;
@@ -215,11 +323,11 @@ impl ManifestSource {
             debounce: DEFAULT_DEBOUNCE,
             files: BTreeMap::new(),
             definers: HashMap::new(),
-            services: BTreeMap::new(),
-            pods: BTreeMap::new(),
+            services: BTreeSet::new(),
+            pods: BTreeSet::new(),
             nodes: BTreeMap::new(),
-            covered: HashMap::new(),
-            allocated_services: BTreeMap::new(),
+            covered: BTreeSet::new(),
+            allocated_services: BTreeSet::new(),
             derived: BTreeMap::new(),
             derived_by_service: HashMap::new(),
             emitted: HashMap::new(),
@@ -303,12 +411,12 @@ impl ManifestSource {
             let old = &state.objects;
             let removed: Vec<Key> = old
                 .keys()
-                .filter(|k| !new.contains_key(*k))
+                .filter(|k| !new.contains_key(k))
                 .cloned()
                 .collect();
             let differ: Vec<Key> = new
                 .iter()
-                .filter(|(k, obj)| old.get(*k).is_none_or(|o| !(o.ptr_eq(obj) || o == *obj)))
+                .filter(|(k, obj)| old.get(k).is_none_or(|o| !(o.ptr_eq(obj) || o == *obj)))
                 .map(|(k, _)| k.clone())
                 .collect();
             for key in removed.iter().chain(&differ) {
@@ -329,7 +437,7 @@ impl ManifestSource {
 
     /// The winning definition of `key` now.
     fn winner(&self, key: &ObjectKey) -> Option<&Object> {
-        let path = self.definers.get(key)?.last()?;
+        let path = self.definers.get(key)?.paths().last()?;
         self.files.get(path)?.objects.get(key)
     }
 
@@ -341,18 +449,20 @@ impl ManifestSource {
     }
 
     fn define(&mut self, key: &Key, path: &Arc<Path>) {
-        let paths = self.definers.entry(key.clone()).or_default();
-        if let Err(at) = paths.binary_search(path) {
-            paths.insert(at, path.clone());
+        match self.definers.get_mut(&**key) {
+            Some(paths) => paths.insert(path),
+            None => {
+                self.definers
+                    .insert(key.clone(), Definers::One(path.clone()));
+            }
         }
     }
 
     fn undefine(&mut self, key: &ObjectKey, path: &Arc<Path>) {
-        if let Some(paths) = self.definers.get_mut(key) {
-            paths.retain(|p| p != path);
-            if paths.is_empty() {
-                self.definers.remove(key);
-            }
+        if let Some(paths) = self.definers.get_mut(key)
+            && paths.remove(path)
+        {
+            self.definers.remove(key);
         }
     }
 
@@ -382,7 +492,7 @@ impl ManifestSource {
                     services_changed = true;
                     match &after {
                         Some(Object::Service(s)) => {
-                            self.services.insert(key.name.clone(), s.clone());
+                            self.services.replace(ByName(s.clone()));
                         }
                         _ => {
                             self.services.remove(&key.name);
@@ -418,7 +528,7 @@ impl ManifestSource {
                     }
                     match &after {
                         Some(Object::Pod(p)) => {
-                            self.pods.insert(key.name.clone(), p.clone());
+                            self.pods.replace(ByName(p.clone()));
                         }
                         _ => {
                             self.pods.remove(&key.name);
@@ -449,7 +559,7 @@ impl ManifestSource {
             }
         }
         if all_dirty {
-            dirty.extend(self.allocated_services.keys().cloned());
+            dirty.extend(self.allocated_services.iter().map(|s| s.0.name.clone()));
             dirty.extend(self.derived_by_service.keys().cloned());
         }
         self.derive(&dirty, &mut candidates);
@@ -457,29 +567,38 @@ impl ManifestSource {
     }
 
     /// Count `slice` as covering its Service (`add`), or no more.
-    fn cover(&mut self, slice: &EndpointSlice, add: bool) {
-        let Some(svc) = &slice.service_name else {
+    fn cover(&mut self, slice: &Arc<EndpointSlice>, add: bool) {
+        if slice.service_name.is_none() {
             return;
-        };
-        let key = (slice.name.namespace.clone(), svc.clone());
-        if add {
-            *self.covered.entry(key).or_default() += 1;
-        } else if let Some(n) = self.covered.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.covered.remove(&key);
-            }
         }
+        if add {
+            self.covered.replace(Covering(slice.clone()));
+        } else {
+            self.covered.remove(&Covering(slice.clone()));
+        }
+    }
+
+    /// Whether a manifest EndpointSlice belongs to Service `name`.
+    fn is_covered(&self, name: &NamespacedName) -> bool {
+        let from: &dyn CoverView = &(&*name.namespace, &*name.name, "");
+        self.covered
+            .range::<dyn CoverView, _>((Bound::Included(from), Bound::Unbounded))
+            .next()
+            .is_some_and(|c| {
+                let (ns, svc, _) = c.parts();
+                (ns, svc) == (&*name.namespace, &*name.name)
+            })
     }
 
     /// The Services of `pod`'s namespace whose selector selects it.
     fn services_selecting(&self, pod: &Pod) -> Vec<NamespacedName> {
         let from = NamespacedName::new(pod.name.namespace.clone(), "");
         self.allocated_services
-            .range(from..)
-            .take_while(|(name, _)| name.namespace == pod.name.namespace)
-            .filter(|(_, s)| s.selector.as_ref().is_some_and(|sel| selects(sel, pod)))
-            .map(|(name, _)| name.clone())
+            .range::<NamespacedName, _>(&from..)
+            .map(|s| &s.0)
+            .take_while(|s| s.name.namespace == pod.name.namespace)
+            .filter(|s| s.selector.as_ref().is_some_and(|sel| selects(sel, pod)))
+            .map(|s| s.name.clone())
             .collect()
     }
 
@@ -488,12 +607,13 @@ impl ManifestSource {
     /// Each allocation is logged once, and again when it changes. Returns the Services
     /// whose allocated version changed.
     fn allocate(&mut self, problems: &mut Vec<Problem>) -> Vec<NamespacedName> {
-        let services: Vec<&Service> = self.services.values().map(|s| s.as_ref()).collect();
+        let services: Vec<&Service> = self.services.iter().map(|s| s.0.as_ref()).collect();
         let mut outcomes = allocator::allocate(&self.allocator, &services);
         let mut allocated = BTreeMap::new();
         let mut found = BTreeSet::new();
-        let mut result: BTreeMap<NamespacedName, Arc<Service>> = BTreeMap::new();
-        for (name, written) in &self.services {
+        let mut result = BTreeSet::new();
+        for ByName(written) in &self.services {
+            let name = &written.name;
             let service = match outcomes.remove(name) {
                 None => written.clone(),
                 Some(Outcome::Allocated(s, notes)) => {
@@ -514,10 +634,10 @@ impl ManifestSource {
             };
             // Unchanged: keep the previous allocation (and its Arc).
             let service = match self.allocated_services.get(name) {
-                Some(old) if Arc::ptr_eq(old, &service) || **old == *service => old.clone(),
+                Some(ByName(old)) if Arc::ptr_eq(old, &service) || **old == *service => old.clone(),
                 _ => service,
             };
-            result.insert(name.clone(), service);
+            result.insert(ByName(service));
         }
         for message in &found {
             if !self.allocation_problems.contains(message) {
@@ -532,18 +652,18 @@ impl ManifestSource {
         let old = std::mem::replace(&mut self.allocated_services, result);
         let mut changed: Vec<NamespacedName> = old
             .iter()
-            .filter(|(name, s)| {
+            .filter(|ByName(s)| {
                 self.allocated_services
-                    .get(*name)
-                    .is_none_or(|new| !Arc::ptr_eq(new, s))
+                    .get(&s.name)
+                    .is_none_or(|new| !Arc::ptr_eq(&new.0, s))
             })
-            .map(|(name, _)| name.clone())
+            .map(|s| s.0.name.clone())
             .collect();
         changed.extend(
             self.allocated_services
-                .keys()
-                .filter(|name| !old.contains_key(*name))
-                .cloned(),
+                .iter()
+                .filter(|s| !old.contains(*s))
+                .map(|s| s.0.name.clone()),
         );
         changed
     }
@@ -578,21 +698,18 @@ impl ManifestSource {
                     previous.insert(key, obj);
                 }
             }
-            let Some(svc) = self.allocated_services.get(name) else {
+            let Some(ByName(svc)) = self.allocated_services.get(name) else {
                 continue;
             };
-            if self
-                .covered
-                .contains_key(&(name.namespace.clone(), name.name.clone()))
-            {
+            if self.is_covered(name) {
                 continue;
             }
             let from = NamespacedName::new(name.namespace.clone(), "");
             let pods = self
                 .pods
-                .range(from..)
-                .take_while(|(n, _)| n.namespace == name.namespace)
-                .map(|(_, p)| p.as_ref());
+                .range::<NamespacedName, _>(&from..)
+                .map(|p| p.0.as_ref())
+                .take_while(|p| p.name.namespace == name.namespace);
             let mut keys = Vec::new();
             for slice in derive_for_service(svc, pods, &nodes) {
                 let mut obj = Object::from(slice);
@@ -620,7 +737,7 @@ impl ManifestSource {
             Kind::Service => self
                 .allocated_services
                 .get(&key.name)
-                .map(|s| Object::Service(s.clone())),
+                .map(|s| Object::Service(s.0.clone())),
             Kind::EndpointSlice => self
                 .winner(key)
                 .or_else(|| self.derived.get(key).map(|(_, obj)| obj))
@@ -634,7 +751,7 @@ impl ManifestSource {
     /// a derived one.
     fn conflicts_of(&self, key: &ObjectKey) -> Vec<Problem> {
         let mut found = Vec::new();
-        if let Some(paths) = self.definers.get(key) {
+        if let Some(paths) = self.definers.get(key).map(Definers::paths) {
             for pair in paths.windows(2) {
                 found.push(Problem {
                     file: Some(pair[1].to_path_buf()),
@@ -895,7 +1012,7 @@ fn list_manifest_files(dir: &Path) -> Result<BTreeMap<PathBuf, FileVersion>, Sou
 /// What reading one file gave.
 enum Loaded {
     /// Its objects (an invalid object that had a valid version in `previous` keeps it).
-    Objects(BTreeMap<Key, Object>),
+    Objects(FileObjects),
     /// Not valid YAML/JSON: its previous objects stay (reported).
     Broken,
     /// Could not be read: its previous objects stay, and it is tried again (reported).
@@ -905,7 +1022,7 @@ enum Loaded {
 /// Read one file, whose objects were `previous`. A file that does not parse keeps its
 /// previous objects; an object that became invalid keeps its previous valid version
 /// (nothing that worked is lost).
-fn load_file(path: &Path, previous: &BTreeMap<Key, Object>, problems: &mut Vec<Problem>) -> Loaded {
+fn load_file(path: &Path, previous: &FileObjects, problems: &mut Vec<Problem>) -> Loaded {
     let problem = |message: String| Problem {
         file: Some(path.to_path_buf()),
         message,
@@ -969,7 +1086,7 @@ fn load_file(path: &Path, previous: &BTreeMap<Key, Object>, problems: &mut Vec<P
             _ => problems.push(problem(format!("{invalid}; skipped"))),
         }
     }
-    Loaded::Objects(objects)
+    Loaded::Objects(objects.into())
 }
 
 #[cfg(test)]
@@ -1329,14 +1446,13 @@ mod tests {
         step("web back, web2 new");
     }
 
+    /// A selector Service and one ready Pod it selects.
+    const WEB_APP: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  clusterIP: 10.96.0.1\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: demo, labels: {app: web}}\nspec: {nodeName: n1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.0.5, conditions: [{type: Ready, status: \"True\"}]}\n";
+
     #[test]
     fn derived_slices_replace_pods() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("app.yaml"),
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec:\n  clusterIP: 10.96.0.1\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: demo, labels: {app: web}}\nspec: {nodeName: n1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.0.5, conditions: [{type: Ready, status: \"True\"}]}\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("app.yaml"), WEB_APP).unwrap();
         let (changes, problems) = ManifestSource::new(dir.path()).load_once().unwrap();
         assert!(problems.is_empty(), "{problems:?}");
         assert!(
@@ -1352,8 +1468,47 @@ mod tests {
             })
             .expect("derived slice");
         assert_eq!(slice.service_name.as_deref(), Some("web"));
-        assert_eq!(slice.endpoints[0].addresses[0].to_string(), "10.244.0.5");
+        assert_eq!(slice.endpoints[0].addresses()[0].to_string(), "10.244.0.5");
         assert_eq!(slice.ports[0].port, 8080);
+    }
+
+    /// A manifest slice labelled for a Service stops the derived ones (a slice of another
+    /// Service whose name starts the same does not), and they come back without it.
+    #[test]
+    fn a_manifest_slice_covers_its_service_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("app.yaml"), WEB_APP).unwrap();
+        let slice = |svc: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-manual, namespace: demo, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{port: 9090}}]\nendpoints: [{{addresses: [10.244.9.9]}}]\n"
+            )
+        };
+        let derived = |changes: &[Change]| {
+            changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::Apply(Object::EndpointSlice(s)) if &*s.name.name != "web-manual" => {
+                        Some(s.ports[0].port)
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        std::fs::write(dir.path().join("other.yaml"), slice("web2")).unwrap();
+        let mut src = ManifestSource::new(dir.path());
+        let (changes, _) = src.load_once().unwrap();
+        assert!(derived(&changes).contains(&8080), "{changes:?}");
+        std::fs::write(dir.path().join("manual.yaml"), slice("web")).unwrap();
+        let (changes, _) = src.load_once().unwrap();
+        assert!(
+            changes
+                .iter()
+                .any(|c| matches!(c, Change::Delete(k) if k.kind == Kind::EndpointSlice)),
+            "{changes:?}"
+        );
+        std::fs::remove_file(dir.path().join("manual.yaml")).unwrap();
+        let (changes, _) = src.load_once().unwrap();
+        assert_eq!(derived(&changes), [8080], "{changes:?}");
     }
 
     async fn next_changes(rx: &mut tokio::sync::mpsc::Receiver<SourceEvent>) -> Vec<Change> {
@@ -1637,6 +1792,23 @@ mod tests {
         let (changes, problems) = src.load_once().unwrap();
         assert_eq!(applied_port(&changes, "a"), Some(80));
         assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn definers_stay_in_path_order_and_inline_when_one() {
+        let [a, b, c]: [Arc<Path>; 3] =
+            ["/m/a.yaml", "/m/b.yaml", "/m/c.yaml"].map(|p| Path::new(p).into());
+        let mut d = Definers::One(b.clone());
+        d.insert(&b);
+        assert!(matches!(d, Definers::One(_)));
+        d.insert(&c);
+        d.insert(&a);
+        assert_eq!(d.paths(), [a.clone(), b.clone(), c.clone()]);
+        assert!(!d.remove(&c));
+        assert!(!d.remove(&a));
+        assert!(matches!(&d, Definers::One(p) if *p == b));
+        assert!(!d.remove(&a), "not a definer: nothing changes");
+        assert!(d.remove(&b));
     }
 
     #[test]

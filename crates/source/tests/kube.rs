@@ -149,7 +149,7 @@ impl Harness {
     fn slice_ip(&self, name: &str) -> Option<String> {
         match self.state.get(&key(Kind::EndpointSlice, name)) {
             Some(Object::EndpointSlice(s)) => {
-                s.endpoints.first().map(|e| e.addresses[0].to_string())
+                s.endpoints.first().map(|e| e.addresses()[0].to_string())
             }
             _ => None,
         }

@@ -402,10 +402,10 @@ fn build_cluster(example: &Example, proxy_node: &str) -> Result<Cluster> {
     for slice in &example.slices {
         let service = slice.service_name.as_deref().unwrap_or(&slice.name.name);
         for endpoint in &slice.endpoints {
-            let Some(node) = known(endpoint.node_name.as_deref()) else {
+            let Some(node) = known(endpoint.node_name().map(|n| &**n)) else {
                 continue;
             };
-            for ip in &endpoint.addresses {
+            for ip in endpoint.addresses() {
                 if !taken.insert(*ip) {
                     continue;
                 }
@@ -418,7 +418,7 @@ fn build_cluster(example: &Example, proxy_node: &str) -> Result<Cluster> {
                     IpAddr::V4(v4) => spec.ipv4(*v4),
                     IpAddr::V6(v6) => spec.ipv6(*v6),
                 };
-                for port in &slice.ports {
+                for port in slice.ports.iter() {
                     spec = listen(spec, port.protocol, port.port);
                 }
                 builder = builder.pod(spec);

@@ -6,7 +6,7 @@ use k8s_openapi::api::discovery::v1 as k8s;
 
 use super::{Ctx, DNS1123_LABEL_REASON, DNS1123_SUBDOMAIN_REASON, NameRule, namespaced};
 use crate::error::{Converted, InvalidObject};
-use crate::intern::shared_name;
+use crate::intern::{shared_name, shared_ports};
 use crate::types::{Endpoint, EndpointHints, EndpointPort, EndpointSlice, IpFamily, Kind};
 use crate::validate::{is_dns1123_label, is_dns1123_subdomain};
 
@@ -52,7 +52,7 @@ pub fn endpoint_slice_from_k8s(
             .enumerate()
             .filter_map(|(i, e)| endpoint(&ctx, i, e, address_family)),
     );
-    let ports = ports(&ctx, s.ports.as_deref().unwrap_or_default());
+    let ports = shared_ports(&ports(&ctx, s.ports.as_deref().unwrap_or_default()));
 
     let service_name = labels
         .get(SERVICE_NAME_LABEL)
@@ -62,14 +62,14 @@ pub fn endpoint_slice_from_k8s(
         .annotations
         .as_ref()
         .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME_ANNOTATION))
-        .cloned();
+        .map(|t| t.as_str().into());
 
     Ok(ctx.finish(EndpointSlice {
         name,
         service_name,
         address_family,
         ports,
-        endpoints,
+        endpoints: endpoints.into_boxed_slice(),
         last_change_trigger_time,
     }))
 }
@@ -131,33 +131,29 @@ fn endpoint(ctx: &Ctx, i: usize, e: &k8s::Endpoint, family: Option<IpFamily>) ->
         is_dns1123_subdomain,
         DNS1123_SUBDOMAIN_REASON,
     );
-    let hints = e.hints.as_ref().map(|h| {
-        Box::new(EndpointHints {
-            for_zones: h
-                .for_zones
-                .iter()
-                .flatten()
-                .map(|z| z.name.clone())
-                .collect(),
-            for_nodes: h
-                .for_nodes
-                .iter()
-                .flatten()
-                .map(|n| n.name.clone())
-                .collect(),
-        })
+    let hints = e.hints.as_ref().map(|h| EndpointHints {
+        for_zones: h
+            .for_zones
+            .iter()
+            .flatten()
+            .map(|z| z.name.clone())
+            .collect(),
+        for_nodes: h
+            .for_nodes
+            .iter()
+            .flatten()
+            .map(|n| n.name.clone())
+            .collect(),
     });
 
-    Some(Endpoint {
-        addresses: addresses.into(),
-        ready,
-        serving,
-        terminating,
-        hostname: hostname.map(Arc::from),
-        node_name: node_name.as_deref().map(shared_name),
-        zone: e.zone.as_deref().map(shared_name),
-        hints,
-    })
+    let mut endpoint = Endpoint::new(&addresses)
+        .with_topology(node_name.as_deref(), e.zone.as_deref())
+        .with_hostname(hostname.as_deref())
+        .with_hints(hints);
+    endpoint.ready = ready;
+    endpoint.serving = serving;
+    endpoint.terminating = terminating;
+    Some(endpoint)
 }
 
 /// The slice's ports; one that cannot be used is ignored with a warning (kube-proxy
@@ -266,14 +262,14 @@ mod tests {
         assert_eq!(s.service_name.as_deref(), Some("web"));
         assert_eq!(s.address_family, Some(IpFamily::V4));
         assert_eq!(
-            s.ports,
-            vec![EndpointPort {
+            *s.ports,
+            [EndpointPort {
                 name: "".into(),
                 protocol: Protocol::Tcp,
                 port: 8080
             }]
         );
-        assert_eq!(s.endpoints[0].addresses, vec![ip("10.1.0.5")]);
+        assert_eq!(s.endpoints[0].addresses(), [ip("10.1.0.5")]);
         assert_eq!(
             s.last_change_trigger_time.as_deref(),
             Some("2024-01-01T00:00:00Z")
@@ -299,7 +295,7 @@ mod tests {
             let s = clean(&slice("FQDN", vec![endpoint(name)]));
             assert_eq!(s.address_family, None);
             assert_eq!(s.endpoints.len(), 1);
-            assert!(s.endpoints[0].addresses.is_empty());
+            assert!(s.endpoints[0].addresses().is_empty());
         }
     }
 
@@ -325,7 +321,7 @@ mod tests {
             ]
         );
         assert_eq!(s.endpoints.len(), 1);
-        assert_eq!(s.endpoints[0].addresses, vec![ip("10.1.0.5")]);
+        assert_eq!(s.endpoints[0].addresses(), [ip("10.1.0.5")]);
 
         let (s, warnings) = warned(&slice("IPv6", vec![endpoint("10.0.0.1")]));
         assert_eq!(warnings, ["endpoints[0].addresses[0]"]);
@@ -336,7 +332,7 @@ mod tests {
         two.addresses.push("10.1.0.6".into());
         let (s, warnings) = warned(&slice("IPv4", vec![two]));
         assert_eq!(warnings, ["endpoints[0].addresses[0]"]);
-        assert_eq!(s.endpoints[0].addresses, vec![ip("10.1.0.6")]);
+        assert_eq!(s.endpoints[0].addresses(), [ip("10.1.0.6")]);
 
         let c = endpoint_slice_from_k8s(&slice("IPv4", vec![endpoint("fd00::5")])).unwrap();
         assert_eq!(
@@ -349,7 +345,7 @@ mod tests {
     #[test]
     fn legacy_leading_zero_addresses() {
         let s = clean(&slice("IPv4", vec![endpoint("010.244.001.005")]));
-        assert_eq!(s.endpoints[0].addresses, vec![ip("10.244.1.5")]);
+        assert_eq!(s.endpoints[0].addresses(), [ip("10.244.1.5")]);
     }
 
     /// The API server's limits are not kube-proxy's: any size is programmed.
@@ -403,15 +399,15 @@ mod tests {
         });
         let s = clean(&slice("IPv4", vec![e.clone()]));
         let got = &s.endpoints[0];
-        assert_eq!(got.hostname.as_deref(), Some("web-0"));
-        assert_eq!(got.node_name.as_deref(), Some("node-1"));
-        assert_eq!(got.zone.as_deref(), Some("zone-a"));
+        assert_eq!(got.hostname().map(|h| &**h), Some("web-0"));
+        assert_eq!(got.node_name().map(|n| &**n), Some("node-1"));
+        assert_eq!(got.zone().map(|z| &**z), Some("zone-a"));
         assert_eq!(
-            got.hints,
-            Some(Box::new(EndpointHints {
+            got.hints(),
+            Some(&EndpointHints {
                 for_zones: vec!["zone-a".into()],
                 for_nodes: vec!["node-1".into()]
-            }))
+            })
         );
 
         // An invalid hostname or nodeName is dropped; the endpoint stays.
@@ -421,11 +417,8 @@ mod tests {
         let (s, warnings) = warned(&slice("IPv4", vec![bad]));
         assert_eq!(warnings, ["endpoints[0].hostname", "endpoints[0].nodeName"]);
         let got = &s.endpoints[0];
-        assert_eq!(
-            (got.hostname.as_deref(), got.node_name.as_deref()),
-            (None, None)
-        );
-        assert_eq!(got.addresses, vec![ip("10.1.0.5")]);
+        assert_eq!((got.hostname(), got.node_name()), (None, None));
+        assert_eq!(got.addresses(), [ip("10.1.0.5")]);
     }
 
     #[test]
