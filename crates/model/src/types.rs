@@ -181,7 +181,8 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
 }
 
-/// A validated v1 Service.
+/// A validated v1 Service. Compact, as 10k of them are kept: what a ClusterIP Service
+/// leaves empty is in [`ServiceRare`], allocated only when one of its fields is set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: NamespacedName,
@@ -192,21 +193,28 @@ pub struct Service {
     pub headless: bool,
     /// spec.ipFamilies (in order), or derived from clusterIPs when absent.
     pub ip_families: Vec<IpFamily>,
-    /// spec.externalName for type ExternalName (a validated DNS subdomain).
-    pub external_name: Option<String>,
     pub ports: Vec<ServicePort>,
-    pub external_ips: Vec<IpAddr>,
-    /// status.loadBalancer.ingress[].ip whose ipMode is not `Proxy`.
-    pub load_balancer_ips: Vec<IpAddr>,
-    pub load_balancer_source_ranges: Vec<IpNet>,
     /// Some(timeoutSeconds) when sessionAffinity is ClientIP (default 10800).
     pub session_affinity_timeout: Option<u32>,
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
-    pub health_check_node_port: Option<u16>,
     /// spec.selector; `None` when the Service has no selector (EndpointSlices are managed by hand).
     pub selector: Option<BTreeMap<String, String>>,
     pub publish_not_ready_addresses: bool,
+    /// Read and written as `svc.rare.external_ips` and so on.
+    pub rare: Rare,
+}
+
+/// The fields of a [`Service`] that a ClusterIP Service leaves empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceRare {
+    /// spec.externalName for type ExternalName (a validated DNS subdomain).
+    pub external_name: Option<String>,
+    pub external_ips: Vec<IpAddr>,
+    /// status.loadBalancer.ingress[].ip whose ipMode is not `Proxy`.
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    pub health_check_node_port: Option<u16>,
     /// Label `service.kubernetes.io/service-proxy-name`: when set, kube-proxy (and svcplane) ignore the Service.
     pub service_proxy_name: Option<String>,
     pub labels: BTreeMap<String, String>,
@@ -216,6 +224,62 @@ pub struct Service {
     /// What the API server would allocate from this Service's spec; only the standalone
     /// mode's allocator reads it (a Service from the API server has been allocated).
     pub allocation: AllocationRequest,
+}
+
+/// What every Service without any of [`ServiceRare`]'s fields reads.
+static NO_RARE: ServiceRare = ServiceRare {
+    external_name: None,
+    external_ips: Vec::new(),
+    load_balancer_ips: Vec::new(),
+    load_balancer_source_ranges: Vec::new(),
+    health_check_node_port: None,
+    service_proxy_name: None,
+    labels: BTreeMap::new(),
+    ipvs_scheduler: None,
+    allocation: AllocationRequest {
+        ip_family_policy: IpFamilyPolicy::SingleStack,
+        ip_families: Vec::new(),
+        no_load_balancer_node_ports: false,
+    },
+};
+
+/// A [`ServiceRare`], boxed only when not empty (its ~200 B inline were half of a
+/// ClusterIP Service). Reads as its fields either way; a write through it allocates it.
+#[derive(Clone, Default)]
+pub struct Rare(Option<Box<ServiceRare>>);
+
+impl std::ops::Deref for Rare {
+    type Target = ServiceRare;
+    fn deref(&self) -> &ServiceRare {
+        self.0.as_deref().unwrap_or(&NO_RARE)
+    }
+}
+
+impl std::ops::DerefMut for Rare {
+    fn deref_mut(&mut self) -> &mut ServiceRare {
+        self.0.get_or_insert_default()
+    }
+}
+
+impl From<ServiceRare> for Rare {
+    fn from(rare: ServiceRare) -> Rare {
+        Rare((rare != NO_RARE).then(|| Box::new(rare)))
+    }
+}
+
+/// By the fields: an empty box equals none.
+impl PartialEq for Rare {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Rare {}
+
+impl fmt::Debug for Rare {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
 }
 
 impl Service {
@@ -566,6 +630,21 @@ mod tests {
         // A copy is two fat pointers (two `String`s were 48 B and two allocations).
         assert!(size_of::<NamespacedName>() <= 32);
         assert!(size_of::<ServicePortName>() <= 56);
+    }
+
+    #[test]
+    fn a_cluster_ip_service_is_compact() {
+        // What a ClusterIP Service leaves empty takes 8 B, not ~200 (it was ~390 B).
+        assert!(size_of::<Service>() <= 160, "{}", size_of::<Service>());
+        let mut rare = Rare::default();
+        assert!(rare.0.is_none() && rare.external_ips.is_empty());
+        assert_eq!(Rare::from(ServiceRare::default()).0, None);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        rare.external_ips.push(ip);
+        assert_eq!(rare.external_ips, [ip]);
+        // An emptied box still equals none.
+        rare.external_ips.clear();
+        assert_eq!(rare, Rare::default());
     }
 
     #[test]

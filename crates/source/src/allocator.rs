@@ -155,7 +155,7 @@ pub fn allocate(
                 ports.reserve(n);
             }
         }
-        if let Some(n) = svc.health_check_node_port {
+        if let Some(n) = svc.rare.health_check_node_port {
             ports.reserve(n);
         }
     }
@@ -189,7 +189,7 @@ fn allocate_one(
     let mut partial = None;
 
     // Which families are wanted and still missing.
-    let policy = svc.allocation.ip_family_policy;
+    let policy = svc.rare.allocation.ip_family_policy;
     let dual = policy != IpFamilyPolicy::SingleStack;
     let wants_ips = !svc.headless && svc.service_type != ServiceType::ExternalName;
     let configured = |f: IpFamily| pools.iter().any(|p| p.family == f);
@@ -204,6 +204,7 @@ fn allocate_one(
             )));
         }
         let primary = svc
+            .rare
             .allocation
             .ip_families
             .first()
@@ -265,7 +266,7 @@ fn allocate_one(
 
     let node_ports = match svc.service_type {
         ServiceType::NodePort => true,
-        ServiceType::LoadBalancer => !svc.allocation.no_load_balancer_node_ports,
+        ServiceType::LoadBalancer => !svc.rare.allocation.no_load_balancer_node_ports,
         _ => false,
     };
     if node_ports {
@@ -303,11 +304,11 @@ fn allocate_one(
     }
     if svc.service_type == ServiceType::LoadBalancer
         && svc.external_traffic_policy == TrafficPolicy::Local
-        && svc.health_check_node_port.is_none()
+        && svc.rare.health_check_node_port.is_none()
     {
         match ports.take(&format!("{key}/healthz")) {
             Some(n) => {
-                new.health_check_node_port = Some(n);
+                new.rare.health_check_node_port = Some(n);
                 notes.push(format!("healthCheckNodePort {n}"));
             }
             None => {

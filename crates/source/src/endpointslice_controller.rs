@@ -248,7 +248,6 @@ mod tests {
             cluster_ips: vec!["10.96.0.1".parse().unwrap()],
             headless: false,
             ip_families: families.to_vec(),
-            external_name: None,
             ports: vec![ServicePort {
                 name: "http".into(),
                 protocol: Protocol::Tcp,
@@ -256,19 +255,12 @@ mod tests {
                 target_port: target,
                 node_port: None,
             }],
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
             session_affinity_timeout: None,
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
-            health_check_node_port: None,
             selector: Some([("app".to_string(), "web".to_string())].into()),
             publish_not_ready_addresses: false,
-            ipvs_scheduler: None,
-            allocation: Default::default(),
-            service_proxy_name: None,
-            labels: Default::default(),
+            rare: Default::default(),
         }
     }
 
