@@ -94,6 +94,68 @@ impl fmt::Display for IpFamily {
     }
 }
 
+/// At most two IP families (one of each), in order, read as a slice: a Service's, inline
+/// (a `Vec` of one family was a 24 B header and a 32 B allocation per Service).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpFamilies {
+    /// Slots past `len` hold `V4`, so that equal lists compare equal.
+    list: [IpFamily; 2],
+    len: u8,
+}
+
+impl Default for IpFamilies {
+    fn default() -> Self {
+        IpFamilies {
+            list: [IpFamily::V4; 2],
+            len: 0,
+        }
+    }
+}
+
+impl IpFamilies {
+    /// Appends `family`; a third one is dropped (a Service has at most one of each:
+    /// validation refuses duplicates).
+    pub fn push(&mut self, family: IpFamily) {
+        if let Some(slot) = self.list.get_mut(usize::from(self.len)) {
+            *slot = family;
+            self.len += 1;
+        }
+    }
+}
+
+impl std::ops::Deref for IpFamilies {
+    type Target = [IpFamily];
+    fn deref(&self) -> &[IpFamily] {
+        &self.list[..usize::from(self.len)]
+    }
+}
+
+impl FromIterator<IpFamily> for IpFamilies {
+    fn from_iter<I: IntoIterator<Item = IpFamily>>(iter: I) -> Self {
+        let mut families = IpFamilies::default();
+        iter.into_iter().for_each(|f| families.push(f));
+        families
+    }
+}
+
+impl From<Vec<IpFamily>> for IpFamilies {
+    fn from(families: Vec<IpFamily>) -> Self {
+        families.into_iter().collect()
+    }
+}
+
+impl PartialEq<Vec<IpFamily>> for IpFamilies {
+    fn eq(&self, other: &Vec<IpFamily>) -> bool {
+        **self == **other
+    }
+}
+
+impl fmt::Debug for IpFamilies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
 /// `namespace/name`. For cluster-scoped objects (Node) the namespace is empty.
 ///
 /// Copied as a key into every map of the sources, the engine and its states, so a copy is
@@ -192,7 +254,7 @@ pub struct Service {
     /// spec.clusterIP was "None".
     pub headless: bool,
     /// spec.ipFamilies (in order), or derived from clusterIPs when absent.
-    pub ip_families: Vec<IpFamily>,
+    pub ip_families: IpFamilies,
     pub ports: Vec<ServicePort>,
     /// Some(timeoutSeconds) when sessionAffinity is ClientIP (default 10800).
     pub session_affinity_timeout: Option<u32>,
@@ -201,6 +263,10 @@ pub struct Service {
     /// spec.selector; `None` when the Service has no selector (EndpointSlices are managed by hand).
     pub selector: Option<BTreeMap<String, String>>,
     pub publish_not_ready_addresses: bool,
+    /// What the API server would allocate from this Service's spec; only the standalone
+    /// mode's allocator reads it (a Service from the API server has been allocated).
+    /// Inline, not in [`ServiceRare`]: the API server writes ipFamilies into every Service.
+    pub allocation: AllocationRequest,
     /// Read and written as `svc.rare.external_ips` and so on.
     pub rare: Rare,
 }
@@ -221,9 +287,6 @@ pub struct ServiceRare {
     /// Annotation `kube-router.io/service.scheduler` (IPVS mode), when it names a known
     /// scheduler.
     pub ipvs_scheduler: Option<String>,
-    /// What the API server would allocate from this Service's spec; only the standalone
-    /// mode's allocator reads it (a Service from the API server has been allocated).
-    pub allocation: AllocationRequest,
 }
 
 /// What every Service without any of [`ServiceRare`]'s fields reads.
@@ -236,11 +299,6 @@ static NO_RARE: ServiceRare = ServiceRare {
     service_proxy_name: None,
     labels: BTreeMap::new(),
     ipvs_scheduler: None,
-    allocation: AllocationRequest {
-        ip_family_policy: IpFamilyPolicy::SingleStack,
-        ip_families: Vec::new(),
-        no_load_balancer_node_ports: false,
-    },
 };
 
 /// A [`ServiceRare`], boxed only when not empty (its ~200 B inline were half of a
@@ -303,11 +361,11 @@ pub enum IpFamilyPolicy {
 }
 
 /// The fields that steer the API server's allocation, as written.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AllocationRequest {
     pub ip_family_policy: IpFamilyPolicy,
     /// spec.ipFamilies as written (validated, no duplicates).
-    pub ip_families: Vec<IpFamily>,
+    pub ip_families: IpFamilies,
     /// spec.allocateLoadBalancerNodePorts: false (the default, true, allocates them).
     pub no_load_balancer_node_ports: bool,
 }
@@ -633,9 +691,24 @@ mod tests {
     }
 
     #[test]
+    fn ip_families_read_as_the_slice_they_were_made_of() {
+        use IpFamily::{V4, V6};
+        for list in [vec![], vec![V6], vec![V6, V4]] {
+            let families = IpFamilies::from(list.clone());
+            assert_eq!(&*families, list.as_slice());
+            assert_eq!(families, list);
+        }
+        assert_ne!(IpFamilies::from(vec![V4]), IpFamilies::from(vec![V4, V4]));
+        // A third family is dropped, not kept past the inline two.
+        assert_eq!(IpFamilies::from(vec![V4, V6, V4]), vec![V4, V6]);
+        assert!(size_of::<IpFamilies>() <= 3);
+    }
+
+    #[test]
     fn a_cluster_ip_service_is_compact() {
-        // What a ClusterIP Service leaves empty takes 8 B, not ~200 (it was ~390 B).
-        assert!(size_of::<Service>() <= 160, "{}", size_of::<Service>());
+        // What a ClusterIP Service leaves empty takes 8 B, not ~200, and its families 3 B
+        // inline, not a `Vec` (it was ~390 B).
+        assert!(size_of::<Service>() <= 144, "{}", size_of::<Service>());
         let mut rare = Rare::default();
         assert!(rare.0.is_none() && rare.external_ips.is_empty());
         assert_eq!(Rare::from(ServiceRare::default()).0, None);

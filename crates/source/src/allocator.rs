@@ -189,7 +189,7 @@ fn allocate_one(
     let mut partial = None;
 
     // Which families are wanted and still missing.
-    let policy = svc.rare.allocation.ip_family_policy;
+    let policy = svc.allocation.ip_family_policy;
     let dual = policy != IpFamilyPolicy::SingleStack;
     let wants_ips = !svc.headless && svc.service_type != ServiceType::ExternalName;
     let configured = |f: IpFamily| pools.iter().any(|p| p.family == f);
@@ -204,7 +204,6 @@ fn allocate_one(
             )));
         }
         let primary = svc
-            .rare
             .allocation
             .ip_families
             .first()
@@ -266,7 +265,7 @@ fn allocate_one(
 
     let node_ports = match svc.service_type {
         ServiceType::NodePort => true,
-        ServiceType::LoadBalancer => !svc.rare.allocation.no_load_balancer_node_ports,
+        ServiceType::LoadBalancer => !svc.allocation.no_load_balancer_node_ports,
         _ => false,
     };
     if node_ports {

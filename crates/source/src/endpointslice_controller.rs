@@ -93,7 +93,7 @@ pub fn selects(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
 /// the cluster IP, or both families for a headless Service.
 fn address_families(svc: &Service) -> Vec<IpFamily> {
     if !svc.ip_families.is_empty() {
-        return svc.ip_families.clone();
+        return svc.ip_families.to_vec();
     }
     match svc.cluster_ips.first() {
         Some(ip) => vec![IpFamily::of(ip)],
@@ -247,7 +247,7 @@ mod tests {
             service_type: ServiceType::ClusterIp,
             cluster_ips: vec!["10.96.0.1".parse().unwrap()],
             headless: false,
-            ip_families: families.to_vec(),
+            ip_families: families.iter().copied().collect(),
             ports: vec![ServicePort {
                 name: "http".into(),
                 protocol: Protocol::Tcp,
@@ -260,6 +260,7 @@ mod tests {
             internal_traffic_policy: TrafficPolicy::Cluster,
             selector: Some([("app".to_string(), "web".to_string())].into()),
             publish_not_ready_addresses: false,
+            allocation: Default::default(),
             rare: Default::default(),
         }
     }

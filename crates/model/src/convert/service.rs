@@ -12,8 +12,8 @@ use super::{
 use crate::error::{Converted, InvalidObject};
 use crate::intern::shared_name;
 use crate::types::{
-    AllocationRequest, IpFamily, IpFamilyPolicy, Kind, Service, ServicePort, ServiceRare,
-    ServiceType, TargetPort, TrafficPolicy,
+    AllocationRequest, IpFamilies, IpFamily, IpFamilyPolicy, Kind, Service, ServicePort,
+    ServiceRare, ServiceType, TargetPort, TrafficPolicy,
 };
 use crate::validate::{is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name};
 
@@ -124,6 +124,7 @@ pub fn service_from_k8s(svc: &k8s::Service) -> Result<Converted<Service>, Invali
         internal_traffic_policy,
         selector,
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
+        allocation,
         rare: ServiceRare {
             external_name,
             external_ips,
@@ -133,7 +134,6 @@ pub fn service_from_k8s(svc: &k8s::Service) -> Result<Converted<Service>, Invali
             service_proxy_name,
             labels,
             ipvs_scheduler,
-            allocation,
         }
         .into(),
     }))
@@ -300,11 +300,11 @@ fn ip_families(
     service_type: ServiceType,
     cluster_ips: &[IpAddr],
     headless: bool,
-) -> Result<(Vec<IpFamily>, AllocationRequest), InvalidObject> {
+) -> Result<(IpFamilies, AllocationRequest), InvalidObject> {
     if service_type == ServiceType::ExternalName {
-        return Ok((Vec::new(), AllocationRequest::default()));
+        return Ok((IpFamilies::default(), AllocationRequest::default()));
     }
-    let mut families = Vec::new();
+    let mut families = IpFamilies::default();
     for (i, text) in spec.ip_families.iter().flatten().enumerate() {
         let field = format!("spec.ipFamilies[{i}]");
         let family = IpFamily::from_k8s(text).ok_or_else(|| {
@@ -359,7 +359,7 @@ fn ip_families(
     };
     let request = AllocationRequest {
         ip_family_policy: policy,
-        ip_families: families.clone(),
+        ip_families: families,
         no_load_balancer_node_ports: spec.allocate_load_balancer_node_ports == Some(false),
     };
 
@@ -752,10 +752,10 @@ mod tests {
             assert!(s.needs_cluster_ip());
             assert!(s.cluster_ips.is_empty() && s.ip_families.is_empty());
             assert_eq!(
-                s.rare.allocation,
+                s.allocation,
                 AllocationRequest {
                     ip_family_policy: IpFamilyPolicy::PreferDualStack,
-                    ip_families: vec![IpFamily::V6],
+                    ip_families: vec![IpFamily::V6].into(),
                     no_load_balancer_node_ports: true,
                 }
             );
@@ -885,7 +885,7 @@ mod tests {
         assert!(warnings.is_empty());
         assert_eq!(s.cluster_ips, vec![ip("10.96.0.10")]);
         assert_eq!(
-            s.rare.allocation.ip_family_policy,
+            s.allocation.ip_family_policy,
             IpFamilyPolicy::RequireDualStack
         );
 
