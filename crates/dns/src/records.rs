@@ -418,7 +418,7 @@ impl Builder {
             self.names.entry(LowerName::new(&ns_name)).or_default();
         }
         if svc.service_type == ServiceType::ExternalName {
-            let Some(target) = svc.external_name.as_deref().and_then(absolute_name) else {
+            let Some(target) = svc.rare.external_name.as_deref().and_then(absolute_name) else {
                 return;
             };
             self.add(base.clone(), RData::CNAME(CNAME(target.clone())));

@@ -593,7 +593,7 @@ spec:
             svc.cluster_ips,
             vec!["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]
         );
-        assert_eq!(svc.external_ips.len(), 1);
+        assert_eq!(svc.rare.external_ips.len(), 1);
         assert!(parsed.invalid.is_empty());
         let warnings: Vec<String> = parsed.warnings.iter().map(ToString::to_string).collect();
         assert_eq!(

@@ -94,6 +94,68 @@ impl fmt::Display for IpFamily {
     }
 }
 
+/// At most two IP families (one of each), in order, read as a slice: a Service's, inline
+/// (a `Vec` of one family was a 24 B header and a 32 B allocation per Service).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpFamilies {
+    /// Slots past `len` hold `V4`, so that equal lists compare equal.
+    list: [IpFamily; 2],
+    len: u8,
+}
+
+impl Default for IpFamilies {
+    fn default() -> Self {
+        IpFamilies {
+            list: [IpFamily::V4; 2],
+            len: 0,
+        }
+    }
+}
+
+impl IpFamilies {
+    /// Appends `family`; a third one is dropped (a Service has at most one of each:
+    /// validation refuses duplicates).
+    pub fn push(&mut self, family: IpFamily) {
+        if let Some(slot) = self.list.get_mut(usize::from(self.len)) {
+            *slot = family;
+            self.len += 1;
+        }
+    }
+}
+
+impl std::ops::Deref for IpFamilies {
+    type Target = [IpFamily];
+    fn deref(&self) -> &[IpFamily] {
+        &self.list[..usize::from(self.len)]
+    }
+}
+
+impl FromIterator<IpFamily> for IpFamilies {
+    fn from_iter<I: IntoIterator<Item = IpFamily>>(iter: I) -> Self {
+        let mut families = IpFamilies::default();
+        iter.into_iter().for_each(|f| families.push(f));
+        families
+    }
+}
+
+impl From<Vec<IpFamily>> for IpFamilies {
+    fn from(families: Vec<IpFamily>) -> Self {
+        families.into_iter().collect()
+    }
+}
+
+impl PartialEq<Vec<IpFamily>> for IpFamilies {
+    fn eq(&self, other: &Vec<IpFamily>) -> bool {
+        **self == **other
+    }
+}
+
+impl fmt::Debug for IpFamilies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
 /// `namespace/name`. For cluster-scoped objects (Node) the namespace is empty.
 ///
 /// Copied as a key into every map of the sources, the engine and its states, so a copy is
@@ -181,7 +243,8 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
 }
 
-/// A validated v1 Service.
+/// A validated v1 Service. Compact, as 10k of them are kept: what a ClusterIP Service
+/// leaves empty is in [`ServiceRare`], allocated only when one of its fields is set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: NamespacedName,
@@ -191,31 +254,90 @@ pub struct Service {
     /// spec.clusterIP was "None".
     pub headless: bool,
     /// spec.ipFamilies (in order), or derived from clusterIPs when absent.
-    pub ip_families: Vec<IpFamily>,
-    /// spec.externalName for type ExternalName (a validated DNS subdomain).
-    pub external_name: Option<String>,
+    pub ip_families: IpFamilies,
     pub ports: Vec<ServicePort>,
-    pub external_ips: Vec<IpAddr>,
-    /// status.loadBalancer.ingress[].ip whose ipMode is not `Proxy`.
-    pub load_balancer_ips: Vec<IpAddr>,
-    pub load_balancer_source_ranges: Vec<IpNet>,
     /// Some(timeoutSeconds) when sessionAffinity is ClientIP (default 10800).
     pub session_affinity_timeout: Option<u32>,
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
-    pub health_check_node_port: Option<u16>,
     /// spec.selector; `None` when the Service has no selector (EndpointSlices are managed by hand).
     pub selector: Option<BTreeMap<String, String>>,
     pub publish_not_ready_addresses: bool,
+    /// What the API server would allocate from this Service's spec; only the standalone
+    /// mode's allocator reads it (a Service from the API server has been allocated).
+    /// Inline, not in [`ServiceRare`]: the API server writes ipFamilies into every Service.
+    pub allocation: AllocationRequest,
+    /// Read and written as `svc.rare.external_ips` and so on.
+    pub rare: Rare,
+}
+
+/// The fields of a [`Service`] that a ClusterIP Service leaves empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceRare {
+    /// spec.externalName for type ExternalName (a validated DNS subdomain).
+    pub external_name: Option<String>,
+    pub external_ips: Vec<IpAddr>,
+    /// status.loadBalancer.ingress[].ip whose ipMode is not `Proxy`.
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    pub health_check_node_port: Option<u16>,
     /// Label `service.kubernetes.io/service-proxy-name`: when set, kube-proxy (and svcplane) ignore the Service.
     pub service_proxy_name: Option<String>,
     pub labels: BTreeMap<String, String>,
     /// Annotation `kube-router.io/service.scheduler` (IPVS mode), when it names a known
     /// scheduler.
     pub ipvs_scheduler: Option<String>,
-    /// What the API server would allocate from this Service's spec; only the standalone
-    /// mode's allocator reads it (a Service from the API server has been allocated).
-    pub allocation: AllocationRequest,
+}
+
+/// What every Service without any of [`ServiceRare`]'s fields reads.
+static NO_RARE: ServiceRare = ServiceRare {
+    external_name: None,
+    external_ips: Vec::new(),
+    load_balancer_ips: Vec::new(),
+    load_balancer_source_ranges: Vec::new(),
+    health_check_node_port: None,
+    service_proxy_name: None,
+    labels: BTreeMap::new(),
+    ipvs_scheduler: None,
+};
+
+/// A [`ServiceRare`], boxed only when not empty (its ~200 B inline were half of a
+/// ClusterIP Service). Reads as its fields either way; a write through it allocates it.
+#[derive(Clone, Default)]
+pub struct Rare(Option<Box<ServiceRare>>);
+
+impl std::ops::Deref for Rare {
+    type Target = ServiceRare;
+    fn deref(&self) -> &ServiceRare {
+        self.0.as_deref().unwrap_or(&NO_RARE)
+    }
+}
+
+impl std::ops::DerefMut for Rare {
+    fn deref_mut(&mut self) -> &mut ServiceRare {
+        self.0.get_or_insert_default()
+    }
+}
+
+impl From<ServiceRare> for Rare {
+    fn from(rare: ServiceRare) -> Rare {
+        Rare((rare != NO_RARE).then(|| Box::new(rare)))
+    }
+}
+
+/// By the fields: an empty box equals none.
+impl PartialEq for Rare {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Rare {}
+
+impl fmt::Debug for Rare {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
 }
 
 impl Service {
@@ -239,11 +361,11 @@ pub enum IpFamilyPolicy {
 }
 
 /// The fields that steer the API server's allocation, as written.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AllocationRequest {
     pub ip_family_policy: IpFamilyPolicy,
     /// spec.ipFamilies as written (validated, no duplicates).
-    pub ip_families: Vec<IpFamily>,
+    pub ip_families: IpFamilies,
     /// spec.allocateLoadBalancerNodePorts: false (the default, true, allocates them).
     pub no_load_balancer_node_ports: bool,
 }
@@ -592,6 +714,36 @@ mod tests {
         // A copy is two fat pointers (two `String`s were 48 B and two allocations).
         assert!(size_of::<NamespacedName>() <= 32);
         assert!(size_of::<ServicePortName>() <= 56);
+    }
+
+    #[test]
+    fn ip_families_read_as_the_slice_they_were_made_of() {
+        use IpFamily::{V4, V6};
+        for list in [vec![], vec![V6], vec![V6, V4]] {
+            let families = IpFamilies::from(list.clone());
+            assert_eq!(&*families, list.as_slice());
+            assert_eq!(families, list);
+        }
+        assert_ne!(IpFamilies::from(vec![V4]), IpFamilies::from(vec![V4, V4]));
+        // A third family is dropped, not kept past the inline two.
+        assert_eq!(IpFamilies::from(vec![V4, V6, V4]), vec![V4, V6]);
+        assert!(size_of::<IpFamilies>() <= 3);
+    }
+
+    #[test]
+    fn a_cluster_ip_service_is_compact() {
+        // What a ClusterIP Service leaves empty takes 8 B, not ~200, and its families 3 B
+        // inline, not a `Vec` (it was ~390 B).
+        assert!(size_of::<Service>() <= 144, "{}", size_of::<Service>());
+        let mut rare = Rare::default();
+        assert!(rare.0.is_none() && rare.external_ips.is_empty());
+        assert_eq!(Rare::from(ServiceRare::default()).0, None);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        rare.external_ips.push(ip);
+        assert_eq!(rare.external_ips, [ip]);
+        // An emptied box still equals none.
+        rare.external_ips.clear();
+        assert_eq!(rare, Rare::default());
     }
 
     #[test]

@@ -53,8 +53,8 @@ impl ServiceOutput {
 pub(crate) fn should_skip(svc: &Service) -> bool {
     svc.headless
         || svc.service_type == ServiceType::ExternalName
-        || svc.service_proxy_name.is_some()
-        || svc.labels.contains_key(LABEL_HEADLESS)
+        || svc.rare.service_proxy_name.is_some()
+        || svc.rare.labels.contains_key(LABEL_HEADLESS)
 }
 
 /// The Service's ClusterIP of `family` (kube-proxy's `GetClusterIPByFamily`).
@@ -311,7 +311,7 @@ fn needs_health_check(svc: &Service) -> Option<u16> {
     if svc.service_type == ServiceType::LoadBalancer
         && svc.external_traffic_policy == TrafficPolicy::Local
     {
-        svc.health_check_node_port.filter(|&p| p != 0)
+        svc.rare.health_check_node_port.filter(|&p| p != 0)
     } else {
         None
     }
@@ -323,7 +323,7 @@ fn external_policy_local(svc: &Service) -> bool {
     let externally_typed = matches!(
         svc.service_type,
         ServiceType::NodePort | ServiceType::LoadBalancer
-    ) || !svc.external_ips.is_empty();
+    ) || !svc.rare.external_ips.is_empty();
     externally_typed && svc.external_traffic_policy == TrafficPolicy::Local
 }
 
@@ -482,16 +482,19 @@ fn compute_port(
         ServiceType::NodePort | ServiceType::LoadBalancer => port.node_port.filter(|&p| p != 0),
         ServiceType::ClusterIp | ServiceType::ExternalName => None,
     };
-    let external_ips = of_family(&svc.external_ips, family, IpFamily::of);
+    let external_ips = of_family(&svc.rare.external_ips, family, IpFamily::of);
     let load_balancer_ips = if svc.service_type == ServiceType::LoadBalancer {
-        of_family(&svc.load_balancer_ips, family, IpFamily::of)
+        of_family(&svc.rare.load_balancer_ips, family, IpFamily::of)
     } else {
         Vec::new()
     };
     // As kube-proxy: ranges are filtered by family; when none is of this family the list is
     // empty, i.e. this family's LoadBalancer IPs are open to every source.
-    let mut load_balancer_source_ranges =
-        of_family(&svc.load_balancer_source_ranges, family, IpFamily::of_net);
+    let mut load_balancer_source_ranges = of_family(
+        &svc.rare.load_balancer_source_ranges,
+        family,
+        IpFamily::of_net,
+    );
     // kube-proxy's allowFromNode: a VIP-style load balancer delivers this node's own
     // requests with the LB IP as their source, so when the node itself is allowed, the
     // LB IPs are allowed too.
@@ -564,7 +567,7 @@ fn compute_port(
         load_balancer_ips,
         load_balancer_source_ranges,
         affinity_timeout_seconds: svc.session_affinity_timeout,
-        ipvs_scheduler: svc.ipvs_scheduler.clone(),
+        ipvs_scheduler: svc.rare.ipvs_scheduler.clone(),
         endpoints,
         internal,
         external,
@@ -773,8 +776,8 @@ mod tests {
     fn external_local_uses_local_and_keeps_cluster_for_local_origin() {
         let mut svc = lb_service("ns", "web", &["10.96.0.10"]);
         svc.external_traffic_policy = TrafficPolicy::Local;
-        svc.health_check_node_port = Some(32000);
-        svc.load_balancer_ips = vec![ip("192.0.2.10")];
+        svc.rare.health_check_node_port = Some(32000);
+        svc.rare.load_balancer_ips = vec![ip("192.0.2.10")];
         let out = compute(
             &svc,
             &one_slice(vec![ep("10.0.0.1", NODE), ep("10.0.0.2", "node-b")]),
@@ -847,7 +850,7 @@ mod tests {
     #[test]
     fn external_ips_make_cluster_ip_service_externally_accessible() {
         let mut svc = service("ns", "web", &["10.96.0.10"]);
-        svc.external_ips = vec![ip("198.51.100.1"), ip("2001:db8::1")];
+        svc.rare.external_ips = vec![ip("198.51.100.1"), ip("2001:db8::1")];
         svc.external_traffic_policy = TrafficPolicy::Local;
         let out = compute(
             &svc,
@@ -1157,8 +1160,8 @@ mod tests {
     #[test]
     fn source_ranges_allow_the_lb_ips_when_they_allow_the_node() {
         let mut svc = lb_service("ns", "web", &["10.96.0.10"]);
-        svc.load_balancer_ips = vec![ip("192.0.2.1"), ip("192.0.2.2")];
-        svc.load_balancer_source_ranges = vec!["192.168.0.0/16".parse().unwrap()];
+        svc.rare.load_balancer_ips = vec![ip("192.0.2.1"), ip("192.0.2.2")];
+        svc.rare.load_balancer_source_ranges = vec!["192.168.0.0/16".parse().unwrap()];
         let slices = vec![slice(
             "ns",
             "web",
@@ -1186,19 +1189,19 @@ mod tests {
             ]
         );
         // No ranges: nothing to extend (everyone is allowed).
-        svc.load_balancer_source_ranges.clear();
+        svc.rare.load_balancer_source_ranges.clear();
         assert!(ranges(&svc, &[ip("192.168.7.7")]).is_empty());
     }
 
     #[test]
     fn dual_stack_each_family_own_cluster_ip_and_endpoints() {
         let mut svc = lb_service("ns", "web", &["10.96.0.10", "fd00::10"]);
-        svc.load_balancer_ips = vec![ip("192.0.2.1"), ip("2001:db8::1")];
-        svc.load_balancer_source_ranges = vec![
+        svc.rare.load_balancer_ips = vec![ip("192.0.2.1"), ip("2001:db8::1")];
+        svc.rare.load_balancer_source_ranges = vec![
             "203.0.113.0/24".parse().unwrap(),
             "2001:db8:1::/48".parse().unwrap(),
         ];
-        svc.external_ips = vec![ip("198.51.100.7")];
+        svc.rare.external_ips = vec![ip("198.51.100.7")];
         let slices = vec![
             slice("ns", "web-v4", "web", 8080, vec![ep("10.0.0.1", "node-b")]),
             slice("ns", "web-v6", "web", 8080, vec![ep("fd00::1", "node-b")]),
@@ -1228,8 +1231,8 @@ mod tests {
     #[test]
     fn source_ranges_of_other_family_only_leave_this_family_open() {
         let mut svc = lb_service("ns", "web", &["10.96.0.10", "fd00::10"]);
-        svc.load_balancer_ips = vec![ip("192.0.2.1"), ip("2001:db8::1")];
-        svc.load_balancer_source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
+        svc.rare.load_balancer_ips = vec![ip("192.0.2.1"), ip("2001:db8::1")];
+        svc.rare.load_balancer_source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
         let out = compute(&svc, &[], None);
         assert_eq!(out.v4[0].load_balancer_source_ranges.len(), 1);
         assert!(out.v6[0].load_balancer_source_ranges.is_empty());
@@ -1273,11 +1276,12 @@ mod tests {
         headless.headless = true;
         let mut external_name = service("ns", "web", &[]);
         external_name.service_type = ServiceType::ExternalName;
-        external_name.external_name = Some("example.com".into());
+        external_name.rare.external_name = Some("example.com".into());
         let mut proxy_name = service("ns", "web", &["10.96.0.10"]);
-        proxy_name.service_proxy_name = Some("other-proxy".into());
+        proxy_name.rare.service_proxy_name = Some("other-proxy".into());
         let mut headless_label = service("ns", "web", &["10.96.0.10"]);
         headless_label
+            .rare
             .labels
             .insert(LABEL_HEADLESS.into(), String::new());
         for svc in [headless, external_name, proxy_name, headless_label] {
@@ -1300,7 +1304,7 @@ mod tests {
     fn node_port_and_lb_ips_only_for_their_types() {
         let mut svc = service("ns", "web", &["10.96.0.10"]);
         svc.ports[0].node_port = Some(30080);
-        svc.load_balancer_ips = vec![ip("192.0.2.1")];
+        svc.rare.load_balancer_ips = vec![ip("192.0.2.1")];
         let sp = compute(&svc, &[], None).v4.remove(0);
         assert_eq!(sp.node_port, None);
         assert!(sp.load_balancer_ips.is_empty());
@@ -1335,7 +1339,7 @@ mod tests {
         let mut svc = service("ns", "web", &["10.96.0.10", "fd00::10"]);
         let none = compute(&svc, &[], None);
         assert_eq!(none.v4[0].ipvs_scheduler, None);
-        svc.ipvs_scheduler = Some("sh".into());
+        svc.rare.ipvs_scheduler = Some("sh".into());
         let st = compute(&svc, &[], None);
         assert_eq!(st.v4[0].ipvs_scheduler.as_deref(), Some("sh"));
         assert_eq!(st.v6[0].ipvs_scheduler.as_deref(), Some("sh"));
@@ -1345,7 +1349,7 @@ mod tests {
     fn health_check_counts_distinct_local_ready_ips_across_ports() {
         let mut svc = lb_service("ns", "web", &["10.96.0.10", "fd00::10"]);
         svc.external_traffic_policy = TrafficPolicy::Local;
-        svc.health_check_node_port = Some(32000);
+        svc.rare.health_check_node_port = Some(32000);
         svc.ports.push(port("b", Protocol::Tcp, 81));
         svc.ports[0].name = "a".into();
         let mut s4 = slice(

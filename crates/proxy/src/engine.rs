@@ -862,7 +862,7 @@ mod tests {
 
         // A change that recomputes to the same value keeps the Arc too.
         let mut svc = service("ns", "svc-3", &["10.96.0.3"]);
-        svc.labels.insert("team".into(), "x".into());
+        svc.rare.labels.insert("team".into(), "x".into());
         apply(&mut engine, Object::from(svc));
         let third = engine.desired();
         assert!(Arc::ptr_eq(&third, &second));
@@ -931,7 +931,7 @@ mod tests {
                 let mut svc = if rng.below(3) == 0 {
                     let mut s = lb_service("ns", &name, &[&format!("10.96.0.{i}"), "fd00::1"]);
                     s.external_traffic_policy = TrafficPolicy::Local;
-                    s.health_check_node_port = Some(32000 + i as u16 % 3);
+                    s.rare.health_check_node_port = Some(32000 + i as u16 % 3);
                     s
                 } else {
                     service("ns", &name, &[&format!("10.96.0.{i}")])
@@ -1230,8 +1230,8 @@ mod tests {
         // A LoadBalancer whose source ranges now contain the node: its LB IP is allowed
         // (allowFromNode), so that service changes.
         let mut lb = lb_service("ns", "lb", &["10.96.0.2"]);
-        lb.load_balancer_ips = vec![ip("192.0.2.1")];
-        lb.load_balancer_source_ranges = vec!["192.168.0.9/32".parse().unwrap()];
+        lb.rare.load_balancer_ips = vec![ip("192.0.2.1")];
+        lb.rare.load_balancer_source_ranges = vec!["192.168.0.9/32".parse().unwrap()];
         apply(&mut engine, Object::from(lb));
         let s3 = engine.desired();
         let lb_key = svc_key("ns", "lb");
@@ -1295,7 +1295,7 @@ mod tests {
         let lb = |name: &str, hc: u16| {
             let mut s = lb_service("ns", name, &["10.96.0.1"]);
             s.external_traffic_policy = TrafficPolicy::Local;
-            s.health_check_node_port = Some(hc);
+            s.rare.health_check_node_port = Some(hc);
             s
         };
         apply(&mut engine, Object::from(lb("a", 32000)));

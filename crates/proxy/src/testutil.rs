@@ -33,21 +33,14 @@ pub fn service(ns: &str, name: &str, cluster_ips: &[&str]) -> Service {
         ip_families: cluster_ips.iter().map(IpFamily::of).collect(),
         cluster_ips,
         headless: false,
-        external_name: None,
         ports: vec![port("", Protocol::Tcp, 80)],
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
         session_affinity_timeout: None,
         external_traffic_policy: TrafficPolicy::Cluster,
         internal_traffic_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
         selector: Some(BTreeMap::new()),
         publish_not_ready_addresses: false,
-        ipvs_scheduler: None,
         allocation: Default::default(),
-        service_proxy_name: None,
-        labels: BTreeMap::new(),
+        rare: Default::default(),
     }
 }
 

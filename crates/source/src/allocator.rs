@@ -155,7 +155,7 @@ pub fn allocate(
                 ports.reserve(n);
             }
         }
-        if let Some(n) = svc.health_check_node_port {
+        if let Some(n) = svc.rare.health_check_node_port {
             ports.reserve(n);
         }
     }
@@ -303,11 +303,11 @@ fn allocate_one(
     }
     if svc.service_type == ServiceType::LoadBalancer
         && svc.external_traffic_policy == TrafficPolicy::Local
-        && svc.health_check_node_port.is_none()
+        && svc.rare.health_check_node_port.is_none()
     {
         match ports.take(&format!("{key}/healthz")) {
             Some(n) => {
-                new.health_check_node_port = Some(n);
+                new.rare.health_check_node_port = Some(n);
                 notes.push(format!("healthCheckNodePort {n}"));
             }
             None => {

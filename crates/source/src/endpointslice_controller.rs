@@ -93,7 +93,7 @@ pub fn selects(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
 /// the cluster IP, or both families for a headless Service.
 fn address_families(svc: &Service) -> Vec<IpFamily> {
     if !svc.ip_families.is_empty() {
-        return svc.ip_families.clone();
+        return svc.ip_families.to_vec();
     }
     match svc.cluster_ips.first() {
         Some(ip) => vec![IpFamily::of(ip)],
@@ -243,8 +243,7 @@ mod tests {
             service_type: ServiceType::ClusterIp,
             cluster_ips: vec!["10.96.0.1".parse().unwrap()],
             headless: false,
-            ip_families: families.to_vec(),
-            external_name: None,
+            ip_families: families.iter().copied().collect(),
             ports: vec![ServicePort {
                 name: "http".into(),
                 protocol: Protocol::Tcp,
@@ -252,19 +251,13 @@ mod tests {
                 target_port: target,
                 node_port: None,
             }],
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
             session_affinity_timeout: None,
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
-            health_check_node_port: None,
             selector: Some([("app".to_string(), "web".to_string())].into()),
             publish_not_ready_addresses: false,
-            ipvs_scheduler: None,
             allocation: Default::default(),
-            service_proxy_name: None,
-            labels: Default::default(),
+            rare: Default::default(),
         }
     }
 

@@ -1230,7 +1230,7 @@ mod tests {
         let service = service.expect("the Service is applied");
         assert_eq!(service.ports[0].node_port, Some(3001));
         assert_eq!(
-            service.external_ips,
+            service.rare.external_ips,
             vec!["198.51.100.7".parse::<std::net::IpAddr>().unwrap()]
         );
         let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();

@@ -427,7 +427,7 @@ async fn wide_node_ports_and_ignored_values() {
     match h.state.get(&key(Kind::Service, "wide")) {
         Some(Object::Service(s)) => {
             assert_eq!(s.ports[0].node_port, Some(3001));
-            assert_eq!(s.external_ips.len(), 1);
+            assert_eq!(s.rare.external_ips.len(), 1);
         }
         other => panic!("wide: {other:?}"),
     }

@@ -432,7 +432,12 @@ fn build_cluster(example: &Example, proxy_node: &str) -> Result<Cluster> {
         .context("cannot build the virtual cluster")?;
     // LoadBalancer and external IPs reach the proxy's node, as an upstream router would send them.
     for svc in example.services.values() {
-        for ip in svc.load_balancer_ips.iter().chain(&svc.external_ips) {
+        for ip in svc
+            .rare
+            .load_balancer_ips
+            .iter()
+            .chain(&svc.rare.external_ips)
+        {
             let cidr = if ip.is_ipv4() {
                 format!("{ip}/32")
             } else {
@@ -786,15 +791,19 @@ impl Lab<'_> {
                 (SocketAddr::new(node.ipv4().into(), node_port), "NodePort")
             }
             To::LoadBalancer => (
-                SocketAddr::new(first(&svc.load_balancer_ips, "LoadBalancer IP")?, port.port),
+                SocketAddr::new(
+                    first(&svc.rare.load_balancer_ips, "LoadBalancer IP")?,
+                    port.port,
+                ),
                 "LoadBalancer",
             ),
             To::ExternalIp => (
-                SocketAddr::new(first(&svc.external_ips, "external IP")?, port.port),
+                SocketAddr::new(first(&svc.rare.external_ips, "external IP")?, port.port),
                 "externalIP",
             ),
             To::HealthCheck => {
                 let hc = svc
+                    .rare
                     .health_check_node_port
                     .context("no healthCheckNodePort")?;
                 (

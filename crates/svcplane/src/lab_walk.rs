@@ -959,7 +959,7 @@ impl Ctx<'_> {
             self.dig(&headless.name.name),
         );
         if let Some(ext) = external {
-            let target: BTreeSet<String> = ext.external_name.iter().cloned().collect();
+            let target: BTreeSet<String> = ext.rare.external_name.iter().cloned().collect();
             let q = if ext.name.namespace == *ns {
                 ext.name.name.to_string()
             } else {

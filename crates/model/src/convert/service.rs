@@ -12,8 +12,8 @@ use super::{
 use crate::error::{Converted, InvalidObject};
 use crate::intern::shared_name;
 use crate::types::{
-    AllocationRequest, IpFamily, IpFamilyPolicy, Kind, Service, ServicePort, ServiceType,
-    TargetPort, TrafficPolicy,
+    AllocationRequest, IpFamilies, IpFamily, IpFamilyPolicy, Kind, Service, ServicePort,
+    ServiceRare, ServiceType, TargetPort, TrafficPolicy,
 };
 use crate::validate::{is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name};
 
@@ -118,21 +118,24 @@ pub fn service_from_k8s(svc: &k8s::Service) -> Result<Converted<Service>, Invali
         cluster_ips,
         headless,
         ip_families,
-        external_name,
         ports,
-        external_ips,
-        load_balancer_ips,
-        load_balancer_source_ranges,
         session_affinity_timeout,
         external_traffic_policy,
         internal_traffic_policy,
-        health_check_node_port,
         selector,
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
-        service_proxy_name,
-        labels,
-        ipvs_scheduler,
         allocation,
+        rare: ServiceRare {
+            external_name,
+            external_ips,
+            load_balancer_ips,
+            load_balancer_source_ranges,
+            health_check_node_port,
+            service_proxy_name,
+            labels,
+            ipvs_scheduler,
+        }
+        .into(),
     }))
 }
 
@@ -297,11 +300,11 @@ fn ip_families(
     service_type: ServiceType,
     cluster_ips: &[IpAddr],
     headless: bool,
-) -> Result<(Vec<IpFamily>, AllocationRequest), InvalidObject> {
+) -> Result<(IpFamilies, AllocationRequest), InvalidObject> {
     if service_type == ServiceType::ExternalName {
-        return Ok((Vec::new(), AllocationRequest::default()));
+        return Ok((IpFamilies::default(), AllocationRequest::default()));
     }
-    let mut families = Vec::new();
+    let mut families = IpFamilies::default();
     for (i, text) in spec.ip_families.iter().flatten().enumerate() {
         let field = format!("spec.ipFamilies[{i}]");
         let family = IpFamily::from_k8s(text).ok_or_else(|| {
@@ -356,7 +359,7 @@ fn ip_families(
     };
     let request = AllocationRequest {
         ip_family_policy: policy,
-        ip_families: families.clone(),
+        ip_families: families,
         no_load_balancer_node_ports: spec.allocate_load_balancer_node_ports == Some(false),
     };
 
@@ -698,7 +701,7 @@ mod tests {
         assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
         assert_eq!(s.internal_traffic_policy, TrafficPolicy::Cluster);
         assert_eq!(s.selector, None);
-        assert_eq!(s.service_proxy_name, None);
+        assert_eq!(s.rare.service_proxy_name, None);
         assert!(!s.publish_not_ready_addresses);
     }
 
@@ -752,7 +755,7 @@ mod tests {
                 s.allocation,
                 AllocationRequest {
                     ip_family_policy: IpFamilyPolicy::PreferDualStack,
-                    ip_families: vec![IpFamily::V6],
+                    ip_families: vec![IpFamily::V6].into(),
                     no_load_balancer_node_ports: true,
                 }
             );
@@ -1059,9 +1062,12 @@ mod tests {
             load_balancer_source_ranges: Some(vec!["10.0.0.1/8".into(), " 2001:db8::/32".into()]),
             ..base()
         });
-        assert_eq!(s.external_ips, vec![ip("192.0.2.1"), ip("2001:db8::1")]);
         assert_eq!(
-            s.load_balancer_source_ranges,
+            s.rare.external_ips,
+            vec![ip("192.0.2.1"), ip("2001:db8::1")]
+        );
+        assert_eq!(
+            s.rare.load_balancer_source_ranges,
             vec![
                 "10.0.0.0/8".parse::<IpNet>().unwrap(),
                 "2001:db8::/32".parse().unwrap()
@@ -1082,9 +1088,9 @@ mod tests {
             warnings,
             ["spec.externalIPs[0]", "spec.loadBalancerSourceRanges[0]"]
         );
-        assert_eq!(s.external_ips, vec![ip("192.0.2.1")]);
+        assert_eq!(s.rare.external_ips, vec![ip("192.0.2.1")]);
         assert_eq!(
-            s.load_balancer_source_ranges,
+            s.rare.load_balancer_source_ranges,
             vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]
         );
         assert_eq!(s.cluster_ips, vec![ip("10.96.0.10")]);
@@ -1117,8 +1123,8 @@ mod tests {
                 "status.loadBalancer.ingress"
             ]
         );
-        assert!(c.object.load_balancer_ips.is_empty());
-        assert!(c.object.load_balancer_source_ranges.is_empty());
+        assert!(c.object.rare.load_balancer_ips.is_empty());
+        assert!(c.object.rare.load_balancer_source_ranges.is_empty());
         assert_eq!(c.object.cluster_ips, vec![ip("10.96.0.10")]);
 
         // One usable range is enough: it restricts, the LB IP is programmed.
@@ -1126,7 +1132,7 @@ mod tests {
             Some(vec!["10.0.0.0/33".into(), "203.0.113.0/24".into()]);
         let c = service_from_k8s(&k).unwrap();
         assert_eq!(c.warnings.len(), 1);
-        assert_eq!(c.object.load_balancer_ips, vec![ip("192.0.2.10")]);
+        assert_eq!(c.object.rare.load_balancer_ips, vec![ip("192.0.2.10")]);
     }
 
     #[test]
@@ -1156,7 +1162,7 @@ mod tests {
         let s = service_from_k8s(&k).unwrap();
         assert!(s.warnings.is_empty());
         assert_eq!(
-            s.object.load_balancer_ips,
+            s.object.rare.load_balancer_ips,
             vec![ip("192.0.2.10"), ip("2001:db8::10")]
         );
 
@@ -1181,7 +1187,7 @@ mod tests {
                 "status.loadBalancer.ingress[1].ipMode"
             ]
         );
-        assert_eq!(c.object.load_balancer_ips, vec![ip("192.0.2.13")]);
+        assert_eq!(c.object.rare.load_balancer_ips, vec![ip("192.0.2.13")]);
     }
 
     #[test]
@@ -1234,7 +1240,7 @@ mod tests {
         });
         assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
         assert_eq!(s.internal_traffic_policy, TrafficPolicy::Local);
-        assert_eq!(s.health_check_node_port, Some(31000));
+        assert_eq!(s.rare.health_check_node_port, Some(31000));
 
         let s = ok(k8s::ServiceSpec {
             type_: Some("NodePort".into()),
@@ -1244,7 +1250,7 @@ mod tests {
         });
         assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
         assert_eq!(
-            s.health_check_node_port, None,
+            s.rare.health_check_node_port, None,
             "meaningless with eTP Cluster"
         );
 
@@ -1267,7 +1273,7 @@ mod tests {
             ..base()
         });
         assert_eq!(warnings, ["spec.healthCheckNodePort"]);
-        assert_eq!(s.health_check_node_port, None);
+        assert_eq!(s.rare.health_check_node_port, None);
         assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
     }
 
@@ -1282,7 +1288,7 @@ mod tests {
         };
         let s = ok(spec(Some("db.example.com.")));
         assert_eq!(s.service_type, ServiceType::ExternalName);
-        assert_eq!(s.external_name.as_deref(), Some("db.example.com."));
+        assert_eq!(s.rare.external_name.as_deref(), Some("db.example.com."));
         assert!(s.cluster_ips.is_empty() && s.ip_families.is_empty());
         assert_eq!(err(spec(None)).field, "spec.externalName");
         assert_eq!(err(spec(Some("db_example.com"))).field, "spec.externalName");
@@ -1323,8 +1329,8 @@ mod tests {
             "other-proxy".to_string(),
         )]));
         let s = service_from_k8s(&k).unwrap().object;
-        assert_eq!(s.service_proxy_name.as_deref(), Some("other-proxy"));
-        assert_eq!(s.labels.len(), 1);
+        assert_eq!(s.rare.service_proxy_name.as_deref(), Some("other-proxy"));
+        assert_eq!(s.rare.labels.len(), 1);
     }
 
     #[test]
@@ -1346,19 +1352,22 @@ mod tests {
             )]));
             service_from_k8s(&k).unwrap()
         };
-        assert_eq!(ok(base()).ipvs_scheduler, None);
+        assert_eq!(ok(base()).rare.ipvs_scheduler, None);
         for name in IPVS_SCHEDULERS {
             let c = with(name);
             assert!(c.warnings.is_empty(), "{name}: {:?}", c.warnings);
-            assert_eq!(c.object.ipvs_scheduler.as_deref(), Some(name));
+            assert_eq!(c.object.rare.ipvs_scheduler.as_deref(), Some(name));
         }
-        assert_eq!(with(" lc ").object.ipvs_scheduler.as_deref(), Some("lc"));
+        assert_eq!(
+            with(" lc ").object.rare.ipvs_scheduler.as_deref(),
+            Some("lc")
+        );
         let empty = with("");
-        assert!(empty.warnings.is_empty() && empty.object.ipvs_scheduler.is_none());
+        assert!(empty.warnings.is_empty() && empty.object.rare.ipvs_scheduler.is_none());
         // Unknown: a warning naming the object, the field and the value; the Service is
         // kept, without a scheduler of its own.
         let c = with("fancy");
-        assert_eq!(c.object.ipvs_scheduler, None);
+        assert_eq!(c.object.rare.ipvs_scheduler, None);
         assert_eq!(c.object.ports.len(), 1);
         let [w] = c.warnings.as_slice() else {
             panic!("one warning expected: {:?}", c.warnings)

@@ -221,7 +221,7 @@ fn node_ports_as_the_api_server_allocates_them() {
     let out = run(&c, &services(&lb));
     let s = allocated(&out["lb"]);
     assert!(s.ports[0].node_port.is_some());
-    let hc = s.health_check_node_port.unwrap();
+    let hc = s.rare.health_check_node_port.unwrap();
     assert_ne!(Some(hc), s.ports[0].node_port);
     assert_eq!(allocated(&out["lb-no-np"]).ports[0].node_port, None);
 }
