@@ -3,6 +3,7 @@
 //!
 //! Flow: `parse` (text → k8s-openapi objects) → `convert` (validate + compact).
 
+mod by_name;
 mod convert;
 mod error;
 mod intern;
@@ -10,6 +11,7 @@ mod parse;
 mod types;
 pub mod validate;
 
+pub use by_name::{ByName, Named};
 pub use convert::{
     DEFAULT_NAMESPACE, DEFAULT_SESSION_AFFINITY_TIMEOUT, IPVS_SCHEDULER_ANNOTATION,
     IPVS_SCHEDULERS, LAST_CHANGE_TRIGGER_TIME_ANNOTATION, MAX_SESSION_AFFINITY_TIMEOUT,

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use svcplane_model::{IpFamily, NamespacedName, Protocol, ServicePortName};
+use svcplane_model::{ByName, IpFamily, Named, NamespacedName, Protocol, ServicePortName};
 
 /// The whole desired dataplane for this node. Cheap to clone (services are `Arc`s,
 /// shared between successive states when unchanged).
@@ -97,75 +97,9 @@ impl FamilyState {
 #[derive(Clone, Default)]
 pub struct ServicePorts(BTreeSet<ByName<ServicePortState>>);
 
-/// What a [`ByName`] is keyed by.
-pub(crate) trait Named {
-    type Name: Ord + std::hash::Hash;
-    fn name(&self) -> &Self::Name;
-}
-
 impl Named for ServicePortState {
     type Name = ServicePortName;
     fn name(&self) -> &ServicePortName {
-        &self.name
-    }
-}
-
-/// A shared value ordered, hashed, compared and looked up by its own name only: a set of
-/// these is a map from name to value without a copy of the key.
-#[derive(Debug)]
-pub(crate) struct ByName<T>(pub Arc<T>);
-
-impl<T> Clone for ByName<T> {
-    fn clone(&self) -> Self {
-        ByName(self.0.clone())
-    }
-}
-impl<T: Named> PartialEq for ByName<T> {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.name() == other.0.name()
-    }
-}
-impl<T: Named> Eq for ByName<T> {}
-impl<T: Named> PartialOrd for ByName<T> {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl<T: Named> Ord for ByName<T> {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.name().cmp(other.0.name())
-    }
-}
-impl<T: Named> std::hash::Hash for ByName<T> {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.name().hash(state);
-    }
-}
-// One impl per name type (a generic `Borrow<T::Name>` would overlap `Borrow<T> for T`).
-impl std::borrow::Borrow<ServicePortName> for ByName<ServicePortState> {
-    fn borrow(&self) -> &ServicePortName {
-        &self.0.name
-    }
-}
-impl std::borrow::Borrow<NamespacedName> for ByName<svcplane_model::Service> {
-    fn borrow(&self) -> &NamespacedName {
-        &self.0.name
-    }
-}
-impl std::borrow::Borrow<NamespacedName> for ByName<svcplane_model::EndpointSlice> {
-    fn borrow(&self) -> &NamespacedName {
-        &self.0.name
-    }
-}
-impl Named for svcplane_model::Service {
-    type Name = NamespacedName;
-    fn name(&self) -> &NamespacedName {
-        &self.name
-    }
-}
-impl Named for svcplane_model::EndpointSlice {
-    type Name = NamespacedName;
-    fn name(&self) -> &NamespacedName {
         &self.name
     }
 }

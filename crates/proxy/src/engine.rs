@@ -4,13 +4,13 @@ use std::time::SystemTime;
 
 use ipnet::IpNet;
 use svcplane_model::{
-    Change, EndpointSlice, IpFamily, Kind, NamespacedName, Node, Object, ObjectKey, Protocol,
-    Service, ServicePortName,
+    ByName, Change, EndpointSlice, IpFamily, Kind, NamespacedName, Node, Object, ObjectKey,
+    Protocol, Service, ServicePortName,
 };
 
 use crate::compute::{NodeContext, ServiceOutput, compute_service, explain_service};
 use crate::desired::{
-    ByName, ClusterIpMasquerade, DesiredState, Diff, FamilyDiff, FamilyState, HealthCheck,
+    ClusterIpMasquerade, DesiredState, Diff, FamilyDiff, FamilyState, HealthCheck,
     NodePortAddresses, PortSelection, ServicePortState, ServicePorts,
 };
 

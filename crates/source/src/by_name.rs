@@ -1,65 +1,7 @@
-//! Objects kept in a sorted set by their own name: a "name → object" index that holds no
-//! copy of the name (10k Services in two such maps were 20k name copies as keys).
+//! Objects of any kind kept in a sorted set by their own namespace and name (`ByKey`; one
+//! kind's objects: `svcplane_model::ByName`), holding no copy of the key.
 
-use std::borrow::Borrow;
-use std::cmp::Ordering;
-use std::sync::Arc;
-
-use svcplane_model::{NamespacedName, Object, ObjectKey, Pod, Service};
-
-/// An object that carries its namespace/name.
-pub(crate) trait Named {
-    fn name(&self) -> &NamespacedName;
-}
-
-impl Named for Service {
-    fn name(&self) -> &NamespacedName {
-        &self.name
-    }
-}
-
-impl Named for Pod {
-    fn name(&self) -> &NamespacedName {
-        &self.name
-    }
-}
-
-/// An `Arc<T>` compared, ordered and looked up (`Borrow`) by `T`'s name, so that a
-/// `BTreeSet<ByName<T>>` is a map from the name to the object.
-#[derive(Debug)]
-pub(crate) struct ByName<T>(pub Arc<T>);
-
-impl<T> Clone for ByName<T> {
-    fn clone(&self) -> Self {
-        ByName(self.0.clone())
-    }
-}
-
-impl<T: Named> Borrow<NamespacedName> for ByName<T> {
-    fn borrow(&self) -> &NamespacedName {
-        self.0.name()
-    }
-}
-
-impl<T: Named> PartialEq for ByName<T> {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.name() == other.0.name()
-    }
-}
-
-impl<T: Named> Eq for ByName<T> {}
-
-impl<T: Named> PartialOrd for ByName<T> {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl<T: Named> Ord for ByName<T> {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.name().cmp(other.0.name())
-    }
-}
+use svcplane_model::{Object, ObjectKey};
 
 /// A set ordered by a borrowed view: `$set` (and `dyn $view`) compared and ordered by
 /// `parts()`, and `$set` borrowed as `dyn $view`, so the set is looked up by any value
@@ -135,7 +77,7 @@ ordered_by_view!(ByKey, NameView);
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
-    use svcplane_model::{Format, Kind, parse_manifest};
+    use svcplane_model::{ByName, Format, Kind, NamespacedName, parse_manifest};
 
     #[test]
     fn a_set_by_name_is_a_map_from_the_name() {

@@ -32,9 +32,10 @@ use svcplane_model::{
 use tokio::time::Instant;
 
 use crate::allocator::{self, AllocatorConfig, Outcome};
-use crate::by_name::{ByName, ordered_by_view};
+use crate::by_name::ordered_by_view;
 use crate::endpointslice_controller::{derive_for_service, selects};
 use crate::{IGNORED, Problem, ProblemSink, Source, SourceError, SourceFuture};
+use svcplane_model::ByName;
 
 /// How long the events must pause before a reload: one write is several events
 /// (create/truncate, data, close; or a rename), and a tool writing several files
