@@ -263,6 +263,10 @@ pub struct Service {
     /// spec.selector; `None` when the Service has no selector (EndpointSlices are managed by hand).
     pub selector: Option<BTreeMap<String, String>>,
     pub publish_not_ready_addresses: bool,
+    /// Label `service.kubernetes.io/headless` is set: kube-proxy's informer never sees the
+    /// Service. The only label the engine reads, so the labels themselves are not kept
+    /// (most Services carry some; keeping them would box [`ServiceRare`] for every one).
+    pub headless_label: bool,
     /// What the API server would allocate from this Service's spec; only the standalone
     /// mode's allocator reads it (a Service from the API server has been allocated).
     /// Inline, not in [`ServiceRare`]: the API server writes ipFamilies into every Service.
@@ -283,7 +287,6 @@ pub struct ServiceRare {
     pub health_check_node_port: Option<u16>,
     /// Label `service.kubernetes.io/service-proxy-name`: when set, kube-proxy (and svcplane) ignore the Service.
     pub service_proxy_name: Option<String>,
-    pub labels: BTreeMap<String, String>,
     /// Annotation `kube-router.io/service.scheduler` (IPVS mode), when it names a known
     /// scheduler.
     pub ipvs_scheduler: Option<String>,
@@ -297,7 +300,6 @@ static NO_RARE: ServiceRare = ServiceRare {
     load_balancer_source_ranges: Vec::new(),
     health_check_node_port: None,
     service_proxy_name: None,
-    labels: BTreeMap::new(),
     ipvs_scheduler: None,
 };
 

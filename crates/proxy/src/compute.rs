@@ -17,9 +17,6 @@ use crate::desired::{
     PortSelection, ServicePortState, TopologyChoice, TrafficTarget,
 };
 
-/// Label kube-proxy's informers exclude (`!service.kubernetes.io/headless`).
-pub(crate) const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
-
 /// What the node contributes to the per-service decisions.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct NodeContext<'a> {
@@ -54,7 +51,7 @@ pub(crate) fn should_skip(svc: &Service) -> bool {
     svc.headless
         || svc.service_type == ServiceType::ExternalName
         || svc.rare.service_proxy_name.is_some()
-        || svc.rare.labels.contains_key(LABEL_HEADLESS)
+        || svc.headless_label
 }
 
 /// The Service's ClusterIP of `family` (kube-proxy's `GetClusterIPByFamily`).
@@ -1280,10 +1277,7 @@ mod tests {
         let mut proxy_name = service("ns", "web", &["10.96.0.10"]);
         proxy_name.rare.service_proxy_name = Some("other-proxy".into());
         let mut headless_label = service("ns", "web", &["10.96.0.10"]);
-        headless_label
-            .rare
-            .labels
-            .insert(LABEL_HEADLESS.into(), String::new());
+        headless_label.headless_label = true;
         for svc in [headless, external_name, proxy_name, headless_label] {
             assert_eq!(
                 compute(&svc, &slices, None),

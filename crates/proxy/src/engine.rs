@@ -862,7 +862,7 @@ mod tests {
 
         // A change that recomputes to the same value keeps the Arc too.
         let mut svc = service("ns", "svc-3", &["10.96.0.3"]);
-        svc.rare.labels.insert("team".into(), "x".into());
+        svc.selector = Some([("team".into(), "x".into())].into());
         apply(&mut engine, Object::from(svc));
         let third = engine.desired();
         assert!(Arc::ptr_eq(&third, &second));

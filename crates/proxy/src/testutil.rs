@@ -39,6 +39,7 @@ pub fn service(ns: &str, name: &str, cluster_ips: &[&str]) -> Service {
         internal_traffic_policy: TrafficPolicy::Cluster,
         selector: Some(BTreeMap::new()),
         publish_not_ready_addresses: false,
+        headless_label: false,
         allocation: Default::default(),
         rare: Default::default(),
     }

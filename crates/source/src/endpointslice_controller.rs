@@ -256,6 +256,7 @@ mod tests {
             internal_traffic_policy: TrafficPolicy::Cluster,
             selector: Some([("app".to_string(), "web".to_string())].into()),
             publish_not_ready_addresses: false,
+            headless_label: false,
             allocation: Default::default(),
             rare: Default::default(),
         }

@@ -19,6 +19,8 @@ use crate::validate::{is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name};
 
 /// Label that hands a Service to another proxy implementation.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// A Service with this label is not proxied (kube-proxy's informer selects it away).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// The API server's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_SESSION_AFFINITY_TIMEOUT: u32 = 10800;
 /// Largest `sessionAffinityConfig.clientIP.timeoutSeconds` (1 day).
@@ -124,6 +126,7 @@ pub fn service_from_k8s(svc: &k8s::Service) -> Result<Converted<Service>, Invali
         internal_traffic_policy,
         selector,
         publish_not_ready_addresses: spec.publish_not_ready_addresses.unwrap_or(false),
+        headless_label: labels.contains_key(HEADLESS_LABEL),
         allocation,
         rare: ServiceRare {
             external_name,
@@ -132,7 +135,6 @@ pub fn service_from_k8s(svc: &k8s::Service) -> Result<Converted<Service>, Invali
             load_balancer_source_ranges,
             health_check_node_port,
             service_proxy_name,
-            labels,
             ipvs_scheduler,
         }
         .into(),
@@ -1330,7 +1332,17 @@ mod tests {
         )]));
         let s = service_from_k8s(&k).unwrap().object;
         assert_eq!(s.rare.service_proxy_name.as_deref(), Some("other-proxy"));
-        assert_eq!(s.rare.labels.len(), 1);
+        assert!(!s.headless_label);
+        k.metadata.labels = Some(BTreeMap::from([(
+            HEADLESS_LABEL.to_string(),
+            String::new(),
+        )]));
+        let s = service_from_k8s(&k).unwrap().object;
+        assert!(s.headless_label && s.rare.service_proxy_name.is_none());
+        // Other labels are validated but not kept: they leave the rare part unallocated.
+        k.metadata.labels = Some(BTreeMap::from([("app".to_string(), "web".to_string())]));
+        let s = service_from_k8s(&k).unwrap().object;
+        assert_eq!(s.rare, crate::Rare::default());
     }
 
     #[test]
